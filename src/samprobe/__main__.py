@@ -1,0 +1,3 @@
+import samprobe.cli
+
+raise SystemExit(samprobe.cli.main())

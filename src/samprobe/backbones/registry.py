@@ -1,0 +1,99 @@
+"""Backbone registry: a name -> builder table, so adding a backbone is one decorated function.
+
+A backbone is split in two halves on purpose:
+- ``prepare`` runs in DataLoader worker processes: CPU only, decode-side geometry (resize),
+  returns a uint8 CHW tensor padded to the fixed input size plus the valid (h, w) region.
+  It never touches CUDA, which is what makes forked workers safe.
+- ``forward`` runs on the device: normalisation, padding mask, encoder, pooling. It returns
+  one pooled vector per requested feature name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from samprobe.config import BackboneConfig
+from samprobe.errors import ConfigError
+
+
+class Backbone(nn.Module):
+    """Frozen image encoder with pooled outputs. Subclasses set the attributes below."""
+
+    name: str = "base"
+    input_size: int = 224
+    feature_names: tuple[str, ...] = ()
+    """Pooled features this backbone offers, e.g. ("neck_avg", "neck_max", "block_avg")."""
+    default_pooling: tuple[str, ...] = ()
+    preprocess_version: str = "1"
+
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """HxWx3 uint8 RGB -> (uint8 [3, S, S] with content top-left, (h', w') valid size)."""
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
+        """uint8 [B, 3, S, S] on device, valid_hw int [B, 2] -> float [B, D] (pooled features concatenated in ``pooling`` order)."""
+        raise NotImplementedError
+
+    def feature_dims(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the features besides pooling and dtype: model, weights hash, geometry."""
+        raise NotImplementedError
+
+    def check_pooling(self, pooling: list[str]) -> None:
+        unknown = [p for p in pooling if p not in self.feature_names]
+        if unknown or not pooling:
+            raise ConfigError(
+                f"features.pooling {pooling} is not offered by backbone {self.name!r}",
+                fix=f"choose from {', '.join(self.feature_names)}",
+            )
+
+
+def fingerprint(backbone: Backbone, pooling: list[str], dtype: str) -> str:
+    """Stable hash of everything that changes the features: the cache key's second half."""
+    payload = {
+        "backbone": backbone.identity(),
+        "input_size": backbone.input_size,
+        "preprocess_version": backbone.preprocess_version,
+        "pooling": list(pooling),
+        "dtype": dtype,
+    }
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+BackboneBuilder = Callable[[BackboneConfig], Backbone]
+_REGISTRY: dict[str, BackboneBuilder] = {}
+
+
+def register(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    def deco(fn: BackboneBuilder) -> BackboneBuilder:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    _import_builtin()
+    if cfg.name not in _REGISTRY:
+        raise ConfigError(f"backbone.name {cfg.name!r} is unknown", fix=f"choose from {', '.join(available())}")
+    model = _REGISTRY[cfg.name](cfg)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _import_builtin() -> None:
+    # Imported lazily so `samprobe --help` stays fast and timm is loaded only when needed.
+    from samprobe.backbones import sam, timm_models  # noqa: F401

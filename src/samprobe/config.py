@@ -1,0 +1,251 @@
+"""Config: pydantic models loaded from YAML, with typed ``--set key.path=value`` overrides.
+
+Unknown keys and bad values are rejected with the full key path and what is allowed.
+Relative paths are resolved against the config file's folder, so a config works from any cwd.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from samprobe.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    metadata: Path | None = None
+    """CSV / JSONL / Parquet file, one row per image. Omit to read image_root/<class>/<file>."""
+    format: Literal["auto", "csv", "jsonl", "parquet", "folder"] = "auto"
+    image_root: Path | None = None
+    path_column: str = "path"
+    label_column: str = "label"
+    split_column: str | None = None
+    classes_file: Path | None = None
+    """Text file, one class name per line: the full taxonomy, including classes with no images."""
+    on_bad_rows: Literal["skip", "error"] = "skip"
+    max_pixels: int = Field(default=178_956_970, gt=0)
+    val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
+
+
+class BackboneConfig(_Strict):
+    name: str = "sam"
+    """Registry name: sam | efficientnet_lite0 | timm."""
+    checkpoint: Path | None = None
+    variant: Literal["auto", "vit_b", "vit_l", "vit_h", "custom"] = "auto"
+    img_size: int = Field(default=1024, ge=32)
+    timm_model: str | None = None
+    """timm model name, for name: timm."""
+
+
+class FeaturesConfig(_Strict):
+    cache_dir: Path = Path("cache")
+    pooling: list[str] = Field(default_factory=lambda: ["neck_avg"])
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(default=8, gt=0)
+    num_workers: int | Literal["auto"] = "auto"
+
+    @field_validator("num_workers")
+    @classmethod
+    def _non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return v
+
+
+class TrainConfig(_Strict):
+    head: Literal["linear", "mlp"] = "linear"
+    epochs: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    class_weights: Literal["balanced", "sqrt", "effective_number", "none"] = "balanced"
+    monitor: Literal["balanced_accuracy", "accuracy", "macro_f1", "val_loss"] = "balanced_accuracy"
+    patience: int = Field(default=15, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class WandbConfig(_Strict):
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "samprobe"
+
+
+class TrackingConfig(_Strict):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class Config(_Strict):
+    run_dir: Path = Path("runs/default")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def resolved_num_workers(self) -> int:
+        nw = self.features.num_workers
+        return (os.cpu_count() or 1) if nw == "auto" else int(nw)
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001); the value is read as YAML, so types hold."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is not key.path=value", fix="write e.g. --set train.lr=0.001")
+    key, _, raw = item.partition("=")
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item!r} has an empty key", fix="write e.g. --set train.lr=0.001")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(keys[:-1])} is not a section",
+                                  fix="check the key path with `samprobe init`")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Config, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}? " if close else ""
+        msg = f"{source}: unknown key {path!r}"
+        fix = f"{hint}allowed keys here: {', '.join(allowed)}"
+    else:
+        got = first.get("input")
+        msg = f"{source}: {path}: {first['msg']} (got {got!r})"
+        fix = f"set {path} to a valid value in {source} or with --set {path}=..."
+    more = len(err.errors()) - 1
+    if more:
+        msg += f" [and {more} more problem{'s' if more > 1 else ''}]"
+    return ConfigError(msg, fix=fix)
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> None:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _resolve_paths(value, base)
+        elif isinstance(value, Path):
+            value = value.expanduser()
+            if not value.is_absolute():
+                setattr(model, name, (base / value).resolve())
+
+
+def build_config(raw: dict[str, Any], base_dir: Path, source: str = "config") -> Config:
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation_error(err, source) from None
+    _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist",
+                          fix=f"create one with `samprobe init {path.parent}` or pass the right -c path")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}", fix="fix the syntax at the position shown") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not {type(raw).__name__}",
+                          fix="start from `samprobe init`")
+    raw = apply_overrides(raw, overrides or [])
+    return build_config(raw, path.resolve().parent, source=str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (absolute paths), written into every run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+TEMPLATE = """\
+# samprobe config. Relative paths are resolved against this file's folder.
+# Every key can be overridden on the command line: --set train.lr=0.0005
+run_dir: runs/exp1            # where checkpoints, metrics, reports go
+seed: 0
+device: auto                  # auto | cpu | cuda
+precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 where supported)
+
+data:
+  metadata: data/metadata.csv # csv, jsonl or parquet; omit to use image_root/<class>/<image>
+  format: auto                # auto | csv | jsonl | parquet | folder
+  image_root: data/images     # paths in the metadata are relative to this folder
+  path_column: path
+  label_column: label         # class names or integer indices
+  split_column: null          # column with train/val/test; null = stratified split by seed
+  classes_file: null          # one class per line: the full taxonomy, empty classes included
+  on_bad_rows: skip           # skip (report and go on) | error (stop at the first bad row)
+  val_fraction: 0.15
+  test_fraction: 0.15
+
+backbone:
+  name: sam                   # sam | efficientnet_lite0 | timm
+  checkpoint: weights/sam_vit_b_01ec64.pth  # `samprobe weights download sam_vit_b`
+  variant: auto               # auto (read from the weights) | vit_b | vit_l | vit_h | custom
+  img_size: 1024
+
+features:
+  cache_dir: cache            # extracted features, shared between runs
+  pooling: [neck_avg]         # SAM: neck_avg, neck_max, block_avg; others: avg
+  dtype: float16
+  batch_size: 8
+  num_workers: auto           # decoding processes; auto = number of CPU cores
+
+train:
+  head: linear                # linear | mlp
+  epochs: 100
+  batch_size: 256
+  lr: 0.001
+  weight_decay: 0.0001
+  class_weights: balanced     # balanced | sqrt | effective_number | none
+  monitor: balanced_accuracy  # balanced_accuracy | accuracy | macro_f1 | val_loss
+  patience: 15
+
+tracking:
+  wandb:
+    mode: disabled            # online | offline | disabled
+    project: samprobe
+"""
