@@ -41,14 +41,16 @@ class BackboneConfig(_Strict):
     """Registry name: sam | efficientnet_lite0 | timm."""
     checkpoint: Path | None = None
     variant: Literal["auto", "vit_b", "vit_l", "vit_h", "custom"] = "auto"
-    img_size: int = Field(default=1024, ge=32)
+    img_size: int | None = Field(default=None, ge=32)
+    """Encoder input size; null = the backbone's native size (SAM 1024, efficientnet_lite0 224)."""
     timm_model: str | None = None
     """timm model name, for name: timm."""
 
 
 class FeaturesConfig(_Strict):
     cache_dir: Path = Path("cache")
-    pooling: list[str] = Field(default_factory=lambda: ["neck_avg"])
+    pooling: list[str] = Field(default_factory=list)
+    """Pooled features to store, concatenated; empty = the backbone's default (SAM: neck_avg)."""
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = Field(default=8, gt=0)
     num_workers: int | Literal["auto"] = "auto"
@@ -225,11 +227,11 @@ backbone:
   name: sam                   # sam | efficientnet_lite0 | timm
   checkpoint: weights/sam_vit_b_01ec64.pth  # `samprobe weights download sam_vit_b`
   variant: auto               # auto (read from the weights) | vit_b | vit_l | vit_h | custom
-  img_size: 1024
+  img_size: null              # null = native (SAM 1024); 512/768 trade fidelity for speed
 
 features:
   cache_dir: cache            # extracted features, shared between runs
-  pooling: [neck_avg]         # SAM: neck_avg, neck_max, block_avg; others: avg
+  pooling: []                 # empty = backbone default; SAM: neck_avg, neck_max, block_avg; others: avg
   dtype: float16
   batch_size: 8
   num_workers: auto           # decoding processes; auto = number of CPU cores

@@ -30,10 +30,16 @@ class Backbone(nn.Module):
     """Pooled features this backbone offers, e.g. ("neck_avg", "neck_max", "block_avg")."""
     default_pooling: tuple[str, ...] = ()
     preprocess_version: str = "1"
+    decode_longest_side: bool = False
+    """True when ``prepare`` resizes the longest side to ``input_size``: lets JPEGs decode at reduced scale."""
 
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """HxWx3 uint8 RGB -> (uint8 [3, S, S] with content top-left, (h', w') valid size)."""
         raise NotImplementedError
+
+    def preparer(self) -> Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]:
+        """A small picklable callable doing ``prepare``, shipped to worker processes (not the weights)."""
+        return self.prepare
 
     def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
         """uint8 [B, 3, S, S] on device, valid_hw int [B, 2] -> float [B, D] (pooled features concatenated in ``pooling`` order)."""

@@ -59,7 +59,7 @@ def decode_rgb(source: Path | bytes, target_longest: int | None = None,
         if max(img.height, img.width) >= 2 * target_longest:
             img.draft("RGB", (w, h))
     img = ImageOps.exif_transpose(img)
-    return np.asarray(to_rgb(img))
+    return np.array(to_rgb(img))  # writable: torch.from_numpy needs it
 
 
 def resize_longest_side(image: np.ndarray, target: int) -> np.ndarray:
@@ -67,11 +67,11 @@ def resize_longest_side(image: np.ndarray, target: int) -> np.ndarray:
     h, w = longest_side_shape(image.shape[0], image.shape[1], target)
     if (h, w) == image.shape[:2]:
         return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """HxWx3 uint8 -> size x size x 3 (aspect not kept), bicubic; the usual timm eval input."""
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))

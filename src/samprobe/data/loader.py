@@ -1,0 +1,100 @@
+"""Image loading for the encoder: worker processes read, hash-check, decode and resize only.
+
+Workers return uint8 tensors and never touch CUDA; normalisation happens on the device.
+When CUDA is already initialised in the parent, forking would copy a CUDA context the child
+cannot use ("Cannot re-initialize CUDA in forked subprocess"), so a spawn context is chosen.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from samprobe.data.images import decode_rgb
+from samprobe.io import sha256_bytes
+
+Preparer = Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class LoadItem:
+    key: str            # expected sha256 of the bytes ("" = do not check)
+    file: str
+    tag: int            # caller's index, returned untouched
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor        # uint8 [B, 3, S, S]
+    valid_hw: torch.Tensor      # int64 [B, 2]
+    tags: list[int]
+    keys: list[str]             # sha256 of the bytes actually decoded
+    failures: list[tuple[int, str]]  # (tag, reason) for items that could not be loaded
+
+
+class ImageDataset(Dataset):
+    def __init__(self, items: list[LoadItem], prepare: Preparer, target_longest: int | None,
+                 max_pixels: int | None = None) -> None:
+        self.items = items
+        self.prepare = prepare
+        self.target_longest = target_longest
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]:
+        item = self.items[i]
+        try:
+            data = Path(item.file).read_bytes()
+            digest = sha256_bytes(data)
+            if item.key and digest != item.key:
+                return item.tag, digest, None, None, "changed since validate (sha256 differs): run validate again"
+            image = decode_rgb(data, self.target_longest, self.max_pixels)
+            tensor, hw = self.prepare(image)
+            return item.tag, digest, tensor, hw, ""
+        except Exception as exc:  # a bad file must not stop the run: reported by the caller
+            return item.tag, "", None, None, f"{type(exc).__name__}: {exc}"
+
+
+def collate(samples: list[tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]]) -> Batch:
+    ok = [s for s in samples if s[2] is not None]
+    failures = [(s[0], s[4]) for s in samples if s[2] is None]
+    if ok:
+        images = torch.stack([s[2] for s in ok])  # type: ignore[misc]
+        hw = torch.tensor([s[3] for s in ok], dtype=torch.int64)
+    else:
+        images, hw = torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.int64)
+    return Batch(images, hw, [s[0] for s in ok], [s[1] for s in ok], failures)
+
+
+def worker_context(num_workers: int) -> mp.context.BaseContext | None:
+    """None (the platform default, fork on Linux) unless forking would be unsafe."""
+    if num_workers == 0:
+        return None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return mp.get_context("spawn")
+    return None
+
+
+def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_workers: int,
+                target_longest: int | None = None, max_pixels: int | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    num_workers = min(num_workers, max(1, len(items) // batch_size)) if items else 0
+    ctx = worker_context(num_workers)
+    return DataLoader(
+        ImageDataset(items, prepare, target_longest, max_pixels),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        multiprocessing_context=ctx,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )

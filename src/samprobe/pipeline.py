@@ -1,0 +1,243 @@
+"""The pipeline stages behind the CLI: validate -> extract -> train -> evaluate.
+
+Each stage reads what the previous one wrote in the run directory, so each can be rerun
+alone; each is also a plain function for notebooks.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from samprobe.config import Config, dump_config
+from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
+from samprobe.data.splits import assign_splits
+from samprobe.errors import CheckpointError, DataError
+from samprobe.features.cache import ensure_writable_dir
+from samprobe.features.extract import ExtractResult, Extractor, load_features
+from samprobe.io import atomic_open, atomic_write_text
+from samprobe.logs import attach_run_log
+from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
+from samprobe.train.classes import ClassMapping, class_weights
+from samprobe.train.heads import head_from_spec
+from samprobe.train.loop import train_head
+from samprobe.train.metrics import classification_metrics, confusion, per_class_table
+
+log = logging.getLogger("samprobe")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = ensure_writable_dir(cfg.run_dir, "run_dir")
+    attach_run_log(run_dir)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------
+# validate
+
+
+def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list[str]]:
+    """Validate the metadata, assign splits, write the data report. Returns (records, taxonomy)."""
+    run_dir = prepare_run_dir(cfg)
+    ds = validate(cfg.data, progress=progress)
+    ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    report = write_report(ds, run_dir)
+    write_splits(ds.records, run_dir / "splits.csv")
+    for line in summary_lines(report):
+        log.info(line)
+    log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
+    if ds.problems and cfg.data.on_bad_rows == "error":
+        p = ds.problems[0]
+        raise DataError(f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} ({p.detail})",
+                        fix=f"fix the rows listed in {run_dir / 'bad_rows.csv'}, or set data.on_bad_rows: skip")
+    if not ds.records:
+        raise DataError(f"no usable rows in {ds.source}", fix=f"see {run_dir / 'bad_rows.csv'} for why each row was rejected")
+    return ds.records, ds.taxonomy
+
+
+def load_dataset(cfg: Config) -> tuple[list[Record], list[str]]:
+    """(records, taxonomy) from the run's splits.csv and data_report.json, validating first when absent."""
+    splits, report = cfg.run_dir / "splits.csv", cfg.run_dir / "data_report.json"
+    if splits.is_file() and report.is_file():
+        return read_splits(splits), json.loads(report.read_text(encoding="utf-8"))["taxonomy"]
+    return run_validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# extract
+
+FAILURES_FILE = "extract_failures.csv"
+
+
+def _write_failures(run_dir: Path, failures: list[tuple[Record, str]]) -> None:
+    with atomic_open(run_dir / FAILURES_FILE, "w", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "path", "label", "kind", "detail"])
+        for r, reason in failures:
+            w.writerow([r.row, r.path, r.label, "unreadable", f"at extract: {reason}"])
+
+
+def _read_failed_keys(run_dir: Path) -> set[int]:
+    path = run_dir / FAILURES_FILE
+    if not path.is_file():
+        return set()
+    with open(path, encoding="utf-8", newline="") as f:
+        return {int(r["row"]) for r in csv.DictReader(f)}
+
+
+def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
+    records, _ = load_dataset(cfg)
+    run_dir = prepare_run_dir(cfg)
+    extractor = Extractor.from_config(cfg)
+    with extractor.open_cache(cfg) as cache:
+        log.info(f"extract: {len(records)} images, backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
+                 f"{extractor.precision}, {extractor.device}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d, "
+                 f"cache {cache.root}")
+        result = extractor.run(records, cache, cfg.features.batch_size, cfg.resolved_num_workers(),
+                               cfg.data.max_pixels, progress=progress)
+    _write_failures(run_dir, result.failures)
+    rate = f", {result.extracted / result.seconds:.1f} img/s" if result.seconds else ""
+    log.info(f"extract: {result.extracted} extracted, {result.cached} already cached, "
+             f"{len(result.failures)} failed{rate}")
+    for r, reason in result.failures[:10]:
+        log.info(f"  row {r.row} {r.path}: {reason}")
+    if result.failures:
+        log.info(f"  all failures: {run_dir / FAILURES_FILE} (left out of training, the run goes on)")
+    return result
+
+
+def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record]) -> dict[str, tuple[list[Record], np.ndarray]]:
+    failed = _read_failed_keys(cfg.run_dir)
+    usable = [r for r in records if r.row not in failed]
+    with extractor.open_cache(cfg) as cache:
+        missing = cache.missing(r.sha256 for r in usable)
+        if missing:
+            raise DataError(f"{len(missing)} of {len(usable)} images have no cached features for this backbone/pooling",
+                            fix="run `samprobe extract -c CONFIG` first (it resumes where it stopped)")
+        out = {}
+        for split in ("train", "val", "test"):
+            recs = [r for r in usable if r.split == split]
+            out[split] = (recs, load_features(cache, recs))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# train
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    records, taxonomy = load_dataset(cfg)
+    run_dir = prepare_run_dir(cfg)
+    extractor = Extractor.from_config(cfg)
+    data = _features_by_split(cfg, extractor, records)
+    (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
+    mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
+    y_train = mapping.to_head([r.label for r in train_recs])
+    y_val = mapping.to_head([r.label for r in val_recs])
+    counts = np.bincount(y_train, minlength=mapping.num_active)
+    weights = class_weights(counts, cfg.train.class_weights)
+    val_untrained = len({r.label for r in val_recs} & set(mapping.inactive_names))
+    log.info(f"train: {len(train_recs)} train / {len(val_recs)} val samples, {mapping.num_active} active classes of "
+             f"{len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
+
+    metrics_file = run_dir / "metrics.jsonl"
+    metrics_file.unlink(missing_ok=True)
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        _append_jsonl(metrics_file, row)
+        if row["epoch"] % 10 == 0 or row["epoch"] == 1:
+            vb = row.get("val_balanced_accuracy")
+            log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else ""))
+
+    result = train_head(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, on_epoch)
+    best_row = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    payload = {
+        "head": {"spec": result.head.spec, "state_dict": result.head.state_dict()},
+        "classes": mapping.to_dict(),
+        "class_weights": weights.tolist(),
+        "backbone": {"config": cfg.backbone.model_dump(mode="json"), "fingerprint": extractor.fingerprint,
+                     "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
+        "cache_dir": str(cfg.features.cache_dir),
+        "config": cfg.model_dump(mode="json"),
+        "epoch": result.best_epoch,
+        "metrics": best_row,
+    }
+    save_checkpoint(payload, run_dir / "checkpoints" / "best.pt")
+    last_row = result.history[-1]
+    save_checkpoint({**payload, "head": {"spec": result.head.spec, "state_dict": result.last_state},
+                     "epoch": last_row["epoch"], "metrics": last_row}, run_dir / "checkpoints" / "last.pt")
+    log.info(f"train: best epoch {result.best_epoch} ({cfg.train.monitor} {best_row.get('val_' + cfg.train.monitor, float('nan')):.4f}), "
+             f"wrote {run_dir / 'checkpoints' / 'best.pt'}")
+    return {"best_epoch": result.best_epoch, "metrics": best_row, "classes": mapping}
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate
+
+
+def predict_features(ckpt: dict[str, Any], x: np.ndarray, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Cached features [N, D] -> (top-k taxonomy indices [N, k], their probabilities [N, k])."""
+    head = head_from_spec(ckpt["head"]["spec"], ckpt["head"]["state_dict"])
+    mapping = ClassMapping.from_dict(ckpt["classes"])
+    with torch.no_grad():
+        probs = torch.softmax(head(torch.from_numpy(x).float()), dim=1)
+    k = min(top_k, mapping.num_active)
+    scores, idx = probs.topk(k, dim=1)
+    active = np.array(mapping.active)
+    return active[idx.numpy()], scores.numpy()
+
+
+def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -> None:
+    if ckpt["backbone"]["fingerprint"] != extractor.fingerprint:
+        raise CheckpointError(
+            f"the checkpoint was trained on features {ckpt['backbone']['fingerprint']} "
+            f"({ckpt['backbone']['config']['name']}, pooling {ckpt['backbone']['pooling']}) but {source} gives {extractor.fingerprint}",
+            fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with")
+
+
+def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str, Any]:
+    from samprobe.report import plot_confusion
+
+    ckpt = load_checkpoint(checkpoint)
+    records, _ = load_dataset(cfg)
+    run_dir = prepare_run_dir(cfg)
+    extractor = Extractor.from_config(cfg)
+    check_fingerprint(ckpt, extractor, "this config")
+    recs, x = _features_by_split(cfg, extractor, records)[split]
+    if not recs:
+        raise DataError(f"split {split!r} has no samples", fix="choose --split train|val|test with samples (see splits.csv)")
+    mapping = ClassMapping.from_dict(ckpt["classes"])
+    unknown = sorted({r.label for r in recs} - set(mapping.taxonomy))
+    if unknown:
+        raise DataError(f"labels {unknown[:5]} are not in the checkpoint's taxonomy", fix="evaluate with the classes file the head was trained with")
+    topk, _ = predict_features(ckpt, x)
+    y_true = mapping.taxonomy_index([r.label for r in recs])
+    y_pred = topk[:, 0]
+    taxonomy, active = list(mapping.taxonomy), list(mapping.active)
+    metrics = {"split": split, "checkpoint": str(checkpoint),
+               **classification_metrics(y_true, y_pred, taxonomy, active, topk),
+               "not_trained_classes": mapping.inactive_names}
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    rows = per_class_table(y_true, y_pred, taxonomy, active)
+    with atomic_open(out / "per_class.csv", "w", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot_confusion(confusion(y_true, y_pred, len(taxonomy)), taxonomy, out / "confusion_matrix.png")
+    log.info(f"evaluate ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
+             f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; wrote {out}")
+    return metrics
