@@ -101,5 +101,13 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
 
 
 def _import_builtin() -> None:
-    # Imported lazily so `samprobe --help` stays fast and timm is loaded only when needed.
-    from samprobe.backbones import sam, timm_models  # noqa: F401
+    """Import every module of this package: each registers its backbones on import.
+    Lazy, so `samprobe --help` stays fast and timm loads only when a backbone is built."""
+    import importlib
+    import pkgutil
+
+    import samprobe.backbones as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name not in ("registry", "precision"):
+            importlib.import_module(f"samprobe.backbones.{mod.name}")
