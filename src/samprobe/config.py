@@ -148,7 +148,7 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
     path = ".".join(str(p) for p in loc)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
         hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}? " if close else ""
         msg = f"{source}: unknown key {path!r}"
         fix = f"{hint}allowed keys here: {', '.join(allowed)}"

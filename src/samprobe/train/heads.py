@@ -21,11 +21,18 @@ class Head(nn.Module):
             self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
         else:
             raise ValueError(f"unknown head kind {kind!r}")
+        # Zero output layer: a feature that is constant in training gets no gradient, so a random
+        # initial weight on it would survive and fire on new images (ReLU features dead in train).
+        last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def set_normalisation(self, features: torch.Tensor) -> None:
         """features: [N, in_dim] training features."""
         self.mean.copy_(features.mean(0))
-        self.std.copy_(features.std(0, unbiased=False).clamp_min(1e-6))
+        std = features.std(0, unbiased=False)
+        # Floor relative to the typical scale: near-constant features must not become huge.
+        self.std.copy_(std.clamp_min(1e-3 + 1e-2 * float(std.mean())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_dim] -> logits [B, num_classes]."""
