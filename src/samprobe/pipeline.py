@@ -62,9 +62,12 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
 
 
 def load_dataset(cfg: Config) -> tuple[list[Record], list[str]]:
-    """(records, taxonomy) from the run's splits.csv and data_report.json, validating first when absent."""
+    """(records, taxonomy) from the run's splits.csv and data_report.json; validates first when
+    they are absent or older than the metadata / classes file."""
     splits, report = cfg.run_dir / "splits.csv", cfg.run_dir / "data_report.json"
-    if splits.is_file() and report.is_file():
+    sources = [p for p in (cfg.data.metadata, cfg.data.classes_file) if p is not None and Path(p).is_file()]
+    fresh = splits.is_file() and report.is_file() and all(Path(p).stat().st_mtime <= splits.stat().st_mtime for p in sources)
+    if fresh:
         return read_splits(splits), json.loads(report.read_text(encoding="utf-8"))["taxonomy"]
     return run_validate(cfg)
 
