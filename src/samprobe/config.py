@@ -78,6 +78,8 @@ class TrainConfig(_Strict):
 class WandbConfig(_Strict):
     mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "samprobe"
+    init_timeout_s: float = Field(default=15.0, gt=0, le=120)
+    """How long wandb may try to reach its server before samprobe falls back to offline."""
 
 
 class TrackingConfig(_Strict):
