@@ -112,7 +112,7 @@ def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_
     cells = " ".join(report.cells)
     assert f"test: accuracy" in cells and f"{metrics['accuracy']:.4f}" in cells
     row = report.rows_by_class["one"]
-    assert row[1] == "trained" and len(row) == 10  # class, status, train/val/test counts, precision/recall/f1/support
+    assert row[1] == "trained" and len(row) == 9  # class, status, train/val/test counts, precision/recall/f1/support
 
 
 def test_a_sweep_csv_becomes_a_table(trained_run):

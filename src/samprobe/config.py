@@ -250,6 +250,7 @@ train:
 
 tracking:
   wandb:
-    mode: disabled            # online | offline | disabled
+    mode: disabled            # online | offline | disabled (metrics.jsonl is always written)
     project: samprobe
+    init_timeout_s: 15        # online: fall back to offline (and print `wandb sync ...`) after this
 """
