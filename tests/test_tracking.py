@@ -133,6 +133,7 @@ def test_training_with_wandb_online_unreachable_falls_back_to_offline(tmp_path, 
     fallback = [ln for ln in captured if "falling back to offline after" in ln]
     assert len(fallback) == 1, captured
     seconds = float(fallback[0].split("falling back to offline after ")[1].split(" s")[0])
+    print(f"\nwandb online->offline fallback {seconds:.2f} s; run_train (wandb start and finish included) {train_seconds:.2f} s")
     assert seconds <= 30.0
     assert train_seconds <= 30.0
     # the offline run lives inside the run directory and holds every epoch's metrics
@@ -165,6 +166,7 @@ def test_wandb_server_that_never_answers_falls_back_within_init_timeout(tmp_path
         started = time.perf_counter()
         tracker = Tracker(cfg).start()
         elapsed = time.perf_counter() - started
+        print(f"\nsilent server: Tracker.start (failed online init + offline init) {elapsed:.2f} s")
         assert tracker.mode == "offline" and tracker.requested_mode == "online"
         assert elapsed <= 30.0
         tracker.log_epoch({"epoch": 1, "train_loss": 0.5})

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,11 +43,23 @@ def tcp_reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
     if not host:
         return f"{url!r} is not a URL"
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as exc:  # refused, unreachable, DNS failure, timeout
-        return f"cannot connect to {host}:{port} ({exc.strerror or type(exc).__name__})"
+    result: list[str | None] = []
+
+    def _connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(None)
+        except OSError as exc:  # refused, unreachable, DNS failure, timeout
+            result.append(f"cannot connect to {host}:{port} ({exc.strerror or type(exc).__name__})")
+
+    # The socket timeout does not cover DNS resolution (getaddrinfo), which can hang without a
+    # network: a daemon thread bounds the whole attempt.
+    worker = threading.Thread(target=_connect, name="samprobe-tcp-check", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not result:
+        return f"no answer from {host}:{port} within {timeout:.0f} s"
+    return result[0]
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
