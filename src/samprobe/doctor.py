@@ -32,6 +32,14 @@ class Warn(Exception):
     """A problem that does not block a run (the run adapts), raised by a check."""
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """One line per check: a wrapped library message (torch.load's is a page long) is cut, marked with '...'."""
+    lines = text.strip().splitlines() or [""]
+    first = lines[0]
+    cut = len(lines) > 1 or len(first) > limit
+    return (first[:limit] + " ...)" if cut else first)
+
+
 def estimate_cache_bytes(n_images: int, dim: int, dtype: str) -> int:
     """Pooled features only: n x dim x itemsize, with headroom."""
     itemsize = 2 if dtype == "float16" else 4
@@ -64,10 +72,10 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
             state[name] = True
             return True
         except SamprobeError as exc:
-            checks.append(Check(name, "FAIL", f"[{exc.code}] {exc.message}" + (f" -> fix: {exc.fix}" if exc.fix else "")))
+            checks.append(Check(name, "FAIL", f"[{exc.code}] {_one_line(exc.message)}" + (f" -> fix: {exc.fix}" if exc.fix else "")))
             return False
         except Exception as exc:  # a doctor must report, not crash
-            checks.append(Check(name, "FAIL", f"{type(exc).__name__}: {exc}"))
+            checks.append(Check(name, "FAIL", f"{type(exc).__name__}: {_one_line(str(exc))}"))
             return False
 
     def _config() -> str:
