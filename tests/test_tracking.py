@@ -168,6 +168,8 @@ def test_wandb_server_that_never_answers_falls_back_within_init_timeout(tmp_path
         elapsed = time.perf_counter() - started
         print(f"\nsilent server: Tracker.start (failed online init + offline init) {elapsed:.2f} s")
         assert tracker.mode == "offline" and tracker.requested_mode == "online"
+        assert "cannot connect" not in tracker.fallback_reason  # the preflight passed: wandb.init itself failed
+        assert "Error" in tracker.fallback_reason, tracker.fallback_reason
         assert elapsed <= 30.0
         tracker.log_epoch({"epoch": 1, "train_loss": 0.5})
         tracker.log_epoch({"epoch": 2, "train_loss": 0.25})
