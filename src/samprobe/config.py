@@ -78,6 +78,8 @@ class TrainConfig(_Strict):
 class WandbConfig(_Strict):
     mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "samprobe"
+    init_timeout_s: float = Field(default=15.0, gt=0, le=120)
+    """How long wandb may try to reach its server before samprobe falls back to offline."""
 
 
 class TrackingConfig(_Strict):
@@ -248,6 +250,7 @@ train:
 
 tracking:
   wandb:
-    mode: disabled            # online | offline | disabled
+    mode: disabled            # online | offline | disabled (metrics.jsonl is always written)
     project: samprobe
+    init_timeout_s: 15        # online: fall back to offline (and print `wandb sync ...`) after this
 """

@@ -108,6 +108,7 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
         "not_trained": mapping.inactive_names,
         "test_accuracy": metrics["accuracy"], "test_balanced_accuracy": metrics["balanced_accuracy"],
         "seconds": round(time.perf_counter() - start, 1),
+        "report": str(cfg.run_dir / "report.html"),
     }
     log.info("")
     log.info("samprobe demo summary")
@@ -116,5 +117,6 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
     log.info(f"  classes: {mapping.num_active} active of {len(taxonomy)}; not trained (no images): {', '.join(mapping.inactive_names)}")
     log.info(f"  test: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f} (n={metrics['n']})")
     log.info(f"  outputs: {cfg.run_dir} (checkpoints/, eval/, metrics.jsonl, predictions.csv, run.log)")
+    log.info(f"  report: {summary['report']} (open it in a browser: data, classes, metrics, plots)")
     log.info(f"  pipeline time: {summary['seconds']} s")
     return summary

@@ -1,78 +1,210 @@
-"""``samprobe doctor``: everything that would stop a long run, checked in seconds."""
+"""``samprobe doctor``: everything that would stop a long run, checked in seconds.
+
+Each check prints one line: ``ok``, ``WARN`` (the run works but not as configured, e.g. W&B
+falls back to offline) or ``FAIL`` (the run would stop: exit 2). A check that needs an earlier
+one (the image sample needs the metadata) is skipped with a line saying so.
+"""
 from __future__ import annotations
 
-import logging
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from samprobe.errors import SamprobeError
+from samprobe.errors import DataError, SamprobeError
 
-log = logging.getLogger("samprobe")
+SAMPLE_IMAGES = 16
+HEADROOM = 1.5  # cache index, shard rounding, and a second fingerprint while experimenting
 
 
-def run_doctor(config: str, overrides: list[str]) -> int:
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | WARN | FAIL | skip
+    detail: str
+
+    def line(self) -> str:
+        return f"  {self.status:<5} {self.name}: {self.detail}"
+
+
+class Warn(Exception):
+    """A problem that does not block a run (the run adapts), raised by a check."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """One line per check: a wrapped library message (torch.load's is a page long) is cut, marked with '...'."""
+    lines = text.strip().splitlines() or [""]
+    first = lines[0]
+    cut = len(lines) > 1 or len(first) > limit
+    return (first[:limit] + " ...)" if cut else first)
+
+
+def estimate_cache_bytes(n_images: int, dim: int, dtype: str) -> int:
+    """Pooled features only: n x dim x itemsize, with headroom."""
+    itemsize = 2 if dtype == "float16" else 4
+    return int(max(n_images, 1) * dim * itemsize * HEADROOM)
+
+
+def _image_root(cfg: Any) -> Path | None:
+    if cfg.data.image_root is not None:
+        return Path(cfg.data.image_root)
+    return Path(cfg.data.metadata).parent if cfg.data.metadata else None
+
+
+def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     from samprobe.config import load_config
-    from samprobe.data.metadata import read_rows
-    from samprobe.features.cache import ensure_writable_dir
 
-    failures = 0
-    cfg = None
+    checks: list[Check] = []
+    state: dict[str, Any] = {}
 
-    def check(name: str, fn: Callable[[], str]) -> None:
-        nonlocal failures
+    def check(name: str, fn: Callable[[], str], needs: tuple[str, ...] = ()) -> bool:
+        missing = [n for n in needs if n not in state]
+        if missing:
+            checks.append(Check(name, "skip", f"needs {', '.join(missing)} to pass first"))
+            return False
         try:
-            detail = fn()
-            log.info(f"  ok    {name}: {detail}")
+            checks.append(Check(name, "ok", fn()))
+            state[name] = True
+            return True
+        except Warn as exc:
+            checks.append(Check(name, "WARN", str(exc)))
+            state[name] = True
+            return True
         except SamprobeError as exc:
-            failures += 1
-            log.info(f"  FAIL  {name}: {exc.message}" + (f" -> fix: {exc.fix}" if exc.fix else ""))
-
-    log.info(f"samprobe doctor {config}")
+            checks.append(Check(name, "FAIL", f"[{exc.code}] {_one_line(exc.message)}" + (f" -> fix: {exc.fix}" if exc.fix else "")))
+            return False
+        except Exception as exc:  # a doctor must report, not crash
+            checks.append(Check(name, "FAIL", f"{type(exc).__name__}: {_one_line(str(exc))}"))
+            return False
 
     def _config() -> str:
-        nonlocal cfg
-        cfg = load_config(config, overrides)
-        return "valid"
+        state["cfg"] = load_config(config, overrides)
+        return f"{config} is valid"
 
-    check("config", _config)
-    if cfg is None:
-        return 2
-    rows: list = []
+    if not check("config", _config):
+        return checks
+    cfg = state["cfg"]
 
-    def _metadata() -> str:
-        rows.extend(read_rows(cfg.data)[0])
-        return f"{len(rows)} rows in {cfg.data.metadata or cfg.data.image_root}"
-
-    def _image_root() -> str:
-        root = cfg.data.image_root or (Path(cfg.data.metadata).parent if cfg.data.metadata else None)
-        if root is None or not Path(root).is_dir():
-            raise SamprobeError(f"data.image_root {root} is not a folder", fix="set data.image_root to the folder the metadata paths are relative to")
+    def _image_root_check() -> str:
+        root = _image_root(cfg)
+        if root is None or not root.is_dir():
+            raise DataError(f"data.image_root {root} is not a folder",
+                            fix="set data.image_root to the folder the metadata paths are relative to")
         return str(root)
 
+    def _metadata() -> str:
+        from samprobe.data.metadata import read_rows
+
+        rows = [r for r in read_rows(cfg.data)[0] if r is not None]
+        if not rows:
+            raise DataError(f"{cfg.data.metadata or cfg.data.image_root} has no rows", fix="add one row per image")
+        state["rows"] = rows
+        return f"{len(rows)} rows in {cfg.data.metadata or cfg.data.image_root}"
+
+    def _images() -> str:
+        from samprobe.data.images import decode_rgb
+
+        rows, root = state["rows"], _image_root(cfg)
+        sample = random.Random(cfg.seed).sample(rows, min(SAMPLE_IMAGES, len(rows)))
+        bad: list[str] = []
+        for row in sample:
+            rel = str(row.get(cfg.data.path_column) or "")
+            path = Path(rel) if Path(rel).is_absolute() else root / rel
+            try:
+                decode_rgb(path, target_longest=64, max_pixels=cfg.data.max_pixels)
+            except Exception as exc:  # missing, truncated, not an image
+                bad.append(f"{rel} ({type(exc).__name__})")
+        if len(bad) == len(sample):
+            raise DataError(f"none of {len(sample)} sampled images could be read, e.g. {bad[0]}",
+                            fix=f"check data.image_root ({root}) and data.path_column ({cfg.data.path_column!r})")
+        if bad:
+            raise Warn(f"{len(sample) - len(bad)} of {len(sample)} sampled images readable; unreadable: {', '.join(bad[:3])} "
+                       "(validate will report and skip such rows)")
+        return f"{len(sample)} of {len(sample)} sampled images decode"
+
     def _run_dir() -> str:
+        from samprobe.features.cache import ensure_writable_dir
+
         return f"{ensure_writable_dir(cfg.run_dir, 'run_dir')} writable"
 
-    def _cache() -> str:
-        path = ensure_writable_dir(cfg.features.cache_dir, "features.cache_dir")
-        free = shutil.disk_usage(path).free
-        need = max(len(rows), 1) * 1280 * 2 * 2  # pooled fp16 features, generous dim, x2 headroom
-        if free < need:
-            raise SamprobeError(f"only {free / 1e9:.2f} GB free at {path}, about {need / 1e9:.2f} GB needed",
-                                fix="free disk space or move features.cache_dir")
-        return f"{path} writable, {free / 1e9:.1f} GB free (needs ~{need / 1e6:.0f} MB)"
+    def _cache_dir() -> str:
+        from samprobe.features.cache import ensure_writable_dir
+
+        return f"{ensure_writable_dir(cfg.features.cache_dir, 'features.cache_dir')} writable"
+
+    def _device() -> str:
+        from samprobe.backbones.precision import resolve_device, resolve_precision
+
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(device, cfg.precision)
+        state["device"] = device
+        return f"device {device}, precision {precision}"
 
     def _backbone() -> str:
-        from samprobe.features.extract import Extractor
+        from samprobe.backbones.registry import build_backbone
 
-        ex = Extractor.from_config(cfg)
-        return (f"{cfg.backbone.name} loads, input {ex.backbone.input_size}px, features {'+'.join(ex.pooling)} = {ex.dim}-d, "
-                f"device {ex.device}, precision {ex.precision}")
+        backbone = build_backbone(cfg.backbone)  # reads the checkpoint, checks its geometry against the variant
+        pooling = list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
+        backbone.check_pooling(pooling)
+        dims = backbone.feature_dims()
+        state["dim"] = sum(dims[p] for p in pooling)
+        source = cfg.backbone.checkpoint or "bundled weights"
+        return f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, features {'+'.join(pooling)} = {state['dim']}-d"
 
+    def _disk() -> str:
+        from samprobe.errors import CacheError
+
+        dim = state.get("dim", 1280)  # unknown backbone: the largest SAM block width
+        need = estimate_cache_bytes(len(state["rows"]), dim, cfg.features.dtype)
+        free = shutil.disk_usage(cfg.features.cache_dir).free
+        if free < need:
+            raise CacheError(f"only {free / 1e6:.1f} MB free at {cfg.features.cache_dir}, the feature cache needs about {need / 1e6:.1f} MB",
+                             fix="free disk space or point features.cache_dir at a larger disk")
+        return f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB ({len(state['rows'])} images x {dim}-d {cfg.features.dtype})"
+
+    def _tracker() -> str:
+        from samprobe.tracking import tcp_reachable, wandb_base_url
+
+        mode = cfg.tracking.wandb.mode
+        if mode == "disabled":
+            return "W&B disabled; metrics.jsonl only"
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise Warn(f"tracking.wandb.mode is {mode} but wandb is not installed: metrics.jsonl only "
+                       "(pip install 'samprobe[wandb]')") from None
+        if mode == "offline":
+            return f"W&B offline: runs go to {cfg.run_dir / 'wandb'}; upload with `wandb sync`"
+        url = wandb_base_url()
+        reason = tcp_reachable(url)
+        if reason is not None:
+            raise Warn(f"W&B server {url} unreachable ({reason}): training will fall back to offline and print "
+                       "the `wandb sync` command")
+        return f"W&B server {url} reachable"
+
+    check("image root", _image_root_check)
     check("metadata", _metadata)
-    check("image root", _image_root)
+    check("image sample", _images, needs=("metadata", "image root"))
     check("run directory", _run_dir)
-    check("feature cache", _cache)
-    check("backbone", _backbone)
-    log.info("doctor: " + ("all checks passed" if not failures else f"{failures} problem(s) block a run"))
-    return 2 if failures else 0
+    check("feature cache directory", _cache_dir)
+    check("device and precision", _device)
+    check("backbone checkpoint", _backbone)
+    check("free disk", _disk, needs=("metadata", "feature cache directory"))
+    check("tracker", _tracker)
+    return checks
+
+
+def run_doctor(config: str | Path, overrides: list[str]) -> int:
+    """Print the checklist on stdout; 0 when nothing blocks a run, 2 otherwise."""
+    print(f"samprobe doctor {config}", flush=True)
+    checks = doctor_checks(config, overrides)
+    for c in checks:
+        print(c.line(), flush=True)
+    failed = [c.name for c in checks if c.status == "FAIL"]
+    warned = [c.name for c in checks if c.status == "WARN"]
+    if failed:
+        print(f"doctor: {len(failed)} problem(s) block a run: {', '.join(failed)}", flush=True)
+        return 2
+    print("doctor: all checks passed" + (f" ({len(warned)} warning(s): {', '.join(warned)})" if warned else ""), flush=True)
+    return 0

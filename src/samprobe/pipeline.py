@@ -22,6 +22,7 @@ from samprobe.features.cache import ensure_writable_dir
 from samprobe.features.extract import ExtractResult, Extractor, load_features
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
+from samprobe.tracking import Tracker, read_csv_rows
 from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
 from samprobe.train.classes import ClassMapping, class_weights
 from samprobe.train.heads import head_from_spec
@@ -134,10 +135,21 @@ def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record])
 # train
 
 
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+def _write_report(run_dir: Path, tracker: Tracker | None = None) -> None:
+    """report.html + plots; a plotting failure is reported, never fatal to the stage that called it."""
+    from samprobe.report import write_report
+
+    try:
+        report = write_report(run_dir)
+    except Exception as exc:  # matplotlib/font trouble must not lose a finished training run
+        log.warning(f"report: could not write {run_dir / 'report.html'} ({type(exc).__name__}: {exc})")
+        return
+    log.info(f"report: {report.html}")
+    if tracker is not None:
+        sweep = read_csv_rows(run_dir / "sweep.csv")
+        if sweep:
+            tracker.log_table("sweep", sweep)
+        tracker.log_images({f"plots/{k}": p for k, p in report.plots.items()})
 
 
 def run_train(cfg: Config) -> dict[str, Any]:
@@ -155,16 +167,19 @@ def run_train(cfg: Config) -> dict[str, Any]:
     log.info(f"train: {len(train_recs)} train / {len(val_recs)} val samples, {mapping.num_active} active classes of "
              f"{len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
 
-    metrics_file = run_dir / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
+    tracker = Tracker(cfg, run_dir).start({"classes": mapping.to_dict(), "inactive_classes": mapping.inactive_names})
 
     def on_epoch(row: dict[str, Any]) -> None:
-        _append_jsonl(metrics_file, row)
+        tracker.log_epoch(row)
         if row["epoch"] % 10 == 0 or row["epoch"] == 1:
             vb = row.get("val_balanced_accuracy")
             log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else ""))
 
-    result = train_head(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, on_epoch)
+    try:
+        result = train_head(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, on_epoch)
+    except BaseException:
+        tracker.finish()  # metrics.jsonl already holds every finished epoch
+        raise
     best_row = next(r for r in result.history if r["epoch"] == result.best_epoch)
     payload = {
         "head": {"spec": result.head.spec, "state_dict": result.head.state_dict()},
@@ -183,6 +198,9 @@ def run_train(cfg: Config) -> dict[str, Any]:
                      "epoch": last_row["epoch"], "metrics": last_row}, run_dir / "checkpoints" / "last.pt")
     log.info(f"train: best epoch {result.best_epoch} ({cfg.train.monitor} {best_row.get('val_' + cfg.train.monitor, float('nan')):.4f}), "
              f"wrote {run_dir / 'checkpoints' / 'best.pt'}")
+    tracker.log_summary({**{f"best/{k}": v for k, v in best_row.items()}, "best_epoch": result.best_epoch})
+    _write_report(run_dir, tracker)
+    tracker.finish()
     return {"best_epoch": result.best_epoch, "metrics": best_row, "classes": mapping}
 
 
@@ -211,7 +229,7 @@ def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -
 
 
 def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str, Any]:
-    from samprobe.report import plot_confusion
+    from samprobe.report import plot_confusion, write_confusion_csv
 
     ckpt = load_checkpoint(checkpoint)
     records, _ = load_dataset(cfg)
@@ -240,7 +258,10 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot_confusion(confusion(y_true, y_pred, len(taxonomy)), taxonomy, out / "confusion_matrix.png")
+    cm = confusion(y_true, y_pred, len(taxonomy))
+    plot_confusion(cm, taxonomy, out / "confusion_matrix.png")
+    write_confusion_csv(cm, taxonomy, out / "confusion_matrix.csv")
     log.info(f"evaluate ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
              f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; wrote {out}")
+    _write_report(run_dir)
     return metrics
