@@ -16,6 +16,8 @@ from typing import IO, Any, Iterator
 import torch
 
 _CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -57,6 +59,7 @@ def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like any file
         with os.fdopen(fd, mode, encoding=encoding, newline="" if "b" not in mode else None) as f:
             yield f
             f.flush()

@@ -70,7 +70,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure here means the file is not a usable checkpoint
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                               fix="re-download the file or point backbone.checkpoint at a .pth/.safetensors state dict") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
