@@ -49,7 +49,7 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     report = write_report(ds, run_dir)
     write_splits(ds.records, run_dir / "splits.csv")
-    for line in summary_lines(report):
+    for line in summary_lines(report, ds.problems):
         log.info(line)
     log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
     if ds.problems and cfg.data.on_bad_rows == "error":

@@ -7,6 +7,7 @@ cannot use ("Cannot re-initialize CUDA in forked subprocess"), so a spawn contex
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,8 +74,18 @@ def collate(samples: list[tuple[int, str, torch.Tensor | None, tuple[int, int] |
     return Batch(images, hw, [s[0] for s in ok], [s[1] for s in ok], failures)
 
 
+def default_num_workers() -> int:
+    """CPU cores this process may use (respects taskset/cgroup affinity, unlike cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_context(num_workers: int) -> mp.context.BaseContext | None:
-    """None (the platform default, fork on Linux) unless forking would be unsafe."""
+    """None (the platform default, fork on Linux) unless forking would be unsafe.
+
+    A forked child inherits the parent's CUDA context but cannot use it ("Cannot re-initialize
+    CUDA in forked subprocess"); spawn starts clean interpreters. The preparer and dataset are
+    pickled to them, so preparers must be module-level functions or ``functools.partial``s.
+    """
     if num_workers == 0:
         return None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -82,10 +93,14 @@ def worker_context(num_workers: int) -> mp.context.BaseContext | None:
     return None
 
 
-def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_workers: int,
+def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_workers: int | None = None,
                 target_longest: int | None = None, max_pixels: int | None = None,
                 pin_memory: bool = False) -> DataLoader:
-    num_workers = min(num_workers, max(1, len(items) // batch_size)) if items else 0
+    """Batches of uint8 images in item order. ``num_workers=None``: one per available core."""
+    if num_workers is None:
+        num_workers = default_num_workers()
+    # No more workers than batches: each worker would start (and import torch) for nothing.
+    num_workers = min(num_workers, -(-len(items) // batch_size)) if items else 0
     ctx = worker_context(num_workers)
     return DataLoader(
         ImageDataset(items, prepare, target_longest, max_pixels),
