@@ -47,8 +47,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(source: Path | bytes, max_pixels: int | None = None) -> Image.Image:
-    """Open and check size from the header only (cheap): raises ValueError over the pixel limit."""
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    """Open and check size from the header only (cheap): raises ValueError for a file that is not
+    an image or is over the pixel limit."""
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Image.UnidentifiedImageError:  # PIL's message names a BytesIO address: useless to a user
+        raise ValueError("not an image file (no known image format)") from None
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise ValueError(f"{img.width}x{img.height} is over the pixel limit of {max_pixels}")
     return img

@@ -35,7 +35,7 @@ class Batch:
     valid_hw: torch.Tensor      # int64 [B, 2]
     tags: list[int]
     keys: list[str]             # sha256 of the bytes actually decoded
-    failures: list[tuple[int, str]]  # (tag, reason) for items that could not be loaded
+    failures: list[tuple[int, str]]  # (tag, "kind: detail") for items that could not be loaded (failure_kind)
 
 
 class ImageDataset(Dataset):
@@ -50,17 +50,30 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]:
+        """(tag, sha256, uint8 [3, S, S] or None, (h', w') or None, failure "kind: detail" or "")."""
         item = self.items[i]
         try:
             data = Path(item.file).read_bytes()
-            digest = sha256_bytes(data)
-            if item.key and digest != item.key:
-                return item.tag, digest, None, None, "changed since validate (sha256 differs): run validate again"
+        except FileNotFoundError:
+            return item.tag, "", None, None, f"missing: no file at {item.file}"
+        except OSError as exc:
+            return item.tag, "", None, None, f"unreadable: {type(exc).__name__}: {exc}"
+        try:
             image = decode_rgb(data, self.target_longest, self.max_pixels)
             tensor, hw = self.prepare(image)
-            return item.tag, digest, tensor, hw, ""
         except Exception as exc:  # a bad file must not stop the run: reported by the caller
-            return item.tag, "", None, None, f"{type(exc).__name__}: {exc}"
+            return item.tag, "", None, None, f"unreadable: {type(exc).__name__}: {exc}"
+        digest = sha256_bytes(data)
+        if item.key and digest != item.key:
+            # Still an image, but labels/splits/cache key were decided on other bytes.
+            return item.tag, digest, None, None, "changed: file changed since validate (sha256 differs); run validate again"
+        return item.tag, digest, tensor, hw, ""
+
+
+def failure_kind(reason: str) -> tuple[str, str]:
+    """Split a loader failure into (kind, detail); kinds: missing | unreadable | changed."""
+    kind, _, detail = reason.partition(": ")
+    return (kind, detail) if kind in ("missing", "unreadable", "changed") else ("unreadable", reason)
 
 
 def collate(samples: list[tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]]) -> Batch:
