@@ -229,6 +229,7 @@ def test_jsonl_malformed_line_bad_split_and_folder_layout(tmp_path: Path) -> Non
     folder = validate(DataConfig(image_root=root, classes_file=tmp_path / "classes.txt"))
     assert [(r.path, r.label) for r in folder.records] == [("a/1.jpg", "a"), ("a/2.jpg", "a"), ("b/3.jpg", "b")]
     assert folder.taxonomy == ["a", "b", "c"] and folder.total == 3
+    assert folder.extra["ignored_files"] == 1 and folder.extra["ignored_files_examples"] == ["b/notes.txt"]
 
 
 # ---------------------------------------------------------------------------------------

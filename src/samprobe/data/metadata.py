@@ -136,6 +136,16 @@ def _folder_rows(cfg: DataConfig) -> list[dict[str, Any] | None]:
     return rows
 
 
+def folder_ignored_files(root: Path) -> list[str]:
+    """Files of a folder layout that are not read as images (other suffixes, files directly in
+    the root): listed in the report so that nothing is left out silently."""
+    out = [str(p.relative_to(root)) for p in sorted(root.iterdir()) if p.is_file()]
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        out += [str(f.relative_to(root)) for f in sorted(class_dir.rglob("*"))
+                if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES]
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # taxonomy and labels
 
@@ -279,8 +289,12 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     records, dup_problems = _resolve_duplicates(records)
     problems.extend(dup_problems)
     problems.sort(key=lambda p: p.row)
+    extra: dict[str, Any] = {}
+    if detect_format(cfg) == "folder":
+        ignored = folder_ignored_files(Path(cfg.image_root))  # type: ignore[arg-type]
+        extra = {"ignored_files": len(ignored), "ignored_files_examples": ignored[:20]}
     return Dataset(records, problems, taxonomy, total=len(rows), encoding=encoding,
-                   source=str(cfg.metadata or cfg.image_root))
+                   source=str(cfg.metadata or cfg.image_root), extra=extra)
 
 
 def _resolve_duplicates(records: list[Record]) -> tuple[list[Record], list[Problem]]:
@@ -363,6 +377,9 @@ def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> l
             ex = first.get(kind)
             example = f" (first: row {ex.row} {ex.path!r}: {ex.detail})" if ex else ""
             lines.append(f"  {report[kind]} {kind}{example}")
+    if report.get("ignored_files"):
+        lines.append(f"  {report['ignored_files']} files in the image folder are not images by suffix and were not read "
+                     f"(e.g. {report['ignored_files_examples'][0]}); see data_report.json")
     if report["classes_without_train_images"]:
         lines.append(f"  classes with no training images (not trained, never predicted): {', '.join(report['classes_without_train_images'])}")
     return lines
