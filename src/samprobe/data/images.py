@@ -119,3 +119,10 @@ def sam_normalize_pad(images: torch.Tensor, valid_hw: torch.Tensor) -> torch.Ten
         x[i, :, h:, :] = 0
         x[i, :, :h, w:] = 0
     return x
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 -> size x size x 3 (aspect not kept), bicubic; the usual timm eval input."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
