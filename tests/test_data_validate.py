@@ -55,19 +55,16 @@ def build_corpus(tmp: Path) -> tuple[Path, list[tuple[str, str, str]]]:
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
     exif = Image.Exif()
     exif[0x0112] = 6
+    cmyk, palette = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb[5:]).convert("CMYK").save(cmyk, "JPEG", quality=90)
+    Image.fromarray(rgb[:, 7:]).quantize(32).save(palette, "GIF")
     special = {
-        "cmyk.jpg": _jpeg(np.array(Image.fromarray(rgb[::-1]).convert("CMYK")) if False else rgb[::-1]),
+        "cmyk.jpg": cmyk.getvalue(),
         "grey16.png": png16(rgb[..., 1].astype(np.uint16) * 256),
-        "palette.gif": b"",
+        "palette.gif": palette.getvalue(),
         "rgba.png": _png(Image.fromarray(rgba[:, ::-1].copy())),
         "exif_rotated.jpg": _jpeg(np.ascontiguousarray(rgb[10:, 5:]), exif=exif),
     }
-    buf = io.BytesIO()
-    Image.fromarray(rgb[5:]).convert("CMYK").save(buf, "JPEG", quality=90)
-    special["cmyk.jpg"] = buf.getvalue()
-    buf = io.BytesIO()
-    Image.fromarray(rgb[:, 7:]).quantize(32).save(buf, "GIF")
-    special["palette.gif"] = buf.getvalue()
     for name, data in special.items():
         (root / name).write_bytes(data)
         rows.append((name, "astronaut", "ok"))
@@ -253,8 +250,7 @@ def _small_csv(tmp: Path, header: str = "path,label") -> None:
 def test_user_errors(tmp_path: Path, data: dict, match: str, fix: str) -> None:
     _small_csv(tmp_path)
     (tmp_path / "dup.txt").write_text("a\nb\na\n")
-    data = {k: (tmp_path / v if isinstance(v, str) and k != "label_column" and k.endswith(("metadata", "file", "root")) else v)
-            for k, v in data.items()}
+    data = {k: (tmp_path / v if k in ("metadata", "classes_file", "image_root") and v else v) for k, v in data.items()}
     cfg = DataConfig(**{"metadata": tmp_path / "meta.csv", "image_root": tmp_path / "images", **data})
     with pytest.raises(DataError, match=match) as exc:
         validate(cfg)
