@@ -50,6 +50,8 @@ def test_spawn_context_when_cuda_is_initialised(tmp_path: Path, monkeypatch: pyt
     loader = make_loader(items, prepare, batch_size=2, num_workers=2, target_longest=S)
     assert loader.num_workers == 2
     assert loader.multiprocessing_context is mp.get_context("spawn")
+    with pytest.raises(TypeError, match="picklable preparer"):
+        make_loader(items, lambda im: letterbox(im, S), batch_size=2, num_workers=2)
     got = _collect(loader)
     assert sorted(got) == [it.tag for it in items]
     for it in items:

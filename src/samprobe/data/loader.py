@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,6 +116,12 @@ def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_w
     # No more workers than batches: each worker would start (and import torch) for nothing.
     num_workers = min(num_workers, -(-len(items) // batch_size)) if items else 0
     ctx = worker_context(num_workers)
+    if ctx is not None and ctx.get_start_method() == "spawn":
+        try:
+            pickle.dumps(prepare)
+        except Exception as exc:  # otherwise it fails later, inside the first worker, cryptically
+            raise TypeError(f"spawn workers need a picklable preparer (a module-level function or functools.partial), "
+                            f"got {prepare!r}: {exc}") from None
     return DataLoader(
         ImageDataset(items, prepare, target_longest, max_pixels),
         batch_size=batch_size,
