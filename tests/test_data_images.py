@@ -12,7 +12,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from imgutil import photos, png16
 from samprobe.data.images import (SAM_PIXEL_MEAN, SAM_PIXEL_STD, decode_rgb, letterbox, longest_side_shape,
-                                  sam_normalize_pad)
+                                  resize_longest_side, sam_normalize_pad)
 
 S = 1024
 
@@ -52,6 +52,9 @@ def test_letterbox_matches_official_sam_preprocess(tmp_path: Path, official_sam,
         assert ours.dtype == torch.float32
         diff = (ours - ref).abs().max().item()
         assert diff <= 0.02, f"{name} x{upscale}: max abs diff {diff}"
+        # the resized pixels themselves are the official ones, bit for bit
+        official_resized = ResizeLongestSide(S).apply_image(np.array(Image.open(path).convert("RGB")))
+        assert np.array_equal(resize_longest_side(decode_rgb(path), S), official_resized), name
         h, w = longest_side_shape(*photo.shape[:2], S)
         assert max(h, w) == S and ours[..., h:, :].abs().sum() == 0 and ours[..., w:].abs().sum() == 0
 
