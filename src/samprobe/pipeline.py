@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from samprobe.config import Config, dump_config
+from samprobe.data.loader import failure_kind
 from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
 from samprobe.data.splits import assign_splits
 from samprobe.errors import CheckpointError, DataError
@@ -50,7 +51,7 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     report = write_report(ds, run_dir)
     write_splits(ds.records, run_dir / "splits.csv")
-    for line in summary_lines(report):
+    for line in summary_lines(report, ds.problems):
         log.info(line)
     log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
     if ds.problems and cfg.data.on_bad_rows == "error":
@@ -84,7 +85,8 @@ def _write_failures(run_dir: Path, failures: list[tuple[Record, str]]) -> None:
         w = csv.writer(f)
         w.writerow(["row", "path", "label", "kind", "detail"])
         for r, reason in failures:
-            w.writerow([r.row, r.path, r.label, "unreadable", f"at extract: {reason}"])
+            kind, detail = failure_kind(reason)
+            w.writerow([r.row, r.path, r.label, kind, f"at extract: {detail}"])
 
 
 def _read_failed_keys(run_dir: Path) -> set[int]:

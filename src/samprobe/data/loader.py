@@ -7,6 +7,8 @@ cannot use ("Cannot re-initialize CUDA in forked subprocess"), so a spawn contex
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,7 +36,7 @@ class Batch:
     valid_hw: torch.Tensor      # int64 [B, 2]
     tags: list[int]
     keys: list[str]             # sha256 of the bytes actually decoded
-    failures: list[tuple[int, str]]  # (tag, reason) for items that could not be loaded
+    failures: list[tuple[int, str]]  # (tag, "kind: detail") for items that could not be loaded (failure_kind)
 
 
 class ImageDataset(Dataset):
@@ -49,17 +51,30 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]:
+        """(tag, sha256, uint8 [3, S, S] or None, (h', w') or None, failure "kind: detail" or "")."""
         item = self.items[i]
         try:
             data = Path(item.file).read_bytes()
-            digest = sha256_bytes(data)
-            if item.key and digest != item.key:
-                return item.tag, digest, None, None, "changed since validate (sha256 differs): run validate again"
+        except FileNotFoundError:
+            return item.tag, "", None, None, f"missing: no file at {item.file}"
+        except OSError as exc:
+            return item.tag, "", None, None, f"unreadable: {type(exc).__name__}: {exc}"
+        try:
             image = decode_rgb(data, self.target_longest, self.max_pixels)
             tensor, hw = self.prepare(image)
-            return item.tag, digest, tensor, hw, ""
         except Exception as exc:  # a bad file must not stop the run: reported by the caller
-            return item.tag, "", None, None, f"{type(exc).__name__}: {exc}"
+            return item.tag, "", None, None, f"unreadable: {type(exc).__name__}: {exc}"
+        digest = sha256_bytes(data)
+        if item.key and digest != item.key:
+            # Still an image, but labels/splits/cache key were decided on other bytes.
+            return item.tag, digest, None, None, "changed: file changed since validate (sha256 differs); run validate again"
+        return item.tag, digest, tensor, hw, ""
+
+
+def failure_kind(reason: str) -> tuple[str, str]:
+    """Split a loader failure into (kind, detail); kinds: missing | unreadable | changed."""
+    kind, _, detail = reason.partition(": ")
+    return (kind, detail) if kind in ("missing", "unreadable", "changed") else ("unreadable", reason)
 
 
 def collate(samples: list[tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]]) -> Batch:
@@ -73,8 +88,18 @@ def collate(samples: list[tuple[int, str, torch.Tensor | None, tuple[int, int] |
     return Batch(images, hw, [s[0] for s in ok], [s[1] for s in ok], failures)
 
 
+def default_num_workers() -> int:
+    """CPU cores this process may use (respects taskset/cgroup affinity, unlike cpu_count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_context(num_workers: int) -> mp.context.BaseContext | None:
-    """None (the platform default, fork on Linux) unless forking would be unsafe."""
+    """None (the platform default, fork on Linux) unless forking would be unsafe.
+
+    A forked child inherits the parent's CUDA context but cannot use it ("Cannot re-initialize
+    CUDA in forked subprocess"); spawn starts clean interpreters. The preparer and dataset are
+    pickled to them, so preparers must be module-level functions or ``functools.partial``s.
+    """
     if num_workers == 0:
         return None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -82,11 +107,21 @@ def worker_context(num_workers: int) -> mp.context.BaseContext | None:
     return None
 
 
-def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_workers: int,
+def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_workers: int | None = None,
                 target_longest: int | None = None, max_pixels: int | None = None,
                 pin_memory: bool = False) -> DataLoader:
-    num_workers = min(num_workers, max(1, len(items) // batch_size)) if items else 0
+    """Batches of uint8 images in item order. ``num_workers=None``: one per available core."""
+    if num_workers is None:
+        num_workers = default_num_workers()
+    # No more workers than batches: each worker would start (and import torch) for nothing.
+    num_workers = min(num_workers, -(-len(items) // batch_size)) if items else 0
     ctx = worker_context(num_workers)
+    if ctx is not None and ctx.get_start_method() == "spawn":
+        try:
+            pickle.dumps(prepare)
+        except Exception as exc:  # otherwise it fails later, inside the first worker, cryptically
+            raise TypeError(f"spawn workers need a picklable preparer (a module-level function or functools.partial), "
+                            f"got {prepare!r}: {exc}") from None
     return DataLoader(
         ImageDataset(items, prepare, target_longest, max_pixels),
         batch_size=batch_size,

@@ -10,12 +10,13 @@ import csv
 import io
 import json
 import math
+import os
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image
 
 from samprobe.config import DataConfig
 from samprobe.data.images import open_image
@@ -135,6 +136,16 @@ def _folder_rows(cfg: DataConfig) -> list[dict[str, Any] | None]:
     return rows
 
 
+def folder_ignored_files(root: Path) -> list[str]:
+    """Files of a folder layout that are not read as images (other suffixes, files directly in
+    the root): listed in the report so that nothing is left out silently."""
+    out = [str(p.relative_to(root)) for p in sorted(root.iterdir()) if p.is_file()]
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        out += [str(f.relative_to(root)) for f in sorted(class_dir.rglob("*"))
+                if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES]
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # taxonomy and labels
 
@@ -180,8 +191,12 @@ def resolve_label(text: str, taxonomy: list[str], index: dict[str, int]) -> str 
 
 
 def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
-    """(sha256, None) if the file decodes, else (None, reason)."""
-    data = file.read_bytes()
+    """(sha256, None) if the file decodes, else (None, reason). JPEGs decode at 1/8 scale:
+    every byte is still entropy-decoded, so truncation and corruption are still caught."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:  # permission denied, a folder, an I/O error
+        return None, f"{type(exc).__name__}: {exc}"
     if not data:
         return None, "zero bytes"
     try:
@@ -191,30 +206,35 @@ def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
         img.load()
     except ValueError as exc:
         return None, str(exc)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # PIL raises many types on corrupt files; each is "unreadable"
         return None, f"{type(exc).__name__}: {exc}"
     return sha256_bytes(data), None
 
 
-def validate(cfg: DataConfig, progress: bool = False) -> Dataset:
+def check_workers() -> int:
+    """Threads for reading and decoding files during validate: PIL and hashlib release the GIL,
+    and files on network disks are latency-bound, so a few more threads than cores help."""
+    return min(16, 2 * len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2 * (os.cpu_count() or 1))
+
+
+def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None) -> Dataset:
     rows, encoding = read_rows(cfg)
     root = Path(cfg.image_root) if cfg.image_root else Path(cfg.metadata).parent  # type: ignore[arg-type]
     real_root = root.resolve()
     labels_text = [_label_text(r.get(cfg.label_column)) for r in rows if r is not None and not _is_blank(r.get(cfg.label_column))]
-    if rows and all(r is not None for r in rows) and cfg.label_column not in rows[0]:  # type: ignore[operator]
-        raise DataError(f"data.label_column {cfg.label_column!r} is not a column of {cfg.metadata}",
-                        fix=f"set data.label_column to one of: {', '.join(map(str, rows[0]))}")  # type: ignore[arg-type]
-    if rows and all(r is not None for r in rows) and cfg.path_column not in rows[0]:  # type: ignore[operator]
-        raise DataError(f"data.path_column {cfg.path_column!r} is not a column of {cfg.metadata}",
-                        fix=f"set data.path_column to one of: {', '.join(map(str, rows[0]))}")  # type: ignore[arg-type]
+    first = next((r for r in rows if r is not None), None)
+    for key, column in (("label_column", cfg.label_column), ("path_column", cfg.path_column),
+                        ("split_column", cfg.split_column)):
+        if first is not None and column is not None and column not in first:
+            raise DataError(f"data.{key} {column!r} is not a column of {cfg.metadata}",
+                            fix=f"set data.{key} to one of: {', '.join(map(str, first))}")
     taxonomy = read_classes_file(Path(cfg.classes_file)) if cfg.classes_file else build_taxonomy(labels_text)
     index = {name: i for i, name in enumerate(taxonomy)}
 
-    from tqdm import tqdm
-
-    records: list[Record] = []
     problems: list[Problem] = []
-    for i, row in enumerate(tqdm(rows, desc="validate", unit="img", disable=not progress), start=1):
+    # Cheap checks first (no file reads); rows that pass them get their file read in a pool.
+    pending: list[tuple[int, str, str, Path, str, str | None]] = []  # row, path, label_s, file, label, split
+    for i, row in enumerate(rows, start=1):
         if row is None:
             problems.append(Problem(i, "", "", "malformed", "row could not be parsed"))
             continue
@@ -229,16 +249,16 @@ def validate(cfg: DataConfig, progress: bool = False) -> Dataset:
             bad("bad_path", "empty path")
             continue
         candidate = Path(path_s) if Path(path_s).is_absolute() else root / path_s
-        resolved = candidate.resolve()
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError) as exc:  # symlink loop, path too long
+            bad("bad_path", f"{type(exc).__name__}: {exc}")
+            continue
         if not resolved.is_relative_to(real_root):
             bad("outside_root", f"resolves to {resolved}, outside {real_root}")
             continue
         if not resolved.is_file():
             bad("missing", f"no file at {candidate}")
-            continue
-        sha, reason = _check_image(resolved, cfg.max_pixels)
-        if sha is None:
-            bad("unreadable", reason or "unreadable")
             continue
         label = resolve_label(label_s, taxonomy, index) if label_s else None
         if label is None:
@@ -251,13 +271,30 @@ def validate(cfg: DataConfig, progress: bool = False) -> Dataset:
             if split not in SPLITS:
                 bad("bad_split", f"split {split!r} is not one of {', '.join(SPLITS)}")
                 continue
-        records.append(Record(i, path_s, str(resolved), label, split, sha))
+        pending.append((i, path_s, label_s, resolved, label, split))
+
+    from tqdm import tqdm
+
+    records: list[Record] = []
+    n_workers = workers if workers is not None else check_workers()
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        checks = pool.map(lambda p: _check_image(p[3], cfg.max_pixels), pending)
+        for (i, path_s, label_s, resolved, label, split), (sha, reason) in zip(
+                pending, tqdm(checks, total=len(pending), desc="validate", unit="img", disable=not progress)):
+            if sha is None:
+                problems.append(Problem(i, path_s, label_s, "unreadable", reason or "unreadable"))
+            else:
+                records.append(Record(i, path_s, str(resolved), label, split, sha))
 
     records, dup_problems = _resolve_duplicates(records)
     problems.extend(dup_problems)
     problems.sort(key=lambda p: p.row)
+    extra: dict[str, Any] = {}
+    if detect_format(cfg) == "folder":
+        ignored = folder_ignored_files(Path(cfg.image_root))  # type: ignore[arg-type]
+        extra = {"ignored_files": len(ignored), "ignored_files_examples": ignored[:20]}
     return Dataset(records, problems, taxonomy, total=len(rows), encoding=encoding,
-                   source=str(cfg.metadata or cfg.image_root))
+                   source=str(cfg.metadata or cfg.image_root), extra=extra)
 
 
 def _resolve_duplicates(records: list[Record]) -> tuple[list[Record], list[Problem]]:
@@ -329,11 +366,20 @@ def read_splits(path: Path) -> list[Record]:
         return [Record(int(r["row"]), r["path"], r["file"], r["label"], r["split"], r["sha256"]) for r in csv.DictReader(f)]
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
+def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> list[str]:
+    """One line for the totals, then one line per problem kind with its first example."""
     lines = [f"{report['total']} rows: {report['ok']} ok"]
+    first: dict[str, Problem] = {}
+    for p in problems:
+        first.setdefault(p.kind, p)
     for kind in PROBLEM_KINDS:
         if report.get(kind):
-            lines.append(f"  {report[kind]} {kind}")
+            ex = first.get(kind)
+            example = f" (first: row {ex.row} {ex.path!r}: {ex.detail})" if ex else ""
+            lines.append(f"  {report[kind]} {kind}{example}")
+    if report.get("ignored_files"):
+        lines.append(f"  {report['ignored_files']} files in the image folder are not images by suffix and were not read "
+                     f"(e.g. {report['ignored_files_examples'][0]}); see data_report.json")
     if report["classes_without_train_images"]:
         lines.append(f"  classes with no training images (not trained, never predicted): {', '.join(report['classes_without_train_images'])}")
     return lines

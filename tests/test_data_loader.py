@@ -1,0 +1,81 @@
+"""Loader: uint8 batches from worker processes, failures reported, spawn when CUDA is initialised."""
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgutil import photos
+from samprobe.data.images import decode_rgb, letterbox
+from samprobe.data.loader import LoadItem, default_num_workers, failure_kind, make_loader, worker_context
+from samprobe.io import sha256_file
+
+S = 64
+
+
+def _items(tmp: Path) -> list[LoadItem]:
+    items = []
+    for k, (name, photo) in enumerate(photos().items()):
+        path = tmp / f"{name}.jpg"
+        Image.fromarray(photo).save(path, quality=90)
+        items.append(LoadItem(sha256_file(path), str(path), k))
+    return items
+
+
+def _expected(item: LoadItem) -> tuple[torch.Tensor, tuple[int, int]]:
+    return letterbox(decode_rgb(Path(item.file), S), S)
+
+
+def _collect(loader) -> dict[int, tuple[torch.Tensor, tuple[int, int], str]]:
+    out = {}
+    for batch in loader:
+        assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (3, S, S)
+        for j, tag in enumerate(batch.tags):
+            out[tag] = (batch.images[j], tuple(batch.valid_hw[j].tolist()), batch.keys[j])
+    return out
+
+
+def test_spawn_context_when_cuda_is_initialised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = _items(tmp_path)
+    assert worker_context(2) is None  # plain CPU run: the fast default (fork)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert worker_context(0) is None  # no workers, nothing to fork
+    prepare = functools.partial(letterbox, size=S)  # picklable: spawn ships it to the workers
+    loader = make_loader(items, prepare, batch_size=2, num_workers=2, target_longest=S)
+    assert loader.num_workers == 2
+    assert loader.multiprocessing_context is mp.get_context("spawn")
+    with pytest.raises(TypeError, match="picklable preparer"):
+        make_loader(items, lambda im: letterbox(im, S), batch_size=2, num_workers=2)
+    got = _collect(loader)
+    assert sorted(got) == [it.tag for it in items]
+    for it in items:
+        image, hw, key = got[it.tag]
+        ref_image, ref_hw = _expected(it)
+        assert torch.equal(image, ref_image) and hw == ref_hw and key == it.key
+
+
+def test_failures_are_reported_with_their_kind_and_the_rest_load(tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    Path(items[0].file).unlink()
+    Path(items[1].file).write_bytes(b"not an image")
+    Image.fromarray(photos()["square"][::-1].copy()).save(items[2].file, quality=90)  # edited after validate
+    loader = make_loader(items, functools.partial(letterbox, size=S), batch_size=4, num_workers=1, target_longest=S)
+    batches = list(loader)
+    failures = {tag: failure_kind(reason) for b in batches for tag, reason in b.failures}
+    assert {t: k for t, (k, _) in failures.items()} == {0: "missing", 1: "unreadable", 2: "changed"}
+    assert "not an image file" in failures[1][1] and "run validate again" in failures[2][1]
+    assert [t for b in batches for t in b.tags] == [3]
+
+
+def test_default_workers_are_the_available_cores(tmp_path: Path) -> None:
+    items = _items(tmp_path)
+    assert default_num_workers() >= 1
+    loader = make_loader(items, functools.partial(letterbox, size=S), batch_size=1)
+    assert loader.num_workers == min(default_num_workers(), len(items))
+    assert make_loader(items, functools.partial(letterbox, size=S), batch_size=8, num_workers=4).num_workers == 1
