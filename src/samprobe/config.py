@@ -6,7 +6,6 @@ Relative paths are resolved against the config file's folder, so a config works 
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,8 +97,10 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def resolved_num_workers(self) -> int:
+        from samprobe.data.loader import default_num_workers
+
         nw = self.features.num_workers
-        return (os.cpu_count() or 1) if nw == "auto" else int(nw)
+        return default_num_workers() if nw == "auto" else int(nw)
 
 
 # ---------------------------------------------------------------------------------------
