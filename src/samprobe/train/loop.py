@@ -8,6 +8,7 @@ are kept), and the whole state is a dict of tensors/builtins so a run resumes bi
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -280,7 +281,8 @@ class SweepTrainer:
         if not math.isfinite(float(self.best_score[b])):
             raise TrainingError("no head reached a finite validation score", fix="lower train.lr / train.sweep.lrs")
         last_head = self.model.to_head(b)
-        self.model.load_state_dict({**self.model.state_dict(), **self.best})  # early stopping restores the best weights
+        best_model = copy.deepcopy(self.model)  # the live model stays as is: training may go on (resume)
+        best_model.load_state_dict({**self.model.state_dict(), **self.best})  # early stopping restores the best weights
         cols = ("train_loss",) + VAL_METRICS
         table = []
         for h, (lr, wd) in enumerate(self.grid):
@@ -290,8 +292,8 @@ class SweepTrainer:
                    **{c: float(self.best_metrics[h, i]) for i, c in enumerate(cols)},
                    "status": self.status[h], "selected": h == b}
             table.append(row)
-        return SweepResult(self.model, self.grid, b, int(self.best_epoch[b]), float(self.best_score[b]),
-                           self.model.to_head(b), last_head, table, self.history)
+        return SweepResult(best_model, self.grid, b, int(self.best_epoch[b]), float(self.best_score[b]),
+                           best_model.to_head(b), last_head, table, list(self.history))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue bit for bit: tensors and builtins only (weights_only loads it)."""
