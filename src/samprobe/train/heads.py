@@ -77,6 +77,7 @@ class StackedHeads(nn.Module):
             raise ValueError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
         self.kind, self.num_heads, self.in_dim, self.num_classes = kind, num_heads, in_dim, num_classes
         self.hidden, self.dropout = hidden, dropout
+        self.dropout_generator: torch.Generator | None = None
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         if kind == "linear":
@@ -103,7 +104,10 @@ class StackedHeads(nn.Module):
             # One [B, D] x [D, H*C] matmul for all heads.
             return torch.einsum("bd,hdc->hbc", z, self.w) + self.b[:, None, :]
         h = F.gelu(torch.einsum("bd,hdk->hbk", z, self.w1) + self.b1[:, None, :])  # [H, B, K]
-        h = F.dropout(h, self.dropout, self.training)
+        if self.training and self.dropout > 0:
+            # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
+            keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
+            h = h * keep / (1 - self.dropout)
         return torch.bmm(h, self.w2) + self.b2[:, None, :]
 
     def spec(self) -> dict[str, Any]:

@@ -133,9 +133,11 @@ class SweepTrainer:
         self.yv = torch.as_tensor(np.asarray(y_val), dtype=torch.long)
         self.weights = torch.as_tensor(class_weights, dtype=torch.float32, device=self.device)
 
-        torch.manual_seed(seed)  # dropout in MLP heads
+        # All randomness comes from generators this trainer owns and checkpoints (none from the global RNG).
         self.gen = torch.Generator().manual_seed(seed)  # init and batch order
+        self.dropout_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.model = StackedHeads(H, x_train.shape[1], C, cfg.head, cfg.hidden, cfg.dropout, generator=self.gen)
+        self.model.dropout_generator = self.dropout_gen
         self.model.set_normalisation(torch.from_numpy(np.asarray(x_train, dtype=np.float32)))
         self.model.to(self.device)
         self.opt = StackedAdamW(self.model.parameters(), torch.tensor([g[0] for g in self.grid]),
@@ -304,9 +306,9 @@ class SweepTrainer:
             "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
             "best_metrics": self.best_metrics.clone(), "stale": self.stale.clone(), "alive": self.alive.clone(),
             "status": list(self.status), "history": list(self.history),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
-            "rng": {"batches": self.gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -325,7 +327,7 @@ class SweepTrainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["rng"]["batches"])
-        torch.set_rng_state(state["rng"]["torch"])
+        self.dropout_gen.set_state(state["rng"]["dropout"])
 
 
 def train_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
