@@ -63,6 +63,14 @@ def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
     return head.eval()
 
 
+def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """z [B, D] shared by all heads, w [H, D, C] -> [H, B, C] as one [B, D] x [D, H*C] matmul
+    (one large GEMM instead of H small ones; the weight gradient is one GEMM too)."""
+    H, D, C = w.shape
+    out = z @ w.permute(1, 0, 2).reshape(D, H * C)  # [B, H*C]
+    return out.view(-1, H, C).transpose(0, 1)
+
+
 class StackedHeads(nn.Module):
     """H independent heads evaluated in one pass: [B, D] -> logits [H, B, C].
 
@@ -101,9 +109,8 @@ class StackedHeads(nn.Module):
         """x: [B, D] raw features -> logits [H, B, C]."""
         z = (x - self.mean) / self.std
         if self.kind == "linear":
-            # One [B, D] x [D, H*C] matmul for all heads.
-            return torch.einsum("bd,hdc->hbc", z, self.w) + self.b[:, None, :]
-        h = F.gelu(torch.einsum("bd,hdk->hbk", z, self.w1) + self.b1[:, None, :])  # [H, B, K]
+            return _all_heads_matmul(z, self.w) + self.b[:, None, :]
+        h = F.gelu(_all_heads_matmul(z, self.w1) + self.b1[:, None, :])  # [H, B, K]
         if self.training and self.dropout > 0:
             # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
             keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout

@@ -141,7 +141,7 @@ class SweepTrainer:
         self.model.set_normalisation(torch.from_numpy(np.asarray(x_train, dtype=np.float32)))
         self.model.to(self.device)
         self.opt = StackedAdamW(self.model.parameters(), torch.tensor([g[0] for g in self.grid]),
-                                torch.tensor([g[1] for g in self.grid]))
+                                torch.tensor([g[1] for g in self.grid]), decoupled=cfg.weight_decay_mode == "decoupled")
         self.micro_steps = math.ceil(len(self.xt) / cfg.batch_size)
         self.opt_steps = math.ceil(self.micro_steps / cfg.accumulate)
         total = self.opt_steps * cfg.epochs

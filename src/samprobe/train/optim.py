@@ -17,10 +17,12 @@ import torch
 
 class StackedAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor], head_lr: torch.Tensor, head_wd: torch.Tensor,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, decoupled: bool = True) -> None:
+        """decoupled=False: the decay is an L2 term added to the gradient (Adam + L2), whose
+        fixed point is the L2-regularised optimum that scikit-learn's LogisticRegression finds."""
         head_lr = torch.as_tensor(head_lr, dtype=torch.float32)
         head_wd = torch.as_tensor(head_wd, dtype=torch.float32)
-        defaults = {"lr": 1.0, "betas": betas, "eps": eps, "head_lr": head_lr, "head_wd": head_wd,
+        defaults = {"lr": 1.0, "betas": betas, "eps": eps, "head_lr": head_lr, "head_wd": head_wd, "decoupled": decoupled,
                     "frozen": torch.zeros(len(head_lr), dtype=torch.bool)}
         super().__init__(params, defaults)
 
@@ -48,13 +50,16 @@ class StackedAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # A frozen head's gradient may be NaN (diverged): keep it out of the moments.
                 grad = torch.where(live, p.grad, torch.zeros((), dtype=p.grad.dtype, device=p.device))
+                if not group["decoupled"]:
+                    grad = grad + wd * live * p
                 state["step"] += 1
                 t = float(state["step"])
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-                p.mul_(1 - lr * wd)  # decoupled weight decay, per head
+                if group["decoupled"]:
+                    p.mul_(1 - lr * wd)  # decoupled weight decay, per head
                 denom = (v / bc2).sqrt_().add_(group["eps"])
                 p.addcdiv_(m * (lr / bc1), denom, value=-1.0)
         return loss
