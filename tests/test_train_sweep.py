@@ -139,6 +139,24 @@ def test_stacked_adamw_matches_torch_adamw_per_head():
         torch.testing.assert_close(w.detach()[h], refs[h].detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_stacked_adam_l2_mode_matches_torch_adam_weight_decay():
+    torch.manual_seed(1)
+    lrs, wds = torch.tensor([1e-3, 1e-2]), torch.tensor([1e-4, 0.3])
+    w = torch.nn.Parameter(torch.randn(2, 6, 3))
+    refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(2)]
+    opt = StackedAdamW([w], lrs, wds, decoupled=False)
+    ref_opts = [torch.optim.Adam([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(2)]  # L2 in the gradient
+    for _ in range(5):
+        g = torch.randn(2, 6, 3)
+        w.grad = g.clone()
+        opt.step()
+        for h in range(2):
+            refs[h].grad = g[h].clone()
+            ref_opts[h].step()
+    for h in range(2):
+        torch.testing.assert_close(w.detach()[h], refs[h].detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_sweep_picks_best_head_and_restores_its_best_weights():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 400)
@@ -241,3 +259,16 @@ def test_attentive_probe_ignores_padding_and_learns_from_one_token():
         mask[:, T:] = True
         torch.testing.assert_close(probe(padded, mask), probe(tokens), rtol=1e-4, atol=1e-5)
         assert probe(padded, mask).shape == (N, 2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_each_stacked_head_exports_to_an_identical_single_head(kind):
+    gen = torch.Generator().manual_seed(0)
+    model = StackedHeads(3, 12, 5, kind, hidden=7, generator=gen)
+    x = torch.randn(20, 12) * 3 + 1
+    model.set_normalisation(x)
+    model.eval()
+    with torch.no_grad():
+        stacked = model(x)  # [3, 20, 5]
+        for h in range(3):
+            torch.testing.assert_close(model.to_head(h)(x), stacked[h], rtol=1e-5, atol=1e-5)
