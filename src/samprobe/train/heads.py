@@ -105,17 +105,19 @@ class StackedHeads(nn.Module):
         self.mean.copy_(mean)
         self.std.copy_(std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, D] raw features -> logits [H, B, C]."""
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, D] raw features -> logits [H, B, C]; ``heads`` (indices [H']): only these
+        heads, [H', B, C] (stopped heads cost nothing)."""
         z = (x - self.mean) / self.std
+        pick = (lambda t: t) if heads is None else (lambda t: t.index_select(0, heads))
         if self.kind == "linear":
-            return _all_heads_matmul(z, self.w) + self.b[:, None, :]
-        h = F.gelu(_all_heads_matmul(z, self.w1) + self.b1[:, None, :])  # [H, B, K]
+            return _all_heads_matmul(z, pick(self.w)) + pick(self.b)[:, None, :]
+        h = F.gelu(_all_heads_matmul(z, pick(self.w1)) + pick(self.b1)[:, None, :])  # [H, B, K]
         if self.training and self.dropout > 0:
             # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
             keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
             h = h * keep / (1 - self.dropout)
-        return torch.bmm(h, self.w2) + self.b2[:, None, :]
+        return torch.bmm(h, pick(self.w2)) + pick(self.b2)[:, None, :]
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_dim": self.in_dim, "num_classes": self.num_classes, "hidden": self.hidden,

@@ -173,20 +173,25 @@ class SweepTrainer:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = self.xt[idx.to(self.xt.device)].to(self.device, non_blocking=True)
             yb = self.yt[idx.to(self.yt.device)]
+            # Only heads still training take part (early-stopped heads cost nothing).
+            heads = self.alive.nonzero().flatten()  # [H']
+            everyone = len(heads) == H
             with autocast_context(self.device, self.precision):
-                logits = self.model(xb)  # [H, B, C]
-            losses = _head_losses(logits, yb, self.weights)  # [H], fp32
+                logits = self.model(xb, None if everyone else heads.to(self.device))  # [H', B, C]
+            losses = _head_losses(logits, yb, self.weights)  # [H'], fp32
             finite = torch.isfinite(losses.detach()).cpu()
-            broke = self.alive & ~finite
-            if broke.any():
+            if not finite.all():
+                broke = torch.zeros(H, dtype=torch.bool)
+                broke[heads[~finite]] = True
                 self._diverged(broke, step)
-            live = self.alive.to(self.device)
-            loss = torch.where(live, losses, 0.0).sum() / cfg.accumulate
+            live_sub = self.alive[heads].to(self.device)
+            loss = torch.where(live_sub, losses, 0.0).sum() / cfg.accumulate
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += torch.where(live, losses.detach(), 0.0).double().cpu() * len(idx)
+            loss_sum[heads] += torch.where(live_sub, losses.detach(), 0.0).double().cpu() * len(idx)
             if (step + 1) % cfg.accumulate == 0 or step + 1 == self.micro_steps:
+                live = self.alive.to(self.device)
                 for p in self.model.parameters():  # a diverged head's NaN grads must not reach a shared check (GradScaler)
-                    if p.grad is not None:
+                    if p.grad is not None and not bool(live.all()):
                         p.grad.masked_fill_(~live.view((-1,) + (1,) * (p.dim() - 1)), 0.0)
                 if self.scaler:
                     self.scaler.step(self.opt)

@@ -49,9 +49,10 @@ class StackedAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # A frozen head's gradient may be NaN (diverged): keep it out of the moments.
-                grad = torch.where(live, p.grad, torch.zeros((), dtype=p.grad.dtype, device=p.device))
+                all_live = not bool(group["frozen"].any())
+                grad = p.grad if all_live else torch.where(live, p.grad, torch.zeros((), dtype=p.grad.dtype, device=p.device))
                 if not group["decoupled"]:
-                    grad = grad + wd * live * p
+                    grad = grad + (wd if all_live else wd * live) * p
                 state["step"] += 1
                 t = float(state["step"])
                 m, v = state["exp_avg"], state["exp_avg_sq"]
