@@ -272,3 +272,20 @@ def test_each_stacked_head_exports_to_an_identical_single_head(kind):
         stacked = model(x)  # [3, 20, 5]
         for h in range(3):
             torch.testing.assert_close(model.to_head(h)(x), stacked[h], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_checks_name_the_mismatch():
+    from samprobe.pipeline import _check_resumable
+
+    mapping = ClassMapping(("a", "b", "c"), (0, 2))
+    ok = {"train_state": {}, "backbone": {"fingerprint": "f1"}, "classes": mapping.to_dict()}
+    _check_resumable(ok, "last.pt", "f1", mapping)
+    with pytest.raises(CheckpointError, match="no training state"):
+        _check_resumable({k: v for k, v in ok.items() if k != "train_state"}, "best.pt", "f1", mapping)
+    with pytest.raises(CheckpointError, match="features f1, this config gives f2"):
+        _check_resumable(ok, "last.pt", "f2", mapping)
+    with pytest.raises(CheckpointError, match="other classes or splits"):
+        _check_resumable(ok, "last.pt", "f1", ClassMapping(("a", "b", "c"), (0, 1)))
+    with pytest.raises(TrainingError, match="no training samples"):
+        SweepTrainer(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                     np.ones(2), _cfg(), seed=0)
