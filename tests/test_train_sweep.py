@@ -289,3 +289,13 @@ def test_resume_checks_name_the_mismatch():
     with pytest.raises(TrainingError, match="no training samples"):
         SweepTrainer(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
                      np.ones(2), _cfg(), seed=0)
+
+
+def test_sweep_stops_when_the_best_head_stops_improving():
+    y = np.arange(200) % 2
+    x = _blobs(y, dim=4) * 3  # separable: validation balanced accuracy reaches 1.0 and stays
+    cfg = _cfg(epochs=50, patience=2, sweep=SweepConfig(lrs=[1e-2, 1e-4], weight_decays=[0.0]))
+    res = SweepTrainer(x[:150], y[:150], x[150:], y[150:], np.ones(2), cfg, seed=0).run()
+    assert len(res.history) < 50 and res.table[res.best_index]["best_balanced_accuracy"] == 1.0
+    assert any("the best head did not improve" in r["status"] or "early-stopped" in r["status"] for r in res.table)
+    assert all(not r["status"].startswith("finished") for r in res.table)

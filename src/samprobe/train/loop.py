@@ -156,6 +156,7 @@ class SweepTrainer:
         self.best_epoch = torch.zeros(H, dtype=torch.long)
         self.best_metrics = torch.full((H, len(VAL_METRICS) + 1), math.nan)  # train_loss + VAL_METRICS
         self.stale = torch.zeros(H, dtype=torch.long)
+        self.sweep_stale = 0
         self.alive = torch.ones(H, dtype=torch.bool)
         self.status = ["training"] * H
         self.history: list[dict[str, Any]] = []
@@ -226,6 +227,7 @@ class SweepTrainer:
             score = -train_loss
         score = torch.nan_to_num(score, nan=-math.inf)
         was_alive = self.alive.clone()
+        leader_before = float(self.best_score.max())
         improved = was_alive & (score > self.best_score + cfg.min_delta)
         for name, p in self.model.named_parameters():
             mask = improved.to(p.device).view((-1,) + (1,) * (p.dim() - 1))
@@ -240,6 +242,14 @@ class SweepTrainer:
             self.status[h] = f"early-stopped at epoch {self.epoch}"
         self.alive &= ~stopped
         self.opt.freeze(stopped)
+        # Early stopping on the best as well: once the leading score has not improved for
+        # `patience` epochs, heads still improving below it cannot change the pick; stop them all.
+        self.sweep_stale = 0 if float(self.best_score.max()) > leader_before + cfg.min_delta else self.sweep_stale + 1
+        if self.sweep_stale >= cfg.patience and self.alive.any():
+            for h in self.alive.nonzero().flatten().tolist():
+                self.status[h] = f"stopped at epoch {self.epoch}: the best head did not improve for {cfg.patience} epochs"
+            self.opt.freeze(self.alive.clone())
+            self.alive[:] = False
 
         lead = int(torch.argmax(torch.where(was_alive, score, -math.inf))) if was_alive.any() else self.best_index
         row: dict[str, Any] = {"epoch": self.epoch, "train_loss": float(train_loss[lead]),
@@ -310,7 +320,7 @@ class SweepTrainer:
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
             "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
             "best_metrics": self.best_metrics.clone(), "stale": self.stale.clone(), "alive": self.alive.clone(),
-            "status": list(self.status), "history": list(self.history),
+            "status": list(self.status), "history": list(self.history), "sweep_stale": self.sweep_stale,
             "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state()},
@@ -327,6 +337,7 @@ class SweepTrainer:
         self.best_score, self.best_epoch = state["best_score"].clone(), state["best_epoch"].clone()
         self.best_metrics, self.stale, self.alive = state["best_metrics"].clone(), state["stale"].clone(), state["alive"].clone()
         self.status, self.history, self.epoch = list(state["status"]), list(state["history"]), int(state["epoch"])
+        self.sweep_stale = int(state["sweep_stale"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
