@@ -67,7 +67,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from samprobe.pipeline import run_train
 
-    run_train(_config(args))
+    run_train(_config(args), resume=args.resume)
     return 0
 
 
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("doctor", cmd_doctor, "check config, paths, permissions, disk, checkpoint, device before a long run")
     add("validate", cmd_validate, "read the metadata, check every image; write data_report.json, bad_rows.csv, splits.csv")
     add("extract", cmd_extract, "extract features into the cache (resumable)")
-    add("train", cmd_train, "train heads on cached features; write checkpoints/ and metrics.jsonl")
+    p = add("train", cmd_train, "train heads on cached features; write checkpoints/, metrics.jsonl, sweep.csv")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from RUN_DIR/checkpoints/last.pt")
     p = add("evaluate", cmd_evaluate, "metrics on a split; write eval/metrics.json, per_class.csv, confusion_matrix.png")
     p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])

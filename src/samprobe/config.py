@@ -62,12 +62,48 @@ class FeaturesConfig(_Strict):
         return v
 
 
+class SweepConfig(_Strict):
+    """Every lr x weight_decay pair is one head, all trained together in one pass; the best on
+    validation (train.monitor) is kept. Empty lists = the single train.lr / train.weight_decay."""
+    lrs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2])
+    weight_decays: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+
+    @field_validator("lrs")
+    @classmethod
+    def _lrs(cls, v: list[float]) -> list[float]:
+        if any(not (x > 0) for x in v) or len(set(v)) != len(v):
+            raise ValueError("must be distinct positive numbers")
+        return v
+
+    @field_validator("weight_decays")
+    @classmethod
+    def _wds(cls, v: list[float]) -> list[float]:
+        if any(not (x >= 0) for x in v) or len(set(v)) != len(v):
+            raise ValueError("must be distinct non-negative numbers")
+        return v
+
+
 class TrainConfig(_Strict):
     head: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(default=512, gt=0)
+    """MLP hidden width."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     epochs: int = Field(default=100, gt=0)
     batch_size: int = Field(default=256, gt=0)
+    accumulate: int = Field(default=1, gt=0)
+    """Gradient accumulation: one optimizer step every `accumulate` batches."""
+    warmup_epochs: int = Field(default=5, ge=0)
+    """Linear warm-up length (at most 5% of all steps), then cosine decay to 0."""
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
+    weight_decay_mode: Literal["l2", "decoupled"] = "l2"
+    """l2: an L2 term added to the gradient, so training converges to the L2-regularised optimum
+    (as LogisticRegression; measured in bench/heads.py to match it where AdamW's decoupled
+    decay fell 3-5 points short); decoupled: AdamW's decay."""
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    save_every: int = Field(default=0, ge=0)
+    """Also keep checkpoints/epoch_NNNN.pt every N epochs (0 = only best.pt and last.pt)."""
+    keep_checkpoints: int = Field(default=3, ge=1)
     class_weights: Literal["balanced", "sqrt", "effective_number", "none"] = "balanced"
     monitor: Literal["balanced_accuracy", "accuracy", "macro_f1", "val_loss"] = "balanced_accuracy"
     patience: int = Field(default=15, ge=1)
@@ -243,8 +279,14 @@ train:
   head: linear                # linear | mlp
   epochs: 100
   batch_size: 256
-  lr: 0.001
-  weight_decay: 0.0001
+  accumulate: 1               # gradient accumulation steps
+  lr: 0.001                   # used when sweep.lrs is empty
+  weight_decay: 0.0001        # used when sweep.weight_decays is empty
+  sweep:                      # one head per lr x weight_decay, trained together, best kept (sweep.csv)
+    lrs: [0.001, 0.01]
+    weight_decays: [0.0001, 0.001, 0.01, 0.1]
+  weight_decay_mode: l2       # l2 (penalty in the gradient) | decoupled (AdamW)
+  save_every: 0               # also keep epoch_NNNN.pt every N epochs (keep_checkpoints of them)
   class_weights: balanced     # balanced | sqrt | effective_number | none
   monitor: balanced_accuracy  # balanced_accuracy | accuracy | macro_f1 | val_loss
   patience: 15

@@ -27,7 +27,7 @@ from samprobe.tracking import Tracker, read_csv_rows
 from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
 from samprobe.train.classes import ClassMapping, class_weights
 from samprobe.train.heads import head_from_spec
-from samprobe.train.loop import train_head
+from samprobe.train.loop import SweepTrainer
 from samprobe.train.metrics import classification_metrics, confusion, per_class_table
 
 log = logging.getLogger("samprobe")
@@ -154,7 +154,34 @@ def _write_report(run_dir: Path, tracker: Tracker | None = None) -> None:
         tracker.log_images({f"plots/{k}": p for k, p in report.plots.items()})
 
 
-def run_train(cfg: Config) -> dict[str, Any]:
+def _write_sweep_csv(path: Path, table: list[dict[str, Any]]) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+
+
+def _rotate_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping: ClassMapping) -> None:
+    if "train_state" not in ckpt:
+        raise CheckpointError(f"{path} holds no training state to resume from",
+                              fix="resume from the run's checkpoints/last.pt, or train without --resume")
+    if ckpt["backbone"]["fingerprint"] != fingerprint:
+        raise CheckpointError(f"{path} was trained on features {ckpt['backbone']['fingerprint']}, this config gives {fingerprint}",
+                              fix="resume with the run's own config (run_dir/config.yaml), or train without --resume")
+    if ckpt["classes"] != mapping.to_dict():
+        raise CheckpointError(f"{path} was trained with other classes or splits than this config gives",
+                              fix="resume with the run's own config and splits.csv, or train without --resume")
+
+
+def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train the sweep of heads; ``resume`` continues from checkpoints/last.pt bit for bit."""
+    from samprobe.backbones.precision import resolve_device, resolve_precision
+
     records, taxonomy = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
@@ -166,44 +193,74 @@ def run_train(cfg: Config) -> dict[str, Any]:
     counts = np.bincount(y_train, minlength=mapping.num_active)
     weights = class_weights(counts, cfg.train.class_weights)
     val_untrained = len({r.label for r in val_recs} & set(mapping.inactive_names))
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(device, cfg.precision)
+    trainer = SweepTrainer(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, device, precision)
     log.info(f"train: {len(train_recs)} train / {len(val_recs)} val samples, {mapping.num_active} active classes of "
              f"{len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
+    log.info(f"train: {len(trainer.grid)} {cfg.train.head} heads (lr x weight_decay) in one pass, {device} {precision}")
 
-    tracker = Tracker(cfg, run_dir).start({"classes": mapping.to_dict(), "inactive_classes": mapping.inactive_names})
-
-    def on_epoch(row: dict[str, Any]) -> None:
-        tracker.log_epoch(row)
-        if row["epoch"] % 10 == 0 or row["epoch"] == 1:
-            vb = row.get("val_balanced_accuracy")
-            log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else ""))
-
-    try:
-        result = train_head(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, on_epoch)
-    except BaseException:
-        tracker.finish()  # metrics.jsonl already holds every finished epoch
-        raise
-    best_row = next(r for r in result.history if r["epoch"] == result.best_epoch)
-    payload = {
-        "head": {"spec": result.head.spec, "state_dict": result.head.state_dict()},
+    ckpt_dir = run_dir / "checkpoints"
+    payload: dict[str, Any] = {
         "classes": mapping.to_dict(),
         "class_weights": weights.tolist(),
         "backbone": {"config": cfg.backbone.model_dump(mode="json"), "fingerprint": extractor.fingerprint,
                      "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
         "cache_dir": str(cfg.features.cache_dir),
         "config": cfg.model_dump(mode="json"),
-        "epoch": result.best_epoch,
-        "metrics": best_row,
     }
-    save_checkpoint(payload, run_dir / "checkpoints" / "best.pt")
-    last_row = result.history[-1]
-    save_checkpoint({**payload, "head": {"spec": result.head.spec, "state_dict": result.last_state},
-                     "epoch": last_row["epoch"], "metrics": last_row}, run_dir / "checkpoints" / "last.pt")
-    log.info(f"train: best epoch {result.best_epoch} ({cfg.train.monitor} {best_row.get('val_' + cfg.train.monitor, float('nan')):.4f}), "
-             f"wrote {run_dir / 'checkpoints' / 'best.pt'}")
+    if resume:
+        last = ckpt_dir / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(f"--resume: {last} does not exist", fix="train without --resume to start this run")
+        ckpt = load_checkpoint(last)
+        _check_resumable(ckpt, last, extractor.fingerprint, mapping)
+        trainer.load_state_dict(ckpt["train_state"])
+        # metrics.jsonl may hold an epoch newer than last.pt (killed in between): the checkpoint is the truth.
+        atomic_write_text(run_dir / Tracker.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in trainer.history))
+        log.info(f"train: resuming {last} after epoch {trainer.epoch}")
+
+    tracker = Tracker(cfg, run_dir, fresh=not resume).start(
+        {"classes": mapping.to_dict(), "inactive_classes": mapping.inactive_names})
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        tracker.log_epoch(row)
+        if row["epoch"] % 10 == 0 or row["epoch"] == 1:
+            vb = row.get("val_balanced_accuracy")
+            log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else "")
+                     + f"  ({row['heads_training']} heads training)")
+
+    def state_payload(tr: SweepTrainer) -> dict[str, Any]:
+        return {**payload, "head": {"spec": tr.model.spec(), "state_dict": tr.model.head_state(tr.best_index)},
+                "epoch": tr.epoch, "metrics": tr.history[-1] if tr.history else {}, "train_state": tr.state_dict()}
+
+    def on_state(tr: SweepTrainer) -> None:
+        state = state_payload(tr)
+        save_checkpoint(state, ckpt_dir / "last.pt")  # every epoch, atomic: a kill loses at most one epoch
+        if cfg.train.save_every and tr.epoch % cfg.train.save_every == 0:
+            save_checkpoint(state, ckpt_dir / f"epoch_{tr.epoch:04d}.pt")
+            _rotate_epoch_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
+
+    if resume and trainer.done:
+        log.info("train: last.pt is already at the end of training; writing best.pt again")
+    try:
+        result = trainer.run(on_epoch, on_state)
+    except BaseException:
+        tracker.finish()  # metrics.jsonl already holds every finished epoch
+        raise
+    best_row = dict(result.table[result.best_index])
+    save_checkpoint({**payload, "head": {"spec": result.head.spec, "state_dict": result.head.state_dict()},
+                     "epoch": result.best_epoch, "metrics": best_row, "sweep": result.table}, ckpt_dir / "best.pt")
+    _write_sweep_csv(run_dir / "sweep.csv", result.table)
+    lr, wd = result.grid[result.best_index]
+    mon = "val_loss" if cfg.train.monitor == "val_loss" else f"val_{cfg.train.monitor}"
+    log.info(f"train: best head lr {lr:g} weight_decay {wd:g}, epoch {result.best_epoch} ({mon} {best_row.get(mon, float('nan')):.4f}); "
+             f"wrote {ckpt_dir / 'best.pt'}, {run_dir / 'sweep.csv'}")
     tracker.log_summary({**{f"best/{k}": v for k, v in best_row.items()}, "best_epoch": result.best_epoch})
     _write_report(run_dir, tracker)
     tracker.finish()
-    return {"best_epoch": result.best_epoch, "metrics": best_row, "classes": mapping}
+    return {"best_epoch": result.best_epoch, "metrics": best_row, "classes": mapping, "sweep": result.table,
+            "best_setting": {"lr": lr, "weight_decay": wd}}
 
 
 # ---------------------------------------------------------------------------------------

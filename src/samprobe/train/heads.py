@@ -1,11 +1,21 @@
-"""Classifier heads on pooled features. Feature standardisation (train mean/std) is part of
-the head, so a checkpoint classifies raw cached features with no extra state."""
+"""Classifier heads on cached features.
+
+``Head`` is the single head a checkpoint holds (linear or MLP; feature standardisation with the
+train mean/std is part of it, so it classifies raw cached features with no extra state).
+``StackedHeads`` is H heads of the same shape trained together in one batched forward, as in
+DINOv2's linear evaluation: weights stacked as [H, D, C], one einsum per layer for all heads.
+``AttentiveProbe`` pools a spatial token grid [N, T, C] with one learned query.
+"""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+HEAD_KINDS = ("linear", "mlp")
 
 
 class Head(nn.Module):
@@ -29,17 +39,139 @@ class Head(nn.Module):
 
     def set_normalisation(self, features: torch.Tensor) -> None:
         """features: [N, in_dim] training features."""
-        self.mean.copy_(features.mean(0))
-        std = features.std(0, unbiased=False)
-        # Floor relative to the typical scale: near-constant features must not become huge.
-        self.std.copy_(std.clamp_min(1e-3 + 1e-2 * float(std.mean())))
+        mean, std = feature_stats(features)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_dim] -> logits [B, num_classes]."""
         return self.net((x - self.mean) / self.std)
 
 
+def feature_stats(features: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of [N, D] features, in float64 chunks (fp16 caches, large N)."""
+    n = features.shape[0]
+    s = torch.zeros(features.shape[1], dtype=torch.float64)
+    ss = torch.zeros_like(s)
+    for i in range(0, n, chunk):
+        part = features[i:i + chunk].double().cpu()
+        s += part.sum(0)
+        ss += (part * part).sum(0)
+    mean = s / max(n, 1)
+    var = (ss / max(n, 1) - mean * mean).clamp_min(0)
+    std = var.sqrt().float()
+    # Floor relative to the typical scale: a feature (nearly) constant in training must not
+    # become huge on new images (ReLU features dead on the train set do fire elsewhere).
+    return mean.float(), std.clamp_min(1e-3 + 1e-2 * float(std.mean()))
+
+
 def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Head:
     head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec.get("hidden", 512), spec.get("dropout", 0.0))
     head.load_state_dict(state_dict)
     return head.eval()
+
+
+def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """z [B, D] shared by all heads, w [H, D, C] -> [H, B, C] as one [B, D] x [D, H*C] matmul
+    (one large GEMM instead of H small ones; the weight gradient is one GEMM too)."""
+    H, D, C = w.shape
+    out = z @ w.permute(1, 0, 2).reshape(D, H * C)  # [B, H*C]
+    return out.view(-1, H, C).transpose(0, 1)
+
+
+class StackedHeads(nn.Module):
+    """H independent heads evaluated in one pass: [B, D] -> logits [H, B, C].
+
+    The loss is the sum of the heads' losses, so head h's gradient depends on head h only;
+    each head gets its own lr and weight decay from ``StackedAdamW``.
+    """
+
+    def __init__(self, num_heads: int, in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512,
+                 dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
+        self.kind, self.num_heads, self.in_dim, self.num_classes = kind, num_heads, in_dim, num_classes
+        self.hidden, self.dropout = hidden, dropout
+        self.dropout_generator: torch.Generator | None = None
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        if kind == "linear":
+            # DINOv2 linear eval init: N(0, 0.01) weights, zero bias.
+            self.w = nn.Parameter(torch.randn(num_heads, in_dim, num_classes, generator=generator) * 0.01)  # [H, D, C]
+            self.b = nn.Parameter(torch.zeros(num_heads, num_classes))  # [H, C]
+        else:
+            # nn.Linear's default init (kaiming-uniform bound 1/sqrt(fan_in)).
+            b1, b2 = 1 / math.sqrt(in_dim), 1 / math.sqrt(hidden)
+            self.w1 = nn.Parameter((torch.rand(num_heads, in_dim, hidden, generator=generator) * 2 - 1) * b1)  # [H, D, K]
+            self.b1 = nn.Parameter((torch.rand(num_heads, hidden, generator=generator) * 2 - 1) * b1)  # [H, K]
+            self.w2 = nn.Parameter((torch.rand(num_heads, hidden, num_classes, generator=generator) * 2 - 1) * b2)  # [H, K, C]
+            self.b2 = nn.Parameter((torch.rand(num_heads, num_classes, generator=generator) * 2 - 1) * b2)  # [H, C]
+
+    def set_normalisation(self, features: torch.Tensor) -> None:
+        mean, std = feature_stats(features)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, D] raw features -> logits [H, B, C]; ``heads`` (indices [H']): only these
+        heads, [H', B, C] (stopped heads cost nothing)."""
+        z = (x - self.mean) / self.std
+        pick = (lambda t: t) if heads is None else (lambda t: t.index_select(0, heads))
+        if self.kind == "linear":
+            return _all_heads_matmul(z, pick(self.w)) + pick(self.b)[:, None, :]
+        h = F.gelu(_all_heads_matmul(z, pick(self.w1)) + pick(self.b1)[:, None, :])  # [H, B, K]
+        if self.training and self.dropout > 0:
+            # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
+            keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
+            h = h * keep / (1 - self.dropout)
+        return torch.bmm(h, pick(self.w2)) + pick(self.b2)[:, None, :]
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_dim": self.in_dim, "num_classes": self.num_classes, "hidden": self.hidden,
+                "dropout": self.dropout}
+
+    def head_state(self, h: int, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Head h as a ``Head`` state dict (nn.Linear stores weight as [out, in])."""
+        p = params if params is not None else dict(self.named_parameters())
+        state = {"mean": self.mean.clone(), "std": self.std.clone()}
+        if self.kind == "linear":
+            state.update({"net.weight": p["w"][h].t().contiguous().clone(), "net.bias": p["b"][h].clone()})
+        else:
+            state.update({"net.0.weight": p["w1"][h].t().contiguous().clone(), "net.0.bias": p["b1"][h].clone(),
+                          "net.3.weight": p["w2"][h].t().contiguous().clone(), "net.3.bias": p["b2"][h].clone()})
+        return {k: v.detach().float().cpu() for k, v in state.items()}
+
+    def to_head(self, h: int, params: dict[str, torch.Tensor] | None = None) -> Head:
+        return head_from_spec(self.spec(), self.head_state(h, params))
+
+
+class AttentiveProbe(nn.Module):
+    """Attentive pooling over a token grid, then a linear classifier.
+
+    One learned query attends over the T tokens of each image (multi-head attention), as the
+    attentive probes of V-JEPA / AIM do; ``mask`` marks padding tokens to ignore, so letterbox
+    padding never dilutes the pooled feature.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, num_heads: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        if in_dim % num_heads:
+            raise ValueError(f"in_dim {in_dim} must be divisible by num_heads {num_heads}")
+        self.spec = {"kind": "attentive", "in_dim": in_dim, "num_classes": num_classes, "num_heads": num_heads, "dropout": dropout}
+        self.norm = nn.LayerNorm(in_dim)
+        self.query = nn.Parameter(torch.randn(1, 1, in_dim) * 0.02)
+        self.attn = nn.MultiheadAttention(in_dim, num_heads, dropout=dropout, batch_first=True)
+        self.out_norm = nn.LayerNorm(in_dim)
+        self.fc = nn.Linear(in_dim, num_classes)
+
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [N, T, C]; mask: [N, T] bool, True = padding. -> pooled [N, C]."""
+        kv = self.norm(tokens)
+        q = self.query.expand(tokens.shape[0], -1, -1)  # [N, 1, C]
+        pooled, _ = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=False)  # [N, 1, C]
+        return self.out_norm(pooled[:, 0])
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [N, T, C] -> logits [N, num_classes]."""
+        return self.fc(self.pool(tokens, mask))

@@ -1,5 +1,11 @@
-"""Training a head on in-memory features: AdamW, warm-up + cosine, class-weighted loss,
-early stopping that restores the best weights. Small enough to read in one sitting."""
+"""Training a grid of heads on in-memory features in one pass.
+
+Every (lr, weight_decay) setting of the sweep is one head of a ``StackedHeads``: one batched
+forward for all of them (DINOv2-style linear evaluation), the sum of their class-weighted
+losses, and a per-head AdamW. Warm-up + cosine schedule, gradient accumulation, autocast,
+early stopping per head (a head that stops improving is frozen; the best weights of each head
+are kept), and the whole state is a dict of tensors/builtins so a run resumes bit for bit.
+"""
 from __future__ import annotations
 
 import copy
@@ -11,109 +17,339 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samprobe.backbones.precision import autocast_context
 from samprobe.config import TrainConfig
-from samprobe.errors import TrainingError
+from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE
-from samprobe.train.heads import Head
+from samprobe.train.heads import Head, StackedHeads
+from samprobe.train.optim import StackedAdamW, warmup_cosine
+
+VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
+
+
+def sweep_grid(cfg: TrainConfig) -> list[tuple[float, float]]:
+    """(lr, weight_decay) per head; the single (lr, weight_decay) when the sweep lists are empty."""
+    lrs = list(cfg.sweep.lrs) or [cfg.lr]
+    wds = list(cfg.sweep.weight_decays) or [cfg.weight_decay]
+    return [(float(lr), float(wd)) for lr in lrs for wd in wds]
 
 
 @dataclass
-class TrainResult:
-    head: Head
+class SweepResult:
+    model: StackedHeads  # holds every head's best weights
+    grid: list[tuple[float, float]]
+    best_index: int
     best_epoch: int
     best_score: float
-    last_state: dict[str, torch.Tensor]
+    head: Head  # the selected head, best weights
+    last_head: Head  # the selected head, weights of the last epoch
+    table: list[dict[str, Any]]  # one row per head (sweep.csv)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _monitor_score(metrics: dict[str, float], monitor: str) -> float:
-    """Higher is better."""
-    return -metrics["val_loss"] if monitor == "val_loss" else metrics[f"val_{monitor}"]
+def _place_features(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """[N, D] float32 on the device as one tensor when it fits in half the free memory;
+    otherwise pinned on the host and moved batch by batch."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if device.type != "cuda":
+        return t
+    free, _ = torch.cuda.mem_get_info(device)
+    return t.to(device) if t.numel() * 4 < free // 2 else t.pin_memory()
 
 
-def _val_metrics(head: Head, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, num_classes: int,
-                 untrained_classes: int) -> dict[str, float]:
-    """y: head targets with IGNORE for untrained classes (errors in accuracy, absent from the loss).
-    ``untrained_classes``: how many untrained classes appear in y; each adds a recall of 0."""
-    with torch.no_grad():
-        logits = head(x)
-        pred = logits.argmax(1)
-        known = y != IGNORE
-        loss = F.cross_entropy(logits[known], y[known], weight=weights).item() if known.any() else float("nan")
-        correct = (pred == y)
-        recalls = [correct[y == c].float().mean().item() for c in range(num_classes) if (y == c).any()]
-        n_classes_present = len(recalls) + untrained_classes
-        bal = float(np.sum(recalls) / n_classes_present) if n_classes_present else 0.0
-        tp = torch.bincount(pred[correct], minlength=num_classes).float()
-        pp = torch.bincount(pred, minlength=num_classes).float()
-        support = torch.bincount(y[known], minlength=num_classes).float()
-        prec = torch.where(pp > 0, tp / pp.clamp_min(1), torch.zeros_like(tp))
-        rec = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
-        f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp_min(1e-12), torch.zeros_like(tp))
-        macro_f1 = f1[support > 0].mean().item() if (support > 0).any() else 0.0
-    return {"val_loss": loss, "val_accuracy": correct.float().mean().item(), "val_balanced_accuracy": bal, "val_macro_f1": macro_f1}
+def _head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """logits [H, B, C], y [B] head targets (IGNORE allowed) -> weighted mean CE per head [H],
+    as F.cross_entropy(weight=...) computes it for each head."""
+    known = y != IGNORE
+    logp = F.log_softmax(logits.float(), dim=-1)  # [H, B, C]
+    yk = y.clamp_min(0)
+    nll = -logp.gather(2, yk.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(2)  # [H, B]
+    w = torch.where(known, weights[yk], torch.zeros((), device=y.device))  # [B]
+    return (nll * w).sum(1) / w.sum().clamp_min(1e-12)
 
 
-def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-               class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
-               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """x_*: float32 [N, D]; y_*: head targets [N] (IGNORE allowed in val only).
-    ``val_untrained_classes``: distinct untrained classes among the val samples (for balanced accuracy)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    num_classes = len(class_weights)
-    xt, yt = torch.from_numpy(x_train).float(), torch.from_numpy(y_train).long()
-    xv, yv = torch.from_numpy(x_val).float(), torch.from_numpy(y_val).long()
-    if (yt < 0).any() or (yt >= num_classes).any():
-        raise TrainingError("a training target is outside the head's classes", fix="this is a bug in class mapping; please report it")
-    if not torch.isfinite(xt).all():
-        raise TrainingError("training features contain NaN/inf", fix="run `samprobe cache verify` and re-extract")
-    weights = torch.from_numpy(class_weights).float()
+@torch.no_grad()
+def evaluate_heads(model: StackedHeads, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, num_untrained: int,
+                   device: torch.device, precision: str, batch_size: int = 4096) -> dict[str, torch.Tensor]:
+    """Validation metrics of every head, each [H]. y: head targets with IGNORE for samples of
+    untrained classes: errors in accuracy, recall 0 for their ``num_untrained`` classes in
+    balanced accuracy and F1 0 in macro-F1, left out of the loss."""
+    model.eval()
+    H, C = model.num_heads, model.num_classes
+    y = y.to(device)
+    preds, loss_num = [], torch.zeros(H, device=device)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device, non_blocking=True), y[i:i + batch_size]
+        with autocast_context(device, precision):
+            logits = model(xb)
+        preds.append(logits.argmax(-1))
+        known = yb != IGNORE
+        loss_num += _head_losses(logits, yb, weights) * torch.where(known, weights[yb.clamp_min(0)], 0.0).sum()
+    pred = torch.cat(preds, 1)  # [H, N]
+    known = y != IGNORE
+    w_total = torch.where(known, weights[y.clamp_min(0)], 0.0).sum()
+    correct = (pred == y).float()  # IGNORE never equals a prediction
+    onehot = F.one_hot(y.clamp_min(0), C).float() * known[:, None]  # [N, C]
+    support = onehot.sum(0)  # [C]
+    tp = correct @ onehot  # [H, C]
+    pp = torch.zeros(H, C, device=device).scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float))
+    present = support > 0
+    n_present = present.sum() + num_untrained
+    recall = torch.where(present, tp / support.clamp_min(1), 0.0)
+    precision_ = torch.where(pp > 0, tp / pp.clamp_min(1), 0.0)
+    f1 = torch.where(precision_ + recall > 0, 2 * precision_ * recall / (precision_ + recall).clamp_min(1e-12), 0.0)
+    denom = n_present.clamp_min(1).float()
+    return {
+        "val_loss": loss_num / w_total if w_total > 0 else torch.full((H,), float("nan"), device=device),
+        "val_accuracy": correct.mean(1) if len(y) else torch.zeros(H, device=device),
+        "val_balanced_accuracy": (recall * present).sum(1) / denom,
+        "val_macro_f1": (f1 * present).sum(1) / denom,
+    }
 
-    head = Head(xt.shape[1], num_classes, cfg.head)
-    head.set_normalisation(xt)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(xt) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, min(total // 20, 5 * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
 
-    has_val = len(xv) > 0
-    best_score, best_epoch, best_state, stale = -math.inf, 0, copy.deepcopy(head.state_dict()), 0
-    history: list[dict[str, Any]] = []
-    for epoch in range(1, cfg.epochs + 1):
-        head.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        loss_sum = 0.0
-        for step in range(steps_per_epoch):
+class SweepTrainer:
+    """The state of a sweep; ``run`` trains to the end, ``state_dict`` / ``load_state_dict``
+    hold everything needed to continue after a kill."""
+
+    def __init__(self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                 class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
+                 device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+        self.cfg, self.device, self.precision = cfg, torch.device(device), precision
+        self.grid = sweep_grid(cfg)
+        H, C = len(self.grid), len(class_weights)
+        yt = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+        if len(yt) == 0:
+            raise TrainingError("no training samples", fix="check data_report.json and the split settings")
+        if (yt < 0).any() or (yt >= C).any():
+            # Cannot happen through ClassMapping.to_head; guards direct API use (the seed's IndexError).
+            raise TrainingError(f"training targets must be head indices 0..{C - 1} of active classes "
+                                f"(got {int(yt.min())}..{int(yt.max())})",
+                                fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets")
+        if not np.isfinite(x_train).all() or (len(x_val) and not np.isfinite(x_val).all()):
+            raise TrainingError("features contain NaN/inf", fix="delete the cache entries of these images and rerun `samprobe extract`")
+        self.num_untrained = int(val_untrained_classes)
+        self.xt, self.yt = _place_features(x_train, self.device), yt.to(self.device)
+        self.xv = _place_features(x_val, self.device)
+        self.yv = torch.as_tensor(np.asarray(y_val), dtype=torch.long)
+        self.weights = torch.as_tensor(class_weights, dtype=torch.float32, device=self.device)
+
+        # All randomness comes from generators this trainer owns and checkpoints (none from the global RNG).
+        self.gen = torch.Generator().manual_seed(seed)  # init and batch order
+        self.dropout_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        self.model = StackedHeads(H, x_train.shape[1], C, cfg.head, cfg.hidden, cfg.dropout, generator=self.gen)
+        self.model.dropout_generator = self.dropout_gen
+        self.model.set_normalisation(torch.from_numpy(np.asarray(x_train, dtype=np.float32)))
+        self.model.to(self.device)
+        self.opt = StackedAdamW(self.model.parameters(), torch.tensor([g[0] for g in self.grid]),
+                                torch.tensor([g[1] for g in self.grid]), decoupled=cfg.weight_decay_mode == "decoupled")
+        self.micro_steps = math.ceil(len(self.xt) / cfg.batch_size)
+        self.opt_steps = math.ceil(self.micro_steps / cfg.accumulate)
+        total = self.opt_steps * cfg.epochs
+        warmup = max(1, min(total // 20, cfg.warmup_epochs * self.opt_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(total, warmup))
+        # GradScaler only for fp16 (bf16/fp32 need none); the torch.amp form, not torch.cuda.amp.
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+        self.epoch = 0
+        self.best = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        self.best_score = torch.full((H,), -math.inf)
+        self.best_epoch = torch.zeros(H, dtype=torch.long)
+        self.best_metrics = torch.full((H, len(VAL_METRICS) + 1), math.nan)  # train_loss + VAL_METRICS
+        self.stale = torch.zeros(H, dtype=torch.long)
+        self.sweep_stale = 0
+        self.alive = torch.ones(H, dtype=torch.bool)
+        self.status = ["training"] * H
+        self.history: list[dict[str, Any]] = []
+
+    # --- one epoch -----------------------------------------------------------------------
+
+    def _train_epoch(self) -> torch.Tensor:
+        """One pass over the training set; returns the mean training loss per head [H]."""
+        cfg, H = self.cfg, len(self.grid)
+        self.model.train()
+        perm = torch.randperm(len(self.xt), generator=self.gen)
+        loss_sum = torch.zeros(H, dtype=torch.float64)
+        self.opt.zero_grad(set_to_none=True)
+        for step in range(self.micro_steps):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            loss = F.cross_entropy(head(xt[idx]), yt[idx], weight=weights)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step + 1}",
-                                    fix=f"lower train.lr (now {cfg.lr}) or check the features with `samprobe cache verify`")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-        head.eval()
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / len(xt), "lr": sched.get_last_lr()[0]}
+            xb = self.xt[idx.to(self.xt.device)].to(self.device, non_blocking=True)
+            yb = self.yt[idx.to(self.yt.device)]
+            # Only heads still training take part (early-stopped heads cost nothing).
+            heads = self.alive.nonzero().flatten()  # [H']
+            everyone = len(heads) == H
+            with autocast_context(self.device, self.precision):
+                logits = self.model(xb, None if everyone else heads.to(self.device))  # [H', B, C]
+            losses = _head_losses(logits, yb, self.weights)  # [H'], fp32
+            finite = torch.isfinite(losses.detach()).cpu()
+            if not finite.all():
+                broke = torch.zeros(H, dtype=torch.bool)
+                broke[heads[~finite]] = True
+                self._diverged(broke, step)
+            live_sub = self.alive[heads].to(self.device)
+            loss = torch.where(live_sub, losses, 0.0).sum() / cfg.accumulate
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum[heads] += torch.where(live_sub, losses.detach(), 0.0).double().cpu() * len(idx)
+            if (step + 1) % cfg.accumulate == 0 or step + 1 == self.micro_steps:
+                live = self.alive.to(self.device)
+                for p in self.model.parameters():  # a diverged head's NaN grads must not reach a shared check (GradScaler)
+                    if p.grad is not None and not bool(live.all()):
+                        p.grad.masked_fill_(~live.view((-1,) + (1,) * (p.dim() - 1)), 0.0)
+                if self.scaler:
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.sched.step()
+        return (loss_sum / len(self.xt)).float()
+
+    def _diverged(self, heads: torch.Tensor, step: int) -> None:
+        where = f"epoch {self.epoch + 1}, step {step + 1}"
+        for h in heads.nonzero().flatten().tolist():
+            self.status[h] = f"diverged at {where}"
+        self.alive &= ~heads
+        self.opt.freeze(heads)
+        if not self.alive.any():
+            lrs = sorted({g[0] for g in self.grid})
+            raise TrainingError(f"loss became NaN/inf at {where} for every head (lr {', '.join(f'{lr:g}' for lr in lrs)})",
+                                fix="the learning rate is too high for these features: lower train.lr / train.sweep.lrs "
+                                    "(e.g. divide by 10), or use precision: fp32")
+
+    def _end_epoch(self, train_loss: torch.Tensor) -> dict[str, Any]:
+        cfg = self.cfg
+        has_val = len(self.xv) > 0
         if has_val:
-            row.update(_val_metrics(head, xv, yv, weights, num_classes, val_untrained_classes))
-            score = _monitor_score(row, cfg.monitor)
+            val = {k: v.float().cpu() for k, v in evaluate_heads(self.model, self.xv, self.yv, self.weights, self.num_untrained,
+                                                                 self.device, self.precision).items()}
+            score = -val["val_loss"] if cfg.monitor == "val_loss" else val[f"val_{cfg.monitor}"]
         else:
-            score = -row["train_loss"]
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if score > best_score + cfg.min_delta:
-            best_score, best_epoch, best_state, stale = score, epoch, copy.deepcopy(head.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    last_state = copy.deepcopy(head.state_dict())
-    head.load_state_dict(best_state)
-    head.eval()
-    return TrainResult(head, best_epoch, best_score, last_state, history)
+            val = {k: torch.full_like(train_loss, math.nan) for k in VAL_METRICS}
+            score = -train_loss
+        score = torch.nan_to_num(score, nan=-math.inf)
+        was_alive = self.alive.clone()
+        leader_before = float(self.best_score.max())
+        improved = was_alive & (score > self.best_score + cfg.min_delta)
+        for name, p in self.model.named_parameters():
+            mask = improved.to(p.device).view((-1,) + (1,) * (p.dim() - 1))
+            self.best[name] = torch.where(mask, p.detach(), self.best[name])
+        current = torch.stack([train_loss] + [val[k] for k in VAL_METRICS], 1)  # [H, 1 + M]
+        self.best_metrics = torch.where(improved[:, None], current, self.best_metrics)
+        self.best_score = torch.where(improved, score, self.best_score)
+        self.best_epoch = torch.where(improved, torch.tensor(self.epoch), self.best_epoch)
+        self.stale = torch.where(improved, 0, self.stale + was_alive.long())
+        stopped = was_alive & (self.stale >= cfg.patience)
+        for h in stopped.nonzero().flatten().tolist():
+            self.status[h] = f"early-stopped at epoch {self.epoch}"
+        self.alive &= ~stopped
+        self.opt.freeze(stopped)
+        # Early stopping on the best as well: once the leading score has not improved for
+        # `patience` epochs, heads still improving below it cannot change the pick; stop them all.
+        self.sweep_stale = 0 if float(self.best_score.max()) > leader_before + cfg.min_delta else self.sweep_stale + 1
+        if self.sweep_stale >= cfg.patience and self.alive.any():
+            for h in self.alive.nonzero().flatten().tolist():
+                self.status[h] = f"stopped at epoch {self.epoch}: the best head did not improve for {cfg.patience} epochs"
+            self.opt.freeze(self.alive.clone())
+            self.alive[:] = False
+
+        lead = int(torch.argmax(torch.where(was_alive, score, -math.inf))) if was_alive.any() else self.best_index
+        row: dict[str, Any] = {"epoch": self.epoch, "train_loss": float(train_loss[lead]),
+                               "lr": float(self.grid[lead][0] * self.sched.get_last_lr()[0])}
+        if has_val:
+            row.update({k: float(val[k][lead]) for k in VAL_METRICS})
+        row.update({"head": lead, "best_head": self.best_index, "heads_training": int(self.alive.sum()),
+                    "heads": [{"lr": g[0], "weight_decay": g[1], "train_loss": float(train_loss[h]),
+                               **({k: float(val[k][h]) for k in VAL_METRICS} if has_val else {})}
+                              for h, g in enumerate(self.grid)]})
+        self.history.append(row)
+        return row
+
+    @property
+    def best_index(self) -> int:
+        """Head with the highest best score (lowest index on ties: deterministic)."""
+        return int(torch.argmax(self.best_score))
+
+    # --- driving -------------------------------------------------------------------------
+
+    def run(self, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+            on_state: Callable[["SweepTrainer"], None] | None = None, until_epoch: int | None = None) -> SweepResult:
+        """Train until every head stopped or ``cfg.epochs`` (or ``until_epoch``: a planned stop,
+        as a kill would leave it); ``on_state`` after every epoch (the caller writes last.pt there)."""
+        end = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
+        while self.epoch < end and self.alive.any():
+            train_loss = self._train_epoch()
+            self.epoch += 1
+            row = self._end_epoch(train_loss)
+            if on_epoch:
+                on_epoch(row)
+            if on_state:
+                on_state(self)
+        if self.done:
+            for h in range(len(self.grid)):
+                if self.status[h] == "training":
+                    self.status[h] = f"finished {self.epoch} epochs"
+        return self.result()
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.epochs or not bool(self.alive.any())
+
+    def result(self) -> SweepResult:
+        b = self.best_index
+        if not math.isfinite(float(self.best_score[b])):
+            raise TrainingError("no head reached a finite validation score", fix="lower train.lr / train.sweep.lrs")
+        last_head = self.model.to_head(b)
+        best_model = copy.deepcopy(self.model)  # the live model stays as is: training may go on (resume)
+        best_model.load_state_dict({**self.model.state_dict(), **self.best})  # early stopping restores the best weights
+        cols = ("train_loss",) + VAL_METRICS
+        table = []
+        for h, (lr, wd) in enumerate(self.grid):
+            row = {"head": h, "lr": lr, "weight_decay": wd, "best_epoch": int(self.best_epoch[h]),
+                   f"best_{self.cfg.monitor}" if self.cfg.monitor != "val_loss" else "best_val_loss":
+                       float(-self.best_score[h]) if self.cfg.monitor == "val_loss" else float(self.best_score[h]),
+                   **{c: float(self.best_metrics[h, i]) for i, c in enumerate(cols)},
+                   "status": self.status[h], "selected": h == b}
+            table.append(row)
+        return SweepResult(best_model, self.grid, b, int(self.best_epoch[b]), float(self.best_score[b]),
+                           best_model.to_head(b), last_head, table, list(self.history))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to continue bit for bit: tensors and builtins only (weights_only loads it)."""
+        return {
+            "epoch": self.epoch, "grid": [list(g) for g in self.grid],
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
+            "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
+            "best_metrics": self.best_metrics.clone(), "stale": self.stale.clone(), "alive": self.alive.clone(),
+            "status": list(self.status), "history": list(self.history), "sweep_stale": self.sweep_stale,
+            "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        grid = [tuple(float(v) for v in g) for g in state["grid"]]
+        if grid != self.grid or state["model"]["mean"].shape != self.model.mean.shape:
+            raise CheckpointError(f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
+                                  f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
+                                  fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
+        self.model.load_state_dict(state["model"])
+        self.best = {k: v.to(self.device) for k, v in state["best"].items()}
+        self.best_score, self.best_epoch = state["best_score"].clone(), state["best_epoch"].clone()
+        self.best_metrics, self.stale, self.alive = state["best_metrics"].clone(), state["stale"].clone(), state["alive"].clone()
+        self.status, self.history, self.epoch = list(state["status"]), list(state["history"]), int(state["epoch"])
+        self.sweep_stale = int(state["sweep_stale"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["rng"]["batches"])
+        self.dropout_gen.set_state(state["rng"]["dropout"])
+
+
+def train_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
+                on_epoch: Callable[[dict[str, Any]], None] | None = None, device: torch.device | str = "cpu",
+                precision: str = "fp32") -> SweepResult:
+    """x_*: float [N, D]; y_*: head targets [N] (IGNORE allowed in val only)."""
+    trainer = SweepTrainer(x_train, y_train, x_val, y_val, class_weights, cfg, seed, val_untrained_classes, device, precision)
+    return trainer.run(on_epoch)

@@ -1,0 +1,77 @@
+"""Per-head AdamW for stacked heads, and the warm-up + cosine schedule.
+
+``StackedAdamW`` is AdamW (decoupled weight decay, bias correction, as torch.optim.AdamW)
+where every parameter has a leading head dimension H and each head has its own lr and weight
+decay (tensors [H]). It is a real ``torch.optim.Optimizer``, so LambdaLR, GradScaler and
+state_dict/load_state_dict work unchanged; the group's scalar ``lr`` is the schedule factor
+that multiplies every head's base lr. ``frozen`` heads (early-stopped or diverged) are not
+updated at all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+
+class StackedAdamW(torch.optim.Optimizer):
+    def __init__(self, params: Iterable[torch.Tensor], head_lr: torch.Tensor, head_wd: torch.Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, decoupled: bool = True) -> None:
+        """decoupled=False: the decay is an L2 term added to the gradient (Adam + L2), whose
+        fixed point is the L2-regularised optimum that scikit-learn's LogisticRegression finds."""
+        head_lr = torch.as_tensor(head_lr, dtype=torch.float32)
+        head_wd = torch.as_tensor(head_wd, dtype=torch.float32)
+        defaults = {"lr": 1.0, "betas": betas, "eps": eps, "head_lr": head_lr, "head_wd": head_wd, "decoupled": decoupled,
+                    "frozen": torch.zeros(len(head_lr), dtype=torch.bool)}
+        super().__init__(params, defaults)
+
+    def freeze(self, heads: torch.Tensor) -> None:
+        """heads: bool [H]; these heads are never updated again."""
+        for group in self.param_groups:
+            group["frozen"] = group["frozen"] | heads.cpu()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                shape = (-1,) + (1,) * (p.dim() - 1)  # broadcast [H] over the head's parameter
+                live = (~group["frozen"]).to(p.device).view(shape)
+                lr = (group["head_lr"].to(p.device) * group["lr"]).view(shape) * live
+                wd = group["head_wd"].to(p.device).view(shape)
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # A frozen head's gradient may be NaN (diverged): keep it out of the moments.
+                all_live = not bool(group["frozen"].any())
+                grad = p.grad if all_live else torch.where(live, p.grad, torch.zeros((), dtype=p.grad.dtype, device=p.device))
+                if not group["decoupled"]:
+                    grad = grad + (wd if all_live else wd * live) * p
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+                if group["decoupled"]:
+                    p.mul_(1 - lr * wd)  # decoupled weight decay, per head
+                denom = (v / bc2).sqrt_().add_(group["eps"])
+                p.addcdiv_(m * (lr / bc1), denom, value=-1.0)
+        return loss
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up to 1, then cosine to 0 at ``total_steps``."""
+    warmup_steps = max(1, warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+    return factor

@@ -1,0 +1,301 @@
+"""Training on synthetic feature tensors: class mapping properties, the seed's failure modes,
+the stacked sweep, per-head AdamW, early stopping, accumulation, resume, attentive probe."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from samprobe.config import SweepConfig, TrainConfig
+from samprobe.errors import CheckpointError, TrainingError
+from samprobe.train.classes import IGNORE, ClassMapping, class_weights
+from samprobe.train.heads import AttentiveProbe, StackedHeads
+from samprobe.train.loop import SweepTrainer, _head_losses, evaluate_heads
+from samprobe.train.metrics import classification_metrics, per_class_table
+from samprobe.train.optim import StackedAdamW
+
+torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: threads only add contention
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"epochs": 3, "batch_size": 16, "patience": 50, "sweep": SweepConfig(lrs=[1e-3, 1e-2], weight_decays=[0.0])}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _blobs(labels: np.ndarray, dim: int = 8, seed: int = 0) -> np.ndarray:
+    """Features [N, dim]: a class-dependent mean plus noise (labels are any ints)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(1234).normal(size=(int(labels.max()) + 1 if len(labels) else 1, dim)) * 3
+    return (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
+
+
+# --- property test over label distributions -----------------------------------------------
+
+split_counts = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.integers(0, 3)), min_size=2, max_size=7)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(counts=split_counts, gaps=st.lists(st.integers(1, 40), min_size=7, max_size=7),
+       scheme=st.sampled_from(["balanced", "sqrt", "effective_number", "none"]))
+def test_any_label_distribution_trains_and_predicts_original_classes(counts, gaps, scheme):
+    # Non-contiguous integer class names (e.g. "3", "17", "52"), some empty, some val/test only.
+    names = [str(v) for v in np.cumsum(gaps[:len(counts)])]
+    train = [n for n, (c, _, _) in zip(names, counts) for _ in range(c)]
+    held = [n for n, (_, v, t) in zip(names, counts) for _ in range(v + t)]
+    if not train:
+        with pytest.raises(TrainingError):
+            ClassMapping.from_train_labels(names, train)
+        return
+    mapping = ClassMapping.from_train_labels(names, train)
+    active = {n for n, (c, _, _) in zip(names, counts) if c > 0}
+    assert mapping.num_active == len(active) and set(mapping.active_names) == active
+
+    y_train = mapping.to_head(train)
+    assert y_train.min() >= 0 and y_train.max() < mapping.num_active
+    w = class_weights(np.bincount(y_train, minlength=mapping.num_active), scheme)
+    assert len(w) == mapping.num_active and np.isfinite(w).all() and (w > 0).all()
+
+    y_held = mapping.to_head(held)
+    untrained_held = [lab for lab in held if lab not in active]
+    assert (y_held == IGNORE).sum() == len(untrained_held)  # never remapped to another class
+
+    x_train = _blobs(mapping.taxonomy_index(train))
+    x_held = _blobs(mapping.taxonomy_index(held), seed=1) if held else np.zeros((0, 8), np.float32)
+    trainer = SweepTrainer(x_train, y_train, x_held, y_held, w, _cfg(epochs=2), seed=0,
+                           val_untrained_classes=len(set(untrained_held)))
+    assert trainer.model.w.shape == (2, 8, mapping.num_active)  # head size = active classes
+    res = trainer.run()
+    assert all(math.isfinite(r["train_loss"]) for r in res.history)
+    assert res.head.net.out_features == mapping.num_active
+    if not held:
+        return
+    with torch.no_grad():
+        pred_head = res.head(torch.from_numpy(x_held)).argmax(1).numpy()
+    pred_names = mapping.to_names(pred_head)
+    assert set(pred_names) <= active  # every prediction is an original, trained class name
+    y_true = mapping.taxonomy_index(held)
+    y_pred = mapping.taxonomy_index(pred_names)
+    m = classification_metrics(y_true, y_pred, list(mapping.taxonomy), list(mapping.active))
+    assert m["n_not_trained"] == len(untrained_held)
+    assert m["accuracy"] <= 1 - len(untrained_held) / len(held) + 1e-9  # untrained samples are errors
+    table = {r["class"]: r for r in per_class_table(y_true, y_pred, list(mapping.taxonomy), list(mapping.active))}
+    for lab in set(untrained_held):
+        assert table[lab]["status"] == "not trained" and table[lab]["recall"] == 0.0 and table[lab]["support"] > 0
+
+
+# --- the seed's failure modes --------------------------------------------------------------
+
+
+def test_seed_failure_modes_cannot_happen():
+    # Taxonomy of 10 classes; training data only for classes 7 and 9 (zero-sample classes 0..6, 8).
+    names = [f"c{i}" for i in range(10)]
+    train = ["c7"] * 5 + ["c9"] * 3
+    mapping = ClassMapping.from_train_labels(names, train)
+    y = mapping.to_head(train)
+    assert mapping.num_active == 2 and set(y.tolist()) == {0, 1}  # never an index >= active classes
+    w = class_weights(np.bincount(y), "balanced")
+    assert np.isfinite(w).all() and (w > 0).all()  # no zero/NaN weight for the empty classes
+    # A held-out sample of an empty class is IGNORE, not silently class 0 (the seed's `.get(t, 0)`).
+    assert mapping.to_head(["c0", "c7"]).tolist() == [IGNORE, 0]
+
+    # batch_size 1: every batch holds a single class; the weighted loss stays finite.
+    x = _blobs(mapping.taxonomy_index(train))
+    res = SweepTrainer(x, y, x[:0], y[:0], w, _cfg(batch_size=1, epochs=2), seed=0).run()
+    assert all(math.isfinite(h["train_loss"]) for r in res.history for h in r["heads"])
+    one_class = _head_losses(torch.randn(2, 4, 2), torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 3.0]))
+    assert torch.isfinite(one_class).all()
+
+    # Labels above the number of active classes never reach the loss as an IndexError.
+    with pytest.raises(TrainingError, match="head indices 0..1"):
+        SweepTrainer(x, np.array([0, 1, 7, 9, 0, 1, 0, 1]), x[:0], y[:0], w, _cfg(), seed=0)
+    with pytest.raises(ValueError):
+        class_weights(np.array([3, 0, 2]), "balanced")  # weights over empty classes are refused
+
+
+# --- optimizer, sweep mechanics ------------------------------------------------------------
+
+
+def test_stacked_adamw_matches_torch_adamw_per_head():
+    torch.manual_seed(0)
+    lrs, wds = torch.tensor([1e-3, 1e-2, 3e-2]), torch.tensor([0.0, 0.1, 0.5])
+    w = torch.nn.Parameter(torch.randn(3, 5, 4))
+    refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(3)]
+    opt = StackedAdamW([w], lrs, wds)
+    ref_opts = [torch.optim.AdamW([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(3)]
+    for _ in range(5):
+        g = torch.randn(3, 5, 4)
+        w.grad = g.clone()
+        opt.step()
+        for h in range(3):
+            refs[h].grad = g[h].clone()
+            ref_opts[h].step()
+    for h in range(3):
+        torch.testing.assert_close(w.detach()[h], refs[h].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_adam_l2_mode_matches_torch_adam_weight_decay():
+    torch.manual_seed(1)
+    lrs, wds = torch.tensor([1e-3, 1e-2]), torch.tensor([1e-4, 0.3])
+    w = torch.nn.Parameter(torch.randn(2, 6, 3))
+    refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(2)]
+    opt = StackedAdamW([w], lrs, wds, decoupled=False)
+    ref_opts = [torch.optim.Adam([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(2)]  # L2 in the gradient
+    for _ in range(5):
+        g = torch.randn(2, 6, 3)
+        w.grad = g.clone()
+        opt.step()
+        for h in range(2):
+            refs[h].grad = g[h].clone()
+            ref_opts[h].step()
+    for h in range(2):
+        torch.testing.assert_close(w.detach()[h], refs[h].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_picks_best_head_and_restores_its_best_weights():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    x = _blobs(y, dim=16)
+    cfg = _cfg(epochs=12, patience=3, batch_size=32, sweep=SweepConfig(lrs=[1e-5, 1e-3, 3e-2], weight_decays=[0.0, 1e-2]))
+    res = SweepTrainer(x[:300], y[:300], x[300:], y[300:], np.ones(4), cfg, seed=0).run()
+    assert len(res.table) == 6 and sum(r["selected"] for r in res.table) == 1
+    scores = [r["best_balanced_accuracy"] for r in res.table]
+    assert res.best_index == int(np.argmax(scores)) and res.grid[res.best_index][0] != 1e-5
+    # The selected head holds the weights of its best epoch: re-evaluating gives the recorded score.
+    with torch.no_grad():
+        pred = res.head(torch.from_numpy(x[300:])).argmax(1).numpy()
+    from sklearn.metrics import balanced_accuracy_score
+    assert balanced_accuracy_score(y[300:], pred) == pytest.approx(scores[res.best_index], abs=1e-6)
+    assert any("early-stopped" in r["status"] for r in res.table) or all(r["best_epoch"] >= 10 for r in res.table)
+
+
+def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
+    y = np.arange(64) % 3
+    x = _blobs(y) * 1e3
+    cfg = _cfg(epochs=3, sweep=SweepConfig(lrs=[1e-3, 1e38], weight_decays=[0.0]), warmup_epochs=0)
+    res = SweepTrainer(x, y, x, y, np.ones(3), cfg, seed=0).run()
+    assert res.table[1]["status"].startswith("diverged at epoch") and res.best_index == 0
+    assert all(torch.isfinite(p).all() for p in res.head.parameters())
+    with pytest.raises(TrainingError, match=r"epoch \d+, step \d+.*lr 1e\+38"):
+        SweepTrainer(x, y, x, y, np.ones(3), _cfg(sweep=SweepConfig(lrs=[1e38], weight_decays=[0.0]), warmup_epochs=0), seed=0).run()
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(TrainingError, match="NaN/inf"):
+        SweepTrainer(bad, y, x, y, np.ones(3), cfg, seed=0)
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    y = np.arange(64) % 4
+    x = _blobs(y)
+    a = SweepTrainer(x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=32, accumulate=1), seed=3).run()
+    b = SweepTrainer(x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=16, accumulate=2), seed=3).run()
+    torch.testing.assert_close(a.model.w, b.model.w, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_saved_state_is_bitwise_identical():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 120)
+    x = _blobs(y)
+    cfg = _cfg(epochs=6, head="mlp", hidden=16, dropout=0.2)
+    full = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5).run()
+
+    part = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5)
+    part.run(until_epoch=3)  # three epochs, then "killed": only the saved state survives
+    buf = io.BytesIO()
+    torch.save(part.state_dict(), buf)
+    torch.manual_seed(999)  # a fresh process has another global RNG state
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    resumed = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5)
+    resumed.load_state_dict(state)
+    res = resumed.run()
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, res.model.state_dict()[k]), k
+    assert full.history == res.history and full.table == res.table
+
+    other = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), _cfg(epochs=6, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0])), seed=5)
+    with pytest.raises(CheckpointError, match="sweep over 2 settings"):
+        other.load_state_dict(state)
+
+
+def test_validation_metrics_count_untrained_samples_as_errors():
+    model = StackedHeads(1, 2, 2)
+    with torch.no_grad():
+        model.w.copy_(torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1, IGNORE, IGNORE])  # two samples of one untrained class
+    m = evaluate_heads(model, x, y, torch.ones(2), num_untrained=1, device=torch.device("cpu"), precision="fp32")
+    assert m["val_accuracy"].item() == pytest.approx(0.5)
+    assert m["val_balanced_accuracy"].item() == pytest.approx(2 / 3)  # recalls 1, 1, 0 (not trained)
+    assert math.isfinite(m["val_loss"].item())
+
+
+# --- attentive probe -----------------------------------------------------------------------
+
+
+def test_attentive_probe_ignores_padding_and_learns_from_one_token():
+    torch.manual_seed(0)
+    N, T, C = 96, 6, 16
+    y = torch.arange(N) % 2
+    tokens = torch.randn(N, T, C) * 0.5
+    pos = torch.randint(0, T, (N,))
+    tokens[torch.arange(N), pos, 0] += torch.where(y == 1, 4.0, -4.0)  # the class lives in one token
+    probe = AttentiveProbe(C, 2, num_heads=4)
+    opt = torch.optim.AdamW(probe.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(probe(tokens), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe.eval()
+    with torch.no_grad():
+        assert (probe(tokens).argmax(1) == y).float().mean() > 0.95
+        padded = torch.cat([tokens, torch.randn(N, 3, C) * 100], 1)  # [N, T+3, C] with garbage padding
+        mask = torch.zeros(N, T + 3, dtype=torch.bool)
+        mask[:, T:] = True
+        torch.testing.assert_close(probe(padded, mask), probe(tokens), rtol=1e-4, atol=1e-5)
+        assert probe(padded, mask).shape == (N, 2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_each_stacked_head_exports_to_an_identical_single_head(kind):
+    gen = torch.Generator().manual_seed(0)
+    model = StackedHeads(3, 12, 5, kind, hidden=7, generator=gen)
+    x = torch.randn(20, 12) * 3 + 1
+    model.set_normalisation(x)
+    model.eval()
+    with torch.no_grad():
+        stacked = model(x)  # [3, 20, 5]
+        for h in range(3):
+            torch.testing.assert_close(model.to_head(h)(x), stacked[h], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_checks_name_the_mismatch():
+    from samprobe.pipeline import _check_resumable
+
+    mapping = ClassMapping(("a", "b", "c"), (0, 2))
+    ok = {"train_state": {}, "backbone": {"fingerprint": "f1"}, "classes": mapping.to_dict()}
+    _check_resumable(ok, "last.pt", "f1", mapping)
+    with pytest.raises(CheckpointError, match="no training state"):
+        _check_resumable({k: v for k, v in ok.items() if k != "train_state"}, "best.pt", "f1", mapping)
+    with pytest.raises(CheckpointError, match="features f1, this config gives f2"):
+        _check_resumable(ok, "last.pt", "f2", mapping)
+    with pytest.raises(CheckpointError, match="other classes or splits"):
+        _check_resumable(ok, "last.pt", "f1", ClassMapping(("a", "b", "c"), (0, 1)))
+    with pytest.raises(TrainingError, match="no training samples"):
+        SweepTrainer(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                     np.ones(2), _cfg(), seed=0)
+
+
+def test_sweep_stops_when_the_best_head_stops_improving():
+    y = np.arange(200) % 2
+    x = _blobs(y, dim=4) * 3  # separable: validation balanced accuracy reaches 1.0 and stays
+    cfg = _cfg(epochs=50, patience=2, sweep=SweepConfig(lrs=[1e-2, 1e-4], weight_decays=[0.0]))
+    res = SweepTrainer(x[:150], y[:150], x[150:], y[150:], np.ones(2), cfg, seed=0).run()
+    assert len(res.history) < 50 and res.table[res.best_index]["best_balanced_accuracy"] == 1.0
+    assert any("the best head did not improve" in r["status"] or "early-stopped" in r["status"] for r in res.table)
+    assert all(not r["status"].startswith("finished") for r in res.table)
