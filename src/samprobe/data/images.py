@@ -63,11 +63,15 @@ def decode_rgb(source: Path | bytes, target_longest: int | None = None,
 
 
 def resize_longest_side(image: np.ndarray, target: int) -> np.ndarray:
-    """HxWx3 uint8 -> h'xw'x3 uint8, as the official ``ResizeLongestSide.apply_image`` (PIL bicubic)."""
+    """HxWx3 uint8 -> h'xw'x3 uint8, exactly as the official ``ResizeLongestSide.apply_image``.
+
+    That calls torchvision ``resize`` on a PIL image with its default BILINEAR mode, i.e.
+    PIL's (antialiased) bilinear filter -- not bicubic.
+    """
     h, w = longest_side_shape(image.shape[0], image.shape[1], target)
     if (h, w) == image.shape[:2]:
         return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
