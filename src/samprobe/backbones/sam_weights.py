@@ -90,6 +90,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read SAM checkpoint {path}: not a valid safetensors file ({exc})",
                                   fix="re-download the file; check its size against the source") from None
     else:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip (PK..); the legacy format starts with a pickle PROTO opcode.
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+            raise CheckpointError(f"cannot read SAM checkpoint {path}: it is not a PyTorch checkpoint "
+                                  f"(starts with {head!r}, expected a torch.save zip or pickle)",
+                                  fix="point backbone.checkpoint at the .pth weights file, not an image or text file")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for bad files; all mean the same here
