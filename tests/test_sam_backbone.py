@@ -164,6 +164,15 @@ def test_detects_official_variants_from_shapes(variant, expect):
     assert (g.variant, g.window_size, g.pos_embed_grid, g.out_chans, g.patch_size) == (variant, 14, (64, 64), 256, 16)
 
 
+def test_non_official_shape_is_custom():
+    with torch.device("meta"):
+        sd = sam_model_registry["vit_b"]().state_dict()
+    for k in [k for k in sd if "rel_pos" in k]:  # head_dim 48 -> 16 heads: not the official vit_b
+        sd[k] = torch.empty(sd[k].shape[0], 48, device="meta")
+    g = infer_geometry(sd)
+    assert (g.variant, g.num_heads, g.embed_dim, g.depth) == ("custom", 16, 768, 12)
+
+
 def test_variant_mismatch_names_both(vitb_ckpt):
     with pytest.raises(ConfigError) as err:
         SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, variant="vit_l")

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 
 from samprobe.errors import CheckpointError, ConfigError
 
-# (embed_dim, depth) -> (variant, official global-attention block indexes)
-KNOWN_VARIANTS: dict[tuple[int, int], tuple[str, tuple[int, ...]]] = {
-    (768, 12): ("vit_b", (2, 5, 8, 11)),
-    (1024, 24): ("vit_l", (5, 11, 17, 23)),
-    (1280, 32): ("vit_h", (7, 15, 23, 31)),
+# (embed_dim, depth) -> (variant, official global-attention block indexes, heads). vit_h has
+# head_dim 80 (1280 / 16), the others 64: heads come from the rel-pos table width, not a rule.
+KNOWN_VARIANTS: dict[tuple[int, int], tuple[str, tuple[int, ...], int]] = {
+    (768, 12): ("vit_b", (2, 5, 8, 11), 12),
+    (1024, 24): ("vit_l", (5, 11, 17, 23), 16),
+    (1280, 32): ("vit_h", (7, 15, 23, 31), 16),
 }
 DOWNLOAD_FIX = ("download it with `samprobe weights download sam_vit_b --dir weights` "
                 "and set backbone.checkpoint to the file it prints")
@@ -173,10 +174,10 @@ def infer_geometry(state_dict: Mapping[str, torch.Tensor], where: str = "the sta
         global_idx, window = (), (lengths[0] + 1) // 2
     out_chans = int(_require(sd, "neck.0.weight", where).shape[0])
     mlp_ratio = int(_require(sd, "blocks.0.mlp.fc1.weight", where).shape[0]) / embed_dim
-    variant = "custom"
-    if known is not None and known[1] == global_idx and (embed_dim // head_dim, patch_size, window) in (
-            (12, 16, 14), (16, 16, 14)):
-        variant = known[0]
+    # A known name only when everything matches the official model, else "custom".
+    official = known is not None and (global_idx, embed_dim // head_dim, patch_size, window, out_chans,
+                                      mlp_ratio) == (known[1], known[2], 16, 14, 256, 4.0)
+    variant = known[0] if official else "custom"
     return SamGeometry(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // head_dim,
                        global_attn_indexes=global_idx, window_size=window, patch_size=patch_size,
                        pos_embed_grid=grid, out_chans=out_chans, mlp_ratio=mlp_ratio, variant=variant)
