@@ -54,7 +54,8 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
     G, N, _ = q.shape
     H, W = hw
     qs = q * scale
-    kt = k.transpose(-2, -1)  # [G, hd, N]
+    # Transposed once, contiguous: a strided k^T made bmm copy the keys again for every chunk.
+    kt = k.transpose(-2, -1).contiguous()  # [G, hd, N]
     out = torch.empty_like(q)
     rows = max(1, min(H, _CHUNK_ELEMS // (W * N)))  # token rows of queries per chunk
     groups = max(1, min(G, _CHUNK_ELEMS // (rows * W * N)))  # (batch*head) slices per chunk
@@ -66,7 +67,8 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
             a6 = a.view(g1 - g0, r1 - r0, W, H, W)
             a6 += rel_h[g0:g1, r0:r1, :, :, None]
             a6 += rel_w[g0:g1, r0:r1, :, None, :]
-            out[g0:g1, r0 * W:r1 * W] = torch.matmul(a.softmax(-1), v[g0:g1])
+            # Written in place (the slice is contiguous): saves one copy per chunk.
+            torch.matmul(a.softmax(-1), v[g0:g1], out=out[g0:g1, r0 * W:r1 * W])
     return out
 
 
