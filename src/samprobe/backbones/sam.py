@@ -9,7 +9,6 @@ normalisation and zeroing of the padding on the device in ``encode``.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from functools import partial
 from pathlib import Path
@@ -227,11 +226,6 @@ class SamBackbone(Backbone):
             "geometry": self.geometry.as_dict(),
             "weights_sha256": file_sha256(self.weights_path) if self.weights_path else None,
         }
-
-
-def token_grid(hw: tuple[int, int], patch: int = 16) -> tuple[int, int]:
-    """Resized (h', w') -> valid token rows/cols (ceil division), for callers and tests."""
-    return math.ceil(hw[0] / patch), math.ceil(hw[1] / patch)
 
 
 @register("sam")
