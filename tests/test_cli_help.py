@@ -6,7 +6,7 @@ import pytest
 from samprobe.cli import build_parser, main
 
 COMMANDS = [["demo"], ["init"], ["doctor"], ["validate"], ["extract"], ["train"], ["evaluate"], ["predict"],
-            ["features"], ["features", "export"]]
+            ["features"], ["features", "export"], ["weights"], ["weights", "download"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)

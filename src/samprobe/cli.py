@@ -92,6 +92,14 @@ def cmd_features_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    from samprobe.backbones.weights import download_weights
+
+    path = download_weights(args.name, Path(args.dir), url=args.url)
+    log.info(f"{args.name}: {path} (MD5 verified); set backbone.checkpoint: {path}")
+    return 0
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="samprobe YAML config (see `samprobe init`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -138,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_features_export, "write a split's cached features with labels to .npz or .parquet", parent=feats_sub)
     p.add_argument("--split", default="train", choices=["train", "val", "test", "all"])
     p.add_argument("--out", required=True, help="output file, .npz or .parquet")
+
+    weights = sub.add_parser("weights", help="official SAM weights", description="official SAM weights")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    p = add("download", cmd_weights_download, "download official SAM weights: resumable, MD5-verified, atomic",
+            config=False, parent=weights_sub)
+    p.add_argument("name", choices=["sam_vit_b", "sam_vit_l", "sam_vit_h"])
+    p.add_argument("--dir", default="weights", help="destination folder (default: ./weights)")
+    p.add_argument("--url", default=None, help="download from this mirror instead (the official MD5 is still checked)")
     return parser
 
 

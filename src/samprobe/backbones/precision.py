@@ -1,4 +1,9 @@
-"""Device and precision choice: one place decides, everything else asks."""
+"""Compute precision: which autocast dtype a device can run, and the context that applies it.
+
+``auto`` picks the fastest dtype that keeps SAM features faithful: bf16 where the hardware has
+native bf16 matmuls (recent CUDA GPUs, CPUs with AVX-512 BF16 / AMX), else fp32. fp16 is
+offered on CUDA only: CPU fp16 matmuls are emulated and slower than fp32.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +12,9 @@ from typing import ContextManager
 import torch
 
 from samprobe.errors import ConfigError, DeviceError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -18,24 +26,48 @@ def resolve_device(device: str) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX-512 BF16 or AMX)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
+def cuda_supports_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(device: torch.device, precision: str) -> str:
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device", fix="use precision: bf16 or fp32 on the CPU")
-    return precision
+    """``auto|fp32|bf16|fp16`` on ``device`` -> the concrete ``fp32|bf16|fp16`` to run."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown", fix=f"choose from {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if cuda_supports_bf16(device) else "fp16"
+        if precision == "bf16" and not cuda_supports_bf16(device):
+            raise ConfigError("precision is bf16 but this GPU has no bf16 support",
+                              fix="set precision: fp16 (or auto)")
+        return precision
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise ConfigError("precision is fp16 but the device is the CPU, which has no fast fp16",
+                              fix="set precision: bf16, fp32 or auto")
+        if precision == "auto":
+            return "bf16" if cpu_supports_bf16() else "fp32"
+        return "bf16"  # asked explicitly: runs everywhere, slow without native support
+    # mps and others: autocast support varies; stay exact unless asked.
+    return "fp32" if precision == "auto" else precision
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager[object]:
-    if precision == "fp32":
+    """``torch.autocast`` for the resolved precision, or a no-op context for fp32."""
+    device = torch.device(device)
+    resolved = resolve_precision(device, precision)
+    if resolved == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[resolved])

@@ -1,0 +1,315 @@
+"""SAM backbone: parity with segment_anything, pooling, checkpoint formats and failures."""
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything import sam_model_registry
+from segment_anything.utils.transforms import ResizeLongestSide
+from skimage import data
+
+from sam_factory import build_official_sam, write_official_checkpoint
+from samprobe.backbones import registry
+from samprobe.backbones.sam import SamBackbone, build_sam, infer_geometry, valid_token_mask
+from samprobe.io import weights_sha256
+from samprobe.backbones.sam_weights import to_timm_keys
+from samprobe.config import BackboneConfig
+from samprobe.errors import CheckpointError, ConfigError
+
+ALL_POOLING = ["neck_avg", "neck_max", "block_avg"]
+
+
+def _images() -> list[np.ndarray]:
+    """Real photos, square / landscape / portrait."""
+    return [data.astronaut(), data.chelsea(), data.coffee(), np.ascontiguousarray(data.astronaut()[:, 140:330])]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return write_official_checkpoint(tmp_path_factory.mktemp("w") / "tiny.pth", "tiny", img_size=256)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt) -> SamBackbone:
+    return SamBackbone.from_checkpoint(tiny_ckpt, img_size=256)
+
+
+@pytest.fixture(scope="module")
+def vitb_official():
+    return build_official_sam("vit_b", img_size=256)
+
+
+@pytest.fixture(scope="module")
+def vitb_ckpt(tmp_path_factory, vitb_official) -> Path:
+    """Official-format vit_b geometry at 256 px (pos_embed 16x16): cheap enough for CPU tests."""
+    path = tmp_path_factory.mktemp("w") / "vitb256.pth"
+    torch.save(vitb_official.state_dict(), path)
+    return path
+
+
+def _official_inputs(sam, images: list[np.ndarray], size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Reference input: official ResizeLongestSide.apply_image (numpy path) + Sam.preprocess."""
+    tf = ResizeLongestSide(size)
+    xs, hws = [], []
+    for img in images:
+        r = tf.apply_image(img)
+        hws.append(r.shape[:2])
+        xs.append(sam.preprocess(torch.as_tensor(r).permute(2, 0, 1)[None].float()))
+    return torch.cat(xs), hws
+
+
+def _reference_pool(neck: torch.Tensor, hws: list[tuple[int, int]]) -> torch.Tensor:
+    """Pool the official neck over rows [0, ceil(h'/16)) and cols [0, ceil(w'/16)) by slicing."""
+    out = []
+    for f, (h, w) in zip(neck, hws):
+        v = f[:, : math.ceil(h / 16), : math.ceil(w / 16)]
+        out.append(torch.cat([v.mean((1, 2)), v.amax((1, 2))]))
+    return torch.stack(out)
+
+
+def _batch(bb: SamBackbone, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    prepared = [bb.prepare(img) for img in images]
+    return torch.stack([p[0] for p in prepared]), torch.tensor([p[1] for p in prepared])
+
+
+def _check_parity(bb: SamBackbone, sam, images: list[np.ndarray]) -> None:
+    ref_in, hws = _official_inputs(sam, images, bb.input_size)
+    with torch.no_grad():
+        ref_neck = sam.image_encoder(ref_in)
+    x, valid = _batch(bb, images)
+    assert [tuple(v) for v in valid.tolist()] == [tuple(h) for h in hws]
+    with torch.inference_mode():
+        _, neck = bb.trunk(bb.preprocess(x, valid))
+    assert (neck - ref_neck).abs().max().item() < 1e-4
+    ours = bb.encode(x, valid, ["neck_avg", "neck_max"])
+    cos = F.cosine_similarity(ours, _reference_pool(ref_neck, hws))
+    assert cos.min().item() >= 0.9999
+
+
+def test_parity_tiny_real_images(tiny):
+    _check_parity(tiny, build_official_sam("tiny", img_size=256), _images())
+
+
+def test_parity_vit_b_geometry(vitb_ckpt, vitb_official):
+    bb = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, variant="vit_b")
+    assert bb.geometry.variant == "vit_b" and bb.geometry.num_heads == 12
+    _check_parity(bb, vitb_official, _images()[1:3])  # one vit_b forward pair: keep it cheap
+
+
+def test_bf16_autocast_close_to_fp32(tiny):
+    x, valid = _batch(tiny, _images())
+    fp32 = tiny.encode(x, valid, ALL_POOLING)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = tiny.encode(x, valid, ALL_POOLING)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape == (4, 256 + 256 + 64)
+    assert F.cosine_similarity(bf16, fp32).min().item() >= 0.99
+
+
+def test_prepare_pads_top_left_with_zeros(tiny):
+    img = data.chelsea()  # 300 x 451
+    t, (h, w) = tiny.prepare(img)
+    assert t.dtype == torch.uint8 and t.shape == (3, 256, 256)
+    assert (h, w) == (170, 256)
+    assert t[:, h:].eq(0).all() and t[:, :h].float().mean() > 10
+
+
+def test_padding_does_not_change_pooled_features(tiny):
+    """Pooling covers the valid tokens only: the padding region's content must not leak in."""
+    x, valid = _batch(tiny, [data.chelsea()])
+    noisy = x.clone()
+    noisy[:, :, 176:, :] = 255  # below ceil(170/16)*16 = 176: outside the valid token rows, zeroed anyway
+    a = tiny.encode(x, valid, ALL_POOLING)
+    b = tiny.encode(noisy, valid, ALL_POOLING)
+    torch.testing.assert_close(a, b)
+
+
+def test_valid_token_mask_uses_ceil():
+    mask = valid_token_mask(torch.tensor([[170, 256], [1, 17]]), (16, 16), 16)
+    assert mask[0].sum(0).max() == 11 and mask[0].sum(1).max() == 16  # ceil(170/16) = 11 rows
+    assert mask[1].sum() == 2  # 1 row x ceil(17/16) = 2 cols
+
+
+def test_encode_order_dims_and_pooling_check(tiny):
+    x, valid = _batch(tiny, _images()[:2])
+    both = tiny.encode(x, valid, ["block_avg", "neck_avg"])
+    assert both.shape == (2, 64 + 256)
+    torch.testing.assert_close(both[:, 64:], tiny.encode(x, valid, ["neck_avg"]))
+    assert tiny.feature_dims() == {"neck_avg": 256, "neck_max": 256, "block_avg": 64}
+    with pytest.raises(ConfigError, match="neck_mean"):
+        tiny.encode(x, valid, ["neck_mean"])
+
+
+def test_identity_hashes_weights_file(tiny, tiny_ckpt):
+    import hashlib
+
+    ident = tiny.identity()
+    assert ident["weights_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest() == weights_sha256(tiny_ckpt)
+    assert ident["variant"] == "custom" and ident["geometry"]["embed_dim"] == 64
+
+
+@pytest.mark.parametrize("variant,expect", [
+    ("vit_b", (768, 12, 12, (2, 5, 8, 11))),
+    ("vit_l", (1024, 24, 16, (5, 11, 17, 23))),
+    ("vit_h", (1280, 32, 16, (7, 15, 23, 31))),
+])
+def test_detects_official_variants_from_shapes(variant, expect):
+    with torch.device("meta"):  # shapes only: no vit_h weights are allocated
+        sd = sam_model_registry[variant]().state_dict()
+    g = infer_geometry(sd)
+    assert (g.embed_dim, g.depth, g.num_heads, g.global_attn_indexes) == expect
+    assert (g.variant, g.window_size, g.pos_embed_grid, g.out_chans, g.patch_size) == (variant, 14, (64, 64), 256, 16)
+
+
+def test_non_official_shape_is_custom():
+    with torch.device("meta"):
+        sd = sam_model_registry["vit_b"]().state_dict()
+    for k in [k for k in sd if "rel_pos" in k]:  # head_dim 48 -> 16 heads: not the official vit_b
+        sd[k] = torch.empty(sd[k].shape[0], 48, device="meta")
+    g = infer_geometry(sd)
+    assert (g.variant, g.num_heads, g.embed_dim, g.depth) == ("custom", 16, 768, 12)
+
+
+def test_variant_mismatch_names_both(vitb_ckpt):
+    with pytest.raises(ConfigError) as err:
+        SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, variant="vit_l")
+    msg = str(err.value)
+    assert "backbone.variant is vit_l" in msg and str(vitb_ckpt) in msg and "vit_b encoder (embed 768, depth 12)" in msg
+
+
+def test_truncated_file(tiny_ckpt, tmp_path):
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(tiny_ckpt.read_bytes()[: tiny_ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        SamBackbone.from_checkpoint(bad, img_size=256)
+    assert str(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["text", "jpeg"])
+def test_non_checkpoint_file(tmp_path, kind):
+    from PIL import Image
+
+    bad = tmp_path / f"not_weights_{kind}.pth"
+    if kind == "text":
+        bad.write_text("these are not the weights you are looking for\n")
+    else:
+        Image.fromarray(data.chelsea()).save(bad, format="JPEG")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint") as err:
+        SamBackbone.from_checkpoint(bad, img_size=256)
+    assert str(bad) in str(err.value)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("fmt", ["torch_save", "raw_pickle"])
+def test_malicious_pickle_is_refused_and_not_run(tmp_path, fmt):
+    marker = tmp_path / "marker"
+    bad = tmp_path / "evil.pth"
+    payload = {"image_encoder.pos_embed": _Payload(marker)}
+    if fmt == "torch_save":
+        torch.save(payload, bad)
+    else:
+        bad.write_bytes(pickle.dumps(payload))
+    # sanity: the payload does run when unpickled carelessly
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "control")))
+    assert (tmp_path / "control").exists()
+    with pytest.raises(CheckpointError) as err:
+        SamBackbone.from_checkpoint(bad, img_size=256)
+    assert str(bad) in str(err.value) and "could run code" in str(err.value)
+    assert not marker.exists()
+
+
+def test_missing_file_says_how_to_download(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        SamBackbone.from_checkpoint(tmp_path / "nope.pth")
+    assert "does not exist" in err.value.message and str(tmp_path / "nope.pth") in err.value.message
+    assert "samprobe weights download sam_vit_b --dir" in err.value.fix
+
+
+def test_not_a_sam_state_dict(tmp_path):
+    p = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, p)
+    with pytest.raises(CheckpointError, match="does not hold a SAM image encoder"):
+        SamBackbone.from_checkpoint(p, img_size=256)
+
+
+def _neck(bb: SamBackbone) -> torch.Tensor:
+    x, valid = _batch(bb, [data.coffee()])
+    return bb.encode(x, valid, ALL_POOLING)
+
+
+@pytest.mark.parametrize("layout", ["encoder_only", "timm_pth", "timm_safetensors", "wrapped_model", "wrapped_state_dict"])
+def test_other_layouts_load_the_same_weights(tiny, tiny_ckpt, tmp_path, layout):
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer_sam import checkpoint_filter_fn
+
+    official = torch.load(tiny_ckpt, weights_only=True)
+    encoder_only = {k[len("image_encoder."):]: v for k, v in official.items() if k.startswith("image_encoder.")}
+    timm_sd = checkpoint_filter_fn(official, None)
+    assert any("mlp.fc1" in k for k in timm_sd) and any("mlp.lin1" in k for k in encoder_only)
+    path = tmp_path / ("w.safetensors" if layout == "timm_safetensors" else "w.pth")
+    if layout == "encoder_only":
+        torch.save(encoder_only, path)
+    elif layout == "timm_pth":
+        torch.save(timm_sd, path)
+    elif layout == "timm_safetensors":
+        save_file({k: v.contiguous() for k, v in timm_sd.items()}, str(path))
+    else:
+        torch.save({layout.split("_", 1)[1]: official}, path)
+    torch.testing.assert_close(_neck(SamBackbone.from_checkpoint(path, img_size=256)), _neck(tiny), rtol=0, atol=0)
+
+
+def test_timm_pretrained_name_with_local_file(vitb_ckpt, tiny_ckpt):
+    via_timm = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, timm_model="samvit_base_patch16.sa1b")
+    direct_sd = to_timm_keys(torch.load(vitb_ckpt, weights_only=True))
+    for k, v in via_timm.encoder.state_dict().items():
+        assert torch.equal(v, direct_sd[k]), k
+    with pytest.raises(CheckpointError, match="does not fit timm model samvit_base_patch16"):
+        SamBackbone.from_checkpoint(tiny_ckpt, img_size=256, timm_model="samvit_base_patch16.sa1b")
+
+
+def test_img_size_512_interpolates_like_timm(tiny_ckpt):
+    from functools import partial
+
+    from timm.models.vision_transformer_sam import VisionTransformerSAM, checkpoint_filter_fn
+
+    bb = SamBackbone.from_checkpoint(tiny_ckpt, img_size=512)
+    enc = bb.encoder
+    assert bb.grid == (32, 32) and enc.pos_embed.shape == (1, 32, 32, 64)
+    assert enc.blocks[1].attn.rel_pos_h.shape == (63, 32)  # global block: 2*32-1
+    assert enc.blocks[0].attn.rel_pos_h.shape == (27, 32)  # windowed block keeps 2*14-1
+    # timm resizes pos_embed and global rel-pos on the fly when run above its build size.
+    ref = VisionTransformerSAM(img_size=256, embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
+                               window_size=14, use_rel_pos=True, num_classes=0,
+                               norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    ref.load_state_dict(checkpoint_filter_fn(torch.load(tiny_ckpt, weights_only=True), ref))
+    x, valid = _batch(bb, [data.astronaut(), data.coffee()])
+    with torch.inference_mode():
+        inp = bb.preprocess(x, valid)
+        _, neck = bb.trunk(inp)
+        expected = ref.forward_features(inp)
+    assert neck.shape == (2, 256, 32, 32)
+    assert (neck - expected).abs().max().item() < 1e-4
+
+
+def test_img_size_must_be_multiple_of_patch(tiny_ckpt):
+    with pytest.raises(ConfigError, match="multiple of the patch size"):
+        SamBackbone.from_checkpoint(tiny_ckpt, img_size=250)
+
+
+def test_registered_builder(tiny_ckpt):
+    assert registry._REGISTRY["sam"] is build_sam
+    bb = build_sam(BackboneConfig(checkpoint=tiny_ckpt, img_size=256))
+    assert isinstance(bb, SamBackbone) and bb.input_size == 256
+    with pytest.raises(ConfigError, match="backbone.checkpoint"):
+        build_sam(BackboneConfig(checkpoint=None))
