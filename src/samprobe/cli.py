@@ -92,6 +92,27 @@ def cmd_features_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from samprobe.features.manage import cache_info
+
+    cache_info(_config(args))
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from samprobe.features.manage import cache_verify
+
+    cache_verify(_config(args), repair=args.repair)
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from samprobe.features.manage import cache_prune
+
+    cache_prune(_config(args), all_fingerprints=args.all_fingerprints, dry_run=args.dry_run)
+    return 0
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="samprobe YAML config (see `samprobe init`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -137,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_features_export, "write a split's cached features with labels to .npz or .parquet", parent=feats_sub)
     p.add_argument("--split", default="train", choices=["train", "val", "test", "all"])
     p.add_argument("--out", required=True, help="output file, .npz or .parquet")
+
+    cache = sub.add_parser("cache", help="inspect, verify and prune the feature cache", description="inspect, verify and prune the feature cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    add("info", cmd_cache_info, "sizes and origin of every fingerprint under features.cache_dir", parent=cache_sub)
+    p = add("verify", cmd_cache_verify, "recompute every shard checksum; exit 2 if any entry is corrupt", parent=cache_sub)
+    p.add_argument("--repair", action="store_true", help="drop corrupt entries from the index (extract redoes them)")
+    p = add("prune", cmd_cache_prune, "remove entries of images the run's metadata no longer lists", parent=cache_sub)
+    p.add_argument("--all-fingerprints", action="store_true", help="prune every fingerprint, not only this config's")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     return parser
 
 
