@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from test_cache_helpers import make_corpus, write_config
+from test_cache_helpers import LogLines, make_corpus, write_config
 
 from samprobe.cli import main
 from samprobe.errors import CacheError
@@ -128,8 +128,9 @@ def test_cli_extract_unwritable_cache_dir_exits_2_before_any_work(tmp_path, caps
     assert f"features.cache_dir {blocker / 'cache'} cannot be created or written" in err and "Fix:" in err
     assert not (tmp_path / "run").exists()  # nothing validated, no model loaded
     cfg = write_config(tmp_path, images, cache_dir="/proc/samprobe-cache")
-    assert main(["doctor", "-c", str(cfg)]) == 2
-    assert "FAIL  feature cache: features.cache_dir /proc/samprobe-cache cannot be created" in capsys.readouterr().out
+    with LogLines() as out:
+        assert main(["doctor", "-c", str(cfg)]) == 2
+        assert "FAIL  feature cache: features.cache_dir /proc/samprobe-cache cannot be created" in out.take()
 
 
 def test_cli_cache_commands_without_a_cache_exit_2(tmp_path, capsys):

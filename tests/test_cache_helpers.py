@@ -66,3 +66,26 @@ def index_count(fp_dir: Path) -> int:
         return 0
     finally:
         db.close()
+
+
+class LogLines:
+    """Messages of the "samprobe" logger during a test (the console handler keeps the first stdout it saw)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.lines: list[str] = []
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())  # type: ignore[method-assign]
+        self.logger = logging.getLogger("samprobe")
+
+    def __enter__(self) -> "LogLines":
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+
+    def take(self) -> str:
+        out, self.lines = "\n".join(self.lines), []
+        return out

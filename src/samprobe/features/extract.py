@@ -125,7 +125,9 @@ class Extractor:
     def plan(self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1) -> tuple[list[Record], int]:
         """(records this rank must extract, one per distinct image; number already cached)."""
         missing = set(cache.missing(r.sha256 for r in records))
-        mine = set(shard_for_rank(list(missing), rank, world))
+        # Partition *all* keys, not the missing ones: ranks look at the index at different moments
+        # (another rank may already have committed), but every rank sees the same records.
+        mine = set(shard_for_rank(list({r.sha256 for r in records}), rank, world)) & missing
         todo = list({r.sha256: r for r in records if r.sha256 in mine}.values())  # same bytes twice: extract once
         return todo, sum(1 for r in records if r.sha256 not in missing)
 
