@@ -14,7 +14,7 @@ log = logging.getLogger("samprobe")
 def run_doctor(config: str, overrides: list[str]) -> int:
     from samprobe.config import load_config
     from samprobe.data.metadata import read_rows
-    from samprobe.features.cache import ensure_writable_dir
+    from samprobe.features.cache import ensure_writable_dir, estimate_bytes
 
     failures = 0
     cfg = None
@@ -56,7 +56,7 @@ def run_doctor(config: str, overrides: list[str]) -> int:
     def _cache() -> str:
         path = ensure_writable_dir(cfg.features.cache_dir, "features.cache_dir")
         free = shutil.disk_usage(path).free
-        need = max(len(rows), 1) * 1280 * 2 * 2  # pooled fp16 features, generous dim, x2 headroom
+        need = 2 * estimate_bytes(max(len(rows), 1), 1280, cfg.features.dtype)  # generous dim, x2 headroom
         if free < need:
             raise SamprobeError(f"only {free / 1e9:.2f} GB free at {path}, about {need / 1e9:.2f} GB needed",
                                 fix="free disk space or move features.cache_dir")

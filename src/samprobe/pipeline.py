@@ -111,7 +111,10 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
     with extractor.open_cache(cfg) as cache:
-        n_missing = len(cache.missing(r.sha256 for r in records))
+        plan = extractor.plan(records, cache, rank, world)
+        n_missing = len(cache.missing(r.sha256 for r in records))  # all ranks together
+        if world > 1:
+            dist.barrier()  # every rank has read the index before any rank writes to it
         need = estimate_bytes(n_missing, extractor.dim, extractor.dtype)
         free = check_free_space(cache.root, need)
         log.info(f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on disk, {free / 1e9:.1f} GB free), "
@@ -119,7 +122,7 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
                  f"{extractor.precision}, {extractor.device}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d, "
                  f"cache {cache.root}" + (f", {world} ranks" if world > 1 else ""))
         result = extractor.run(records, cache, cfg.features.batch_size, cfg.resolved_num_workers(),
-                               cfg.data.max_pixels, progress=progress, rank=rank, world=world)
+                               cfg.data.max_pixels, progress=progress, rank=rank, world=world, plan=plan)
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, (result.extracted, result.seconds, result.failures))

@@ -132,10 +132,13 @@ class Extractor:
         return todo, sum(1 for r in records if r.sha256 not in missing)
 
     def run(self, records: Sequence[Record], cache: FeatureCache, batch_size: int, num_workers: int,
-            max_pixels: int | None = None, progress: bool = True, rank: int = 0, world: int = 1) -> ExtractResult:
-        """Extract every record whose key is not in the cache yet (this rank's share of them)."""
+            max_pixels: int | None = None, progress: bool = True, rank: int = 0, world: int = 1,
+            plan: tuple[list[Record], int] | None = None) -> ExtractResult:
+        """Extract every record whose key is not in the cache yet (this rank's share of them).
+
+        ``plan``: a precomputed ``self.plan(...)``, so ranks can all plan before any of them writes."""
         result = ExtractResult()
-        todo, result.cached = self.plan(records, cache, rank, world)
+        todo, result.cached = plan if plan is not None else self.plan(records, cache, rank, world)
         if not todo:
             return result
         items = [LoadItem(r.sha256, r.file, i) for i, r in enumerate(todo)]
