@@ -59,7 +59,7 @@ def test_sigkill_mid_run_resumes_only_missing_and_matches_uninterrupted(baseline
             proc.send_signal(signal.SIGKILL)
             break
         try:
-            proc.wait(timeout=0.01)
+            proc.wait(timeout=0.002)
         except subprocess.TimeoutExpired:
             pass
     assert proc.wait() == -signal.SIGKILL, "extract finished before it could be killed"
