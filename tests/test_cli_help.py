@@ -6,7 +6,8 @@ import pytest
 from samprobe.cli import build_parser, main
 
 COMMANDS = [["demo"], ["init"], ["doctor"], ["validate"], ["extract"], ["train"], ["evaluate"], ["predict"],
-            ["features"], ["features", "export"], ["weights"], ["weights", "download"]]
+            ["features"], ["features", "export"], ["weights"], ["weights", "download"],
+            ["cache"], ["cache", "info"], ["cache", "verify"], ["cache", "prune"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)

@@ -96,7 +96,7 @@ def test_too_little_disk_is_blocking(project, capsys, monkeypatch):
     real = doctor_mod.shutil.disk_usage
     monkeypatch.setattr(doctor_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     line = _blocked_by(capsys, project, "free disk")
-    assert "only 0.0 MB free" in line and "features.cache_dir" in line
+    assert "only 0.00 GB free" in line and "features.cache_dir" in line
 
 
 def test_bad_backbone_checkpoint_is_blocking(project, capsys, tmp_path):

@@ -20,9 +20,17 @@ from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.pipeline import run_evaluate, run_extract, run_train, run_validate
 
-torch.set_num_threads(1)  # same as the subprocesses below: bitwise-comparable CPU matmuls
 SRC = Path(__file__).resolve().parents[1] / "src"
 NAMES = ["zero", "one", "two", "three", "four"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as the subprocesses below: bitwise-comparable CPU matmuls. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,15 @@ from samprobe.train.loop import SweepTrainer, _head_losses, evaluate_heads
 from samprobe.train.metrics import classification_metrics, per_class_table
 from samprobe.train.optim import StackedAdamW
 
-torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: threads only add contention
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add contention. Restored after, so other tests keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -100,6 +100,27 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from samprobe.features.manage import cache_info
+
+    cache_info(_config(args))
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from samprobe.features.manage import cache_verify
+
+    cache_verify(_config(args), repair=args.repair)
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from samprobe.features.manage import cache_prune
+
+    cache_prune(_config(args), all_fingerprints=args.all_fingerprints, dry_run=args.dry_run)
+    return 0
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="samprobe YAML config (see `samprobe init`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -154,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["sam_vit_b", "sam_vit_l", "sam_vit_h"])
     p.add_argument("--dir", default="weights", help="destination folder (default: ./weights)")
     p.add_argument("--url", default=None, help="download from this mirror instead (the official MD5 is still checked)")
+
+    cache = sub.add_parser("cache", help="inspect, verify and prune the feature cache", description="inspect, verify and prune the feature cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    add("info", cmd_cache_info, "sizes and origin of every fingerprint under features.cache_dir", parent=cache_sub)
+    p = add("verify", cmd_cache_verify, "recompute every shard checksum; exit 2 if any entry is corrupt", parent=cache_sub)
+    p.add_argument("--repair", action="store_true", help="drop corrupt entries from the index (extract redoes them)")
+    p = add("prune", cmd_cache_prune, "remove entries of images the run's metadata no longer lists", parent=cache_sub)
+    p.add_argument("--all-fingerprints", action="store_true", help="prune every fingerprint, not only this config's")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     return parser
 
 

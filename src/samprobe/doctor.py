@@ -15,7 +15,7 @@ from typing import Any, Callable
 from samprobe.errors import DataError, SamprobeError
 
 SAMPLE_IMAGES = 16
-HEADROOM = 1.5  # cache index, shard rounding, and a second fingerprint while experimenting
+HEADROOM = 1.5  # shard rounding, and a second fingerprint while experimenting
 
 
 @dataclass
@@ -38,12 +38,6 @@ def _one_line(text: str, limit: int = 300) -> str:
     first = lines[0]
     cut = len(lines) > 1 or len(first) > limit
     return (first[:limit] + " ...)" if cut else first)
-
-
-def estimate_cache_bytes(n_images: int, dim: int, dtype: str) -> int:
-    """Pooled features only: n x dim x itemsize, with headroom."""
-    itemsize = 2 if dtype == "float16" else 4
-    return int(max(n_images, 1) * dim * itemsize * HEADROOM)
 
 
 def _image_root(cfg: Any) -> Path | None:
@@ -153,14 +147,11 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, features {'+'.join(pooling)} = {state['dim']}-d"
 
     def _disk() -> str:
-        from samprobe.errors import CacheError
+        from samprobe.features.cache import check_free_space, estimate_bytes
 
         dim = state.get("dim", 1280)  # unknown backbone: the largest SAM block width
-        need = estimate_cache_bytes(len(state["rows"]), dim, cfg.features.dtype)
-        free = shutil.disk_usage(cfg.features.cache_dir).free
-        if free < need:
-            raise CacheError(f"only {free / 1e6:.1f} MB free at {cfg.features.cache_dir}, the feature cache needs about {need / 1e6:.1f} MB",
-                             fix="free disk space or point features.cache_dir at a larger disk")
+        need = int(HEADROOM * estimate_bytes(max(len(state["rows"]), 1), dim, cfg.features.dtype))
+        free = check_free_space(cfg.features.cache_dir, need)
         return f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB ({len(state['rows'])} images x {dim}-d {cfg.features.dtype})"
 
     def _tracker() -> str:

@@ -19,8 +19,8 @@ from samprobe.data.loader import failure_kind
 from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
 from samprobe.data.splits import assign_splits
 from samprobe.errors import CheckpointError, DataError
-from samprobe.features.cache import ensure_writable_dir
-from samprobe.features.extract import ExtractResult, Extractor, load_features
+from samprobe.features.cache import check_free_space, ensure_writable_dir, estimate_bytes
+from samprobe.features.extract import ExtractResult, Extractor, load_features, rank_world
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
 from samprobe.tracking import Tracker, read_csv_rows
@@ -98,15 +98,51 @@ def _read_failed_keys(run_dir: Path) -> set[int]:
 
 
 def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
+    """Features of every validated image into the cache. Under torchrun each rank takes a disjoint share."""
+    # Fail on an unusable cache location before validating or loading any model.
+    ensure_writable_dir(cfg.features.cache_dir, "features.cache_dir")
+    rank, world = rank_world()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        if rank != 0:
+            log.setLevel(logging.WARNING)
+            progress = False
+        if rank == 0:
+            load_dataset(cfg)  # validate once, before the other ranks read splits.csv
+        dist.barrier()
     records, _ = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
     with extractor.open_cache(cfg) as cache:
-        log.info(f"extract: {len(records)} images, backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
+        plan = extractor.plan(records, cache, rank, world)
+        n_missing = len(cache.missing(r.sha256 for r in records))  # all ranks together
+        if world > 1:
+            dist.barrier()  # every rank has read the index before any rank writes to it
+        need = estimate_bytes(n_missing, extractor.dim, extractor.dtype)
+        free = check_free_space(cache.root, need)
+        log.info(f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on disk, {free / 1e9:.1f} GB free), "
+                 f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
                  f"{extractor.precision}, {extractor.device}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d, "
-                 f"cache {cache.root}")
+                 f"cache {cache.root}" + (f", {world} ranks" if world > 1 else ""))
         result = extractor.run(records, cache, cfg.features.batch_size, cfg.resolved_num_workers(),
-                               cfg.data.max_pixels, progress=progress)
+                               cfg.data.max_pixels, progress=progress, rank=rank, world=world, plan=plan)
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, (result.extracted, result.seconds, result.failures))
+            result.extracted = sum(g[0] for g in gathered)
+            result.seconds = max(g[1] for g in gathered)
+            result.failures = [f for g in gathered for f in g[2]]
+            dist.barrier()  # every rank's shards are committed before rank 0 compacts
+        if rank == 0:
+            cache.compact()
+            cache.remove_orphans()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return result
     _write_failures(run_dir, result.failures)
     rate = f", {result.extracted / result.seconds:.1f} img/s" if result.seconds else ""
     log.info(f"extract: {result.extracted} extracted, {result.cached} already cached, "

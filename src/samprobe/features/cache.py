@@ -1,17 +1,39 @@
 """Feature cache: content-addressed (sha256 of image bytes) within a backbone fingerprint.
 
-Layout: ``<cache_dir>/<fingerprint>/`` holds ``index.sqlite`` (WAL mode; one row per image:
-key -> shard file and row) and ``shards/*.npy`` feature arrays. A shard is written atomically
-(temp + fsync + rename) *before* its index rows are committed, so a killed run never leaves a
-visible half-written entry: at worst an orphan shard file that nothing points to.
+Layout of ``<cache_dir>/<fingerprint>/``:
+
+- ``meta.json``: what the fingerprint stands for (backbone, pooling, dim, dtype).
+- ``index.sqlite`` (WAL): table ``shards`` (one row per shard file: array name, rows, dim,
+  size, crc32, stat stamp) and table ``entries`` (key, array) -> (shard, row).
+- ``shards/<uuid>.bin``: raw C-order ``[rows, dim]`` arrays of the cache dtype, no header
+  (shape and dtype live in the index), so a reader memory-maps them directly.
+
+Why it cannot lose or corrupt work:
+- A shard is written atomically (temp + fsync + rename) *before* the transaction that registers
+  it and its entries commits. A kill leaves at worst an orphan file nothing points to.
+- Each shard has a crc32 and a stat stamp (size, mtime_ns, inode) recorded at write time.
+  The first time a process opens a shard it compares the stamp; if the file changed in any
+  way since it was written, the crc32 is recomputed and a mismatch marks it corrupt. A corrupt
+  shard is never read: ``get`` raises, ``missing`` drops its entries so extraction redoes them.
+  ``verify`` always recomputes every crc32 (catches silent bit rot too).
+- Shards are immutable. ``compact`` packs small shards (one per extraction batch) into large
+  ones for read speed, writing the new file before repointing entries in one transaction.
+
+Entries are keyed by (key, array): ``array`` is "pooled" today; a second named array per
+image (e.g. a spatial grid) gets its own shards without a schema change.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
+import shutil
 import sqlite3
+import time
 import uuid
-from collections import defaultdict
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,9 +42,42 @@ import numpy as np
 from samprobe.errors import CacheError
 from samprobe.io import atomic_open, atomic_write_text
 
+log = logging.getLogger("samprobe")
+
+POOLED = "pooled"
+SHARD_ROWS = 32768
+"""Compaction packs entries into shards of up to this many rows (~80 MB at 1280-d fp16)."""
+ORPHAN_AGE_S = 600.0
+"""Unreferenced shard files younger than this may belong to a writer about to commit: kept."""
+_SQL_VARS = 900  # below SQLite's bound-parameter limit
+
+# ``shard_keys.keys`` lists the shard's keys in row order ("\n"-joined) and ``shards.live`` counts the
+# entries pointing into it (kept by triggers). A shard with live == rows is exactly described by its
+# key list, so a bulk read resolves 100k keys with one dict built in C instead of 100k index rows.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shards (
+    id INTEGER PRIMARY KEY, file TEXT UNIQUE NOT NULL, array TEXT NOT NULL, rows INTEGER NOT NULL,
+    dim INTEGER NOT NULL, nbytes INTEGER NOT NULL, crc32 INTEGER NOT NULL, stamp TEXT NOT NULL,
+    live INTEGER NOT NULL DEFAULT 0);
+-- apart from shards: the triggers rewrite a shards row per entry, which must stay small
+CREATE TABLE IF NOT EXISTS shard_keys (id INTEGER PRIMARY KEY, keys TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS shards_del AFTER DELETE ON shards BEGIN DELETE FROM shard_keys WHERE id = OLD.id; END;
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT NOT NULL, array TEXT NOT NULL, shard INTEGER NOT NULL, row INTEGER NOT NULL,
+    PRIMARY KEY (key, array)) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS entries_ins AFTER INSERT ON entries
+    BEGIN UPDATE shards SET live = live + 1 WHERE id = NEW.shard; END;
+CREATE TRIGGER IF NOT EXISTS entries_del AFTER DELETE ON entries
+    BEGIN UPDATE shards SET live = live - 1 WHERE id = OLD.shard; END;
+CREATE TRIGGER IF NOT EXISTS entries_upd AFTER UPDATE OF shard ON entries WHEN OLD.shard != NEW.shard
+    BEGIN UPDATE shards SET live = live - 1 WHERE id = OLD.shard; UPDATE shards SET live = live + 1 WHERE id = NEW.shard; END;
+"""
+_ROW_BITS = 32  # location = shard id << 32 | row
+
 
 def ensure_writable_dir(path: Path, what: str) -> Path:
     """Create ``path`` with parents and prove it is writable, or raise CacheError before any work."""
+    path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -34,22 +89,98 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
     return path
 
 
+def estimate_bytes(n: int, dim: int, dtype: str | np.dtype) -> int:
+    """Disk bytes for ``n`` entries of ``dim`` values: raw array plus ~90 B of index per entry."""
+    return int(n * (dim * np.dtype(dtype).itemsize + 90))
+
+
+def check_free_space(path: Path, need: int) -> int:
+    """Free bytes at ``path``; CacheError when fewer than ``need`` (+5% headroom)."""
+    free = shutil.disk_usage(path).free
+    if free < need * 1.05:
+        raise CacheError(f"only {free / 1e9:.2f} GB free at {path}, about {need / 1e9:.2f} GB needed for the features",
+                         fix="free disk space or move features.cache_dir to a larger disk")
+    return free
+
+
+def _stamp(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: int
+    file: str
+    array: str
+    rows: int
+    dim: int
+    nbytes: int
+    crc32: int
+    stamp: str
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    entries: int = 0
+    bad_shards: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    bad_entries: int = 0
+    dropped: bool = False
+
+
+CACHE_LAYOUT = "shards-v1"  # bump when the index schema or shard format changes
+
+
 class FeatureCache:
     def __init__(self, cache_dir: Path, fingerprint: str, dim: int, dtype: str, meta: dict[str, Any] | None = None) -> None:
         self.root = ensure_writable_dir(Path(cache_dir) / fingerprint, "features.cache_dir")
-        (self.root / "shards").mkdir(exist_ok=True)
+        self.shard_dir = self.root / "shards"
+        self.shard_dir.mkdir(exist_ok=True)
         self.fingerprint = fingerprint
         self.dim = dim
         self.dtype = np.dtype(dtype)
         meta_file = self.root / "meta.json"
         if not meta_file.exists():
-            atomic_write_text(meta_file, json.dumps({"fingerprint": fingerprint, "dim": dim, "dtype": dtype, **(meta or {})}, indent=2))
-        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
+            atomic_write_text(meta_file, json.dumps({"fingerprint": fingerprint, "dim": dim, "dtype": str(self.dtype),
+                                                     "layout": CACHE_LAYOUT, **(meta or {})}, indent=2))
+        else:
+            layout = json.loads(meta_file.read_text(encoding="utf-8")).get("layout")
+            if layout != CACHE_LAYOUT:
+                raise CacheError(f"{self.root} was written in cache layout {layout!r}, this samprobe reads {CACHE_LAYOUT!r}",
+                                 fix=f"delete {self.root} (features are re-extracted) or use the samprobe version that wrote it")
+        # check_same_thread=False: the extractor hands put() to one writer thread; one thread at a time uses it.
+        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=120, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL)")
-        self.db.commit()
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
+        self.db.execute("PRAGMA recursive_triggers=ON")  # INSERT OR REPLACE must fire the delete trigger
+        with self.db:
+            self.db.executescript(_SCHEMA)
+        self._opened: dict[int, np.ndarray] = {}  # shard id -> verified memory map (per process)
+        self._bad: dict[int, str] = {}
+
+    @classmethod
+    def open_existing(cls, root: Path) -> "FeatureCache":
+        """Open ``<cache_dir>/<fingerprint>`` from its meta.json (for info/verify/prune of any fingerprint)."""
+        try:
+            meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{root} is not a samprobe feature cache ({exc})", fix="remove the folder or point features.cache_dir elsewhere") from None
+        return cls(root.parent, root.name, int(meta["dim"]), meta["dtype"])
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.root / "meta.json").read_text(encoding="utf-8"))
 
     def close(self) -> None:
+        self._opened.clear()
         self.db.close()
 
     def __enter__(self) -> "FeatureCache":
@@ -59,47 +190,303 @@ class FeatureCache:
         self.close()
 
     def __len__(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        return int(self.db.execute("SELECT COUNT(*) FROM entries WHERE array=?", (POOLED,)).fetchone()[0])
 
-    def _locations(self, keys: Iterable[str]) -> dict[str, tuple[str, int]]:
-        keys = list(dict.fromkeys(keys))
-        out: dict[str, tuple[str, int]] = {}
-        for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit
-            chunk = keys[i:i + 900]
-            q = f"SELECT key, shard, row FROM entries WHERE key IN ({','.join('?' * len(chunk))})"
-            out.update({k: (s, r) for k, s, r in self.db.execute(q, chunk)})
+    # -----------------------------------------------------------------------------------
+    # index
+
+    def _locate(self, keys: list[str], array: str) -> tuple[np.ndarray, np.ndarray]:
+        """(shard id [N], row [N]) of ``keys``; KeyError naming the first key not in the cache."""
+        loc = np.full(len(keys), -1, dtype=np.int64)
+        if len(keys) >= 2000:  # bulk: resolve through the key lists of fully live shards
+            pos: dict[str, int] = {}
+            q = "SELECT s.id, k.keys FROM shards s JOIN shard_keys k ON k.id = s.id WHERE s.array=? AND s.live=s.rows"
+            for sid, names in self.db.execute(q, (array,)):
+                start = sid << _ROW_BITS
+                names = names.split("\n")
+                try:  # the common bulk read: a whole shard, in storage order -> no per-key hashing
+                    a = keys.index(names[0])
+                    if keys[a:a + len(names)] == names:
+                        loc[a:a + len(names)] = np.arange(start, start + len(names))
+                        continue
+                except ValueError:
+                    pass
+                pos.update(zip(names, range(start, start + len(names))))
+            if pos:
+                todo = np.flatnonzero(loc < 0)
+                loc[todo] = np.fromiter(map(pos.get, (keys[i] for i in todo), itertools.repeat(-1)), dtype=np.int64, count=len(todo))
+        rest = np.flatnonzero(loc < 0)
+        if len(rest):
+            found = self._locations([keys[i] for i in rest], array)
+            for i in rest:
+                s, r = found.get(keys[i]) or _raise_key_error(keys[i])
+                loc[i] = (s << _ROW_BITS) | r
+        return loc >> _ROW_BITS, loc & ((1 << _ROW_BITS) - 1)
+
+    def _shards(self, ids: Iterable[int] | None = None) -> dict[int, Shard]:
+        rows = self.db.execute("SELECT id, file, array, rows, dim, nbytes, crc32, stamp FROM shards").fetchall()  # no key lists
+        out = {r[0]: Shard(*r) for r in rows}
+        return out if ids is None else {i: out[i] for i in set(ids) if i in out}
+
+    def _locations(self, keys: list[str], array: str) -> dict[str, tuple[int, int]]:
+        """key -> (shard id, row). Large requests scan the table once instead of many IN queries."""
+        if len(keys) > 20 * _SQL_VARS:
+            want = set(keys)
+            return {k: (s, r) for k, s, r in self.db.execute("SELECT key, shard, row FROM entries WHERE array=?", (array,))
+                    if k in want}
+        out: dict[str, tuple[int, int]] = {}
+        for i in range(0, len(keys), _SQL_VARS):
+            chunk = keys[i:i + _SQL_VARS]
+            q = f"SELECT key, shard, row FROM entries WHERE array=? AND key IN ({','.join('?' * len(chunk))})"
+            out.update({k: (s, r) for k, s, r in self.db.execute(q, [array, *chunk])})
         return out
 
-    def missing(self, keys: Iterable[str]) -> list[str]:
-        keys = list(keys)
-        have = self._locations(keys)
-        return [k for k in dict.fromkeys(keys) if k not in have]
+    def keys(self, array: str = POOLED) -> set[str]:
+        return {k for (k,) in self.db.execute("SELECT key FROM entries WHERE array=?", (array,))}
 
-    def put(self, keys: list[str], features: np.ndarray) -> None:
-        """features: [N, dim]; one shard file, then one committed transaction."""
-        if features.shape != (len(keys), self.dim):
+    # -----------------------------------------------------------------------------------
+    # shard files
+
+    def _open(self, shard: Shard) -> np.ndarray:
+        """Memory map of a shard, checked once per process: stamp unchanged, or crc32 recomputed."""
+        if shard.id in self._opened:
+            return self._opened[shard.id]
+        if shard.id in self._bad:
+            raise _Corrupt(self._bad[shard.id])
+        path = self.shard_dir / shard.file
+        reason = self._check(shard, path, full=False)
+        if reason:
+            self._bad[shard.id] = reason
+            raise _Corrupt(reason)
+        arr = np.memmap(path, dtype=self.dtype, mode="r", shape=(shard.rows, shard.dim))
+        self._opened[shard.id] = arr
+        return arr
+
+    def _check(self, shard: Shard, path: Path, full: bool) -> str | None:
+        """None if the shard file is intact, else why not. ``full`` always recomputes the crc32."""
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return "file missing"
+        if size != shard.nbytes:
+            return f"size {size} bytes, expected {shard.nbytes} (cut short or overwritten)"
+        if not full and _stamp(path) == shard.stamp:
+            return None  # untouched since it was written and checksummed
+        if file_crc32(path) != shard.crc32:
+            return "crc32 mismatch (bytes changed on disk)"
+        if not full:  # content intact, only the stamp moved (copied/touched): remember the new one
+            with self.db:
+                self.db.execute("UPDATE shards SET stamp=? WHERE id=?", (_stamp(path), shard.id))
+        return None
+
+    def _write_shard(self, array: np.ndarray, name: str, keys: list[str]) -> Shard:
+        """Write ``array`` [rows, dim] (row i = ``keys[i]``) atomically and register it (the caller commits)."""
+        data = np.ascontiguousarray(array, dtype=self.dtype)
+        file = f"{uuid.uuid4().hex}.bin"
+        path = self.shard_dir / file
+        with atomic_open(path, "wb") as f:
+            f.write(memoryview(data).cast("B"))
+        crc = zlib.crc32(memoryview(data).cast("B"))
+        cur = self.db.execute("INSERT INTO shards (file, array, rows, dim, nbytes, crc32, stamp) VALUES (?,?,?,?,?,?,?)",
+                              (file, name, data.shape[0], data.shape[1], data.nbytes, crc, _stamp(path)))
+        self.db.execute("INSERT INTO shard_keys (id, keys) VALUES (?, ?)", (cur.lastrowid, "\n".join(keys)))
+        return Shard(int(cur.lastrowid), file, name, data.shape[0], data.shape[1], data.nbytes, crc, _stamp(path))
+
+    # -----------------------------------------------------------------------------------
+    # public API
+
+    def put(self, keys: list[str], features: np.ndarray, array: str = POOLED) -> None:
+        """features: [N, dim] -> one shard file, then one committed transaction (all or nothing)."""
+        if array == POOLED and features.shape != (len(keys), self.dim):
             raise ValueError(f"features shape {features.shape} != ({len(keys)}, {self.dim})")
         if not keys:
             return
-        shard = f"{uuid.uuid4().hex}.npy"
-        with atomic_open(self.root / "shards" / shard, "wb") as f:
-            np.save(f, np.ascontiguousarray(features, dtype=self.dtype))
+        features = features.reshape(len(keys), -1)
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO entries (key, shard, row) VALUES (?, ?, ?)",
-                                [(k, shard, i) for i, k in enumerate(keys)])
+            shard = self._write_shard(features, array, keys)
+            self.db.executemany("INSERT OR REPLACE INTO entries (key, array, shard, row) VALUES (?, ?, ?, ?)",
+                                [(k, array, shard.id, i) for i, k in enumerate(keys)])
 
-    def get(self, keys: list[str]) -> np.ndarray:
-        """[N, dim] float32 in the order of ``keys``; raises KeyError naming a missing key."""
-        locs = self._locations(keys)
-        out = np.empty((len(keys), self.dim), dtype=np.float32)
-        by_shard: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for i, k in enumerate(keys):
-            if k not in locs:
-                raise KeyError(k)
-            shard, row = locs[k]
-            by_shard[shard].append((i, row))
-        for shard, pairs in by_shard.items():
-            arr = np.load(self.root / "shards" / shard, mmap_mode="r")
-            idx = np.array(pairs)
-            out[idx[:, 0]] = arr[idx[:, 1]]
+    def missing(self, keys: Iterable[str], array: str = POOLED) -> list[str]:
+        """Keys with no usable entry. Entries in corrupt shards are dropped here, so they get re-extracted."""
+        keys = list(dict.fromkeys(keys))
+        have = self._locations(keys, array)
+        bad = self._drop_corrupt({s for s, _ in have.values()})
+        return [k for k in keys if k not in have or have[k][0] in bad]
+
+    def _drop_corrupt(self, shard_ids: set[int]) -> set[int]:
+        shards = self._shards(shard_ids)
+        bad = set(shard_ids) - set(shards)  # entries pointing at an unregistered shard
+        for sid, shard in shards.items():
+            try:
+                self._open(shard)
+            except _Corrupt as exc:
+                log.warning(f"cache: shard {shard.file} is corrupt ({exc}); its {shard.rows} entries will be re-extracted")
+                bad.add(sid)
+        if bad:
+            self._delete_shards(bad)
+        return bad
+
+    def _delete_shards(self, ids: set[int]) -> None:
+        shards = self._shards(ids)
+        with self.db:
+            for i in range(0, len(ids), _SQL_VARS):
+                chunk = list(ids)[i:i + _SQL_VARS]
+                marks = ",".join("?" * len(chunk))
+                self.db.execute(f"DELETE FROM entries WHERE shard IN ({marks})", chunk)
+                self.db.execute(f"DELETE FROM shards WHERE id IN ({marks})", chunk)
+        for s in shards.values():
+            self._opened.pop(s.id, None)
+            (self.shard_dir / s.file).unlink(missing_ok=True)
+
+    def get(self, keys: list[str], array: str = POOLED, dtype: Any = np.float32) -> np.ndarray:
+        """[N, dim] in the order of ``keys`` (float32 by default; ``dtype=None`` keeps the stored dtype).
+
+        Raises KeyError naming a missing key, CacheError if a shard is corrupt."""
+        keys = list(keys)
+        n = len(keys)
+        shard_of, row_of = self._locate(keys, array)
+        shards = self._shards(np.unique(shard_of).tolist())
+        dim = next(iter(shards.values())).dim if shards else self.dim
+        out = np.empty((n, dim), dtype=self.dtype if dtype is None else dtype)
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard_of[order])) + 1
+        for idx in np.split(order, bounds) if n else []:
+            shard = shards[int(shard_of[idx[0]])]
+            try:
+                arr = self._open(shard)
+            except _Corrupt as exc:
+                raise CacheError(f"feature cache shard {self.shard_dir / shard.file} is corrupt ({exc})",
+                                 fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and re-extracts them") from None
+            rows = row_of[idx]
+            if len(idx) > 1 and np.all(np.diff(idx) == 1) and np.all(np.diff(rows) == 1):
+                a, r0 = int(idx[0]), int(rows[0])
+                dest = out[a:a + len(idx)]
+                if dest.dtype == self.dtype:  # contiguous run: read() straight into the result (faster than mmap faults)
+                    with open(self.shard_dir / shard.file, "rb") as f:
+                        f.seek(r0 * shard.dim * self.dtype.itemsize)
+                        f.readinto(memoryview(dest).cast("B"))
+                else:
+                    dest[:] = arr[r0:r0 + len(idx)]
+            else:
+                out[idx] = arr[rows]
         return out
+
+    # -----------------------------------------------------------------------------------
+    # maintenance
+
+    def stats(self) -> dict[str, Any]:
+        shard_bytes = int(self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM shards").fetchone()[0])
+        on_disk = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        live = int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        return {"fingerprint": self.fingerprint, "entries": live,
+                "shards": int(self.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]),
+                "shard_bytes": shard_bytes, "bytes_on_disk": on_disk, "dim": self.dim, "dtype": str(self.dtype)}
+
+    def verify(self, drop: bool = False) -> VerifyReport:
+        """Recompute every shard's crc32 and size; count entries in bad shards; ``drop`` removes them."""
+        rep = VerifyReport()
+        per_shard = dict(self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall())
+        shards = self._shards()
+        rep.shards, rep.entries = len(shards), sum(per_shard.values())
+        bad: set[int] = set()
+        for sid, shard in shards.items():
+            reason = self._check(shard, self.shard_dir / shard.file, full=True)
+            if reason:
+                bad.add(sid)
+                rep.bad_shards.append((shard.file, reason))
+        dangling = set(per_shard) - set(shards)
+        for sid in dangling:
+            rep.bad_shards.append((f"<shard id {sid}>", "index entries point at an unregistered shard"))
+        rep.bad_entries = sum(per_shard.get(s, 0) for s in bad | dangling)
+        if drop and (bad or dangling):
+            self._delete_shards(bad | dangling)
+            rep.dropped = True
+        return rep
+
+    def remove(self, keys: Iterable[str]) -> int:
+        """Drop entries (all arrays) of ``keys`` from the index; ``compact`` then frees their bytes."""
+        keys = list(keys)
+        with self.db:
+            for i in range(0, len(keys), _SQL_VARS):
+                chunk = keys[i:i + _SQL_VARS]
+                self.db.execute(f"DELETE FROM entries WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+        return len(keys)
+
+    def compact(self, target_rows: int = SHARD_ROWS) -> dict[str, int]:
+        """Pack small or partly dead shards into shards of up to ``target_rows``; delete dead ones.
+
+        Crash-safe: new shards are written and registered, entries repointed only if they still
+        point at the old place, all in one transaction; old files are deleted after the commit."""
+        live = dict(self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall())
+        shards = self._shards()
+        dead = {s for s in shards if live.get(s, 0) == 0}
+        small = {s: sh for s, sh in shards.items()
+                 if s not in dead and (sh.rows < target_rows // 2 or live[s] < sh.rows)}
+        by_array: dict[str, list[Shard]] = {}
+        for sh in small.values():
+            by_array.setdefault(sh.array, []).append(sh)
+        written = 0
+        for array, group in by_array.items():
+            if len(group) < 2 and all(live[s.id] == s.rows for s in group):
+                continue  # a single full-enough shard: nothing to gain
+            ids = {s.id for s in group}
+            rows = sorted((s, r, k) for k, s, r in self.db.execute("SELECT key, shard, row FROM entries WHERE array=?", (array,))
+                          if s in ids)
+            good = []
+            for s, r, k in rows:
+                try:
+                    self._open(small[s])
+                    good.append((s, r, k))
+                except _Corrupt:
+                    pass  # left for verify/extract to drop
+            for i in range(0, len(good), target_rows):
+                part = good[i:i + target_rows]
+                data = np.concatenate([self._gather(small[s], [r for _, r, _ in grp])
+                                       for s, grp in itertools.groupby(part, key=lambda p: p[0])])
+                with self.db:
+                    new = self._write_shard(data.reshape(len(part), -1), array, [k for _, _, k in part])
+                    self.db.executemany("UPDATE entries SET shard=?, row=? WHERE key=? AND array=? AND shard=?",
+                                        [(new.id, j, k, array, s) for j, (s, _, k) in enumerate(part)])
+                written += 1
+            dead |= {s.id for s in group if s.id not in self._bad}
+        still = dict(self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall())
+        dead = {s for s in dead if still.get(s, 0) == 0}
+        if dead:
+            self._delete_shards(dead)
+        free, pages = (self.db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count"))
+        if free * 5 > pages:  # >20% of the index is pages of deleted rows: give them back to the disk
+            self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {"written": written, "removed": len(dead)}
+
+    def _gather(self, shard: Shard, rows: list[int]) -> np.ndarray:
+        arr = self._open(shard)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return np.asarray(arr[rows[0]:rows[0] + len(rows)])
+        return arr[rows]
+
+    def remove_orphans(self, min_age_s: float = ORPHAN_AGE_S) -> int:
+        """Delete shard files (and temp files of killed writes) no index row points at."""
+        known = {f for (f,) in self.db.execute("SELECT file FROM shards")}
+        now, n = time.time(), 0
+        for p in self.shard_dir.iterdir():
+            if p.name not in known and now - p.stat().st_mtime >= min_age_s:
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _raise_key_error(key: str) -> tuple[int, int]:
+    raise KeyError(key)
+
+
+def fingerprint_dirs(cache_dir: Path) -> list[Path]:
+    """Every ``<cache_dir>/<fingerprint>`` folder holding a cache index."""
+    if not Path(cache_dir).is_dir():
+        return []
+    return sorted(p for p in Path(cache_dir).iterdir() if (p / "index.sqlite").is_file() and (p / "meta.json").is_file())

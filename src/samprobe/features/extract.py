@@ -1,14 +1,22 @@
 """Extraction: images -> pooled features in the cache, skipping what is already there.
 
-Decoding runs in worker processes (``data.loader``); the device does normalisation, the
-encoder and pooling under autocast. Each batch is committed to the cache as it finishes, so a
-killed run loses at most the batch in flight and the next run resumes from there.
+Three stages overlap: worker processes decode the next batches (``data.loader``, prefetch),
+the main thread copies a batch to the device (pinned memory, non_blocking) and runs the encoder
+under autocast, and one writer thread commits finished batches to the cache. Each batch is
+committed as it finishes, so a killed run loses at most the batches in flight and the next
+run resumes from there. On CUDA out-of-memory a batch is split in halves and retried, down to
+one image; later batches are cut to the size that worked.
+
+Distributed: under ``torchrun`` (env RANK / WORLD_SIZE) each rank extracts a disjoint slice
+of the missing keys and writes its own shards; the SQLite index (WAL, busy timeout) takes the
+concurrent commits, and rank 0 compacts after a barrier.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,6 +29,7 @@ from samprobe.backbones.registry import Backbone, build_backbone, fingerprint
 from samprobe.config import Config
 from samprobe.data.loader import LoadItem, make_loader
 from samprobe.data.metadata import Record
+from samprobe.errors import DeviceError
 from samprobe.features.cache import FeatureCache
 
 log = logging.getLogger("samprobe")
@@ -34,6 +43,20 @@ class ExtractResult:
     failures: list[tuple[Record, str]] = field(default_factory=list)
 
 
+def is_oom(exc: BaseException) -> bool:
+    """CUDA (or any allocator's) out-of-memory, whichever class torch raised it as."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard_for_rank(keys: Sequence[str], rank: int, world: int) -> list[str]:
+    """This rank's disjoint share of ``keys``: every key goes to exactly one rank, in a stable order."""
+    return sorted(keys)[rank::world]
+
+
 @dataclass
 class Extractor:
     """A built backbone plus everything needed to run it and to find its cache."""
@@ -44,6 +67,8 @@ class Extractor:
     device: torch.device
     precision: str
     fingerprint: str
+    max_batch: int | None = None
+    """Largest batch known to fit after an out-of-memory split (None: no limit seen)."""
 
     @property
     def dim(self) -> int:
@@ -68,21 +93,52 @@ class Extractor:
         return FeatureCache(cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta)
 
     @torch.inference_mode()
-    def encode_batch(self, images: torch.Tensor, valid_hw: torch.Tensor) -> np.ndarray:
+    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor) -> np.ndarray:
         images = images.to(self.device, non_blocking=True)
-        valid_hw = valid_hw.to(self.device)
+        valid_hw = valid_hw.to(self.device, non_blocking=True)
         with autocast_context(self.device, self.precision):
-            feats = self.backbone.encode(images, valid_hw, self.pooling)
+            feats = self.backbone.encode(images, valid_hw, self.pooling)  # [B, D]
         return feats.float().cpu().numpy()
 
+    def encode_batch(self, images: torch.Tensor, valid_hw: torch.Tensor) -> np.ndarray:
+        """uint8 [B, 3, S, S] -> float32 [B, D]; on out-of-memory split the batch and retry, down to 1."""
+        n = images.shape[0]
+        step = min(n, self.max_batch or n)
+        if step < n:
+            return np.concatenate([self.encode_batch(images[i:i + step], valid_hw[i:i + step]) for i in range(0, n, step)])
+        try:
+            return self._encode(images, valid_hw)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+        # Out of the except block, so the failed attempt's tensors can be freed before retrying.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if n == 1:
+            raise DeviceError(f"out of memory on {self.device} encoding a single image at {self.backbone.input_size}px "
+                              f"({self.backbone.name}, {self.precision})",
+                              fix="use precision bf16/fp16, a smaller backbone.img_size, a larger GPU, or device: cpu")
+        self.max_batch = max(1, n // 2)
+        log.warning(f"extract: out of memory at batch {n}; retrying in batches of {self.max_batch}")
+        return self.encode_batch(images, valid_hw)
+
+    def plan(self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1) -> tuple[list[Record], int]:
+        """(records this rank must extract, one per distinct image; number already cached)."""
+        missing = set(cache.missing(r.sha256 for r in records))
+        # Partition *all* keys, not the missing ones: ranks look at the index at different moments
+        # (another rank may already have committed), but every rank sees the same records.
+        mine = set(shard_for_rank(list({r.sha256 for r in records}), rank, world)) & missing
+        todo = list({r.sha256: r for r in records if r.sha256 in mine}.values())  # same bytes twice: extract once
+        return todo, sum(1 for r in records if r.sha256 not in missing)
+
     def run(self, records: Sequence[Record], cache: FeatureCache, batch_size: int, num_workers: int,
-            max_pixels: int | None = None, progress: bool = True) -> ExtractResult:
-        """Extract every record whose key is not in the cache yet."""
+            max_pixels: int | None = None, progress: bool = True, rank: int = 0, world: int = 1,
+            plan: tuple[list[Record], int] | None = None) -> ExtractResult:
+        """Extract every record whose key is not in the cache yet (this rank's share of them).
+
+        ``plan``: a precomputed ``self.plan(...)``, so ranks can all plan before any of them writes."""
         result = ExtractResult()
-        todo_keys = set(cache.missing(r.sha256 for r in records))
-        todo = [r for r in records if r.sha256 in todo_keys]
-        todo = list({r.sha256: r for r in todo}.values())  # same bytes twice: extract once
-        result.cached = len(records) - len([r for r in records if r.sha256 in todo_keys])
+        todo, result.cached = plan if plan is not None else self.plan(records, cache, rank, world)
         if not todo:
             return result
         items = [LoadItem(r.sha256, r.file, i) for i, r in enumerate(todo)]
@@ -90,16 +146,28 @@ class Extractor:
         loader = make_loader(items, self.backbone.preparer(), batch_size, num_workers, target, max_pixels,
                              pin_memory=self.device.type == "cuda")
         start = time.perf_counter()
-        bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress, dynamic_ncols=True)
-        for batch in loader:
-            for tag, reason in batch.failures:
-                result.failures.append((todo[tag], reason))
-            if batch.tags:
-                feats = self.encode_batch(batch.images, batch.valid_hw)
-                cache.put(batch.keys, feats)
-                result.extracted += len(batch.tags)
-            bar.update(len(batch.tags) + len(batch.failures))
-        bar.close()
+        bar = tqdm(total=len(todo), desc="extract" if world == 1 else f"extract rank {rank}", unit="img",
+                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        # One writer thread: the next batch is encoded while the previous one is fsynced and committed.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samprobe-cache")
+        pending: list[Future] = []
+        try:
+            for batch in loader:
+                for tag, reason in batch.failures:
+                    result.failures.append((todo[tag], reason))
+                if batch.tags:
+                    feats = self.encode_batch(batch.images, batch.valid_hw)  # [B, D] float32
+                    pending = [f for f in pending if not f.done() or f.result()]  # result() re-raises a failed write
+                    if len(pending) >= 2:  # bounded: never more than two batches waiting for the disk
+                        pending.pop(0).result()
+                    pending.append(writer.submit(cache.put, list(batch.keys), feats))
+                    result.extracted += len(batch.tags)
+                bar.update(len(batch.tags) + len(batch.failures))
+            for f in pending:
+                f.result()
+        finally:
+            writer.shutdown(wait=True)
+            bar.close()
         result.seconds = time.perf_counter() - start
         return result
 

@@ -1,0 +1,108 @@
+"""``samprobe cache info | verify | prune``: look after the feature cache of a config.
+
+``info`` lists every fingerprint under ``features.cache_dir`` (sizes, what produced it);
+``verify`` recomputes every shard checksum; ``prune`` drops entries that the run's metadata
+(splits.csv) no longer references and frees their bytes.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from samprobe.config import Config
+from samprobe.errors import CacheError
+from samprobe.features.cache import FeatureCache, fingerprint_dirs
+
+log = logging.getLogger("samprobe")
+
+
+def _current_fingerprint(cfg: Config) -> str | None:
+    from samprobe.features.extract import Extractor
+
+    return Extractor.from_config(cfg).fingerprint
+
+
+def _no_cache(cfg: Config) -> CacheError:
+    return CacheError(f"features.cache_dir {cfg.features.cache_dir} holds no feature cache",
+                      fix="run `samprobe extract -c CONFIG` first, or point features.cache_dir at an existing cache")
+
+
+def cache_info(cfg: Config) -> list[dict[str, Any]]:
+    dirs = fingerprint_dirs(cfg.features.cache_dir)
+    if not dirs:
+        raise _no_cache(cfg)
+    current = _current_fingerprint(cfg)
+    rows = []
+    for d in dirs:
+        with FeatureCache.open_existing(d) as cache:
+            meta, st = cache.meta(), cache.stats()
+        backbone = meta.get("backbone", {})
+        st.update(backbone=backbone.get("model", "?"), pooling=meta.get("pooling"), input_size=meta.get("input_size"),
+                  current=d.name == current)
+        rows.append(st)
+        log.info(f"{d.name}{'  (this config)' if st['current'] else ''}: {st['entries']} entries, {st['shards']} shards, "
+                 f"{st['bytes_on_disk'] / 1e6:.1f} MB on disk; {st['backbone']} {st['input_size']}px, "
+                 f"{'+'.join(st['pooling'] or [])} {st['dim']}-d {st['dtype']}")
+    total = sum(r["bytes_on_disk"] for r in rows)
+    log.info(f"cache {cfg.features.cache_dir}: {len(rows)} fingerprint(s), {total / 1e6:.1f} MB")
+    return rows
+
+
+def cache_verify(cfg: Config, repair: bool = False) -> dict[str, Any]:
+    """Recompute every checksum of every fingerprint; CacheError if anything is bad (after dropping it with ``repair``)."""
+    dirs = fingerprint_dirs(cfg.features.cache_dir)
+    if not dirs:
+        raise _no_cache(cfg)
+    total = {"shards": 0, "entries": 0, "bad_shards": 0, "bad_entries": 0}
+    for d in dirs:
+        with FeatureCache.open_existing(d) as cache:
+            rep = cache.verify(drop=repair)
+        total["shards"] += rep.shards
+        total["entries"] += rep.entries
+        total["bad_shards"] += len(rep.bad_shards)
+        total["bad_entries"] += rep.bad_entries
+        for file, reason in rep.bad_shards:
+            log.info(f"  BAD  {d.name}/shards/{file}: {reason}")
+        log.info(f"{d.name}: {rep.shards} shards, {rep.entries} entries, {len(rep.bad_shards)} bad shards, "
+                 f"{rep.bad_entries} bad entries" + (" (dropped from the index)" if rep.dropped else ""))
+    log.info(f"verify: {total['bad_entries']} bad entries of {total['entries']}")
+    if total["bad_entries"] and not repair:
+        raise CacheError(f"{total['bad_entries']} cache entries in {total['bad_shards']} shard(s) under {cfg.features.cache_dir} are corrupt",
+                         fix="run `samprobe extract -c CONFIG` (it drops corrupt entries and re-extracts them), "
+                             "or `samprobe cache verify -c CONFIG --repair` to drop them now")
+    return total
+
+
+def cache_prune(cfg: Config, all_fingerprints: bool = False, dry_run: bool = False) -> dict[str, int]:
+    """Remove entries whose image the run's metadata no longer lists; compact to free the bytes."""
+    from samprobe.pipeline import load_dataset
+
+    records, _ = load_dataset(cfg)
+    referenced = {r.sha256 for r in records}
+    dirs = fingerprint_dirs(cfg.features.cache_dir)
+    if not dirs:
+        raise _no_cache(cfg)
+    if not all_fingerprints:
+        current = _current_fingerprint(cfg)
+        dirs = [d for d in dirs if d.name == current]
+    out = {"removed": 0, "kept": 0, "freed_bytes": 0}
+    for d in dirs:
+        with FeatureCache.open_existing(d) as cache:
+            keys = cache.keys()
+            stale = keys - referenced
+            before = cache.stats()["bytes_on_disk"]
+            if not dry_run and stale:
+                cache.remove(stale)
+                cache.compact()
+            if not dry_run:
+                cache.remove_orphans()
+            freed = before - cache.stats()["bytes_on_disk"]
+        out["removed"] += len(stale)
+        out["kept"] += len(keys) - len(stale)
+        out["freed_bytes"] += max(freed, 0)
+        log.info(f"{d.name}: {'would remove' if dry_run else 'removed'} {len(stale)} of {len(keys)} entries"
+                 + ("" if dry_run else f", freed {max(freed, 0) / 1e6:.1f} MB"))
+    return out
+
+
+__all__ = ["cache_info", "cache_prune", "cache_verify"]
