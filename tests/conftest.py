@@ -54,6 +54,17 @@ def write_config(path: Path, **sections: dict) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (oneDNN results depend on the thread count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def digits_project(tmp_path: Path) -> Path:
     """tmp_path with data/ (4 digit classes x 20 real scans) and samprobe.yaml (efficientnet_lite0 @96px)."""
     write_digits(tmp_path / "data")

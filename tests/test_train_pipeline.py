@@ -24,13 +24,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 NAMES = ["zero", "one", "two", "three", "four"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as the subprocesses below: bitwise-comparable CPU matmuls. Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from more
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,8 @@ from samprobe.train.optim import StackedAdamW
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add contention. Restored after, so other tests keep theirs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from more
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> TrainConfig:
