@@ -22,7 +22,7 @@ from samprobe.config import TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE
 from samprobe.train.heads import Head, StackedHeads
-from samprobe.train.optim import StackedAdamW, warmup_cosine
+from samprobe.train.optim import StackedAdamW, StackedSGD, warmup_cosine
 
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 
@@ -140,8 +140,9 @@ class SweepTrainer:
         self.model.dropout_generator = self.dropout_gen
         self.model.set_normalisation(torch.from_numpy(np.asarray(x_train, dtype=np.float32)))
         self.model.to(self.device)
-        self.opt = StackedAdamW(self.model.parameters(), torch.tensor([g[0] for g in self.grid]),
-                                torch.tensor([g[1] for g in self.grid]), decoupled=cfg.weight_decay_mode == "decoupled")
+        opt_cls = StackedSGD if cfg.optimizer == "sgd" else StackedAdamW
+        self.opt = opt_cls(self.model.parameters(), torch.tensor([g[0] for g in self.grid]),
+                           torch.tensor([g[1] for g in self.grid]), decoupled=cfg.weight_decay_mode == "decoupled")
         self.micro_steps = math.ceil(len(self.xt) / cfg.batch_size)
         self.opt_steps = math.ceil(self.micro_steps / cfg.accumulate)
         total = self.opt_steps * cfg.epochs
@@ -315,7 +316,7 @@ class SweepTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue bit for bit: tensors and builtins only (weights_only loads it)."""
         return {
-            "epoch": self.epoch, "grid": [list(g) for g in self.grid],
+            "epoch": self.epoch, "grid": [list(g) for g in self.grid], "optimizer_name": self.cfg.optimizer,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
             "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
@@ -332,6 +333,10 @@ class SweepTrainer:
             raise CheckpointError(f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
                                   f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
                                   fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
+        saved_opt = state.get("optimizer_name", "adamw")  # written before train.optimizer existed: AdamW
+        if saved_opt != self.cfg.optimizer:
+            raise CheckpointError(f"last.pt was written with train.optimizer {saved_opt}; this config has {self.cfg.optimizer}",
+                                  fix=f"resume with the config of the interrupted run (train.optimizer: {saved_opt}), or train without --resume")
         self.model.load_state_dict(state["model"])
         self.best = {k: v.to(self.device) for k, v in state["best"].items()}
         self.best_score, self.best_epoch = state["best_score"].clone(), state["best_epoch"].clone()
