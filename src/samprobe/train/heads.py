@@ -74,6 +74,13 @@ def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
     return head.eval()
 
 
+def _heads_second(w: torch.Tensor) -> torch.Tensor:
+    """[H, D, C] with the memory layout of [D, H, C]: ``_all_heads_matmul``'s [D, H*C] operand
+    and its gradient are then views, not a permuted copy of every weight each step (the
+    optimizer's ops are elementwise and keep the layout)."""
+    return w.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+
+
 def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """z [B, D] shared by all heads, w [H, D, C] -> [H, B, C] as one [B, D] x [D, H*C] matmul
     (one large GEMM instead of H small ones; the weight gradient is one GEMM too)."""
@@ -103,12 +110,12 @@ class StackedHeads(nn.Module):
             # Zero init (as Head): a random weight on a feature that carries no signal in training
             # gets no gradient to remove it and stays as noise in the logits (measured: -1 to -4
             # points after 3 SGD epochs on 1280-d features with N(0, 0.01), bench/heads.py).
-            self.w = nn.Parameter(torch.zeros(num_heads, in_dim, num_classes))  # [H, D, C]
+            self.w = nn.Parameter(_heads_second(torch.zeros(num_heads, in_dim, num_classes)))  # [H, D, C]
             self.b = nn.Parameter(torch.zeros(num_heads, num_classes))  # [H, C]
         else:
             # nn.Linear's default init (kaiming-uniform bound 1/sqrt(fan_in)).
             b1, b2 = 1 / math.sqrt(in_dim), 1 / math.sqrt(hidden)
-            self.w1 = nn.Parameter((torch.rand(num_heads, in_dim, hidden, generator=generator) * 2 - 1) * b1)  # [H, D, K]
+            self.w1 = nn.Parameter(_heads_second((torch.rand(num_heads, in_dim, hidden, generator=generator) * 2 - 1) * b1))  # [H, D, K]
             self.b1 = nn.Parameter((torch.rand(num_heads, hidden, generator=generator) * 2 - 1) * b1)  # [H, K]
             self.w2 = nn.Parameter((torch.rand(num_heads, hidden, num_classes, generator=generator) * 2 - 1) * b2)  # [H, K, C]
             self.b2 = nn.Parameter((torch.rand(num_heads, num_classes, generator=generator) * 2 - 1) * b2)  # [H, C]
