@@ -241,6 +241,11 @@ class FeatureCache:
             out.update({k: (s, r) for k, s, r in self.db.execute(q, [array, *chunk])})
         return out
 
+    def array_dim(self, array: str) -> int | None:
+        """Values per entry of ``array`` as stored (None when it has no shard yet)."""
+        row = self.db.execute("SELECT dim FROM shards WHERE array=? LIMIT 1", (array,)).fetchone()
+        return None if row is None else int(row[0])
+
     def keys(self, array: str = POOLED) -> set[str]:
         return {k for (k,) in self.db.execute("SELECT key FROM entries WHERE array=?", (array,))}
 
