@@ -65,7 +65,7 @@ class Backbone(nn.Module):
         _, gh, gw = self.grid_shape()
         if spatial > min(gh, gw):
             raise ConfigError(
-                f"features.spatial {spatial} is larger than backbone {self.name!r}'s {gh}x{gw} feature map "
+                f"features.spatial {spatial} is larger than the {gh}x{gw} feature map of backbone {self.name!r} "
                 f"at {self.input_size}px",
                 fix=f"set features.spatial to at most {min(gh, gw)}, or raise backbone.img_size",
             )
