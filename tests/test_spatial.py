@@ -159,6 +159,15 @@ def test_lite_grid_shape_dtype_and_unchanged_pooled_fingerprint(lite):
     assert run_extract(load_config(cfg), progress=False).extracted == 0  # nothing left to do
 
 
+def test_cache_info_counts_each_array(lite):
+    cfg = _with_spatial(lite)
+    run_extract(load_config(cfg), progress=False)
+    from samprobe.features.manage import cache_info
+
+    row = next(r for r in cache_info(load_config(cfg)) if r["current"])
+    assert row["arrays"] == {"grid2": N, "pooled": N} and row["entries"] == 2 * N
+
+
 def test_resume_re_extracts_only_images_missing_their_grid(lite):
     cfg = _with_spatial(lite)
     run_extract(load_config(cfg), progress=False)

@@ -384,7 +384,8 @@ class FeatureCache:
         shard_bytes = int(self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM shards").fetchone()[0])
         on_disk = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         live = int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
-        return {"fingerprint": self.fingerprint, "entries": live,
+        arrays = dict(self.db.execute("SELECT array, COUNT(*) FROM entries GROUP BY array ORDER BY array").fetchall())
+        return {"fingerprint": self.fingerprint, "entries": live, "arrays": arrays,
                 "shards": int(self.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]),
                 "shard_bytes": shard_bytes, "bytes_on_disk": on_disk, "dim": self.dim, "dtype": str(self.dtype)}
 
