@@ -51,6 +51,8 @@ class FeaturesConfig(_Strict):
     pooling: list[str] = Field(default_factory=list)
     """Pooled features to store, concatenated; empty = the backbone's default (SAM: neck_avg)."""
     dtype: Literal["float16", "float32"] = "float16"
+    spatial: int | None = Field(default=None, gt=0, le=64)
+    """Also store a spatial x spatial token grid per image (for attention heads), in ``dtype``; None = off."""
     batch_size: int = Field(default=8, gt=0)
     num_workers: int | Literal["auto"] = "auto"
 
@@ -275,6 +277,7 @@ backbone:
 features:
   cache_dir: cache            # extracted features, shared between runs
   pooling: []                 # empty = backbone default; SAM: neck_avg, neck_max, block_avg; others: avg
+  spatial: null               # e.g. 16: also store a 16x16 grid of neck tokens per image (256 x 256 fp16 = 128 KB)
   dtype: float16
   batch_size: 8
   num_workers: auto           # decoding processes; auto = number of CPU cores

@@ -143,16 +143,30 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         backbone.check_pooling(pooling)
         dims = backbone.feature_dims()
         state["dim"] = sum(dims[p] for p in pooling)
+        grid = ""
+        if cfg.features.spatial:
+            backbone.check_spatial(cfg.features.spatial)
+            channels = backbone.grid_shape()[0]
+            state["grid_dim"] = cfg.features.spatial ** 2 * channels
+            grid = f" + {cfg.features.spatial}x{cfg.features.spatial} grid of {channels}-d tokens"
         source = cfg.backbone.checkpoint or "bundled weights"
-        return f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, features {'+'.join(pooling)} = {state['dim']}-d"
+        return (f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, "
+                f"features {'+'.join(pooling)} = {state['dim']}-d{grid}")
 
     def _disk() -> str:
         from samprobe.features.cache import check_free_space, estimate_bytes
 
         dim = state.get("dim", 1280)  # unknown backbone: the largest SAM block width
-        need = int(HEADROOM * estimate_bytes(max(len(state["rows"]), 1), dim, cfg.features.dtype))
+        n = max(len(state["rows"]), 1)
+        spatial = cfg.features.spatial
+        # unknown backbone: SAM's 256-channel neck
+        grid_dim = state.get("grid_dim", (spatial or 0) ** 2 * 256)
+        need = int(HEADROOM * (estimate_bytes(n, dim, cfg.features.dtype)
+                               + (estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0)))
         free = check_free_space(cfg.features.cache_dir, need)
-        return f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB ({len(state['rows'])} images x {dim}-d {cfg.features.dtype})"
+        grid = f" + {spatial}x{spatial} grid = {grid_dim} values" if spatial else ""
+        return (f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB "
+                f"({len(state['rows'])} images x {dim}-d{grid} {cfg.features.dtype})")
 
     def _tracker() -> str:
         from samprobe.tracking import tcp_reachable, wandb_base_url

@@ -8,7 +8,7 @@ import numpy as np
 
 from samprobe.config import Config
 from samprobe.errors import ConfigError, DataError
-from samprobe.features.extract import Extractor, load_features
+from samprobe.features.extract import Extractor, load_features, load_grid
 from samprobe.io import atomic_open
 from samprobe.pipeline import load_dataset
 
@@ -22,24 +22,33 @@ def export_features(cfg: Config, split: str, out: Path) -> Path:
     recs = records if split == "all" else [r for r in records if r.split == split]
     extractor = Extractor.from_config(cfg)
     with extractor.open_cache(cfg) as cache:
-        missing = cache.missing(r.sha256 for r in recs)
+        missing = {k for a in extractor.arrays() for k in cache.missing((r.sha256 for r in recs), a)}
         if missing:
-            raise DataError(f"{len(missing)} images of split {split} are not in the cache", fix="run `samprobe extract -c CONFIG` first")
+            raise DataError(f"{len(missing)} images of split {split} are not in the cache"
+                            + (f" with their {cfg.features.spatial}x{cfg.features.spatial} grid" if cfg.features.spatial else ""),
+                            fix="run `samprobe extract -c CONFIG` first")
         x = load_features(cache, recs)
+        # [N, T, C] float32, only when features.spatial is set
+        grid = load_grid(cache, recs, cfg.features.spatial) if cfg.features.spatial else None
     paths = np.array([r.path for r in recs])
     labels = np.array([r.label for r in recs])
     splits = np.array([r.split or "" for r in recs])
     if out.suffix == ".npz":
         with atomic_open(out, "wb") as f:
-            np.savez(f, features=x, path=paths, label=labels, split=splits, sha256=np.array([r.sha256 for r in recs]))
+            extra = {} if grid is None else {"spatial": grid}
+            np.savez(f, features=x, path=paths, label=labels, split=splits, sha256=np.array([r.sha256 for r in recs]), **extra)
     else:
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError("parquet export needs pyarrow", fix="pip install 'samprobe[parquet]' or export to .npz") from None
-        table = pa.table({"path": paths, "label": labels, "split": splits, "features": list(x)})
+        columns = {"path": paths, "label": labels, "split": splits, "features": list(x)}
+        if grid is not None:  # parquet has no 3-d cells: each row's grid flattened, token-major [T*C]
+            columns["spatial"] = list(grid.reshape(len(recs), -1))
+        table = pa.table(columns)
         with atomic_open(out, "wb") as f:
             pq.write_table(table, f)
-    log.info(f"exported {len(recs)} x {x.shape[1]} features ({split}) to {out}")
+    log.info(f"exported {len(recs)} x {x.shape[1]} features" + ("" if grid is None else f" + {grid.shape[1]}x{grid.shape[2]} grids")
+             + f" ({split}) to {out}")
     return out

@@ -19,7 +19,7 @@ from samprobe.data.loader import failure_kind
 from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
 from samprobe.data.splits import assign_splits
 from samprobe.errors import CheckpointError, DataError
-from samprobe.features.cache import check_free_space, ensure_writable_dir, estimate_bytes
+from samprobe.features.cache import check_free_space, ensure_writable_dir
 from samprobe.features.extract import ExtractResult, Extractor, load_features, rank_world
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
@@ -118,14 +118,17 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     extractor = Extractor.from_config(cfg)
     with extractor.open_cache(cfg) as cache:
         plan = extractor.plan(records, cache, rank, world)
-        n_missing = len(cache.missing(r.sha256 for r in records))  # all ranks together
+        keys = [r.sha256 for r in records]
+        n_missing = len({k for a in extractor.arrays() for k in cache.missing(keys, a)})  # all ranks together
         if world > 1:
             dist.barrier()  # every rank has read the index before any rank writes to it
-        need = estimate_bytes(n_missing, extractor.dim, extractor.dtype)
+        need = extractor.disk_need(cache, keys)  # pooled + grid
         free = check_free_space(cache.root, need)
+        grid = (f" + {extractor.spatial}x{extractor.spatial} grid of {extractor.backbone.grid_shape()[0]}-d tokens"
+                if extractor.spatial else "")
         log.info(f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on disk, {free / 1e9:.1f} GB free), "
                  f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
-                 f"{extractor.precision}, {extractor.device}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d, "
+                 f"{extractor.precision}, {extractor.device}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "
                  f"cache {cache.root}" + (f", {world} ranks" if world > 1 else ""))
         result = extractor.run(records, cache, cfg.features.batch_size, cfg.resolved_num_workers(),
                                cfg.data.max_pixels, progress=progress, rank=rank, world=world, plan=plan)

@@ -6,6 +6,10 @@ A backbone is split in two halves on purpose:
   It never touches CUDA, which is what makes forked workers safe.
 - ``forward`` runs on the device: normalisation, padding mask, encoder, pooling. It returns
   one pooled vector per requested feature name.
+
+Optionally (``features.spatial``) a backbone also returns a coarse spatial grid per image: its
+last feature map's *valid* token region adaptive-average-pooled to ``spatial x spatial`` tokens
+(``encode_grid``), for attention heads. Padding never enters the grid.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samprobe.config import BackboneConfig
@@ -45,6 +50,26 @@ class Backbone(nn.Module):
         """uint8 [B, 3, S, S] on device, valid_hw int [B, 2] -> float [B, D] (pooled features concatenated in ``pooling`` order)."""
         raise NotImplementedError
 
+    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``encode`` plus the grid, from one forward pass:
+        (float [B, D], float [B, spatial*spatial, C] pooled from the valid tokens of the last feature map)."""
+        raise NotImplementedError
+
+    def grid_shape(self) -> tuple[int, int, int]:
+        """(C, gh, gw) of the feature map ``encode_grid`` pools (at ``input_size``)."""
+        raise NotImplementedError
+
+    def check_spatial(self, spatial: int) -> None:
+        """ConfigError when the grid would have more tokens per side than the feature map itself."""
+        _, gh, gw = self.grid_shape()
+        if spatial > min(gh, gw):
+            raise ConfigError(
+                f"features.spatial {spatial} is larger than the {gh}x{gw} feature map of backbone {self.name!r} "
+                f"at {self.input_size}px",
+                fix=f"set features.spatial to at most {min(gh, gw)}, or raise backbone.img_size",
+            )
+
     def feature_dims(self) -> dict[str, int]:
         raise NotImplementedError
 
@@ -59,6 +84,25 @@ class Backbone(nn.Module):
                 f"features.pooling {pooling} is not offered by backbone {self.name!r}",
                 fix=f"choose from {', '.join(self.feature_names)}",
             )
+
+
+def pool_grid(x: torch.Tensor, tokens_hw: torch.Tensor, spatial: int) -> torch.Tensor:
+    """x [B, C, gh, gw], tokens_hw int [B, 2] valid token rows/cols (top-left) -> fp32 [B, spatial*spatial, C].
+
+    Each image's valid region ``x[b, :, :rows, :cols]`` is adaptive-average-pooled on its own, so
+    padding tokens never contribute. A side shorter than ``spatial`` (a very wide or tall image)
+    repeats its tokens, as adaptive pooling does."""
+    out = []
+    for b, (rows, cols) in enumerate(tokens_hw.tolist()):
+        region = x[b, :, :max(rows, 1), :max(cols, 1)].float()  # [C, rows, cols]
+        out.append(F.adaptive_avg_pool2d(region, spatial).flatten(1).T)  # [spatial*spatial, C]
+    return torch.stack(out)
+
+
+def grid_array(spatial: int) -> str:
+    """Cache array name of the grid: stored beside "pooled" under the same fingerprint; the grid
+    side is in the name, so another ``features.spatial`` is another array, not another cache."""
+    return f"grid{spatial}"
 
 
 def fingerprint(backbone: Backbone, pooling: list[str], dtype: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samprobe.backbones.registry import Backbone, register
+from samprobe.backbones.registry import Backbone, pool_grid, register
 from samprobe.backbones.sam_attention import SamBlock
 from samprobe.backbones.sam_weights import (
     DOWNLOAD_FIX,
@@ -177,18 +177,39 @@ class SamBackbone(Backbone):
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
         """uint8 [B, 3, S, S], int [B, 2] -> fp32 [B, D] pooled over the valid tokens, in ``pooling`` order."""
+        return self._encode(images, valid_hw, pooling, None)[0]
+
+    @torch.inference_mode()
+    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (fp32 [B, D], fp32 [B, spatial*spatial, out_chans]): the neck's valid tokens pooled to a grid."""
+        pooled, grid = self._encode(images, valid_hw, pooling, spatial)
+        assert grid is not None
+        return pooled, grid
+
+    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.check_pooling(list(pooling))
-        x = self.preprocess(images, valid_hw.cpu())  # slicing by CPU sizes: no device sync
+        hw_cpu = valid_hw.cpu()
+        x = self.preprocess(images, hw_cpu)  # slicing by CPU sizes: no device sync
         valid_hw = valid_hw.to(images.device, torch.long)
         block, neck = self.trunk(x,
-                                 with_neck=any(p.startswith("neck") for p in pooling))
+                                 with_neck=spatial is not None or any(p.startswith("neck") for p in pooling))
         mask = valid_token_mask(valid_hw, self.grid, self.geometry.patch_size)  # [B, gh, gw]
         pooled = {
             "neck_avg": lambda: masked_avg(neck, mask),
             "neck_max": lambda: masked_max(neck, mask),
             "block_avg": lambda: masked_avg(block, mask),
         }
-        return torch.cat([pooled[p]() for p in pooling], dim=1)
+        feats = torch.cat([pooled[p]() for p in pooling], dim=1)
+        if spatial is None:
+            return feats, None
+        p = self.geometry.patch_size
+        tokens_hw = torch.div(hw_cpu.long() + p - 1, p, rounding_mode="floor")  # [B, 2] = ceil(h'/p), ceil(w'/p)
+        return feats, pool_grid(neck, tokens_hw, spatial)
+
+    def grid_shape(self) -> tuple[int, int, int]:
+        return (self.geometry.out_chans, *self.grid)
 
     def feature_dims(self) -> dict[str, int]:
         g = self.geometry

@@ -14,7 +14,7 @@ import numpy as np
 import timm
 import torch
 
-from samprobe.backbones.registry import Backbone, register
+from samprobe.backbones.registry import Backbone, pool_grid, register
 from samprobe.config import BackboneConfig
 from samprobe.data.images import resize_square
 from samprobe.errors import CheckpointError, ConfigError
@@ -39,6 +39,7 @@ class TimmBackbone(Backbone):
         self.name = name
         self.weights_file = weights_file
         self.input_size = input_size
+        self._grid_shape: tuple[int, int, int] | None = None
         # 0-255 scale so normalisation of uint8 input is one fused op: (x - mean) / std.
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
@@ -52,6 +53,25 @@ class TimmBackbone(Backbone):
     def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # [B, 3, S, S]
         return self.model(x).float()  # [B, num_features] (num_classes=0 -> pooled features)
+
+    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (fp32 [B, D], fp32 [B, spatial*spatial, C]): the last feature map pooled to a grid.
+        Square resize, no padding: the whole map is valid."""
+        x = (images.float() - self.mean) / self.std  # [B, 3, S, S]
+        fmap = self.model.forward_features(x)  # [B, C, h, w]
+        pooled = self.model.forward_head(fmap).float()  # [B, C], same as self.model(x)
+        tokens_hw = torch.tensor(fmap.shape[2:], dtype=torch.long).expand(fmap.shape[0], 2)
+        return pooled, pool_grid(fmap, tokens_hw, spatial)
+
+    def grid_shape(self) -> tuple[int, int, int]:
+        if self._grid_shape is None:  # one tiny CPU forward: timm models do not all report their stride
+            ref = next(self.model.parameters())
+            with torch.inference_mode():
+                fmap = self.model.forward_features(torch.zeros(1, 3, self.input_size, self.input_size,
+                                                               dtype=ref.dtype, device=ref.device))
+            self._grid_shape = (int(fmap.shape[1]), int(fmap.shape[2]), int(fmap.shape[3]))
+        return self._grid_shape
 
     def feature_dims(self) -> dict[str, int]:
         return {"avg": int(self.model.num_features)}

@@ -241,6 +241,11 @@ class FeatureCache:
             out.update({k: (s, r) for k, s, r in self.db.execute(q, [array, *chunk])})
         return out
 
+    def array_dim(self, array: str) -> int | None:
+        """Values per entry of ``array`` as stored (None when it has no shard yet)."""
+        row = self.db.execute("SELECT dim FROM shards WHERE array=? LIMIT 1", (array,)).fetchone()
+        return None if row is None else int(row[0])
+
     def keys(self, array: str = POOLED) -> set[str]:
         return {k for (k,) in self.db.execute("SELECT key FROM entries WHERE array=?", (array,))}
 
@@ -379,7 +384,8 @@ class FeatureCache:
         shard_bytes = int(self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM shards").fetchone()[0])
         on_disk = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         live = int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
-        return {"fingerprint": self.fingerprint, "entries": live,
+        arrays = dict(self.db.execute("SELECT array, COUNT(*) FROM entries GROUP BY array ORDER BY array").fetchall())
+        return {"fingerprint": self.fingerprint, "entries": live, "arrays": arrays,
                 "shards": int(self.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]),
                 "shard_bytes": shard_bytes, "bytes_on_disk": on_disk, "dim": self.dim, "dtype": str(self.dtype)}
 

@@ -1,4 +1,5 @@
-"""Extraction: images -> pooled features in the cache, skipping what is already there.
+"""Extraction: images -> pooled features (and, with ``features.spatial``, a token grid) in the
+cache, skipping what is already there.
 
 Three stages overlap: worker processes decode the next batches (``data.loader``, prefetch),
 the main thread copies a batch to the device (pinned memory, non_blocking) and runs the encoder
@@ -25,14 +26,15 @@ import torch
 from tqdm import tqdm
 
 from samprobe.backbones.precision import autocast_context, resolve_device, resolve_precision
-from samprobe.backbones.registry import Backbone, build_backbone, fingerprint
+from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, grid_array
 from samprobe.config import Config
 from samprobe.data.loader import LoadItem, make_loader
 from samprobe.data.metadata import Record
 from samprobe.errors import DeviceError
-from samprobe.features.cache import FeatureCache
+from samprobe.features.cache import FeatureCache, estimate_bytes
 
 log = logging.getLogger("samprobe")
+_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Extractor:
     device: torch.device
     precision: str
     fingerprint: str
+    spatial: int | None = None
+    """Grid side stored beside the pooled features (``features.spatial``); None = pooled only."""
     max_batch: int | None = None
     """Largest batch known to fit after an out-of-memory split (None: no limit seen)."""
 
@@ -74,6 +78,22 @@ class Extractor:
     def dim(self) -> int:
         dims = self.backbone.feature_dims()
         return sum(dims[p] for p in self.pooling)
+
+    @property
+    def grid_dim(self) -> int:
+        """Values per image in the grid array: spatial*spatial tokens x C channels (0 when off)."""
+        return 0 if self.spatial is None else self.spatial ** 2 * self.backbone.grid_shape()[0]
+
+    def arrays(self) -> list[str]:
+        """Cache arrays every image must have: "pooled", plus the grid when enabled."""
+        return ["pooled"] + ([grid_array(self.spatial)] if self.spatial else [])
+
+    def disk_need(self, cache: FeatureCache, keys: Sequence[str]) -> int:
+        """Bytes the missing entries of every array will take (pooled and grid counted apart)."""
+        need = estimate_bytes(len(cache.missing(keys)), self.dim, self.dtype)
+        if self.spatial:
+            need += estimate_bytes(len(cache.missing(keys, grid_array(self.spatial))), self.grid_dim, self.dtype)
+        return need
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Extractor":
@@ -85,29 +105,46 @@ class Extractor:
         backbone = build_backbone(cfg.backbone).to(device)
         pooling = list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
         backbone.check_pooling(pooling)
+        spatial = cfg.features.spatial
+        if spatial is not None:
+            backbone.check_spatial(spatial)
+        # The grid is a second array under the same fingerprint: turning it on or off never
+        # invalidates the pooled features.
         return cls(backbone, pooling, cfg.features.dtype, device, precision,
-                   fingerprint(backbone, pooling, cfg.features.dtype))
+                   fingerprint(backbone, pooling, cfg.features.dtype), spatial)
 
     def open_cache(self, cfg: Config) -> FeatureCache:
         meta = {"backbone": self.backbone.identity(), "pooling": self.pooling, "input_size": self.backbone.input_size}
         return FeatureCache(cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta)
 
     @torch.inference_mode()
-    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor) -> np.ndarray:
+    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool) -> tuple[np.ndarray, np.ndarray | None]:
         images = images.to(self.device, non_blocking=True)
         valid_hw = valid_hw.to(self.device, non_blocking=True)
         with autocast_context(self.device, self.precision):
-            feats = self.backbone.encode(images, valid_hw, self.pooling)  # [B, D]
-        return feats.float().cpu().numpy()
+            if grid and self.spatial:
+                feats, tokens = self.backbone.encode_grid(images, valid_hw, self.pooling, self.spatial)  # [B, D], [B, T, C]
+            else:
+                feats, tokens = self.backbone.encode(images, valid_hw, self.pooling), None  # [B, D]
+        # The grid travels in the cache dtype: half the device->host copy at fp16.
+        return feats.float().cpu().numpy(), None if tokens is None else tokens.to(_TORCH_DTYPE[self.dtype]).cpu().numpy()
 
     def encode_batch(self, images: torch.Tensor, valid_hw: torch.Tensor) -> np.ndarray:
-        """uint8 [B, 3, S, S] -> float32 [B, D]; on out-of-memory split the batch and retry, down to 1."""
+        """uint8 [B, 3, S, S] -> float32 [B, D] pooled features (see ``encode_arrays``)."""
+        return self.encode_arrays(images, valid_hw, grid=False)[0]
+
+    def encode_arrays(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 [B, 3, S, S] -> (float32 [B, D], grid [B, T, C] in the cache dtype or None when off / not asked).
+
+        On out-of-memory split the batch and retry, down to 1."""
         n = images.shape[0]
         step = min(n, self.max_batch or n)
         if step < n:
-            return np.concatenate([self.encode_batch(images[i:i + step], valid_hw[i:i + step]) for i in range(0, n, step)])
+            parts = [self.encode_arrays(images[i:i + step], valid_hw[i:i + step], grid) for i in range(0, n, step)]
+            grids = [g for _, g in parts]
+            return np.concatenate([f for f, _ in parts]), None if grids[0] is None else np.concatenate(grids)
         try:
-            return self._encode(images, valid_hw)
+            return self._encode(images, valid_hw, grid)
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -120,11 +157,12 @@ class Extractor:
                               fix="use precision bf16/fp16, a smaller backbone.img_size, a larger GPU, or device: cpu")
         self.max_batch = max(1, n // 2)
         log.warning(f"extract: out of memory at batch {n}; retrying in batches of {self.max_batch}")
-        return self.encode_batch(images, valid_hw)
+        return self.encode_arrays(images, valid_hw, grid)
 
     def plan(self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1) -> tuple[list[Record], int]:
         """(records this rank must extract, one per distinct image; number already cached)."""
-        missing = set(cache.missing(r.sha256 for r in records))
+        # An image missing any array (e.g. its grid, after features.spatial was turned on) is re-extracted.
+        missing = {k for a in self.arrays() for k in cache.missing((r.sha256 for r in records), a)}
         # Partition *all* keys, not the missing ones: ranks look at the index at different moments
         # (another rank may already have committed), but every rank sees the same records.
         mine = set(shard_for_rank(list({r.sha256 for r in records}), rank, world)) & missing
@@ -156,11 +194,11 @@ class Extractor:
                 for tag, reason in batch.failures:
                     result.failures.append((todo[tag], reason))
                 if batch.tags:
-                    feats = self.encode_batch(batch.images, batch.valid_hw)  # [B, D] float32
+                    feats, grid = self.encode_arrays(batch.images, batch.valid_hw)  # [B, D] float32, [B, T, C] or None
                     pending = [f for f in pending if not f.done() or f.result()]  # result() re-raises a failed write
                     if len(pending) >= 2:  # bounded: never more than two batches waiting for the disk
                         pending.pop(0).result()
-                    pending.append(writer.submit(cache.put, list(batch.keys), feats))
+                    pending.append(writer.submit(self._put, cache, list(batch.keys), feats, grid))
                     result.extracted += len(batch.tags)
                 bar.update(len(batch.tags) + len(batch.failures))
             for f in pending:
@@ -171,10 +209,26 @@ class Extractor:
         result.seconds = time.perf_counter() - start
         return result
 
+    def _put(self, cache: FeatureCache, keys: list[str], feats: np.ndarray, grid: np.ndarray | None) -> None:
+        """Commit one batch: pooled, then the grid. A kill in between leaves images without a grid,
+        which ``plan`` sees as missing and re-extracts."""
+        cache.put(keys, feats)
+        if grid is not None:
+            cache.put(keys, grid.reshape(len(keys), -1), array=grid_array(self.spatial))
+
 
 def load_features(cache: FeatureCache, records: Sequence[Record]) -> np.ndarray:
     """[N, D] float32 features in record order (every record must be in the cache)."""
     return cache.get([r.sha256 for r in records]) if records else np.zeros((0, cache.dim), np.float32)
+
+
+def load_grid(cache: FeatureCache, records: Sequence[Record], spatial: int) -> np.ndarray:
+    """[N, spatial*spatial, C] float32 grids in record order (every record must have one: KeyError otherwise)."""
+    array = grid_array(spatial)
+    flat = cache.get([r.sha256 for r in records], array=array) if records else None
+    if flat is None or flat.shape[0] == 0:
+        return np.zeros((0, spatial * spatial, (cache.array_dim(array) or 0) // spatial ** 2), np.float32)
+    return flat.reshape(len(records), spatial * spatial, -1)
 
 
 def image_features(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:

@@ -40,7 +40,9 @@ def cache_info(cfg: Config) -> list[dict[str, Any]]:
         st.update(backbone=backbone.get("model", "?"), pooling=meta.get("pooling"), input_size=meta.get("input_size"),
                   current=d.name == current)
         rows.append(st)
-        log.info(f"{d.name}{'  (this config)' if st['current'] else ''}: {st['entries']} entries, {st['shards']} shards, "
+        # e.g. "9 entries (grid2 9, pooled 9)" once a second array (the spatial grid) is stored
+        per_array = f" ({', '.join(f'{a} {n}' for a, n in st['arrays'].items())})" if len(st["arrays"]) > 1 else ""
+        log.info(f"{d.name}{'  (this config)' if st['current'] else ''}: {st['entries']} entries{per_array}, {st['shards']} shards, "
                  f"{st['bytes_on_disk'] / 1e6:.1f} MB on disk; {st['backbone']} {st['input_size']}px, "
                  f"{'+'.join(st['pooling'] or [])} {st['dim']}-d {st['dtype']}")
     total = sum(r["bytes_on_disk"] for r in rows)
