@@ -47,7 +47,8 @@ def test_bad_values_name_the_key(tmp_path: Path, override: str, needle: str) -> 
 
 
 def test_typo_suggests_the_right_key(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(TEMPLATE.replace("  lr: 0.001", "  lrate: 0.001"))
+    assert "\n  lr: " in TEMPLATE
+    (tmp_path / "c.yaml").write_text(TEMPLATE.replace("\n  lr: ", "\n  lrate: "))
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "c.yaml")
     assert "train.lrate" in err.value.message and "train.lr" in (err.value.fix or "")
