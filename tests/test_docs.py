@@ -12,7 +12,7 @@ from samprobe import errors
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "samprobe"
 DOCS = REPO / "docs" / "troubleshooting.md"
-SEED_ERRORS = [  # the error lines of /work/shared/seed/common-errors.md
+SEED_ERRORS = [  # the error lines of the seed notes (shared/seed/common-errors.md)
     "Cannot re-initialize CUDA in forked subprocess",
     "CUDA out of memory",
     "IndexError: index out of range in self",
