@@ -5,7 +5,13 @@ failure. Tracebacks only with --debug.
 """
 from __future__ import annotations
 
-import argparse
+import os
+
+# Set before torch loads: spinning OpenMP threads burn CPU whenever a partner thread is
+# descheduled (a busy or shared CPU); measured 2x CPU time for SAM extraction under load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import logging
 import sys
 import traceback
@@ -36,6 +42,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from samprobe.config import TEMPLATE
     from samprobe.io import atomic_write_text
 
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        raise SamprobeError(f"{args.dir} is a file, not a folder", fix="pass a folder for samprobe.yaml (it is created if missing)")
     target = Path(args.dir) / "samprobe.yaml"
     if target.exists() and not args.force:
         raise SamprobeError(f"{target} already exists", fix="pass --force to overwrite it, or choose another folder")
@@ -80,6 +88,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from samprobe.predict import run_predict
+
+    if args.top_k < 1:
+        raise SamprobeError(f"--top-k must be 1 or more, got {args.top_k}", fix="e.g. --top-k 5")
 
     run_predict(Path(args.checkpoint), args.inputs, Path(args.out), top_k=args.top_k, device=args.device)
     return 0
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
     p.add_argument("inputs", nargs="+", help="image files, folders, or a metadata csv/jsonl with a path column")
     p.add_argument("--out", required=True, help="output CSV: path, label, score, top_k, error")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="how many best classes to list (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     feats = sub.add_parser("features", help="cached features for use elsewhere", description="cached features for use elsewhere")
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"samprobe: error [{exc.code}]: {exc.message}.{fix}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("samprobe: interrupted (completed work is saved; rerun the same command to resume)", file=sys.stderr)
+        print("samprobe: interrupted (completed work is saved: rerun extract to resume it, or train with --resume)", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: say so, keep the traceback one flag away
         if debug:

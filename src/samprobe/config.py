@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samprobe.errors import ConfigError
 
@@ -33,6 +33,13 @@ class DataConfig(_Strict):
     max_pixels: int = Field(default=178_956_970, gt=0)
     val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _something_left_to_train(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction:g}: "
+                             "nothing would be left to train on; keep the sum below 1")
+        return self
 
 
 class BackboneConfig(_Strict):
@@ -214,8 +221,7 @@ def _resolve_paths(model: BaseModel, base: Path) -> None:
             _resolve_paths(value, base)
         elif isinstance(value, Path):
             value = value.expanduser()
-            if not value.is_absolute():
-                setattr(model, name, (base / value).resolve())
+            setattr(model, name, value if value.is_absolute() else (base / value).resolve())
 
 
 def build_config(raw: dict[str, Any], base_dir: Path, source: str = "config") -> Config:
@@ -234,6 +240,8 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
                           fix=f"create one with `samprobe init {path.parent}` or pass the right -c path")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})", fix="fix the file's permissions") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}", fix="fix the syntax at the position shown") from None
     if not isinstance(raw, dict):

@@ -10,7 +10,7 @@ from samprobe.config import Config
 from samprobe.errors import ConfigError, DataError
 from samprobe.features.extract import Extractor, load_features, load_grid
 from samprobe.io import atomic_open
-from samprobe.pipeline import load_dataset
+from samprobe.pipeline import FAILURES_FILE, load_dataset, read_failed_keys
 
 log = logging.getLogger("samprobe")
 
@@ -20,6 +20,11 @@ def export_features(cfg: Config, split: str, out: Path) -> Path:
         raise ConfigError(f"--out {out} must end in .npz or .parquet", fix="e.g. --out train_features.npz")
     records, _ = load_dataset(cfg)
     recs = records if split == "all" else [r for r in records if r.split == split]
+    failed = read_failed_keys(cfg.run_dir)
+    if failed:
+        kept = [r for r in recs if r.sha256 not in failed]
+        log.info(f"export: {len(recs) - len(kept)} images that failed at extract are left out (see {cfg.run_dir / FAILURES_FILE})")
+        recs = kept
     extractor = Extractor.from_config(cfg)
     with extractor.open_cache(cfg) as cache:
         missing = {k for a in extractor.arrays() for k in cache.missing((r.sha256 for r in recs), a)}

@@ -6,6 +6,7 @@ alone; each is also a plain function for notebooks.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -49,28 +50,48 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     run_dir = prepare_run_dir(cfg)
     ds = validate(cfg.data, progress=progress)
     ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    ds.extra["data_settings"] = data_settings_hash(cfg)
+    (run_dir / "splits.csv").unlink(missing_ok=True)  # a run that stops below must not leave usable splits
+    (run_dir / FAILURES_FILE).unlink(missing_ok=True)  # about the previous validation's images
     report = write_report(ds, run_dir)
-    write_splits(ds.records, run_dir / "splits.csv")
     for line in summary_lines(report, ds.problems):
         log.info(line)
-    log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
     if ds.problems and cfg.data.on_bad_rows == "error":
         p = ds.problems[0]
         raise DataError(f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} ({p.detail})",
                         fix=f"fix the rows listed in {run_dir / 'bad_rows.csv'}, or set data.on_bad_rows: skip")
     if not ds.records:
         raise DataError(f"no usable rows in {ds.source}", fix=f"see {run_dir / 'bad_rows.csv'} for why each row was rejected")
+    write_splits(ds.records, run_dir / "splits.csv")
+    log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
     return ds.records, ds.taxonomy
+
+
+def data_settings_hash(cfg: Config) -> str:
+    """What decides the records and splits besides file contents: data settings and the seed."""
+    blob = json.dumps({"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _data_sources(cfg: Config) -> list[Path]:
+    """Files and folders whose change means validating again (folder layout: the class folders)."""
+    paths = [Path(p) for p in (cfg.data.metadata, cfg.data.classes_file) if p is not None]
+    if cfg.data.metadata is None and cfg.data.image_root is not None and Path(cfg.data.image_root).is_dir():
+        root = Path(cfg.data.image_root)
+        paths += [root, *(p for p in root.iterdir() if p.is_dir())]
+    return [p for p in paths if p.exists()]
 
 
 def load_dataset(cfg: Config) -> tuple[list[Record], list[str]]:
     """(records, taxonomy) from the run's splits.csv and data_report.json; validates first when
     they are absent or older than the metadata / classes file."""
-    splits, report = cfg.run_dir / "splits.csv", cfg.run_dir / "data_report.json"
-    sources = [p for p in (cfg.data.metadata, cfg.data.classes_file) if p is not None and Path(p).is_file()]
-    fresh = splits.is_file() and report.is_file() and all(Path(p).stat().st_mtime <= splits.stat().st_mtime for p in sources)
-    if fresh:
-        return read_splits(splits), json.loads(report.read_text(encoding="utf-8"))["taxonomy"]
+    splits, report_file = cfg.run_dir / "splits.csv", cfg.run_dir / "data_report.json"
+    if splits.is_file() and report_file.is_file():
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+        newer = [p for p in _data_sources(cfg) if p.stat().st_mtime > splits.stat().st_mtime]
+        if report.get("data_settings") == data_settings_hash(cfg) and not newer:
+            return read_splits(splits), report["taxonomy"]
+        log.info("data or data settings changed since the last validate: validating again")
     return run_validate(cfg)
 
 
@@ -83,18 +104,19 @@ FAILURES_FILE = "extract_failures.csv"
 def _write_failures(run_dir: Path, failures: list[tuple[Record, str]]) -> None:
     with atomic_open(run_dir / FAILURES_FILE, "w", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["row", "path", "label", "kind", "detail"])
+        w.writerow(["row", "path", "label", "kind", "detail", "sha256"])
         for r, reason in failures:
             kind, detail = failure_kind(reason)
-            w.writerow([r.row, r.path, r.label, kind, f"at extract: {detail}"])
+            w.writerow([r.row, r.path, r.label, kind, f"at extract: {detail}", r.sha256])
 
 
-def _read_failed_keys(run_dir: Path) -> set[int]:
+def read_failed_keys(run_dir: Path) -> set[str]:
+    """sha256 of the images the last extract could not use (content, not row numbers: rows move)."""
     path = run_dir / FAILURES_FILE
     if not path.is_file():
         return set()
     with open(path, encoding="utf-8", newline="") as f:
-        return {int(r["row"]) for r in csv.DictReader(f)}
+        return {r["sha256"] for r in csv.DictReader(f)}
 
 
 def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
@@ -158,8 +180,8 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
 
 
 def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record]) -> dict[str, tuple[list[Record], np.ndarray]]:
-    failed = _read_failed_keys(cfg.run_dir)
-    usable = [r for r in records if r.row not in failed]
+    failed = read_failed_keys(cfg.run_dir)
+    usable = [r for r in records if r.sha256 not in failed]
     with extractor.open_cache(cfg) as cache:
         missing = cache.missing(r.sha256 for r in usable)
         if missing:

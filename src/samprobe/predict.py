@@ -43,8 +43,10 @@ class Classifier:
         check_fingerprint(ckpt, extractor, f"the backbone of {source}")
 
     @classmethod
-    def load(cls, checkpoint: Path | str, device: str = "auto", precision: str = "auto") -> "Classifier":
+    def load(cls, checkpoint: Path | str, device: str = "auto", precision: str | None = None) -> "Classifier":
+        """``precision`` None: the one the head was trained with (features must match)."""
         ckpt = load_checkpoint(checkpoint)
+        precision = precision or ckpt["config"].get("precision", "auto")
         cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**ckpt["backbone"]["config"]))
         cfg.features.pooling = list(ckpt["backbone"]["pooling"])
         cfg.features.dtype = ckpt["backbone"]["dtype"]
@@ -64,7 +66,11 @@ class Classifier:
             elif isinstance(im, Image.Image):
                 arrays.append(np.asarray(to_rgb(im)))
             else:
-                arrays.append(np.asarray(im, dtype=np.uint8))
+                arr = np.asarray(im)
+                if arr.dtype != np.uint8:
+                    raise DataError(f"Classifier.predict got a {arr.dtype} array; images must be uint8 (0-255)",
+                                    fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL image")
+                arrays.append(np.asarray(to_rgb(Image.fromarray(arr))))  # grey, RGBA -> RGB as for files
         # Features go through the cache dtype so results match cached evaluation exactly.
         feats = image_features(self.extractor, arrays).astype(self.extractor.dtype).astype(np.float32)
         return self._predictions(feats, top_k)
@@ -82,7 +88,11 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
             from samprobe.data.metadata import read_rows
 
             rows, _ = read_rows(DataConfig(metadata=p))
-            out.extend((p.parent / str(r["path"])) for r in rows if r and r.get("path"))
+            for i, r in enumerate(rows, start=1):
+                if not r or not str(r.get("path") or "").strip():
+                    raise DataError(f"predict input {p}, data row {i}, has no 'path' value",
+                                    fix="give every row a path (relative to the file's folder) in a column named path")
+                out.append(p.parent / str(r["path"]).strip())
         elif p.exists():
             out.append(p)
         else:

@@ -105,9 +105,11 @@ def grid_array(spatial: int) -> str:
     return f"grid{spatial}"
 
 
-def fingerprint(backbone: Backbone, pooling: list[str], dtype: str) -> str:
-    """Stable hash of everything that changes the features: the cache key's second half."""
+def fingerprint(backbone: Backbone, pooling: list[str], dtype: str, precision: str) -> str:
+    """Stable hash of everything that changes the features: the cache key's second half.
+    ``precision`` is the resolved compute precision (fp32/bf16/fp16): bf16 features are not fp32's."""
     payload = {
+        "precision": precision,
         "backbone": backbone.identity(),
         "input_size": backbone.input_size,
         "preprocess_version": backbone.preprocess_version,

@@ -107,8 +107,16 @@ def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any] | None], str]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError("reading parquet metadata needs pyarrow", fix="pip install 'samprobe[parquet]'") from None
-        return pq.read_table(path).to_pylist(), "parquet"
-    text, encoding = _decode_text(path.read_bytes())
+        try:
+            return pq.read_table(path).to_pylist(), "parquet"
+        except Exception as exc:  # ArrowInvalid and friends: not a usable parquet file
+            raise DataError(f"data.metadata {path} is not a readable parquet file ({str(exc).splitlines()[0][:200]})",
+                            fix="re-export the file, or set data.format to its real format") from None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"data.metadata {path} cannot be read ({exc.strerror or exc})", fix="fix the file's permissions") from None
+    text, encoding = _decode_text(raw)
     if fmt == "jsonl":
         rows: list[dict[str, Any] | None] = []
         for line in text.splitlines():

@@ -111,7 +111,7 @@ class Extractor:
         # The grid is a second array under the same fingerprint: turning it on or off never
         # invalidates the pooled features.
         return cls(backbone, pooling, cfg.features.dtype, device, precision,
-                   fingerprint(backbone, pooling, cfg.features.dtype), spatial)
+                   fingerprint(backbone, pooling, cfg.features.dtype, precision), spatial)
 
     def open_cache(self, cfg: Config) -> FeatureCache:
         meta = {"backbone": self.backbone.identity(), "pooling": self.pooling, "input_size": self.backbone.input_size}
