@@ -200,17 +200,17 @@ class FeatureCache:
         loc = np.full(len(keys), -1, dtype=np.int64)
         if len(keys) >= 2000:  # bulk: resolve through the key lists of fully live shards
             pos: dict[str, int] = {}
-            q = "SELECT s.id, k.keys FROM shards s JOIN shard_keys k ON k.id = s.id WHERE s.array=? AND s.live=s.rows"
-            for sid, names in self.db.execute(q, (array,)):
+            q = "SELECT s.id, s.rows, k.keys FROM shards s JOIN shard_keys k ON k.id = s.id WHERE s.array=? AND s.live=s.rows"
+            for sid, n_rows, text in self.db.execute(q, (array,)):
                 start = sid << _ROW_BITS
-                names = names.split("\n")
-                try:  # the common bulk read: a whole shard, in storage order -> no per-key hashing
-                    a = keys.index(names[0])
-                    if keys[a:a + len(names)] == names:
-                        loc[a:a + len(names)] = np.arange(start, start + len(names))
+                try:  # the common bulk read: a whole shard, in storage order -> one string compare, no split
+                    a = keys.index(text.split("\n", 1)[0])
+                    if "\n".join(keys[a:a + n_rows]) == text:
+                        loc[a:a + n_rows] = np.arange(start, start + n_rows)
                         continue
                 except ValueError:
                     pass
+                names = text.split("\n")
                 pos.update(zip(names, range(start, start + len(names))))
             if pos:
                 todo = np.flatnonzero(loc < 0)
@@ -368,7 +368,7 @@ class FeatureCache:
                 a, r0 = int(idx[0]), int(rows[0])
                 dest = out[a:a + len(idx)]
                 if dest.dtype == self.dtype:  # contiguous run: read() straight into the result (faster than mmap faults)
-                    with open(self.shard_dir / shard.file, "rb") as f:
+                    with open(self.shard_dir / shard.file, "rb", buffering=0) as f:  # raw reads: no copy through a buffer
                         f.seek(r0 * shard.dim * self.dtype.itemsize)
                         f.readinto(memoryview(dest).cast("B"))
                 else:
