@@ -82,3 +82,24 @@ def test_classifier_api_takes_grey_rgba_and_refuses_float_arrays(digits_project:
     listing.write_text("path\n\n,\n")
     assert main(["predict", "--checkpoint", str(digits_project / "run/checkpoints/best.pt"), str(listing),
                  "--out", str(digits_project / "p.csv")]) == 2
+
+
+def test_run_log_records_the_error_line(digits_project: Path) -> None:
+    cfg = str(digits_project / "samprobe.yaml")
+    assert main(["validate", "-c", cfg]) == 0
+    assert main(["train", "-c", cfg]) == 2  # nothing extracted yet
+    log_text = (digits_project / "run" / "run.log").read_text()
+    assert "ERROR samprobe: error [SP200]" in log_text and "samprobe extract" in log_text
+
+
+def test_path_features_equal_extracted_features(digits_project: Path) -> None:
+    from samprobe.features.extract import Extractor, load_features, path_features
+
+    cfg = load_config(digits_project / "samprobe.yaml")
+    records, _ = run_validate(cfg, progress=False)
+    assert main(["extract", "-c", str(digits_project / "samprobe.yaml")]) == 0
+    ex = Extractor.from_config(cfg)
+    with ex.open_cache(cfg) as cache:
+        cached = load_features(cache, records[:5])
+    direct = path_features(ex, [r.file for r in records[:5]])
+    np.testing.assert_allclose(direct.astype(np.float16).astype(np.float32), cached, rtol=0, atol=2e-2)

@@ -20,7 +20,7 @@ from typing import Callable
 
 from samprobe import __version__
 from samprobe.errors import SamprobeError
-from samprobe.logs import setup_console
+from samprobe.logs import setup_console, to_run_logs
 
 log = logging.getLogger("samprobe")
 
@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         fix = f" Fix: {exc.fix}" if exc.fix else ""
-        print(f"samprobe: error [{exc.code}]: {exc.message}.{fix}", file=sys.stderr)
+        line = f"samprobe: error [{exc.code}]: {exc.message}.{fix}"
+        print(line, file=sys.stderr)
+        to_run_logs(logging.ERROR, line)
         return exc.exit_code
     except KeyboardInterrupt:
         print("samprobe: interrupted (completed work is saved: rerun extract to resume it, or train with --resume)", file=sys.stderr)
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so, keep the traceback one flag away
         if debug:
             traceback.print_exc()
-        print(f"samprobe: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)",
-              file=sys.stderr)
+        line = f"samprobe: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)"
+        print(line, file=sys.stderr)
+        to_run_logs(logging.ERROR, line)
         return 1

@@ -19,6 +19,14 @@ def setup_console(debug: bool = False) -> None:
     log.propagate = False
 
 
+def to_run_logs(level: int, message: str) -> None:
+    """Write to run.log files only (the console already showed it, on stderr)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def attach_run_log(run_dir: Path) -> None:
     """Append everything printed to ``run_dir/run.log`` with timestamps (once per file)."""
     target = (run_dir / "run.log").resolve()

@@ -19,6 +19,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from samprobe.backbones.precision import autocast_context, resolve_device, resolve_precision
 from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, grid_array
 from samprobe.config import Config
+from samprobe.data.images import decode_rgb
 from samprobe.data.loader import LoadItem, make_loader
 from samprobe.data.metadata import Record
 from samprobe.errors import DeviceError
@@ -239,4 +241,19 @@ def image_features(extractor: Extractor, images: Sequence[np.ndarray], batch_siz
         batch = torch.stack([p[0] for p in prepared])
         hw = torch.tensor([p[1] for p in prepared], dtype=torch.int64)
         out.append(extractor.encode_batch(batch, hw))
+    return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
+
+
+def path_features(extractor: Extractor, paths: Sequence[str | Path], batch_size: int = 8) -> np.ndarray:
+    """Pooled features [N, D] float32 of image files (notebook API; no cache), decoded exactly as
+    extraction decodes them:
+
+        ex = Extractor.from_config(load_config("samprobe.yaml"))
+        x = path_features(ex, ["a.jpg", "b.png"])
+    """
+    target = extractor.backbone.input_size if extractor.backbone.decode_longest_side else None
+    out = []
+    for i in range(0, len(paths), batch_size):
+        images = [decode_rgb(Path(p), target) for p in paths[i:i + batch_size]]
+        out.append(image_features(extractor, images, batch_size))
     return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
