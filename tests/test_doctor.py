@@ -91,10 +91,10 @@ def test_unwritable_run_and_cache_dirs_are_blocking(project, capsys, tmp_path):
 
 
 def test_too_little_disk_is_blocking(project, capsys, monkeypatch):
-    import samprobe.doctor as doctor_mod
+    import shutil
 
-    real = doctor_mod.shutil.disk_usage
-    monkeypatch.setattr(doctor_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     line = _blocked_by(capsys, project, "free disk")
     assert "only 0.00 GB free" in line and "features.cache_dir" in line
 

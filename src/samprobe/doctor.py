@@ -7,7 +7,6 @@ one (the image sample needs the metadata) is skipped with a line saying so.
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

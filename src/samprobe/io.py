@@ -43,7 +43,7 @@ def weights_sha256(path: Path | str) -> str:
     return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -65,7 +65,7 @@ def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
 from samprobe.errors import ConfigError, DownloadError
+from samprobe.io import fsync_dir
 
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 # name -> (official URL, MD5). The six hex digits in each official file name are the start of
@@ -34,17 +35,6 @@ def file_md5(path: Path) -> str:
         while block := f.read(_CHUNK):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fetch(url: str, part: Path, md5: str, timeout: float, progress: bool) -> None:
@@ -106,5 +96,5 @@ def download_weights(name: str, dest_dir: Path, url: str | None = None, *, expec
                             fix=f"run the command again; if it keeps failing, download {url} by hand and "
                                 "set backbone.checkpoint to the file")
     os.replace(part, final)
-    _fsync_dir(dest_dir)
+    fsync_dir(dest_dir)
     return final

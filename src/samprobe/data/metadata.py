@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -222,7 +221,9 @@ def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
 def check_workers() -> int:
     """Threads for reading and decoding files during validate: PIL and hashlib release the GIL,
     and files on network disks are latency-bound, so a few more threads than cores help."""
-    return min(16, 2 * len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2 * (os.cpu_count() or 1))
+    from samprobe.data.loader import default_num_workers
+
+    return min(16, 2 * default_num_workers())
 
 
 def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None) -> Dataset:
