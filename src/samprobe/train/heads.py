@@ -48,10 +48,15 @@ class Head(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+STATS_SAMPLES = 16384
+
+
 def feature_stats(features: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of [N, D] features (fp16 caches, large N): one pass, each
     float32 chunk's var_mean (Welford) merged in float64 (Chan et al.), without a float64
     copy of the features (0.45 -> 0.1 s for 35k x 1280)."""
+    if len(features) > STATS_SAMPLES:  # an evenly strided sample estimates them to ~1%: plenty for scaling
+        features = features[::-(-len(features) // STATS_SAMPLES)]
     d = features.shape[1]
     mean, m2, count = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0
     for i in range(0, features.shape[0], chunk):
@@ -126,8 +131,10 @@ class StackedHeads(nn.Module):
         self.std.copy_(std)
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, D] raw features -> standardised [B, D] (what ``forward`` feeds the heads)."""
-        return (x - self.mean) / self.std
+        """[B, D] raw features -> standardised [B, D] (what ``forward`` feeds the heads).
+        One fused pass, x * (1/std) + (-mean/std): memory-bound, so one pass instead of two."""
+        inv = 1.0 / self.std
+        return torch.addcmul(-self.mean * inv, x, inv)
 
     def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
         """x: [B, D] raw features (or ``standardize(x)`` with standardized=True) -> logits
