@@ -104,7 +104,7 @@ def run_samprobe(x: np.ndarray, y: np.ndarray, tr, va, te, epochs: int, patience
     import torch._dynamo  # noqa: F401
 
     t, cpu = time.perf_counter(), time.process_time()
-    cfg = TrainConfig(epochs=epochs, batch_size=256, patience=patience, warmup_epochs=1, class_weights="balanced", weight_decay_mode="l2",
+    cfg = TrainConfig(epochs=epochs, batch_size=TrainConfig().batch_size, patience=patience, warmup_epochs=1, class_weights="balanced", weight_decay_mode="l2",
                       sweep=SweepConfig(lrs=LRS, weight_decays=WEIGHT_DECAYS))
     k = int(y.max()) + 1
     weights = class_weights(np.bincount(y[tr], minlength=k), "balanced")
