@@ -126,37 +126,31 @@ def test_seed_failure_modes_cannot_happen():
 
 def test_stacked_adamw_matches_torch_adamw_per_head():
     torch.manual_seed(0)
-    lrs, wds = torch.tensor([1e-3, 1e-2, 3e-2]), torch.tensor([0.0, 0.1, 0.5])
-    w = torch.nn.Parameter(torch.randn(3, 5, 4))
-    refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(3)]
-    opt = StackedAdamW([w], lrs, wds)
-    ref_opts = [torch.optim.AdamW([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(3)]
-    for _ in range(5):
-        g = torch.randn(3, 5, 4)
-        w.grad = g.clone()
-        opt.step()
-        for h in range(3):
-            refs[h].grad = g[h].clone()
-            ref_opts[h].step()
-    for h in range(3):
-        torch.testing.assert_close(w.detach()[h], refs[h].detach(), rtol=1e-5, atol=1e-6)
+    _assert_stacked_matches_per_head(torch.tensor([1e-3, 1e-2, 3e-2]), torch.tensor([0.0, 0.1, 0.5]), (3, 5, 4),
+                                     lambda w, lrs, wds: StackedAdamW([w], lrs, wds), torch.optim.AdamW)
 
 
 def test_stacked_adam_l2_mode_matches_torch_adam_weight_decay():
     torch.manual_seed(1)
-    lrs, wds = torch.tensor([1e-3, 1e-2]), torch.tensor([1e-4, 0.3])
-    w = torch.nn.Parameter(torch.randn(2, 6, 3))
-    refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(2)]
-    opt = StackedAdamW([w], lrs, wds, decoupled=False)
-    ref_opts = [torch.optim.Adam([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(2)]  # L2 in the gradient
+    _assert_stacked_matches_per_head(torch.tensor([1e-3, 1e-2]), torch.tensor([1e-4, 0.3]), (2, 6, 3),
+                                     lambda w, lrs, wds: StackedAdamW([w], lrs, wds, decoupled=False),
+                                     torch.optim.Adam)  # L2 in the gradient
+
+
+def _assert_stacked_matches_per_head(lrs, wds, shape, make_stacked, ref_cls):
+    """5 steps of a stacked optimizer over H heads == H torch optimizers, one per head."""
+    w = torch.nn.Parameter(torch.randn(*shape))
+    refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(shape[0])]
+    opt = make_stacked(w, lrs, wds)
+    ref_opts = [ref_cls([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(shape[0])]
     for _ in range(5):
-        g = torch.randn(2, 6, 3)
+        g = torch.randn(*shape)
         w.grad = g.clone()
         opt.step()
-        for h in range(2):
+        for h in range(shape[0]):
             refs[h].grad = g[h].clone()
             ref_opts[h].step()
-    for h in range(2):
+    for h in range(shape[0]):
         torch.testing.assert_close(w.detach()[h], refs[h].detach(), rtol=1e-5, atol=1e-6)
 
 
