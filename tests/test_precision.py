@@ -4,16 +4,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samprobe.backbones.precision import autocast_context, cpu_supports_bf16, resolve_precision
+from samprobe.backbones import precision
+from samprobe.backbones.precision import autocast_context, resolve_precision
 from samprobe.errors import ConfigError
 
 CPU = torch.device("cpu")
 
 
-def test_cpu_resolution():
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_cpu_resolution(monkeypatch, fast_bf16):
+    # auto takes bf16 only where it is faster than fp32 (AMX); explicit choices are kept.
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: fast_bf16)
     assert resolve_precision(CPU, "fp32") == "fp32"
     assert resolve_precision(CPU, "bf16") == "bf16"
-    assert resolve_precision(CPU, "auto") == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_precision(CPU, "auto") == ("bf16" if fast_bf16 else "fp32")
+
+
+def test_cpu_bf16_is_fast_means_amx():
+    assert precision.cpu_bf16_is_fast() == torch.cpu._is_amx_tile_supported()
 
 
 @pytest.mark.parametrize("bad", ["fp16", "int8"])

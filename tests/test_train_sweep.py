@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from samprobe.config import SweepConfig, TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
-from samprobe.train.heads import AttentiveProbe, StackedHeads
+from samprobe.train.heads import AttentiveProbe, StackedHeads, feature_stats
 from samprobe.train.loop import SweepTrainer, _head_losses, evaluate_heads
 from samprobe.train.metrics import classification_metrics, per_class_table
 from samprobe.train.optim import StackedAdamW, StackedSGD
@@ -328,3 +328,37 @@ def test_sweep_stops_when_the_best_head_stops_improving():
     assert len(res.history) < 50 and res.table[res.best_index]["best_balanced_accuracy"] == 1.0
     assert any("the best head did not improve" in r["status"] or "early-stopped" in r["status"] for r in res.table)
     assert all(not r["status"].startswith("finished") for r in res.table)
+
+
+def test_head_losses_match_torch_cross_entropy_values_and_gradients():
+    # The fused loss (hand-written backward) against F.cross_entropy(weight, ignore_index) per head.
+    torch.manual_seed(3)
+    H, B, C = 3, 17, 5
+    logits = (torch.randn(H, B, C) * 4).requires_grad_()
+    y = torch.randint(0, C, (B,))
+    y[[2, 9]] = IGNORE  # samples of untrained classes: out of the loss, not class 0
+    weights = torch.rand(C) + 0.1
+    losses = _head_losses(logits, y, weights)
+    (losses * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = torch.stack([torch.nn.functional.cross_entropy(ref_logits[h], y, weight=weights, ignore_index=IGNORE)
+                       for h in range(H)])
+    (ref * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    torch.testing.assert_close(losses, ref)
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+    assert (logits.grad[:, [2, 9]] == 0).all()
+    # A batch of untrained-class samples only: zero loss and gradient, never NaN.
+    none_known = _head_losses(torch.randn(H, 4, C), torch.full((4,), IGNORE), weights)
+    assert torch.equal(none_known, torch.zeros(H))
+
+
+def test_feature_stats_match_float64_reference():
+    # A large mean with a small spread (float32 sums of raw values would lose the spread),
+    # fp16 input as the cache stores it, and the ragged last chunk.
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(1000, 7)) * [0.01, 1, 5, 0.5, 2, 1, 3] + [300, 0, -7, 1, 2, 50, 0]).astype(np.float16)
+    mean, std = feature_stats(torch.from_numpy(x))
+    ref = x.astype(np.float64)
+    np.testing.assert_allclose(mean.numpy(), ref.mean(0), rtol=1e-6, atol=1e-6)
+    floor = 1e-3 + 1e-2 * ref.std(0).mean()
+    np.testing.assert_allclose(std.numpy(), np.maximum(ref.std(0), floor), rtol=1e-3)

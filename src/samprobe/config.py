@@ -75,7 +75,7 @@ class SweepConfig(_Strict):
     """Every lr x weight_decay pair is one head, all trained together in one pass; the best on
     validation (train.monitor) is kept. Empty lists = the single train.lr / train.weight_decay."""
     # SGD at train.batch_size 512 (linear scaling: 0.01/0.03 at 256); measured in bench/heads.py
-    lrs: list[float] = Field(default_factory=lambda: [0.02, 0.06])
+    lrs: list[float] = Field(default_factory=lambda: [0.05, 0.5])
     """For train.optimizer sgd (the default); with adamw use about [1e-3, 1e-2]."""
     weight_decays: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
 
@@ -263,7 +263,7 @@ TEMPLATE = """\
 run_dir: runs/exp1            # where checkpoints, metrics, reports go
 seed: 0
 device: auto                  # auto | cpu | cuda
-precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 where supported)
+precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA and AMX CPUs, else fp32)
 
 data:
   metadata: data/metadata.csv # csv, jsonl or parquet; omit to use image_root/<class>/<image>

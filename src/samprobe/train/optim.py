@@ -109,7 +109,8 @@ class StackedSGD(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = grad.clone()  # torch.optim.SGD's first step
                 else:
-                    state["momentum_buffer"].mul_(mu).add_(grad)
+                    buf = state["momentum_buffer"]
+                    torch.add(grad, buf, alpha=mu, out=buf)  # mu * buf + grad in one pass
                 grad.add_(state["momentum_buffer"], alpha=mu)  # Nesterov: grad + mu * buf
                 if group["decoupled"]:
                     p.mul_(1 - lr * wd)
