@@ -1,5 +1,5 @@
 """Training on synthetic feature tensors: class mapping properties, the seed's failure modes,
-the stacked sweep, per-head AdamW, early stopping, accumulation, resume, attentive probe."""
+the stacked sweep, per-head AdamW, early stopping, accumulation, resume (attentive probe: test_attentive.py)."""
 from __future__ import annotations
 
 import io
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from samprobe.config import SweepConfig, TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
-from samprobe.train.heads import AttentiveProbe, StackedHeads, feature_stats
+from samprobe.train.heads import StackedHeads, feature_stats
 from samprobe.train.loop import SweepTrainer, _head_losses, evaluate_heads
 from samprobe.train.metrics import classification_metrics, per_class_table
 from samprobe.train.optim import StackedAdamW, StackedSGD
@@ -263,31 +263,7 @@ def test_validation_metrics_count_untrained_samples_as_errors():
     assert math.isfinite(m["val_loss"].item())
 
 
-# --- attentive probe -----------------------------------------------------------------------
-
-
-def test_attentive_probe_ignores_padding_and_learns_from_one_token():
-    torch.manual_seed(0)
-    N, T, C = 96, 6, 16
-    y = torch.arange(N) % 2
-    tokens = torch.randn(N, T, C) * 0.5
-    pos = torch.randint(0, T, (N,))
-    tokens[torch.arange(N), pos, 0] += torch.where(y == 1, 4.0, -4.0)  # the class lives in one token
-    probe = AttentiveProbe(C, 2, num_heads=4)
-    opt = torch.optim.AdamW(probe.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(probe(tokens), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    probe.eval()
-    with torch.no_grad():
-        assert (probe(tokens).argmax(1) == y).float().mean() > 0.95
-        padded = torch.cat([tokens, torch.randn(N, 3, C) * 100], 1)  # [N, T+3, C] with garbage padding
-        mask = torch.zeros(N, T + 3, dtype=torch.bool)
-        mask[:, T:] = True
-        torch.testing.assert_close(probe(padded, mask), probe(tokens), rtol=1e-4, atol=1e-5)
-        assert probe(padded, mask).shape == (N, 2)
+# --- exporting heads -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

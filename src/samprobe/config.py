@@ -95,7 +95,9 @@ class SweepConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    head: Literal["linear", "mlp"] = "linear"
+    head: Literal["linear", "mlp", "attentive"] = "linear"
+    """linear / mlp on the pooled features; attentive: attention pooling over the token grid
+    (needs features.spatial), one learned query, 8 attention heads, then a linear layer."""
     hidden: int = Field(default=512, gt=0)
     """MLP hidden width."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -146,11 +148,26 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _head_has_its_input(self) -> "Config":
+        check_head_input(self)
+        return self
+
     def resolved_num_workers(self) -> int:
         from samprobe.data.loader import default_num_workers
 
         nw = self.features.num_workers
         return default_num_workers() if nw == "auto" else int(nw)
+
+
+def check_head_input(cfg: Config) -> None:
+    """ConfigError when train.head attentive has no grid to read (config load, and train start for
+    configs edited in Python). A ConfigError, not a ValueError: pydantic passes it through as is."""
+    if cfg.train.head == "attentive" and cfg.features.spatial is None:
+        raise ConfigError("train.head is attentive but features.spatial is not set: the attentive probe reads the "
+                          "cached token grid",
+                          fix="set features.spatial (e.g. 8) and rerun `samprobe extract -c CONFIG` (it resumes: the pooled "
+                              "features stay, only the grids are added), or use train.head linear / mlp")
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,7 +309,7 @@ features:
   num_workers: auto           # decoding processes; auto = number of CPU cores
 
 train:
-  head: linear                # linear | mlp
+  head: linear                # linear | mlp (pooled features) | attentive (needs features.spatial, e.g. 8)
   epochs: 100
   batch_size: 512
   accumulate: 1               # gradient accumulation steps

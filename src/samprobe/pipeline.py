@@ -15,19 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from samprobe.config import Config, dump_config
+from samprobe.backbones.registry import grid_array
+from samprobe.config import Config, check_head_input, dump_config
 from samprobe.data.loader import failure_kind
 from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
 from samprobe.data.splits import assign_splits
 from samprobe.errors import CheckpointError, DataError
 from samprobe.features.cache import check_free_space, ensure_writable_dir
-from samprobe.features.extract import ExtractResult, Extractor, load_features, rank_world
+from samprobe.features.extract import ExtractResult, Extractor, load_head_inputs, rank_world
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
 from samprobe.tracking import Tracker, read_csv_rows
 from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
 from samprobe.train.classes import ClassMapping, class_weights
-from samprobe.train.heads import head_from_spec
+from samprobe.train.heads import head_from_spec, rows_per_step
 from samprobe.train.loop import SweepTrainer
 from samprobe.train.metrics import classification_metrics, confusion, per_class_table
 
@@ -179,18 +180,31 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     return result
 
 
-def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record]) -> dict[str, tuple[list[Record], np.ndarray]]:
+def head_spatial(spec: dict[str, Any]) -> int | None:
+    """Grid side a checkpoint's head reads (attentive), None for pooled features."""
+    return spec["spatial"] if spec["kind"] == "attentive" else None
+
+
+def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record], spatial: int | None = None,
+                       splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, tuple[list[Record], np.ndarray]]:
+    """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C]."""
     failed = read_failed_keys(cfg.run_dir)
-    usable = [r for r in records if r.sha256 not in failed]
+    usable = [r for r in records if r.sha256 not in failed and r.split in splits]
     with extractor.open_cache(cfg) as cache:
-        missing = cache.missing(r.sha256 for r in usable)
+        keys = (r.sha256 for r in usable)
+        missing = cache.missing(keys, grid_array(spatial)) if spatial else cache.missing(keys)
+        if missing and spatial:
+            raise DataError(f"{len(missing)} of {len(usable)} images have no cached {spatial}x{spatial} token grid "
+                            f"for this backbone/pooling (the attentive head reads it)",
+                            fix=f"set features.spatial: {spatial} and run `samprobe extract -c CONFIG` "
+                                "(it resumes: the pooled features stay, only the missing grids are added)")
         if missing:
             raise DataError(f"{len(missing)} of {len(usable)} images have no cached features for this backbone/pooling",
                             fix="run `samprobe extract -c CONFIG` first (it resumes where it stopped)")
         out = {}
-        for split in ("train", "val", "test"):
+        for split in splits:
             recs = [r for r in usable if r.split == split]
-            out[split] = (recs, load_features(cache, recs))
+            out[split] = (recs, load_head_inputs(cache, recs, spatial))
     return out
 
 
@@ -243,10 +257,12 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Train the sweep of heads; ``resume`` continues from checkpoints/last.pt bit for bit."""
     from samprobe.backbones.precision import resolve_device, resolve_precision
 
+    check_head_input(cfg)
     records, taxonomy = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
-    data = _features_by_split(cfg, extractor, records)
+    spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
+    data = _features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
     mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
     y_train = mapping.to_head([r.label for r in train_recs])
@@ -259,7 +275,11 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     trainer = SweepTrainer(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, device, precision)
     log.info(f"train: {len(train_recs)} train / {len(val_recs)} val samples, {mapping.num_active} active classes of "
              f"{len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
-    log.info(f"train: {len(trainer.grid)} {cfg.train.head} heads (lr x weight_decay) in one pass, {device} {precision}")
+    log.info(f"train: {len(trainer.grid)} {cfg.train.head} heads (lr x weight_decay) in one pass, {device} {precision}"
+             + (f", on the {spatial}x{spatial} token grid" if spatial else ""))
+    if trainer.batch_size < cfg.train.batch_size:
+        log.info(f"train: batches of {cfg.train.batch_size} grids run as {trainer.accumulate // cfg.train.accumulate} "
+                 f"accumulated parts of {trainer.batch_size} (memory)")
 
     ckpt_dir = run_dir / "checkpoints"
     payload: dict[str, Any] = {
@@ -329,11 +349,14 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def predict_features(ckpt: dict[str, Any], x: np.ndarray, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Cached features [N, D] -> (top-k taxonomy indices [N, k], their probabilities [N, k])."""
+    """Cached features [N, D] (attentive heads: grids [N, S*S, C]) -> (top-k taxonomy indices [N, k],
+    their probabilities [N, k])."""
     head = head_from_spec(ckpt["head"]["spec"], ckpt["head"]["state_dict"])
     mapping = ClassMapping.from_dict(ckpt["classes"])
+    rows = rows_per_step(int(np.prod(x.shape[1:])), max(len(x), 1))  # grids: bounded activations
     with torch.no_grad():
-        probs = torch.softmax(head(torch.from_numpy(x).float()), dim=1)
+        logits = [head(torch.from_numpy(x[i:i + rows]).float()) for i in range(0, max(len(x), 1), rows)]
+        probs = torch.softmax(torch.cat(logits), dim=1)
     k = min(top_k, mapping.num_active)
     scores, idx = probs.topk(k, dim=1)
     active = np.array(mapping.active)
@@ -356,7 +379,7 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
     check_fingerprint(ckpt, extractor, "this config")
-    recs, x = _features_by_split(cfg, extractor, records)[split]
+    recs, x = _features_by_split(cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,))[split]
     if not recs:
         raise DataError(f"split {split!r} has no samples", fix="choose --split train|val|test with samples (see splits.csv)")
     mapping = ClassMapping.from_dict(ckpt["classes"])

@@ -19,9 +19,9 @@ from samprobe.data.images import decode_rgb, to_rgb
 from samprobe.data.metadata import IMAGE_SUFFIXES, Record
 from samprobe.errors import DataError
 from samprobe.features.cache import FeatureCache
-from samprobe.features.extract import Extractor, image_features, load_features
+from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
 from samprobe.io import atomic_open, sha256_file
-from samprobe.pipeline import check_fingerprint, predict_features
+from samprobe.pipeline import check_fingerprint, head_spatial, predict_features
 from samprobe.train.checkpoint import load_checkpoint
 from samprobe.train.classes import ClassMapping
 
@@ -40,6 +40,7 @@ class Classifier:
         self.ckpt = ckpt
         self.extractor = extractor
         self.mapping = ClassMapping.from_dict(ckpt["classes"])
+        self.spatial = head_spatial(ckpt["head"]["spec"])  # attentive heads read the token grid
         check_fingerprint(ckpt, extractor, f"the backbone of {source}")
 
     @classmethod
@@ -50,6 +51,7 @@ class Classifier:
         cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**ckpt["backbone"]["config"]))
         cfg.features.pooling = list(ckpt["backbone"]["pooling"])
         cfg.features.dtype = ckpt["backbone"]["dtype"]
+        cfg.features.spatial = head_spatial(ckpt["head"]["spec"])  # the extractor then also computes (and caches) the grid
         return cls(ckpt, Extractor.from_config(cfg), str(checkpoint))
 
     def _predictions(self, feats: np.ndarray, top_k: int) -> list[Prediction]:
@@ -72,7 +74,10 @@ class Classifier:
                                     fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL image")
                 arrays.append(np.asarray(to_rgb(Image.fromarray(arr))))  # grey, RGBA -> RGB as for files
         # Features go through the cache dtype so results match cached evaluation exactly.
-        feats = image_features(self.extractor, arrays).astype(self.extractor.dtype).astype(np.float32)
+        if self.spatial:
+            feats = image_grids(self.extractor, arrays)  # [N, S*S, C]
+        else:
+            feats = image_features(self.extractor, arrays).astype(self.extractor.dtype).astype(np.float32)
         return self._predictions(feats, top_k)
 
 
@@ -121,7 +126,7 @@ def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: i
         result = clf.extractor.run(records, cache, batch_size, num_workers, progress=True)
         errors.update({r.row: reason for r, reason in result.failures})
         good = [r for r in records if r.row not in errors]
-        preds = clf._predictions(load_features(cache, good), top_k) if good else []
+        preds = clf._predictions(load_head_inputs(cache, good, clf.spatial), top_k) if good else []
     by_row = dict(zip((r.row for r in good), preds))
     with atomic_open(out_csv, "w", encoding="utf-8") as f:
         w = csv.writer(f)

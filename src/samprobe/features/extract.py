@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -233,15 +233,32 @@ def load_grid(cache: FeatureCache, records: Sequence[Record], spatial: int) -> n
     return flat.reshape(len(records), spatial * spatial, -1)
 
 
-def image_features(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
-    """Pooled features of in-memory RGB uint8 images (notebook API; no cache)."""
-    out = []
+def load_head_inputs(cache: FeatureCache, records: Sequence[Record], spatial: int | None) -> np.ndarray:
+    """What a head reads: pooled features [N, D], or with ``spatial`` (attentive heads) the grid [N, S*S, C]."""
+    return load_grid(cache, records, spatial) if spatial else load_features(cache, records)
+
+
+def _prepared_batches(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 [B, 3, S, S], valid_hw [B, 2]) batches of in-memory RGB uint8 images."""
     for i in range(0, len(images), batch_size):
         prepared = [extractor.backbone.prepare(im) for im in images[i:i + batch_size]]
-        batch = torch.stack([p[0] for p in prepared])
-        hw = torch.tensor([p[1] for p in prepared], dtype=torch.int64)
-        out.append(extractor.encode_batch(batch, hw))
+        yield torch.stack([p[0] for p in prepared]), torch.tensor([p[1] for p in prepared], dtype=torch.int64)
+
+
+def image_features(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
+    """Pooled features of in-memory RGB uint8 images (notebook API; no cache)."""
+    out = [extractor.encode_batch(batch, hw) for batch, hw in _prepared_batches(extractor, images, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
+
+
+def image_grids(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
+    """Token grids [N, S*S, C] float32 of in-memory RGB uint8 images (``extractor.spatial`` = S; no
+    cache), rounded through the cache dtype as ``load_grid`` returns them."""
+    if not extractor.spatial:
+        raise ValueError("image_grids needs an Extractor with spatial set (features.spatial)")
+    out = [extractor.encode_arrays(batch, hw, grid=True)[1] for batch, hw in _prepared_batches(extractor, images, batch_size)]
+    C = extractor.backbone.grid_shape()[0]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, extractor.spatial ** 2, C), np.float32)
 
 
 def path_features(extractor: Extractor, paths: Sequence[str | Path], batch_size: int = 8) -> np.ndarray:

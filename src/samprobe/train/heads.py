@@ -4,7 +4,8 @@
 train mean/std is part of it, so it classifies raw cached features with no extra state).
 ``StackedHeads`` is H heads of the same shape trained together in one batched forward, as in
 DINOv2's linear evaluation: weights stacked as [H, D, C], one einsum per layer for all heads.
-``AttentiveProbe`` pools a spatial token grid [N, T, C] with one learned query.
+``AttentiveProbe`` classifies a spatial token grid [N, T, C] (``features.spatial``) by attention
+pooling with one learned query; ``StackedAttentiveProbe`` is H of them in one forward.
 """
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_KINDS = ("linear", "mlp")
+HEAD_KINDS = ("linear", "mlp")  # on pooled features [N, D]; "attentive" reads the grid [N, T, C]
+
+STEP_ELEMENTS = 1 << 25
+"""Values of the input one forward may take ([B, D] or [B, T, C]): 128 MB at fp32. An attentive
+step holds a few activations of the input's size, so grid batches are cut to this (pooled rows,
+at most a few thousand values each, never are)."""
+
+
+def rows_per_step(row_numel: int, most: int) -> int:
+    """Rows of ``row_numel`` values per forward: ``most``, fewer when they would pass STEP_ELEMENTS."""
+    return max(1, min(most, STEP_ELEMENTS // max(row_numel, 1)))
 
 
 class Head(nn.Module):
@@ -73,8 +84,13 @@ def feature_stats(features: torch.Tensor, chunk: int = 256) -> tuple[torch.Tenso
     return mean.float(), std.clamp_min(1e-3 + 1e-2 * float(std.mean()))
 
 
-def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Head:
-    head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec.get("hidden", 512), spec.get("dropout", 0.0))
+def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Head | AttentiveProbe:
+    """The single head a checkpoint's ``head`` entry describes, in eval mode."""
+    if spec["kind"] == "attentive":
+        head: Head | AttentiveProbe = AttentiveProbe(spec["in_dim"], spec["num_classes"], spec["spatial"],
+                                                     spec["attn_heads"], spec.get("dropout", 0.0))
+    else:
+        head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec.get("hidden", 512), spec.get("dropout", 0.0))
     head.load_state_dict(state_dict)
     return head.eval()
 
@@ -170,32 +186,163 @@ class StackedHeads(nn.Module):
         return head_from_spec(self.spec(), self.head_state(h, params))
 
 
-class AttentiveProbe(nn.Module):
-    """Attentive pooling over a token grid, then a linear classifier.
+# ---------------------------------------------------------------------------------------
+# attentive probe over the token grid
 
-    One learned query attends over the T tokens of each image (multi-head attention), as the
-    attentive probes of V-JEPA / AIM do; ``mask`` marks padding tokens to ignore, so letterbox
-    padding never dilutes the pooled feature.
+
+LN_EPS = 1e-6
+
+
+def default_attn_heads(dim: int) -> int:
+    """Attention heads of the probe: 8 (as V-JEPA's / AIM's attentive probes), fewer when ``dim`` is not divisible."""
+    return next(a for a in (8, 4, 2, 1) if dim % a == 0)
+
+
+def _query_keys(query: torch.Tensor, k_weight: torch.Tensor, norm_weight: torch.Tensor, attn_heads: int) -> torch.Tensor:
+    """query [..., C], k_weight [..., C, C] (nn.Linear layout), norm_weight [..., C] -> [..., A, C].
+
+    Attention head a scores token t as q_a . (W_k (g * n_t + b))_a / sqrt(d) with n_t the token
+    layer-normalised without affine: that is n_t . (g * W_{k,a}^T q_a) / sqrt(d) plus a term the
+    same for every token, which the softmax cancels. So the keys are never built: one [A, C]
+    matrix scores every token ([B, T, C] x [C, A] instead of a [B, T, C] x [C, C] projection)."""
+    C = query.shape[-1]
+    d = C // attn_heads
+    q = query.unflatten(-1, (attn_heads, d)).unsqueeze(-1)  # [..., A, d, 1]
+    wk = k_weight.unflatten(-2, (attn_heads, d))  # [..., A, d, C]
+    return (wk * q).sum(-2) * norm_weight.unsqueeze(-2) / math.sqrt(d)  # [..., A, C]
+
+
+class AttentiveProbe(nn.Module):
+    """Attention pooling over a token grid, then a linear classifier (the attentive probe of
+    V-JEPA / AIM, reduced to one cross-attention):
+
+        tokens -> standardise -> LayerNorm -> one learned query attends over the T tokens
+        (A heads, linear key / value projections) -> LayerNorm -> Dropout -> Linear.
+
+    Standardisation with the train mean/std per channel is part of the head, as for ``Head``.
+    Grids are pooled from valid tokens only (``features.spatial``), so there is no padding mask.
+    The value projection is applied after pooling (it is linear and the attention weights sum
+    to 1, so W_v sum_t a_t x_t + b_v = sum_t a_t (W_v x_t + b_v)): [B, A, C] x [C, d] per head
+    instead of projecting every token.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, num_heads: int = 8, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, num_classes: int, spatial: int, attn_heads: int = 8, dropout: float = 0.0) -> None:
         super().__init__()
-        if in_dim % num_heads:
-            raise ValueError(f"in_dim {in_dim} must be divisible by num_heads {num_heads}")
-        self.spec = {"kind": "attentive", "in_dim": in_dim, "num_classes": num_classes, "num_heads": num_heads, "dropout": dropout}
-        self.norm = nn.LayerNorm(in_dim)
-        self.query = nn.Parameter(torch.randn(1, 1, in_dim) * 0.02)
-        self.attn = nn.MultiheadAttention(in_dim, num_heads, dropout=dropout, batch_first=True)
-        self.out_norm = nn.LayerNorm(in_dim)
+        if in_dim % attn_heads:
+            raise ValueError(f"in_dim {in_dim} must be divisible by attn_heads {attn_heads}")
+        self.spec = {"kind": "attentive", "in_dim": in_dim, "num_classes": num_classes, "spatial": spatial,
+                     "attn_heads": attn_heads, "dropout": dropout}
+        self.attn_heads = attn_heads
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.norm = nn.LayerNorm(in_dim, eps=LN_EPS)
+        self.query = nn.Parameter(torch.randn(in_dim) * in_dim ** -0.5)  # as timm's AttentionPoolLatent
+        self.k = nn.Linear(in_dim, in_dim, bias=False)  # a key bias shifts every token's score alike: no effect
+        self.v = nn.Linear(in_dim, in_dim)
+        self.out_norm = nn.LayerNorm(in_dim, eps=LN_EPS)
+        self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(in_dim, num_classes)
+        nn.init.zeros_(self.fc.weight)  # as Head: no random weight on what training never moves
+        nn.init.zeros_(self.fc.bias)
 
-    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [N, T, C]; mask: [N, T] bool, True = padding. -> pooled [N, C]."""
-        kv = self.norm(tokens)
-        q = self.query.expand(tokens.shape[0], -1, -1)  # [N, 1, C]
-        pooled, _ = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=False)  # [N, 1, C]
-        return self.out_norm(pooled[:, 0])
+    def set_normalisation(self, tokens: torch.Tensor) -> None:
+        """tokens: [N, T, C] training grids; statistics per channel over all tokens."""
+        mean, std = feature_stats(tokens.reshape(-1, tokens.shape[-1]))
+        self.mean.copy_(mean)
+        self.std.copy_(std)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [N, T, C] -> logits [N, num_classes]."""
-        return self.fc(self.pool(tokens, mask))
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [N, T, C] raw grid -> pooled [N, C] (after the output LayerNorm)."""
+        N, _, C = tokens.shape
+        A = self.attn_heads
+        n = F.layer_norm((tokens - self.mean) / self.std, (C,), eps=self.norm.eps)  # [N, T, C], affine below
+        qk = _query_keys(self.query, self.k.weight, self.norm.weight, A)  # [A, C]
+        attn = torch.softmax(n @ qk.T, dim=1)  # [N, T, A], over the tokens
+        pooled = (attn.transpose(1, 2) @ n) * self.norm.weight + self.norm.bias  # [N, A, C]: weighted mean of LN(tokens)
+        v = torch.einsum("nac,adc->nad", pooled, self.v.weight.unflatten(0, (A, -1)))  # [N, A, d]
+        return self.out_norm(v.reshape(N, C) + self.v.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [N, T, C] raw grid -> logits [N, num_classes]."""
+        return self.fc(self.drop(self.pool(tokens)))
+
+
+class StackedAttentiveProbe(nn.Module):
+    """H attentive probes (one per sweep setting) in one forward: grid [B, T, C] -> logits [H, B, K].
+
+    Same interface as ``StackedHeads`` (``standardize``, ``forward(x, heads, standardized)``,
+    ``spec``, ``head_state``, ``to_head``); parameters carry a leading H dimension. The grid is
+    shared by every setting and never copied per setting: the input LayerNorm is computed once
+    (its per-setting affine folds into the query-key matrix and the pooled tokens, see
+    ``_query_keys``), all H*A attention maps come from one [B*T, C] x [C, H*A] matmul, and the
+    values are projected after pooling. So a step holds a few [B, T, C] activations, not H x B x T x C.
+    """
+
+    kind = "attentive"
+
+    def __init__(self, num_heads: int, in_dim: int, num_classes: int, spatial: int, dropout: float = 0.0,
+                 attn_heads: int | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        H, C = num_heads, in_dim
+        self.attn_heads = attn_heads or default_attn_heads(C)
+        if C % self.attn_heads:
+            raise ValueError(f"in_dim {C} must be divisible by attn_heads {self.attn_heads}")
+        self.num_heads, self.in_dim, self.num_classes, self.spatial, self.dropout = H, C, num_classes, spatial, dropout
+        self.dropout_generator: torch.Generator | None = None
+        self.register_buffer("mean", torch.zeros(C))
+        self.register_buffer("std", torch.ones(C))
+        bound = 1 / math.sqrt(C)  # nn.Linear's default init
+
+        def uniform(*shape: int) -> nn.Parameter:
+            return nn.Parameter((torch.rand(*shape, generator=generator) * 2 - 1) * bound)
+
+        self.norm_w, self.norm_b = nn.Parameter(torch.ones(H, C)), nn.Parameter(torch.zeros(H, C))  # [H, C]
+        self.query = nn.Parameter(torch.randn(H, C, generator=generator) * C ** -0.5)  # [H, C]
+        self.wk = uniform(H, C, C)  # [H, C_out, C_in], nn.Linear layout
+        self.wv, self.bv = uniform(H, C, C), uniform(H, C)  # [H, C_out, C_in], [H, C]
+        self.out_w, self.out_b = nn.Parameter(torch.ones(H, C)), nn.Parameter(torch.zeros(H, C))  # [H, C]
+        self.wf = nn.Parameter(torch.zeros(H, C, num_classes))  # [H, C, K]; zero as Head
+        self.bf = nn.Parameter(torch.zeros(H, num_classes))  # [H, K]
+
+    def no_weight_decay(self) -> set[str]:
+        """Per-setting vectors (norms, biases, the query) are not decayed, as timm's
+        ``param_groups_weight_decay`` does: the sweep's L2 up to 0.1 would pull the LayerNorm gains to 0."""
+        return {"norm_w", "norm_b", "query", "bv", "out_w", "out_b", "bf"}
+
+    set_normalisation = AttentiveProbe.set_normalisation
+    standardize = StackedHeads.standardize  # the same fused pass; broadcasts over [B, T, C]
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
+        """x: [B, T, C] raw grid (or ``standardize(x)`` with standardized=True) -> logits [H, B, K];
+        ``heads`` (indices [H']): only these settings, [H', B, K]."""
+        z = x if standardized else self.standardize(x)
+        p = {k: v if heads is None else v.index_select(0, heads) for k, v in self.named_parameters()}
+        H, (B, _, C), A = len(p["query"]), z.shape, self.attn_heads
+        n = F.layer_norm(z, (C,), eps=LN_EPS)  # [B, T, C], shared by every setting
+        qk = _query_keys(p["query"], p["wk"], p["norm_w"], A)  # [H, A, C]
+        attn = torch.softmax(n @ qk.reshape(H * A, C).T, dim=1)  # [B, T, H*A], over the tokens
+        pooled = (attn.transpose(1, 2) @ n).view(B, H, A, C)  # [B, H, A, C]
+        pooled = pooled * p["norm_w"][None, :, None] + p["norm_b"][None, :, None]
+        v = torch.einsum("bhac,hadc->hbad", pooled, p["wv"].unflatten(1, (A, -1))).reshape(H, B, C) + p["bv"][:, None]
+        h = F.layer_norm(v, (C,), eps=LN_EPS) * p["out_w"][:, None] + p["out_b"][:, None]  # [H, B, C]
+        if self.training and self.dropout > 0:
+            # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
+            keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
+            h = h * keep / (1 - self.dropout)
+        return torch.bmm(h, p["wf"]) + p["bf"][:, None, :]
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "attentive", "in_dim": self.in_dim, "num_classes": self.num_classes, "spatial": self.spatial,
+                "attn_heads": self.attn_heads, "dropout": self.dropout}
+
+    def head_state(self, h: int, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Setting h as an ``AttentiveProbe`` state dict."""
+        p = params if params is not None else dict(self.named_parameters())
+        state = {"mean": self.mean, "std": self.std, "norm.weight": p["norm_w"][h], "norm.bias": p["norm_b"][h],
+                 "query": p["query"][h], "k.weight": p["wk"][h], "v.weight": p["wv"][h], "v.bias": p["bv"][h],
+                 "out_norm.weight": p["out_w"][h], "out_norm.bias": p["out_b"][h],
+                 "fc.weight": p["wf"][h].t(), "fc.bias": p["bf"][h]}
+        return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
+
+    def to_head(self, h: int, params: dict[str, torch.Tensor] | None = None) -> AttentiveProbe:
+        return head_from_spec(self.spec(), self.head_state(h, params))  # type: ignore[return-value]

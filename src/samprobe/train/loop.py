@@ -1,6 +1,7 @@
 """Training a grid of heads on in-memory features in one pass.
 
-Every (lr, weight_decay) setting of the sweep is one head of a ``StackedHeads``: one batched
+Every (lr, weight_decay) setting of the sweep is one head of a ``StackedHeads`` (pooled
+features [N, D]) or a ``StackedAttentiveProbe`` (token grids [N, T, C]): one batched
 forward for all of them (DINOv2-style linear evaluation), the sum of their class-weighted
 losses, and a per-head AdamW. Warm-up + cosine schedule, gradient accumulation, autocast,
 early stopping per head (a head that stops improving is frozen; the best weights of each head
@@ -21,7 +22,7 @@ from samprobe.backbones.precision import autocast_context, resolve_precision
 from samprobe.config import TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE
-from samprobe.train.heads import Head, StackedHeads
+from samprobe.train.heads import AttentiveProbe, Head, StackedAttentiveProbe, StackedHeads, rows_per_step
 from samprobe.train.optim import StackedAdamW, StackedSGD, warmup_cosine
 
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
@@ -34,21 +35,66 @@ def sweep_grid(cfg: TrainConfig) -> list[tuple[float, float]]:
     return [(float(lr), float(wd)) for lr in lrs for wd in wds]
 
 
+def micro_batches(batch_size: int, accumulate: int, row_numel: int) -> tuple[int, int]:
+    """(rows per forward, forwards per optimizer step) for ``train.batch_size`` / ``train.accumulate``.
+
+    A batch whose input would pass STEP_ELEMENTS values (grids: B x T x C; e.g. 512 x 32*32 x 256
+    at features.spatial 32) is cut into equal parts accumulated as ``train.accumulate`` does, so
+    the default batch size fits whatever the grid; pooled features are never cut."""
+    parts = math.ceil(batch_size / rows_per_step(row_numel, batch_size))
+    return math.ceil(batch_size / parts), accumulate * parts
+
+
+def _stacked_model(cfg: TrainConfig, num_heads: int, shape: tuple[int, ...], num_classes: int,
+                   generator: torch.Generator) -> StackedHeads | StackedAttentiveProbe:
+    """The sweep's heads for training features of ``shape``: pooled [N, D] (linear, mlp) or grids [N, S*S, C] (attentive)."""
+    grid = cfg.head == "attentive"
+    side = math.isqrt(shape[1]) if len(shape) == 3 else 0
+    if len(shape) != (3 if grid else 2) or (grid and side * side != shape[1]):
+        raise TrainingError(f"train.head {cfg.head} trains on {'token grids [N, S*S, C]' if grid else 'pooled features [N, D]'}, "
+                            f"got features of shape {tuple(shape)}",
+                            fix="pass load_grid(cache, records, features.spatial) for attentive heads, "
+                                "load_features(cache, records) for linear / mlp")
+    if grid:
+        return StackedAttentiveProbe(num_heads, shape[2], num_classes, side, cfg.dropout, generator=generator)
+    return StackedHeads(num_heads, shape[1], num_classes, cfg.head, cfg.hidden, cfg.dropout, generator=generator)
+
+
+def _param_groups(model: torch.nn.Module, num_heads: int) -> list[dict[str, Any]]:
+    """Optimizer groups: every parameter with the sweep's weight decay, except those the model
+    names in ``no_weight_decay()`` (a second group with decay 0)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    named = list(model.named_parameters())
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in named if n not in skip]}]
+    if skip:
+        groups.append({"params": [p for n, p in named if n in skip], "head_wd": torch.zeros(num_heads)})
+    return groups
+
+
+def _describe(spec: dict[str, Any] | None) -> str:
+    """A head spec as the config keys that set it, for messages."""
+    if spec is None:
+        return "train.head linear / mlp"
+    if spec["kind"] == "attentive":
+        return f"train.head attentive (features.spatial {spec['spatial']})"
+    return f"train.head {spec['kind']}" + (f" (train.hidden {spec['hidden']})" if spec["kind"] == "mlp" else "")
+
+
 @dataclass
 class SweepResult:
-    model: StackedHeads  # holds every head's best weights
+    model: StackedHeads | StackedAttentiveProbe  # holds every head's best weights
     grid: list[tuple[float, float]]
     best_index: int
     best_epoch: int
     best_score: float
-    head: Head  # the selected head, best weights
-    last_head: Head  # the selected head, weights of the last epoch
+    head: Head | AttentiveProbe  # the selected head, best weights
+    last_head: Head | AttentiveProbe  # the selected head, weights of the last epoch
     table: list[dict[str, Any]]  # one row per head (sweep.csv)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _place_features(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """[N, D] float32 on the device as one tensor when it fits in half the free memory;
+    """[N, D] (or grids [N, T, C]) float32 on the device as one tensor when it fits in half the free memory;
     otherwise pinned on the host and moved batch by batch."""
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if device.type != "cuda":
@@ -92,7 +138,7 @@ def _head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -
 
 
 @torch.no_grad()
-def evaluate_heads(model: StackedHeads, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, num_untrained: int,
+def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, num_untrained: int,
                    device: torch.device, precision: str, batch_size: int = 4096) -> dict[str, torch.Tensor]:
     """Validation metrics of every head, each [H]. y: head targets with IGNORE for samples of
     untrained classes: errors in accuracy, recall 0 for their ``num_untrained`` classes in
@@ -159,7 +205,7 @@ class SweepTrainer:
         # All randomness comes from generators this trainer owns and checkpoints (none from the global RNG).
         self.gen = torch.Generator().manual_seed(seed)  # init and batch order
         self.dropout_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        self.model = StackedHeads(H, x_train.shape[1], C, cfg.head, cfg.hidden, cfg.dropout, generator=self.gen)
+        self.model = _stacked_model(cfg, H, x_train.shape, C, self.gen)
         self.model.dropout_generator = self.dropout_gen
         self.model.set_normalisation(torch.from_numpy(np.asarray(x_train, dtype=np.float32)))
         self.model.to(self.device)
@@ -169,10 +215,13 @@ class SweepTrainer:
         self.zt = self._standardized(self.xt)
         del self.xt
         opt_cls = StackedSGD if cfg.optimizer == "sgd" else StackedAdamW
-        self.opt = opt_cls(self.model.parameters(), torch.tensor([g[0] for g in self.grid]),
+        self.opt = opt_cls(_param_groups(self.model, H), torch.tensor([g[0] for g in self.grid]),
                            torch.tensor([g[1] for g in self.grid]), decoupled=cfg.weight_decay_mode == "decoupled")
-        self.micro_steps = math.ceil(len(self.zt) / cfg.batch_size)
-        self.opt_steps = math.ceil(self.micro_steps / cfg.accumulate)
+        row = math.prod(x_train.shape[1:])  # values per sample: D, or T*C for a grid
+        self.batch_size, self.accumulate = micro_batches(cfg.batch_size, cfg.accumulate, row)
+        self.eval_batch = rows_per_step(row, 4096)
+        self.micro_steps = math.ceil(len(self.zt) / self.batch_size)
+        self.opt_steps = math.ceil(self.micro_steps / self.accumulate)
         total = self.opt_steps * cfg.epochs
         warmup = max(1, min(total // 20, cfg.warmup_epochs * self.opt_steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(total, warmup))
@@ -200,7 +249,7 @@ class SweepTrainer:
         loss_sum = torch.zeros(H, dtype=torch.float64)
         self.opt.zero_grad(set_to_none=True)
         for step in range(self.micro_steps):
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
             zb = self.zt[idx.to(self.zt.device)].to(self.device, non_blocking=True)
             yb = self.yt[idx.to(self.yt.device)]
             # Only heads still training take part (early-stopped heads cost nothing).
@@ -215,10 +264,10 @@ class SweepTrainer:
                 broke[heads[~finite]] = True
                 self._diverged(broke, step)
             live_sub = self.alive[heads].to(self.device)
-            loss = torch.where(live_sub, losses, 0.0).sum() / cfg.accumulate
+            loss = torch.where(live_sub, losses, 0.0).sum() / self.accumulate
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum[heads] += torch.where(live_sub, losses.detach(), 0.0).double().cpu() * len(idx)
-            if (step + 1) % cfg.accumulate == 0 or step + 1 == self.micro_steps:
+            if (step + 1) % self.accumulate == 0 or step + 1 == self.micro_steps:
                 live = self.alive.to(self.device)
                 for p in self.model.parameters():  # a diverged head's NaN grads must not reach a shared check (GradScaler)
                     if p.grad is not None and not bool(live.all()):
@@ -233,8 +282,9 @@ class SweepTrainer:
         return (loss_sum / len(self.zt)).float()
 
     @torch.no_grad()
-    def _standardized(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """[N, D] float32 (device or pinned host) -> standardised [N, D] in the matmul dtype, same placement."""
+    def _standardized(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, D] / [N, T, C] float32 (device or pinned host) -> standardised, in the matmul dtype, same placement."""
+        chunk = rows_per_step(math.prod(x.shape[1:]), 8192)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(self.device, self.precision), torch.float32)
         out = torch.empty(x.shape, dtype=dtype, pin_memory=x.is_pinned()) if x.device != self.device else \
             torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -262,7 +312,7 @@ class SweepTrainer:
         has_val = len(self.xv) > 0
         if has_val:
             val = {k: v.float().cpu() for k, v in evaluate_heads(self.model, self.xv, self.yv, self.weights, self.num_untrained,
-                                                                 self.device, self.precision).items()}
+                                                                 self.device, self.precision, self.eval_batch).items()}
             score = -val["val_loss"] if cfg.monitor == "val_loss" else val[f"val_{cfg.monitor}"]
         else:
             val = {k: torch.full_like(train_loss, math.nan) for k in VAL_METRICS}
@@ -358,6 +408,7 @@ class SweepTrainer:
         """Everything to continue bit for bit: tensors and builtins only (weights_only loads it)."""
         return {
             "epoch": self.epoch, "grid": [list(g) for g in self.grid], "optimizer_name": self.cfg.optimizer,
+            "head_spec": self.model.spec(),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
             "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
@@ -373,6 +424,12 @@ class SweepTrainer:
         if grid != self.grid or state["model"]["mean"].shape != self.model.mean.shape:
             raise CheckpointError(f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
                                   f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
+                                  fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
+        saved_spec, spec = state.get("head_spec"), self.model.spec()  # absent in last.pt written before attentive heads
+        same_kind = saved_spec is None or [saved_spec["kind"], saved_spec.get("spatial")] == [spec["kind"], spec.get("spatial")]
+        shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+        if not same_kind or {k: v.shape for k, v in state["model"].items()} != shapes:
+            raise CheckpointError(f"last.pt was written for {_describe(saved_spec)} heads, this config trains {_describe(spec)} heads",
                                   fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
         saved_opt = state.get("optimizer_name", "adamw")  # written before train.optimizer existed: AdamW
         if saved_opt != self.cfg.optimizer:
@@ -396,6 +453,6 @@ def train_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
                 class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
                 on_epoch: Callable[[dict[str, Any]], None] | None = None, device: torch.device | str = "cpu",
                 precision: str = "fp32") -> SweepResult:
-    """x_*: float [N, D]; y_*: head targets [N] (IGNORE allowed in val only)."""
+    """x_*: float [N, D] (train.head attentive: grids [N, S*S, C]); y_*: head targets [N] (IGNORE allowed in val only)."""
     trainer = SweepTrainer(x_train, y_train, x_val, y_val, class_weights, cfg, seed, val_untrained_classes, device, precision)
     return trainer.run(on_epoch)
