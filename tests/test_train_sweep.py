@@ -110,7 +110,8 @@ def test_seed_failure_modes_cannot_happen():
     # batch_size 1: every batch holds a single class; the weighted loss stays finite.
     x = _blobs(mapping.taxonomy_index(train))
     res = SweepTrainer(x, y, x[:0], y[:0], w, _cfg(batch_size=1, epochs=2), seed=0).run()
-    assert all(math.isfinite(h["train_loss"]) for r in res.history for h in r["heads"])
+    assert all(math.isfinite(h["train_loss"]) for r in res.history for h in r["heads"] if h["training"])
+    assert all(h["training"] for h in res.history[0]["heads"])  # every head trains the first epoch
     one_class = _head_losses(torch.randn(2, 4, 2), torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 3.0]))
     assert torch.isfinite(one_class).all()
 
@@ -338,3 +339,13 @@ def test_feature_stats_match_float64_reference():
     np.testing.assert_allclose(mean.numpy(), ref.mean(0), rtol=1e-6, atol=1e-6)
     floor = 1e-3 + 1e-2 * ref.std(0).mean()
     np.testing.assert_allclose(std.numpy(), np.maximum(ref.std(0), floor), rtol=1e-3)
+
+
+def test_training_flushes_subnormals_and_restores_the_setting():
+    from samprobe.train.loop import flush_denormals
+
+    tiny = torch.tensor([1e-39])  # a float32 subnormal
+    assert float(tiny * 1.0) != 0.0
+    with flush_denormals():
+        assert float(tiny * 1.0) == 0.0  # subnormal results are flushed while training
+    assert float(tiny * 1.0) != 0.0  # and the process setting is restored afterwards

@@ -102,12 +102,17 @@ def _heads_second(w: torch.Tensor) -> torch.Tensor:
     return w.permute(1, 0, 2).contiguous().permute(1, 0, 2)
 
 
-def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """z [B, D] shared by all heads, w [H, D, C], b [H, C] -> z @ w[h] + b[h] as [H, B, C]: one
-    [B, D] x [D, H*C] addmm instead of H small matmuls (the weight gradient is one GEMM too, and
-    the bias is added inside the GEMM rather than by a pass over the strided [H, B, C] view)."""
-    H, D, C = w.shape
-    out = torch.addmm(b.reshape(1, H * C), z, w.permute(1, 0, 2).reshape(D, H * C))  # [B, H*C]
+def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """z [B, D] shared by all heads, w [H, D, C], b [H, C] -> z @ w[h] + b[h] as [H, B, C]
+    (``heads`` [H']: those only, [H', B, C]): one [B, D] x [D, H*C] addmm instead of H small
+    matmuls (the weight gradient is one GEMM too, and the bias is added inside the GEMM rather
+    than by a pass over the strided [H, B, C] view)."""
+    _, D, C = w.shape
+    w_dhc = w.permute(1, 0, 2)  # [D, H, C], contiguous (``_heads_second``)
+    if heads is not None:
+        w_dhc, b = w_dhc.index_select(1, heads), b.index_select(0, heads)  # one copy, still [D, H', C]
+    H = w_dhc.shape[1]
+    out = torch.addmm(b.reshape(1, H * C), z, w_dhc.reshape(D, H * C))  # [B, H*C]
     return out.view(-1, H, C).transpose(0, 1)
 
 
@@ -159,8 +164,8 @@ class StackedHeads(nn.Module):
         z = x if standardized else self.standardize(x)
         pick = (lambda t: t) if heads is None else (lambda t: t.index_select(0, heads))
         if self.kind == "linear":
-            return _all_heads_matmul(z, pick(self.w), pick(self.b))
-        h = F.gelu(_all_heads_matmul(z, pick(self.w1), pick(self.b1)))  # [H, B, K]
+            return _all_heads_matmul(z, self.w, self.b, heads)
+        h = F.gelu(_all_heads_matmul(z, self.w1, self.b1, heads))  # [H, B, K]
         if self.training and self.dropout > 0:
             # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
             keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout

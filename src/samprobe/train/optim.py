@@ -92,6 +92,7 @@ class StackedSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             mu = group["momentum"]
             all_live = not bool(group["frozen"].any())
+            frozen = group["frozen"].nonzero().flatten()
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -101,8 +102,8 @@ class StackedSGD(torch.optim.Optimizer):
                 lr = lr if all_live else lr * live
                 wd = group["head_wd"].to(p.device).view(shape)
                 # A frozen head's gradient may be NaN (diverged): keep it out of the momentum.
-                # In place on p.grad (zero_grad follows every step): no new [H, ...] tensors.
-                grad = p.grad if all_live else p.grad.masked_fill_(~live, 0.0)
+                # In place on p.grad (zero_grad follows every step), writing the frozen heads only.
+                grad = p.grad if all_live else p.grad.index_fill_(0, frozen.to(p.device), 0.0)
                 if not group["decoupled"]:
                     grad.addcmul_(wd, p)  # L2 in the gradient: the fixed point is the L2-regularised optimum
                 state = self.state[p]
