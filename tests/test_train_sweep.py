@@ -349,3 +349,27 @@ def test_training_flushes_subnormals_and_restores_the_setting():
     with flush_denormals():
         assert float(tiny * 1.0) == 0.0  # subnormal results are flushed while training
     assert float(tiny * 1.0) != 0.0  # and the process setting is restored afterwards
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_heads_left_after_pruning_train_exactly_as_alone(optimizer):
+    # prune_margin 0 stops every head below the leader after epoch 1; the leader then trains in
+    # a packed copy (its weights and optimizer state only). Its result must be the one it gets
+    # when trained alone: per-head math, same batches, state carried through the packing.
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 120)
+    x, (xv, yv) = _blobs(y), (_blobs(y[:40], seed=9), y[:40])
+    w = class_weights(np.bincount(y), "balanced")
+    lrs = [0.05, 0.001, 0.0003] if optimizer == "sgd" else [0.01, 1e-4, 3e-5]
+    sweep = _cfg(epochs=4, optimizer=optimizer, monitor="val_loss",
+                 sweep=SweepConfig(lrs=lrs, weight_decays=[1e-3], prune_margin=0.0))
+    res = SweepTrainer(x, y, xv, yv, w, sweep, seed=0).run()
+    assert [row["heads_training"] for row in res.history][:2] == [1, 1]  # packed from epoch 2 on
+    assert [h["status"].startswith("pruned at epoch 1") for h in res.table] == [False, True, True]
+    alone_cfg = _cfg(epochs=4, optimizer=optimizer, monitor="val_loss", sweep=SweepConfig(lrs=[lrs[0]], weight_decays=[1e-3]))
+    alone = SweepTrainer(x, y, xv, yv, w, alone_cfg, seed=0).run()
+    assert res.best_index == 0 and res.best_epoch == alone.best_epoch
+    for key, value in alone.head.state_dict().items():
+        torch.testing.assert_close(res.head.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.last_head.state_dict()["net.weight"], alone.last_head.state_dict()["net.weight"],
+                               rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ pooling with one learned query; ``StackedAttentiveProbe`` is H of them in one fo
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -114,6 +115,29 @@ def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: 
     H = w_dhc.shape[1]
     out = torch.addmm(b.reshape(1, H * C), z, w_dhc.reshape(D, H * C))  # [B, H*C]
     return out.view(-1, H, C).transpose(0, 1)
+
+
+def select_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """t[heads] along the head dim 0, keeping t's memory layout (a [H, D, C] weight stored as
+    [D, H, C] stays so: ``_all_heads_matmul`` needs it as a view)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # dims outermost first in memory
+    picked = t.permute(order).index_select(order.index(0), heads.to(t.device))  # contiguous, memory order
+    return picked.permute([order.index(d) for d in range(t.dim())])
+
+
+def pack_heads(model: nn.Module, heads: torch.Tensor) -> nn.Module:
+    """A copy of a stacked model (every parameter [H, ...]) holding only ``heads``: training the
+    heads still alive costs nothing for the stopped ones (no per-step gather of their weights,
+    no optimizer passes over them). Buffers (normalisation) are shared as they are."""
+    generator, model.dropout_generator = getattr(model, "dropout_generator", None), None  # not deep-copied
+    packed = copy.deepcopy(model)
+    model.dropout_generator = packed.dropout_generator = generator
+    for module in packed.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(select_heads(p.detach(), heads), requires_grad=p.requires_grad)
+    packed.num_heads = len(heads)
+    return packed
 
 
 class StackedHeads(nn.Module):

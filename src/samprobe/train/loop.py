@@ -23,8 +23,8 @@ from samprobe.backbones.precision import autocast_context, resolve_precision
 from samprobe.config import TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE
-from samprobe.train.heads import AttentiveProbe, Head, StackedAttentiveProbe, StackedHeads, rows_per_step
-from samprobe.train.optim import StackedAdamW, StackedSGD, warmup_cosine
+from samprobe.train.heads import AttentiveProbe, Head, StackedAttentiveProbe, StackedHeads, pack_heads, rows_per_step
+from samprobe.train.optim import StackedAdamW, StackedSGD, pack_optimizer, unpack_optimizer, warmup_cosine
 
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 
@@ -135,10 +135,8 @@ class _WeightedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         probs, at_target, sample_w = ctx.saved_tensors
-        w = sample_w.view(1, -1, 1)
-        grad = probs * w
-        grad.scatter_add_(2, at_target, -w.expand(probs.shape[0], -1, 1))
-        return grad.mul_(grad_loss.view(-1, 1, 1)), None, None
+        w = sample_w.view(1, -1, 1) * grad_loss.view(-1, 1, 1)  # [H, B, 1]
+        return (probs * w).scatter_add_(2, at_target, -w), None, None
 
 
 def _head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -258,49 +256,71 @@ class SweepTrainer:
     # --- one epoch -----------------------------------------------------------------------
 
     def _train_epoch(self) -> torch.Tensor:
-        """One pass over the training set; returns the mean training loss per head [H]."""
-        cfg, H = self.cfg, len(self.grid)
-        self.model.train()
+        """One pass over the training set; returns the mean training loss per head [H] (0 for
+        stopped heads). Stopped heads cost nothing: the epoch trains a packed copy of the live
+        heads and their optimizer state, written back at its end (a kill loses that epoch, as
+        before: last.pt is written between epochs)."""
+        heads = self.alive.nonzero().flatten()  # [H'] heads that train this epoch
+        if len(heads) == len(self.grid):
+            return self._train_steps(self.model, self.opt, heads)
+        full = list(self.model.parameters())
+        model = pack_heads(self.model, heads)
+        packed = list(model.parameters())
+        opt = pack_optimizer(self.opt, full, packed, heads)
+        train_loss = self._train_steps(model, opt, heads)
+        with torch.no_grad():
+            for f, p in zip(full, packed):
+                f.index_copy_(0, heads.to(f.device), p)
+        unpack_optimizer(opt, self.opt, full, packed, heads)
+        return train_loss
+
+    def _train_steps(self, model: torch.nn.Module, opt: torch.optim.Optimizer, heads: torch.Tensor) -> torch.Tensor:
+        """The epoch's optimizer steps for ``model`` / ``opt`` holding ``heads`` (indices [H'] into the grid)."""
+        H, device = len(self.grid), self.device
+        model.train()
         perm = torch.randperm(len(self.zt), generator=self.gen)
         loss_sum = torch.zeros(H, dtype=torch.float64)
-        self.opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         diverged_in_step = False
         for step in range(self.micro_steps):
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            zb = self.zt.index_select(0, idx.to(self.zt.device)).to(self.device, non_blocking=True)  # 2.5x faster than zt[idx]
+            zb = self.zt.index_select(0, idx.to(self.zt.device)).to(device, non_blocking=True)  # 2.5x faster than zt[idx]
             if self.standardize_batches:
-                zb = self.model.standardize(zb, out=zb)  # zb is the gather's own copy
+                zb = model.standardize(zb, out=zb)  # zb is the gather's own copy
             yb = self.yt.index_select(0, idx.to(self.yt.device))
-            # Only heads still training take part (early-stopped heads cost nothing).
-            heads = self.alive.nonzero().flatten()  # [H']
-            everyone = len(heads) == H
-            with autocast_context(self.device, self.precision):
-                logits = self.model(zb, None if everyone else heads.to(self.device), standardized=True)  # [H', B, C]
-            losses = _head_losses(logits, yb, self.weights)  # [H'], fp32
+            live = self.alive[heads]  # [H']: a head that diverges mid-epoch leaves the forward
+            sub = live.nonzero().flatten()  # [H''] into model's heads
+            with autocast_context(device, self.precision):
+                logits = model(zb, None if bool(live.all()) else sub.to(device), standardized=True)  # [H'', B, C]
+            losses = _head_losses(logits, yb, self.weights)  # [H''], fp32
             finite = torch.isfinite(losses.detach()).cpu()
             if not finite.all():
                 broke = torch.zeros(H, dtype=torch.bool)
-                broke[heads[~finite]] = True
+                broke[heads[sub[~finite]]] = True
+                if opt is not self.opt:
+                    opt.freeze(broke[heads])
                 self._diverged(broke, step)
                 diverged_in_step = True
-            live_sub = self.alive[heads].to(self.device)
-            loss = torch.where(live_sub, losses, 0.0).sum() / self.accumulate
+            still = self.alive[heads[sub]].to(device)  # [H'']
+            loss = torch.where(still, losses, 0.0).sum() / self.accumulate
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum[heads] += torch.where(live_sub, losses.detach(), 0.0).double().cpu() * len(idx)
+            loss_sum[heads[sub]] += torch.where(still, losses.detach(), 0.0).double().cpu() * len(idx)
             if (step + 1) % self.accumulate == 0 or step + 1 == self.micro_steps:
                 if diverged_in_step:  # its NaN grads must not reach a shared check (GradScaler); heads left out of the forward have zero grads
-                    dead = (~self.alive).nonzero().flatten().to(self.device)
-                    for p in self.model.parameters():
+                    dead = (~self.alive[heads]).nonzero().flatten().to(device)
+                    for p in model.parameters():
                         if p.grad is not None:
                             p.grad.index_fill_(0, dead, 0.0)
                     diverged_in_step = False
                 if self.scaler:
-                    self.scaler.step(self.opt)
+                    self.scaler.step(opt)
                     self.scaler.update()
                 else:
-                    self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
                 self.sched.step()
+                for packed_group, group in zip(opt.param_groups, self.opt.param_groups):
+                    packed_group["lr"] = group["lr"]  # the schedule's factor (a no-op unless packed)
         return (loss_sum / len(self.zt)).float()
 
     @torch.no_grad()

@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from samprobe.train.heads import select_heads
+
 
 class StackedAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor], head_lr: torch.Tensor, head_wd: torch.Tensor,
@@ -128,3 +130,39 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
             return (step + 1) / warmup_steps
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
     return factor
+
+
+def _per_head(value: object, heads: torch.Tensor, num_heads: int) -> object:
+    """A group setting or state entry restricted to ``heads`` when it is per head ([H, ...])."""
+    if torch.is_tensor(value):
+        return select_heads(value, heads) if value.dim() and value.shape[0] == num_heads else value.clone()
+    return value
+
+
+def pack_optimizer(opt: torch.optim.Optimizer, full: list[torch.Tensor], packed: list[torch.Tensor],
+                   heads: torch.Tensor) -> torch.optim.Optimizer:
+    """A stacked optimizer for ``packed`` (the parameters of ``pack_heads(model, heads)``, in the
+    order of ``full``): every group's per-head settings and every state entry restricted to ``heads``."""
+    num_heads = len(opt.param_groups[0]["head_lr"])
+    to_packed = {id(f): p for f, p in zip(full, packed)}
+    groups = [{**{k: _per_head(v, heads, num_heads) for k, v in g.items() if k != "params"},
+               "params": [to_packed[id(p)] for p in g["params"]]} for g in opt.param_groups]
+    new = type(opt)(groups, groups[0]["head_lr"], groups[0]["head_wd"])
+    for f, p in zip(full, packed):
+        if opt.state.get(f):
+            new.state[p] = {k: _per_head(v, heads, num_heads) for k, v in opt.state[f].items()}
+    return new
+
+
+def unpack_optimizer(packed_opt: torch.optim.Optimizer, opt: torch.optim.Optimizer, full: list[torch.Tensor],
+                     packed: list[torch.Tensor], heads: torch.Tensor) -> None:
+    """Write ``packed_opt``'s state for ``heads`` back into ``opt`` (the inverse of ``pack_optimizer``)."""
+    for f, p in zip(full, packed):
+        for key, value in packed_opt.state.get(p, {}).items():
+            state = opt.state[f]
+            if value.dim():
+                if key not in state:  # created during the packed steps (first momentum step)
+                    state[key] = torch.zeros_like(f, memory_format=torch.preserve_format)
+                state[key].index_copy_(0, heads.to(value.device), value)
+            else:
+                state[key] = value.clone()
