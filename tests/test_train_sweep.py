@@ -208,6 +208,12 @@ def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
     res = SweepTrainer(x, y, x, y, np.ones(3), cfg, seed=0).run()
     assert res.table[1]["status"].startswith("diverged at epoch") and res.best_index == 0
     assert all(torch.isfinite(p).all() for p in res.head.parameters())
+    # The diverged head leaves the others untouched: head 0 trains (weights, per-epoch training
+    # loss) exactly as it does alone.
+    alone = SweepTrainer(x, y, x, y, np.ones(3), _cfg(epochs=3, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0]),
+                                                       warmup_epochs=0), seed=0).run()
+    torch.testing.assert_close(res.head.state_dict()["net.weight"], alone.head.state_dict()["net.weight"])
+    assert [r["heads"][0]["train_loss"] for r in res.history] == pytest.approx([r["train_loss"] for r in alone.history], rel=1e-6)
     with pytest.raises(TrainingError, match=r"epoch \d+, step \d+.*lr 1e\+38"):
         SweepTrainer(x, y, x, y, np.ones(3), _cfg(sweep=SweepConfig(lrs=[1e38], weight_decays=[0.0]), warmup_epochs=0), seed=0).run()
     bad = x.copy()

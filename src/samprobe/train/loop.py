@@ -276,11 +276,12 @@ class SweepTrainer:
 
     def _train_steps(self, model: torch.nn.Module, opt: torch.optim.Optimizer, heads: torch.Tensor) -> torch.Tensor:
         """The epoch's optimizer steps for ``model`` / ``opt`` holding ``heads`` (indices [H'] into the grid)."""
-        H, device = len(self.grid), self.device
+        device = self.device
         model.train()
         perm = torch.randperm(len(self.zt), generator=self.gen)
-        loss_sum = torch.zeros(H, dtype=torch.float64)
+        loss_sum = torch.zeros(len(heads), dtype=torch.float64, device=device)  # [H'], sample-weighted
         opt.zero_grad(set_to_none=True)
+        sub: torch.Tensor | None = None  # heads of ``model`` in the forward; None = all (until one diverges)
         diverged_in_step = False
         for step in range(self.micro_steps):
             idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
@@ -288,23 +289,20 @@ class SweepTrainer:
             if self.standardize_batches:
                 zb = model.standardize(zb, out=zb)  # zb is the gather's own copy
             yb = self.yt.index_select(0, idx.to(self.yt.device))
-            live = self.alive[heads]  # [H']: a head that diverges mid-epoch leaves the forward
-            sub = live.nonzero().flatten()  # [H''] into model's heads
             with autocast_context(device, self.precision):
-                logits = model(zb, None if bool(live.all()) else sub.to(device), standardized=True)  # [H'', B, C]
+                logits = model(zb, sub, standardized=True)  # [H'', B, C]
             losses = _head_losses(logits, yb, self.weights)  # [H''], fp32
-            finite = torch.isfinite(losses.detach()).cpu()
-            if not finite.all():
-                broke = torch.zeros(H, dtype=torch.bool)
-                broke[heads[sub[~finite]]] = True
-                if opt is not self.opt:
-                    opt.freeze(broke[heads])
-                self._diverged(broke, step)
+            in_step = sub
+            if not bool(torch.isfinite(losses.detach()).all()):
+                losses = self._drop_diverged(losses, heads, sub, opt, step)
+                sub = self.alive[heads].nonzero().flatten().to(device)
                 diverged_in_step = True
-            still = self.alive[heads[sub]].to(device)  # [H'']
-            loss = torch.where(still, losses, 0.0).sum() / self.accumulate
+            loss = losses.sum() / self.accumulate
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum[heads[sub]] += torch.where(still, losses.detach(), 0.0).double().cpu() * len(idx)
+            if in_step is None:
+                loss_sum.add_(losses.detach(), alpha=len(idx))
+            else:
+                loss_sum.index_add_(0, in_step, losses.detach().double() * len(idx))
             if (step + 1) % self.accumulate == 0 or step + 1 == self.micro_steps:
                 if diverged_in_step:  # its NaN grads must not reach a shared check (GradScaler); heads left out of the forward have zero grads
                     dead = (~self.alive[heads]).nonzero().flatten().to(device)
@@ -321,7 +319,22 @@ class SweepTrainer:
                 self.sched.step()
                 for packed_group, group in zip(opt.param_groups, self.opt.param_groups):
                     packed_group["lr"] = group["lr"]  # the schedule's factor (a no-op unless packed)
-        return (loss_sum / len(self.zt)).float()
+        out = torch.zeros(len(self.grid), dtype=torch.float64)
+        out[heads] = loss_sum.cpu()
+        return (out / len(self.zt)).float()
+
+    def _drop_diverged(self, losses: torch.Tensor, heads: torch.Tensor, sub: torch.Tensor | None,
+                       opt: torch.optim.Optimizer, step: int) -> torch.Tensor:
+        """Stop the heads whose loss is NaN/inf this step; returns the losses with theirs zeroed
+        (they stay in this step's backward, whose grads are then cleared for them)."""
+        in_forward = heads if sub is None else heads[sub.cpu()]
+        finite = torch.isfinite(losses.detach()).cpu()
+        broke = torch.zeros(len(self.grid), dtype=torch.bool)
+        broke[in_forward[~finite]] = True
+        if opt is not self.opt:
+            opt.freeze(broke[heads])
+        self._diverged(broke, step)
+        return torch.where(finite.to(losses.device), losses, 0.0)
 
     @torch.no_grad()
     def _standardized(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,19 +93,19 @@ class StackedSGD(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             mu = group["momentum"]
-            all_live = not bool(group["frozen"].any())
-            frozen = group["frozen"].nonzero().flatten()
+            frozen = group["frozen"].nonzero().flatten()  # [F] heads never updated again
+            head_lr = group["head_lr"] * group["lr"]  # [H]: schedule factor x each head's lr
+            if len(frozen):
+                head_lr = head_lr.index_fill(0, frozen, 0.0)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 shape = (-1,) + (1,) * (p.dim() - 1)  # broadcast [H] over the head's parameter
-                live = (~group["frozen"]).to(p.device).view(shape)
-                lr = (group["head_lr"].to(p.device) * group["lr"]).view(shape)
-                lr = lr if all_live else lr * live
+                lr = head_lr.to(p.device).view(shape)
                 wd = group["head_wd"].to(p.device).view(shape)
                 # A frozen head's gradient may be NaN (diverged): keep it out of the momentum.
                 # In place on p.grad (zero_grad follows every step), writing the frozen heads only.
-                grad = p.grad if all_live else p.grad.index_fill_(0, frozen.to(p.device), 0.0)
+                grad = p.grad.index_fill_(0, frozen.to(p.device), 0.0) if len(frozen) else p.grad
                 if not group["decoupled"]:
                     grad.addcmul_(wd, p)  # L2 in the gradient: the fixed point is the L2-regularised optimum
                 state = self.state[p]
