@@ -379,3 +379,16 @@ def test_heads_left_after_pruning_train_exactly_as_alone(optimizer):
         torch.testing.assert_close(res.head.state_dict()[key], value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(res.last_head.state_dict()["net.weight"], alone.last_head.state_dict()["net.weight"],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_all_finite_is_exact():
+    from samprobe.train.loop import _all_finite
+
+    x = np.ones((50, 4), np.float32)
+    assert _all_finite(x) and _all_finite(x[:0])
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[17, 2] = bad
+        assert not _all_finite(y)
+    huge = np.full((50, 4), 3e38, np.float32)  # finite values whose float32 sum overflows
+    assert _all_finite(huge)

@@ -94,6 +94,15 @@ class SweepResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every value is finite. A NaN or inf makes the float32 sum non-finite, so a finite
+    sum settles it in one pass without a temporary; a non-finite sum (NaN/inf, or overflow of
+    huge values) is checked exactly."""
+    if x.size == 0:
+        return True
+    return bool(np.isfinite(torch.from_numpy(np.ascontiguousarray(x)).sum().item())) or bool(np.isfinite(x).all())
+
+
 @contextlib.contextmanager
 def flush_denormals() -> Iterator[None]:
     """Subnormal floats as zero while training: confident heads push softmax probabilities and
@@ -207,7 +216,7 @@ class SweepTrainer:
             raise TrainingError(f"training targets must be head indices 0..{C - 1} of active classes "
                                 f"(got {int(yt.min())}..{int(yt.max())})",
                                 fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets")
-        if not np.isfinite(x_train).all() or (len(x_val) and not np.isfinite(x_val).all()):
+        if not _all_finite(x_train) or not _all_finite(x_val):
             raise TrainingError("features contain NaN/inf", fix="delete the cache entries of these images and rerun `samprobe extract`")
         self.num_untrained = int(val_untrained_classes)
         self.xt, self.yt = _place_features(x_train, self.device), yt.to(self.device)
