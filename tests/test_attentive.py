@@ -3,7 +3,6 @@ the stacked sweep form to the CLI on real images with a tiny SAM encoder."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from digits_run import CLASSES, EMPTY_CLASS, write_digits_project
+from resume_check import assert_resumes_bitwise
 from sam_factory import write_official_checkpoint
 from samprobe.cli import main
 from samprobe.config import SweepConfig, TrainConfig, load_config
@@ -107,19 +107,7 @@ def test_attentive_sweep_learns_what_mean_pooling_cannot():
 def test_attentive_sweep_resumes_bitwise_and_checks_what_it_resumes():
     x, y = _marked_token_grids(120)
     cfg = _cfg(epochs=4, dropout=0.1)
-    full = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5).run()
-    part = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5)
-    part.run(until_epoch=2)
-    buf = io.BytesIO()
-    torch.save(part.state_dict(), buf)
-    torch.manual_seed(999)  # a fresh process has another global RNG state
-    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    resumed = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5)
-    resumed.load_state_dict(state)
-    res = resumed.run()
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(v, res.model.state_dict()[k]), k
-    assert full.history == res.history and full.table == res.table
+    _, state = assert_resumes_bitwise(lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=2)
     # linear heads on C-d pooled features have a mean of the same shape: the head spec tells them apart
     pooled = x.mean(1)
     linear = SweepTrainer(pooled[:90], y[:90], pooled[90:], y[90:], np.ones(3), _cfg(head="linear", epochs=4), seed=5)

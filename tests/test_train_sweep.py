@@ -2,7 +2,6 @@
 the stacked sweep, per-head AdamW, early stopping, accumulation, resume (attentive probe: test_attentive.py)."""
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from resume_check import assert_resumes_bitwise
 from samprobe.config import SweepConfig, TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
@@ -235,20 +235,7 @@ def test_resume_from_saved_state_is_bitwise_identical():
     y = rng.integers(0, 3, 120)
     x = _blobs(y)
     cfg = _cfg(epochs=6, head="mlp", hidden=16, dropout=0.2)
-    full = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5).run()
-
-    part = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5)
-    part.run(until_epoch=3)  # three epochs, then "killed": only the saved state survives
-    buf = io.BytesIO()
-    torch.save(part.state_dict(), buf)
-    torch.manual_seed(999)  # a fresh process has another global RNG state
-    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    resumed = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5)
-    resumed.load_state_dict(state)
-    res = resumed.run()
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(v, res.model.state_dict()[k]), k
-    assert full.history == res.history and full.table == res.table
+    _, state = assert_resumes_bitwise(lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=3)
 
     other = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), _cfg(epochs=6, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0])), seed=5)
     with pytest.raises(CheckpointError, match="sweep over 2 settings"):
