@@ -70,3 +70,9 @@ def digits_project(tmp_path: Path) -> Path:
     write_digits(tmp_path / "data")
     write_config(tmp_path / "samprobe.yaml")
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _private_user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights hashes are remembered under $XDG_CACHE_HOME: tests use their own, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

@@ -1,7 +1,10 @@
 """SAM backbone: parity with segment_anything, pooling, checkpoint formats and failures."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from sam_factory import build_official_sam, write_official_checkpoint
 from samprobe.backbones import registry
 from samprobe.backbones.sam import SamBackbone, build_sam, infer_geometry, valid_token_mask
 from samprobe.io import weights_sha256
-from samprobe.backbones.sam_weights import to_timm_keys
+from samprobe.backbones.sam_weights import read_checkpoint, to_timm_keys
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 
@@ -145,8 +148,6 @@ def test_encode_order_dims_and_pooling_check(tiny):
 
 
 def test_identity_hashes_weights_file(tiny, tiny_ckpt):
-    import hashlib
-
     ident = tiny.identity()
     assert ident["weights_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest() == weights_sha256(tiny_ckpt)
     assert ident["variant"] == "custom" and ident["geometry"]["embed_dim"] == 64
@@ -313,3 +314,35 @@ def test_registered_builder(tiny_ckpt):
     assert isinstance(bb, SamBackbone) and bb.input_size == 256
     with pytest.raises(ConfigError, match="backbone.checkpoint"):
         build_sam(BackboneConfig(checkpoint=None))
+
+
+def test_weights_hash_is_remembered_by_size_and_mtime(tmp_path):
+    from samprobe.io import _cached_sha256, sha256_store
+
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"a" * 1000)
+    first = weights_sha256(w)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert json.loads(sha256_store().read_text())[str(w.resolve())]["sha256"] == first
+    # Same size and mtime: a new process (cache cleared) takes the stored hash without reading the file.
+    st = w.stat()
+    w.write_bytes(b"b" * 1000)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _cached_sha256.cache_clear()
+    assert weights_sha256(w) == first
+    # A new mtime (the file was replaced) is hashed again.
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
+    # An unreadable store is only a re-hash, never an error.
+    sha256_store().write_text("{not json")
+    _cached_sha256.cache_clear()
+    assert weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_checkpoint_is_memory_mapped_not_read(tmp_path):
+    # A zip checkpoint is mapped, not read: building a backbone only for its fingerprint (train,
+    # evaluate) costs no weight I/O. Linux shows the mapping in /proc/self/maps.
+    ckpt = write_official_checkpoint(tmp_path / "mapped.pth", "tiny", img_size=256)
+    sd = read_checkpoint(ckpt)
+    assert str(ckpt) in Path("/proc/self/maps").read_text()
+    del sd

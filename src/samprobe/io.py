@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -32,13 +33,34 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def sha256_store() -> Path:
+    """Where weights hashes are remembered between runs: $XDG_CACHE_HOME/samprobe (~/.cache/samprobe)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "samprobe" / "weights-sha256.json"
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
+    store = sha256_store()
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(path) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns \
+            and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(path)
+    known = known if isinstance(known, dict) else {}
+    known[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
+        atomic_write_text(store, json.dumps(known, indent=1))
+    return digest
 
 
 def weights_sha256(path: Path | str) -> str:
-    """sha256 of a (large, rarely changing) weights file, computed once per process per version."""
+    """sha256 of a (large, rarely changing) weights file, remembered per (path, size, mtime) in
+    the process and in ``sha256_store()``: `train` / `evaluate` compute the feature fingerprint
+    without re-reading a 2.5 GB vit_h file every run (as make and rsync trust size + mtime)."""
     st = os.stat(path)
     return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 

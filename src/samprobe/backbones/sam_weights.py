@@ -98,8 +98,16 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read SAM checkpoint {path}: it is not a PyTorch checkpoint "
                                   f"(starts with {head!r}, expected a torch.save zip or pickle)",
                                   fix="point backbone.checkpoint at the .pth weights file, not an image or text file")
+        def load(mmap: bool) -> Any:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # A zip checkpoint is memory-mapped: building the encoder (meta device, assign=True) reads
+            # no weight until it is used, so train / evaluate, which only need the fingerprint, stay quick.
+            try:
+                obj = load(mmap=head.startswith(b"PK\x03\x04"))
+            except RuntimeError:
+                obj = load(mmap=False)  # a filesystem that cannot map files; a bad file fails again below
         except Exception as exc:  # torch raises several types for bad files; all mean the same here
             raise CheckpointError(f"cannot read SAM checkpoint {path}: {_read_cause(exc)}",
                                   fix="use an official SAM .pth (or a timm samvit_* .pth/.safetensors); "
