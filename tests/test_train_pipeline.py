@@ -169,3 +169,31 @@ def test_epoch_checkpoints_are_rotated(corpus):
     kept = sorted(p.name for p in (corpus / "rotated" / "checkpoints").glob("epoch_*.pt"))
     assert kept == ["epoch_0004.pt", "epoch_0005.pt"]
     assert torch.load(corpus / "rotated" / "checkpoints" / "epoch_0004.pt", weights_only=True)["train_state"]["epoch"] == 4
+
+
+def test_out_of_memory_in_training_is_a_device_error_and_the_run_resumes(corpus, capsys, monkeypatch):
+    # The GPU runs out of memory in epoch 2 (injected: this machine has no GPU). The user gets
+    # one line with the settings to change, and --resume continues from epoch 1's last.pt.
+    from samprobe.train.loop import SweepTrainer
+
+    calls = {"n": 0}
+    real = SweepTrainer._train_steps
+
+    def second_epoch_oom(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args)
+
+    monkeypatch.setattr(SweepTrainer, "_train_steps", second_epoch_oom)
+    path, sets = _cfg(corpus, "oom")
+    args = ["train", "-c", str(path), *sum([["--set", s] for s in [*sets, "train.epochs=3"]], [])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("samprobe: error")]  # the rest: validate's progress bar
+    assert "[SP600]" in line and "out of memory on cpu in epoch 2" in line and "Traceback" not in err
+    assert "halve train.batch_size and double train.accumulate" in line
+    assert torch.load(corpus / "oom" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(SweepTrainer, "_train_steps", real)
+    assert main([*args, "--resume"]) == 0
+    assert torch.load(corpus / "oom" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 3

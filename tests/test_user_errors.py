@@ -103,3 +103,20 @@ def test_path_features_equal_extracted_features(digits_project: Path) -> None:
         cached = load_features(cache, records[:5])
     direct = path_features(ex, [r.file for r in records[:5]])
     np.testing.assert_allclose(direct.astype(np.float16).astype(np.float32), cached, rtol=0, atol=2e-2)
+
+
+def test_console_log_follows_the_current_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # main() twice in one process (notebooks, tests) under redirected output: messages go to the
+    # stdout of the moment, not to the (closed) stream of the first call.
+    import io
+
+    from samprobe.logs import log, setup_console
+
+    setup_console()
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stdout", first)
+    log.info("one")
+    first.close()
+    monkeypatch.setattr("sys.stdout", second)
+    log.info("two")
+    assert second.getvalue() == "two\n"

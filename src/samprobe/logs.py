@@ -8,10 +8,23 @@ from pathlib import Path
 log = logging.getLogger("samprobe")
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is when a record is emitted, not when the handler was
+    made: ``main`` called twice in one process (tests, notebooks) under redirected output."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def setup_console(debug: bool = False) -> None:
     if any(getattr(h, "_samprobe_console", False) for h in log.handlers):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._samprobe_console = True  # type: ignore[attr-defined]
     log.addHandler(handler)

@@ -27,6 +27,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def is_oom(exc: BaseException) -> bool:
+    """CUDA (or any allocator's) out-of-memory, whichever class torch raised it as."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
 def cpu_bf16_is_fast() -> bool:
     """True when bf16 matmuls beat fp32 on this CPU: oneDNN with AMX tiles."""
     if not torch.backends.mkldnn.is_available():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samprobe.backbones.precision import autocast_context, resolve_device, resolve_precision
+from samprobe.backbones.precision import autocast_context, is_oom, resolve_device, resolve_precision
 from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, grid_array
 from samprobe.config import Config
 from samprobe.data.images import decode_rgb
@@ -45,11 +45,6 @@ class ExtractResult:
     cached: int = 0
     seconds: float = 0.0
     failures: list[tuple[Record, str]] = field(default_factory=list)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA (or any allocator's) out-of-memory, whichever class torch raised it as."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
 def rank_world() -> tuple[int, int]:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samprobe.backbones.precision import autocast_context, resolve_precision
+from samprobe.backbones.precision import autocast_context, is_oom, resolve_precision
 from samprobe.config import TrainConfig
-from samprobe.errors import CheckpointError, TrainingError
+from samprobe.errors import CheckpointError, DeviceError, TrainingError
 from samprobe.train.classes import IGNORE
 from samprobe.train.heads import AttentiveProbe, Head, StackedAttentiveProbe, StackedHeads, pack_heads, rows_per_step
 from samprobe.train.optim import StackedAdamW, StackedSGD, pack_optimizer, unpack_optimizer, warmup_cosine
@@ -454,7 +454,7 @@ class SweepTrainer:
         as a kill would leave it); ``on_state`` after every epoch (the caller writes last.pt there)."""
         end = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
         while self.epoch < end and self.alive.any():
-            with flush_denormals():
+            with flush_denormals(), self._oom_as_device_error():
                 train_loss = self._train_epoch()
                 self.epoch += 1
                 row = self._end_epoch(train_loss)
@@ -467,6 +467,21 @@ class SweepTrainer:
                 if self.status[h] == "training":
                     self.status[h] = f"finished {self.epoch} epochs"
         return self.result()
+
+    @contextlib.contextmanager
+    def _oom_as_device_error(self) -> Iterator[None]:
+        """Out of memory mid-epoch: one message with the settings that decide the memory (the
+        epoch is lost; last.pt holds the one before)."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            raise DeviceError(
+                f"out of memory on {self.device} in epoch {self.epoch + 1} training {int(self.alive.sum())} "
+                f"{self.cfg.head} heads on {self.batch_size} samples per step",
+                fix="halve train.batch_size and double train.accumulate (the same effective batch), or train fewer "
+                    "sweep settings at once; `samprobe train --resume` continues from the last finished epoch") from None
 
     @property
     def done(self) -> bool:
