@@ -211,3 +211,13 @@ def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
         row = rows[Path(r.file).name]
         assert p.label == row["label"] == clf.mapping.taxonomy[i[0]], r.file
         assert p.score == pytest.approx(float(row["score"]), abs=2e-6) and p.score == pytest.approx(float(s[0]), abs=1e-6)
+
+
+def test_grid_statistics_sample_whole_images_not_grid_positions():
+    # 2000 grids of 8x8 tokens (128k tokens, so statistics come from a sample): the left column
+    # is 0, the rest 10. Sampling must cover every grid position (mean 8.75, not 0 or 10).
+    grids = torch.full((2000, 64, 4), 10.0)
+    grids[:, ::8] = 0.0
+    probe = AttentiveProbe(4, 3, spatial=8, attn_heads=2)
+    probe.set_normalisation(grids)
+    torch.testing.assert_close(probe.mean, torch.full((4,), 8.75))

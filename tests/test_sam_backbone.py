@@ -316,27 +316,33 @@ def test_registered_builder(tiny_ckpt):
         build_sam(BackboneConfig(checkpoint=None))
 
 
-def test_weights_hash_is_remembered_by_size_and_mtime(tmp_path):
-    from samprobe.io import _cached_sha256, sha256_store
+def test_weights_hash_is_remembered_per_file_version(tmp_path, monkeypatch):
+    from samprobe import io as sio
 
     w = tmp_path / "w.pth"
     w.write_bytes(b"a" * 1000)
     first = weights_sha256(w)
     assert first == hashlib.sha256(b"a" * 1000).hexdigest()
-    assert json.loads(sha256_store().read_text())[str(w.resolve())]["sha256"] == first
-    # Same size and mtime: a new process (cache cleared) takes the stored hash without reading the file.
+    assert json.loads(sio.sha256_store().read_text())[str(w.resolve())]["sha256"] == first
+    # A new process (cache cleared) takes the stored hash for the same file version: no read.
+    sio._cached_sha256.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", lambda *a, **k: pytest.fail("the weights file was read again"))
+        assert weights_sha256(w) == first
+    # Rewritten with the same size and mtime (as cp -p / rsync -a leave it): ctime tells, hashed again.
     st = w.stat()
     w.write_bytes(b"b" * 1000)
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
-    _cached_sha256.cache_clear()
-    assert weights_sha256(w) == first
-    # A new mtime (the file was replaced) is hashed again.
-    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    sio._cached_sha256.cache_clear()
     assert weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
-    # An unreadable store is only a re-hash, never an error.
-    sha256_store().write_text("{not json")
-    _cached_sha256.cache_clear()
+    # An unreadable store, or no home directory at all, is only a re-hash, never an error.
+    sio.sha256_store().write_text("{not json")
+    sio._cached_sha256.cache_clear()
     assert weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    sio._cached_sha256.cache_clear()
+    assert sio.sha256_store() is None and weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
 def test_checkpoint_is_memory_mapped_not_read(tmp_path):

@@ -379,3 +379,20 @@ def test_all_finite_is_exact():
         assert not _all_finite(y)
     huge = np.full((50, 4), 3e38, np.float32)  # finite values whose float32 sum overflows
     assert _all_finite(huge)
+
+
+def test_last_live_heads_diverging_fall_back_to_a_head_that_stopped_earlier():
+    # Head 0 was stopped earlier (pruned, say) with a finite best score; the last live head
+    # then diverges. Training ends with head 0's best weights instead of failing the run.
+    y = np.arange(60) % 3
+    x = _blobs(y)
+    trainer = SweepTrainer(x, y, x, y, np.ones(3), _cfg(epochs=4), seed=0)
+    trainer.run(until_epoch=1)
+    trainer.alive[:] = torch.tensor([False, True])
+    trainer._diverged(torch.tensor([False, True]), step=0)
+    res = trainer.run()
+    assert res.best_index == 0 and res.table[1]["status"].startswith("diverged at epoch 2")
+    # With no head holding a finite score to fall back on, it is the TrainingError.
+    fresh = SweepTrainer(x, y, x, y, np.ones(3), _cfg(epochs=4), seed=0)
+    with pytest.raises(TrainingError, match="for every head"):
+        fresh._diverged(torch.tensor([True, True]), step=3)

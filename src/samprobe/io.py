@@ -33,36 +33,51 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def sha256_store() -> Path:
-    """Where weights hashes are remembered between runs: $XDG_CACHE_HOME/samprobe (~/.cache/samprobe)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "samprobe" / "weights-sha256.json"
+def sha256_store() -> Path | None:
+    """Where weights hashes are remembered between runs: $XDG_CACHE_HOME/samprobe (~/.cache/samprobe);
+    None when there is no home directory (a container user without one)."""
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (RuntimeError, KeyError):
+        return None
+    return root / "samprobe" / "weights-sha256.json"
+
+
+def _file_version(st: os.stat_result) -> dict[str, int]:
+    """What identifies one version of a file without reading it. ctime is set by the kernel on
+    every write or rename and no copy tool can preserve it (cp -p, rsync -a and tar keep mtime)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    store = sha256_store()
+def _cached_sha256(path: str, version: tuple[tuple[str, int], ...]) -> str:
+    store, stamp = sha256_store(), dict(version)
     try:
-        known = json.loads(store.read_text())
+        known = json.loads(store.read_text()) if store else {}
     except (OSError, ValueError):
         known = {}
-    entry = known.get(path) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns \
-            and isinstance(entry.get("sha256"), str):
-        return entry["sha256"]
-    digest = sha256_file(path)
     known = known if isinstance(known, dict) else {}
-    known[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
-    with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
-        atomic_write_text(store, json.dumps(known, indent=1))
+    entry = known.get(path)
+    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and {k: entry.get(k) for k in stamp} == stamp:
+        return entry["sha256"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+        unchanged = _file_version(os.fstat(f.fileno())) == stamp  # not rewritten while we read it
+    digest = h.hexdigest()
+    if store and unchanged:
+        known[path] = {**stamp, "sha256": digest}
+        with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
+            atomic_write_text(store, json.dumps(known, indent=1))
     return digest
 
 
 def weights_sha256(path: Path | str) -> str:
-    """sha256 of a (large, rarely changing) weights file, remembered per (path, size, mtime) in
-    the process and in ``sha256_store()``: `train` / `evaluate` compute the feature fingerprint
-    without re-reading a 2.5 GB vit_h file every run (as make and rsync trust size + mtime)."""
-    st = os.stat(path)
-    return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    """sha256 of a (large, rarely changing) weights file, remembered per file version (size,
+    mtime, ctime, inode) in the process and in ``sha256_store()``: `train` / `evaluate` compute
+    the feature fingerprint without re-reading a 2.5 GB vit_h file every run."""
+    return _cached_sha256(str(Path(path).resolve()), tuple(_file_version(os.stat(path)).items()))
 
 
 def fsync_dir(directory: Path) -> None:

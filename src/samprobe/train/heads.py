@@ -275,8 +275,10 @@ class AttentiveProbe(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def set_normalisation(self, tokens: torch.Tensor) -> None:
-        """tokens: [N, T, C] training grids; statistics per channel over all tokens."""
-        mean, std = feature_stats(tokens.reshape(-1, tokens.shape[-1]))
+        """tokens: [N, T, C] training grids; statistics per channel over all tokens of an evenly
+        strided sample of images (striding the flattened tokens would sample a few grid positions only)."""
+        step = -(-len(tokens) // max(1, STATS_SAMPLES // tokens.shape[1]))  # at most STATS_SAMPLES tokens, whole images
+        mean, std = feature_stats(tokens[::step].reshape(-1, tokens.shape[-1]))
         self.mean.copy_(mean)
         self.std.copy_(std)
 

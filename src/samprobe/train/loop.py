@@ -100,19 +100,22 @@ def _all_finite(x: np.ndarray) -> bool:
     huge values) is checked exactly."""
     if x.size == 0:
         return True
-    return bool(np.isfinite(torch.from_numpy(np.ascontiguousarray(x)).sum().item())) or bool(np.isfinite(x).all())
+    total = torch.from_numpy(np.ascontiguousarray(x)).sum(dtype=torch.float32).item()  # fp16 input: no fp16 overflow
+    return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
 
 
 @contextlib.contextmanager
 def flush_denormals() -> Iterator[None]:
     """Subnormal floats as zero while training: confident heads push softmax probabilities and
     their gradients below 1e-38, and x86 arithmetic on subnormals is ~100x slower (digits set,
-    lr 0.5: 1.5 -> 0.4 s for the whole sweep, same result)."""
+    lr 0.5: 1.5 -> 0.4 s for the whole sweep, same result). The mode is per thread (the one
+    driving torch; oneDNN/OpenMP workers keep theirs); the caller's mode is restored after."""
+    was_flushing = float(torch.tensor([1e-39]) * 1.0) == 0.0  # torch has no getter for the mode
     torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(was_flushing)
 
 
 def _place_features(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -365,7 +368,9 @@ class SweepTrainer:
             self.status[h] = f"diverged at {where}"
         self.alive &= ~heads
         self.opt.freeze(heads)
-        if not self.alive.any():
+        # The last live heads diverging ends training; it is an error only when no head (one
+        # stopped earlier, e.g. pruned) holds best weights with a finite score to fall back on.
+        if not self.alive.any() and not torch.isfinite(self.best_score).any():
             lrs = sorted({g[0] for g in self.grid})
             raise TrainingError(f"loss became NaN/inf at {where} for every head (lr {', '.join(f'{lr:g}' for lr in lrs)})",
                                 fix="the learning rate is too high for these features: lower train.lr / train.sweep.lrs "
@@ -429,15 +434,16 @@ class SweepTrainer:
         head's (Hyperband-style): a setting that far behind does not win, and the batched
         forward then skips it. Best scores, not this epoch's: a head in a dip is not cut."""
         margin = self.cfg.sweep.prune_margin
-        if margin is None or not self.alive.any():
-            return
+        if margin is None or not self.alive.any() or len(self.xv) == 0:
+            return  # without a validation set the score is the training loss, where more decay always looks worse
         lead = float(self.best_score.max())
         pruned = self.alive & (self.best_score < lead - margin)
-        as_metric = (lambda v: -v) if self.cfg.monitor == "val_loss" else (lambda v: v)
-        name = self.cfg.monitor if self.cfg.monitor == "val_loss" or len(self.xv) else "train_loss"
+        loss = self.cfg.monitor == "val_loss"
+        name = "val_loss" if loss else f"val_{self.cfg.monitor}"
         for h in pruned.nonzero().flatten().tolist():
-            self.status[h] = (f"pruned at epoch {self.epoch}: best {name} {as_metric(float(self.best_score[h])):.4f}, more than "
-                              f"sweep.prune_margin {margin:g} from the leading head's {as_metric(lead):.4f}")
+            best, leading = (-float(self.best_score[h]), -lead) if loss else (float(self.best_score[h]), lead)
+            self.status[h] = (f"pruned at epoch {self.epoch}: best {name} {best:.4f}, more than "
+                              f"sweep.prune_margin {margin:g} from the leading head's {leading:.4f}")
         self.alive &= ~pruned
         self.opt.freeze(pruned)
 
@@ -454,7 +460,7 @@ class SweepTrainer:
         as a kill would leave it); ``on_state`` after every epoch (the caller writes last.pt there)."""
         end = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
         while self.epoch < end and self.alive.any():
-            with flush_denormals(), self._oom_as_device_error():
+            with flush_denormals(), self._oom_as_device_error(self.epoch + 1):
                 train_loss = self._train_epoch()
                 self.epoch += 1
                 row = self._end_epoch(train_loss)
@@ -469,7 +475,7 @@ class SweepTrainer:
         return self.result()
 
     @contextlib.contextmanager
-    def _oom_as_device_error(self) -> Iterator[None]:
+    def _oom_as_device_error(self, epoch: int) -> Iterator[None]:
         """Out of memory mid-epoch: one message with the settings that decide the memory (the
         epoch is lost; last.pt holds the one before)."""
         try:
@@ -478,7 +484,7 @@ class SweepTrainer:
             if not is_oom(exc):
                 raise
             raise DeviceError(
-                f"out of memory on {self.device} in epoch {self.epoch + 1} training {int(self.alive.sum())} "
+                f"out of memory on {self.device} in epoch {epoch} training {int(self.alive.sum())} "
                 f"{self.cfg.head} heads on {self.batch_size} samples per step",
                 fix="halve train.batch_size and double train.accumulate (the same effective batch), or train fewer "
                     "sweep settings at once; `samprobe train --resume` continues from the last finished epoch") from None
