@@ -3,7 +3,6 @@ digits, efficientnet_lite0 at 64 px, fp32, CPU)."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import signal
 import subprocess

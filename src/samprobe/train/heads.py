@@ -128,7 +128,7 @@ def select_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
 def pack_heads(model: nn.Module, heads: torch.Tensor) -> nn.Module:
     """A copy of a stacked model (every parameter [H, ...]) holding only ``heads``: training the
     heads still alive costs nothing for the stopped ones (no per-step gather of their weights,
-    no optimizer passes over them). Buffers (normalisation) are shared as they are."""
+    no optimizer passes over them). Buffers (normalisation) are copied as they are."""
     generator, model.dropout_generator = getattr(model, "dropout_generator", None), None  # not deep-copied
     packed = copy.deepcopy(model)
     model.dropout_generator = packed.dropout_generator = generator

@@ -141,7 +141,8 @@ class _WeightedCrossEntropy(torch.autograd.Function):
         s = e.sum(-1, keepdim=True)
         at_target = target.view(1, -1, 1).expand(logits.shape[0], -1, 1)  # [H, B, 1]
         nll = (m + s.log() - logits.gather(2, at_target)).squeeze(2)  # [H, B]
-        ctx.save_for_backward(e.div_(s), at_target, sample_w)  # softmax [H, B, C]
+        if ctx.needs_input_grad[0]:  # validation (no grad) needs the losses only
+            ctx.save_for_backward(e.div_(s), at_target, sample_w)  # softmax [H, B, C]
         return nll @ sample_w
 
     @staticmethod
