@@ -19,13 +19,13 @@ from samprobe.backbones.registry import grid_array
 from samprobe.config import Config, check_head_input, dump_config
 from samprobe.data.loader import failure_kind
 from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
-from samprobe.data.splits import assign_splits
-from samprobe.errors import CheckpointError, DataError
+from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
+from samprobe.errors import CheckpointError, DataError, TrainingError
 from samprobe.features.cache import check_free_space, ensure_writable_dir
 from samprobe.features.extract import ExtractResult, Extractor, load_head_inputs, rank_world
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
-from samprobe.tracking import Tracker, read_csv_rows
+from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
 from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
 from samprobe.train.classes import ClassMapping, class_weights
 from samprobe.train.heads import head_from_spec, rows_per_step
@@ -46,17 +46,68 @@ def prepare_run_dir(cfg: Config) -> Path:
 # validate
 
 
+SPLIT_LEDGER = "split_ledger.json"
+
+
+def split_settings(cfg: Config) -> dict[str, Any]:
+    """What decides where a new image goes, besides its content."""
+    d = cfg.data
+    return {"seed": cfg.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction, "split_column": d.split_column}
+
+
+def read_split_ledger(run_dir: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """(sha256 -> split of every image earlier validations of this run assigned, the split settings
+    they used; None for runs older than the ledger, whose splits.csv is read instead)."""
+    ledger = run_dir / SPLIT_LEDGER
+    if ledger.is_file():
+        data = json.loads(ledger.read_text(encoding="utf-8"))
+        return dict(data["splits"]), data["settings"]
+    if (run_dir / "splits.csv").is_file():
+        return {r.sha256: r.split for r in read_splits(run_dir / "splits.csv") if r.split}, None
+    return {}, None
+
+
+def _split_source(cfg: Config, records: list[Record]) -> str:
+    if cfg.data.split_column is None:
+        return (f"stratified per class (seed {cfg.seed}, data.val_fraction {cfg.data.val_fraction:g}, "
+                f"data.test_fraction {cfg.data.test_fraction:g})")
+    if carves_val(records):
+        return (f"split column {cfg.data.split_column!r}; it has no val rows, so val is carved from its train rows "
+                f"(stratified, data.val_fraction {cfg.data.val_fraction:g})")
+    return f"split column {cfg.data.split_column!r}"
+
+
 def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list[str]]:
-    """Validate the metadata, assign splits, write the data report. Returns (records, taxonomy)."""
+    """Validate the metadata, assign splits, write the data report. Returns (records, taxonomy).
+
+    Images keep the split an earlier validation of this run gave them (``split_ledger.json``):
+    new images fill their class's quotas, so data added later never moves an image between splits."""
     run_dir = prepare_run_dir(cfg)
     ds = validate(cfg.data, progress=progress)
-    ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    settings = split_settings(cfg)
+    previous, previous_settings = read_split_ledger(run_dir)
+    settings_changed = previous_settings is not None and previous_settings != settings
+    source = _split_source(cfg, ds.records)
+    ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
+                               previous={} if settings_changed else previous)
+    known = [r for r in ds.records if r.sha256 in previous]
+    moved = sum(previous[r.sha256] != r.split for r in known)
     ds.extra["data_settings"] = data_settings_hash(cfg)
+    ds.extra["split_settings"] = settings
+    ds.extra["splits"] = {"source": source, "kept": len(known) - moved, "moved": moved, "new": len(ds.records) - len(known),
+                          "counts": {s: sum(r.split == s for r in ds.records) for s in ("train", "val", "test")}}
     (run_dir / "splits.csv").unlink(missing_ok=True)  # a run that stops below must not leave usable splits
     (run_dir / FAILURES_FILE).unlink(missing_ok=True)  # about the previous validation's images
     report = write_report(ds, run_dir)
     for line in summary_lines(report, ds.problems):
         log.info(line)
+    if moved:
+        why = ("the split settings changed (" + ", ".join(f"{k} {previous_settings[k]} -> {v}" for k, v in settings.items()
+                                                         if previous_settings[k] != v) + "), so splits were assigned afresh"
+               if settings_changed else f"the split column {cfg.data.split_column!r} now says so")
+        log.warning(f"validate: {moved} of {len(known)} previously assigned images changed split: {why}. Checkpoints "
+                    "trained before saw the old splits: evaluate and train --resume refuse them where a training image "
+                    "is now in the evaluated split")
     if ds.problems and cfg.data.on_bad_rows == "error":
         p = ds.problems[0]
         raise DataError(f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} ({p.detail})",
@@ -64,6 +115,9 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     if not ds.records:
         raise DataError(f"no usable rows in {ds.source}", fix=f"see {run_dir / 'bad_rows.csv'} for why each row was rejected")
     write_splits(ds.records, run_dir / "splits.csv")
+    # Every image ever assigned stays in the ledger: one removed and added back gets its old split.
+    ledger = {**({} if settings_changed else previous), **{r.sha256: r.split for r in ds.records}}
+    atomic_write_text(run_dir / SPLIT_LEDGER, json.dumps({"settings": settings, "splits": ledger}))
     log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
     return ds.records, ds.taxonomy
 
@@ -241,7 +295,19 @@ def _rotate_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping: ClassMapping) -> None:
+def _image_sets(train_recs: list[Record], val_recs: list[Record]) -> dict[str, Any]:
+    """The checkpoint's record of the images it was trained and selected on (tensors and builtins only)."""
+    out = {}
+    for name, recs in (("train_images", train_recs), ("val_images", val_recs)):
+        info = image_set(r.sha256 for r in recs)
+        out[name] = {**info, "keys": torch.from_numpy(info["keys"])}
+    return out
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping: ClassMapping,
+                     images: dict[str, Any] | None = None) -> None:
+    """CheckpointError unless ``ckpt`` continues this run: its state, features, classes and (given
+    ``images``, the ``_image_sets`` of this run) the very train and val images."""
     if "train_state" not in ckpt:
         raise CheckpointError(f"{path} holds no training state to resume from",
                               fix="resume from the run's checkpoints/last.pt, or train without --resume")
@@ -251,6 +317,31 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping
     if ckpt["classes"] != mapping.to_dict():
         raise CheckpointError(f"{path} was trained with other classes or splits than this config gives",
                               fix="resume with the run's own config and splits.csv, or train without --resume")
+    for name in ("train_images", "val_images") if images else ():
+        saved, now = ckpt.get(name), images[name]
+        if saved is not None and saved["digest"] != now["digest"]:
+            split = name.split("_")[0]
+            common = int(np.isin(now["keys"].numpy(), saved["keys"].numpy()).sum())
+            raise CheckpointError(f"{path} was trained on {saved['n']} {split} images, this run's splits.csv has {now['n']} "
+                                  f"({common} of them the same): the data or the splits changed since, so the run would "
+                                  "not continue as it started",
+                                  fix="resume with the data the run started with, or train without --resume (a fresh run)")
+
+
+def check_no_training_images(ckpt: dict[str, Any], checkpoint: Path, split: str, recs: list[Record]) -> None:
+    """CheckpointError when images of the evaluated split were in the checkpoint's train (or, for
+    test, val) split: its metrics on them would be inflated."""
+    for name in ("train_images", "val_images") if split == "test" else ("train_images",) if split == "val" else ():
+        saved = ckpt.get(name)
+        if saved is None:  # a checkpoint written before samprobe recorded its images
+            log.warning(f"evaluate: {checkpoint} does not record its {name.split('_')[0]} images; leakage not checked")
+            continue
+        seen = np.isin(content_keys(r.sha256 for r in recs), saved["keys"].numpy())
+        if seen.any():
+            raise CheckpointError(f"{int(seen.sum())} of the {len(recs)} {split} images were {name.split('_')[0]} images "
+                                  f"of {checkpoint} (the splits changed since it was trained): its {split} metrics would be inflated",
+                                  fix="evaluate with the splits the checkpoint was trained on (its run's splits.csv), "
+                                      "or train again on the current splits")
 
 
 def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -265,6 +356,11 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     data = _features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
     mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
+    if not val_recs:
+        raise TrainingError(f"no validation images in {run_dir / 'splits.csv'} ({len(train_recs)} train): the heads "
+                            "would be selected on their training loss",
+                            fix="set data.val_fraction (e.g. 0.15; with a split column, val is carved from its train rows) "
+                                "and run validate again; a class needs 3 or more images to give one to val")
     y_train = mapping.to_head([r.label for r in train_recs])
     y_val = mapping.to_head([r.label for r in val_recs])
     counts = np.bincount(y_train, minlength=mapping.num_active)
@@ -289,15 +385,18 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                      "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
         "cache_dir": str(cfg.features.cache_dir),
         "config": cfg.model_dump(mode="json"),
+        **_image_sets(train_recs, val_recs),
     }
     if resume:
         last = ckpt_dir / "last.pt"
         if not last.is_file():
             raise CheckpointError(f"--resume: {last} does not exist", fix="train without --resume to start this run")
         ckpt = load_checkpoint(last)
-        _check_resumable(ckpt, last, extractor.fingerprint, mapping)
-        trainer.load_state_dict(ckpt["train_state"])
-        # metrics.jsonl may hold an epoch newer than last.pt (killed in between): the checkpoint is the truth.
+        _check_resumable(ckpt, last, extractor.fingerprint, mapping, payload)
+        # The history lives in metrics.jsonl, not in last.pt (rewritten every epoch, it would grow
+        # with it). The file may hold an epoch newer than last.pt (killed in between): last.pt is the truth.
+        history = [r for r in read_jsonl(run_dir / Tracker.METRICS_FILE) if r.get("epoch", 0) <= ckpt["train_state"]["epoch"]]
+        trainer.load_state_dict(ckpt["train_state"], history)
         atomic_write_text(run_dir / Tracker.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in trainer.history))
         log.info(f"train: resuming {last} after epoch {trainer.epoch}")
 
