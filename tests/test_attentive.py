@@ -187,9 +187,9 @@ def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
 
     # evaluate reads the test grids from the cache; the checkpoint, not the config, says which grid
     assert main(["evaluate", *c, *attentive, "--checkpoint", str(best_path)]) == 0
-    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
     assert main(["evaluate", *c, "--checkpoint", str(best_path)]) == 0  # features.spatial unset here
-    assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     assert metrics["n"] == 9 and metrics["balanced_accuracy"] > 0.5  # 3 classes: chance is 1/3
     assert metrics["not_trained_classes"] == [EMPTY_CLASS]
 

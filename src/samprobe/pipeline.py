@@ -21,7 +21,7 @@ from samprobe.data.loader import failure_kind
 from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
 from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
 from samprobe.errors import CheckpointError, DataError, TrainingError
-from samprobe.features.cache import check_free_space, ensure_writable_dir
+from samprobe.features.cache import check_free_space, ensure_writable_dir, register_run
 from samprobe.features.extract import ExtractResult, Extractor, load_head_inputs, rank_world
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
@@ -193,6 +193,8 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     records, _ = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
+    if rank == 0:
+        register_run(cfg.features.cache_dir, run_dir)  # cache prune keeps what this run's splits.csv lists
     with extractor.open_cache(cfg) as cache:
         plan = extractor.plan(records, cache, rank, world)
         keys = [r.sha256 for r in records]
@@ -245,6 +247,7 @@ def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record],
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
     with extractor.open_cache(cfg) as cache:
+        register_run(cfg.features.cache_dir, cfg.run_dir)
         keys = (r.sha256 for r in usable)
         missing = cache.missing(keys, grid_array(spatial)) if spatial else cache.missing(keys)
         if missing and spatial:
@@ -373,6 +376,12 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
              f"{len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
     log.info(f"train: {len(trainer.grid)} {cfg.train.head} heads (lr x weight_decay) in one pass, {device} {precision}"
              + (f", on the {spatial}x{spatial} token grid" if spatial else ""))
+    margin = trainer.prune_margin
+    if margin is not None and len(trainer.grid) > 1:
+        floor = (f", raised from sweep.prune_margin {cfg.train.sweep.prune_margin:g} to the noise floor of "
+                 f"{cfg.train.monitor} on {len(val_recs)} validation images" if margin > cfg.train.sweep.prune_margin else "")
+        log.info(f"train: heads more than {margin:.4g} below the leading head are pruned after the warm-up "
+                 f"(epoch {trainer.warmup_end_epoch}){floor}")
     if trainer.batch_size < cfg.train.batch_size:
         log.info(f"train: batches of {cfg.train.batch_size} grids run as {trainer.accumulate // cfg.train.accumulate} "
                  f"accumulated parts of {trainer.batch_size} (memory)")
@@ -382,6 +391,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "classes": mapping.to_dict(),
         "class_weights": weights.tolist(),
         "backbone": {"config": cfg.backbone.model_dump(mode="json"), "fingerprint": extractor.fingerprint,
+                     "weights_sha256": extractor.backbone.identity().get("weights_sha256"),  # predict finds moved weights by it
                      "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
         "cache_dir": str(cfg.features.cache_dir),
         "config": cfg.model_dump(mode="json"),
@@ -405,6 +415,10 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     def on_epoch(row: dict[str, Any]) -> None:
         tracker.log_epoch(row)
+        for why, heads in row["stopped"].items():
+            if heads:
+                log.info(f"  epoch {row['epoch']:4d}  {why} {len(heads)} head(s): " + "; ".join(
+                    f"lr {trainer.grid[h][0]:g} weight_decay {trainer.grid[h][1]:g} ({trainer.status[h]})" for h in heads))
         if row["epoch"] % 10 == 0 or row["epoch"] == 1:
             vb = row.get("val_balanced_accuracy")
             log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else "")
@@ -470,6 +484,19 @@ def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -
             fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with")
 
 
+def eval_dir(run_dir: Path, checkpoint: Path, split: str) -> tuple[Path, bool]:
+    """(folder for an evaluation's outputs, whether it is the run's own best.pt, the one report.html
+    shows): ``eval/<split>`` for the run's best.pt; ``eval/<split>-<checkpoint>`` for its other
+    checkpoints and ``eval/<split>-<other run>-<checkpoint>`` for another run's, so no evaluation
+    overwrites another."""
+    ckpt = Path(checkpoint).resolve()
+    own = ckpt.is_relative_to(Path(run_dir).resolve())
+    if own and ckpt == (Path(run_dir) / "checkpoints" / "best.pt").resolve():
+        return Path(run_dir) / "eval" / split, True
+    origin = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Path(run_dir) / "eval" / f"{split}-{'' if own else origin.name + '-'}{ckpt.stem}", False
+
+
 def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str, Any]:
     from samprobe.report import plot_confusion, write_confusion_csv
 
@@ -481,6 +508,7 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     recs, x = _features_by_split(cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,))[split]
     if not recs:
         raise DataError(f"split {split!r} has no samples", fix="choose --split train|val|test with samples (see splits.csv)")
+    check_no_training_images(ckpt, checkpoint, split, recs)
     mapping = ClassMapping.from_dict(ckpt["classes"])
     unknown = sorted({r.label for r in recs} - set(mapping.taxonomy))
     if unknown:
@@ -492,7 +520,7 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     metrics = {"split": split, "checkpoint": str(checkpoint),
                **classification_metrics(y_true, y_pred, taxonomy, active, topk),
                "not_trained_classes": mapping.inactive_names}
-    out = run_dir / "eval"
+    out, own_best = eval_dir(run_dir, checkpoint, split)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     rows = per_class_table(y_true, y_pred, taxonomy, active)
@@ -505,5 +533,6 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     write_confusion_csv(cm, taxonomy, out / "confusion_matrix.csv")
     log.info(f"evaluate ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
              f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; wrote {out}")
-    _write_report(run_dir)
+    if own_best:  # report.html shows this run's own head only
+        _write_report(run_dir)
     return metrics
