@@ -86,8 +86,8 @@ def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -
 
     with open(tmp_path / "data" / "metadata.csv") as f:
         truth = {str(tmp_path / "data" / "images" / r["path"]): r["label"] for r in csv.DictReader(f)}
-    listing = tmp_path / "data" / "to_classify.csv"  # a metadata file: paths relative to its folder
-    listing.write_text("path\n" + "".join(f"images/{Path(p).name}\n" for p in truth))
+    listing = tmp_path / "data" / "to_classify.csv"  # a metadata file: paths under the training data.image_root
+    listing.write_text("path\n" + "".join(f"{Path(p).name}\n" for p in truth))
     out = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(best), str(listing), "--out", str(out), "--device", "cpu"]) == 0
     with open(out) as f:

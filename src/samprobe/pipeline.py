@@ -55,15 +55,20 @@ def split_settings(cfg: Config) -> dict[str, Any]:
     return {"seed": cfg.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction, "split_column": d.split_column}
 
 
-def read_split_ledger(run_dir: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
-    """(sha256 -> split of every image earlier validations of this run assigned, the split settings
-    they used; None for runs older than the ledger, whose splits.csv is read instead)."""
+def _settings_key(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def read_split_ledger(run_dir: Path) -> tuple[dict[str, dict[str, str]], str | None]:
+    """(split settings -> {sha256 -> split} of every image validations of this run assigned under
+    them, the settings of the last validation). Runs older than the ledger: their splits.csv,
+    under unknown settings (None)."""
     ledger = run_dir / SPLIT_LEDGER
     if ledger.is_file():
         data = json.loads(ledger.read_text(encoding="utf-8"))
-        return dict(data["splits"]), data["settings"]
+        return {k: dict(v) for k, v in data["by_settings"].items()}, data["last"]
     if (run_dir / "splits.csv").is_file():
-        return {r.sha256: r.split for r in read_splits(run_dir / "splits.csv") if r.split}, None
+        return {"": {r.sha256: r.split for r in read_splits(run_dir / "splits.csv") if r.split}}, None
     return {}, None
 
 
@@ -85,11 +90,17 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     run_dir = prepare_run_dir(cfg)
     ds = validate(cfg.data, progress=progress)
     settings = split_settings(cfg)
-    previous, previous_settings = read_split_ledger(run_dir)
-    settings_changed = previous_settings is not None and previous_settings != settings
+    key = _settings_key(settings)
+    ledger, last = read_split_ledger(run_dir)
+    if last is None and "" in ledger:  # a run validated before the ledger: its splits.csv, under these settings
+        ledger[key] = {**ledger.pop(""), **ledger.get(key, {})}
+        last = key
+    previous = ledger.get(last, {}) if last is not None else {}  # what the run used until now
+    settings_changed = last is not None and last != key
     source = _split_source(cfg, ds.records)
+    # Under settings used before (e.g. a seed tried and then set back), images keep what they had then.
     ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
-                               previous={} if settings_changed else previous)
+                               previous=ledger.get(key, {}))
     known = [r for r in ds.records if r.sha256 in previous]
     moved = sum(previous[r.sha256] != r.split for r in known)
     ds.extra["data_settings"] = data_settings_hash(cfg)
@@ -102,8 +113,9 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     for line in summary_lines(report, ds.problems):
         log.info(line)
     if moved:
-        why = ("the split settings changed (" + ", ".join(f"{k} {previous_settings[k]} -> {v}" for k, v in settings.items()
-                                                         if previous_settings[k] != v) + "), so splits were assigned afresh"
+        before = json.loads(last) if settings_changed else {}
+        why = ("the split settings changed (" + ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in settings.items()
+                                                         if before.get(k) != v) + ")"
                if settings_changed else f"the split column {cfg.data.split_column!r} now says so")
         log.warning(f"validate: {moved} of {len(known)} previously assigned images changed split: {why}. Checkpoints "
                     "trained before saw the old splits: evaluate and train --resume refuse them where a training image "
@@ -116,8 +128,8 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
         raise DataError(f"no usable rows in {ds.source}", fix=f"see {run_dir / 'bad_rows.csv'} for why each row was rejected")
     write_splits(ds.records, run_dir / "splits.csv")
     # Every image ever assigned stays in the ledger: one removed and added back gets its old split.
-    ledger = {**({} if settings_changed else previous), **{r.sha256: r.split for r in ds.records}}
-    atomic_write_text(run_dir / SPLIT_LEDGER, json.dumps({"settings": settings, "splits": ledger}))
+    ledger[key] = {**ledger.get(key, {}), **{r.sha256: r.split for r in ds.records}}
+    atomic_write_text(run_dir / SPLIT_LEDGER, json.dumps({"last": key, "by_settings": ledger}))
     log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
     return ds.records, ds.taxonomy
 

@@ -28,8 +28,12 @@ from samprobe.train.optim import StackedAdamW, StackedSGD, pack_optimizer, unpac
 
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 DIVERGED_LOSS = 4.0
-"""A head whose epoch training loss passes this many times ln(classes) (the class-weighted loss of
-a uniform guess) is diverging: stopped, and never the selected head."""
+DIVERGED_RISE = 10.0
+"""A head whose epoch training loss is both above DIVERGED_LOSS x ln(classes) (the class-weighted
+loss of a uniform guess is ln(classes)) and DIVERGED_RISE times its lowest so far is diverging:
+stopped, and never the selected head. Both, as high-lr heads can start far above ln(classes) and
+recover (attentive probes at lr 0.5: 12 at epoch 1), while a diverging one grows by orders of
+magnitude (mlp at lr 20 on digits: 1.1, 495, 1.3e8, ...)."""
 NOISE_SIGMAS = 2.0
 """Pruning margin floor: this many standard deviations of the monitored score's sampling noise."""
 
@@ -287,6 +291,7 @@ class SweepTrainer:
         self.sweep_stale = 0
         self.alive = torch.ones(H, dtype=torch.bool)
         self.diverged = torch.zeros(H, dtype=torch.bool)
+        self.min_train_loss = torch.full((H,), math.inf)
         self.status = ["training"] * H
         self.history: list[dict[str, Any]] = []
 
@@ -411,10 +416,12 @@ class SweepTrainer:
         has_val = len(self.xv) > 0
         # A finite but exploding loss (lr too high) is divergence too: its early best score is luck.
         trained = self.alive.clone()
-        exploding = self.alive & (train_loss > self.diverge_loss)
+        exploding = self.alive & (train_loss > self.diverge_loss) & (train_loss > DIVERGED_RISE * self.min_train_loss)
         for h in exploding.nonzero().flatten().tolist():
-            self.status[h] = (f"diverged at epoch {self.epoch}: train loss {float(train_loss[h]):.4g} above "
-                              f"{self.diverge_loss:.3g} ({DIVERGED_LOSS:g} x ln classes, a uniform guess scores ln classes)")
+            self.status[h] = (f"diverged at epoch {self.epoch}: train loss {float(train_loss[h]):.4g}, over "
+                              f"{DIVERGED_RISE:g}x its lowest ({float(self.min_train_loss[h]):.4g}) and over {DIVERGED_LOSS:g} x "
+                              f"ln classes ({self.diverge_loss:.3g}; a uniform guess scores ln classes)")
+        self.min_train_loss = torch.where(trained, torch.minimum(self.min_train_loss, train_loss), self.min_train_loss)
         if exploding.any():
             self.alive &= ~exploding
             self.diverged |= exploding
@@ -580,7 +587,8 @@ class SweepTrainer:
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
             "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
             "best_metrics": self.best_metrics.clone(), "stale": self.stale.clone(), "alive": self.alive.clone(),
-            "diverged": self.diverged.clone(), "status": list(self.status), "sweep_stale": self.sweep_stale,
+            "diverged": self.diverged.clone(), "min_train_loss": self.min_train_loss.clone(),
+            "status": list(self.status), "sweep_stale": self.sweep_stale,
             "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state()},
@@ -612,6 +620,7 @@ class SweepTrainer:
         self.history = list(history if history is not None else state.get("history", []))  # older last.pt held it
         self.diverged = state["diverged"].clone() if "diverged" in state else \
             torch.tensor([st.startswith("diverged") for st in self.status])
+        self.min_train_loss = state.get("min_train_loss", torch.full((len(self.grid),), math.inf)).clone()
         self.sweep_stale = int(state["sweep_stale"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
