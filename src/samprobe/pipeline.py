@@ -260,7 +260,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     check_head_input(cfg)
     records, taxonomy = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    extractor = Extractor.from_config(cfg)
+    extractor = Extractor.from_config(cfg, on_device=False)  # fingerprint only: no encoder weights on the GPU
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
     data = _features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
@@ -285,7 +285,9 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "classes": mapping.to_dict(),
         "class_weights": weights.tolist(),
+        # precision: the resolved one (bf16, not auto): another device computes features as these were
         "backbone": {"config": cfg.backbone.model_dump(mode="json"), "fingerprint": extractor.fingerprint,
+                     "precision": extractor.precision,
                      "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
         "cache_dir": str(cfg.features.cache_dir),
         "config": cfg.model_dump(mode="json"),
@@ -363,11 +365,25 @@ def predict_features(ckpt: dict[str, Any], x: np.ndarray, top_k: int = 5) -> tup
     return active[idx.numpy()], scores.numpy()
 
 
+def stored_precision(ckpt: dict[str, Any]) -> str | None:
+    """The resolved precision the head's features were computed at (None: a checkpoint from
+    before it was stored, whose config may say ``auto``)."""
+    return ckpt["backbone"].get("precision")
+
+
 def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -> None:
-    if ckpt["backbone"]["fingerprint"] != extractor.fingerprint:
+    """The extractor gives the checkpoint's features: same backbone, weights, pooling, dtype and
+    the checkpoint's precision (an extractor running at another precision, because the
+    checkpoint's does not run on this device, is checked as if it ran at the checkpoint's)."""
+    from samprobe.backbones.registry import fingerprint
+
+    trained_at = stored_precision(ckpt)
+    ours = extractor.fingerprint if trained_at in (None, extractor.precision) else \
+        fingerprint(extractor.backbone, extractor.pooling, extractor.dtype, trained_at)
+    if ckpt["backbone"]["fingerprint"] != ours:
         raise CheckpointError(
             f"the checkpoint was trained on features {ckpt['backbone']['fingerprint']} "
-            f"({ckpt['backbone']['config']['name']}, pooling {ckpt['backbone']['pooling']}) but {source} gives {extractor.fingerprint}",
+            f"({ckpt['backbone']['config']['name']}, pooling {ckpt['backbone']['pooling']}) but {source} gives {ours}",
             fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with")
 
 
@@ -377,7 +393,10 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     ckpt = load_checkpoint(checkpoint)
     records, _ = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    extractor = Extractor.from_config(cfg)
+    # Cached features only: the checkpoint's resolved precision names them, whatever auto means on this device.
+    at = stored_precision(ckpt) if cfg.precision == "auto" else None
+    extractor = Extractor.from_config(cfg, on_device=False, precision=at)
+    log.info(f"evaluate: features at precision {extractor.precision}" + (" (the checkpoint's)" if at else ""))
     check_fingerprint(ckpt, extractor, "this config")
     recs, x = _features_by_split(cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,))[split]
     if not recs:
