@@ -108,6 +108,9 @@ def default_num_workers() -> int:
     return max(1, available_cores() // max(1, ranks_here))
 
 
+PREFETCH_BATCHES = 4
+"""Batches each worker keeps ready (DataLoader ``prefetch_factor``); they wait in /dev/shm."""
+
 # Imported once by the fork server, so each worker forked from it starts with torch loaded.
 _FORKSERVER_PRELOAD = ["samprobe.data.loader"]
 
@@ -158,5 +161,5 @@ def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_w
         pin_memory=pin_memory,
         multiprocessing_context=ctx,
         persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=PREFETCH_BATCHES if num_workers else None,
     )
