@@ -175,3 +175,126 @@ def test_sdpa_mask_rows_are_aligned_and_calls_are_few(tiny512, monkeypatch):
     _features(tiny512, "sdpa", "fp32")
     assert len(calls) == 2  # one per block at this size (2 blocks)
     assert all(dim == 4 and stride % 8 == 0 for dim, stride, _ in calls), calls
+
+
+# --- defects 5 and 6: fingerprints without device weights; checkpoints from another device ---------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A digits run trained on the CPU (efficientnet_lite0 at 64 px, fp32)."""
+    from digits_run import write_digits_project
+    from samprobe.cli import main
+
+    cfg = write_digits_project(tmp_path_factory.mktemp("gpu_ckpt"), per_class=8, epochs=3)
+    assert main(["extract", "-c", str(cfg)]) == 0 and main(["train", "-c", str(cfg)]) == 0
+    return cfg
+
+
+def _as_if_trained_on_gpu(ckpt_path: Path, out: Path, resolved: str) -> Path:
+    """The checkpoint a CUDA run would have written: config device cuda / precision auto, features
+    (and so the fingerprint) at the resolved GPU precision."""
+    from samprobe.backbones.registry import build_backbone, fingerprint
+    from samprobe.config import BackboneConfig
+    from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    bb = build_backbone(BackboneConfig(**ckpt["backbone"]["config"]))
+    ckpt["backbone"]["precision"] = resolved
+    ckpt["backbone"]["fingerprint"] = fingerprint(bb, ckpt["backbone"]["pooling"], ckpt["backbone"]["dtype"], resolved)
+    ckpt["config"].update(device="cuda", precision="auto")
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, out)
+    return out
+
+
+def test_checkpoints_store_the_resolved_precision(trained):
+    from samprobe.train.checkpoint import load_checkpoint
+
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(trained.parent / "run" / "checkpoints" / name)["backbone"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("resolved", ["fp16", "tf32", "bf16"])
+def test_a_gpu_trained_head_predicts_on_the_cpu(trained, tmp_path, resolved, caplog):
+    from samprobe.predict import Classifier
+
+    run = trained.parent / "run" / "checkpoints"
+    gpu_ckpt = _as_if_trained_on_gpu(run / "best.pt", tmp_path / f"gpu_{resolved}.pt", resolved)
+    images = sorted((trained.parent / "data" / "images").glob("*.png"))[:6]
+    caplog.set_level("INFO", logger="samprobe")
+    clf = Classifier.load(gpu_ckpt, device="cpu")
+    expect = {"fp16": "fp32", "tf32": "fp32", "bf16": "bf16"}[resolved]
+    assert clf.extractor.precision == expect and clf.extractor.device.type == "cpu"
+    if expect != resolved:
+        assert f"features at precision {expect} on cpu (the head was trained on {resolved} features)" in caplog.text
+    got = clf.predict(images, top_k=2)
+    if expect == "fp32":  # the same fp32 features as the CPU run's own checkpoint: the same answers
+        ref = Classifier.load(run / "best.pt", device="cpu").predict(images, top_k=2)
+        assert [(p.label, round(p.score, 5)) for p in got] == [(p.label, round(p.score, 5)) for p in ref]
+    assert all(p.label in ("zero", "one", "two") for p in got)
+
+
+def test_evaluate_and_cache_commands_on_a_gpu_machine_touch_no_gpu(trained, fake_gpus, monkeypatch, capsys):
+    """device: cuda, precision: auto (bf16 on this 'H100'): the cached fp32 features of the
+    checkpoint are found by its stored precision; the encoder is never moved to the GPU (a
+    move would fail here: torch has no driver behind the mocked queries)."""
+    import samprobe.backbones.registry as registry
+    from samprobe.cli import main
+    from samprobe.features.extract import Extractor
+    from samprobe.config import load_config
+
+    sets = ["--set", "device=cuda", "--set", "precision=auto"]
+    ckpt = trained.parent / "run" / "checkpoints" / "best.pt"
+    assert main(["evaluate", "-c", str(trained), "--checkpoint", str(ckpt), *sets]) == 0
+    assert "evaluate: features at precision fp32 (the checkpoint's)" in capsys.readouterr().out
+    assert main(["cache", "info", "-c", str(trained), *sets]) == 0
+    assert main(["features", "export", "-c", str(trained), "--split", "all", "--out",
+                 str(trained.parent / "x.npz"), *sets, "--set", "precision=fp32"]) == 2  # tf32 features: none cached
+    ex = Extractor.from_config(load_config(trained, ["device=cuda", "precision=auto"]), on_device=False)
+    assert ex.precision == "bf16" and all(p.device.type == "cpu" for p in ex.backbone.parameters())
+    assert ex.fingerprint == registry.fingerprint(ex.backbone, ex.pooling, ex.dtype, "bf16")
+
+
+# --- defects 8 and 9: the training loop's host/device traffic, RNG across device types, timeouts -----
+
+def test_per_head_settings_are_copied_to_the_device_once_per_change():
+    from samprobe.train.optim import StackedSGD, _on_device
+
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    opt = StackedSGD([w], torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3))
+    group, meta = opt.param_groups[0], torch.device("meta")  # a device whose copies cost nothing here
+    first = _on_device(opt, group, "head_lr", meta)
+    assert first.device == meta and _on_device(opt, group, "head_lr", meta) is first
+    frozen = _on_device(opt, group, "frozen", meta)
+    opt.freeze(torch.tensor([False, True, False]))  # replaces the host tensor: copied again
+    assert _on_device(opt, group, "frozen", meta) is not frozen
+    assert _on_device(opt, group, "head_wd", torch.device("cpu")) is group["head_wd"]  # same device: no copy
+
+
+def test_resume_on_another_device_type_keeps_the_batch_order(caplog):
+    from samprobe.config import TrainConfig
+    from samprobe.train.loop import SweepTrainer
+
+    rng = np.random.default_rng(0)
+    y = np.arange(48) % 3
+    x = (rng.normal(size=(48, 8)) + y[:, None]).astype(np.float32)
+    cfg = TrainConfig(epochs=4, head="mlp", hidden=8, dropout=0.5, patience=10)
+    a = SweepTrainer(x, y, x, y, np.ones(3), cfg, seed=0)
+    a.run(until_epoch=2)
+    state = a.state_dict()
+    assert state["rng"]["dropout_device"] == "cpu"
+    # What a CUDA trainer writes: its generator state is (seed, offset), 16 bytes.
+    state["rng"]["dropout"] = torch.tensor([1, 4096], dtype=torch.int64).view(torch.uint8)
+    state["rng"]["dropout_device"] = "cuda"
+    b = SweepTrainer(x, y, x, y, np.ones(3), cfg, seed=0)
+    caplog.set_level("WARNING", logger="samprobe")
+    b.load_state_dict(state)
+    assert "last.pt was written on cuda, resuming on cpu" in caplog.text
+    assert torch.equal(b.gen.get_state(), a.gen.get_state())  # the batch order continues exactly
+    assert b.run().best_epoch >= 1
+
+
+def test_process_group_timeout_covers_rank_zero_validation():
+    from samprobe.pipeline import process_group_timeout
+
+    assert process_group_timeout(0).total_seconds() == 1800  # torch's default is the floor
+    assert process_group_timeout(1_000_000).total_seconds() == pytest.approx(1800 + 20_000)
