@@ -190,7 +190,8 @@ def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
         sam = build_official_sam(variant, img_size=plan.img_size)
         ckpt = work / f"sam_{variant}.pth"
         torch.save(sam.state_dict(), ckpt)
-        row: dict[str, Any] = {"official_img_s": round(official_rate(sam, decoded(files[:plan.official_images]), plan.device), 2)}
+        official = official_rate(sam, decoded(files[:plan.official_images]), plan.device)
+        row: dict[str, Any] = {"official_img_s": round(official, 2)}
         encoder_sd = {k: v for k, v in sam.state_dict().items() if k.startswith("image_encoder.")}
         del sam
         timm = timm_model(variant, encoder_sd, plan.img_size, plan.device)
@@ -200,7 +201,7 @@ def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
             t_rate = timm_rate(timm, decoded(files[:n]), batch, plan.img_size, plan.device)
             s_rate = samprobe_rate(extractor, files[:n], batch, plan, work / f"cache_{variant}")
             row[f"batch_{batch}"] = {"timm_img_s": round(t_rate, 2), "samprobe_img_s": round(s_rate, 2),
-                                     "vs_timm": round(s_rate / t_rate, 2), "vs_official": round(s_rate / row["official_img_s"], 2)}
+                                     "vs_timm": round(s_rate / t_rate, 2), "vs_official": round(s_rate / official, 2)}
             print(f"  extract {variant} batch {batch}: {row[f'batch_{batch}']}", flush=True)
         del timm, extractor
         if plan.device.type == "cuda":
@@ -210,10 +211,11 @@ def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
 
 
 def section_compile(plan: Plan, work: Path) -> dict[str, Any]:
-    """samprobe's trunk compiled against eager, same weights, same batches (loader excluded: the kernels are compared)."""
+    """samprobe's trunk compiled against eager, same weights and batches (no loader: the kernels are compared)."""
     from sam_factory import write_official_checkpoint
 
-    ckpt = write_official_checkpoint(work / f"compile_{plan.compile_variant}.pth", plan.compile_variant, img_size=plan.img_size)
+    variant = plan.compile_variant
+    ckpt = write_official_checkpoint(work / f"compile_{variant}.pth", variant, img_size=plan.img_size)
     extractor = samprobe_extractor(ckpt, plan)
     files = photo_files(work / "photos", plan.compile_batch * (2 if plan.dry_run else 4))
     from samprobe.data.images import letterbox
@@ -281,6 +283,7 @@ def section_oom(plan: Plan, work: Path) -> dict[str, Any]:
     else:
         # Room for the weights plus about a quarter of what one full batch needs: the batch must split.
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the reference run's cached blocks would count against the limit
         torch.cuda.reset_peak_memory_stats()
         limited.encode_batch(*_one_batch(files[:4], plan.img_size))
         per_4 = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
@@ -330,8 +333,8 @@ def section_torchrun(plan: Plan, work: Path) -> dict[str, Any]:
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     t = time.perf_counter()
-    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=1", "-m", "samprobe", "extract", "-c", str(cfg)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    command = [str(torchrun), "--standalone", "--nproc_per_node=1", "-m", "samprobe", "extract", "-c", str(cfg)]
+    p = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     summary = [ln for ln in p.stdout.splitlines() if "extract:" in ln]
     if p.returncode != 0:
         raise RuntimeError(f"torchrun extract exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")

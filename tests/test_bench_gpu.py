@@ -29,6 +29,6 @@ def test_gpu_bench_dry_run_runs_every_section_on_the_cpu():
     assert report["compile"]["min_cosine"] >= 0.999
     # the OOM split: batch 4 cut to 2, every image extracted, the same features as unsplit
     oom = report["oom"]
-    assert oom["ok"] and oom["split_to"] == 2 and oom["extracted"] == 4 and oom["max_abs_diff"] == 0.0
+    assert oom["ok"] and oom["split_to"] == 2 and oom["extracted"] == 4 and oom["min_cosine"] >= 0.9999
     assert report["torchrun"]["rc"] == 0 and any("6 extracted" in ln for ln in report["torchrun"]["summary"])
     assert report["heads"]["heads"] == 8 and report["heads"]["best_val_balanced_accuracy"] > 0.5

@@ -186,7 +186,8 @@ def test_too_little_shared_memory_for_the_workers_is_blocking(project, capsys, m
     real = shutil.disk_usage
     rc, lines = doctor(capsys, project)
     assert status(lines, "shared memory") == "ok" and any("not used (features.num_workers 0" in ln for ln in lines)
-    monkeypatch.setattr(doc.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000) if str(p) == "/dev/shm" else real(p))
+    monkeypatch.setattr(doc.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=100_000) if str(p) == "/dev/shm" else real(p))
     line = _blocked_by(capsys, project, "shared memory", "features.num_workers=2", "features.batch_size=4")
     # 12 images, batches of 4: 2 workers x 4 prefetched batches x 4 images x 3 x 64 x 64 bytes = 0.4 MB
     assert "[SP600]" in line and "/dev/shm has 0.1 MB free" in line and "need 0.4 MB" in line and "--shm-size" in line

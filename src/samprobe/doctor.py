@@ -81,7 +81,8 @@ def gpu_report(device: str) -> str:
                f"torch is built for CUDA {torch.version.cuda}: driver {version} may be too old for it, "
                "or the device files are not accessible (containers: --gpus all)")
     fallback = "device: auto runs on the CPU" if device == "auto" else f"device: {device}"
-    raise Warn(f"an NVIDIA GPU is present ({count} GPU(s), driver {version}) but torch cannot use it: {why}; {fallback}")
+    raise Warn(f"an NVIDIA GPU is present ({count} GPU(s), driver {version}) but torch cannot use it: "
+               f"{why}; {fallback}")
 
 
 def _image_root(cfg: Any) -> Path | None:
@@ -196,8 +197,8 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         need = workers * PREFETCH_BATCHES * batch * 3 * size * size  # uint8 letterboxed batches
         free = shutil.disk_usage(SHM).free
         if free < need:
-            raise DeviceError(f"{SHM} has {free / 1e6:.1f} MB free but {workers} workers x {PREFETCH_BATCHES} prefetched "
-                              f"batches of {batch} images at {size}px need {need / 1e6:.1f} MB",
+            raise DeviceError(f"{SHM} has {free / 1e6:.1f} MB free but {workers} workers x {PREFETCH_BATCHES} "
+                              f"prefetched batches of {batch} images at {size}px need {need / 1e6:.1f} MB",
                               fix="lower features.num_workers or features.batch_size, or give the container more "
                                   "shared memory (docker run --shm-size=8g)")
         return f"{free / 1e9:.1f} GB free in {SHM}, prefetch needs {need / 1e6:.0f} MB ({workers} workers)"

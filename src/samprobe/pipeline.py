@@ -181,7 +181,8 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         free = check_free_space(cache.root, need)
         grid = (f" + {extractor.spatial}x{extractor.spatial} grid of {extractor.backbone.grid_shape()[0]}-d tokens"
                 if extractor.spatial else "")
-        where = devices[0] if world == 1 else f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
+        where = devices[0] if world == 1 else \
+            f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
         log.info(f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on disk, {free / 1e9:.1f} GB free), "
                  f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
                  f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "

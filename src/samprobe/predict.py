@@ -58,8 +58,9 @@ class Classifier:
         cfg.features.dtype = ckpt["backbone"]["dtype"]
         cfg.features.spatial = head_spatial(ckpt["head"]["spec"])  # the extractor then also computes (and caches) the grid
         extractor = Extractor.from_config(cfg, precision=run_at)
+        other = trained_at not in (None, extractor.precision)
         log.info(f"predict: features at precision {extractor.precision} on {extractor.device}"
-                 + (f" (the head was trained on {trained_at} features)" if trained_at not in (None, extractor.precision) else ""))
+                 + (f" (the head was trained on {trained_at} features)" if other else ""))
         return cls(ckpt, extractor, str(checkpoint))
 
     def _predictions(self, feats: np.ndarray, top_k: int) -> list[Prediction]:

@@ -150,7 +150,8 @@ def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_w
         try:
             pickle.dumps(prepare)
         except Exception as exc:  # otherwise it fails later, inside the first worker, cryptically
-            raise TypeError(f"{ctx.get_start_method()} workers need a picklable preparer (a module-level function or functools.partial), "
+            raise TypeError(f"{ctx.get_start_method()} workers need a picklable preparer "
+                            "(a module-level function or functools.partial), "
                             f"got {prepare!r}: {exc}") from None
     return DataLoader(
         ImageDataset(items, prepare, target_longest, max_pixels),

@@ -363,7 +363,8 @@ class SweepTrainer:
                     self._drop_diverged(broke, heads, opt, step)
                     sub = self.alive[heads].nonzero().flatten().to(device)
                     broke.zero_()
-                    # Their NaN grads must not reach a shared check (GradScaler); heads left out of the forward have zero grads.
+                    # Their NaN grads must not reach a shared check (GradScaler); heads left out of
+                    # the forward have zero grads.
                     dead = (~self.alive[heads]).nonzero().flatten().to(device)
                     for p in model.parameters():
                         if p.grad is not None:
