@@ -10,8 +10,9 @@ broadcasting ([rows, W, 1, Wk] and [rows, W, Hk, 1] views, never [N, N]), then s
 global block, one image: timm 0.87 s, this 0.33 s (2 MB chunks). Small windows (14x14) fold
 the bias into the score matmul instead: 0.052 s -> 0.023 s for 300 window-heads.
 
-On CUDA those loops are the wrong trade: one vit_b trunk forward at batch 8 issued ~7,300
-small kernels (1,536 chunk iterations) where timm issues ~360. There (``choose_attention``)
+On CUDA those loops are the wrong trade: one vit_b trunk forward at batch 8 issues ~7,300
+small kernels (1,536 chunk iterations, counted from the loop bounds) where timm issues ~360,
+and a GPU idles between small kernels. There (``choose_attention``)
 the bias is built as an additive mask for a few hundred (batch*head) slices at a time and
 handed to ``F.scaled_dot_product_attention``, whose memory-efficient kernel takes an additive
 mask: a handful of calls per block. The frozen relative-position tables are gathered once per
