@@ -118,6 +118,20 @@ def test_unsupported_precision_is_blocking(project, capsys):
     assert "fp16" in line and "CPU" in line and "bf16, fp32 or auto" in line
 
 
+@pytest.mark.parametrize("fp32, bf16, chosen", [(96.0, 403.0, "bf16"), (153.0, 84.0, "fp32")])
+def test_auto_precision_line_shows_the_cpu_probe(project, capsys, monkeypatch, fp32, bf16, chosen):
+    from samprobe.backbones import precision
+
+    monkeypatch.setattr(precision, "_PROBES", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(project / f"xdg-{chosen}"))
+    monkeypatch.setattr(precision, "measure_gemm_gflops", lambda: {"fp32": fp32, "bf16": bf16})
+    rc, lines = doctor(capsys, project, "precision=auto")
+    assert rc == 0, lines
+    line = next(ln for ln in lines if " device and precision:" in ln)
+    assert f"precision {chosen} (precision: auto)" in line, line
+    assert f"bf16 {bf16:.0f} GFLOP/s vs fp32 {fp32:.0f} GFLOP/s" in line, line
+
+
 def test_unreachable_wandb_warns_but_does_not_block(project, capsys, monkeypatch):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

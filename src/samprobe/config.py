@@ -284,7 +284,7 @@ TEMPLATE = """\
 run_dir: runs/exp1            # where checkpoints, metrics, reports go
 seed: 0
 device: auto                  # auto | cpu | cuda
-precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA and AMX CPUs, else fp32)
+precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA; on a CPU bf16 if a GEMM probe finds it faster)
 
 data:
   metadata: data/metadata.csv # csv, jsonl or parquet; omit to use image_root/<class>/<image>

@@ -127,12 +127,13 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return f"{ensure_writable_dir(cfg.features.cache_dir, 'features.cache_dir')} writable"
 
     def _device() -> str:
-        from samprobe.backbones.precision import resolve_device, resolve_precision
+        from samprobe.backbones.precision import cpu_probe, resolve_device, resolve_precision
 
         device = resolve_device(cfg.device)
         precision = resolve_precision(device, cfg.precision)
         state["device"] = device
-        return f"device {device}, precision {precision}"
+        probe = f"; {cpu_probe().summary()}" if device.type == "cpu" else ""  # why auto chose, and what bf16 would give
+        return f"device {device}, precision {precision} (precision: {cfg.precision}){probe}"
 
     def _backbone() -> str:
         from samprobe.backbones.registry import build_backbone

@@ -33,14 +33,20 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def sha256_store() -> Path | None:
-    """Where weights hashes are remembered between runs: $XDG_CACHE_HOME/samprobe (~/.cache/samprobe);
-    None when there is no home directory (a container user without one)."""
+def user_cache_file(name: str) -> Path | None:
+    """``name`` in samprobe's per-user cache folder, $XDG_CACHE_HOME/samprobe (~/.cache/samprobe),
+    for facts worth remembering between runs (weights hashes, the CPU precision probe); None when
+    there is no home directory (a container user without one)."""
     try:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     except (RuntimeError, KeyError):
         return None
-    return root / "samprobe" / "weights-sha256.json"
+    return root / "samprobe" / name
+
+
+def sha256_store() -> Path | None:
+    """Where weights hashes are remembered between runs (see ``user_cache_file``)."""
+    return user_cache_file("weights-sha256.json")
 
 
 def _file_version(st: os.stat_result) -> dict[str, int]:
