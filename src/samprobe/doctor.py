@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from samprobe.errors import DataError, SamprobeError
+from samprobe.errors import DataError, SamprobeError, plain_text
 
 SAMPLE_IMAGES = 16
 HEADROOM = 1.5  # shard rounding, and a second fingerprint while experimenting
@@ -33,7 +33,7 @@ class Warn(Exception):
 
 def _one_line(text: str, limit: int = 300) -> str:
     """One line per check: a wrapped library message (torch.load's is a page long) is cut, marked with '...'."""
-    lines = text.strip().splitlines() or [""]
+    lines = plain_text(text).strip().splitlines() or [""]
     first = lines[0]
     cut = len(lines) > 1 or len(first) > limit
     return (first[:limit] + " ...)" if cut else first)
@@ -80,6 +80,9 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     cfg = state["cfg"]
 
     def _image_root_check() -> str:
+        from samprobe.data.metadata import check_data_source
+
+        check_data_source(cfg.data)
         root = _image_root(cfg)
         if root is None or not root.is_dir():
             raise DataError(f"data.image_root {root} is not a folder",
@@ -97,13 +100,14 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
 
     def _images() -> str:
         from samprobe.data.images import decode_rgb
+        from samprobe.data.metadata import image_path
 
         rows, root = state["rows"], _image_root(cfg)
         sample = random.Random(cfg.seed).sample(rows, min(SAMPLE_IMAGES, len(rows)))
         bad: list[str] = []
         for row in sample:
             rel = str(row.get(cfg.data.path_column) or "")
-            path = Path(rel) if Path(rel).is_absolute() else root / rel
+            path = image_path(root, rel)
             try:
                 decode_rgb(path, target_longest=64, max_pixels=cfg.data.max_pixels)
             except Exception as exc:  # missing, truncated, not an image

@@ -190,7 +190,7 @@ def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record],
     """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C]."""
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
-    with extractor.open_cache(cfg) as cache:
+    with extractor.open_cache(cfg, readonly=True) as cache:
         keys = (r.sha256 for r in usable)
         missing = cache.missing(keys, grid_array(spatial)) if spatial else cache.missing(keys)
         if missing and spatial:

@@ -18,7 +18,7 @@ from samprobe.config import BackboneConfig, Config
 from samprobe.data.images import decode_rgb, to_rgb
 from samprobe.data.metadata import IMAGE_SUFFIXES, Record
 from samprobe.errors import DataError
-from samprobe.features.cache import FeatureCache
+from samprobe.features.cache import FeatureCache, ensure_writable_file
 from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
 from samprobe.io import atomic_open, sha256_file
 from samprobe.pipeline import check_fingerprint, head_spatial, predict_features
@@ -107,6 +107,7 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: int = 5,
                 device: str = "auto", num_workers: int = 0, batch_size: int = 8) -> int:
+    ensure_writable_file(out_csv, "--out", "predictions.csv")  # before any image is read or encoded
     clf = Classifier.load(checkpoint, device=device)
     files = collect_inputs(inputs)
     if not files:
