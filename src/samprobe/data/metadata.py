@@ -170,22 +170,33 @@ def _csv_rows(text: str, path: Path, cfg: DataConfig) -> list[dict[str, Any] | N
                         fix="re-export it as CSV, or set data.format to its real format (jsonl, parquet)") from None
 
 
+def _json_row(obj: Any) -> dict[str, Any] | None:
+    """A parsed JSON value as a row: an object whose text can be written back as UTF-8 (JSON's
+    ``\\ud800`` escapes give lone surrogates, which no report file could hold), else None."""
+    if not isinstance(obj, dict):
+        return None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        return None
+    return obj
+
+
 def _jsonl_rows(text: str) -> list[dict[str, Any] | None]:
     """JSON lines, or one JSON array of row objects (a .json file)."""
     try:
         whole = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, and ints over Python's 4300-digit limit
         whole = None
     if isinstance(whole, list):
-        return [obj if isinstance(obj, dict) else None for obj in whole]
+        return [_json_row(obj) for obj in whole]
     rows: list[dict[str, Any] | None] = []
     for line in text.splitlines():
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            rows.append(obj if isinstance(obj, dict) else None)
-        except (json.JSONDecodeError, RecursionError):
+            rows.append(_json_row(json.loads(line)))
+        except (ValueError, RecursionError):
             rows.append(None)
     return rows
 
@@ -290,10 +301,17 @@ def _label_text(value: Any) -> str:
     return str(value).strip()
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+
+
+def _as_int(text: str) -> int | None:
+    return int(text) if _INTEGER.fullmatch(text) else None
+
+
 def build_taxonomy(labels: Iterable[str]) -> list[str]:
     """Labels seen, sorted numerically when all are integers, else alphabetically."""
     uniq = set(labels)
-    if uniq and all(s.lstrip("-").isdigit() for s in uniq):
+    if uniq and all(_as_int(s) is not None for s in uniq):
         return sorted(uniq, key=int)
     return sorted(uniq)
 
@@ -301,8 +319,9 @@ def build_taxonomy(labels: Iterable[str]) -> list[str]:
 def resolve_label(text: str, taxonomy: list[str], index: dict[str, int]) -> str | None:
     if text in index:
         return text
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(taxonomy):
-        return taxonomy[int(text)]  # integer index into the classes file
+    number = _as_int(text)
+    if number is not None and 0 <= number < len(taxonomy):
+        return taxonomy[number]  # integer index into the classes file
     return None
 
 
@@ -398,16 +417,18 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         if not path_s:
             bad("bad_path", "empty path")
             continue
-        candidate = image_path(root, path_s)
         try:
+            candidate = image_path(root, path_s)
             resolved = candidate.resolve()
-        except (OSError, RuntimeError) as exc:  # symlink loop, path too long
+            outside = not resolved.is_relative_to(real_root)
+            is_file = not outside and resolved.is_file()
+        except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, name too long, a NUL character
             bad("bad_path", f"{type(exc).__name__}: {exc}")
             continue
-        if not resolved.is_relative_to(real_root):
+        if outside:
             bad("outside_root", f"resolves to {resolved}, outside {real_root}")
             continue
-        if not resolved.is_file():
+        if not is_file:
             bad("missing", f"no file at {candidate}" + _windows_path_hint(path_s))
             continue
         label = resolve_label(label_s, taxonomy, index) if label_s else None
