@@ -160,17 +160,21 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     def _disk() -> str:
         from samprobe.features.cache import check_free_space, estimate_bytes
 
+        known = "dim" in state  # the backbone check passed and read the real widths
         dim = state.get("dim", 1280)  # unknown backbone: the largest SAM block width
         n = max(len(state["rows"]), 1)
         spatial = cfg.features.spatial
         # unknown backbone: SAM's 256-channel neck
         grid_dim = state.get("grid_dim", (spatial or 0) ** 2 * 256)
-        need = int(HEADROOM * (estimate_bytes(n, dim, cfg.features.dtype)
-                               + (estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0)))
-        free = check_free_space(cfg.features.cache_dir, need)
+        # the figure extract prints (same formula), for every row; free space is checked with headroom
+        need = estimate_bytes(n, dim, cfg.features.dtype) + (estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0)
+        free = check_free_space(cfg.features.cache_dir, int(HEADROOM * need))
         grid = f" + {spatial}x{spatial} grid = {grid_dim} values" if spatial else ""
-        return (f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB "
-                f"({len(state['rows'])} images x {dim}-d{grid} {cfg.features.dtype})")
+        sizes = (f"{len(state['rows'])} images x {dim}-d{grid} {cfg.features.dtype}" if known else
+                 f"{len(state['rows'])} images, assuming {dim}-d{grid} {cfg.features.dtype}: the backbone check failed, "
+                 "so the real width is unknown")
+        return (f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB ({sizes}; "
+                f"{HEADROOM:g}x that is kept free for a second fingerprint)")
 
     def _tracker() -> str:
         from samprobe.tracking import tcp_reachable, wandb_base_url

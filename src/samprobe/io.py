@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -95,12 +96,39 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete the temp files ``atomic_open`` left in ``directory`` when its process was killed
+    (SIGKILL, OOM killer, power loss: no ``finally`` ran). The writer's pid is in the temp name,
+    so a temp of a live writer (e.g. an evaluate running beside a train) is kept."""
+    n = 0
+    for tmp in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else ():
+        match = _TEMP_NAME.fullmatch(tmp.name)
+        if match and not _pid_alive(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                n += 1
+    return n
+
+
+_TEMP_NAME = re.compile(r"\..+\.pid(?P<pid>[0-9]+)\.[^.]+\.tmp")
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
     """Write to a temp file beside ``path``; on success fsync and rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like any file
         with os.fdopen(fd, mode, encoding=encoding, newline="" if "b" not in mode else None) as f:

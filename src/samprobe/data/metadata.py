@@ -23,6 +23,7 @@ from samprobe.config import DataConfig
 from samprobe.data.images import open_image
 from samprobe.errors import ConfigError, DataError
 from samprobe.io import atomic_open, atomic_write_text, sha256_bytes
+from samprobe.logs import count_of
 
 PROBLEM_KINDS = (
     "bad_path",        # empty / NaN path
@@ -542,7 +543,7 @@ def read_splits(path: Path) -> list[Record]:
 
 def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> list[str]:
     """One line for the totals, then one line per problem kind with its first example."""
-    lines = [f"{report['total']} rows: {report['ok']} ok"]
+    lines = [f"{count_of(report['total'], 'row')}: {report['ok']} ok"]
     first: dict[str, Problem] = {}
     for p in problems:
         first.setdefault(p.kind, p)
