@@ -141,6 +141,11 @@ MISTAKES = [
             lambda r: ["features", "export", "-c", _cfg(r), "--split", "test", "--set", "data.test_fraction=0",
                        "--set", f"run_dir={r / 'run_no_test'}", "--out", str(r / "test.npz")],
             ["split 'test' has no samples", "--split"]),
+    # defect 9: a message quoting torch.load carries no terminal escape codes (its bold "only if you trust" part)
+    Mistake("checkpoint that needs code to load",
+            lambda r: ["evaluate", "-c", _cfg(r), "--checkpoint", str(r / "pickled.pt")],
+            ["pickled.pt", "cannot be read as a samprobe checkpoint", "best.pt"],
+            setup=lambda r: __import__("torch").save({"args": __import__("argparse").Namespace(lr=1)}, r / "pickled.pt")),
     # defect 6: a Windows drive path cannot be read, and says what to write instead (bad_rows.csv; exit 2 via on_bad_rows)
     Mistake("Windows absolute path", lambda r: ["validate", "-c", _cfg(r), "--set", f"data.metadata={r / 'win.csv'}",
                                                 "--set", "data.on_bad_rows=error"],
@@ -163,7 +168,7 @@ def test_mistake_exits_2_naming_the_field_and_the_fix(trained: Path, mistake: Mi
     finally:
         mistake.cleanup(trained)
     assert rc == 2, err
-    assert "unexpected error" not in err
+    assert "unexpected error" not in err and "\x1b" not in err
     line = next(ln for ln in err.splitlines() if "[SP" in ln)
     for text in mistake.says:
         assert text in line, (text, line)
