@@ -1,11 +1,13 @@
-"""Encoder throughput: official SamPredictor (fp32) vs timm samvit (bf16) vs samprobe SamBackbone (bf16).
+"""Encoder throughput: official SamPredictor (fp32) vs timm samvit vs samprobe SamBackbone (precision auto).
 
 Run from the repo root:  PYTHONPATH=src python bench/encoder.py [--quick]
 
 All three run the same random vit_b weights (saved once in the official format) on the same
-real photos (skimage.data). The machine's bf16 matmul peak is measured in the same run, and
-samprobe's share of it is reported from FLOPs counted by torch's FlopCounterMode on its own
-forward. Ends with one JSON line.
+real photos (skimage.data). timm and samprobe run in the precision ``precision: auto`` resolves
+to on this CPU (the GEMM probe of samprobe.backbones.precision: bf16 where it measures faster,
+else fp32), reported as "precision" with the probe's GFLOP/s. The machine's matmul peak in that
+precision is measured in the same run, and samprobe's share of it is reported from FLOPs counted
+by torch's FlopCounterMode on its own forward. Ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ def batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def bf16_peak_gflops(n: int = 4096, reps: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def matmul_peak_gflops(precision: str, n: int = 4096, reps: int = 3) -> float:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up: oneDNN picks its kernel on the first call
     best = float("inf")
     for _ in range(reps):
@@ -80,8 +83,10 @@ def letterbox(images: list[np.ndarray], size: int) -> tuple[torch.Tensor, torch.
     return out, torch.tensor(hw)
 
 
-def make_timm(state_dict: dict, size: int) -> Callable[[list[np.ndarray]], None]:
+def make_timm(state_dict: dict, size: int, precision: str) -> Callable[[list[np.ndarray]], None]:
     import timm
+
+    from samprobe.backbones.precision import autocast_context
     from timm.models.vision_transformer_sam import checkpoint_filter_fn
 
     model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=size, num_classes=0).eval()
@@ -91,13 +96,13 @@ def make_timm(state_dict: dict, size: int) -> Callable[[list[np.ndarray]], None]
 
     def run(group: list[np.ndarray]) -> None:
         x, _ = letterbox(group, size)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), autocast_context(torch.device("cpu"), precision):
             model.forward_features((x.float() - mean) / std)
 
     return run
 
 
-def make_samprobe(ckpt: Path, size: int) -> Callable[[list[np.ndarray]], None]:
+def make_samprobe(ckpt: Path, size: int, precision: str) -> Callable[[list[np.ndarray]], None]:
     from samprobe.backbones.precision import autocast_context
     from samprobe.backbones.sam import SamBackbone
 
@@ -107,7 +112,7 @@ def make_samprobe(ckpt: Path, size: int) -> Callable[[list[np.ndarray]], None]:
         prepared = [bb.prepare(img) for img in group]  # in samprobe this runs in DataLoader workers
         x = torch.stack([p[0] for p in prepared])
         hw = torch.tensor([p[1] for p in prepared])
-        with autocast_context(torch.device("cpu"), "bf16"):
+        with autocast_context(torch.device("cpu"), precision):
             bb.encode(x, hw, ["neck_avg"])
 
     return run
@@ -141,7 +146,12 @@ def main() -> None:
     n = args.images or (2 if args.quick else 4)
     images = real_images(n)
     torch.manual_seed(0)
-    print(f"vit_b at {size} px, {n} images, batch {args.batch}, {torch.get_num_threads()} threads", flush=True)
+    from samprobe.backbones.precision import cpu_probe, resolve_precision
+
+    precision = resolve_precision(torch.device("cpu"), "auto")
+    probe = cpu_probe()
+    print(f"vit_b at {size} px, {n} images, batch {args.batch}, {torch.get_num_threads()} threads, {precision} "
+          f"({probe.summary()})", flush=True)
     # The 2-core machine is shared: the load average says how far from quiet these numbers are.
     load_start = os.getloadavg()[0]
 
@@ -151,7 +161,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "sam_vit_b_random.pth"
         torch.save(sam.state_dict(), ckpt)
-        runners = {"samprobe": make_samprobe(ckpt, size), "timm": make_timm(sam.state_dict(), size)}
+        runners = {"samprobe": make_samprobe(ckpt, size, precision), "timm": make_timm(sam.state_dict(), size, precision)}
         if not args.skip_official:
             runners["official"] = make_official(sam)
         flops = count_flops(runners["samprobe"], images[0])  # doubles as samprobe's warm-up
@@ -163,7 +173,7 @@ def main() -> None:
         totals = dict.fromkeys(runners, 0.0)
         peaks = []
         for group in batches(images, args.batch):
-            peaks.append(bf16_peak_gflops())
+            peaks.append(matmul_peak_gflops(precision))
             for name, run in runners.items():
                 el = timed(run, group)
                 totals[name] += el
@@ -172,16 +182,17 @@ def main() -> None:
     s_per.setdefault("official", float("nan"))
     official, timm_s, ours = s_per["official"], s_per["timm"], s_per["samprobe"]
     peak = max(peaks)
-    print(f"bf16 matmul peak (4096^2), best of rounds: {peak:.0f} GFLOP/s (rounds: "
+    print(f"{precision} matmul peak (4096^2), best of rounds: {peak:.0f} GFLOP/s (rounds: "
           f"{', '.join(f'{p:.0f}' for p in peaks)})")
     print(f"official SamPredictor fp32:           {official:.2f} s/image")
-    print(f"timm samvit bf16 batch {args.batch}:            {timm_s:.2f} s/image")
-    print(f"samprobe bf16 batch {args.batch}:               {ours:.2f} s/image, {flops / 1e12:.3f} TFLOP/image")
+    print(f"timm samvit {precision} batch {args.batch}:            {timm_s:.2f} s/image")
+    print(f"samprobe {precision} batch {args.batch}:               {ours:.2f} s/image, {flops / 1e12:.3f} TFLOP/image")
     share = flops / ours / (peak * 1e9)
-    print(f"samprobe reaches {share:.0%} of the bf16 matmul peak", flush=True)
+    print(f"samprobe reaches {share:.0%} of the {precision} matmul peak", flush=True)
     ratios = {"vs_official": official / ours, "vs_timm": timm_s / ours}
     passed = all(ratios[k] >= v for k, v in TARGETS.items())
-    print(json.dumps({"bench": "encoder", "img_size": size, "images": n,
+    print(json.dumps({"bench": "encoder", "img_size": size, "images": n, "precision": precision,
+                      "cpu_probe_gflops": {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops},
                       "s_per_img": {"official": round(official, 3), "timm": round(timm_s, 3), "samprobe": round(ours, 3)},
                       "ratios": {k: round(v, 2) for k, v in ratios.items()}, "targets": TARGETS,
                       "tflop_per_img": round(flops / 1e12, 3), "peak_gflops": round(peak, 1),

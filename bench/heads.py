@@ -7,7 +7,8 @@ test balanced accuracy of that pick and the total wall time of each side.
   samprobe: SweepTrainer over the default lrs x weight_decays (every setting a head, one
             batched pass, per-head SGD with Nesterov momentum and L2 decay, early stopping,
             heads more than sweep.prune_margin below the best stopped), precision auto
-            (bf16 on a CPU with AMX, else fp32).
+            (bf16 where samprobe's GEMM probe measures it faster than fp32 on this CPU, else
+            fp32; the JSON line says which ran, with the probe's GFLOP/s).
   Both sides run with --threads CPU threads (torch.set_num_threads; threadpoolctl for
   sklearn's OpenMP loss loops and numpy/scipy BLAS, applied after they are loaded: a limit
   set before a library loads does not reach it). Default 1: on a machine shared with other
@@ -214,8 +215,13 @@ def main() -> int:
     # time other jobs held the cores; the target is on wall time, CPU time shows the noise.
     c_sp = sum(r["samprobe"]["cpu_seconds"] for r in results.values())
     c_sk = sum(r["sklearn"]["cpu_seconds"] for r in results.values())
+    from samprobe.backbones.precision import cpu_probe
+
+    probe = cpu_probe()
     out = {
-        "bench": "heads", "quick": args.quick, "repeat": repeat, "grid": {"lrs": LRS, "weight_decays": WEIGHT_DECAYS},
+        "bench": "heads", "quick": args.quick,
+        "precision": results["digits"]["samprobe"]["precision"],  # what ran (resolve_precision auto)
+        "cpu_probe_gflops": {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops}, "repeat": repeat, "grid": {"lrs": LRS, "weight_decays": WEIGHT_DECAYS},
         "loadavg_1m_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "sklearn_thread_pools": pools,
         "seconds": {"samprobe": round(t_sp, 2), "sklearn": round(t_sk, 2)},

@@ -281,3 +281,42 @@ def test_no_usable_rows_and_missing_splits_via_cli(tmp_path: Path, capsys: pytes
     with pytest.raises(DataError, match="splits.csv does not exist") as exc:
         read_splits(tmp_path / "other_run" / "splits.csv")
     assert "samprobe validate" in exc.value.fix
+
+
+def test_folder_layout_hidden_empty_and_top_level(tmp_path: Path) -> None:
+    from samprobe.data.metadata import summary_lines, write_report
+
+    root = tmp_path / "images"
+    _write_images(root, {"cat/1.jpg": "", "cat/.2.jpg": "", ".thumbs/3.jpg": "", "stray.jpg": "", "dog/4.jpg": ""})
+    (root / "empty_class").mkdir()
+    ds = validate(DataConfig(image_root=root))
+    assert ds.taxonomy == ["cat", "dog", "empty_class"]  # the empty folder is a class; .thumbs is not
+    assert [(r.path, r.label) for r in ds.records] == [("cat/1.jpg", "cat"), ("dog/4.jpg", "dog")]
+    reasons = ds.extra["ignored_by_reason"]
+    assert reasons["top_level_images"]["examples"] == ["stray.jpg"]
+    assert sorted(reasons["hidden"]["examples"]) == [".thumbs/", "cat/.2.jpg"]
+    lines = summary_lines(write_report(ds, tmp_path / "run"), ds.problems)
+    assert any("no class folder" in ln and "stray.jpg" in ln for ln in lines), lines
+    assert not any("not images by suffix" in ln for ln in lines), lines
+    assert any("empty_class" in ln for ln in lines)  # listed among the classes without training images
+
+
+def test_classes_file_comments_and_empty_split_cells(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    names = {f"{c}{k}.jpg": c for c in "ab" for k in range(3)}
+    _write_images(root, names)
+    (tmp_path / "classes.txt").write_text("# taxonomy v2\na\n\n  # b was renamed\nb\nc\n")
+    splits = ["train", "", "test", "train", "  ", "val"]
+    (tmp_path / "meta.csv").write_text("path,label,split\n" + "".join(
+        f"{n},{c},{s}\n" for (n, c), s in zip(names.items(), splits)))
+    ds = validate(DataConfig(metadata=tmp_path / "meta.csv", image_root=root, split_column="split",
+                             classes_file=tmp_path / "classes.txt"))
+    assert ds.taxonomy == ["a", "b", "c"] and not ds.problems
+    assert [r.split for r in ds.records] == ["train", None, "test", "train", None, "val"]  # blank: assigned later
+
+
+def test_validate_progress_bar_ends_at_n_of_n(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "images"
+    _write_images(root, {f"a/{k}.jpg": "" for k in range(3)})
+    validate(DataConfig(image_root=root), progress=True)
+    assert "3/3" in capsys.readouterr().err

@@ -118,6 +118,20 @@ def test_unsupported_precision_is_blocking(project, capsys):
     assert "fp16" in line and "CPU" in line and "bf16, fp32 or auto" in line
 
 
+@pytest.mark.parametrize("fp32, bf16, chosen", [(96.0, 403.0, "bf16"), (153.0, 84.0, "fp32")])
+def test_auto_precision_line_shows_the_cpu_probe(project, capsys, monkeypatch, fp32, bf16, chosen):
+    from samprobe.backbones import precision
+
+    monkeypatch.setattr(precision, "_PROBES", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(project / f"xdg-{chosen}"))
+    monkeypatch.setattr(precision, "measure_gemm_gflops", lambda: {"fp32": fp32, "bf16": bf16})
+    rc, lines = doctor(capsys, project, "precision=auto")
+    assert rc == 0, lines
+    line = next(ln for ln in lines if " device and precision:" in ln)
+    assert f"precision {chosen} (precision: auto)" in line, line
+    assert f"bf16 {bf16:.0f} GFLOP/s vs fp32 {fp32:.0f} GFLOP/s" in line, line
+
+
 def test_unreachable_wandb_warns_but_does_not_block(project, capsys, monkeypatch):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -127,6 +141,35 @@ def test_unreachable_wandb_warns_but_does_not_block(project, capsys, monkeypatch
     rc, lines = doctor(capsys, project, "tracking.wandb.mode=online")
     assert rc == 0 and status(lines, "tracker") == "WARN", lines
     assert any(f"127.0.0.1:{port}" in ln and "fall back to offline" in ln for ln in lines)
+
+
+def test_disk_line_gives_extracts_estimate_and_says_when_the_width_is_assumed(tmp_path, capsys):
+    import logging
+
+    cfg = write_digits_project(tmp_path / "p", per_class=4)
+
+    def disk_line(*sets: str) -> str:
+        _, lines = doctor(capsys, cfg, *sets)
+        return next(ln for ln in lines if " free disk:" in ln)
+
+    line = disk_line()
+    doctor_mb = float(line.split("cache needs about ")[1].split(" MB")[0])
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("samprobe").addHandler(handler)
+    try:
+        assert main(["extract", "-c", str(cfg)]) == 0
+    finally:
+        logging.getLogger("samprobe").removeHandler(handler)
+    extract_line = next(r.getMessage() for r in records if "MB on disk" in r.getMessage())
+    assert "(12 to extract" in extract_line and f"~{doctor_mb:.1f} MB on disk" in extract_line, (line, extract_line)
+    assert "12 images x 1280-d" in line
+
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    broken = disk_line(f"backbone.checkpoint={garbage}")
+    assert "assuming 1280-d" in broken and "backbone check failed" in broken, broken
 
 
 def _fake_driver(root: Path, version_line: str, gpus: int) -> Path:

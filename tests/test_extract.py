@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from test_cache_helpers import PY, REPO, LogLines, index_count, make_corpus, write_config
 
+from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 from samprobe.backbones.registry import Backbone
 from samprobe.cli import main
 from samprobe.config import load_config
@@ -87,7 +88,9 @@ def test_torchrun_two_ranks_extract_each_image_once_and_match_single_process(bas
     fp_dir = tmp_path / "cache" / baseline["fingerprint"]
     assert index_count(fp_dir) == N
     x = _features(cfg, baseline["keys"])
-    np.testing.assert_allclose(x, baseline["x"], rtol=2e-3, atol=2e-3)
+    # other processes, batches and thread counts: one fp16 ulp where float32 sums cross a rounding boundary
+    np.testing.assert_allclose(x, baseline["x"], **close_after_storage(np.float16, terms=efficientnet_lite0_terms(),
+                                                                        scale=magnitude(baseline["x"])))
 
 
 def test_rename_keeps_edit_reextracts_corruption_reextracts_and_fingerprint_changes(tmp_path):

@@ -19,10 +19,15 @@ from pathlib import Path
 from typing import Callable
 
 from samprobe import __version__
-from samprobe.errors import SamprobeError
+from samprobe.errors import SamprobeError, plain_text
 from samprobe.logs import setup_console, to_run_logs
 
 log = logging.getLogger("samprobe")
+
+
+def user_path(text: str) -> str:
+    """A path argument with ``~`` expanded as a shell would (quoted '~/x' reaches us unexpanded)."""
+    return str(Path(text).expanduser())
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202 - returns samprobe.config.Config
@@ -136,7 +141,8 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, metavar="FILE", help="samprobe YAML config (see `samprobe init`)")
+    p.add_argument("-c", "--config", required=True, metavar="FILE", type=user_path,
+                   help="samprobe YAML config (see `samprobe init`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.0005 (repeatable)")
 
@@ -156,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("demo", cmd_demo, "run the whole pipeline on bundled real images (CPU, a few minutes)", config=False)
-    p.add_argument("--out", default="runs/demo", help="folder for the demo data and run (default: runs/demo)")
+    p.add_argument("--out", default="runs/demo", type=user_path, help="folder for the demo data and run (default: runs/demo)")
     p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: CPU cores)")
     p = add("init", cmd_init, "write a commented config template to DIR/samprobe.yaml", config=False)
-    p.add_argument("dir", help="folder for samprobe.yaml")
+    p.add_argument("dir", type=user_path, help="folder for samprobe.yaml")
     p.add_argument("--force", action="store_true", help="overwrite an existing samprobe.yaml")
     add("doctor", cmd_doctor, "check config, paths, permissions, disk, checkpoint, device before a long run")
     add("validate", cmd_validate, "read the metadata, check every image; write data_report.json, bad_rows.csv, splits.csv")
@@ -167,33 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train heads on cached features; write checkpoints/, metrics.jsonl, sweep.csv")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from RUN_DIR/checkpoints/last.pt")
     p = add("evaluate", cmd_evaluate, "metrics on a split; write eval/<split>/metrics.json, per_class.csv, confusion_matrix.png")
-    p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
+    p.add_argument("--checkpoint", required=True, type=user_path, help="checkpoints/best.pt of a training run")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p = add("predict", cmd_predict, "classify images, folders or a metadata file; write a CSV", config=False)
-    p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
-    p.add_argument("inputs", nargs="+", help="image files, folders, or a metadata csv/jsonl with a path column")
-    p.add_argument("--out", required=True, help="output CSV: path, label, score, top_k, error")
+    p.add_argument("--checkpoint", required=True, type=user_path, help="checkpoints/best.pt of a training run")
+    p.add_argument("inputs", nargs="+", type=user_path, help="image files, folders, or a metadata csv/jsonl with a path column")
+    p.add_argument("--out", required=True, type=user_path, help="output CSV: path, label, score, top_k, error")
     p.add_argument("--top-k", type=int, default=5, help="how many best classes to list (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--image-root", default=None,
+    p.add_argument("--image-root", default=None, type=user_path,
                    help="folder a metadata file's relative paths are under (default: the training data.image_root)")
-    p.add_argument("--weights", default=None, help="backbone weights file, when it moved since training "
+    p.add_argument("--weights", default=None, type=user_path, help="backbone weights file, when it moved since training "
                    "(default: the training path, else found by name or content next to the checkpoint or in weights/)")
-    p.add_argument("--cache-dir", default=None, help="keep the features in this cache, e.g. the training features.cache_dir "
+    p.add_argument("--cache-dir", default=None, type=user_path, help="keep the features in this cache, e.g. the training features.cache_dir "
                    "(default: a temporary cache, removed after; the training cache is never written)")
 
     feats = sub.add_parser("features", help="cached features for use elsewhere", description="cached features for use elsewhere")
     feats_sub = feats.add_subparsers(dest="features_command", required=True, metavar="ACTION")
     p = add("export", cmd_features_export, "write a split's cached features with labels to .npz or .parquet", parent=feats_sub)
     p.add_argument("--split", default="train", choices=["train", "val", "test", "all"])
-    p.add_argument("--out", required=True, help="output file, .npz or .parquet")
+    p.add_argument("--out", required=True, type=user_path, help="output file, .npz or .parquet")
 
     weights = sub.add_parser("weights", help="official SAM weights", description="official SAM weights")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     p = add("download", cmd_weights_download, "download official SAM weights: resumable, MD5-verified, atomic",
             config=False, parent=weights_sub)
     p.add_argument("name", choices=["sam_vit_b", "sam_vit_l", "sam_vit_h"])
-    p.add_argument("--dir", default="weights", help="destination folder (default: ./weights)")
+    p.add_argument("--dir", default="weights", type=user_path, help="destination folder (default: ./weights)")
     p.add_argument("--url", default=None, help="download from this mirror instead (the official MD5 is still checked)")
 
     cache = sub.add_parser("cache", help="inspect, verify and prune the feature cache", description="inspect, verify and prune the feature cache")
@@ -220,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         fix = f" Fix: {exc.fix}" if exc.fix else ""
-        line = f"samprobe: error [{exc.code}]: {exc.message}.{fix}"
+        # one line, whatever a wrapped library message holds (torch.load's spans a page)
+        line = " ".join(plain_text(f"samprobe: error [{exc.code}]: {exc.message}.{fix}").split())
         print(line, file=sys.stderr)
         to_run_logs(logging.ERROR, line)
         return exc.exit_code
@@ -230,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so, keep the traceback one flag away
         if debug:
             traceback.print_exc()
-        line = f"samprobe: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)"
+        line = plain_text(f"samprobe: unexpected error: {type(exc).__name__}: {exc} "
+                          "(rerun with --debug for the traceback; please report it)")
         print(line, file=sys.stderr)
         to_run_logs(logging.ERROR, line)
         return 1

@@ -7,12 +7,24 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from samprobe.errors import ConfigError
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # pydantic reads True as 1 for numbers; YAML reads yes/no/on/off/true/false as booleans, so
+    # `epochs: true` would train one epoch and `seed: yes` use seed 1 without a word.
+    if isinstance(value, bool):
+        raise ValueError("needs a number, not a yes/no value (YAML reads true/false/yes/no/on/off as booleans)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 class _Strict(BaseModel):
@@ -33,9 +45,9 @@ class DataConfig(_Strict):
     """How label_column values are read, one rule for the whole file: class names, or 0-based
     indices into classes_file; auto decides from the values and stops when both readings fit."""
     on_bad_rows: Literal["skip", "error"] = "skip"
-    max_pixels: int = Field(default=178_956_970, gt=0)
-    val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
-    test_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
+    max_pixels: Int = Field(default=178_956_970, gt=0)
+    val_fraction: Float = Field(default=0.15, ge=0.0, lt=1.0)
+    test_fraction: Float = Field(default=0.15, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _something_left_to_train(self) -> "DataConfig":
@@ -50,7 +62,7 @@ class BackboneConfig(_Strict):
     """Registry name: sam | efficientnet_lite0 | timm."""
     checkpoint: Path | None = None
     variant: Literal["auto", "vit_b", "vit_l", "vit_h", "custom"] = "auto"
-    img_size: int | None = Field(default=None, ge=32)
+    img_size: Int | None = Field(default=None, ge=32)
     """Encoder input size; null = the backbone's native size (SAM 1024, efficientnet_lite0 224)."""
     timm_model: str | None = None
     """timm model name, for name: timm."""
@@ -61,10 +73,10 @@ class FeaturesConfig(_Strict):
     pooling: list[str] = Field(default_factory=list)
     """Pooled features to store, concatenated; empty = the backbone's default (SAM: neck_avg)."""
     dtype: Literal["float16", "float32"] = "float16"
-    spatial: int | None = Field(default=None, gt=0, le=64)
+    spatial: Int | None = Field(default=None, gt=0, le=64)
     """Also store a spatial x spatial token grid per image (for attention heads), in ``dtype``; None = off."""
-    batch_size: int = Field(default=8, gt=0)
-    num_workers: int | Literal["auto"] = "auto"
+    batch_size: Int = Field(default=8, gt=0)
+    num_workers: Int | Literal["auto"] = "auto"
 
     @field_validator("num_workers")
     @classmethod
@@ -79,10 +91,10 @@ class SweepConfig(_Strict):
     validation (train.monitor) is kept. Empty lists = the single train.lr / train.weight_decay."""
     # SGD at train.batch_size 512: a decade apart, as the best lr varies with the features (digits
     # features prefer ~0.5, the 50k synthetic set ~0.05); measured in bench/heads.py
-    lrs: list[float] = Field(default_factory=lambda: [0.05, 0.5])
+    lrs: list[Float] = Field(default_factory=lambda: [0.05, 0.5])
     """For train.optimizer sgd (the default); with adamw use about [1e-3, 1e-2]."""
-    weight_decays: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
-    prune_margin: float | None = Field(default=0.1, ge=0)
+    weight_decays: list[Float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    prune_margin: Float | None = Field(default=0.1, ge=0)
     """After each epoch, a head whose best score is more than this below the leading head's
     stops (in units of train.monitor: 0.1 = 10 points of balanced accuracy); null = never."""
 
@@ -105,38 +117,38 @@ class TrainConfig(_Strict):
     head: Literal["linear", "mlp", "attentive"] = "linear"
     """linear / mlp on the pooled features; attentive: attention pooling over the token grid
     (needs features.spatial), one learned query, 8 attention heads, then a linear layer."""
-    hidden: int = Field(default=512, gt=0)
+    hidden: Int = Field(default=512, gt=0)
     """MLP hidden width."""
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    epochs: int = Field(default=100, gt=0)
-    batch_size: int = Field(default=512, gt=0)
-    accumulate: int = Field(default=1, gt=0)
+    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    epochs: Int = Field(default=100, gt=0)
+    batch_size: Int = Field(default=512, gt=0)
+    accumulate: Int = Field(default=1, gt=0)
     """Gradient accumulation: one optimizer step every `accumulate` batches."""
-    warmup_epochs: int = Field(default=5, ge=0)
+    warmup_epochs: Int = Field(default=5, ge=0)
     """Linear warm-up length (at most 5% of all steps), then cosine decay to 0."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """sgd: Nesterov momentum 0.9 (as DINOv2's linear evaluation; on standardised features it
     matches LogisticRegression's accuracy in a few epochs, bench/heads.py); adamw: Adam(W)."""
-    lr: float = Field(default=0.05, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
+    lr: Float = Field(default=0.05, gt=0)
+    weight_decay: Float = Field(default=1e-4, ge=0)
     weight_decay_mode: Literal["l2", "decoupled"] = "l2"
     """l2: an L2 term added to the gradient, so training converges to the L2-regularised optimum
     (as LogisticRegression; measured in bench/heads.py to match it where AdamW's decoupled
     decay fell 3-5 points short); decoupled: AdamW's decay."""
     sweep: SweepConfig = Field(default_factory=SweepConfig)
-    save_every: int = Field(default=0, ge=0)
+    save_every: Int = Field(default=0, ge=0)
     """Also keep checkpoints/epoch_NNNN.pt every N epochs (0 = only best.pt and last.pt)."""
-    keep_checkpoints: int = Field(default=3, ge=1)
+    keep_checkpoints: Int = Field(default=3, ge=1)
     class_weights: Literal["balanced", "sqrt", "effective_number", "none"] = "balanced"
     monitor: Literal["balanced_accuracy", "accuracy", "macro_f1", "val_loss"] = "balanced_accuracy"
-    patience: int = Field(default=15, ge=1)
-    min_delta: float = Field(default=0.0, ge=0)
+    patience: Int = Field(default=15, ge=1)
+    min_delta: Float = Field(default=0.0, ge=0)
 
 
 class WandbConfig(_Strict):
     mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "samprobe"
-    init_timeout_s: float = Field(default=15.0, gt=0, le=120)
+    init_timeout_s: Float = Field(default=15.0, gt=0, le=120)
     """How long wandb may try to reach its server before samprobe falls back to offline."""
 
 
@@ -146,7 +158,7 @@ class TrackingConfig(_Strict):
 
 class Config(_Strict):
     run_dir: Path = Path("runs/default")
-    seed: int = 0
+    seed: Int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -219,10 +231,20 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
+def _blamed(loc: tuple[Any, ...], source: str, overrides: list[str]) -> str:
+    """The --set item that wrote the value at ``loc`` (the last one wins, as when applied), else the file."""
+    for item in reversed(overrides):
+        keys = parse_override(item)[0]
+        if [str(p) for p in loc[:len(keys)]] == keys:
+            return f"--set {item}"
+    return source
+
+
+def _format_validation_error(err: ValidationError, source: str, overrides: list[str] = ()) -> ConfigError:
     first = err.errors()[0]
     loc = tuple(first["loc"])
     path = ".".join(str(p) for p in loc)
+    source = _blamed(loc, source, list(overrides))
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(Config, loc)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
@@ -232,7 +254,8 @@ def _format_validation_error(err: ValidationError, source: str) -> ConfigError:
     else:
         got = first.get("input")
         msg = f"{source}: {path}: {first['msg']} (got {got!r})"
-        fix = f"set {path} to a valid value in {source} or with --set {path}=..."
+        fix = (f"give --set {path}= a valid value" if source.startswith("--set ")
+               else f"set {path} to a valid value in {source} or with --set {path}=...")
     more = len(err.errors()) - 1
     if more:
         msg += f" [and {more} more problem{'s' if more > 1 else ''}]"
@@ -249,17 +272,21 @@ def _resolve_paths(model: BaseModel, base: Path) -> None:
             setattr(model, name, value if value.is_absolute() else (base / value).resolve())
 
 
-def build_config(raw: dict[str, Any], base_dir: Path, source: str = "config") -> Config:
+def build_config(raw: dict[str, Any], base_dir: Path, source: str = "config", overrides: list[str] = ()) -> Config:
+    """``overrides``: the --set items already applied to ``raw``, so an error names the one at fault."""
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise _format_validation_error(err, source) from None
+        raise _format_validation_error(err, source, overrides) from None
     _resolve_paths(cfg, base_dir)
     return cfg
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a file",
+                          fix=f"pass the YAML file, e.g. -c {path / 'samprobe.yaml'} (`samprobe init {path}` writes one)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist",
                           fix=f"create one with `samprobe init {path.parent}` or pass the right -c path")
@@ -273,7 +300,7 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path} must hold a mapping of settings, not {type(raw).__name__}",
                           fix="start from `samprobe init`")
     raw = apply_overrides(raw, overrides or [])
-    return build_config(raw, path.resolve().parent, source=str(path))
+    return build_config(raw, path.resolve().parent, source=str(path), overrides=overrides or [])
 
 
 def dump_config(cfg: Config) -> str:
@@ -287,7 +314,7 @@ TEMPLATE = """\
 run_dir: runs/exp1            # where checkpoints, metrics, reports go
 seed: 0
 device: auto                  # auto | cpu | cuda
-precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs >= sm_80, AMX CPUs; fp16 older GPUs; else fp32)
+precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs >= sm_80, fp16 older GPUs; CPU: probe)
 
 data:
   metadata: data/metadata.csv # csv, jsonl or parquet; omit to use image_root/<class>/<image>

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from samprobe.errors import DataError, DeviceError, SamprobeError
+from samprobe.errors import DataError, DeviceError, SamprobeError, plain_text
 
 SAMPLE_IMAGES = 16
 HEADROOM = 1.5  # shard rounding, and a second fingerprint while experimenting
@@ -38,7 +38,7 @@ class Warn(Exception):
 
 def _one_line(text: str, limit: int = 300) -> str:
     """One line per check: a wrapped library message (torch.load's is a page long) is cut, marked with '...'."""
-    lines = text.strip().splitlines() or [""]
+    lines = plain_text(text).strip().splitlines() or [""]
     first = lines[0]
     cut = len(lines) > 1 or len(first) > limit
     return (first[:limit] + " ...)" if cut else first)
@@ -126,6 +126,9 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     cfg = state["cfg"]
 
     def _image_root_check() -> str:
+        from samprobe.data.metadata import check_data_source
+
+        check_data_source(cfg.data)
         root = _image_root(cfg)
         if root is None or not root.is_dir():
             raise DataError(f"data.image_root {root} is not a folder",
@@ -143,13 +146,14 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
 
     def _images() -> str:
         from samprobe.data.images import decode_rgb
+        from samprobe.data.metadata import image_path
 
         rows, root = state["rows"], _image_root(cfg)
         sample = random.Random(cfg.seed).sample(rows, min(SAMPLE_IMAGES, len(rows)))
         bad: list[str] = []
         for row in sample:
             rel = str(row.get(cfg.data.path_column) or "")
-            path = Path(rel) if Path(rel).is_absolute() else root / rel
+            path = image_path(root, rel)
             try:
                 decode_rgb(path, target_longest=64, max_pixels=cfg.data.max_pixels)
             except Exception as exc:  # missing, truncated, not an image
@@ -173,12 +177,13 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return f"{ensure_writable_dir(cfg.features.cache_dir, 'features.cache_dir')} writable"
 
     def _device() -> str:
-        from samprobe.backbones.precision import describe_device, resolve_device, resolve_precision
+        from samprobe.backbones.precision import cpu_probe, describe_device, resolve_device, resolve_precision
 
         device = resolve_device(cfg.device)
         precision = resolve_precision(device, cfg.precision)
         state["device"] = device
-        return f"device {describe_device(device)}, precision {precision}"
+        probe = f"; {cpu_probe().summary()}" if device.type == "cpu" else ""  # why auto chose, and what bf16 would give
+        return f"device {describe_device(device)}, precision {precision} (precision: {cfg.precision}){probe}"
 
     def _gpu() -> str:
         return gpu_report(cfg.device)
@@ -225,17 +230,21 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     def _disk() -> str:
         from samprobe.features.cache import check_free_space, estimate_bytes
 
+        known = "dim" in state  # the backbone check passed and read the real widths
         dim = state.get("dim", 1280)  # unknown backbone: the largest SAM block width
         n = max(len(state["rows"]), 1)
         spatial = cfg.features.spatial
         # unknown backbone: SAM's 256-channel neck
         grid_dim = state.get("grid_dim", (spatial or 0) ** 2 * 256)
-        need = int(HEADROOM * (estimate_bytes(n, dim, cfg.features.dtype)
-                               + (estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0)))
-        free = check_free_space(cfg.features.cache_dir, need)
+        # the figure extract prints (same formula), for every row; free space is checked with headroom
+        need = estimate_bytes(n, dim, cfg.features.dtype) + (estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0)
+        free = check_free_space(cfg.features.cache_dir, int(HEADROOM * need))
         grid = f" + {spatial}x{spatial} grid = {grid_dim} values" if spatial else ""
-        return (f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB "
-                f"({len(state['rows'])} images x {dim}-d{grid} {cfg.features.dtype})")
+        sizes = (f"{len(state['rows'])} images x {dim}-d{grid} {cfg.features.dtype}" if known else
+                 f"{len(state['rows'])} images, assuming {dim}-d{grid} {cfg.features.dtype}: the backbone check failed, "
+                 "so the real width is unknown")
+        return (f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB ({sizes}; "
+                f"{HEADROOM:g}x that is kept free for a second fingerprint)")
 
     def _tracker() -> str:
         from samprobe.tracking import tcp_reachable, wandb_base_url

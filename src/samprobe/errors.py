@@ -9,6 +9,16 @@ that every code defined here is documented).
 """
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal escape codes: torch.load's weights-only message carries bold
+    markers (ESC[1m ... ESC[0m) that show as garbage in run.log and in terminals without colour."""
+    return _ANSI.sub("", text)
+
 
 class SamprobeError(Exception):
     """An expected user error: says what is wrong and how to fix it."""

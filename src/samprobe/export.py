@@ -8,6 +8,7 @@ import numpy as np
 
 from samprobe.config import Config
 from samprobe.errors import ConfigError, DataError
+from samprobe.features.cache import ensure_writable_file
 from samprobe.features.extract import Extractor, load_features, load_grid
 from samprobe.io import atomic_open
 from samprobe.pipeline import FAILURES_FILE, load_dataset, read_failed_keys
@@ -16,17 +17,20 @@ log = logging.getLogger("samprobe")
 
 
 def export_features(cfg: Config, split: str, out: Path) -> Path:
+    ensure_writable_file(out, "--out", f"{split}_features{out.suffix or '.npz'}")  # before reading the cache
     if out.suffix not in (".npz", ".parquet"):
         raise ConfigError(f"--out {out} must end in .npz or .parquet", fix="e.g. --out train_features.npz")
     records, _ = load_dataset(cfg)
     recs = records if split == "all" else [r for r in records if r.split == split]
+    if not recs:
+        raise DataError(f"split {split!r} has no samples", fix="choose --split train|val|test|all with samples (see splits.csv)")
     failed = read_failed_keys(cfg.run_dir)
     if failed:
         kept = [r for r in recs if r.sha256 not in failed]
         log.info(f"export: {len(recs) - len(kept)} images that failed at extract are left out (see {cfg.run_dir / FAILURES_FILE})")
         recs = kept
     extractor = Extractor.from_config(cfg, on_device=False)  # reads the cache only
-    with extractor.open_cache(cfg) as cache:
+    with extractor.open_cache(cfg, readonly=True) as cache:
         missing = {k for a in extractor.arrays() for k in cache.missing((r.sha256 for r in recs), a)}
         if missing:
             raise DataError(f"{len(missing)} images of split {split} are not in the cache"

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -33,14 +34,20 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def sha256_store() -> Path | None:
-    """Where weights hashes are remembered between runs: $XDG_CACHE_HOME/samprobe (~/.cache/samprobe);
-    None when there is no home directory (a container user without one)."""
+def user_cache_file(name: str) -> Path | None:
+    """``name`` in samprobe's per-user cache folder, $XDG_CACHE_HOME/samprobe (~/.cache/samprobe),
+    for facts worth remembering between runs (weights hashes, the CPU precision probe); None when
+    there is no home directory (a container user without one)."""
     try:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     except (RuntimeError, KeyError):
         return None
-    return root / "samprobe" / "weights-sha256.json"
+    return root / "samprobe" / name
+
+
+def sha256_store() -> Path | None:
+    """Where weights hashes are remembered between runs (see ``user_cache_file``)."""
+    return user_cache_file("weights-sha256.json")
 
 
 def _file_version(st: os.stat_result) -> dict[str, int]:
@@ -89,12 +96,39 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete the temp files ``atomic_open`` left in ``directory`` when its process was killed
+    (SIGKILL, OOM killer, power loss: no ``finally`` ran). The writer's pid is in the temp name,
+    so a temp of a live writer (e.g. an evaluate running beside a train) is kept."""
+    n = 0
+    for tmp in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else ():
+        match = _TEMP_NAME.fullmatch(tmp.name)
+        if match and not _pid_alive(int(match["pid"])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                n += 1
+    return n
+
+
+_TEMP_NAME = re.compile(r"\..+\.pid(?P<pid>[0-9]+)\.[^.]+\.tmp")
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
     """Write to a temp file beside ``path``; on success fsync and rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like any file
         with os.fdopen(fd, mode, encoding=encoding, newline="" if "b" not in mode else None) as f:

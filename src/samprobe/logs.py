@@ -52,3 +52,9 @@ def attach_run_log(run_dir: Path) -> None:
     log.addHandler(handler)
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
+
+
+def count_of(n: int, noun: str) -> str:
+    """``3 heads``, ``1 head``, ``2 active classes``: a count with its noun in the right number."""
+    plural = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+    return f"{n} {noun if n == 1 else plural}"

@@ -25,8 +25,8 @@ from samprobe.errors import CheckpointError, DataError, TrainingError
 from samprobe.features.cache import check_free_space, ensure_writable_dir, register_run
 from samprobe.backbones.precision import describe_device
 from samprobe.features.extract import ExtractResult, Extractor, load_head_inputs, rank_world
-from samprobe.io import atomic_open, atomic_write_text
-from samprobe.logs import attach_run_log
+from samprobe.io import atomic_open, atomic_write_text, remove_stale_temps
+from samprobe.logs import attach_run_log, count_of
 from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
 from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
 from samprobe.train.classes import ClassMapping, class_weights
@@ -39,6 +39,8 @@ log = logging.getLogger("samprobe")
 
 def prepare_run_dir(cfg: Config) -> Path:
     run_dir = ensure_writable_dir(cfg.run_dir, "run_dir")
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "eval"):
+        remove_stale_temps(folder)  # half-written files of a killed run
     attach_run_log(run_dir)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     return run_dir
@@ -292,7 +294,7 @@ def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record],
     """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C]."""
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
-    with extractor.open_cache(cfg) as cache:
+    with extractor.open_cache(cfg, readonly=True) as cache:
         register_run(cfg.features.cache_dir, cfg.run_dir)
         keys = (r.sha256 for r in usable)
         missing = cache.missing(keys, grid_array(spatial)) if spatial else cache.missing(keys)
@@ -418,9 +420,9 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
     trainer = SweepTrainer(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, device, precision)
-    log.info(f"train: {len(train_recs)} train / {len(val_recs)} val samples, {mapping.num_active} active classes of "
-             f"{len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
-    log.info(f"train: {len(trainer.grid)} {cfg.train.head} heads (lr x weight_decay) in one pass, {device} {precision}"
+    log.info(f"train: {len(train_recs)} train / {len(val_recs)} val samples, {count_of(mapping.num_active, 'active class')} "
+             f"of {len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
+    log.info(f"train: {count_of(len(trainer.grid), f'{cfg.train.head} head')} (lr x weight_decay) in one pass, {device} {precision}"
              + (f", on the {spatial}x{spatial} token grid" if spatial else ""))
     margin = trainer.prune_margin
     if margin is not None and len(trainer.grid) > 1:
@@ -470,7 +472,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         if row["epoch"] % 10 == 0 or row["epoch"] == 1:
             vb = row.get("val_balanced_accuracy")
             log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else "")
-                     + f"  ({row['heads_training']} heads training)")
+                     + f"  ({count_of(row['heads_training'], 'head')} training)")
 
     def state_payload(tr: SweepTrainer) -> dict[str, Any]:
         return {**payload, "head": {"spec": tr.model.spec(), "state_dict": tr.model.head_state(tr.best_index)},

@@ -19,6 +19,7 @@ from samprobe.config import BackboneConfig, Config
 from samprobe.data.images import decode_rgb, to_rgb
 from samprobe.data.metadata import IMAGE_SUFFIXES, Record
 from samprobe.errors import CheckpointError, DataError
+from samprobe.features.cache import ensure_writable_file
 from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
 from samprobe.io import atomic_open, sha256_file, weights_sha256
 from samprobe.pipeline import check_fingerprint, head_spatial, predict_features, stored_precision
@@ -177,6 +178,7 @@ def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: i
     are under ``image_root`` (default: the training config's). Features go to ``cache_dir`` when
     given (e.g. the training cache, to reuse them), else to a temporary cache removed after:
     predict never writes into the training cache unless asked. DataError when nothing was classified."""
+    ensure_writable_file(out_csv, "--out", "predictions.csv")  # before any image is read or encoded
     clf = Classifier.load(checkpoint, device=device, weights=weights)
     data = clf.ckpt.get("config", {}).get("data", {})
     root = image_root if image_root is not None else training_image_root(clf.ckpt)

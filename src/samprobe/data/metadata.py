@@ -6,10 +6,12 @@ counted in ``data_report.json``.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
+import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ from samprobe.config import DataConfig
 from samprobe.data.images import open_image
 from samprobe.errors import ConfigError, DataError
 from samprobe.io import atomic_open, atomic_write_text, sha256_bytes
+from samprobe.logs import count_of
 
 PROBLEM_KINDS = (
     "bad_path",        # empty / NaN path
@@ -81,20 +84,127 @@ def detect_format(cfg: DataConfig) -> str:
     if cfg.metadata is None:
         return "folder"
     suffix = Path(cfg.metadata).suffix.lower()
-    return {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(suffix, "csv")
+    # .json: a JSON array of rows or JSON lines, both read by the jsonl reader
+    return {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+            ".parquet": "parquet"}.get(suffix, "csv")
 
 
-def _decode_text(raw: bytes) -> tuple[str, str]:
-    for enc in ("utf-8-sig", "cp1252"):
+def check_data_source(cfg: DataConfig) -> None:
+    """ConfigError unless the config says where the data is: a metadata table, or an image folder."""
+    fmt = detect_format(cfg)
+    if cfg.metadata is None and cfg.image_root is None:
+        raise ConfigError("neither data.metadata nor data.image_root is set: samprobe does not know where the images are",
+                          fix="set data.metadata (a csv/jsonl/parquet table) and data.image_root (the folder its paths are "
+                              "relative to), or data.image_root alone for image_root/<class>/<image> folders")
+    if fmt != "folder" and cfg.metadata is None:
+        raise ConfigError(f"data.format is {fmt} but data.metadata is not set",
+                          fix=f"set data.metadata to the {fmt} file, or data.format: folder (or auto) to read "
+                              "data.image_root/<class>/<image>")
+
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """'utf-16-le'/'-be' when ``raw`` looks like mostly-ASCII UTF-16 (every other byte NUL), else None."""
+    if len(raw) < 4 or len(raw) % 2:
+        return None
+    odd, even = raw[1::2].count(0), raw[0::2].count(0)
+    half = len(raw) // 2
+    if odd >= 0.9 * half and even < 0.1 * half:
+        return "utf-16-le"
+    if even >= 0.9 * half and odd < 0.1 * half:
+        return "utf-16-be"
+    return None
+
+
+def decode_text(raw: bytes, what: str) -> tuple[str, str]:
+    """(text, encoding) of a metadata or classes file: UTF-8 (BOM or not), UTF-16 (Excel's "Unicode
+    text" export), else cp1252 / latin-1. DataError naming ``what`` for binary data."""
+    encodings: list[str] = []
+    if raw.startswith(_UTF16_BOMS):
+        encodings.append("utf-16")  # reads the BOM, drops it
+    elif b"\x00" in raw:
+        guess = _utf16_without_bom(raw)
+        if guess is None:
+            raise DataError(f"{what} holds binary data (NUL bytes), not a text table",
+                            fix="point it at the csv / jsonl text file (or set data.format: parquet for a parquet file); "
+                                "re-export the table as CSV (UTF-8) if it came from a spreadsheet")
+        encodings.append(guess)
+    encodings += ["utf-8-sig", "cp1252"]
+    for enc in encodings:
         try:
-            return raw.decode(enc), "utf-8" if enc == "utf-8-sig" else enc
+            text = raw.decode(enc)
         except UnicodeDecodeError:
             continue
+        return text, {"utf-8-sig": "utf-8"}.get(enc, enc)
     return raw.decode("latin-1"), "latin-1"  # never fails: every byte is a character
+
+
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def sniff_delimiter(header: str, wanted: list[str], preferred: str = ",") -> str:
+    """The delimiter that splits the header line into the wanted column names (European Excel writes
+    ';', spreadsheets export tabs), else the one giving most columns, else ``preferred``."""
+    splits = {d: [f.strip() for f in next(csv.reader([header], delimiter=d), [])] for d in (preferred, *DELIMITERS)}
+    for d, fields in splits.items():
+        if all(w in fields for w in wanted):
+            return d
+    best = max(splits, key=lambda d: len(splits[d]))
+    return best if len(splits[best]) > 1 else preferred
+
+
+def _csv_rows(text: str, path: Path, cfg: DataConfig) -> list[dict[str, Any] | None]:
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    wanted = [c for c in (cfg.path_column, cfg.label_column) if c]
+    delimiter = sniff_delimiter(header, wanted, "\t" if path.suffix.lower() == ".tsv" else ",")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        rows: list[dict[str, Any] | None] = []
+        for row in reader:
+            # a row with more cells than the header puts the rest under the key None: malformed
+            rows.append(None if any(str(v).strip() for v in row.get(None) or ()) else row)
+        return rows
+    except csv.Error as exc:
+        raise DataError(f"data.metadata {path} is not a readable CSV table (line {reader.line_num}: {exc})",
+                        fix="re-export it as CSV, or set data.format to its real format (jsonl, parquet)") from None
+
+
+def _json_row(obj: Any) -> dict[str, Any] | None:
+    """A parsed JSON value as a row: an object whose text can be written back as UTF-8 (JSON's
+    ``\\ud800`` escapes give lone surrogates, which no report file could hold), else None."""
+    if not isinstance(obj, dict):
+        return None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        return None
+    return obj
+
+
+def _jsonl_rows(text: str) -> list[dict[str, Any] | None]:
+    """JSON lines, or one JSON array of row objects (a .json file)."""
+    try:
+        whole = json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError, and ints over Python's 4300-digit limit
+        whole = None
+    if isinstance(whole, list):
+        return [_json_row(obj) for obj in whole]
+    rows: list[dict[str, Any] | None] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(_json_row(json.loads(line)))
+        except (ValueError, RecursionError):
+            rows.append(None)
+    return rows
 
 
 def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any] | None], str]:
     """Rows as dicts (``None`` for a row that could not be parsed) and the text encoding used."""
+    check_data_source(cfg)
     fmt = detect_format(cfg)
     if fmt == "folder":
         return _folder_rows(cfg), "n/a"
@@ -115,20 +225,19 @@ def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any] | None], str]:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"data.metadata {path} cannot be read ({exc.strerror or exc})", fix="fix the file's permissions") from None
-    text, encoding = _decode_text(raw)
-    if fmt == "jsonl":
-        rows: list[dict[str, Any] | None] = []
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append(obj if isinstance(obj, dict) else None)
-            except json.JSONDecodeError:
-                rows.append(None)
-        return rows, encoding
-    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-    return list(csv.DictReader(io.StringIO(text), dialect=dialect)), encoding
+    text, encoding = decode_text(raw, f"data.metadata {path}")
+    return (_jsonl_rows(text) if fmt == "jsonl" else _csv_rows(text, path, cfg)), encoding
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """A dot-name anywhere below ``root`` (.git, .ipynb_checkpoints, macOS ._x.png resource forks)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def folder_classes(root: Path) -> list[Path]:
+    """The class folders of an image_root/<class>/<image> layout: every folder that is not hidden,
+    empty ones included (an empty class is still a class of the taxonomy)."""
+    return sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _folder_rows(cfg: DataConfig) -> list[dict[str, Any] | None]:
@@ -136,20 +245,30 @@ def _folder_rows(cfg: DataConfig) -> list[dict[str, Any] | None]:
     if root is None or not Path(root).is_dir():
         raise DataError(f"data.image_root {root} is not a folder", fix="set data.image_root to a folder of <class>/<image> files, or set data.metadata")
     rows: list[dict[str, Any] | None] = []
-    for class_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+    for class_dir in folder_classes(Path(root)):
         for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, Path(root)):
                 rows.append({cfg.path_column: str(f.relative_to(root)), cfg.label_column: class_dir.name})
     return rows
 
 
-def folder_ignored_files(root: Path) -> list[str]:
-    """Files of a folder layout that are not read as images (other suffixes, files directly in
-    the root): listed in the report so that nothing is left out silently."""
-    out = [str(p.relative_to(root)) for p in sorted(root.iterdir()) if p.is_file()]
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        out += [str(f.relative_to(root)) for f in sorted(class_dir.rglob("*"))
-                if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES]
+def folder_ignored_files(root: Path) -> dict[str, list[str]]:
+    """Files of a folder layout that are not read as images, by reason, so that nothing is left
+    out silently: images directly in the root (no class folder), other suffixes, hidden entries."""
+    out: dict[str, list[str]] = {"top_level_images": [], "not_images": [], "hidden": []}
+    for p in sorted(root.iterdir()):
+        rel = str(p.relative_to(root))
+        if p.name.startswith("."):
+            out["hidden"].append(rel + ("/" if p.is_dir() else ""))
+        elif p.is_file():
+            out["top_level_images" if p.suffix.lower() in IMAGE_SUFFIXES else "not_images"].append(rel)
+    for class_dir in folder_classes(root):
+        for f in sorted(class_dir.rglob("*")):
+            if f.is_file():
+                if _hidden(f, root):
+                    out["hidden"].append(str(f.relative_to(root)))
+                elif f.suffix.lower() not in IMAGE_SUFFIXES:
+                    out["not_images"].append(str(f.relative_to(root)))
     return out
 
 
@@ -158,9 +277,15 @@ def folder_ignored_files(root: Path) -> list[str]:
 
 
 def read_classes_file(path: Path) -> list[str]:
+    """One class name per line; blank lines and lines starting with '#' (comments) are skipped."""
     if not path.is_file():
         raise DataError(f"data.classes_file {path} does not exist", fix="fix data.classes_file, or set it to null to use the labels seen")
-    names = [line.strip() for line in _decode_text(path.read_bytes())[0].splitlines() if line.strip()]
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"data.classes_file {path} cannot be read ({exc.strerror or exc})", fix="fix the file's permissions") from None
+    text = decode_text(raw, f"data.classes_file {path}")[0]
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     dupes = [n for n, c in Counter(names).items() if c > 1]
     if dupes:
         raise DataError(f"data.classes_file {path} lists {dupes[0]!r} twice", fix="keep each class name once")
@@ -177,16 +302,24 @@ def _label_text(value: Any) -> str:
     return str(value).strip()
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+
+
+def _as_int(text: str) -> int | None:
+    return int(text) if _INTEGER.fullmatch(text) else None
+
+
 def build_taxonomy(labels: Iterable[str]) -> list[str]:
     """Labels seen, sorted numerically when all are integers, else alphabetically."""
     uniq = set(labels)
-    if uniq and all(s.lstrip("-").isdigit() for s in uniq):
+    if uniq and all(_as_int(s) is not None for s in uniq):
         return sorted(uniq, key=int)
     return sorted(uniq)
 
 
 def _as_index(text: str, taxonomy: list[str]) -> str | None:
-    return taxonomy[int(text)] if text.isdigit() and int(text) < len(taxonomy) else None
+    number = _as_int(text)
+    return taxonomy[number] if number is not None and 0 <= number < len(taxonomy) else None
 
 
 def decide_label_type(labels: list[str], taxonomy: list[str], requested: str = "auto") -> str:
@@ -224,6 +357,29 @@ def resolve_label(text: str, taxonomy: list[str], index: dict[str, int], label_t
 
 # ---------------------------------------------------------------------------------------
 # validation
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def image_path(root: Path, path_text: str) -> Path:
+    """The file a metadata path names: absolute, or relative to ``root``. Windows separators
+    (``zero\\d0000.png``, a table written on Windows) are read as folders when no file has the
+    literal name (on Linux and macOS a backslash is an ordinary file-name character)."""
+    candidate = Path(path_text) if Path(path_text).is_absolute() else root / path_text
+    if "\\" in path_text and not candidate.exists() and not _WINDOWS_DRIVE.match(path_text):
+        posix = path_text.replace("\\", "/")
+        alternative = Path(posix) if Path(posix).is_absolute() else root / posix
+        if alternative.exists():
+            return alternative
+    return candidate
+
+
+def _windows_path_hint(path_text: str) -> str:
+    if _WINDOWS_DRIVE.match(path_text):
+        return (" (a Windows absolute path: write paths relative to data.image_root, e.g. "
+                f"{path_text[3:].replace(chr(92), '/')!r})")
+    return ""
 
 
 def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
@@ -266,7 +422,12 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         if first is not None and column is not None and column not in first:
             raise DataError(f"data.{key} {column!r} is not a column of {cfg.metadata}",
                             fix=f"set data.{key} to one of: {', '.join(map(str, first))}")
-    taxonomy = read_classes_file(Path(cfg.classes_file)) if cfg.classes_file else build_taxonomy(labels_text)
+    if cfg.classes_file:
+        taxonomy = read_classes_file(Path(cfg.classes_file))
+    elif detect_format(cfg) == "folder":  # every class folder, the empty ones too
+        taxonomy = build_taxonomy(d.name for d in folder_classes(root))
+    else:
+        taxonomy = build_taxonomy(labels_text)
     index = {name: i for i, name in enumerate(taxonomy)}
     if cfg.label_type == "index" and not cfg.classes_file:
         raise ConfigError("data.label_type is index but data.classes_file is not set: indices need the class list",
@@ -291,17 +452,19 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         if not path_s:
             bad("bad_path", "empty path")
             continue
-        candidate = Path(path_s) if Path(path_s).is_absolute() else root / path_s
         try:
+            candidate = image_path(root, path_s)
             resolved = candidate.resolve()
-        except (OSError, RuntimeError) as exc:  # symlink loop, path too long
+            outside = not resolved.is_relative_to(real_root)
+            is_file = not outside and resolved.is_file()
+        except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, name too long, a NUL character
             bad("bad_path", f"{type(exc).__name__}: {exc}")
             continue
-        if not resolved.is_relative_to(real_root):
+        if outside:
             bad("outside_root", f"resolves to {resolved}, outside {real_root}")
             continue
-        if not resolved.is_file():
-            bad("missing", f"no file at {candidate}")
+        if not is_file:
+            bad("missing", f"no file at {candidate}" + _windows_path_hint(path_s))
             continue
         label = resolve_label(label_s, taxonomy, index, label_type) if label_s else None
         if label is None:
@@ -309,9 +472,9 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
                 f"{label_s!r} is not in the taxonomy" if label_type == "name" else
                 f"{label_s!r} is not an index 0..{len(taxonomy) - 1} of data.classes_file (data.label_type index)")
             continue
-        split = None
-        if cfg.split_column:
-            split = "" if _is_blank(row.get(cfg.split_column)) else str(row.get(cfg.split_column)).strip().lower()
+        split = None  # an empty split cell too: assign_splits gives the row a split
+        if cfg.split_column and not _is_blank(row.get(cfg.split_column)):
+            split = str(row.get(cfg.split_column)).strip().lower()
             split = {"validation": "val", "valid": "val", "dev": "val"}.get(split, split)
             if split not in SPLITS:
                 bad("bad_split", f"split {split!r} is not one of {', '.join(SPLITS)}")
@@ -324,8 +487,9 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     n_workers = workers if workers is not None else check_workers()
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
         checks = pool.map(lambda p: _check_image(p[3], cfg.max_pixels), pending)
-        for (i, path_s, label_s, resolved, label, split), (sha, reason) in zip(
-                pending, tqdm(checks, total=len(pending), desc="validate", unit="img", disable=not progress)):
+        # the bar's iterator first, so zip takes its last item (and the bar ends at N/N) before pending runs out
+        for (sha, reason), (i, path_s, label_s, resolved, label, split) in zip(
+                tqdm(checks, total=len(pending), desc="validate", unit="img", disable=not progress), pending):
             if sha is None:
                 problems.append(Problem(i, path_s, label_s, "unreadable", reason or "unreadable"))
             else:
@@ -337,7 +501,9 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     extra: dict[str, Any] = {"label_type": label_type}
     if detect_format(cfg) == "folder":
         ignored = folder_ignored_files(Path(cfg.image_root))  # type: ignore[arg-type]
-        extra.update(ignored_files=len(ignored), ignored_files_examples=ignored[:20])
+        every = [f for files in ignored.values() for f in files]
+        extra.update(ignored_files=len(every), ignored_files_examples=every[:20],
+                     ignored_by_reason={k: {"count": len(v), "examples": v[:5]} for k, v in ignored.items() if v})
     return Dataset(records, problems, taxonomy, total=len(rows), encoding=encoding,
                    source=str(cfg.metadata or cfg.image_root), extra=extra)
 
@@ -413,7 +579,7 @@ def read_splits(path: Path) -> list[Record]:
 
 def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> list[str]:
     """One line for the totals, then one line per problem kind with its first example."""
-    lines = [f"{report['total']} rows: {report['ok']} ok"]
+    lines = [f"{count_of(report['total'], 'row')}: {report['ok']} ok"]
     first: dict[str, Problem] = {}
     for p in problems:
         first.setdefault(p.kind, p)
@@ -422,9 +588,13 @@ def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> l
             ex = first.get(kind)
             example = f" (first: row {ex.row} {ex.path!r}: {ex.detail})" if ex else ""
             lines.append(f"  {report[kind]} {kind}{example}")
-    if report.get("ignored_files"):
-        lines.append(f"  {report['ignored_files']} files in the image folder are not images by suffix and were not read "
-                     f"(e.g. {report['ignored_files_examples'][0]}); see data_report.json")
+    reasons = report.get("ignored_by_reason") or {}
+    for kind, text in (("top_level_images", "images directly in the image folder have no class folder and were not read; "
+                                            "move them into image_root/<class>/"),
+                       ("not_images", "files in the image folder are not images by suffix and were not read"),
+                       ("hidden", "hidden files or folders (names starting with '.') were skipped")):
+        if kind in reasons:
+            lines.append(f"  {reasons[kind]['count']} {text} (e.g. {reasons[kind]['examples'][0]}); see data_report.json")
     if report.get("label_type"):
         lines.append("  labels read as " + ("class names" if report["label_type"] == "name" else
                                            "0-based indices into data.classes_file") + " (data.label_type)")

@@ -90,6 +90,17 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
     return path
 
 
+def ensure_writable_file(path: Path, what: str, example: str) -> Path:
+    """Check, before any work, that an output file can be written: ``path`` is not a folder and its
+    folder can be created and written (the file itself is written atomically when the work is done).
+    ``what`` names the setting (``--out``), ``example`` a file name for the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"{what} {path} is a folder, not a file", fix=f"name the file to write, e.g. {what} {path / example}")
+    ensure_writable_dir(path.parent, f"the folder of {what}")
+    return path
+
+
 def estimate_bytes(n: int, dim: int, dtype: str | np.dtype) -> int:
     """Disk bytes for ``n`` entries of ``dim`` values: raw array plus ~90 B of index per entry."""
     return int(n * (dim * np.dtype(dtype).itemsize + 90))
@@ -142,40 +153,70 @@ CACHE_LAYOUT = "shards-v1"  # bump when the index schema or shard format changes
 
 
 class FeatureCache:
-    def __init__(self, cache_dir: Path, fingerprint: str, dim: int, dtype: str, meta: dict[str, Any] | None = None) -> None:
-        self.root = ensure_writable_dir(Path(cache_dir) / fingerprint, "features.cache_dir")
+    def __init__(self, cache_dir: Path, fingerprint: str, dim: int, dtype: str, meta: dict[str, Any] | None = None,
+                 readonly: bool = False) -> None:
+        """``readonly``: for readers (train, evaluate, export, cache info / verify): needs read access
+        only, creates and changes nothing (a cache on a read-only share, or another user's); a
+        fingerprint that was never extracted reads as empty."""
+        self.readonly = readonly
+        self.root = Path(cache_dir) / fingerprint if readonly else ensure_writable_dir(Path(cache_dir) / fingerprint,
+                                                                                        "features.cache_dir")
         self.shard_dir = self.root / "shards"
-        self.shard_dir.mkdir(exist_ok=True)
+        if not readonly:
+            self.shard_dir.mkdir(exist_ok=True)
         self.fingerprint = fingerprint
         self.dim = dim
         self.dtype = np.dtype(dtype)
         meta_file = self.root / "meta.json"
-        if not meta_file.exists():
+        if readonly:
+            self.db = self._connect_readonly()
+        elif not meta_file.exists():
             atomic_write_text(meta_file, json.dumps({"fingerprint": fingerprint, "dim": dim, "dtype": str(self.dtype),
                                                      "layout": CACHE_LAYOUT, **(meta or {})}, indent=2))
-        else:
+        if meta_file.exists():
             layout = json.loads(meta_file.read_text(encoding="utf-8")).get("layout")
             if layout != CACHE_LAYOUT:
                 raise CacheError(f"{self.root} was written in cache layout {layout!r}, this samprobe reads {CACHE_LAYOUT!r}",
                                  fix=f"delete {self.root} (features are re-extracted) or use the samprobe version that wrote it")
-        # check_same_thread=False: the extractor hands put() to one writer thread; one thread at a time uses it.
-        self.db = sqlite3.connect(self.root / "index.sqlite", timeout=120, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
-        self.db.execute("PRAGMA recursive_triggers=ON")  # INSERT OR REPLACE must fire the delete trigger
-        with self.db:
-            self.db.executescript(_SCHEMA)
+        if not readonly:
+            # check_same_thread=False: the extractor hands put() to one writer thread; one thread at a time uses it.
+            self.db = sqlite3.connect(self.root / "index.sqlite", timeout=120, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
+            self.db.execute("PRAGMA recursive_triggers=ON")  # INSERT OR REPLACE must fire the delete trigger
+            with self.db:
+                self.db.executescript(_SCHEMA)
         self._opened: dict[int, np.ndarray] = {}  # shard id -> verified memory map (per process)
         self._bad: dict[int, str] = {}
 
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """The index opened read-only. A WAL index whose -wal/-shm files are gone (the last writer
+        closed) cannot be opened read-only in a folder nobody may write: then it is opened as
+        immutable, which is what it is to a reader without write access."""
+        index = self.root / "index.sqlite"
+        if not index.is_file():  # never extracted: an empty index in memory
+            db = sqlite3.connect(":memory:", check_same_thread=False)
+            db.executescript(_SCHEMA)
+            return db
+        errors = []
+        for flags in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                db = sqlite3.connect(f"{index.absolute().as_uri()}?{flags}", uri=True, timeout=120, check_same_thread=False)
+                db.execute("SELECT COUNT(*) FROM shards").fetchone()
+                return db
+            except sqlite3.Error as exc:
+                errors.append(str(exc))
+        raise CacheError(f"feature cache index {index} cannot be read ({'; '.join(errors)})",
+                         fix=f"give this user read access to {self.root}, or run `samprobe extract -c CONFIG` to rebuild it")
+
     @classmethod
-    def open_existing(cls, root: Path) -> "FeatureCache":
+    def open_existing(cls, root: Path, readonly: bool = False) -> "FeatureCache":
         """Open ``<cache_dir>/<fingerprint>`` from its meta.json (for info/verify/prune of any fingerprint)."""
         try:
             meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CacheError(f"{root} is not a samprobe feature cache ({exc})", fix="remove the folder or point features.cache_dir elsewhere") from None
-        return cls(root.parent, root.name, int(meta["dim"]), meta["dtype"])
+        return cls(root.parent, root.name, int(meta["dim"]), meta["dtype"], readonly=readonly)
 
     def meta(self) -> dict[str, Any]:
         return json.loads((self.root / "meta.json").read_text(encoding="utf-8"))
@@ -280,7 +321,7 @@ class FeatureCache:
             return None  # untouched since it was written and checksummed
         if file_crc32(path) != shard.crc32:
             return "crc32 mismatch (bytes changed on disk)"
-        if not full:  # content intact, only the stamp moved (copied/touched): remember the new one
+        if not full and not self.readonly:  # content intact, only the stamp moved (copied/touched): remember the new one
             with self.db:
                 self.db.execute("UPDATE shards SET stamp=? WHERE id=?", (_stamp(path), shard.id))
         return None
@@ -321,6 +362,7 @@ class FeatureCache:
         return [k for k in keys if k not in have or have[k][0] in bad]
 
     def _drop_corrupt(self, shard_ids: set[int]) -> set[int]:
+        """Corrupt shards among ``shard_ids``, removed from the index (read-only: only reported)."""
         shards = self._shards(shard_ids)
         bad = set(shard_ids) - set(shards)  # entries pointing at an unregistered shard
         for sid, shard in shards.items():
@@ -329,7 +371,7 @@ class FeatureCache:
             except _Corrupt as exc:
                 log.warning(f"cache: shard {shard.file} is corrupt ({exc}); its {shard.rows} entries will be re-extracted")
                 bad.add(sid)
-        if bad:
+        if bad and not self.readonly:
             self._delete_shards(bad)
         return bad
 
@@ -536,8 +578,14 @@ def registered_runs(cache_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def register_run(cache_dir: Path, run_dir: Path) -> None:
-    """Record that ``run_dir`` uses the cache (idempotent)."""
+    """Record that ``run_dir`` uses the cache (idempotent). A cache this user cannot write is read
+    as it is: nobody who could prune it learns of this run, so say so instead of failing."""
     run = str(Path(run_dir).resolve())
+    if not os.access(cache_dir, os.W_OK):
+        if run not in registered_runs(cache_dir):
+            log.warning(f"cache {cache_dir} is read-only: run {run} is not registered in {RUNS_FILE}, "
+                        "so `samprobe cache prune` run by its owner does not know this run needs its entries")
+        return
     with _runs_lock(cache_dir):
         runs = registered_runs(cache_dir)
         if run in runs:

@@ -153,9 +153,10 @@ class Extractor:
         return cls(backbone, pooling, cfg.features.dtype, device, precision,
                    fingerprint(backbone, pooling, cfg.features.dtype, precision), spatial)
 
-    def open_cache(self, cfg: Config) -> FeatureCache:
+    def open_cache(self, cfg: Config, readonly: bool = False) -> FeatureCache:
+        """This extractor's cache; ``readonly`` for stages that only read it (needs read access only)."""
         meta = {"backbone": self.backbone.identity(), "pooling": self.pooling, "input_size": self.backbone.input_size}
-        return FeatureCache(cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta)
+        return FeatureCache(cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta, readonly=readonly)
 
     @torch.inference_mode()
     def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool) -> PendingFeatures:

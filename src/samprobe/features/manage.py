@@ -38,10 +38,12 @@ def cache_info(cfg: Config) -> list[dict[str, Any]]:
     current = _current_fingerprint(cfg)
     rows = []
     for d in dirs:
-        with FeatureCache.open_existing(d) as cache:
+        with FeatureCache.open_existing(d, readonly=True) as cache:
             meta, st = cache.meta(), cache.stats()
         backbone = meta.get("backbone", {})
-        st.update(backbone=backbone.get("model", "?"), pooling=meta.get("pooling"), input_size=meta.get("input_size"),
+        # timm backbones name a "model"; SAM's identity has "name" and "variant" (e.g. sam vit_b)
+        name = backbone.get("model") or " ".join(str(backbone[k]) for k in ("name", "variant") if backbone.get(k)) or "?"
+        st.update(backbone=name, pooling=meta.get("pooling"), input_size=meta.get("input_size"),
                   current=d.name == current)
         rows.append(st)
         # e.g. "9 entries (grid2 9, pooled 9)" once a second array (the spatial grid) is stored
@@ -61,7 +63,7 @@ def cache_verify(cfg: Config, repair: bool = False) -> dict[str, Any]:
         raise _no_cache(cfg)
     total = {"shards": 0, "entries": 0, "bad_shards": 0, "bad_entries": 0}
     for d in dirs:
-        with FeatureCache.open_existing(d) as cache:
+        with FeatureCache.open_existing(d, readonly=not repair) as cache:
             rep = cache.verify(drop=repair)
         total["shards"] += rep.shards
         total["entries"] += rep.entries
