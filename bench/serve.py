@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # sam_fa
 TARGETS = {"vs_baseline": 3.0}
 
 
-def baseline_server(checkpoint: str, port: int) -> None:
+def baseline_server(checkpoint: str, port: int, device: str) -> None:
     """The naive service: one request, one forward (prints serve's "listening" line for the harness)."""
     import uvicorn
     from fastapi import FastAPI
@@ -51,7 +51,7 @@ def baseline_server(checkpoint: str, port: int) -> None:
     from samprobe.predict import Classifier
     from samprobe.serve import _listen, prediction_json
 
-    clf = Classifier.load(checkpoint, device="cpu")
+    clf = Classifier.load(checkpoint, device=device)
     app = FastAPI()
 
     @app.post("/predict")
@@ -86,8 +86,8 @@ def train_heads(root: Path, quick: bool) -> dict[str, Path]:
             csv.writer(f).writerows(rows[:1] + rows[1:401])
     heads = {}
     sam_weights = write_official_checkpoint(root / "weights" / "sam_tiny.pth", "tiny", img_size=256)
-    sam_config = re.sub(r"backbone:\n(  .*\n)+", f"backbone:\n  name: sam\n  checkpoint: {sam_weights}\n  img_size: 256\n",
-                        DEMO_CONFIG).replace("run_dir: run", "run_dir: run_sam")
+    sam_backbone = f"backbone:\n  name: sam\n  checkpoint: {sam_weights}\n  img_size: 256\n"
+    sam_config = re.sub(r"backbone:\n(  .*\n)+", sam_backbone, DEMO_CONFIG).replace("run_dir: run", "run_dir: run_sam")
     for name, text in (("efficientnet", DEMO_CONFIG), ("sam_tiny", sam_config)):
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(text.format(cfg=cfg_path))
@@ -134,6 +134,13 @@ async def load_run(url: str, uploads: list[bytes], n: int, concurrency: int, off
     return {"latencies": latencies, "wall": wall, "answers": answers}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc): what a request costs
+    the server whatever else runs on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_stats(url: str) -> tuple[float, float]:
     import httpx
 
@@ -149,16 +156,17 @@ def summarize(latencies: list[float], wall: float) -> dict[str, float]:
             **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
 
 
-def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse.Namespace,
+               tmp: Path) -> dict[str, Any]:
     from serve_util import decoded, mismatch, serve_command, start_server
 
     from samprobe.predict import Classifier
 
     common = ["--max-wait-ms", str(args.max_wait_ms), "--workers", str(args.workers), "--max-queue", "256"]
     commands = {
-        "samprobe": serve_command(checkpoint, "--max-batch", str(args.max_batch), *common),
-        "baseline": [sys.executable, __file__, "--baseline-server", str(checkpoint)],
-        "unbatched": serve_command(checkpoint, "--max-batch", "1", *common),
+        "samprobe": serve_command(checkpoint, "--max-batch", str(args.max_batch), *common, device=args.device),
+        "baseline": [sys.executable, __file__, "--baseline-server", str(checkpoint), "--device", args.device],
+        "unbatched": serve_command(checkpoint, "--max-batch", "1", *common, device=args.device),
     }
     servers = {}
     try:
@@ -167,6 +175,7 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
         for side, server in servers.items():  # warm-up: every batch size the run will see, thread pools
             asyncio.run(load_run(server.url, uploads, 2 * args.concurrency, args.concurrency, 0))
         before = batch_stats(servers["samprobe"].url)
+        cpu_before = {side: cpu_seconds(s.proc.pid) for side, s in servers.items()}
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in servers}
         per_round = args.requests // args.rounds
         for r in range(args.rounds):
@@ -175,15 +184,18 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
                 runs[side].append(asyncio.run(load_run(servers[side].url, uploads, per_round, args.concurrency,
                                                        r * per_round)))
         after = batch_stats(servers["samprobe"].url)
+        cpu = {side: cpu_seconds(s.proc.pid) - cpu_before[side] for side, s in servers.items()}
     finally:
         exits = {side: s.stop() for side, s in servers.items()}
-    clf = Classifier.load(checkpoint, device="cpu")
+    del exits["baseline"]  # plain uvicorn: killed by the SIGTERM it re-raises
+    clf = Classifier.load(checkpoint, device=args.device)
     reference = [clf.predict([decoded(u)], top_k=3)[0] for u in uploads]
     out: dict[str, Any] = {}
     problems = []
     for side, side_runs in runs.items():
         latencies = [x for run in side_runs for x in run["latencies"]]
         out[side] = summarize(latencies, sum(run["wall"] for run in side_runs))
+        out[side]["server_cpu_ms_per_request"] = round(1000 * cpu[side] / len(latencies), 1)
         for k, status, body in (a for run in side_runs for a in run["answers"]):
             why = f"HTTP {status}: {body}" if status != 200 else mismatch(body["predictions"][0], reference[k])
             if why:
@@ -194,6 +206,11 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
         "vs_baseline": round(out["samprobe"]["throughput_rps"] / out["baseline"]["throughput_rps"], 2),
         "vs_unbatched": round(out["samprobe"]["throughput_rps"] / out["unbatched"]["throughput_rps"], 2),
         "p99_vs_baseline": round(out["samprobe"]["p99_ms"] / out["baseline"]["p99_ms"], 2),
+        # requests per server CPU-second, samprobe / baseline: the capacity ratio on a machine of its own
+        "cpu_vs_baseline": round(out["baseline"]["server_cpu_ms_per_request"]
+                                 / out["samprobe"]["server_cpu_ms_per_request"], 2),
+        "cpu_vs_unbatched": round(out["unbatched"]["server_cpu_ms_per_request"]
+                                  / out["samprobe"]["server_cpu_ms_per_request"], 2),
     }
     out["predictions_equal"] = not problems
     out["problems"] = problems[:5]
@@ -210,10 +227,11 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--baseline-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
-        baseline_server(args.baseline_server, 0)
+        baseline_server(args.baseline_server, 0, args.device)
         return
     args.requests = args.requests or (128 if args.quick else 400)
     load_before = os.getloadavg()

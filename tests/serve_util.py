@@ -27,6 +27,14 @@ LISTENING = re.compile(r"serve: http://[^\s:]+:(\d+) ")
 SCORE_TOL = 2 * float(np.finfo(np.float16).eps)
 
 
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (Linux /proc), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no VmRSS line")
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen
@@ -41,10 +49,7 @@ class Server:
         return self.log.read_text(errors="replace")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS line")
+        return rss_mb(self.proc.pid)
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, then the exit code (killed and an error if it does not exit in ``timeout`` s)."""
@@ -55,20 +60,22 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise RuntimeError(f"the server did not exit {timeout} s after SIGTERM; log:\n{self.log_text()[-3000:]}") from None
+            tail = self.log_text()[-3000:]
+            raise RuntimeError(f"the server did not exit {timeout} s after SIGTERM; log:\n{tail}") from None
 
 
-def start_server(command: Sequence[str], log: Path, timeout: float = 180) -> Server:
-    """Start ``command`` (which must print samprobe serve's "serve: http://HOST:PORT" line, with
-    --port 0) and wait until GET /ready answers 200."""
+def launch(command: Sequence[str], log: Path) -> subprocess.Popen:
+    """Start ``command`` with stdout and stderr to ``log`` (this checkout's src first on the path)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    src = str(REPO / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    out = open(log, "wb")
-    proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    out.close()
-    end = time.monotonic() + timeout
-    port = None
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    with open(log, "wb") as out:
+        return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180) -> Server:
+    """Wait for samprobe serve's "serve: http://HOST:PORT" line (it was started with --port 0), then
+    until GET /ready answers 200; kills the process if it does not."""
+    end, port = time.monotonic() + timeout, None
     while time.monotonic() < end and proc.poll() is None:
         if port is None:
             found = LISTENING.search(log.read_text(errors="replace"))
@@ -83,12 +90,17 @@ def start_server(command: Sequence[str], log: Path, timeout: float = 180) -> Ser
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-    raise RuntimeError(f"server did not become ready (exit {proc.returncode}); log:\n{log.read_text(errors='replace')[-3000:]}")
+    tail = log.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"server did not become ready (exit {proc.returncode}); log:\n{tail}")
 
 
-def serve_command(checkpoint: Path, *args: str) -> list[str]:
+def start_server(command: Sequence[str], log: Path, timeout: float = 180) -> Server:
+    return wait_ready(launch(command, log), log, timeout)
+
+
+def serve_command(checkpoint: Path, *args: str, device: str = "cpu") -> list[str]:
     return [sys.executable, "-m", "samprobe", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-            "--device", "cpu", *args]
+            "--device", device, *args]
 
 
 def encode(image: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
@@ -158,6 +170,14 @@ class InProcessServer:
                 pass
             time.sleep(0.05)
         raise RuntimeError("in-process server did not become ready")
+
+    def rss_mb(self) -> float:
+        """This process's: the server's and the test's together."""
+        return rss_mb()
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from digits_run import CLASSES, EMPTY_CLASS, write_digits_project
-from serve_util import (InProcessServer, Server, decoded, encode, mismatch, serve_command, small_photos,
-                        start_server)
+from serve_util import (InProcessServer, decoded, encode, launch, mismatch, serve_command, small_photos,
+                        wait_ready)
 from samprobe.cli import main
 from samprobe.io import sha256_file
 from samprobe.predict import Classifier
@@ -45,12 +45,24 @@ def classifier(checkpoint: Path) -> Classifier:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    srv = start_server(serve_command(checkpoint, "--max-batch", "4", "--max-wait-ms", "20", "--max-queue", str(MAX_QUEUE),
-                                     "--max-body-mb", "1", "--max-pixels", "1000000", "--workers", "2"),
-                       tmp_path_factory.mktemp("serve-log") / "server.log")
-    yield srv
-    assert srv.stop() == 0
+def draining(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A `samprobe serve` process whose long batching wait holds requests inside it (the SIGTERM
+    test), started early so it loads while the other tests run."""
+    log = tmp_path_factory.mktemp("serve-logs") / "draining.log"
+    proc = launch(serve_command(checkpoint, "--max-batch", "16", "--max-wait-ms", "1500"), log)
+    yield proc, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(classifier: Classifier, checkpoint: Path, draining: Any):
+    """The app most tests use (small limits), on uvicorn in this process: its memory is this process's."""
+    settings = ServeSettings(max_batch=4, max_wait_ms=20, max_queue=MAX_QUEUE, max_body_bytes=2**20,
+                             max_pixels=1_000_000, workers=2)
+    with InProcessServer(create_app(classifier, settings, checkpoint=checkpoint)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +90,7 @@ def metric(text: str, name: str) -> float:
 # answers
 
 
-def test_multipart_and_json_answers_equal_classifier_predict(server: Server, classifier: Classifier,
+def test_multipart_and_json_answers_equal_classifier_predict(server: InProcessServer, classifier: Classifier,
                                                              uploads: list[bytes]) -> None:
     r = httpx.post(f"{server.url}/predict", files=[("image", (f"p{i}", u)) for i, u in enumerate(uploads[:3])],
                    data={"top_k": "2"}, timeout=60)
@@ -94,7 +106,7 @@ def test_multipart_and_json_answers_equal_classifier_predict(server: Server, cla
     assert all(len(p["top_k"]) == len(CLASSES) for p in r.json()["predictions"])  # top_k past the classes: all of them
 
 
-def test_concurrent_requests_are_batched_and_answered_alike(server: Server, classifier: Classifier,
+def test_concurrent_requests_are_batched_and_answered_alike(server: InProcessServer, classifier: Classifier,
                                                             uploads: list[bytes]) -> None:
     before = httpx.get(f"{server.url}/metrics").text
 
@@ -113,11 +125,12 @@ def test_concurrent_requests_are_batched_and_answered_alike(server: Server, clas
     assert images == MAX_QUEUE and batches < MAX_QUEUE  # at least one forward pass took several requests
 
 
-def test_info_and_health_endpoints(server: Server, checkpoint: Path) -> None:
+def test_info_and_health_endpoints(server: InProcessServer, checkpoint: Path) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").json() == {"ready": True}
     info = httpx.get(f"{server.url}/info").json()
-    assert info["classes"] == {"taxonomy": [*CLASSES, EMPTY_CLASS], "active": list(CLASSES), "not_trained": [EMPTY_CLASS]}
+    assert info["classes"] == {"taxonomy": [*CLASSES, EMPTY_CLASS], "active": list(CLASSES),
+                               "not_trained": [EMPTY_CLASS]}
     assert info["backbone"]["name"] == "efficientnet_lite0" and info["precision"] == "fp32"
     assert info["checkpoint"]["sha256"] == sha256_file(checkpoint)
     assert info["features_fingerprint"] == Classifier.load(checkpoint, device="cpu").extractor.fingerprint
@@ -140,19 +153,23 @@ def bad_requests(uploads: list[bytes]) -> dict[str, tuple[dict[str, Any], int, s
     """kind -> (httpx request arguments, expected status, expected error code)."""
     png, jpeg = uploads[0], uploads[len(uploads) // 2]
     b64 = base64.b64encode(png).decode()
+    text_plain, json_type = {"content-type": "text/plain"}, {"content-type": "application/json"}
     return {
         "not an image": ({"files": {"image": ("notes.txt", b"just some text, not pixels " * 20)}}, 422, "not_an_image"),
         "truncated png": ({"files": {"image": ("cut.png", png[: len(png) // 2])}}, 422, "bad_image"),
         "truncated jpeg": ({"files": {"image": ("cut.jpg", jpeg[: len(jpeg) // 2])}}, 422, "bad_image"),
         "decompression bomb": ({"files": {"image": ("bomb.png", bomb_png())}}, 413, "pixel_limit"),
-        "empty body": ({"content": b"", "headers": {"content-type": "application/json"}}, 400, "empty_body"),
+        "empty body": ({"content": b"", "headers": json_type}, 400, "empty_body"),
         "empty file": ({"files": {"image": ("empty.png", b"")}}, 422, "empty_image"),
         "body too large": ({"files": {"image": ("big.png", png + b"\0" * (2 << 20))}}, 413, "body_too_large"),
-        "wrong content type": ({"content": png, "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+        "wrong content type": ({"content": png, "headers": text_plain}, 415, "unsupported_media_type"),
         "no content type": ({"content": png}, 415, "unsupported_media_type"),
         "unknown json field": ({"json": {"images": [b64], "colour": "red"}}, 422, "unknown_field"),
-        "unknown multipart field": ({"files": {"image": ("p.png", png)}, "data": {"colour": "red"}}, 422, "unknown_field"),
-        "invalid json": ({"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400, "invalid_json"),
+        "unknown multipart field": ({"files": {"image": ("p.png", png)}, "data": {"colour": "red"}}, 422,
+                                    "unknown_field"),
+        "multipart without boundary": ({"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+                                       400, "bad_multipart"),
+        "invalid json": ({"content": b'{"images": [', "headers": json_type}, 400, "invalid_json"),
         "bad base64": ({"json": {"images": ["not base64 at all!"]}}, 422, "bad_base64"),
         "json not an object": ({"json": [b64]}, 422, "bad_field"),
         "no image": ({"json": {"top_k": 3}}, 422, "missing_field"),
@@ -168,7 +185,7 @@ def check_bad(r: httpx.Response, kind: str, status: int, code: str) -> None:
     assert err["code"] == code and len(err["message"]) > 10, f"{kind}: {err}"
 
 
-def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(server: Server, classifier: Classifier,
+def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(server: InProcessServer, classifier: Classifier,
                                                                      uploads: list[bytes]) -> None:
     bad = bad_requests(uploads)
     with httpx.Client(timeout=60) as client:
@@ -198,9 +215,9 @@ def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(server: Ser
                                      *(good((3 * group + k) % len(uploads)) for k in range(3)))
 
     asyncio.run(interleaved())
-    assert server.rss_mb() - rss_before <= 100
+    assert server.rss_mb() - rss_before <= 100  # this process's memory: the server's and the client's
     assert httpx.get(f"{server.url}/ready").status_code == 200
-    assert server.proc.poll() is None
+    assert server.running
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +234,7 @@ def median_latency(url: str, upload: bytes, n: int = 5) -> float:
     return statistics.median(times)
 
 
-def test_a_burst_past_the_queue_gets_503s_then_latency_recovers(server: Server, uploads: list[bytes]) -> None:
+def test_a_burst_past_the_queue_gets_503s_then_latency_recovers(server: InProcessServer, uploads: list[bytes]) -> None:
     normal = median_latency(server.url, uploads[0])
 
     async def burst() -> list[httpx.Response]:
@@ -239,10 +256,9 @@ def test_a_burst_past_the_queue_gets_503s_then_latency_recovers(server: Server, 
     assert after <= 3 * normal + 0.1, (normal, after)  # nothing left queued: back to an unloaded request's time
 
 
-def test_sigterm_during_load_answers_the_requests_in_flight_and_exits_0(checkpoint: Path, classifier: Classifier,
-                                                                       uploads: list[bytes], tmp_path: Path) -> None:
-    # A long batching wait holds the requests inside the server when SIGTERM comes.
-    srv = start_server(serve_command(checkpoint, "--max-batch", "16", "--max-wait-ms", "1500"), tmp_path / "server.log")
+def test_sigterm_during_load_answers_the_requests_in_flight_and_exits_0(draining: Any, classifier: Classifier,
+                                                                       uploads: list[bytes]) -> None:
+    srv = wait_ready(*draining)  # its long batching wait holds the requests inside it when SIGTERM comes
     sent = uploads[:6]
 
     async def load() -> list[httpx.Response]:
@@ -327,7 +343,8 @@ def test_bearer_token_is_required_where_set(classifier: Classifier, uploads: lis
         r = httpx.post(f"{srv.url}/predict", files=files)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert r.json()["error"]["code"] == "unauthorized"
-        assert httpx.post(f"{srv.url}/predict", files=files, headers={"Authorization": "Bearer s3cret-tokeN"}).status_code == 401
+        wrong = httpx.post(f"{srv.url}/predict", files=files, headers={"Authorization": "Bearer s3cret-tokeN"})
+        assert wrong.status_code == 401
         assert httpx.get(f"{srv.url}/metrics").status_code == 401 and httpx.get(f"{srv.url}/info").status_code == 401
         ok = httpx.post(f"{srv.url}/predict", files=files, headers={"Authorization": "Bearer s3cret-token"}, timeout=60)
         assert ok.status_code == 200

