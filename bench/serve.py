@@ -121,8 +121,12 @@ async def load_run(url: str, uploads: list[bytes], n: int, concurrency: int, off
         for i in counter:
             k = (offset + i) % len(uploads)
             start = time.perf_counter()
-            r = await client.post(f"{url}/predict", files={"image": (f"photo{k}.jpg", uploads[k], "image/jpeg")},
-                                  data={"top_k": "3"})
+            try:
+                r = await client.post(f"{url}/predict", files={"image": (f"photo{k}.jpg", uploads[k], "image/jpeg")},
+                                      data={"top_k": "3"})
+            except httpx.TransportError as exc:  # counted as a failed request, not a crash of the bench
+                answers.append((k, f"{type(exc).__name__}: {exc}", None))
+                continue
             latencies.append(time.perf_counter() - start)
             answers.append((k, r.status_code, r.json()))
 
@@ -172,7 +176,7 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
     try:
         for side, cmd in commands.items():
             servers[side] = start_server(cmd, tmp / f"{name}-{side}.log")
-        for side, server in servers.items():  # warm-up: every batch size the run will see, thread pools
+        for server in servers.values():  # warm-up: the batch sizes the run will see, the thread pools
             asyncio.run(load_run(server.url, uploads, 2 * args.concurrency, args.concurrency, 0))
         before = batch_stats(servers["samprobe"].url)
         cpu_before = {side: cpu_seconds(s.proc.pid) for side, s in servers.items()}
@@ -196,7 +200,9 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
         latencies = [x for run in side_runs for x in run["latencies"]]
         out[side] = summarize(latencies, sum(run["wall"] for run in side_runs))
         out[side]["server_cpu_ms_per_request"] = round(1000 * cpu[side] / len(latencies), 1)
-        for k, status, body in (a for run in side_runs for a in run["answers"]):
+        answers = [a for run in side_runs for a in run["answers"]]
+        out[side]["failed"] = sum(status != 200 for _, status, _ in answers)
+        for k, status, body in answers:
             why = f"HTTP {status}: {body}" if status != 200 else mismatch(body["predictions"][0], reference[k])
             if why:
                 problems.append(f"{side} photo {k}: {why}")
@@ -215,6 +221,7 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
     out["predictions_equal"] = not problems
     out["problems"] = problems[:5]
     out["exit_codes"] = exits
+    print(json.dumps({"head": name, **out}), file=sys.stderr, flush=True)  # partial results, as each head ends
     return out
 
 
@@ -228,6 +235,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--keep", metavar="DIR", help="write the runs and the server logs here, and keep them")
     parser.add_argument("--baseline-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
@@ -236,7 +244,8 @@ def main() -> None:
     args.requests = args.requests or (128 if args.quick else 400)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="samprobe-bench-serve-") as tmp:
-        tmp_path = Path(tmp)
+        tmp_path = Path(args.keep) if args.keep else Path(tmp)
+        tmp_path.mkdir(parents=True, exist_ok=True)
         from samprobe.logs import setup_console
 
         setup_console()

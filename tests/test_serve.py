@@ -105,6 +105,10 @@ def test_multipart_and_json_answers_equal_classifier_predict(server: InProcessSe
     expect_answers(r.json(), uploads[3:6], classifier, top_k=10)
     assert all(len(p["top_k"]) == len(CLASSES) for p in r.json()["predictions"])  # top_k past the classes: all of them
 
+    r = httpx.post(f"{server.url}/predict", json={"image": base64.b64encode(uploads[6]).decode()}, timeout=60)
+    assert r.status_code == 200, r.text
+    expect_answers(r.json(), uploads[6:7], classifier, top_k=5)
+
 
 def test_concurrent_requests_are_batched_and_answered_alike(server: InProcessServer, classifier: Classifier,
                                                             uploads: list[bytes]) -> None:

@@ -84,8 +84,9 @@ class ServeSettings:
                                   fix=f"pass --{name.replace('_', '-').replace('-bytes', '-mb')} with a positive value")
         for name in ("max_wait_ms", "timeout_s"):
             value = getattr(self, name)
+            least = "above 0" if name == "timeout_s" else "of 0 or more"
             if not (math.isfinite(value) and value >= 0 and (name != "timeout_s" or value > 0)):
-                raise ConfigError(f"serve: {name} must be a finite number above 0, got {value}",
+                raise ConfigError(f"serve: {name} must be a finite number {least}, got {value}",
                                   fix=f"e.g. --{name.replace('_', '-')} {ServeSettings.__dict__[name]}")
         if self.max_queue < self.max_batch:
             raise ConfigError(f"serve: max_queue ({self.max_queue}) is smaller than max_batch ({self.max_batch}): "
@@ -438,7 +439,8 @@ def describe(classifier: Classifier, checkpoint: Path | None, settings: ServeSet
                        "sha256": sha256_file(checkpoint) if checkpoint else None},
         "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                    "max_queue": settings.max_queue, "max_body_bytes": settings.max_body_bytes,
-                   "max_pixels": settings.max_pixels, "timeout_s": settings.timeout_s, "default_top_k": settings.default_top_k},
+                   "max_pixels": settings.max_pixels, "timeout_s": settings.timeout_s,
+                   "default_top_k": settings.default_top_k},
         "auth": settings.api_key is not None,
     }
 
