@@ -269,8 +269,8 @@ class Batcher:
                     nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if nxt is self._STOP:
-                    carry = nxt
+                if nxt is self._STOP or n + len(nxt.images) > self.max_batch:
+                    carry = nxt  # the next batch's first: no forward pass is cut short to fit it
                     break
                 jobs.append(nxt)
                 n += len(nxt.images)
