@@ -5,7 +5,7 @@ import pytest
 
 from samprobe.cli import build_parser, main
 
-COMMANDS = [["demo"], ["init"], ["doctor"], ["validate"], ["extract"], ["train"], ["evaluate"], ["predict"],
+COMMANDS = [["demo"], ["init"], ["doctor"], ["validate"], ["extract"], ["train"], ["evaluate"], ["predict"], ["serve"],
             ["features"], ["features", "export"], ["weights"], ["weights", "download"],
             ["cache"], ["cache", "info"], ["cache", "verify"], ["cache", "prune"]]
 
@@ -20,7 +20,8 @@ def test_every_command_has_help(cmd: list[str], capsys: pytest.CaptureFixture[st
 
 def test_design_commands_exist() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert {"demo", "init", "doctor", "validate", "extract", "train", "evaluate", "predict", "features"} <= set(sub.choices)
+    assert {"demo", "init", "doctor", "validate", "extract", "train", "evaluate", "predict", "features",
+            "serve"} <= set(sub.choices)
 
 
 def test_console_script_entry_point_runs() -> None:

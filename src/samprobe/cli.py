@@ -104,6 +104,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from samprobe import serve
+    except ModuleNotFoundError as exc:  # fastapi / uvicorn / prometheus-client are the serve extra
+        raise SamprobeError(f"samprobe serve needs {exc.name}, which is not installed",
+                            fix="pip install 'samprobe[serve]'") from None
+
+    settings = serve.ServeSettings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, workers=args.workers, max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels, timeout_s=args.timeout_s,
+        default_top_k=args.top_k, api_key=serve.read_api_key(args.api_key_file) if args.api_key_file else None)
+    return serve.serve(Path(args.checkpoint), host=args.host, port=args.port, device=args.device, settings=settings,
+                       access_log=args.access_log)
+
+
 def cmd_features_export(args: argparse.Namespace) -> int:
     from samprobe.export import export_features
 
@@ -187,6 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the training path, else found by name or content next to the checkpoint or in weights/)")
     p.add_argument("--cache-dir", default=None, type=user_path, help="keep the features in this cache, e.g. the training features.cache_dir "
                    "(default: a temporary cache, removed after; the training cache is never written)")
+
+    p = add("serve", cmd_serve, "serve a trained head over HTTP with dynamic batching (/predict, /health, /ready, "
+            "/info, /metrics)", config=False)
+    p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=16, help="most images per forward pass (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long the first image of a batch waits for others (default 10)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="threads that parse and decode request images (default: CPU cores, at most 4)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most images admitted and not yet answered; past it 503 + Retry-After (default 64)")
+    p.add_argument("--max-body-mb", type=float, default=50.0, help="largest request body in MiB (default 50)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="largest image in pixels, checked before decoding (default 40000000)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="deadline of one /predict request (default 30)")
+    p.add_argument("--top-k", type=int, default=5, help="top_k when a request gives none (default 5)")
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding a token that requests must send as 'Authorization: Bearer <token>'")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--access-log", action="store_true", help="log one line per request")
 
     feats = sub.add_parser("features", help="cached features for use elsewhere", description="cached features for use elsewhere")
     feats_sub = feats.add_subparsers(dest="features_command", required=True, metavar="ACTION")
