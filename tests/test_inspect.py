@@ -44,6 +44,8 @@ def write_project(root: Path, rows: list[tuple[np.ndarray, str, str | None]], **
         _png(grey, images / f"im_{n:03d}.png", tag=str(n))
         lines.append(f"im_{n:03d}.png,{label}" + (f",{split}" if with_split else ""))
     (root / "data" / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if with_split:
+        config["data"] = {**config.get("data", {}), "split_column": "split"}
     return write_config(root / "samprobe.yaml", backbone={"name": "efficientnet_lite0", "img_size": 64},
                         train={"epochs": 60, "patience": 10}, **config)
 
@@ -122,7 +124,7 @@ def test_cross_fit_scores_flipped_labels_low_though_a_head_fits_them_in_sample(o
     x = image_features(ex, [np.repeat(g[:, :, None], 3, 2) for g, _ in scans], batch_size=50)
     y = np.array([c for _, c in scans])
     flipped = np.array([3, 30, 60])
-    y[flipped] = (y[flipped] + 1) % 4
+    y[flipped] = (y[flipped] + 2) % 4  # 0 -> 2, 1 -> 3, 2 -> 0
     cfg = TrainConfig(head="mlp", hidden=64, epochs=80, patience=80)
     fit = cross_fit(x, y, class_weights(np.bincount(y), "none"), cfg, folds=5, seed=0, settings=[(0.05, 0.0)])
     assert fit.probs.shape == (100, 4) and np.allclose(fit.probs.sum(1), 1, atol=1e-5)

@@ -183,7 +183,7 @@ def _num(v: Any) -> str:
         if v != v:
             return "–"
         if v == 0 or 1e-3 <= abs(v) < 1e4:
-            return f"{v:.3f}".rstrip("0").rstrip(".") if abs(v) >= 1 else f"{v:.3f}"
+            return f"{v:.3f}".rstrip("0").rstrip(".")  # 0.870 -> 0.87, 1.000 -> 1
         return f"{v:.2g}"
     return str(v)
 
