@@ -33,16 +33,14 @@ class Browser:
         self._resp_r, resp_w = os.pipe()
         self._profile = tempfile.mkdtemp(prefix="samprobe-chromium-")
 
-        def wire_fds() -> None:  # in the child: the protocol's fixed descriptors (kept open: pass_fds 3, 4)
-            r, w = os.dup(cmd_r), os.dup(resp_w)  # above 4, so the first dup2 cannot clobber the second's source
-            os.dup2(r, 3)
-            os.dup2(w, 4)
-
+        # The shell puts the two pipe ends on fds 3 and 4, then becomes chromium (exec). resp_w > cmd_r >= 3,
+        # so setting fd 3 first never overwrites the source of fd 4.
+        wire = f'exec "$@" 3<&{cmd_r} 4>&{resp_w}'
         self.proc = subprocess.Popen(
-            [executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-             "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={self._profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            preexec_fn=wire_fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["/bin/sh", "-c", wire, "sh", executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox",
+             "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={self._profile}", f"--window-size={width},{height}", "about:blank"],
+            pass_fds=(cmd_r, resp_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(cmd_r)
         os.close(resp_w)
         self._buf = b""

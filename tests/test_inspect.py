@@ -231,3 +231,13 @@ def test_no_issues_found_and_the_report_says_so(tmp_path) -> None:
     assert summary["label_issues"]["issues"] == 0, _csv(run_dir / "inspect" / "label_issues.csv")
     html = write_report(run_dir).html.read_text(encoding="utf-8")
     assert "No suspected label errors found among" in html
+
+
+def test_the_sweep_setting_for_probabilities_is_the_lowest_validation_log_loss() -> None:
+    from samprobe.inspection import setting_from_sweep
+
+    table = [{"lr": 0.5, "weight_decay": 1e-4, "val_loss": 0.41, "best_balanced_accuracy": 0.95, "selected": True},
+             {"lr": 0.05, "weight_decay": 0.1, "val_loss": 0.22, "best_balanced_accuracy": 0.93, "selected": False},
+             {"lr": 0.5, "weight_decay": 0.1, "val_loss": float("nan"), "selected": False}]
+    assert setting_from_sweep(table) == (0.05, 0.1)
+    assert setting_from_sweep([{"lr": 0.5, "weight_decay": 0.1, "val_loss": float("nan")}]) is None

@@ -15,6 +15,7 @@ from PIL import Image
 from browser import DOM_CHECKS, Browser, find_chromium
 from digits_run import write_digits_project
 from samprobe.config import load_config
+from samprobe.report import eval_dir
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: run `make browser` "
@@ -58,7 +59,7 @@ def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers
             "outliers", "bad-rows", "feature-map"} <= set(dom["sections"])
     assert dom["sections"][0] == "summary"
 
-    metrics = json.loads((full_run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((eval_dir(full_run) / "metrics.json").read_text())
     for key in ("balanced_accuracy", "accuracy", "macro_f1"):
         shown = dom["metrics"][key]
         assert float(shown["value"]) == metrics[key]  # the number behind the display is metrics.json's

@@ -34,6 +34,7 @@ from samprobe.config import Config, TrainConfig
 from samprobe.data.metadata import Record
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
+from samprobe.train.heads import rows_per_step
 
 log = logging.getLogger("samprobe")
 
@@ -94,13 +95,15 @@ def cross_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, cfg: TrainConfi
                            precision, grid=grid, independent=True)
     model = trainer.run().model.eval()
     per_setting = np.zeros((len(settings), len(y), len(weights)), dtype=np.float32)
+    step = rows_per_step(int(np.prod(x.shape[1:])), 4096)  # grids: bounded activations
     with torch.no_grad():
         for f in range(folds):
+            heads = torch.arange(f, len(grid), folds, device=trainer.device)  # fold f of every setting
             rows = np.flatnonzero(fold == f)
-            if len(rows):
-                heads = torch.arange(f, len(grid), folds, device=trainer.device)  # fold f of every setting
-                xb = torch.from_numpy(np.ascontiguousarray(x[rows], dtype=np.float32)).to(trainer.device)
-                per_setting[:, rows] = torch.softmax(model(xb, heads).float(), dim=2).cpu().numpy()
+            for i in range(0, len(rows), step):
+                part = rows[i:i + step]
+                xb = torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)).to(trainer.device)
+                per_setting[:, part] = torch.softmax(model(xb, heads).float(), dim=2).cpu().numpy()
     given = np.take_along_axis(per_setting, np.broadcast_to(y[None, :, None], (len(settings), len(y), 1)), 2)[..., 0]
     held_out_loss = -np.log(np.clip(given, 1e-12, None)).mean(1)  # [S]
     pick = int(np.argmin(held_out_loss))
@@ -122,8 +125,8 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 # neighbours
 
 
-def nearest_neighbours(x: np.ndarray, k: int, *, dtype: torch.dtype = torch.float32,
-                       block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(x: np.ndarray, k: int, *, dtype: torch.dtype = torch.float32, block: int = 1024,
+                       device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive cosine kNN of the rows of ``x`` [N, D] among each other (self excluded):
     (similarities [N, k] float32, descending; indices [N, k]); k is capped at N - 1.
 
@@ -136,7 +139,7 @@ def nearest_neighbours(x: np.ndarray, k: int, *, dtype: torch.dtype = torch.floa
     k = min(k, n - 1)
     if k <= 0:
         return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
     low = t.to(dtype)
     spare = min(k + 4, n - 1) + 1  # +1: the row itself
@@ -144,13 +147,14 @@ def nearest_neighbours(x: np.ndarray, k: int, *, dtype: torch.dtype = torch.floa
     for i in range(0, n, block):
         rows = slice(i, min(i + block, n))
         s = low[rows] @ low.T  # [B, N]
-        s[torch.arange(s.shape[0]), torch.arange(rows.start, rows.stop)] = -2.0  # never its own neighbour
+        own = torch.arange(rows.start, rows.stop, device=s.device)
+        s[torch.arange(s.shape[0], device=s.device), own] = -2.0  # never its own neighbour
         cand = s.topk(spare, dim=1).indices  # [B, spare]
         exact = torch.einsum("bd,bkd->bk", t[rows], t[cand])  # fp32 re-score
-        exact[cand == torch.arange(rows.start, rows.stop)[:, None]] = -2.0
+        exact[cand == own[:, None]] = -2.0
         order = exact.topk(k, dim=1)
-        sims[rows] = order.values.numpy()
-        idx[rows] = torch.gather(cand, 1, order.indices).numpy()
+        sims[rows] = order.values.cpu().numpy()
+        idx[rows] = torch.gather(cand, 1, order.indices).cpu().numpy()
     return sims, idx
 
 
@@ -316,8 +320,8 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
 
     # --- near-duplicates, leakage, outliers over every split ---
     t_nn = time.perf_counter()
-    matmul = {"bf16": torch.bfloat16, "fp16": torch.float32}.get(precision, torch.float32)  # fp16 GEMMs are slow on CPUs
-    sims, idx = nearest_neighbours(pooled, max(icfg.neighbours, 10), dtype=matmul if device.type == "cpu" else torch.float32)
+    matmul = torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32  # GPUs: fp32 is plenty fast
+    sims, idx = nearest_neighbours(pooled, max(icfg.neighbours, 10), dtype=matmul, device=device)
     pairs = duplicate_pairs(sims, idx, icfg.duplicate_cosine)
     groups = duplicate_groups(len(recs), pairs)
     dup_rows = [[recs[a].path, recs[a].split, recs[a].label, recs[b].path, recs[b].split, recs[b].label,

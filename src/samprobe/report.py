@@ -189,9 +189,9 @@ def _num(v: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, str):
+    if isinstance(v, str):  # a CSV cell: integers (row numbers, counts) as written, decimals rounded
         try:
-            return _num(int(v)) if v.lstrip("-").isdigit() else _num(float(v))
+            return v if v.lstrip("-").isdigit() else _num(float(v))
         except ValueError:
             return v
     if isinstance(v, list):
@@ -239,9 +239,9 @@ def class_rows(data_report: dict[str, Any], active: set[str] | None, eval_rows: 
 
 
 def eval_dir(run_dir: Path) -> Path:
-    """Where the test evaluation lies: eval/test/ (per split) when present, else eval/."""
-    per_split = run_dir / "eval" / "test"
-    return per_split if (per_split / "metrics.json").is_file() else run_dir / "eval"
+    """The run's own evaluation: eval/test/, else eval/val/ (per split), else eval/ (one evaluation)."""
+    return next((run_dir / "eval" / s for s in ("test", "val") if (run_dir / "eval" / s / "metrics.json").is_file()),
+                run_dir / "eval")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -275,6 +275,10 @@ def _card(file: str | None, caption: str, title: str = "") -> str:
     pic = (f'<img src="{uri}" alt="{html.escape(caption)}" loading="eager">' if uri
            else '<div class="noimg">no image</div>')
     return f'<figure title="{html.escape(title)}">{pic}<figcaption>{caption}</figcaption></figure>'
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _gallery(cards: list[str], total: int, empty: str) -> str:
@@ -342,7 +346,7 @@ def _heat(value: float, lo: float, hi: float) -> str:
 
 def _sweep(sweep: list[dict[str, str]]) -> str:
     """The sweep as an lr x weight-decay grid of the best validation score (selected head outlined)."""
-    score_key = next((k for k in sweep[0] if k.startswith("best_")), None)
+    score_key = next((k for k in sweep[0] if k.startswith("best_") and k != "best_epoch"), None)
     if not score_key or "lr" not in sweep[0] or "weight_decay" not in sweep[0]:
         return "<section id=\"sweep\"><h2>Sweep</h2>" + _table(sweep) + "</section>"
     lrs = sorted({float(r["lr"]) for r in sweep})
@@ -478,8 +482,8 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
                 + _card(files.get(d["path_b"]), f'{esc(d["split_b"])} · {esc(d["label_b"])}', d["path_b"]))
         cards.append(f'<div class="pair">{pair}<div class="pcap">{leak}cosine {float(d["cosine"]):.3f}</div></div>')
     empty = f"No near-duplicates (pooled-feature cosine ≥ {_num(nd['cosine_threshold'])})."
-    out.append(f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{nd["pairs"]:,} pairs in '
-               f'{nd["groups"]:,} groups at cosine ≥ {_num(nd["cosine_threshold"])}: {nd["within_split"]:,} within a split, '
+    out.append(f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{_count(nd["pairs"], "pair")} in '
+               f'{_count(nd["groups"], "group")} at cosine ≥ {_num(nd["cosine_threshold"])}: {nd["within_split"]:,} within a split, '
                f'{nd["across_splits"]:,} across splits, <b>{nd["leakage_pairs"]:,} train/val ↔ test</b> (leakage: the '
                f'test score counts images the head has seen), {nd["different_labels"]:,} with different labels.</p>'
                + _gallery(cards, len(dups), empty) + "</section>")
