@@ -362,6 +362,11 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 pair', '1,234 pairs'."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def summary_lines(summary: dict[str, Any], issues: list[list[Any]], dups: list[list[Any]],
                   outliers: list[Record]) -> list[str]:
     li, nd = summary["label_issues"], summary["near_duplicates"]
@@ -373,7 +378,8 @@ def summary_lines(summary: dict[str, Any], issues: list[list[Any]], dups: list[l
                      f"({li['folds']}-fold cross-fit, lr {li['setting']['lr']:g} weight_decay {li['setting']['weight_decay']:g}, "
                      f"out-of-sample accuracy {li['out_of_sample_accuracy']:.3f})")
         lines += [f"    {p} ({s}): given {g}, looks like {sg} (score {sc:.3f})" for p, s, g, sg, sc in issues[:SHOWN]]
-    lines.append(f"  near-duplicates: {nd['pairs']} pairs in {nd['groups']} groups (cosine >= {nd['cosine_threshold']:g}), "
+    lines.append(f"  near-duplicates: {counted(nd['pairs'], 'pair')} in {counted(nd['groups'], 'group')} "
+                 f"(cosine >= {nd['cosine_threshold']:g}), "
                  f"{nd['across_splits']} across splits, {nd['leakage_pairs']} train/val <-> test leakage")
     shown = [d for d in dups if d[-1]][:SHOWN] or dups[:SHOWN]
     lines += [f"    {'LEAK ' if d[-1] else ''}{d[0]} ({d[1]}) ~ {d[3]} ({d[4]}), cosine {d[6]:.4f}" for d in shown]

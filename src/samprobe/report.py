@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from samprobe.inspection import counted  # noqa: E402
 from samprobe.io import atomic_open, atomic_write_text  # noqa: E402
 from samprobe.tracking import read_csv_rows, read_jsonl  # noqa: E402
 
@@ -277,10 +278,6 @@ def _card(file: str | None, caption: str, title: str = "") -> str:
     return f'<figure title="{html.escape(title)}">{pic}<figcaption>{caption}</figcaption></figure>'
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
-
-
 def _gallery(cards: list[str], total: int, empty: str) -> str:
     if not cards:
         return f'<p class="empty">{html.escape(empty)}</p>'
@@ -482,8 +479,8 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
                 + _card(files.get(d["path_b"]), f'{esc(d["split_b"])} · {esc(d["label_b"])}', d["path_b"]))
         cards.append(f'<div class="pair">{pair}<div class="pcap">{leak}cosine {float(d["cosine"]):.3f}</div></div>')
     empty = f"No near-duplicates (pooled-feature cosine ≥ {_num(nd['cosine_threshold'])})."
-    out.append(f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{_count(nd["pairs"], "pair")} in '
-               f'{_count(nd["groups"], "group")} at cosine ≥ {_num(nd["cosine_threshold"])}: {nd["within_split"]:,} within a split, '
+    out.append(f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{counted(nd["pairs"], "pair")} in '
+               f'{counted(nd["groups"], "group")} at cosine ≥ {_num(nd["cosine_threshold"])}: {nd["within_split"]:,} within a split, '
                f'{nd["across_splits"]:,} across splits, <b>{nd["leakage_pairs"]:,} train/val ↔ test</b> (leakage: the '
                f'test score counts images the head has seen), {nd["different_labels"]:,} with different labels.</p>'
                + _gallery(cards, len(dups), empty) + "</section>")
