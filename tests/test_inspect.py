@@ -177,7 +177,7 @@ def test_inspect_never_changes_the_users_data(inspected) -> None:
 def test_the_report_shows_the_inspect_sections_with_images(inspected) -> None:
     from samprobe.report import write_report
 
-    run_dir, summary, _, _ = inspected
+    run_dir, _, _, _ = inspected
     html = write_report(run_dir).html.read_text(encoding="utf-8")
     for section in ('id="label-issues"', 'id="near-duplicates"', 'id="outliers"', 'id="feature-map"', 'id="summary"'):
         assert section in html
@@ -209,14 +209,14 @@ def test_one_class_skips_label_issues_and_says_why(tmp_path) -> None:
 def test_a_class_with_one_image_does_not_break_the_folds(tmp_path) -> None:
     rows = [(g, NAMES[c], "train" if n % 5 else "test") for n, (g, c) in enumerate(digit_scans(range(3), 10))]
     rows += [(g, "three", "train") for g, _ in digit_scans(range(3, 4), 1)]
-    run_dir, summary = run(write_project(tmp_path, rows))
+    _, summary = run(write_project(tmp_path, rows))
     assert summary["label_issues"]["scored"] == 25 and summary["label_issues"]["folds"] == 5
 
 
 def test_identical_images_are_all_near_duplicates_and_none_an_outlier(tmp_path) -> None:
     grey = digit_scans(range(1), 1)[0][0]
     rows = [(grey, NAMES[n % 2], None) for n in range(12)]  # one picture, two labels, distinct files
-    run_dir, summary = run(write_project(tmp_path, rows))
+    _, summary = run(write_project(tmp_path, rows))
     nd = summary["near_duplicates"]
     assert nd["groups"] == 1 and nd["pairs"] >= 11  # each image paired with its 10 nearest: one connected group
     assert nd["different_labels"] > 0 and summary["outliers"]["count"] == 0

@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,7 @@ def _num(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        if v != v:
+        if math.isnan(v):
             return "–"
         if v == 0 or 1e-3 <= abs(v) < 1e4:
             return f"{v:.3f}".rstrip("0").rstrip(".")  # 0.870 -> 0.87, 1.000 -> 1
