@@ -26,6 +26,7 @@ planted near-copies; --quick: 20,000 rows (the figure is then scaled by (100k/20
 Ends with one JSON line; "pass": samprobe's precision and recall >= sklearn's (and >= 0.7 /
 0.8), >= 5x faster, near-duplicate recall >= 0.95 with <= 5 false pairs, 100k search <= 30 s.
 """
+
 import os
 import sys
 
@@ -130,8 +131,9 @@ def near_copies(grey: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def duplicates_check(x: np.ndarray, grey: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
-                     workdir: Path) -> dict:
+def duplicates_check(
+    x: np.ndarray, grey: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray, workdir: Path
+) -> dict:
     from samprobe.config import BackboneConfig, Config, FeaturesConfig, InspectConfig
     from samprobe.features.extract import Extractor, image_features
     from samprobe.inspection import duplicate_pairs, is_leak, nearest_neighbours
@@ -142,8 +144,12 @@ def duplicates_check(x: np.ndarray, grey: np.ndarray, train_idx: np.ndarray, tes
     if cached.is_file() and np.array_equal(np.load(cached)["sources"], sources):
         xc = np.load(cached)["x"]
     else:
-        cfg = Config(device="cpu", precision="fp32", backbone=BackboneConfig(name="efficientnet_lite0", img_size=128),
-                     features=FeaturesConfig(dtype="float32"))
+        cfg = Config(
+            device="cpu",
+            precision="fp32",
+            backbone=BackboneConfig(name="efficientnet_lite0", img_size=128),
+            features=FeaturesConfig(dtype="float32"),
+        )
         xc = image_features(Extractor.from_config(cfg), near_copies(grey[sources]), batch_size=20)
         np.savez(cached, x=xc, sources=sources)
     split = np.array(["val"] * len(x), dtype=object)
@@ -158,11 +164,18 @@ def duplicates_check(x: np.ndarray, grey: np.ndarray, train_idx: np.ndarray, tes
     hits = planted & found
     leaks_expected = {p for p in planted if is_leak(split[p[0]], split[p[1]])}
     leaks_named = {(a, b) for a, b, _ in pairs if is_leak(split[a], split[b])}
-    copy_cos = [float(np.dot(feats[a], feats[b]) / np.linalg.norm(feats[a]) / np.linalg.norm(feats[b])) for a, b in planted]
-    return {"recall": len(hits) / len(planted), "false_pairs": len(found - planted), "threshold": threshold,
-            "leakage_pairs_expected": len(leaks_expected), "leakage_pairs_named": len(leaks_named & leaks_expected),
-            "min_copy_cosine": round(min(copy_cos), 4),
-            "false_pair_max_cosine": round(max([c for a, b, c in pairs if (a, b) not in planted], default=0.0), 4)}
+    copy_cos = [
+        float(np.dot(feats[a], feats[b]) / np.linalg.norm(feats[a]) / np.linalg.norm(feats[b])) for a, b in planted
+    ]
+    return {
+        "recall": len(hits) / len(planted),
+        "false_pairs": len(found - planted),
+        "threshold": threshold,
+        "leakage_pairs_expected": len(leaks_expected),
+        "leakage_pairs_named": len(leaks_named & leaks_expected),
+        "min_copy_cosine": round(min(copy_cos), 4),
+        "false_pair_max_cosine": round(max([c for a, b, c in pairs if (a, b) not in planted], default=0.0), 4),
+    }
 
 
 def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float]:
@@ -176,7 +189,7 @@ def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float]
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)
     copies = n // 50
-    x[n - copies:] = x[:copies] + 0.05 * rng.normal(size=(copies, dim)).astype(np.float32)  # cosine ~0.9988
+    x[n - copies :] = x[:copies] + 0.05 * rng.normal(size=(copies, dim)).astype(np.float32)  # cosine ~0.9988
     dtype = torch.bfloat16 if resolve_precision(torch.device("cpu"), "auto") == "bf16" else torch.float32
     t = time.perf_counter()
     sims, idx = nearest_neighbours(x, 10, dtype=dtype)
@@ -217,21 +230,47 @@ def main() -> None:
     near_dup_100k = sec_nn * (100_000 / n) ** 2
     ratio = sec_k / sec_s
     result = {
-        "bench": "inspect", "quick": args.quick, "threads": args.threads, "load": os.getloadavg()[0],
-        "label_issues": {"flipped": len(flipped), "train_images": len(train),
-                         "samprobe": {"precision": round(p_s, 4), "recall": round(r_s, 4), "found": len(found_s),
-                                      "setting": setting},
-                         "sklearn": {"precision": round(p_k, 4), "recall": round(r_k, 4), "found": len(found_k)}},
+        "bench": "inspect",
+        "quick": args.quick,
+        "threads": args.threads,
+        "load": os.getloadavg()[0],
+        "label_issues": {
+            "flipped": len(flipped),
+            "train_images": len(train),
+            "samprobe": {
+                "precision": round(p_s, 4),
+                "recall": round(r_s, 4),
+                "found": len(found_s),
+                "setting": setting,
+            },
+            "sklearn": {"precision": round(p_k, 4), "recall": round(r_k, 4), "found": len(found_k)},
+        },
         "near_duplicates": dups,
-        "seconds": {"samprobe_cross_fit": round(sec_s, 3), "sklearn_cv": round(sec_k, 3),
-                    "near_dup_100k": round(near_dup_100k, 2), "near_dup_measured_rows": n},
+        "seconds": {
+            "samprobe_cross_fit": round(sec_s, 3),
+            "sklearn_cv": round(sec_k, 3),
+            "near_dup_100k": round(near_dup_100k, 2),
+            "near_dup_measured_rows": n,
+        },
         "near_dup_synthetic_recall": recall_nn,
         "ratios": {"vs_sklearn_cv": round(ratio, 2)},
-        "targets": {"vs_sklearn_cv": 5.0, "near_dup_100k": 30.0, "precision": 0.7, "recall": 0.8,
-                    "duplicate_recall": 0.95, "false_pairs": 5},
+        "targets": {
+            "vs_sklearn_cv": 5.0,
+            "near_dup_100k": 30.0,
+            "precision": 0.7,
+            "recall": 0.8,
+            "duplicate_recall": 0.95,
+            "false_pairs": 5,
+        },
     }
-    result["pass"] = bool(p_s >= max(p_k, 0.7) and r_s >= max(r_k, 0.8) and ratio >= 5.0 and dups["recall"] >= 0.95
-                          and dups["false_pairs"] <= 5 and near_dup_100k <= 30.0)
+    result["pass"] = bool(
+        p_s >= max(p_k, 0.7)
+        and r_s >= max(r_k, 0.8)
+        and ratio >= 5.0
+        and dups["recall"] >= 0.95
+        and dups["false_pairs"] <= 5
+        and near_dup_100k <= 30.0
+    )
     print(json.dumps(result))
 
 

@@ -1,6 +1,7 @@
 """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: the
 browser reads commands on fd 3 and writes replies on fd 4, NUL-terminated JSON), so the report
 test needs no driver package, no port and no network. `make browser` installs Debian's chromium."""
+
 from __future__ import annotations
 
 import base64
@@ -8,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,14 +35,34 @@ class Browser:
         self._resp_r, resp_w = os.pipe()
         self._profile = tempfile.mkdtemp(prefix="samprobe-chromium-")
 
-        # The shell puts the two pipe ends on fds 3 and 4, then becomes chromium (exec). resp_w > cmd_r >= 3,
-        # so setting fd 3 first never overwrites the source of fd 4.
-        wire = f'exec "$@" 3<&{cmd_r} 4>&{resp_w}'
+        # A Python shim puts the two pipe ends on fds 3 and 4 and becomes chromium (exec). Not sh: dash
+        # redirects only single-digit fds. resp_w > cmd_r >= 3, so setting fd 3 first never overwrites
+        # the source of fd 4.
+        shim = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+                "os.execv(sys.argv[3], sys.argv[3:])")
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", wire, "sh", executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox",
-             "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars",
-             f"--user-data-dir={self._profile}", f"--window-size={width},{height}", "about:blank"],
-            pass_fds=(cmd_r, resp_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                shim,
+                str(cmd_r),
+                str(resp_w),
+                executable,
+                "--headless=new",
+                "--remote-debugging-pipe",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--user-data-dir={self._profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            pass_fds=(cmd_r, resp_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(cmd_r)
         os.close(resp_w)
         self._buf = b""
@@ -49,8 +71,14 @@ class Browser:
         targets = self.call("Target.getTargets")["targetInfos"]
         page = next(t for t in targets if t["type"] == "page")
         self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False,
-                  session=True)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+            session=True,
+        )
         self.call("Page.enable", session=True)
 
     def _read_message(self, deadline: float) -> dict[str, Any]:
@@ -104,8 +132,13 @@ class Browser:
     def screenshot(self, out: Path) -> None:
         """The whole page (beyond the viewport) as a PNG."""
         size = self.call("Page.getLayoutMetrics", session=True)["cssContentSize"]
-        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True, session=True,
-                         clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+        shot = self.call(
+            "Page.captureScreenshot",
+            format="png",
+            captureBeyondViewport=True,
+            session=True,
+            clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        )
         Path(out).write_bytes(base64.b64decode(shot["data"]))
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """samprobe inspect: cross-fitted label issues, exhaustive near-duplicates with split leakage,
 outliers; on real digit scans with known flipped labels and planted copies, and the edge cases
 (no val split, one class, a one-image class, identical images, nothing found)."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,14 @@ from PIL import Image, PngImagePlugin
 from conftest import write_config
 from samprobe.cli import main
 from samprobe.config import TrainConfig, load_config
-from samprobe.inspection import (cross_fit, duplicate_groups, duplicate_pairs, fold_assignment, is_leak,
-                                 nearest_neighbours)
+from samprobe.inspection import (
+    cross_fit,
+    duplicate_groups,
+    duplicate_pairs,
+    fold_assignment,
+    is_leak,
+    nearest_neighbours,
+)
 from samprobe.train.classes import class_weights
 
 NAMES = ["zero", "one", "two", "three"]
@@ -46,8 +53,12 @@ def write_project(root: Path, rows: list[tuple[np.ndarray, str, str | None]], **
     (root / "data" / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if with_split:
         config["data"] = {**config.get("data", {}), "split_column": "split"}
-    return write_config(root / "samprobe.yaml", backbone={"name": "efficientnet_lite0", "img_size": 64},
-                        train={"epochs": 60, "patience": 10}, **config)
+    return write_config(
+        root / "samprobe.yaml",
+        backbone={"name": "efficientnet_lite0", "img_size": 64},
+        train={"epochs": 60, "patience": 10},
+        **config,
+    )
 
 
 def digit_scans(classes: range, per_class: int, offset: int = 0) -> list[tuple[np.ndarray, int]]:
@@ -56,7 +67,7 @@ def digit_scans(classes: range, per_class: int, offset: int = 0) -> list[tuple[n
     d = load_digits()
     out = []
     for c in classes:
-        for i in np.flatnonzero(d.target == c)[offset:offset + per_class]:
+        for i in np.flatnonzero(d.target == c)[offset : offset + per_class]:
             out.append((np.clip(np.rint(d.images[i] * 255 / 16), 0, 255).astype(np.uint8), c))
     return out
 
@@ -119,8 +130,14 @@ def test_cross_fit_scores_flipped_labels_low_though_a_head_fits_them_in_sample(o
     from samprobe.features.extract import Extractor, image_features
 
     scans = digit_scans(range(4), 25)
-    ex = Extractor.from_config(Config(device="cpu", precision="fp32", features=FeaturesConfig(dtype="float32"),
-                                      backbone=BackboneConfig(name="efficientnet_lite0", img_size=64)))
+    ex = Extractor.from_config(
+        Config(
+            device="cpu",
+            precision="fp32",
+            features=FeaturesConfig(dtype="float32"),
+            backbone=BackboneConfig(name="efficientnet_lite0", img_size=64),
+        )
+    )
     x = image_features(ex, [np.repeat(g[:, :, None], 3, 2) for g, _ in scans], batch_size=50)
     y = np.array([c for _, c in scans])
     flipped = np.array([3, 30, 60])
@@ -236,8 +253,10 @@ def test_no_issues_found_and_the_report_says_so(tmp_path) -> None:
 def test_the_sweep_setting_for_probabilities_is_the_lowest_validation_log_loss() -> None:
     from samprobe.inspection import setting_from_sweep
 
-    table = [{"lr": 0.5, "weight_decay": 1e-4, "val_loss": 0.41, "best_balanced_accuracy": 0.95, "selected": True},
-             {"lr": 0.05, "weight_decay": 0.1, "val_loss": 0.22, "best_balanced_accuracy": 0.93, "selected": False},
-             {"lr": 0.5, "weight_decay": 0.1, "val_loss": float("nan"), "selected": False}]
+    table = [
+        {"lr": 0.5, "weight_decay": 1e-4, "val_loss": 0.41, "best_balanced_accuracy": 0.95, "selected": True},
+        {"lr": 0.05, "weight_decay": 0.1, "val_loss": 0.22, "best_balanced_accuracy": 0.93, "selected": False},
+        {"lr": 0.5, "weight_decay": 0.1, "val_loss": float("nan"), "selected": False},
+    ]
     assert setting_from_sweep(table) == (0.05, 0.1)
     assert setting_from_sweep([{"lr": 0.5, "weight_decay": 0.1, "val_loss": float("nan")}]) is None

@@ -2,6 +2,7 @@
 nothing is wider than a 1280 px window, the summary numbers are metrics.json's, and a screenshot
 is saved (SAMPROBE_SCREENSHOT=PATH keeps a copy). Skips, saying why, where chromium is missing:
 `make browser` installs it (CI runs that)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ from samprobe.config import load_config
 from samprobe.report import eval_dir
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: run `make browser` "
-                                "(apt-get install chromium) to run the report's browser test")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium not installed: run `make browser` (apt-get install chromium) to run the report's browser test",
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +57,18 @@ def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers
     assert dom["images"] >= 5 and dom["broken"] == [], dom["broken"]
     assert dom["scrollWidth"] <= dom["viewport"] == 1280, dom["wide"]
     assert dom["wide"] == []
-    assert {"summary", "sweep", "classes", "confusion", "misclassified", "label-issues", "near-duplicates",
-            "outliers", "bad-rows", "feature-map"} <= set(dom["sections"])
+    assert {
+        "summary",
+        "sweep",
+        "classes",
+        "confusion",
+        "misclassified",
+        "label-issues",
+        "near-duplicates",
+        "outliers",
+        "bad-rows",
+        "feature-map",
+    } <= set(dom["sections"])
     assert dom["sections"][0] == "summary"
 
     metrics = json.loads((eval_dir(full_run) / "metrics.json").read_text())
@@ -72,3 +85,17 @@ def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers
         assert im.convert("L").getextrema()[0] < 100  # text and plots, not a blank page
     if os.environ.get("SAMPROBE_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["SAMPROBE_SCREENSHOT"])
+
+
+def test_the_browser_starts_whatever_numbers_its_pipes_get(tmp_path) -> None:
+    """In a long test session the pipe fds are two-digit numbers (dash's redirections take one digit)."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(12)]
+    try:
+        page = tmp_path / "p.html"
+        page.write_text("<!DOCTYPE html><p id=x>ok</p>", encoding="utf-8")
+        with Browser(CHROMIUM) as browser:
+            browser.open(page)
+            assert browser.evaluate("document.getElementById('x').textContent") == "ok"
+    finally:
+        for fd in held:
+            os.close(fd)

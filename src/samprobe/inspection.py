@@ -17,6 +17,7 @@ Why no faiss: its exact index (IndexFlatIP) is the same blocked matrix product p
 torch already runs that product at the machine's peak (bf16 where ``precision: auto`` finds
 it fast) and faiss would be one more compiled dependency for no gain in exactness.
 """
+
 from __future__ import annotations
 
 import csv
@@ -68,9 +69,18 @@ class CrossFit:
     seconds: float
 
 
-def cross_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, cfg: TrainConfig, *, folds: int, seed: int,
-              settings: Sequence[tuple[float, float]], device: torch.device | str = "cpu",
-              precision: str = "fp32") -> CrossFit:
+def cross_fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    folds: int,
+    seed: int,
+    settings: Sequence[tuple[float, float]],
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> CrossFit:
     """Out-of-sample probabilities [N, C] of head targets ``y`` [N] (0..C-1) by ``folds``-fold
     cross-fitting: one ``SweepTrainer`` pass trains len(settings) x folds heads, head (s, f) on
     every row outside fold f. Heads train for ``cfg.epochs`` (or until their training loss stops
@@ -91,8 +101,20 @@ def cross_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, cfg: TrainConfi
     # on the digits (bench/inspect.py, 3 seeds) in 1.5-3x less time.
     cfg = cfg.model_copy(update={"patience": min(cfg.patience, 5)})
     no_val = np.zeros((0,) + x.shape[1:], dtype=np.float32)
-    trainer = SweepTrainer(x, y_train, no_val, np.zeros((len(grid), 0), np.int64), weights, cfg, seed, 0, device,
-                           precision, grid=grid, independent=True)
+    trainer = SweepTrainer(
+        x,
+        y_train,
+        no_val,
+        np.zeros((len(grid), 0), np.int64),
+        weights,
+        cfg,
+        seed,
+        0,
+        device,
+        precision,
+        grid=grid,
+        independent=True,
+    )
     model = trainer.run().model.eval()
     per_setting = np.zeros((len(settings), len(y), len(weights)), dtype=np.float32)
     step = rows_per_step(int(np.prod(x.shape[1:])), 4096)  # grids: bounded activations
@@ -101,7 +123,7 @@ def cross_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray, cfg: TrainConfi
             heads = torch.arange(f, len(grid), folds, device=trainer.device)  # fold f of every setting
             rows = np.flatnonzero(fold == f)
             for i in range(0, len(rows), step):
-                part = rows[i:i + step]
+                part = rows[i : i + step]
                 xb = torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)).to(trainer.device)
                 per_setting[:, part] = torch.softmax(model(xb, heads).float(), dim=2).cpu().numpy()
     given = np.take_along_axis(per_setting, np.broadcast_to(y[None, :, None], (len(settings), len(y), 1)), 2)[..., 0]
@@ -117,16 +139,18 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     if probs.shape[1] < 2 or len(labels) < 2:
         return np.zeros(0, dtype=np.int64)
     # n_jobs=1: cleanlab's default forks a process pool per call, slower than the work here.
-    return np.asarray(cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1),
-                      dtype=np.int64)
+    return np.asarray(
+        cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1), dtype=np.int64
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # neighbours
 
 
-def nearest_neighbours(x: np.ndarray, k: int, *, dtype: torch.dtype = torch.float32, block: int = 1024,
-                       device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(
+    x: np.ndarray, k: int, *, dtype: torch.dtype = torch.float32, block: int = 1024, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive cosine kNN of the rows of ``x`` [N, D] among each other (self excluded):
     (similarities [N, k] float32, descending; indices [N, k]); k is capped at N - 1.
 
@@ -259,7 +283,11 @@ def _setting_candidates(cfg: Config, fingerprint: str) -> tuple[list[tuple[float
     if best.is_file():
         ckpt = load_checkpoint(best)
         setting = setting_from_sweep(ckpt.get("sweep", []))
-        if setting and ckpt["backbone"]["fingerprint"] == fingerprint and ckpt["head"]["spec"]["kind"] == cfg.train.head:
+        if (
+            setting
+            and ckpt["backbone"]["fingerprint"] == fingerprint
+            and ckpt["head"]["spec"]["kind"] == cfg.train.head
+        ):
             return [setting], f"the sweep's lowest validation log loss ({best})"
     grid = sweep_grid(cfg.train)
     return grid, f"cross-validated over the {len(grid)}-setting sweep grid (no matching {best})"
@@ -297,14 +325,24 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
     label_summary: dict[str, Any] = {"scored": int(len(y)), "skipped_untrained_class": int(len(y_all) - len(usable))}
     confused: list[dict[str, Any]] = []
     if mapping.num_active < 2 or len(y) < 2:
-        label_summary["skipped"] = ("one class: nothing to confuse a label with" if mapping.num_active < 2
-                                    else "fewer than 2 labelled images")
+        label_summary["skipped"] = (
+            "one class: nothing to confuse a label with" if mapping.num_active < 2 else "fewer than 2 labelled images"
+        )
     else:
         x_fit = np.concatenate([fit_data["train"][1], fit_data["val"][1]])[usable]
         weights = class_weights(np.bincount(y, minlength=mapping.num_active), cfg.train.class_weights)
         settings, why = _setting_candidates(cfg, extractor.fingerprint)
-        fit = cross_fit(x_fit, y, weights, cfg.train, folds=icfg.folds, seed=cfg.seed, settings=settings,
-                        device=device, precision=precision)
+        fit = cross_fit(
+            x_fit,
+            y,
+            weights,
+            cfg.train,
+            folds=icfg.folds,
+            seed=cfg.seed,
+            settings=settings,
+            device=device,
+            precision=precision,
+        )
         found = find_label_issues(y, fit.probs)
         names = mapping.active_names
         predicted = fit.probs.argmax(1)
@@ -312,48 +350,93 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
             r = labelled[i]
             issues.append([r.path, r.split, r.label, names[predicted[i]], round(float(fit.probs[i, y[i]]), 6)])
         confused = confused_pairs([names[c] for c in y], [names[c] for c in predicted])
-        label_summary.update({"issues": len(issues), "folds": int(fit.fold.max()) + 1,
-                              "setting": {"lr": fit.setting[0], "weight_decay": fit.setting[1]}, "setting_from": why,
-                              "out_of_sample_accuracy": round(float((predicted == y).mean()), 4),
-                              "seconds": round(fit.seconds, 2)})
+        label_summary.update(
+            {
+                "issues": len(issues),
+                "folds": int(fit.fold.max()) + 1,
+                "setting": {"lr": fit.setting[0], "weight_decay": fit.setting[1]},
+                "setting_from": why,
+                "out_of_sample_accuracy": round(float((predicted == y).mean()), 4),
+                "seconds": round(fit.seconds, 2),
+            }
+        )
     _write_csv(out / "label_issues.csv", ["path", "split", "given_label", "suggested_label", "score"], issues)
 
     # --- near-duplicates, leakage, outliers over every split ---
     t_nn = time.perf_counter()
-    matmul = torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32  # GPUs: fp32 is plenty fast
+    matmul = (
+        torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32
+    )  # GPUs: fp32 is plenty fast
     sims, idx = nearest_neighbours(pooled, max(icfg.neighbours, 10), dtype=matmul, device=device)
     pairs = duplicate_pairs(sims, idx, icfg.duplicate_cosine)
     groups = duplicate_groups(len(recs), pairs)
-    dup_rows = [[recs[a].path, recs[a].split, recs[a].label, recs[b].path, recs[b].split, recs[b].label,
-                 round(c, 6), int(groups[a]), is_leak(recs[a].split, recs[b].split)] for a, b, c in pairs]
-    _write_csv(out / "near_duplicates.csv", ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b",
-                                            "cosine", "group", "leakage"], dup_rows)
-    scores = outlier_scores(sims[:, :icfg.neighbours])
+    dup_rows = [
+        [
+            recs[a].path,
+            recs[a].split,
+            recs[a].label,
+            recs[b].path,
+            recs[b].split,
+            recs[b].label,
+            round(c, 6),
+            int(groups[a]),
+            is_leak(recs[a].split, recs[b].split),
+        ]
+        for a, b, c in pairs
+    ]
+    _write_csv(
+        out / "near_duplicates.csv",
+        ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "cosine", "group", "leakage"],
+        dup_rows,
+    )
+    scores = outlier_scores(sims[:, : icfg.neighbours])
     threshold = outlier_threshold(scores, icfg.outlier_iqr)
     flagged = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > threshold]
-    _write_csv(out / "outliers.csv", ["path", "split", "label", "knn_distance", "nearest_path"],
-               [[recs[i].path, recs[i].split, recs[i].label, round(float(scores[i]), 6),
-                 recs[int(idx[i, 0])].path if idx.shape[1] else ""] for i in flagged])
+    _write_csv(
+        out / "outliers.csv",
+        ["path", "split", "label", "knn_distance", "nearest_path"],
+        [
+            [
+                recs[i].path,
+                recs[i].split,
+                recs[i].label,
+                round(float(scores[i]), 6),
+                recs[int(idx[i, 0])].path if idx.shape[1] else "",
+            ]
+            for i in flagged
+        ],
+    )
     nn_seconds = time.perf_counter() - t_nn
 
-    _write_csv(out / "map2d.csv", ["path", "split", "label", "x", "y"],
-               [[r.path, r.split, r.label, round(float(a), 5), round(float(b), 5)]
-                for r, (a, b) in zip(recs, feature_map(pooled, cfg.seed))])
+    _write_csv(
+        out / "map2d.csv",
+        ["path", "split", "label", "x", "y"],
+        [
+            [r.path, r.split, r.label, round(float(a), 5), round(float(b), 5)]
+            for r, (a, b) in zip(recs, feature_map(pooled, cfg.seed))
+        ],
+    )
 
     leaks = [r for r in dup_rows if r[-1]]
     summary = {
         "images": len(recs),
         "label_issues": label_summary,
-        "near_duplicates": {"pairs": len(dup_rows), "groups": int(groups.max()) + 1 if len(recs) else 0,
-                            "cosine_threshold": icfg.duplicate_cosine,
-                            "within_split": sum(r[1] == r[4] for r in dup_rows),
-                            "across_splits": sum(r[1] != r[4] for r in dup_rows),
-                            "leakage_pairs": len(leaks),
-                            "different_labels": sum(r[2] != r[5] for r in dup_rows)},
+        "near_duplicates": {
+            "pairs": len(dup_rows),
+            "groups": int(groups.max()) + 1 if len(recs) else 0,
+            "cosine_threshold": icfg.duplicate_cosine,
+            "within_split": sum(r[1] == r[4] for r in dup_rows),
+            "across_splits": sum(r[1] != r[4] for r in dup_rows),
+            "leakage_pairs": len(leaks),
+            "different_labels": sum(r[2] != r[5] for r in dup_rows),
+        },
         "outliers": {"count": len(flagged), "neighbours": icfg.neighbours, "threshold": round(threshold, 6)},
         "most_confused": confused,
-        "search": {"method": "exhaustive cosine kNN, blocked matrix products", "dtype": str(matmul).removeprefix("torch."),
-                   "seconds": round(nn_seconds, 2)},
+        "search": {
+            "method": "exhaustive cosine kNN, blocked matrix products",
+            "dtype": str(matmul).removeprefix("torch."),
+            "seconds": round(nn_seconds, 2),
+        },
         "seconds": round(time.perf_counter() - t0, 2),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -367,27 +450,37 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
-def summary_lines(summary: dict[str, Any], issues: list[list[Any]], dups: list[list[Any]],
-                  outliers: list[Record]) -> list[str]:
+def summary_lines(
+    summary: dict[str, Any], issues: list[list[Any]], dups: list[list[Any]], outliers: list[Record]
+) -> list[str]:
     li, nd = summary["label_issues"], summary["near_duplicates"]
     lines = [f"inspect: {summary['images']} images"]
     if "skipped" in li:
         lines.append(f"  label issues: not searched ({li['skipped']})")
     else:
-        lines.append(f"  label issues: {li['issues']} of {li['scored']} train+val images "
-                     f"({li['folds']}-fold cross-fit, lr {li['setting']['lr']:g} weight_decay {li['setting']['weight_decay']:g}, "
-                     f"out-of-sample accuracy {li['out_of_sample_accuracy']:.3f})")
+        lines.append(
+            f"  label issues: {li['issues']} of {li['scored']} train+val images "
+            f"({li['folds']}-fold cross-fit, lr {li['setting']['lr']:g} "
+            f"weight_decay {li['setting']['weight_decay']:g}, "
+            f"out-of-sample accuracy {li['out_of_sample_accuracy']:.3f})"
+        )
         lines += [f"    {p} ({s}): given {g}, looks like {sg} (score {sc:.3f})" for p, s, g, sg, sc in issues[:SHOWN]]
-    lines.append(f"  near-duplicates: {counted(nd['pairs'], 'pair')} in {counted(nd['groups'], 'group')} "
-                 f"(cosine >= {nd['cosine_threshold']:g}), "
-                 f"{nd['across_splits']} across splits, {nd['leakage_pairs']} train/val <-> test leakage")
+    lines.append(
+        f"  near-duplicates: {counted(nd['pairs'], 'pair')} in {counted(nd['groups'], 'group')} "
+        f"(cosine >= {nd['cosine_threshold']:g}), "
+        f"{nd['across_splits']} across splits, {nd['leakage_pairs']} train/val <-> test leakage"
+    )
     shown = [d for d in dups if d[-1]][:SHOWN] or dups[:SHOWN]
     lines += [f"    {'LEAK ' if d[-1] else ''}{d[0]} ({d[1]}) ~ {d[3]} ({d[4]}), cosine {d[6]:.4f}" for d in shown]
     lines.append(f"  outliers: {len(outliers)} (kNN distance > {summary['outliers']['threshold']:.4f})")
     lines += [f"    {r.path} ({r.split}, {r.label})" for r in outliers[:SHOWN]]
     if summary["most_confused"]:
-        lines.append("  most confused: " + ", ".join(f"{c['given']} -> {c['predicted']} ({c['count']})"
-                                                    for c in summary["most_confused"][:SHOWN]))
-    lines.append(f"  wrote {INSPECT_DIR}/label_issues.csv, near_duplicates.csv, outliers.csv, map2d.csv, summary.json "
-                 f"({summary['seconds']:.1f} s)")
+        lines.append(
+            "  most confused: "
+            + ", ".join(f"{c['given']} -> {c['predicted']} ({c['count']})" for c in summary["most_confused"][:SHOWN])
+        )
+    lines.append(
+        f"  wrote {INSPECT_DIR}/label_issues.csv, near_duplicates.csv, outliers.csv, map2d.csv, summary.json "
+        f"({summary['seconds']:.1f} s)"
+    )
     return lines

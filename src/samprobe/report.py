@@ -5,6 +5,7 @@ PNG is exactly ``figsize * DPI`` pixels. The report reads only files of the run 
 (data_report.json, metrics.jsonl, checkpoints/best.pt, sweep.csv, eval/), so it can be rebuilt
 at any time: train writes it, evaluate updates it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -64,11 +65,20 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, max_named: int 
             for i in range(n):
                 for j in range(n):
                     if cm[i, j]:
-                        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                                color="white" if norm[i, j] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            str(cm[i, j]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black",
+                        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix (rows normalised)" + ("" if n <= max_named else f", {n} classes: see top confused pairs"))
+    ax.set_title(
+        "confusion matrix (rows normalised)" + ("" if n <= max_named else f", {n} classes: see top confused pairs")
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -203,14 +213,14 @@ def _fmt(v: Any) -> str:
 
 def _table(rows: list[dict[str, Any]], columns: list[str] | None = None, empty: str = "(none)") -> str:
     if not rows:
-        return f"<p class=\"empty\">{html.escape(empty)}</p>"
+        return f'<p class="empty">{html.escape(empty)}</p>'
     columns = columns or list(rows[0])
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = []
     for r in rows:
         cls = ' class="inactive"' if r.get("status") == "not trained" else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>")
-    return f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _load_best(run_dir: Path) -> dict[str, Any] | None:
@@ -222,7 +232,9 @@ def _load_best(run_dir: Path) -> dict[str, Any] | None:
     return load_checkpoint(best)
 
 
-def class_rows(data_report: dict[str, Any], active: set[str] | None, eval_rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+def class_rows(
+    data_report: dict[str, Any], active: set[str] | None, eval_rows: list[dict[str, str]]
+) -> list[dict[str, Any]]:
     """One row per taxonomy class: status (trained / not trained), counts per split, eval scores."""
     per_class = data_report.get("per_class", {})
     by_name = {r["class"]: r for r in eval_rows}
@@ -230,20 +242,33 @@ def class_rows(data_report: dict[str, Any], active: set[str] | None, eval_rows: 
     for name in data_report.get("taxonomy", []):
         counts = per_class.get(name, {})
         trained = (name in active) if active is not None else counts.get("train", 0) > 0
-        row: dict[str, Any] = {"class": name, "status": "trained" if trained else "not trained",
-                               "train": counts.get("train", 0), "val": counts.get("val", 0), "test": counts.get("test", 0)}
+        row: dict[str, Any] = {
+            "class": name,
+            "status": "trained" if trained else "not trained",
+            "train": counts.get("train", 0),
+            "val": counts.get("val", 0),
+            "test": counts.get("test", 0),
+        }
         if name in by_name:
             e = by_name[name]
-            row.update({"precision": float(e["precision"]), "recall": float(e["recall"]), "f1": float(e["f1"]),
-                        "support": int(e["support"])})
+            row.update(
+                {
+                    "precision": float(e["precision"]),
+                    "recall": float(e["recall"]),
+                    "f1": float(e["f1"]),
+                    "support": int(e["support"]),
+                }
+            )
         rows.append(row)
     return rows
 
 
 def eval_dir(run_dir: Path) -> Path:
     """The run's own evaluation: eval/test/, else eval/val/ (per split), else eval/ (one evaluation)."""
-    return next((run_dir / "eval" / s for s in ("test", "val") if (run_dir / "eval" / s / "metrics.json").is_file()),
-                run_dir / "eval")
+    return next(
+        (run_dir / "eval" / s for s in ("test", "val") if (run_dir / "eval" / s / "metrics.json").is_file()),
+        run_dir / "eval",
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -274,8 +299,11 @@ def thumbnail_uri(file: str | Path, size: int = THUMB) -> str | None:
 
 def _card(file: str | None, caption: str, title: str = "") -> str:
     uri = thumbnail_uri(file) if file else None
-    pic = (f'<img src="{uri}" alt="{html.escape(caption)}" loading="eager">' if uri
-           else '<div class="noimg">no image</div>')
+    pic = (
+        f'<img src="{uri}" alt="{html.escape(caption)}" loading="eager">'
+        if uri
+        else '<div class="noimg">no image</div>'
+    )
     return f'<figure title="{html.escape(title)}">{pic}<figcaption>{caption}</figcaption></figure>'
 
 
@@ -292,19 +320,26 @@ def _gallery(cards: list[str], total: int, empty: str) -> str:
 def _stat(label: str, value: Any, key: str | None = None, raw: Any = None, warn: bool = False) -> str:
     data = f' data-metric="{html.escape(key)}" data-value="{html.escape(str(raw))}"' if key else ""
     cls = "stat warn" if warn else "stat"
-    return f'<div class="{cls}"><div class="v"{data}>{html.escape(_num(value) if not isinstance(value, str) else value)}</div>' \
-           f'<div class="k">{html.escape(label)}</div></div>'
+    shown = value if isinstance(value, str) else _num(value)
+    return (
+        f'<div class="{cls}"><div class="v"{data}>{html.escape(shown)}</div>'
+        f'<div class="k">{html.escape(label)}</div></div>'
+    )
 
 
-def _summary(data_report: dict[str, Any], metrics: dict[str, Any], rows: list[dict[str, Any]],
-             inspect: dict[str, Any]) -> str:
+def _summary(
+    data_report: dict[str, Any], metrics: dict[str, Any], rows: list[dict[str, Any]], inspect: dict[str, Any]
+) -> str:
     from samprobe.data.metadata import PROBLEM_KINDS
 
     stats = []
     if metrics:
         split = metrics.get("split", "test")
-        for key, label in (("balanced_accuracy", f"{split} balanced accuracy"), ("accuracy", f"{split} accuracy"),
-                           ("macro_f1", f"{split} macro-F1")):
+        for key, label in (
+            ("balanced_accuracy", f"{split} balanced accuracy"),
+            ("accuracy", f"{split} accuracy"),
+            ("macro_f1", f"{split} macro-F1"),
+        ):
             if isinstance(metrics.get(key), (int, float)):
                 stats.append(_stat(label, round(float(metrics[key]), 3), key, metrics[key]))
         stats.append(_stat(f"{split} images", int(metrics.get("n", 0)), "n", metrics.get("n")))
@@ -318,20 +353,34 @@ def _summary(data_report: dict[str, Any], metrics: dict[str, Any], rows: list[di
         stats.append(_stat("rows dropped", sum(dropped.values()), warn=bool(dropped)))
     if inspect:
         nd, li = inspect["near_duplicates"], inspect["label_issues"]
-        stats.append(_stat("train/val ↔ test leakage pairs", nd["leakage_pairs"], "leakage_pairs", nd["leakage_pairs"],
-                           warn=nd["leakage_pairs"] > 0))
+        stats.append(
+            _stat(
+                "train/val ↔ test leakage pairs",
+                nd["leakage_pairs"],
+                "leakage_pairs",
+                nd["leakage_pairs"],
+                warn=nd["leakage_pairs"] > 0,
+            )
+        )
         if "issues" in li:
-            stats.append(_stat("suspected label errors", li["issues"], "label_issues", li["issues"], warn=li["issues"] > 0))
+            stats.append(
+                _stat("suspected label errors", li["issues"], "label_issues", li["issues"], warn=li["issues"] > 0)
+            )
     lines = []
     untrained = [r["class"] for r in rows if r["status"] == "not trained"]
     if untrained:
         lines.append(f"Not trained (no training images, never predicted): {', '.join(untrained)}.")
     if dropped:
-        lines.append("Rows dropped: " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in dropped.items())
-                     + " (see Bad rows).")
+        lines.append(
+            "Rows dropped: "
+            + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in dropped.items())
+            + " (see Bad rows)."
+        )
     if not inspect:
-        lines.append("Data checks not run yet: <code>samprobe inspect -c CONFIG</code> finds label errors, "
-                     "near-duplicates, leakage and outliers.")
+        lines.append(
+            "Data checks not run yet: <code>samprobe inspect -c CONFIG</code> finds label errors, "
+            "near-duplicates, leakage and outliers."
+        )
     text = "".join(f"<p>{line}</p>" for line in lines)
     return f'<section id="summary"><h2>Summary</h2><div class="stats">{"".join(stats)}</div>{text}</section>'
 
@@ -346,7 +395,7 @@ def _sweep(sweep: list[dict[str, str]]) -> str:
     """The sweep as an lr x weight-decay grid of the best validation score (selected head outlined)."""
     score_key = next((k for k in sweep[0] if k.startswith("best_") and k != "best_epoch"), None)
     if not score_key or "lr" not in sweep[0] or "weight_decay" not in sweep[0]:
-        return "<section id=\"sweep\"><h2>Sweep</h2>" + _table(sweep) + "</section>"
+        return '<section id="sweep"><h2>Sweep</h2>' + _table(sweep) + "</section>"
     lrs = sorted({float(r["lr"]) for r in sweep})
     wds = sorted({float(r["weight_decay"]) for r in sweep})
     cell = {(float(r["lr"]), float(r["weight_decay"])): r for r in sweep}
@@ -365,12 +414,16 @@ def _sweep(sweep: list[dict[str, str]]) -> str:
             v = float(r[score_key])
             style = _heat(hi - v + lo if lower_better else v, lo, hi)
             sel = ' class="selected"' if str(r.get("selected")) in ("True", "true", "1") else ""
-            tds.append(f'<td{sel} style="{style}" title="{html.escape(r.get("status", ""))}">{_num(v)}'
-                       f'<small>epoch {html.escape(r.get("best_epoch", ""))}</small></td>')
+            tds.append(
+                f'<td{sel} style="{style}" title="{html.escape(r.get("status", ""))}">{_num(v)}'
+                f"<small>epoch {html.escape(r.get('best_epoch', ''))}</small></td>"
+            )
         body.append(f"<tr><th>lr {_num(lr)}</th>{''.join(tds)}</tr>")
-    return (f'<section id="sweep"><h2>Sweep</h2><p>{html.escape(score_key.replace("_", " "))} of each head '
-            f'(learning rate × weight decay); the selected head is outlined.</p>'
-            f'<table class="heat"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></section>')
+    return (
+        f'<section id="sweep"><h2>Sweep</h2><p>{html.escape(score_key.replace("_", " "))} of each head '
+        f"(learning rate × weight decay); the selected head is outlined.</p>"
+        f'<table class="heat"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></section>'
+    )
 
 
 def _classes(rows: list[dict[str, Any]]) -> str:
@@ -379,22 +432,28 @@ def _classes(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         f1 = r.get("f1")
-        bar = (f'<div class="bar"><span style="width:{100 * f1:.1f}%"></span></div>' if isinstance(f1, float) else "")
-        scores = (f'P {_num(r["precision"])} · R {_num(r["recall"])} · F1 {_num(f1)}' if isinstance(f1, float) else "")
+        bar = f'<div class="bar"><span style="width:{100 * f1:.1f}%"></span></div>' if isinstance(f1, float) else ""
+        scores = f"P {_num(r['precision'])} · R {_num(r['recall'])} · F1 {_num(f1)}" if isinstance(f1, float) else ""
         cls = ' class="inactive"' if r["status"] == "not trained" else ""
-        out.append(f'<tr{cls}><td>{html.escape(r["class"])}</td><td>{r["status"]}</td><td>{_num(r["train"])}</td>'
-                   f'<td>{_num(r["val"])}</td><td>{_num(r["test"])}</td><td class="barcell">{bar}</td><td>{scores}</td></tr>')
-    return (f'<section id="classes"><h2>Classes</h2><p>{n_active} active of {len(rows)} taxonomy classes; classes '
-            'without training images are not trained and never predicted (greyed).</p><div class="scroll"><table>'
-            '<thead><tr><th>class</th><th>status</th><th>train</th><th>val</th><th>test</th><th>test F1</th>'
-            f'<th>scores</th></tr></thead><tbody>{"".join(out)}</tbody></table></div></section>')
+        out.append(
+            f"<tr{cls}><td>{html.escape(r['class'])}</td><td>{r['status']}</td><td>{_num(r['train'])}</td>"
+            f'<td>{_num(r["val"])}</td><td>{_num(r["test"])}</td><td class="barcell">{bar}</td><td>{scores}</td></tr>'
+        )
+    return (
+        f'<section id="classes"><h2>Classes</h2><p>{n_active} active of {len(rows)} taxonomy classes; classes '
+        'without training images are not trained and never predicted (greyed).</p><div class="scroll"><table>'
+        "<thead><tr><th>class</th><th>status</th><th>train</th><th>val</th><th>test</th><th>test F1</th>"
+        f"<th>scores</th></tr></thead><tbody>{''.join(out)}</tbody></table></div></section>"
+    )
 
 
 def _plot_img(report: Report, name: str) -> str:
     w, h = report.sizes[name]
     data = base64.b64encode(report.plots[name].read_bytes()).decode("ascii")
-    return (f'<img class="plot" alt="{html.escape(name)}" data-plot="{html.escape(name)}" width="{w}" height="{h}" '
-            f'src="data:image/png;base64,{data}">')
+    return (
+        f'<img class="plot" alt="{html.escape(name)}" data-plot="{html.escape(name)}" width="{w}" height="{h}" '
+        f'src="data:image/png;base64,{data}">'
+    )
 
 
 def plot_feature_map(points: list[dict[str, str]], path: Path) -> tuple[int, int]:
@@ -407,9 +466,18 @@ def plot_feature_map(points: list[dict[str, str]], path: Path) -> tuple[int, int
             pts = [(float(p["x"]), float(p["y"])) for p in points if p["label"] == lab and p["split"] == split]
             if pts:
                 xy = np.array(pts)
-                ax.scatter(xy[:, 0], xy[:, 1], s=8, marker=marker, color=cmap(n % cmap.N), alpha=0.7,
-                           label=lab if split == "train" or not any(q["label"] == lab and q["split"] == "train" for q in points)
-                           else None, linewidths=0.8)
+                ax.scatter(
+                    xy[:, 0],
+                    xy[:, 1],
+                    s=8,
+                    marker=marker,
+                    color=cmap(n % cmap.N),
+                    alpha=0.7,
+                    label=lab
+                    if split == "train" or not any(q["label"] == lab and q["split"] == "train" for q in points)
+                    else None,
+                    linewidths=0.8,
+                )
     if len(labels) <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="best", ncols=2)
     ax.set_title("pooled features, PCA to 2-D (crosses: test)")
@@ -441,58 +509,97 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
 
     preds = read_csv_rows(eval_dir(run_dir) / "predictions.csv")
     wrong = sorted((p for p in preds if p["label"] != p["predicted"]), key=lambda p: -float(p["score"]))
-    cards = [_card(files.get(p["path"]), f'{esc(p["label"])} → <b>{esc(p["predicted"])}</b> {_num(float(p["score"]))}',
-                   p["path"]) for p in wrong[:GALLERY_MAX]]
-    empty = "No test image misclassified." if preds else "Not evaluated yet: samprobe evaluate -c CONFIG --checkpoint …"
-    out.append('<section id="misclassified"><h2>Misclassified test images</h2><p>true → predicted, with the '
-               'predicted class\'s probability; most confident mistakes first.</p>'
-               + _gallery(cards, len(wrong), empty) + "</section>")
+    cards = [
+        _card(
+            files.get(p["path"]),
+            f"{esc(p['label'])} → <b>{esc(p['predicted'])}</b> {_num(float(p['score']))}",
+            p["path"],
+        )
+        for p in wrong[:GALLERY_MAX]
+    ]
+    not_yet = "Not evaluated yet: samprobe evaluate -c CONFIG --checkpoint …"
+    empty = "No test image misclassified." if preds else not_yet
+    out.append(
+        '<section id="misclassified"><h2>Misclassified test images</h2><p>true → predicted, with the '
+        "predicted class's probability; most confident mistakes first.</p>"
+        + _gallery(cards, len(wrong), empty)
+        + "</section>"
+    )
 
     idir = run_dir / "inspect"
     if not inspect:
         return out
     li = inspect["label_issues"]
     issues = read_csv_rows(idir / "label_issues.csv")
-    cards = [_card(files.get(r["path"]), f'given {esc(r["given_label"])}<br>looks like <b>{esc(r["suggested_label"])}</b> '
-                   f'{_num(float(r["score"]))}', r["path"]) for r in issues[:GALLERY_MAX]]
+    cards = [
+        _card(
+            files.get(r["path"]),
+            f"given {esc(r['given_label'])}<br>looks like <b>{esc(r['suggested_label'])}</b> {_num(float(r['score']))}",
+            r["path"],
+        )
+        for r in issues[:GALLERY_MAX]
+    ]
     if "skipped" in li:
         empty = f"Label errors not searched: {li['skipped']}."
     else:
         empty = f"No suspected label errors found among {li['scored']:,} train+val images."
-    note = ("" if "skipped" in li else
-            f"<p>{li['folds']}-fold cross-fitted probabilities (each image scored by heads that never saw it; "
-            f"lr {_num(li['setting']['lr'])}, weight decay {_num(li['setting']['weight_decay'])}), ranked by "
-            f"self-confidence (the given label's probability, shown) by cleanlab. Out-of-sample accuracy "
-            f"{_num(li['out_of_sample_accuracy'])}.</p>")
-    out.append('<section id="label-issues"><h2>Suspected label errors</h2>' + note
-               + _gallery(cards, len(issues), empty) + "</section>")
+    note = (
+        ""
+        if "skipped" in li
+        else f"<p>{li['folds']}-fold cross-fitted probabilities (each image scored by heads that never saw it; "
+        f"lr {_num(li['setting']['lr'])}, weight decay {_num(li['setting']['weight_decay'])}), ranked by "
+        f"self-confidence (the given label's probability, shown) by cleanlab. Out-of-sample accuracy "
+        f"{_num(li['out_of_sample_accuracy'])}.</p>"
+    )
+    out.append(
+        '<section id="label-issues"><h2>Suspected label errors</h2>'
+        + note
+        + _gallery(cards, len(issues), empty)
+        + "</section>"
+    )
     if inspect.get("most_confused"):
-        out.append('<section id="confused"><h2>Most confused class pairs</h2><p>given → predicted out of sample '
-                   '(train+val).</p>' + _table(inspect["most_confused"]) + "</section>")
+        out.append(
+            '<section id="confused"><h2>Most confused class pairs</h2><p>given → predicted out of sample '
+            "(train+val).</p>" + _table(inspect["most_confused"]) + "</section>"
+        )
 
     nd = inspect["near_duplicates"]
     dups = read_csv_rows(idir / "near_duplicates.csv")
     dups.sort(key=lambda d: (d["leakage"] != "True", -float(d["cosine"])))
     cards = []
-    for d in dups[:GALLERY_MAX // 2]:
+    for d in dups[: GALLERY_MAX // 2]:
         leak = '<b class="leak">LEAK</b> ' if d["leakage"] == "True" else ""
-        pair = (_card(files.get(d["path_a"]), f'{esc(d["split_a"])} · {esc(d["label_a"])}', d["path_a"])
-                + _card(files.get(d["path_b"]), f'{esc(d["split_b"])} · {esc(d["label_b"])}', d["path_b"]))
+        pair = _card(files.get(d["path_a"]), f"{esc(d['split_a'])} · {esc(d['label_a'])}", d["path_a"]) + _card(
+            files.get(d["path_b"]), f"{esc(d['split_b'])} · {esc(d['label_b'])}", d["path_b"]
+        )
         cards.append(f'<div class="pair">{pair}<div class="pcap">{leak}cosine {float(d["cosine"]):.3f}</div></div>')
     empty = f"No near-duplicates (pooled-feature cosine ≥ {_num(nd['cosine_threshold'])})."
-    out.append(f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{counted(nd["pairs"], "pair")} in '
-               f'{counted(nd["groups"], "group")} at cosine ≥ {_num(nd["cosine_threshold"])}: {nd["within_split"]:,} within a split, '
-               f'{nd["across_splits"]:,} across splits, <b>{nd["leakage_pairs"]:,} train/val ↔ test</b> (leakage: the '
-               f'test score counts images the head has seen), {nd["different_labels"]:,} with different labels.</p>'
-               + _gallery(cards, len(dups), empty) + "</section>")
+    out.append(
+        f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{counted(nd["pairs"], "pair")} in '
+        f"{counted(nd['groups'], 'group')} at cosine ≥ {_num(nd['cosine_threshold'])}: "
+        f"{nd['within_split']:,} within a split, "
+        f"{nd['across_splits']:,} across splits, <b>{nd['leakage_pairs']:,} train/val ↔ test</b> (leakage: the "
+        f"test score counts images the head has seen), {nd['different_labels']:,} with different labels.</p>"
+        + _gallery(cards, len(dups), empty)
+        + "</section>"
+    )
 
     outl = read_csv_rows(idir / "outliers.csv")
-    cards = [_card(files.get(r["path"]), f'{esc(r["label"])} ({esc(r["split"])})<br>kNN distance {_num(float(r["knn_distance"]))}',
-                   r["path"]) for r in outl[:GALLERY_MAX]]
+    cards = [
+        _card(
+            files.get(r["path"]),
+            f"{esc(r['label'])} ({esc(r['split'])})<br>kNN distance {_num(float(r['knn_distance']))}",
+            r["path"],
+        )
+        for r in outl[:GALLERY_MAX]
+    ]
     o = inspect["outliers"]
-    out.append(f'<section id="outliers"><h2>Outliers</h2><p>Mean cosine distance to the {o["neighbours"]} nearest images '
-               f'above {_num(o["threshold"])} (Q3 + 3 IQR): junk, wrong domain, or rare views.</p>'
-               + _gallery(cards, len(outl), "No outliers found.") + "</section>")
+    out.append(
+        f'<section id="outliers"><h2>Outliers</h2><p>Mean cosine distance to the {o["neighbours"]} nearest images '
+        f"above {_num(o['threshold'])} (Q3 + 3 IQR): junk, wrong domain, or rare views.</p>"
+        + _gallery(cards, len(outl), "No outliers found.")
+        + "</section>"
+    )
     return out
 
 
@@ -502,31 +609,48 @@ def _bad_rows(run_dir: Path) -> str:
     cards = []
     for r in bad[:GALLERY_MAX]:
         file = str(root / r["path"]) if root is not None and r.get("path") else None
-        cards.append(_card(file, f'row {html.escape(r["row"])} · <b>{html.escape(r["kind"])}</b><br>'
-                           f'{html.escape(r["path"])}', r.get("detail", "")))
-    table = _table([{k: r.get(k) for k in ("row", "path", "label", "kind", "detail")} for r in bad[:200]]) if bad else ""
-    return ('<section id="bad-rows"><h2>Bad rows</h2><p>Rows left out, with the reason (bad_rows.csv, '
-            'extract_failures.csv).</p>' + _gallery(cards, len(bad), "No bad rows: every row was used.") + table + "</section>")
+        cards.append(
+            _card(
+                file,
+                f"row {html.escape(r['row'])} · <b>{html.escape(r['kind'])}</b><br>{html.escape(r['path'])}",
+                r.get("detail", ""),
+            )
+        )
+    table = (
+        _table([{k: r.get(k) for k in ("row", "path", "label", "kind", "detail")} for r in bad[:200]]) if bad else ""
+    )
+    return (
+        '<section id="bad-rows"><h2>Bad rows</h2><p>Rows left out, with the reason (bad_rows.csv, '
+        "extract_failures.csv).</p>"
+        + _gallery(cards, len(bad), "No bad rows: every row was used.")
+        + table
+        + "</section>"
+    )
 
 
 CSS = """*{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
 main{max-width:1240px;margin:0 auto;padding:16px 20px}h1{font-size:1.5em;margin:.3em 0}h2{margin:1.4em 0 .4em;
-border-bottom:1px solid #ddd;padding-bottom:4px}p{max-width:100%;overflow-wrap:anywhere}code{background:#eee;padding:0 3px}
+border-bottom:1px solid #ddd;padding-bottom:4px}p{max-width:100%;overflow-wrap:anywhere}
+code{background:#eee;padding:0 3px}
 .meta{color:#777;font-size:.85em;overflow-wrap:anywhere}.stats{display:flex;flex-wrap:wrap;gap:10px}
 .stat{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:150px}
-.stat .v{font-size:1.6em;font-weight:600}.stat .k{color:#666;font-size:.85em}.stat.warn{border-color:#d9822b;background:#fff6ec}
+.stat .v{font-size:1.6em;font-weight:600}.stat .k{color:#666;font-size:.85em}
+.stat.warn{border-color:#d9822b;background:#fff6ec}
 .scroll{max-width:100%;overflow-x:auto}table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right;overflow-wrap:anywhere}th{background:#f0f0f0}
 td:first-child{text-align:left}tr.inactive td{color:#999;font-style:italic}
 table.heat td{min-width:90px;text-align:center}table.heat td small{display:block;font-size:.7em;opacity:.8}
 table.heat td.selected{outline:3px solid #d62728;outline-offset:-3px;font-weight:700}
-.barcell{width:220px}.bar{background:#eee;height:12px;width:200px}.bar span{display:block;height:12px;background:#4a7fbf}
+.barcell{width:220px}.bar{background:#eee;height:12px;width:200px}
+.bar span{display:block;height:12px;background:#4a7fbf}
 img.plot{max-width:100%;height:auto;display:block;margin:.6em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:110px;background:#fff;border:1px solid #ddd;
 border-radius:4px;padding:4px;text-align:center;font-size:.72em;overflow-wrap:anywhere}
 figure img{width:72px;height:72px;object-fit:contain;image-rendering:pixelated;display:block;margin:0 auto}
-.noimg{width:72px;height:72px;margin:0 auto;background:#eee;color:#999;display:flex;align-items:center;justify-content:center}
-.pair{display:flex;flex-wrap:wrap;gap:2px;border:1px solid #ccc;border-radius:6px;padding:4px;width:234px;background:#f4f4f4}
+.noimg{width:72px;height:72px;margin:0 auto;background:#eee;color:#999;display:flex;align-items:center;
+justify-content:center}
+.pair{display:flex;flex-wrap:wrap;gap:2px;border:1px solid #ccc;border-radius:6px;padding:4px;width:234px;
+background:#f4f4f4}
 .pcap{width:100%;text-align:center;font-size:.8em}.leak{color:#fff;background:#d62728;padding:0 4px;border-radius:3px}
 .empty{color:#2a7a2a;font-weight:600}.note{color:#777;font-size:.85em}"""
 
@@ -575,36 +699,56 @@ def write_report(run_dir: Path) -> Report:
     if rows:
         sections.append(_classes(rows))
     if "confusion_matrix" in report.plots:
-        sections.append('<section id="confusion"><h2>Confusion matrix</h2>' + _plot_img(report, "confusion_matrix")
-                        + (_plot_img(report, "top_confusions") if "top_confusions" in report.plots else "") + "</section>")
+        sections.append(
+            '<section id="confusion"><h2>Confusion matrix</h2>'
+            + _plot_img(report, "confusion_matrix")
+            + (_plot_img(report, "top_confusions") if "top_confusions" in report.plots else "")
+            + "</section>"
+        )
     sections += _galleries(run_dir, inspect)
     if data_report:
         sections.append(_bad_rows(run_dir))
     if "feature_map" in report.plots:
-        sections.append('<section id="feature-map"><h2>Feature map</h2>' + _plot_img(report, "feature_map") + "</section>")
+        sections.append(
+            '<section id="feature-map"><h2>Feature map</h2>' + _plot_img(report, "feature_map") + "</section>"
+        )
     final: list[dict[str, Any]] = []
     if ckpt is not None:
-        final += [{"metric": f"best epoch {ckpt['epoch']}: {k}", "value": v} for k, v in ckpt["metrics"].items()
-                  if k != "epoch" and not isinstance(v, (list, dict))]
+        final += [
+            {"metric": f"best epoch {ckpt['epoch']}: {k}", "value": v}
+            for k, v in ckpt["metrics"].items()
+            if k != "epoch" and not isinstance(v, (list, dict))
+        ]
     if eval_metrics:
-        final += [{"metric": f"{eval_metrics.get('split', 'eval')}: {k}", "value": v} for k, v in eval_metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        final += [
+            {"metric": f"{eval_metrics.get('split', 'eval')}: {k}", "value": v}
+            for k, v in eval_metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
     if final:
         sections.append('<section id="metrics"><h2>Final metrics</h2>' + _table(final) + "</section>")
     if "curves" in report.plots or "per_class_f1" in report.plots:
-        sections.append('<section id="plots"><h2>Plots</h2>' + "".join(_plot_img(report, n) for n in ("curves", "per_class_f1")
-                                                                          if n in report.plots) + "</section>")
+        sections.append(
+            '<section id="plots"><h2>Plots</h2>'
+            + "".join(_plot_img(report, n) for n in ("curves", "per_class_f1") if n in report.plots)
+            + "</section>"
+        )
     if data_report:
         from samprobe.data.metadata import PROBLEM_KINDS
 
         keys = ["source", "total", "ok"] + [k for k in PROBLEM_KINDS if k in data_report]
-        sections.append('<section id="data"><h2>Data</h2>' + _table([{"field": k, "value": data_report[k]} for k in keys])
-                        + "</section>")
+        sections.append(
+            '<section id="data"><h2>Data</h2>'
+            + _table([{"field": k, "value": data_report[k]} for k in keys])
+            + "</section>"
+        )
 
     title = f"samprobe report: {run_dir.name}"
-    doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" "
-           f"content=\"width=device-width\"><title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>"
-           f"<h1>{html.escape(title)}</h1><p class=\"meta\">{html.escape(str(run_dir))} &middot; generated "
-           f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + "".join(sections) + "</main></body></html>")
+    doc = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width"><title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>'
+        f'<h1>{html.escape(title)}</h1><p class="meta">{html.escape(str(run_dir))} &middot; generated '
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + "".join(sections) + "</main></body></html>"
+    )
     atomic_write_text(report.html, doc)
     return report
