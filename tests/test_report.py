@@ -12,8 +12,8 @@ from PIL import Image
 
 from digits_run import EMPTY_CLASS, write_digits_project
 from samprobe.config import load_config
-from samprobe.report import (CURVES_SIZE, DPI, confusion_figsize, per_class_figsize, plot_confusion, plot_top_confusions,
-                             top_confused_pairs, write_report)
+from samprobe.report import (CURVES_SIZE, DPI, _num, confusion_figsize, per_class_figsize, plot_confusion,
+                             plot_top_confusions, top_confused_pairs, write_report)
 
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -110,18 +110,23 @@ def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_
         # the embedded image is the one written beside the report
         assert (cfg.run_dir / "plots" / f"{name}.png").read_bytes() == base64.b64decode(img["src"].split(",", 1)[1])
     cells = " ".join(report.cells)
-    assert f"test: accuracy" in cells and f"{metrics['accuracy']:.4f}" in cells
+    assert "test: accuracy" in cells and _num(metrics["accuracy"]) in cells  # rounded for people: 3 decimals
+    assert len(_num(metrics["accuracy"]).split(".")[-1]) <= 3
     row = report.rows_by_class["one"]
-    assert row[1] == "trained" and len(row) == 9  # class, status, train/val/test counts, precision/recall/f1/support
+    assert row[1] == "trained" and len(row) == 6  # class, status, train/val/test counts, scores (the F1 bar has no text)
+    assert row[5].startswith("P ") and "F1" in row[5]
 
 
 def test_a_sweep_csv_becomes_a_table(trained_run):
     cfg, _, _ = trained_run
-    (cfg.run_dir / "sweep.csv").write_text("lr,head,val_balanced_accuracy\n0.001,linear,0.91\n0.01,mlp,0.87\n", encoding="utf-8")
+    sweep = cfg.run_dir / "sweep.csv"
+    real = sweep.read_bytes()  # the run's own, restored for the other tests
+    sweep.write_text("lr,head,val_balanced_accuracy\n0.001,linear,0.91\n0.01,mlp,0.87\n", encoding="utf-8")
     try:
         report = parse(write_report(cfg.run_dir).html)
     finally:
-        (cfg.run_dir / "sweep.csv").unlink()
+        sweep.write_bytes(real)
+        write_report(cfg.run_dir)
     assert "Sweep" in report.headings
     assert "mlp" in report.cells and "0.87" in report.cells
 
@@ -143,3 +148,62 @@ def test_many_classes_get_an_unnamed_matrix_and_a_top_pairs_chart(tmp_path):
     size = plot_top_confusions(cm, names, tmp_path / "top.png")
     with Image.open(tmp_path / "top.png") as im:
         assert im.size == size
+
+
+def test_the_sweep_is_an_lr_by_weight_decay_grid_with_the_selected_head_outlined(trained_run):
+    cfg, _, _ = trained_run
+    html = (cfg.run_dir / "report.html").read_text(encoding="utf-8")
+    sweep = (cfg.run_dir / "sweep.csv").read_text(encoding="utf-8").splitlines()
+    assert 'class="heat"' in html and html.count('class="selected"') == 1
+    lrs = {line.split(",")[1] for line in sweep[1:]}
+    assert html.count("<th>lr ") == len(lrs)
+    assert html.index('id="summary"') < html.index('id="sweep"')  # the summary comes first
+
+
+def test_a_10k_image_run_gives_a_report_under_10_mb(tmp_path):
+    """10,000 test predictions (half wrong), 5,000 label issues, 3,000 near-duplicate pairs, 10,000
+    map points, every one a real photo: the galleries are capped, the report stays small."""
+    import csv as csv_mod
+    import json
+
+    from skimage import data as skdata
+
+    photo = tmp_path / "chelsea.jpg"
+    Image.fromarray(skdata.chelsea()).save(photo, quality=90)
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "inspect").mkdir()
+    n = 10_000
+    paths = [f"img_{i:05d}.jpg" for i in range(n)]
+
+    def write(path, header, rows):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv_mod.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    write(run / "splits.csv", ["row", "path", "label", "split", "sha256", "file"],
+          [[i, p, f"c{i % 100}", "test", f"{i:064x}", str(photo)] for i, p in enumerate(paths)])
+    write(run / "eval" / "predictions.csv", ["path", "label", "predicted", "score"],
+          [[p, f"c{i % 100}", f"c{(i + i % 2) % 100}", 0.5] for i, p in enumerate(paths)])
+    write(run / "inspect" / "label_issues.csv", ["path", "split", "given_label", "suggested_label", "score"],
+          [[p, "train", "c1", "c2", 0.01] for p in paths[:5000]])
+    write(run / "inspect" / "near_duplicates.csv", ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b",
+                                                    "cosine", "group", "leakage"],
+          [[paths[i], "train", "c1", paths[i + 1], "test", "c1", 0.99, i, True] for i in range(3000)])
+    write(run / "inspect" / "outliers.csv", ["path", "split", "label", "knn_distance", "nearest_path"],
+          [[p, "val", "c3", 0.5, paths[0]] for p in paths[:500]])
+    rng = np.random.default_rng(0)
+    write(run / "inspect" / "map2d.csv", ["path", "split", "label", "x", "y"],
+          [[p, "test", f"c{i % 100}", *rng.normal(size=2).round(4)] for i, p in enumerate(paths)])
+    summary = {"images": n, "label_issues": {"scored": n, "issues": 5000, "folds": 5, "out_of_sample_accuracy": 0.5,
+                                             "setting": {"lr": 0.05, "weight_decay": 0.1}},
+               "near_duplicates": {"pairs": 3000, "groups": 3000, "cosine_threshold": 0.97, "within_split": 0,
+                                   "across_splits": 3000, "leakage_pairs": 3000, "different_labels": 0},
+               "outliers": {"count": 500, "neighbours": 5, "threshold": 0.3}, "most_confused": []}
+    (run / "inspect" / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    html = write_report(run).html
+    assert html.stat().st_size < 10e6
+    text = html.read_text(encoding="utf-8")
+    assert "showing 40 of 5,000" in text and "showing 40 of 5,000" in text  # misclassified and label issues
+    assert text.count("data:image/jpeg;base64,") >= 120

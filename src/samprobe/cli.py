@@ -119,6 +119,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        access_log=args.access_log)
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from samprobe.inspection import run_inspect
+    from samprobe.pipeline import _write_report
+
+    cfg = _config(args)
+    run_inspect(cfg)
+    _write_report(cfg.run_dir)
+    return 0
+
+
 def cmd_features_export(args: argparse.Namespace) -> int:
     from samprobe.export import export_features
 
@@ -190,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "metrics on a split; write eval/<split>/metrics.json, per_class.csv, confusion_matrix.png")
     p.add_argument("--checkpoint", required=True, type=user_path, help="checkpoints/best.pt of a training run")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    add("inspect", cmd_inspect, "label issues, near-duplicates / split leakage, outliers from the cached features; "
+        "write inspect/*.csv, summary.json, report sections")
     p = add("predict", cmd_predict, "classify images, folders or a metadata file; write a CSV", config=False)
     p.add_argument("--checkpoint", required=True, type=user_path, help="checkpoints/best.pt of a training run")
     p.add_argument("inputs", nargs="+", type=user_path, help="image files, folders, or a metadata csv/jsonl with a path column")

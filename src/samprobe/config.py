@@ -145,6 +145,18 @@ class TrainConfig(_Strict):
     min_delta: Float = Field(default=0.0, ge=0)
 
 
+class InspectConfig(_Strict):
+    """`samprobe inspect`: label issues, near-duplicates / split leakage and outliers from the cached features."""
+    folds: int = Field(default=5, ge=2)
+    """Cross-fitting folds: each train+val image is scored by a head that never saw it."""
+    duplicate_cosine: float = Field(default=0.97, gt=0, le=1)
+    """Two images whose pooled features have at least this cosine similarity are near-duplicates."""
+    neighbours: int = Field(default=5, ge=1)
+    """k of the kNN outlier score (mean cosine distance to the k nearest other images)."""
+    outlier_iqr: float = Field(default=3.0, gt=0)
+    """An image is an outlier when its kNN distance is above Q3 + outlier_iqr x IQR of all images'."""
+
+
 class WandbConfig(_Strict):
     mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "samprobe"
@@ -165,6 +177,7 @@ class Config(_Strict):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    inspect: InspectConfig = Field(default_factory=InspectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
@@ -360,6 +373,12 @@ train:
   class_weights: balanced     # balanced | sqrt | effective_number | none
   monitor: balanced_accuracy  # balanced_accuracy | accuracy | macro_f1 | val_loss
   patience: 15
+
+inspect:                      # samprobe inspect: label issues, near-duplicates / leakage, outliers
+  folds: 5                    # cross-fitting folds over train+val
+  duplicate_cosine: 0.97      # pooled-feature cosine at or above which two images are near-duplicates
+  neighbours: 5               # k of the kNN-distance outlier score
+  outlier_iqr: 3.0            # outlier: kNN distance above Q3 + 3 IQR
 
 tracking:
   wandb:

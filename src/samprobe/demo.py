@@ -77,7 +77,8 @@ train:
 
 
 def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
-    from samprobe.pipeline import run_evaluate, run_extract, run_train, run_validate
+    from samprobe.inspection import run_inspect
+    from samprobe.pipeline import _write_report, run_evaluate, run_extract, run_train, run_validate
     from samprobe.predict import run_predict
 
     start = time.perf_counter()
@@ -87,18 +88,21 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
     atomic_write_text(cfg_path, DEMO_CONFIG.format(cfg=cfg_path))
     overrides = [f"features.num_workers={num_workers}"] if num_workers is not None else []
     cfg = load_config(cfg_path, overrides)
-    log.info(f"demo: {out}\n[1/5] validate")
+    log.info(f"demo: {out}\n[1/6] validate")
     records, taxonomy = run_validate(cfg)
-    log.info("[2/5] extract")
+    log.info("[2/6] extract")
     run_extract(cfg)
-    log.info("[3/5] train")
+    log.info("[3/6] train")
     trained = run_train(cfg)
-    log.info("[4/5] evaluate")
+    log.info("[4/6] evaluate")
     best = cfg.run_dir / "checkpoints" / "best.pt"
     metrics = run_evaluate(cfg, best, "test")
-    log.info("[5/5] predict")
+    log.info("[5/6] predict")
     test_files = [r.file for r in records if r.split == "test"][:20]
     run_predict(best, test_files, cfg.run_dir / "predictions.csv", device="cpu")
+    log.info("[6/6] inspect")
+    inspected = run_inspect(cfg)
+    _write_report(cfg.run_dir)
 
     report = json.loads((cfg.run_dir / "data_report.json").read_text())
     mapping = trained["classes"]
@@ -107,6 +111,8 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
         "active_classes": mapping.num_active, "taxonomy_classes": len(taxonomy),
         "not_trained": mapping.inactive_names,
         "test_accuracy": metrics["accuracy"], "test_balanced_accuracy": metrics["balanced_accuracy"],
+        "label_issues": inspected["label_issues"].get("issues", 0),
+        "leakage_pairs": inspected["near_duplicates"]["leakage_pairs"],
         "seconds": round(time.perf_counter() - start, 1),
         "report": str(cfg.run_dir / "report.html"),
     }
@@ -116,7 +122,9 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
              f"({report['missing']} missing files) -> {cfg.run_dir / 'bad_rows.csv'}")
     log.info(f"  classes: {mapping.num_active} active of {len(taxonomy)}; not trained (no images): {', '.join(mapping.inactive_names)}")
     log.info(f"  test: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f} (n={metrics['n']})")
-    log.info(f"  outputs: {cfg.run_dir} (checkpoints/, eval/, metrics.jsonl, predictions.csv, run.log)")
+    log.info(f"  inspect: {summary['label_issues']} suspected label errors, {summary['leakage_pairs']} train/val <-> test "
+             f"near-duplicates -> {cfg.run_dir / 'inspect'}")
+    log.info(f"  outputs: {cfg.run_dir} (checkpoints/, eval/, inspect/, metrics.jsonl, predictions.csv, run.log)")
     log.info(f"  report: {summary['report']} (open it in a browser: data, classes, metrics, plots)")
     log.info(f"  pipeline time: {summary['seconds']} s")
     return summary

@@ -580,7 +580,7 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     unknown = sorted({r.label for r in recs} - set(mapping.taxonomy))
     if unknown:
         raise DataError(f"labels {unknown[:5]} are not in the checkpoint's taxonomy", fix="evaluate with the classes file the head was trained with")
-    topk, _ = predict_features(ckpt, x)
+    topk, scores = predict_features(ckpt, x)
     y_true = mapping.taxonomy_index([r.label for r in recs])
     y_pred = topk[:, 0]
     taxonomy, active = list(mapping.taxonomy), list(mapping.active)
@@ -595,6 +595,10 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    with atomic_open(out / "predictions.csv", "w", encoding="utf-8") as f:  # per image: the report's galleries
+        w = csv.writer(f)
+        w.writerow(["path", "label", "predicted", "score"])
+        w.writerows([r.path, r.label, taxonomy[p], round(float(sc), 6)] for r, p, sc in zip(recs, y_pred, scores[:, 0]))
     cm = confusion(y_true, y_pred, len(taxonomy))
     plot_confusion(cm, taxonomy, out / "confusion_matrix.png")
     write_confusion_csv(cm, taxonomy, out / "confusion_matrix.csv")

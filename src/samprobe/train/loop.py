@@ -191,68 +191,81 @@ class _WeightedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, sample_w: torch.Tensor) -> torch.Tensor:
-        """logits [H, B, C] fp32, target [B] in 0..C-1, sample_w [B] (summing to 1) -> losses [H]."""
+        """logits [H, B, C] fp32, target [B] in 0..C-1, sample_w [B] (summing to 1) -> losses [H].
+        Per-head targets and weights (cross-fitting: each head its own rows): target, sample_w [H, B]."""
         m = logits.amax(-1, keepdim=True)  # [H, B, 1]
         e = (logits - m).exp_()
         s = e.sum(-1, keepdim=True)
-        at_target = target.view(1, -1, 1).expand(logits.shape[0], -1, 1)  # [H, B, 1]
+        at_target = target.view(-1, target.shape[-1], 1).expand(logits.shape[0], -1, 1)  # [H, B, 1]
         nll = (m + s.log() - logits.gather(2, at_target)).squeeze(2)  # [H, B]
         if ctx.needs_input_grad[0]:  # validation (no grad) needs the losses only
             ctx.save_for_backward(e.div_(s), at_target, sample_w)  # softmax [H, B, C]
-        return nll @ sample_w
+        return nll @ sample_w if sample_w.dim() == 1 else (nll * sample_w).sum(1)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         probs, at_target, sample_w = ctx.saved_tensors
-        w = sample_w.view(1, -1, 1) * grad_loss.view(-1, 1, 1)  # [H, B, 1]
+        w = sample_w.view(-1, sample_w.shape[-1], 1) * grad_loss.view(-1, 1, 1)  # [H, B, 1]
         return (probs * w).scatter_add_(2, at_target, -w), None, None
 
 
 def _head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """logits [H, B, C], y [B] head targets (IGNORE allowed) -> weighted mean CE per head [H],
-    as F.cross_entropy(weight=..., ignore_index=IGNORE) computes it for each head."""
+    """logits [H, B, C], y [B] head targets (IGNORE allowed), or [H, B] per head -> weighted mean
+    CE per head [H], as F.cross_entropy(weight=..., ignore_index=IGNORE) computes it for each head."""
     known = y != IGNORE
     target = y.clamp_min(0)
-    w = torch.where(known, weights[target], torch.zeros((), device=y.device))  # [B]
-    return _WeightedCrossEntropy.apply(logits.float(), target, w / w.sum().clamp_min(1e-12))
+    w = torch.where(known, weights[target], torch.zeros((), device=y.device))  # [B] / [H, B]
+    return _WeightedCrossEntropy.apply(logits.float(), target, w / w.sum(-1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()
 def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, num_untrained: int,
                    device: torch.device, precision: str, batch_size: int = 4096,
                    heads: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Validation metrics of every head (or of ``heads``, indices [H']), each [H] ([H']). y: head
+    """Validation metrics of every head (or of ``heads``, indices [H']), each [H] ([H']). y [N]: head
     targets with IGNORE for samples of untrained classes: errors in accuracy, recall 0 for their
-    ``num_untrained`` classes in balanced accuracy and F1 0 in macro-F1, left out of the loss."""
+    ``num_untrained`` classes in balanced accuracy and F1 0 in macro-F1, left out of the loss.
+    y [H, N] (cross-fitting): each head's own targets, IGNORE = not that head's sample (left out)."""
     model.eval()
     H, C = model.num_heads if heads is None else len(heads), model.num_classes
     heads = None if heads is None else heads.to(device)
     y = y.to(device)
+    per_head = y.dim() == 2
+    if per_head and heads is not None:
+        y = y.index_select(0, heads)
     preds, loss_num = [], torch.zeros(H, device=device)
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device, non_blocking=True), y[i:i + batch_size]
+    for i in range(0, y.shape[-1], batch_size):
+        xb, yb = x[i:i + batch_size].to(device, non_blocking=True), y[..., i:i + batch_size]
         with autocast_context(device, precision):
             logits = model(xb, heads)
         preds.append(logits.max(-1).indices)  # the first maximum, as argmax; 1.4x faster for small C
         known = yb != IGNORE
-        loss_num += _head_losses(logits, yb, weights) * torch.where(known, weights[yb.clamp_min(0)], 0.0).sum()
+        loss_num += _head_losses(logits, yb, weights) * torch.where(known, weights[yb.clamp_min(0)], 0.0).sum(-1)
     pred = torch.cat(preds, 1)  # [H, N]
     known = y != IGNORE
-    w_total = torch.where(known, weights[y.clamp_min(0)], 0.0).sum()
+    w_total = torch.where(known, weights[y.clamp_min(0)], 0.0).sum(-1)
     correct = (pred == y).float()  # IGNORE never equals a prediction
-    onehot = F.one_hot(y.clamp_min(0), C).float() * known[:, None]  # [N, C]
-    support = onehot.sum(0)  # [C]
-    tp = correct @ onehot  # [H, C]
-    pp = torch.zeros(H, C, device=device).scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float))
+    if per_head:
+        target, known = y.clamp_min(0), known.float()
+        support = torch.zeros(H, C, device=device).scatter_add_(1, target, known)  # [H, C]
+        tp = torch.zeros(H, C, device=device).scatter_add_(1, target, correct)
+        pp = torch.zeros(H, C, device=device).scatter_add_(1, pred, known)
+        counted = known.sum(1)
+    else:
+        onehot = F.one_hot(y.clamp_min(0), C).float() * known[:, None]  # [N, C]
+        support = onehot.sum(0)  # [C]
+        tp = correct @ onehot  # [H, C]
+        pp = torch.zeros(H, C, device=device).scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float))
+        counted = torch.full((H,), float(len(y)), device=device)
     present = support > 0
-    n_present = present.sum() + num_untrained
+    n_present = present.sum(-1) + num_untrained
     recall = torch.where(present, tp / support.clamp_min(1), 0.0)
     precision_ = torch.where(pp > 0, tp / pp.clamp_min(1), 0.0)
     f1 = torch.where(precision_ + recall > 0, 2 * precision_ * recall / (precision_ + recall).clamp_min(1e-12), 0.0)
     denom = n_present.clamp_min(1).float()
     return {
-        "val_loss": loss_num / w_total if w_total > 0 else torch.full((H,), float("nan"), device=device),
-        "val_accuracy": correct.mean(1) if len(y) else torch.zeros(H, device=device),
+        "val_loss": torch.where(w_total > 0, loss_num / w_total.clamp_min(1e-12), float("nan")),
+        "val_accuracy": correct.sum(1) / counted.clamp_min(1),
         "val_balanced_accuracy": (recall * present).sum(1) / denom,
         "val_macro_f1": (f1 * present).sum(1) / denom,
     }
@@ -260,23 +273,32 @@ def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor,
 
 class SweepTrainer:
     """The state of a sweep; ``run`` trains to the end, ``state_dict`` / ``load_state_dict``
-    hold everything needed to continue after a kill."""
+    hold everything needed to continue after a kill.
+
+    Cross-fitting (``samprobe inspect``) passes ``grid`` (one (lr, weight_decay) per head, settings
+    may repeat), per-head targets y_train / y_val [H, N] with IGNORE where a row is not that head's,
+    and ``independent``: every head is kept (no pruning, no stop when the leading head stalls)."""
 
     def __init__(self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                  class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
-                 device: torch.device | str = "cpu", precision: str = "fp32") -> None:
+                 device: torch.device | str = "cpu", precision: str = "fp32", *,
+                 grid: list[tuple[float, float]] | None = None, independent: bool = False) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.precision = resolve_precision(self.device, precision) if precision == "auto" else precision
         self.seed = seed
-        self.grid = sweep_grid(cfg)
+        self.grid = sweep_grid(cfg) if grid is None else [(float(lr), float(wd)) for lr, wd in grid]
+        self.independent = independent
         H, C = len(self.grid), len(class_weights)
         yt = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
-        if len(yt) == 0:
+        if yt.dim() == 2 and yt.shape[0] != H:
+            raise TrainingError(f"per-head targets [{yt.shape[0]}, N] for {H} heads", fix="pass one row of targets per head")
+        trained = yt[yt != IGNORE] if yt.dim() == 2 else yt
+        if len(trained) == 0:
             raise TrainingError("no training samples", fix="check data_report.json and the split settings")
-        if (yt < 0).any() or (yt >= C).any():
+        if (trained < 0).any() or (trained >= C).any():
             # Cannot happen through ClassMapping.to_head; guards direct API use (the seed's IndexError).
             raise TrainingError(f"training targets must be head indices 0..{C - 1} of active classes "
-                                f"(got {int(yt.min())}..{int(yt.max())})",
+                                f"(got {int(trained.min())}..{int(trained.max())})",
                                 fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets")
         if not _all_finite(x_train) or not _all_finite(x_val):
             raise TrainingError("features contain NaN/inf", fix="delete the cache entries of these images and rerun `samprobe extract`")
@@ -306,6 +328,7 @@ class SweepTrainer:
         self.batch_size, self.accumulate = micro_batches(cfg.batch_size, cfg.accumulate, row)
         self.eval_batch = rows_per_step(row, 4096)
         self.micro_steps = math.ceil(len(self.zt) / self.batch_size)
+        self.per_head_targets = yt.dim() == 2
         self.opt_steps = math.ceil(self.micro_steps / self.accumulate)
         total = self.opt_steps * cfg.epochs
         warmup = max(1, min(total // 20, cfg.warmup_epochs * self.opt_steps))
@@ -361,6 +384,7 @@ class SweepTrainer:
         model.train()
         perm = torch.randperm(len(self.zt), generator=self.gen)
         perm_z, perm_y = perm.to(self.zt.device), perm.to(self.yt.device)  # once per epoch, not per step
+        heads_y = heads.to(self.yt.device)  # per-head targets (cross-fitting): the rows of these heads
         gather = _PinnedGather(self.zt, self.batch_size, device)
         loss_sum = torch.zeros(len(heads), dtype=torch.float64, device=device)  # [H'], sample-weighted
         broke = torch.zeros(len(heads), dtype=torch.bool, device=device)  # [H'] non-finite since the last step
@@ -371,7 +395,10 @@ class SweepTrainer:
             zb = gather(perm_z[rows])  # the gather's own copy, on the device
             if self.standardize_batches:
                 zb = model.standardize(zb, out=zb)
-            yb = self.yt.index_select(0, perm_y[rows])
+            yb = self.yt.index_select(self.yt.dim() - 1, perm_y[rows])
+            if self.per_head_targets:  # [H, B] -> the rows of the heads in this forward
+                yb = yb.index_select(0, heads_y)
+                yb = yb if sub is None else yb.index_select(0, sub)
             with autocast_context(device, self.precision):
                 logits = model(zb, sub, standardized=True)  # [H'', B, C]
             losses = _head_losses(logits, yb, self.weights)  # [H''], fp32
@@ -383,10 +410,11 @@ class SweepTrainer:
                 broke.index_copy_(0, sub, broke[sub] | ~finite)
             loss = losses.sum() / self.accumulate
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+            rows_in_batch = yb.shape[-1]  # yb [B], or [H'', B] per head
             if sub is None:
-                loss_sum.add_(losses.detach(), alpha=len(yb))
+                loss_sum.add_(losses.detach(), alpha=rows_in_batch)
             else:
-                loss_sum.index_add_(0, sub, losses.detach().double() * len(yb))
+                loss_sum.index_add_(0, sub, losses.detach().double() * rows_in_batch)
             if (step + 1) % self.accumulate == 0 or step + 1 == self.micro_steps:
                 if bool(broke.any()):  # the one wait per optimizer step
                     self._drop_diverged(broke, heads, opt, step)
@@ -504,7 +532,7 @@ class SweepTrainer:
         # Early stopping on the best as well: once the leading score has not improved for
         # `patience` epochs, heads still improving below it cannot change the pick; stop them all.
         self.sweep_stale = 0 if float(self._selectable_scores().max()) > leader_before + cfg.min_delta else self.sweep_stale + 1
-        if self.sweep_stale >= cfg.patience and self.alive.any():
+        if self.sweep_stale >= cfg.patience and self.alive.any() and not self.independent:
             for h in self.alive.nonzero().flatten().tolist():
                 self.status[h] = f"stopped at epoch {self.epoch}: the best head did not improve for {cfg.patience} epochs"
             self.opt.freeze(self.alive.clone())
@@ -538,7 +566,7 @@ class SweepTrainer:
         skips it. Best scores, not this epoch's: a head in a dip is not cut. Never during warm-up
         (every lr is still ramping up, so the ranking says little). Returns the heads pruned."""
         margin = self.prune_margin
-        if margin is None or not self.alive.any() or len(self.xv) == 0 or self.epoch < self.warmup_end_epoch:
+        if margin is None or self.independent or not self.alive.any() or len(self.xv) == 0 or self.epoch < self.warmup_end_epoch:
             return []  # without a validation set the score is the training loss, where more decay always looks worse
         lead = float(self._selectable_scores().max())
         pruned = self.alive & (self.best_score < lead - margin)

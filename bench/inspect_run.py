@@ -1,0 +1,277 @@
+"""samprobe inspect against its baseline, same run, same features (run it as bench/inspect.py).
+
+Label issues: scikit-learn's 1797 digit scans, efficientnet_lite0 features (1280-d, 128 px,
+real ImageNet weights, cached in --workdir as bench/heads.py caches them), an 80 % train split
+with 5 % of its labels flipped to another class (seeded). Both sides give out-of-sample
+probabilities to cleanlab's find_label_issues (ranked by self-confidence) and are scored by
+precision / recall against the flipped set:
+
+  samprobe: as `samprobe train` then `samprobe inspect`: the default sweep on an 85/15 split of
+            the (noisy) train set gives the setting with the lowest validation log loss (untimed:
+            that is the training run); timed: inspect's 5-fold cross-fit with it (5 heads in one
+            SweepTrainer pass, precision auto) + cleanlab;
+  sklearn:  cross_val_predict(LogisticRegression(C=0.1, max_iter=1000), cv=5, method="predict_proba")
+            on standardised features (the baseline of issue 16: P 0.69, R 0.85).
+
+Near-duplicates: 20 scans re-encoded (at 128 px, odd ones cropped by 4 px, resized 0.9x, JPEG
+quality 70), added to the test split, found by inspect's exhaustive cosine kNN at
+inspect.duplicate_cosine: recall of the 20 (original, copy) pairs, false pairs, and each pair
+is train/val <-> test leakage unless the original is in test too.
+
+Timing: near-duplicate search (kNN k=10 + pairs) on 100,000 x 256 random features with 2,000
+planted near-copies; --quick: 20,000 rows (the figure is then scaled by (100k/20k)^2).
+
+    python bench/inspect.py [--quick] [--workdir DIR] [--threads T]
+
+Ends with one JSON line; "pass": samprobe's precision and recall >= sklearn's (and >= 0.7 /
+0.8), >= 5x faster, near-duplicate recall >= 0.95 with <= 5 false pairs, 100k search <= 30 s.
+"""
+
+import os
+import sys
+
+# bench/ holds inspect.py, which shadows the standard library's inspect: keep bench/ off the import path.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+sys.path.insert(0, os.path.join(os.path.dirname(_here), "src"))
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+FLIP_SHARE = 0.05
+DUPLICATES = 20
+
+
+def _bench_heads():  # noqa: ANN202 - the sibling bench module, loaded by path (bench/ is off sys.path)
+    spec = importlib.util.spec_from_file_location("bench_heads", os.path.join(_here, "heads.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def flipped_labels(y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    k = int(y.max()) + 1
+    flip = rng.choice(len(y), size=int(round(share * len(y))), replace=False)
+    noisy = y.copy()
+    noisy[flip] = (y[flip] + rng.integers(1, k, size=len(flip))) % k  # always another class
+    return noisy, np.sort(flip)
+
+
+def precision_recall(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    hit = len(np.intersect1d(found, truth))
+    return (hit / len(found) if len(found) else 0.0), hit / len(truth)
+
+
+def run_samprobe(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict]:
+    """As `samprobe train` then `samprobe inspect`: the sweep (untimed, it is the training run) on
+    an 85/15 split gives the setting; the cross-fit with it + cleanlab is timed."""
+    import torch
+    from sklearn.model_selection import train_test_split
+
+    from samprobe.backbones.precision import resolve_precision
+    from samprobe.config import TrainConfig
+    from samprobe.inspection import cross_fit, find_label_issues, setting_from_sweep
+    from samprobe.train.classes import class_weights
+    from samprobe.train.loop import SweepTrainer
+
+    import torch._dynamo  # noqa: F401 - a library import (1.5-2.5 s), left out of the timing as sklearn's are
+
+    cfg = TrainConfig()
+    precision = resolve_precision(torch.device("cpu"), "auto")
+    weights = class_weights(np.bincount(y), cfg.class_weights)
+    tr, va = train_test_split(np.arange(len(y)), test_size=0.15, stratify=y, random_state=0)
+    sweep = SweepTrainer(x[tr], y[tr], x[va], y[va], weights, cfg, 0, precision=precision).run()
+    setting = setting_from_sweep(sweep.table)
+    t = time.perf_counter()
+    fit = cross_fit(x, y, weights, cfg, folds=5, seed=0, settings=[setting], precision=precision)
+    found = find_label_issues(y, fit.probs)
+    return found, time.perf_counter() - t, {"lr": setting[0], "weight_decay": setting[1], "precision": precision}
+
+
+def run_sklearn(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.preprocessing import StandardScaler
+
+    from samprobe.inspection import find_label_issues
+
+    t = time.perf_counter()
+    z = StandardScaler().fit_transform(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lbfgs convergence warnings at max_iter
+        probs = cross_val_predict(LogisticRegression(C=0.1, max_iter=1000), z, y, cv=5, method="predict_proba")
+    found = find_label_issues(y, probs)
+    return found, time.perf_counter() - t
+
+
+def near_copies(grey: np.ndarray) -> list[np.ndarray]:
+    """Re-encoded copies of uint8 greyscale scans as RGB: the scan at the model's 128 px (as the
+    backbone sees it; an 8 px scan resized by 0.9 would lose a pixel row, not make a copy), odd
+    ones cropped by 4 px on the left, resized by 0.9, JPEG quality 70."""
+    from PIL import Image
+
+    out = []
+    for n, g in enumerate(grey):
+        im = Image.fromarray(g, mode="L").resize((128, 128), Image.BICUBIC)
+        if n % 2:
+            im = im.crop((4, 0, im.width, im.height))
+        im = im.resize((max(1, round(im.width * 0.9)), max(1, round(im.height * 0.9))), Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=70)
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    return out
+
+
+def duplicates_check(
+    x: np.ndarray, grey: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray, workdir: Path
+) -> dict:
+    from samprobe.config import BackboneConfig, Config, FeaturesConfig, InspectConfig
+    from samprobe.features.extract import Extractor, image_features
+    from samprobe.inspection import duplicate_pairs, is_leak, nearest_neighbours
+
+    rng = np.random.default_rng(1)
+    sources = rng.choice(len(x), size=DUPLICATES, replace=False)
+    cached = workdir / "digits_lite0_128_near_copies_v2.npz"  # v2: copies made at 128 px
+    if cached.is_file() and np.array_equal(np.load(cached)["sources"], sources):
+        xc = np.load(cached)["x"]
+    else:
+        cfg = Config(
+            device="cpu",
+            precision="fp32",
+            backbone=BackboneConfig(name="efficientnet_lite0", img_size=128),
+            features=FeaturesConfig(dtype="float32"),
+        )
+        xc = image_features(Extractor.from_config(cfg), near_copies(grey[sources]), batch_size=20)
+        np.savez(cached, x=xc, sources=sources)
+    split = np.array(["val"] * len(x), dtype=object)
+    split[train_idx], split[test_idx] = "train", "test"
+    split = np.concatenate([split, ["test"] * DUPLICATES])  # the copies arrive in test
+    feats = np.concatenate([x, xc])
+    threshold = InspectConfig().duplicate_cosine
+    sims, idx = nearest_neighbours(feats, 10)
+    pairs = duplicate_pairs(sims, idx, threshold)
+    planted = {(int(s), len(x) + n) for n, s in enumerate(sources)}
+    found = {(a, b) for a, b, _ in pairs}
+    hits = planted & found
+    leaks_expected = {p for p in planted if is_leak(split[p[0]], split[p[1]])}
+    leaks_named = {(a, b) for a, b, _ in pairs if is_leak(split[a], split[b])}
+    copy_cos = [
+        float(np.dot(feats[a], feats[b]) / np.linalg.norm(feats[a]) / np.linalg.norm(feats[b])) for a, b in planted
+    ]
+    return {
+        "recall": len(hits) / len(planted),
+        "false_pairs": len(found - planted),
+        "threshold": threshold,
+        "leakage_pairs_expected": len(leaks_expected),
+        "leakage_pairs_named": len(leaks_named & leaks_expected),
+        "min_copy_cosine": round(min(copy_cos), 4),
+        "false_pair_max_cosine": round(max([c for a, b, c in pairs if (a, b) not in planted], default=0.0), 4),
+    }
+
+
+def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float]:
+    """Seconds for kNN k=10 + pairs on n x dim features with n/50 planted near-copies; recall of those."""
+    import torch
+
+    from samprobe.backbones.precision import resolve_precision
+    from samprobe.config import InspectConfig
+    from samprobe.inspection import duplicate_pairs, nearest_neighbours
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    copies = n // 50
+    x[n - copies :] = x[:copies] + 0.05 * rng.normal(size=(copies, dim)).astype(np.float32)  # cosine ~0.9988
+    dtype = torch.bfloat16 if resolve_precision(torch.device("cpu"), "auto") == "bf16" else torch.float32
+    t = time.perf_counter()
+    sims, idx = nearest_neighbours(x, 10, dtype=dtype)
+    pairs = duplicate_pairs(sims, idx, InspectConfig().duplicate_cosine)
+    seconds = time.perf_counter() - t
+    found = {(a, b) for a, b, _ in pairs}
+    recall = sum((i, n - copies + i) in found for i in range(copies)) / copies
+    return seconds, recall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workdir", default="bench/.work")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    x, y = _bench_heads().digits_features(workdir)
+    grey = np.clip(np.rint(load_digits().images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    idx = np.arange(len(y))
+    train, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
+    noisy, flipped = flipped_labels(y[train], FLIP_SHARE, seed=0)
+
+    with threadpool_limits(args.threads):
+        found_s, sec_s, setting = run_samprobe(x[train], noisy)
+        found_k, sec_k = run_sklearn(x[train], noisy)
+        dups = duplicates_check(x, grey, train, test, workdir)
+        n = 20_000 if args.quick else 100_000
+        sec_nn, recall_nn = search_seconds(n)
+    p_s, r_s = precision_recall(found_s, flipped)
+    p_k, r_k = precision_recall(found_k, flipped)
+    near_dup_100k = sec_nn * (100_000 / n) ** 2
+    ratio = sec_k / sec_s
+    result = {
+        "bench": "inspect",
+        "quick": args.quick,
+        "threads": args.threads,
+        "load": os.getloadavg()[0],
+        "label_issues": {
+            "flipped": len(flipped),
+            "train_images": len(train),
+            "samprobe": {
+                "precision": round(p_s, 4),
+                "recall": round(r_s, 4),
+                "found": len(found_s),
+                "setting": setting,
+            },
+            "sklearn": {"precision": round(p_k, 4), "recall": round(r_k, 4), "found": len(found_k)},
+        },
+        "near_duplicates": dups,
+        "seconds": {
+            "samprobe_cross_fit": round(sec_s, 3),
+            "sklearn_cv": round(sec_k, 3),
+            "near_dup_100k": round(near_dup_100k, 2),
+            "near_dup_measured_rows": n,
+        },
+        "near_dup_synthetic_recall": recall_nn,
+        "ratios": {"vs_sklearn_cv": round(ratio, 2)},
+        "targets": {
+            "vs_sklearn_cv": 5.0,
+            "near_dup_100k": 30.0,
+            "precision": 0.7,
+            "recall": 0.8,
+            "duplicate_recall": 0.95,
+            "false_pairs": 5,
+        },
+    }
+    result["pass"] = bool(
+        p_s >= max(p_k, 0.7)
+        and r_s >= max(r_k, 0.8)
+        and ratio >= 5.0
+        and dups["recall"] >= 0.95
+        and dups["false_pairs"] <= 5
+        and near_dup_100k <= 30.0
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""``samprobe inspect``: know the data before trusting a score.
+
+From the cached features only (no image is decoded, no user file is changed):
+
+- **label issues**: out-of-sample class probabilities of every train+val image by k-fold
+  cross-fitting of the configured head, trained as the sweep trains (``SweepTrainer``; every
+  fold, for every candidate setting, is one head of one batched pass, each head's loss masked to
+  its own training rows and its early stopping on its held-out fold), then cleanlab's
+  ``find_label_issues`` ranked by self-confidence;
+- **near-duplicates** by cosine similarity of the pooled features, exhaustive (every pair is
+  compared: blocked matrix products, no approximate index), within and across splits; a pair
+  with one image in test and one in train/val is split **leakage**;
+- **outliers**: mean cosine distance to the k nearest other images, above Q3 + c x IQR;
+- **most confused class pairs** among the out-of-sample predictions.
+
+Why no faiss: its exact index (IndexFlatIP) is the same blocked matrix product plus a heap;
+torch already runs that product at the machine's peak (bf16 where ``precision: auto`` finds
+it fast) and faiss would be one more compiled dependency for no gain in exactness.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from samprobe.config import Config, TrainConfig
+from samprobe.data.metadata import Record
+from samprobe.io import atomic_open, atomic_write_text
+from samprobe.train.classes import IGNORE, ClassMapping, class_weights
+from samprobe.train.heads import rows_per_step
+
+log = logging.getLogger("samprobe")
+
+INSPECT_DIR = "inspect"
+SHOWN = 5  # first entries of each list printed on the console
+
+
+# ---------------------------------------------------------------------------------------
+# cross-fitting
+
+
+def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index [N] in 0..folds-1, stratified: each class's members are shuffled and dealt
+    round-robin, starting where the previous class stopped, so fold sizes differ by at most one.
+    A class with fewer members than folds is simply absent from some folds (no error)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(labels), dtype=np.int64)
+    start = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        out[members] = (start + np.arange(len(members))) % folds
+        start = (start + len(members)) % folds
+    return out
+
+
+@dataclass
+class CrossFit:
+    probs: np.ndarray  # [N, C] out-of-sample class probabilities (head classes)
+    fold: np.ndarray  # [N]
+    setting: tuple[float, float]  # (lr, weight_decay) used
+    seconds: float
+
+
+def cross_fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    folds: int,
+    seed: int,
+    settings: Sequence[tuple[float, float]],
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> CrossFit:
+    """Out-of-sample probabilities [N, C] of head targets ``y`` [N] (0..C-1) by ``folds``-fold
+    cross-fitting: one ``SweepTrainer`` pass trains len(settings) x folds heads, head (s, f) on
+    every row outside fold f. Heads train for ``cfg.epochs`` (or until their training loss stops
+    improving for 5 epochs) with no early stopping on held-out rows, so no held-out label
+    decides anything about the head that scores it; with several ``settings`` the one with the
+    lowest held-out log loss is used (cross-validated selection: on the digits with 5 % flipped
+    labels, held-out log loss ranks the 8 default settings as cleanlab's precision does)."""
+    from samprobe.train.loop import SweepTrainer
+
+    t0 = time.perf_counter()
+    folds = max(2, min(folds, len(y)))
+    fold = fold_assignment(y, folds, seed)
+    settings = [(float(lr), float(wd)) for lr, wd in settings]
+    grid = [s for s in settings for _ in range(folds)]  # head h: setting h // folds, fold h % folds
+    head_fold = np.tile(np.arange(folds), len(settings))
+    y_train = np.where(head_fold[:, None] == fold[None, :], IGNORE, y[None, :])  # [H, N]
+    # Patience on a training-loss plateau, not a validation score: 5 epochs found the same issues as 15
+    # on the digits (bench/inspect.py, 3 seeds) in 1.5-3x less time.
+    cfg = cfg.model_copy(update={"patience": min(cfg.patience, 5)})
+    no_val = np.zeros((0,) + x.shape[1:], dtype=np.float32)
+    trainer = SweepTrainer(
+        x,
+        y_train,
+        no_val,
+        np.zeros((len(grid), 0), np.int64),
+        weights,
+        cfg,
+        seed,
+        0,
+        device,
+        precision,
+        grid=grid,
+        independent=True,
+    )
+    model = trainer.run().model.eval()
+    per_setting = np.zeros((len(settings), len(y), len(weights)), dtype=np.float32)
+    step = rows_per_step(int(np.prod(x.shape[1:])), 4096)  # grids: bounded activations
+    with torch.no_grad():
+        for f in range(folds):
+            heads = torch.arange(f, len(grid), folds, device=trainer.device)  # fold f of every setting
+            rows = np.flatnonzero(fold == f)
+            for i in range(0, len(rows), step):
+                part = rows[i : i + step]
+                xb = torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)).to(trainer.device)
+                per_setting[:, part] = torch.softmax(model(xb, heads).float(), dim=2).cpu().numpy()
+    given = np.take_along_axis(per_setting, np.broadcast_to(y[None, :, None], (len(settings), len(y), 1)), 2)[..., 0]
+    held_out_loss = -np.log(np.clip(given, 1e-12, None)).mean(1)  # [S]
+    pick = int(np.argmin(held_out_loss))
+    return CrossFit(per_setting[pick], fold, settings[pick], time.perf_counter() - t0)
+
+
+def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Indices of suspected label errors, most suspicious first (cleanlab, ranked by self-confidence)."""
+    from cleanlab.filter import find_label_issues as cleanlab_find
+
+    if probs.shape[1] < 2 or len(labels) < 2:
+        return np.zeros(0, dtype=np.int64)
+    # n_jobs=1: cleanlab's default forks a process pool per call, slower than the work here.
+    return np.asarray(
+        cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1), dtype=np.int64
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# neighbours
+
+
+def nearest_neighbours(
+    x: np.ndarray, k: int, *, dtype: torch.dtype = torch.float32, block: int = 1024, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive cosine kNN of the rows of ``x`` [N, D] among each other (self excluded):
+    (similarities [N, k] float32, descending; indices [N, k]); k is capped at N - 1.
+
+    Blocks of rows against all rows in ``dtype`` (bf16 where the CPU/GPU runs it fast) pick
+    k + 4 candidates each; candidates are re-scored in fp32, so the similarities are exact and
+    the order is exact up to bf16 swaps beyond the 4 spare candidates. Not the symmetric half:
+    square blocks need a transposed copy and topk over short rows, which measured 1.7x slower
+    in total (20k x 256, 2 threads) than full rows, though they halve the products."""
+    n = len(x)
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    low = t.to(dtype)
+    spare = min(k + 4, n - 1) + 1  # +1: the row itself
+    sims, idx = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    for i in range(0, n, block):
+        rows = slice(i, min(i + block, n))
+        s = low[rows] @ low.T  # [B, N]
+        own = torch.arange(rows.start, rows.stop, device=s.device)
+        s[torch.arange(s.shape[0], device=s.device), own] = -2.0  # never its own neighbour
+        cand = s.topk(spare, dim=1).indices  # [B, spare]
+        exact = torch.einsum("bd,bkd->bk", t[rows], t[cand])  # fp32 re-score
+        exact[cand == own[:, None]] = -2.0
+        order = exact.topk(k, dim=1)
+        sims[rows] = order.values.cpu().numpy()
+        idx[rows] = torch.gather(cand, 1, order.indices).cpu().numpy()
+    return sims, idx
+
+
+def duplicate_pairs(sims: np.ndarray, idx: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) with i < j for every neighbour pair at or above ``threshold``, most similar first."""
+    found: dict[tuple[int, int], float] = {}
+    for i, j in zip(*np.nonzero(sims >= threshold)):
+        a, b = sorted((int(i), int(idx[i, j])))
+        found[(a, b)] = max(found.get((a, b), -1.0), float(sims[i, j]))
+    return sorted(((a, b, c) for (a, b), c in found.items()), key=lambda p: (-p[2], p[0], p[1]))
+
+
+def duplicate_groups(n: int, pairs: Sequence[tuple[int, int, float]]) -> np.ndarray:
+    """Group id [N] (union of the pairs; -1 for an image in no pair), numbered by first member."""
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b, _ in pairs:
+        parent[root(a)] = root(b)
+    group = np.full(n, -1, dtype=np.int64)
+    ids: dict[int, int] = {}
+    members = {i for a, b, _ in pairs for i in (a, b)}
+    for i in sorted(members):
+        group[i] = ids.setdefault(root(i), len(ids))
+    return group
+
+
+def outlier_scores(sims: np.ndarray) -> np.ndarray:
+    """Mean cosine distance to the k nearest other images [N] (0 for a lone image: nothing to compare)."""
+    return (1.0 - sims).mean(1) if sims.shape[1] else np.zeros(len(sims), np.float32)
+
+
+def outlier_threshold(scores: np.ndarray, iqr_factor: float) -> float:
+    q1, q3 = np.percentile(scores, [25, 75]) if len(scores) else (0.0, 0.0)
+    return float(q3 + iqr_factor * (q3 - q1))
+
+
+def feature_map(x: np.ndarray, seed: int) -> np.ndarray:
+    """2-D coordinates [N, 2] of the pooled features for the report's map: PCA of the L2-normalised
+    features (scikit-learn; t-SNE/UMAP separate clusters better but take ~10 s per 2k images here
+    and UMAP would be one more dependency for a picture)."""
+    from sklearn.decomposition import PCA
+
+    if len(x) < 3:
+        return np.zeros((len(x), 2), np.float32)
+    z = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    coords = PCA(n_components=2, random_state=seed).fit_transform(z)
+    return np.nan_to_num(coords).astype(np.float32)
+
+
+def confused_pairs(given: Sequence[str], predicted: Sequence[str], k: int = 10) -> list[dict[str, Any]]:
+    """Most frequent (given -> predicted) disagreements, with the share of the given class."""
+    counts: dict[tuple[str, str], int] = {}
+    totals: dict[str, int] = {}
+    for g, p in zip(given, predicted):
+        totals[g] = totals.get(g, 0) + 1
+        if g != p:
+            counts[(g, p)] = counts.get((g, p), 0) + 1
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [{"given": g, "predicted": p, "count": c, "share": round(c / totals[g], 4)} for (g, p), c in top]
+
+
+# ---------------------------------------------------------------------------------------
+# the command
+
+
+def is_leak(split_a: str | None, split_b: str | None) -> bool:
+    """A test image near-duplicating a train/val image: the test score is inflated."""
+    return {split_a, split_b} in ({"test", "train"}, {"test", "val"})
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def setting_from_sweep(table: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
+    """The sweep's (lr, weight_decay) with the lowest validation log loss (sweep.csv / best.pt rows),
+    None without a finite one. Log loss, not the sweep's accuracy pick: cleanlab reads probabilities,
+    and the accuracy pick is overconfident (demo digits: lr 0.5, weight decay 1e-4)."""
+    rows = [r for r in table if r.get("val_loss") is not None and np.isfinite(float(r["val_loss"]))]
+    if not rows:
+        return None
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    return float(best["lr"]), float(best["weight_decay"])
+
+
+def _setting_candidates(cfg: Config, fingerprint: str) -> tuple[list[tuple[float, float]], str]:
+    """The trained sweep's setting (``setting_from_sweep``) when this run trained this head kind on
+    these features; else the whole sweep grid (the cross-fit picks by held-out log loss)."""
+    from samprobe.train.checkpoint import load_checkpoint
+    from samprobe.train.loop import sweep_grid
+
+    best = cfg.run_dir / "checkpoints" / "best.pt"
+    if best.is_file():
+        ckpt = load_checkpoint(best)
+        setting = setting_from_sweep(ckpt.get("sweep", []))
+        if (
+            setting
+            and ckpt["backbone"]["fingerprint"] == fingerprint
+            and ckpt["head"]["spec"]["kind"] == cfg.train.head
+        ):
+            return [setting], f"the sweep's lowest validation log loss ({best})"
+    grid = sweep_grid(cfg.train)
+    return grid, f"cross-validated over the {len(grid)}-setting sweep grid (no matching {best})"
+
+
+def run_inspect(cfg: Config) -> dict[str, Any]:
+    """Write inspect/label_issues.csv, near_duplicates.csv, outliers.csv, summary.json; returns the summary."""
+    from samprobe.backbones.precision import resolve_device, resolve_precision
+    from samprobe.features.extract import Extractor
+    from samprobe.pipeline import _features_by_split, load_dataset, prepare_run_dir
+
+    t0 = time.perf_counter()
+    icfg = cfg.inspect
+    records, taxonomy = load_dataset(cfg)
+    run_dir = prepare_run_dir(cfg)
+    out = run_dir / INSPECT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    extractor = Extractor.from_config(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(device, cfg.precision)
+    data = _features_by_split(cfg, extractor, records)
+    recs = [r for s in ("train", "val", "test") for r in data[s][0]]
+    pooled = np.concatenate([data[s][1] for s in ("train", "val", "test")])
+
+    # --- label issues on train + val (test labels stay unseen) ---
+    spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
+    fit_data = _features_by_split(cfg, extractor, records, spatial, ("train", "val")) if spatial else data
+    fit_recs = fit_data["train"][0] + fit_data["val"][0]
+    mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in data["train"][0]])
+    y_all = mapping.to_head([r.label for r in fit_recs])
+    usable = np.flatnonzero(y_all != IGNORE)  # val images of classes with no training image: no head class
+    labelled = [fit_recs[i] for i in usable]
+    y = y_all[usable]
+    issues: list[list[Any]] = []
+    label_summary: dict[str, Any] = {"scored": int(len(y)), "skipped_untrained_class": int(len(y_all) - len(usable))}
+    confused: list[dict[str, Any]] = []
+    if mapping.num_active < 2 or len(y) < 2:
+        label_summary["skipped"] = (
+            "one class: nothing to confuse a label with" if mapping.num_active < 2 else "fewer than 2 labelled images"
+        )
+    else:
+        x_fit = np.concatenate([fit_data["train"][1], fit_data["val"][1]])[usable]
+        weights = class_weights(np.bincount(y, minlength=mapping.num_active), cfg.train.class_weights)
+        settings, why = _setting_candidates(cfg, extractor.fingerprint)
+        fit = cross_fit(
+            x_fit,
+            y,
+            weights,
+            cfg.train,
+            folds=icfg.folds,
+            seed=cfg.seed,
+            settings=settings,
+            device=device,
+            precision=precision,
+        )
+        found = find_label_issues(y, fit.probs)
+        names = mapping.active_names
+        predicted = fit.probs.argmax(1)
+        for i in found:
+            r = labelled[i]
+            issues.append([r.path, r.split, r.label, names[predicted[i]], round(float(fit.probs[i, y[i]]), 6)])
+        confused = confused_pairs([names[c] for c in y], [names[c] for c in predicted])
+        label_summary.update(
+            {
+                "issues": len(issues),
+                "folds": int(fit.fold.max()) + 1,
+                "setting": {"lr": fit.setting[0], "weight_decay": fit.setting[1]},
+                "setting_from": why,
+                "out_of_sample_accuracy": round(float((predicted == y).mean()), 4),
+                "seconds": round(fit.seconds, 2),
+            }
+        )
+    _write_csv(out / "label_issues.csv", ["path", "split", "given_label", "suggested_label", "score"], issues)
+
+    # --- near-duplicates, leakage, outliers over every split ---
+    t_nn = time.perf_counter()
+    matmul = (
+        torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32
+    )  # GPUs: fp32 is plenty fast
+    sims, idx = nearest_neighbours(pooled, max(icfg.neighbours, 10), dtype=matmul, device=device)
+    pairs = duplicate_pairs(sims, idx, icfg.duplicate_cosine)
+    groups = duplicate_groups(len(recs), pairs)
+    dup_rows = [
+        [
+            recs[a].path,
+            recs[a].split,
+            recs[a].label,
+            recs[b].path,
+            recs[b].split,
+            recs[b].label,
+            round(c, 6),
+            int(groups[a]),
+            is_leak(recs[a].split, recs[b].split),
+        ]
+        for a, b, c in pairs
+    ]
+    _write_csv(
+        out / "near_duplicates.csv",
+        ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "cosine", "group", "leakage"],
+        dup_rows,
+    )
+    scores = outlier_scores(sims[:, : icfg.neighbours])
+    threshold = outlier_threshold(scores, icfg.outlier_iqr)
+    flagged = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > threshold]
+    _write_csv(
+        out / "outliers.csv",
+        ["path", "split", "label", "knn_distance", "nearest_path"],
+        [
+            [
+                recs[i].path,
+                recs[i].split,
+                recs[i].label,
+                round(float(scores[i]), 6),
+                recs[int(idx[i, 0])].path if idx.shape[1] else "",
+            ]
+            for i in flagged
+        ],
+    )
+    nn_seconds = time.perf_counter() - t_nn
+
+    _write_csv(
+        out / "map2d.csv",
+        ["path", "split", "label", "x", "y"],
+        [
+            [r.path, r.split, r.label, round(float(a), 5), round(float(b), 5)]
+            for r, (a, b) in zip(recs, feature_map(pooled, cfg.seed))
+        ],
+    )
+
+    leaks = [r for r in dup_rows if r[-1]]
+    summary = {
+        "images": len(recs),
+        "label_issues": label_summary,
+        "near_duplicates": {
+            "pairs": len(dup_rows),
+            "groups": int(groups.max()) + 1 if len(recs) else 0,
+            "cosine_threshold": icfg.duplicate_cosine,
+            "within_split": sum(r[1] == r[4] for r in dup_rows),
+            "across_splits": sum(r[1] != r[4] for r in dup_rows),
+            "leakage_pairs": len(leaks),
+            "different_labels": sum(r[2] != r[5] for r in dup_rows),
+        },
+        "outliers": {"count": len(flagged), "neighbours": icfg.neighbours, "threshold": round(threshold, 6)},
+        "most_confused": confused,
+        "search": {
+            "method": "exhaustive cosine kNN, blocked matrix products",
+            "dtype": str(matmul).removeprefix("torch."),
+            "seconds": round(nn_seconds, 2),
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    for line in summary_lines(summary, issues, dup_rows, [recs[i] for i in flagged]):
+        log.info(line)
+    return summary
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 pair', '1,234 pairs'."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def summary_lines(
+    summary: dict[str, Any], issues: list[list[Any]], dups: list[list[Any]], outliers: list[Record]
+) -> list[str]:
+    li, nd = summary["label_issues"], summary["near_duplicates"]
+    lines = [f"inspect: {summary['images']} images"]
+    if "skipped" in li:
+        lines.append(f"  label issues: not searched ({li['skipped']})")
+    else:
+        lines.append(
+            f"  label issues: {li['issues']} of {li['scored']} train+val images "
+            f"({li['folds']}-fold cross-fit, lr {li['setting']['lr']:g} "
+            f"weight_decay {li['setting']['weight_decay']:g}, "
+            f"out-of-sample accuracy {li['out_of_sample_accuracy']:.3f})"
+        )
+        lines += [f"    {p} ({s}): given {g}, looks like {sg} (score {sc:.3f})" for p, s, g, sg, sc in issues[:SHOWN]]
+    lines.append(
+        f"  near-duplicates: {counted(nd['pairs'], 'pair')} in {counted(nd['groups'], 'group')} "
+        f"(cosine >= {nd['cosine_threshold']:g}), "
+        f"{nd['across_splits']} across splits, {nd['leakage_pairs']} train/val <-> test leakage"
+    )
+    shown = [d for d in dups if d[-1]][:SHOWN] or dups[:SHOWN]
+    lines += [f"    {'LEAK ' if d[-1] else ''}{d[0]} ({d[1]}) ~ {d[3]} ({d[4]}), cosine {d[6]:.4f}" for d in shown]
+    lines.append(f"  outliers: {len(outliers)} (kNN distance > {summary['outliers']['threshold']:.4f})")
+    lines += [f"    {r.path} ({r.split}, {r.label})" for r in outliers[:SHOWN]]
+    if summary["most_confused"]:
+        lines.append(
+            "  most confused: "
+            + ", ".join(f"{c['given']} -> {c['predicted']} ({c['count']})" for c in summary["most_confused"][:SHOWN])
+        )
+    lines.append(
+        f"  wrote {INSPECT_DIR}/label_issues.csv, near_duplicates.csv, outliers.csv, map2d.csv, summary.json "
+        f"({summary['seconds']:.1f} s)"
+    )
+    return lines
