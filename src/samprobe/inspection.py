@@ -316,7 +316,7 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
     fit_data = _features_by_split(cfg, extractor, records, spatial, ("train", "val")) if spatial else data
     fit_recs = fit_data["train"][0] + fit_data["val"][0]
-    mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in data["train"][0]])
+    mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in data["train"][0]], min_classes=1)
     y_all = mapping.to_head([r.label for r in fit_recs])
     usable = np.flatnonzero(y_all != IGNORE)  # val images of classes with no training image: no head class
     labelled = [fit_recs[i] for i in usable]

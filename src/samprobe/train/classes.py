@@ -23,7 +23,10 @@ class ClassMapping:
     active: tuple[int, ...]  # taxonomy indices, in head order
 
     @classmethod
-    def from_train_labels(cls, taxonomy: Sequence[str], train_labels: Sequence[str]) -> "ClassMapping":
+    def from_train_labels(cls, taxonomy: Sequence[str], train_labels: Sequence[str], *,
+                          min_classes: int = 2) -> "ClassMapping":
+        """Active classes = those with training labels. ``min_classes`` 2 for a classifier; inspect
+        passes 1 (one class still has near-duplicates and outliers, just no label to confuse)."""
         index = {name: i for i, name in enumerate(taxonomy)}
         unknown = sorted({lab for lab in train_labels if lab not in index})
         if unknown:
@@ -31,7 +34,7 @@ class ClassMapping:
         seen = {index[lab] for lab in train_labels}
         if not seen:
             raise TrainingError("no training samples: every class is empty", fix="check data_report.json and the split settings")
-        if len(seen) < 2:
+        if len(seen) < min_classes:
             (only,) = seen
             others = [n for n in taxonomy if n != taxonomy[only]]
             raise TrainingError(f"only one class has training images ({taxonomy[only]!r}, {len(train_labels)} images"
