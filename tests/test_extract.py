@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_cache_helpers import PY, REPO, LogLines, index_count, make_corpus, write_config
 
-from samprobe.backbones.registry import Backbone
+from samprobe.backbones.registry import Backbone, PooledFeature
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.data.images import resize_square
@@ -185,7 +185,6 @@ class OomBackbone(Backbone):
 
     name = "oom_fake"
     input_size = 32
-    feature_names = ("avg",)
     default_pooling = ("avg",)
 
     def __init__(self, limit: int, exc: type[Exception] = torch.cuda.OutOfMemoryError) -> None:
@@ -201,8 +200,8 @@ class OomBackbone(Backbone):
             raise self.exc("CUDA out of memory. Tried to allocate 2.00 GiB")
         return images.float().mean(dim=(2, 3))  # [B, 3]
 
-    def feature_dims(self):
-        return {"avg": 3}
+    def features(self):
+        return {"avg": PooledFeature("image", "avg", 3)}
 
     def identity(self):
         return {"model": "oom_fake"}
