@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned, so no dependency can pull another build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test clean
+.PHONY: demo test test-slow clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.test-installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e ".[demo,test]"
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install --quiet -e ".[demo,test]"
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -25,6 +25,9 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs

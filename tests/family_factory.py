@@ -7,12 +7,22 @@ from typing import Callable
 
 import torch
 
-from sam_factory import write_official_checkpoint
+from sam2_factory import official_sam2
+from sam_factory import write_official_checkpoint, write_official_hq_checkpoint
 
 
 def _sam(root: Path) -> dict:
     return {"name": "sam", "checkpoint": str(write_official_checkpoint(root / "sam_tiny.pth", "tiny", img_size=256)),
             "img_size": 256}
+
+
+def _sam_hq(root: Path) -> dict:
+    path = write_official_hq_checkpoint(root / "sam_hq_tiny.pth", "tiny", img_size=256)
+    return {"name": "sam_hq", "checkpoint": str(path), "img_size": 256}
+
+
+def _sam2(root: Path) -> dict:
+    return {"name": "sam2", "checkpoint": str(official_sam2(root)[0]), "img_size": 256}
 
 
 def _efficientnet_lite0(root: Path) -> dict:
@@ -30,6 +40,8 @@ def _timm(root: Path) -> dict:
 
 TINY: dict[str, Callable[[Path], dict]] = {
     "sam": _sam,
+    "sam_hq": _sam_hq,
+    "sam2": _sam2,
     "efficientnet_lite0": _efficientnet_lite0,
     "timm": _timm,
 }

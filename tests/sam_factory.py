@@ -54,3 +54,40 @@ def write_official_checkpoint(path: Path, geometry: str = "tiny", img_size: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sam.state_dict(), path)
     return path
+
+
+def build_official_sam_hq(geometry: str = "tiny", img_size: int = 256, seed: int = 0):
+    """SAM-HQ (PyPI ``segment-anything-hq`` 0.3) with random weights, built as its ``_build_sam`` does:
+    SAM's ViT encoder + ``MaskDecoderHQ`` (its extra hf_token / hf_mlp / compress_vit_feat... keys)."""
+    from segment_anything_hq.modeling import ImageEncoderViT as HqEncoder
+    from segment_anything_hq.modeling import MaskDecoderHQ, PromptEncoder as HqPrompt, Sam as HqSam
+    from segment_anything_hq.modeling import TwoWayTransformer as HqTransformer
+
+    embed_dim, depth, heads, global_idx = GEOMETRIES[geometry]
+    torch.manual_seed(seed)
+    grid = img_size // 16
+    sam = HqSam(
+        image_encoder=HqEncoder(depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=4,
+                                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
+                                qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_idx, window_size=14,
+                                out_chans=256),
+        prompt_encoder=HqPrompt(embed_dim=256, image_embedding_size=(grid, grid),
+                                input_image_size=(img_size, img_size), mask_in_chans=16),
+        mask_decoder=MaskDecoderHQ(num_multimask_outputs=3,
+                                   transformer=HqTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                                   transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256, vit_dim=embed_dim),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+    )
+    with torch.no_grad():
+        for name, p in sam.image_encoder.named_parameters():
+            if "rel_pos" in name or name == "pos_embed":
+                p.copy_(torch.randn_like(p) * 0.02)
+    return sam.eval()
+
+
+def write_official_hq_checkpoint(path: Path, geometry: str = "tiny", img_size: int = 256, seed: int = 0) -> Path:
+    """As the SAM-HQ release: ``torch.save(sam.state_dict())`` of the whole HQ model."""
+    sam = build_official_sam_hq(geometry, img_size=img_size, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sam.state_dict(), path)
+    return path

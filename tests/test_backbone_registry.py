@@ -59,9 +59,9 @@ def test_contract_fingerprint_is_stable_across_builds(built):
 
 def test_layered_feature_names_resolve_to_their_layers():
     table = {"neck_avg": PooledFeature("neck", "avg", 256),
-             "block_avg": PooledFeature("block", "avg", 768, layers=12)}
+             "block_avg": PooledFeature("block", "avg", 768, layer_widths=(768,) * 11 + (1024,))}
     r = resolve_feature(table, "block_avg@6,12", "sam")
-    assert r.sources == ("block@6", "block@12") and r.width == 2 * 768 and r.pool == "avg"
+    assert r.sources == ("block@6", "block@12") and r.width == 768 + 1024 and r.pool == "avg"
     assert resolve_feature(table, "neck_avg", "sam").sources == ("neck",)
     for bad, why in (("block_avg@0", "from 1 to 12"), ("block_avg@13", "from 1 to 12"),
                      ("block_avg@3,3", "distinct"), ("neck_avg@2", "not offered"), ("pixels", "not offered")):

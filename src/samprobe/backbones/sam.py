@@ -113,8 +113,10 @@ class SamBackbone(Backbone):
     decode_longest_side = True
 
     def __init__(self, encoder: nn.Module, geometry: SamGeometry, img_size: int,
-                 weights_path: Path | None = None) -> None:
+                 weights_path: Path | None = None, family: str = "sam1") -> None:
         super().__init__()
+        self.family = family
+        """"sam1" or "sam_hq" (same encoder; only the identity and the messages differ)."""
         self.encoder = encoder
         self.geometry = geometry
         self.input_size = img_size
@@ -123,7 +125,7 @@ class SamBackbone(Backbone):
 
     @classmethod
     def from_checkpoint(cls, path: Path, img_size: int = 1024, variant: str = "auto",
-                        timm_model: str | None = None) -> "SamBackbone":
+                        timm_model: str | None = None, family: str = "sam1") -> "SamBackbone":
         path = Path(path)
         if timm_model:
             sd = load_timm_pretrained_state(timm_model, path)
@@ -131,7 +133,7 @@ class SamBackbone(Backbone):
             check_variant(variant, geometry, str(path))
         else:
             sd, geometry = load_encoder_state(path, variant)
-        return cls(build_encoder(geometry, sd, img_size), geometry, img_size, path)
+        return cls(build_encoder(geometry, sd, img_size), geometry, img_size, path, family)
 
     # -- worker side (CPU only) --------------------------------------------------------
 
@@ -154,7 +156,7 @@ class SamBackbone(Backbone):
         return {
             "neck_avg": PooledFeature("neck", "avg", g.out_chans, doc="the 256-d SAM image embedding, averaged"),
             "neck_max": PooledFeature("neck", "max", g.out_chans, doc="the SAM image embedding, max over tokens"),
-            "block_avg": PooledFeature("block", "avg", g.embed_dim, layers=g.depth,
+            "block_avg": PooledFeature("block", "avg", g.embed_dim, layer_widths=(g.embed_dim,) * g.depth,
                                        doc="last ViT block, averaged; block_avg@i,j: blocks i and j (1-based)"),
             "interm_avg": PooledFeature("interm", "avg", interm,
                                         doc="the global-attention blocks' outputs, averaged and concatenated "
@@ -223,12 +225,15 @@ class SamBackbone(Backbone):
         return (self.geometry.out_chans, *self.grid)
 
     def identity(self) -> dict[str, Any]:
-        return {
+        ident = {
             "name": "sam",
             "variant": self.geometry.variant,
             "geometry": self.geometry.as_dict(),
             "weights_sha256": weights_sha256(self.weights_path) if self.weights_path else None,
         }
+        if self.family != "sam1":  # SAM 1 keys stay what they were
+            ident["family"] = self.family
+        return ident
 
 
 def build_sam(cfg: BackboneConfig) -> SamBackbone:
@@ -237,3 +242,12 @@ def build_sam(cfg: BackboneConfig) -> SamBackbone:
                           fix=DOWNLOAD_FIX)
     return SamBackbone.from_checkpoint(cfg.checkpoint, img_size=cfg.img_size or 1024, variant=cfg.variant,
                                        timm_model=cfg.timm_model)
+
+
+def build_sam_family(cfg: BackboneConfig, path: Path, label: str) -> SamBackbone:
+    """Builder for a detected SAM 1 or SAM-HQ checkpoint (``sam_family.build_detected``)."""
+    family = "sam_hq" if label == "SAM-HQ" else "sam1"
+    bb = SamBackbone.from_checkpoint(path, img_size=cfg.img_size or 1024, variant=cfg.variant,
+                                     timm_model=cfg.timm_model, family=family)
+    bb.found = f"{label} checkpoint, {bb.geometry.describe()}"
+    return bb
