@@ -6,9 +6,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 from sam2_factory import official_sam2
-from sam_factory import write_official_checkpoint, write_official_hq_checkpoint
+from sam_factory import (
+    write_official_checkpoint,
+    write_official_hq_checkpoint,
+    write_official_mobile_sam_checkpoint,
+)
 
 
 def _sam(root: Path) -> dict:
@@ -23,6 +26,11 @@ def _sam_hq(root: Path) -> dict:
 
 def _sam2(root: Path) -> dict:
     return {"name": "sam2", "checkpoint": str(official_sam2(root)[0]), "img_size": 256}
+
+
+def _mobile_sam(root: Path) -> dict:
+    path = write_official_mobile_sam_checkpoint(root / "mobile_sam_tiny.pt", "tiny", img_size=256)
+    return {"name": "mobile_sam", "checkpoint": str(path), "img_size": 256}
 
 
 def _efficientnet_lite0(root: Path) -> dict:
@@ -42,6 +50,7 @@ TINY: dict[str, Callable[[Path], dict]] = {
     "sam": _sam,
     "sam_hq": _sam_hq,
     "sam2": _sam2,
+    "mobile_sam": _mobile_sam,
     "efficientnet_lite0": _efficientnet_lite0,
     "timm": _timm,
 }

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from family_factory import TINY
 from skimage import data
 
-from family_factory import TINY
 from samprobe.backbones import registry
 from samprobe.backbones.registry import PooledFeature, fingerprint, resolve_feature
 from samprobe.config import BackboneConfig

@@ -2,14 +2,13 @@
 sam2_factory): encoder parity, official preprocessing, detection from shapes, failures."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from skimage import data
-
 from sam2_factory import PHOTOS, official_encoder_shapes, official_sam2
 from sam_factory import write_official_checkpoint
+from skimage import data
+
 from samprobe.backbones.registry import build_backbone, fingerprint
 from samprobe.backbones.sam2 import Sam2Backbone, infer_hiera_geometry
 from samprobe.backbones.sam_family import detect_family

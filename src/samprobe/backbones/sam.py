@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from samprobe.backbones.registry import (
-    Backbone,
     PooledFeature,
+    PooledMapsBackbone,
     masked_avg,
     masked_max,
     pool_grid,
@@ -106,7 +106,7 @@ def build_encoder(geometry: SamGeometry, state_dict: dict[str, torch.Tensor], im
 # backbone
 
 
-class SamBackbone(Backbone):
+class SamBackbone(PooledMapsBackbone):
     name = "sam"
     default_pooling = ("neck_avg",)
     preprocess_version = "2"  # 2: official bilinear resize (1 used bicubic)
@@ -184,19 +184,6 @@ class SamBackbone(Backbone):
             x = enc.blocks(x)
         block = x.permute(0, 3, 1, 2)  # [B, C, gh, gw]
         return block, (enc.neck(block) if with_neck else None), tapped
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
-        """uint8 [B, 3, S, S], int [B, 2] -> fp32 [B, D] pooled over the valid tokens, in ``pooling`` order."""
-        return self._encode(images, valid_hw, pooling, None)[0]
-
-    @torch.inference_mode()
-    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (fp32 [B, D], fp32 [B, spatial*spatial, out_chans]): the neck's valid tokens pooled to a grid."""
-        pooled, grid = self._encode(images, valid_hw, pooling, spatial)
-        assert grid is not None
-        return pooled, grid
 
     def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
                 spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samprobe.backbones.registry import Backbone, PooledFeature, pool_grid, pool_maps
+from samprobe.backbones.registry import (
+    PooledFeature,
+    PooledMapsBackbone,
+    pool_grid,
+    pool_maps,
+)
 from samprobe.backbones.sam_weights import check_variant, read_checkpoint
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
@@ -155,7 +160,7 @@ def prepare_square_bilinear(size: int, image: np.ndarray) -> tuple[torch.Tensor,
     return chw.contiguous(), (size, size)
 
 
-class Sam2Backbone(Backbone):
+class Sam2Backbone(PooledMapsBackbone):
     name = "sam2"
     default_pooling = ("neck_avg",)
     preprocess_version = "1"
@@ -226,19 +231,7 @@ class Sam2Backbone(Backbone):
             maps["neck"] = self.neck(maps[f"stage@{n - 1}"], maps[f"stage@{n}"])
         return maps
 
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
-        return self._encode(images, pooling, None)[0]
-
-    @torch.inference_mode()
-    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (fp32 [B, D], fp32 [B, spatial*spatial, d_model]): vision_features pooled to a grid."""
-        pooled, grid = self._encode(images, pooling, spatial)
-        assert grid is not None
-        return pooled, grid
-
-    def _encode(self, images: torch.Tensor, pooling: list[str],
+    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
                 spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         requests = self.resolve(list(pooling))
         sources = {s for r in requests for s in r.sources} | ({"neck"} if spatial is not None else set())

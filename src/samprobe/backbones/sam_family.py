@@ -6,6 +6,8 @@ geometry, in each family's own module):
   2.1 files add ``no_obj_embed_spatial``.
 - SAM-HQ: SAM 1's flat layout plus its HQ decoder (``mask_decoder.hf_token.*``,
   ``mask_decoder.compress_vit_feat.*``...); the image encoder is SAM's own.
+- MobileSAM: flat ``image_encoder.*`` of a TinyViT (``image_encoder.patch_embed.seq.*``,
+  ``image_encoder.layers.*``); SAM-HQ's light ``vit_tiny`` has the same encoder.
 - SAM 1: flat ``image_encoder.*`` (or a timm ``samvit_*`` encoder state dict).
 Only ``torch.load(weights_only=True)`` ever reads a file (``sam_weights.read_checkpoint``).
 """
@@ -24,7 +26,7 @@ from samprobe.errors import ConfigError
 
 log = logging.getLogger("samprobe")
 
-FAMILY_NAMES = {"sam1": "SAM 1", "sam_hq": "SAM-HQ", "sam2": "SAM 2"}
+FAMILY_NAMES = {"sam1": "SAM 1", "sam_hq": "SAM-HQ", "sam2": "SAM 2", "mobile_sam": "MobileSAM"}
 """family -> how messages name it."""
 
 _HQ_DECODER = ("mask_decoder.hf_token.", "mask_decoder.hf_mlp.", "mask_decoder.compress_vit_feat.",
@@ -36,6 +38,8 @@ def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str:
     keys = list(state_dict)
     if any(k.startswith("image_encoder.trunk.") for k in keys):
         return "sam2"
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:  # TinyViT (also SAM-HQ's light vit_tiny)
+        return "mobile_sam"
     if any(k.startswith(_HQ_DECODER) for k in keys):
         return "sam_hq"
     return "sam1"  # infer_geometry says clearly when it is no SAM encoder at all
@@ -44,14 +48,18 @@ def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str:
 def family_label(family: str, state_dict: Mapping[str, torch.Tensor]) -> str:
     if family == "sam2" and "no_obj_embed_spatial" in state_dict:
         return "SAM 2.1"
+    if family == "mobile_sam" and any(k.startswith(_HQ_DECODER) for k in state_dict):
+        return "SAM-HQ (light, TinyViT)"
     return FAMILY_NAMES[family]
 
 
 def _builders() -> dict[str, Callable[[BackboneConfig, Path, str], Backbone]]:
+    from samprobe.backbones.mobile_sam import build_mobile_sam_family
     from samprobe.backbones.sam import build_sam_family
     from samprobe.backbones.sam2 import build_sam2_family
 
-    return {"sam1": build_sam_family, "sam_hq": build_sam_family, "sam2": build_sam2_family}
+    return {"sam1": build_sam_family, "sam_hq": build_sam_family, "sam2": build_sam2_family,
+            "mobile_sam": build_mobile_sam_family}
 
 
 def _checkpoint(cfg: BackboneConfig) -> Path:
@@ -86,3 +94,7 @@ def build_sam_hq(cfg: BackboneConfig) -> Backbone:
 
 def build_sam2(cfg: BackboneConfig) -> Backbone:
     return build_detected(cfg, "sam2")
+
+
+def build_mobile_sam(cfg: BackboneConfig) -> Backbone:
+    return build_detected(cfg, "mobile_sam")
