@@ -16,8 +16,12 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[demo]"
 	touch $@
 
+# sam2 (test-only reference of SAM 2.1) ships as an sdist whose build needs torch: build it against
+# the pinned torch already here (no isolated build env downloading another), without its CUDA extension.
 $(VENV)/.test-installed: $(BIN)/python pyproject.toml
-	SAM2_BUILD_CUDA=0 $(BIN)/pip install --quiet -e ".[demo,test]"
+	$(BIN)/pip install --quiet -e ".[demo,test]"
+	$(BIN)/pip install --quiet setuptools wheel
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install --quiet --no-build-isolation "sam2==1.1.0"
 	touch $@
 
 demo: $(VENV)/.demo-installed

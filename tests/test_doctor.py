@@ -127,3 +127,16 @@ def test_unreachable_wandb_warns_but_does_not_block(project, capsys, monkeypatch
     rc, lines = doctor(capsys, project, "tracking.wandb.mode=online")
     assert rc == 0 and status(lines, "tracker") == "WARN", lines
     assert any(f"127.0.0.1:{port}" in ln and "fall back to offline" in ln for ln in lines)
+
+
+def test_doctor_says_the_sam_family_and_lists_its_features(project, capsys, tmp_path):
+    from sam_factory import write_official_hq_checkpoint
+
+    ckpt = write_official_hq_checkpoint(tmp_path / "sam_hq_tiny.pth", "tiny", img_size=256)
+    rc, lines = doctor(capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256")
+    line = next(ln for ln in lines if " backbone checkpoint:" in ln)
+    assert rc == 0 and status(lines, "backbone checkpoint") == "ok", lines
+    assert "SAM-HQ checkpoint, custom encoder" in line and "block_avg[@1..2]" in line and "interm_avg" in line
+    rc, lines = doctor(capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256",
+                       "backbone.variant=hiera_t")
+    assert rc == 2 and "backbone.variant is hiera_t" in next(ln for ln in lines if " backbone checkpoint:" in ln)

@@ -148,6 +148,8 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
             state["grid_dim"] = cfg.features.spatial ** 2 * channels
             grid = f" + {cfg.features.spatial}x{cfg.features.spatial} grid of {channels}-d tokens"
         source = cfg.backbone.checkpoint or "bundled weights"
+        if backbone.found:  # what the file was found to hold: family and geometry
+            source = f"{source} ({backbone.found})"
         offered = ", ".join(n + (f"[@1..{f.layers}]" if f.layers else "") for n, f in backbone.features().items())
         return (f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, "
                 f"features {'+'.join(pooling)} = {state['dim']}-d{grid} (offered: {offered})")
