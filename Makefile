@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned, so no dependency can pull another build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-native clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,8 +30,8 @@ demo: $(VENV)/.demo-installed
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
 
-test-slow: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -m slow
+test-native: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -m native
 
 clean:
 	rm -rf $(VENV) runs

@@ -80,7 +80,7 @@ def test_parity_tiny_at_256(tiny):
     _check_parity(*tiny, 256)
 
 
-@pytest.mark.slow  # the released TinyViT-5M at 1024 px, ours (fp32, bf16) and the official: 3 photos x 3 forwards
+@pytest.mark.native  # the released TinyViT-5M at 1024 px, ours (fp32, bf16) and the official: 3 photos x 3 forwards
 def test_parity_tiny_vit_5m_at_1024(tmp_path):
     sam = build_official_mobile_sam("tiny_vit_5m", img_size=1024)
     path = tmp_path / "mobile_sam.pt"

@@ -66,7 +66,7 @@ def test_preprocessing_is_the_official_square_resize_and_imagenet_stats(t256):
     assert diff.mean().item() <= 0.5 * level  # rounding to the nearest level, not an offset or another filter
 
 
-@pytest.mark.slow  # hiera_b+ (80M params) written by sam2 in a subprocess, then both forwards at 512 px
+@pytest.mark.native  # hiera_b+ (80M params) written by sam2 in a subprocess, then both forwards at 512 px
 def test_parity_hiera_b_plus_geometry(tmp_path):
     ckpt, ref = official_sam2(tmp_path, "b+", 512)
     bb = Sam2Backbone.from_checkpoint(ckpt, img_size=512)

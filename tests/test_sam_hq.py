@@ -53,7 +53,7 @@ def test_hq_checkpoint_is_detected_and_matches_the_official_encoder(hq):
     _check_hq_parity(*hq)
 
 
-@pytest.mark.slow  # vit_b at 256 px, ours and the official: ~7 s idle, 40 s at load 12 on 2 cores
+@pytest.mark.native  # vit_b at 256 px, ours and the official: ~7 s idle, 40 s at load 12 on 2 cores
 def test_hq_vit_b_geometry_matches_the_official_encoder(tmp_path):
     sam, path = _hq("vit_b", tmp_path)
     _check_hq_parity(sam, path)

@@ -25,7 +25,7 @@ from samprobe.backbones.registry import (
     pool_maps,
     valid_token_mask,
 )
-from samprobe.backbones.sam_attention import SamBlock
+from samprobe.backbones.sam_attention import SamAttention, SamBlock
 from samprobe.backbones.sam_weights import (
     DOWNLOAD_FIX,
     SamGeometry,
@@ -135,6 +135,12 @@ class SamBackbone(PooledMapsBackbone):
             sd, geometry = load_encoder_state(path, variant)
         return cls(build_encoder(geometry, sd, img_size), geometry, img_size, path, family)
 
+    def set_attention(self, impl: str | None) -> None:
+        """Attention kernel of every block: ``chunked`` | ``sdpa`` | None (by device: ``choose_attention``)."""
+        for module in self.encoder.modules():
+            if isinstance(module, SamAttention):
+                module.impl = impl
+
     # -- worker side (CPU only) --------------------------------------------------------
 
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -192,11 +198,11 @@ class SamBackbone(PooledMapsBackbone):
         globals_1based = tuple(i + 1 for i in self.geometry.global_attn_indexes)
         taps = {int(s.split("@")[1]) for s in sources if s.startswith("block@")}
         taps |= set(globals_1based) if "interm" in sources else set()
-        hw_cpu = valid_hw.cpu()
+        hw_cpu = valid_hw.cpu()  # the extractor passes host sizes: a no-op, not a device round trip
         x = self.preprocess(images, hw_cpu)  # slicing by CPU sizes: no device sync
-        valid_hw = valid_hw.to(images.device, torch.long)
+        valid_hw = valid_hw.to(images.device, torch.long, non_blocking=True)
         block, neck, tapped = self.trunk_with_taps(x, with_neck=spatial is not None or "neck" in sources,
-                                         taps=tuple(sorted(taps)))
+                                                   taps=tuple(sorted(taps)))
         mask = valid_token_mask(valid_hw, self.grid, self.geometry.patch_size)  # [B, gh, gw]
         maps = {"neck": neck, "block": block, **{f"block@{i}": t for i, t in tapped.items()}}
         if "interm" in sources:  # one map: the global blocks' outputs stacked along channels
