@@ -41,11 +41,11 @@ def check_outputs(project: Path, run: Path, n_images: int, dim: int) -> dict:
         assert ckpt["head"]["spec"]["in_dim"] == dim
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs and all(np.isfinite(e["train_loss"]) for e in epochs)
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    with open(run / "eval" / "per_class.csv") as f:
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    with open(run / "eval" / "test" / "per_class.csv") as f:
         per_class = list(csv.DictReader(f))
     assert len(per_class) == len(report["taxonomy"])
-    png = Image.open(run / "eval" / "confusion_matrix.png")
+    png = Image.open(run / "eval" / "test" / "confusion_matrix.png")
     assert png.size[0] > 100 and png.size[1] > 100
     with open(project / "pred.csv") as f:
         preds = list(csv.DictReader(f))
@@ -86,8 +86,8 @@ def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -
 
     with open(tmp_path / "data" / "metadata.csv") as f:
         truth = {str(tmp_path / "data" / "images" / r["path"]): r["label"] for r in csv.DictReader(f)}
-    listing = tmp_path / "data" / "to_classify.csv"  # a metadata file: paths relative to its folder
-    listing.write_text("path\n" + "".join(f"images/{Path(p).name}\n" for p in truth))
+    listing = tmp_path / "data" / "to_classify.csv"  # a metadata file: paths under the training data.image_root
+    listing.write_text("path\n" + "".join(f"{Path(p).name}\n" for p in truth))
     out = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(best), str(listing), "--out", str(out), "--device", "cpu"]) == 0
     with open(out) as f:
@@ -119,10 +119,10 @@ def test_evaluate_counts_untrained_class_samples_as_errors(tmp_path: Path) -> No
     for cmd in ("validate", "extract", "train"):
         assert main([cmd, "-c", cfg]) == 0
     assert main(["evaluate", "-c", cfg, "--checkpoint", str(tmp_path / "run/checkpoints/best.pt")]) == 0
-    metrics = json.loads((tmp_path / "run/eval/metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run/eval/test/metrics.json").read_text())
     assert metrics["n_not_trained"] == 12 and metrics["not_trained_classes"] == ["d2"]
     assert metrics["accuracy"] <= 1 - 12 / metrics["n"] + 1e-9
-    per_class = {r["class"]: r for r in csv.DictReader(open(tmp_path / "run/eval/per_class.csv"))}
+    per_class = {r["class"]: r for r in csv.DictReader(open(tmp_path / "run/eval/test/per_class.csv"))}
     assert per_class["d2"]["status"] == "not trained" and float(per_class["d2"]["recall"]) == 0.0
 
 

@@ -150,9 +150,9 @@ def test_cache_info_and_prune_drop_unreferenced_entries(tmp_path):
         (images / "digit" / "d001_1.png").unlink()
         run_validate(cfg, progress=False)
         out.take()
-        assert main(["cache", "prune", "-c", str(cfg_path), "--dry-run"]) == 0
-        assert "would remove 2 of 9 entries" in out.take()
-        assert main(["cache", "prune", "-c", str(cfg_path)]) == 0
+        assert main(["cache", "prune", "-c", str(cfg_path)]) == 0  # a dry run by default
+        assert "would remove 2 of 9 entries, would free about" in out.take()
+        assert main(["cache", "prune", "-c", str(cfg_path), "--yes"]) == 0
         assert "removed 2 of 9 entries, freed" in out.take()
     keys = [r.sha256 for r in read_splits(cfg.run_dir / "splits.csv")]
     with Extractor.from_config(cfg).open_cache(cfg) as cache:

@@ -51,7 +51,7 @@ def test_any_label_distribution_trains_and_predicts_original_classes(counts, gap
     names = [str(v) for v in np.cumsum(gaps[:len(counts)])]
     train = [n for n, (c, _, _) in zip(names, counts) for _ in range(c)]
     held = [n for n, (_, v, t) in zip(names, counts) for _ in range(v + t)]
-    if not train:
+    if len(set(train)) < 2:  # no class, or one class, to tell apart
         with pytest.raises(TrainingError):
             ClassMapping.from_train_labels(names, train)
         return

@@ -92,7 +92,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise SamprobeError(f"--top-k must be 1 or more, got {args.top_k}", fix="e.g. --top-k 5")
 
-    run_predict(Path(args.checkpoint), args.inputs, Path(args.out), top_k=args.top_k, device=args.device)
+    run_predict(Path(args.checkpoint), args.inputs, Path(args.out), top_k=args.top_k, device=args.device,
+                image_root=Path(args.image_root) if args.image_root else None,
+                weights=Path(args.weights) if args.weights else None,
+                cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     return 0
 
 
@@ -137,7 +140,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 def cmd_cache_prune(args: argparse.Namespace) -> int:
     from samprobe.features.manage import cache_prune
 
-    cache_prune(_config(args), all_fingerprints=args.all_fingerprints, dry_run=args.dry_run)
+    cache_prune(_config(args), all_fingerprints=args.all_fingerprints, dry_run=not args.yes)
     return 0
 
 
@@ -172,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("extract", cmd_extract, "extract features into the cache (resumable)")
     p = add("train", cmd_train, "train heads on cached features; write checkpoints/, metrics.jsonl, sweep.csv")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from RUN_DIR/checkpoints/last.pt")
-    p = add("evaluate", cmd_evaluate, "metrics on a split; write eval/metrics.json, per_class.csv, confusion_matrix.png")
+    p = add("evaluate", cmd_evaluate, "metrics on a split; write eval/<split>/metrics.json, per_class.csv, confusion_matrix.png")
     p.add_argument("--checkpoint", required=True, help="checkpoints/best.pt of a training run")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p = add("predict", cmd_predict, "classify images, folders or a metadata file; write a CSV", config=False)
@@ -181,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output CSV: path, label, score, top_k, error")
     p.add_argument("--top-k", type=int, default=5, help="how many best classes to list (default 5)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--image-root", default=None,
+                   help="folder a metadata file's relative paths are under (default: the training data.image_root)")
+    p.add_argument("--weights", default=None, help="backbone weights file, when it moved since training "
+                   "(default: the training path, else found by name or content next to the checkpoint or in weights/)")
+    p.add_argument("--cache-dir", default=None, help="keep the features in this cache, e.g. the training features.cache_dir "
+                   "(default: a temporary cache, removed after; the training cache is never written)")
 
     feats = sub.add_parser("features", help="cached features for use elsewhere", description="cached features for use elsewhere")
     feats_sub = feats.add_subparsers(dest="features_command", required=True, metavar="ACTION")
@@ -203,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("info", cmd_cache_info, "sizes and origin of every fingerprint under features.cache_dir", parent=cache_sub)
     p = add("verify", cmd_cache_verify, "recompute every shard checksum; exit 2 if any entry is corrupt", parent=cache_sub)
     p.add_argument("--repair", action="store_true", help="drop corrupt entries from the index (extract redoes them)")
-    p = add("prune", cmd_cache_prune, "remove entries of images the run's metadata no longer lists", parent=cache_sub)
+    p = add("prune", cmd_cache_prune, "report (and with --yes remove) entries of images no run using the cache lists",
+            parent=cache_sub)
     p.add_argument("--all-fingerprints", action="store_true", help="prune every fingerprint, not only this config's")
-    p.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    p.add_argument("--yes", action="store_true", help="remove the entries (without it: a dry run, counts and bytes only)")
+    p.add_argument("--dry-run", action="store_true", help="only report what would be removed (the default)")
     return parser
 
 

@@ -29,6 +29,9 @@ class DataConfig(_Strict):
     split_column: str | None = None
     classes_file: Path | None = None
     """Text file, one class name per line: the full taxonomy, including classes with no images."""
+    label_type: Literal["auto", "name", "index"] = "auto"
+    """How label_column values are read, one rule for the whole file: class names, or 0-based
+    indices into classes_file; auto decides from the values and stops when both readings fit."""
     on_bad_rows: Literal["skip", "error"] = "skip"
     max_pixels: int = Field(default=178_956_970, gt=0)
     val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
@@ -297,8 +300,9 @@ data:
   label_column: label         # class names or integer indices
   split_column: null          # column with train/val/test; null = stratified split by seed
   classes_file: null          # one class per line: the full taxonomy, empty classes included
+  label_type: auto            # auto | name | index (0-based into classes_file): one rule for the whole file
   on_bad_rows: skip           # skip (report and go on) | error (stop at the first bad row)
-  val_fraction: 0.15
+  val_fraction: 0.15          # also carved from train when the split column has no val rows
   test_fraction: 0.15
 
 backbone:

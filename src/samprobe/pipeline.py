@@ -20,14 +20,14 @@ from samprobe.backbones.registry import grid_array
 from samprobe.config import Config, check_head_input, dump_config
 from samprobe.data.loader import failure_kind
 from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
-from samprobe.data.splits import assign_splits
-from samprobe.errors import CheckpointError, DataError
-from samprobe.features.cache import check_free_space, ensure_writable_dir
+from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
+from samprobe.errors import CheckpointError, DataError, TrainingError
+from samprobe.features.cache import check_free_space, ensure_writable_dir, register_run
 from samprobe.backbones.precision import describe_device
 from samprobe.features.extract import ExtractResult, Extractor, load_head_inputs, rank_world
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
-from samprobe.tracking import Tracker, read_csv_rows
+from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
 from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
 from samprobe.train.classes import ClassMapping, class_weights
 from samprobe.train.heads import head_from_spec, rows_per_step
@@ -48,17 +48,80 @@ def prepare_run_dir(cfg: Config) -> Path:
 # validate
 
 
+SPLIT_LEDGER = "split_ledger.json"
+
+
+def split_settings(cfg: Config) -> dict[str, Any]:
+    """What decides where a new image goes, besides its content."""
+    d = cfg.data
+    return {"seed": cfg.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction, "split_column": d.split_column}
+
+
+def _settings_key(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def read_split_ledger(run_dir: Path) -> tuple[dict[str, dict[str, str]], str | None]:
+    """(split settings -> {sha256 -> split} of every image validations of this run assigned under
+    them, the settings of the last validation). Runs older than the ledger: their splits.csv,
+    under unknown settings (None)."""
+    ledger = run_dir / SPLIT_LEDGER
+    if ledger.is_file():
+        data = json.loads(ledger.read_text(encoding="utf-8"))
+        return {k: dict(v) for k, v in data["by_settings"].items()}, data["last"]
+    if (run_dir / "splits.csv").is_file():
+        return {"": {r.sha256: r.split for r in read_splits(run_dir / "splits.csv") if r.split}}, None
+    return {}, None
+
+
+def _split_source(cfg: Config, records: list[Record]) -> str:
+    if cfg.data.split_column is None:
+        return (f"stratified per class (seed {cfg.seed}, data.val_fraction {cfg.data.val_fraction:g}, "
+                f"data.test_fraction {cfg.data.test_fraction:g})")
+    if carves_val(records):
+        return (f"split column {cfg.data.split_column!r}; it has no val rows, so val is carved from its train rows "
+                f"(stratified, data.val_fraction {cfg.data.val_fraction:g})")
+    return f"split column {cfg.data.split_column!r}"
+
+
 def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list[str]]:
-    """Validate the metadata, assign splits, write the data report. Returns (records, taxonomy)."""
+    """Validate the metadata, assign splits, write the data report. Returns (records, taxonomy).
+
+    Images keep the split an earlier validation of this run gave them (``split_ledger.json``):
+    new images fill their class's quotas, so data added later never moves an image between splits."""
     run_dir = prepare_run_dir(cfg)
     ds = validate(cfg.data, progress=progress)
-    ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    settings = split_settings(cfg)
+    key = _settings_key(settings)
+    ledger, last = read_split_ledger(run_dir)
+    if last is None and "" in ledger:  # a run validated before the ledger: its splits.csv, under these settings
+        ledger[key] = {**ledger.pop(""), **ledger.get(key, {})}
+        last = key
+    previous = ledger.get(last, {}) if last is not None else {}  # what the run used until now
+    settings_changed = last is not None and last != key
+    source = _split_source(cfg, ds.records)
+    # Under settings used before (e.g. a seed tried and then set back), images keep what they had then.
+    ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
+                               previous=ledger.get(key, {}))
+    known = [r for r in ds.records if r.sha256 in previous]
+    moved = sum(previous[r.sha256] != r.split for r in known)
     ds.extra["data_settings"] = data_settings_hash(cfg)
+    ds.extra["split_settings"] = settings
+    ds.extra["splits"] = {"source": source, "kept": len(known) - moved, "moved": moved, "new": len(ds.records) - len(known),
+                          "counts": {s: sum(r.split == s for r in ds.records) for s in ("train", "val", "test")}}
     (run_dir / "splits.csv").unlink(missing_ok=True)  # a run that stops below must not leave usable splits
     (run_dir / FAILURES_FILE).unlink(missing_ok=True)  # about the previous validation's images
     report = write_report(ds, run_dir)
     for line in summary_lines(report, ds.problems):
         log.info(line)
+    if moved:
+        before = json.loads(last) if settings_changed else {}
+        why = ("the split settings changed (" + ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in settings.items()
+                                                         if before.get(k) != v) + ")"
+               if settings_changed else f"the split column {cfg.data.split_column!r} now says so")
+        log.warning(f"validate: {moved} of {len(known)} previously assigned images changed split: {why}. Checkpoints "
+                    "trained before saw the old splits: evaluate and train --resume refuse them where a training image "
+                    "is now in the evaluated split")
     if ds.problems and cfg.data.on_bad_rows == "error":
         p = ds.problems[0]
         raise DataError(f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} ({p.detail})",
@@ -66,6 +129,9 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     if not ds.records:
         raise DataError(f"no usable rows in {ds.source}", fix=f"see {run_dir / 'bad_rows.csv'} for why each row was rejected")
     write_splits(ds.records, run_dir / "splits.csv")
+    # Every image ever assigned stays in the ledger: one removed and added back gets its old split.
+    ledger[key] = {**ledger.get(key, {}), **{r.sha256: r.split for r in ds.records}}
+    atomic_write_text(run_dir / SPLIT_LEDGER, json.dumps({"last": key, "by_settings": ledger}))
     log.info(f"wrote {run_dir / 'data_report.json'}, bad_rows.csv, splits.csv")
     return ds.records, ds.taxonomy
 
@@ -168,6 +234,8 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
     records, _ = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
+    if rank == 0:
+        register_run(cfg.features.cache_dir, run_dir)  # cache prune keeps what this run's splits.csv lists
     with extractor.open_cache(cfg) as cache:
         plan = extractor.plan(records, cache, rank, world)
         keys = [r.sha256 for r in records]
@@ -225,6 +293,7 @@ def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record],
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
     with extractor.open_cache(cfg) as cache:
+        register_run(cfg.features.cache_dir, cfg.run_dir)
         keys = (r.sha256 for r in usable)
         missing = cache.missing(keys, grid_array(spatial)) if spatial else cache.missing(keys)
         if missing and spatial:
@@ -275,7 +344,19 @@ def _rotate_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping: ClassMapping) -> None:
+def _image_sets(train_recs: list[Record], val_recs: list[Record]) -> dict[str, Any]:
+    """The checkpoint's record of the images it was trained and selected on (tensors and builtins only)."""
+    out = {}
+    for name, recs in (("train_images", train_recs), ("val_images", val_recs)):
+        info = image_set(r.sha256 for r in recs)
+        out[name] = {**info, "keys": torch.from_numpy(info["keys"])}
+    return out
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping: ClassMapping,
+                     images: dict[str, Any] | None = None) -> None:
+    """CheckpointError unless ``ckpt`` continues this run: its state, features, classes and (given
+    ``images``, the ``_image_sets`` of this run) the very train and val images."""
     if "train_state" not in ckpt:
         raise CheckpointError(f"{path} holds no training state to resume from",
                               fix="resume from the run's checkpoints/last.pt, or train without --resume")
@@ -285,6 +366,31 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping
     if ckpt["classes"] != mapping.to_dict():
         raise CheckpointError(f"{path} was trained with other classes or splits than this config gives",
                               fix="resume with the run's own config and splits.csv, or train without --resume")
+    for name in ("train_images", "val_images") if images else ():
+        saved, now = ckpt.get(name), images[name]
+        if saved is not None and saved["digest"] != now["digest"]:
+            split = name.split("_")[0]
+            common = int(np.isin(now["keys"].numpy(), saved["keys"].numpy()).sum())
+            raise CheckpointError(f"{path} was trained on {saved['n']} {split} images, this run's splits.csv has {now['n']} "
+                                  f"({common} of them the same): the data or the splits changed since, so the run would "
+                                  "not continue as it started",
+                                  fix="resume with the data the run started with, or train without --resume (a fresh run)")
+
+
+def check_no_training_images(ckpt: dict[str, Any], checkpoint: Path, split: str, recs: list[Record]) -> None:
+    """CheckpointError when images of the evaluated split were in the checkpoint's train (or, for
+    test, val) split: its metrics on them would be inflated."""
+    for name in ("train_images", "val_images") if split == "test" else ("train_images",) if split == "val" else ():
+        saved = ckpt.get(name)
+        if saved is None:  # a checkpoint written before samprobe recorded its images
+            log.warning(f"evaluate: {checkpoint} does not record its {name.split('_')[0]} images; leakage not checked")
+            continue
+        seen = np.isin(content_keys(r.sha256 for r in recs), saved["keys"].numpy())
+        if seen.any():
+            raise CheckpointError(f"{int(seen.sum())} of the {len(recs)} {split} images were {name.split('_')[0]} images "
+                                  f"of {checkpoint} (the splits changed since it was trained): its {split} metrics would be inflated",
+                                  fix="evaluate with the splits the checkpoint was trained on (its run's splits.csv), "
+                                      "or train again on the current splits")
 
 
 def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -299,6 +405,11 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     data = _features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
     mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
+    if not val_recs:
+        raise TrainingError(f"no validation images in {run_dir / 'splits.csv'} ({len(train_recs)} train): the heads "
+                            "would be selected on their training loss",
+                            fix="set data.val_fraction (e.g. 0.15; with a split column, val is carved from its train rows) "
+                                "and run validate again; a class needs 3 or more images to give one to val")
     y_train = mapping.to_head([r.label for r in train_recs])
     y_val = mapping.to_head([r.label for r in val_recs])
     counts = np.bincount(y_train, minlength=mapping.num_active)
@@ -311,6 +422,12 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
              f"{len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
     log.info(f"train: {len(trainer.grid)} {cfg.train.head} heads (lr x weight_decay) in one pass, {device} {precision}"
              + (f", on the {spatial}x{spatial} token grid" if spatial else ""))
+    margin = trainer.prune_margin
+    if margin is not None and len(trainer.grid) > 1:
+        floor = (f", raised from sweep.prune_margin {cfg.train.sweep.prune_margin:g} to the noise floor of "
+                 f"{cfg.train.monitor} on {len(val_recs)} validation images" if margin > cfg.train.sweep.prune_margin else "")
+        log.info(f"train: heads more than {margin:.4g} below the leading head are pruned after the warm-up "
+                 f"(epoch {trainer.warmup_end_epoch}){floor}")
     if trainer.batch_size < cfg.train.batch_size:
         log.info(f"train: batches of {cfg.train.batch_size} grids run as {trainer.accumulate // cfg.train.accumulate} "
                  f"accumulated parts of {trainer.batch_size} (memory)")
@@ -321,19 +438,23 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "class_weights": weights.tolist(),
         # precision: the resolved one (bf16, not auto): another device computes features as these were
         "backbone": {"config": cfg.backbone.model_dump(mode="json"), "fingerprint": extractor.fingerprint,
+                     "weights_sha256": extractor.backbone.identity().get("weights_sha256"),  # predict finds moved weights by it
                      "precision": extractor.precision,
                      "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
         "cache_dir": str(cfg.features.cache_dir),
         "config": cfg.model_dump(mode="json"),
+        **_image_sets(train_recs, val_recs),
     }
     if resume:
         last = ckpt_dir / "last.pt"
         if not last.is_file():
             raise CheckpointError(f"--resume: {last} does not exist", fix="train without --resume to start this run")
         ckpt = load_checkpoint(last)
-        _check_resumable(ckpt, last, extractor.fingerprint, mapping)
-        trainer.load_state_dict(ckpt["train_state"])
-        # metrics.jsonl may hold an epoch newer than last.pt (killed in between): the checkpoint is the truth.
+        _check_resumable(ckpt, last, extractor.fingerprint, mapping, payload)
+        # The history lives in metrics.jsonl, not in last.pt (rewritten every epoch, it would grow
+        # with it). The file may hold an epoch newer than last.pt (killed in between): last.pt is the truth.
+        history = [r for r in read_jsonl(run_dir / Tracker.METRICS_FILE) if r.get("epoch", 0) <= ckpt["train_state"]["epoch"]]
+        trainer.load_state_dict(ckpt["train_state"], history)
         atomic_write_text(run_dir / Tracker.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in trainer.history))
         log.info(f"train: resuming {last} after epoch {trainer.epoch}")
 
@@ -342,6 +463,10 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     def on_epoch(row: dict[str, Any]) -> None:
         tracker.log_epoch(row)
+        for why, heads in row["stopped"].items():
+            if heads:
+                log.info(f"  epoch {row['epoch']:4d}  {why} {len(heads)} head(s): " + "; ".join(
+                    f"lr {trainer.grid[h][0]:g} weight_decay {trainer.grid[h][1]:g} ({trainer.status[h]})" for h in heads))
         if row["epoch"] % 10 == 0 or row["epoch"] == 1:
             vb = row.get("val_balanced_accuracy")
             log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else "")
@@ -421,6 +546,19 @@ def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -
             fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with")
 
 
+def eval_dir(run_dir: Path, checkpoint: Path, split: str) -> tuple[Path, bool]:
+    """(folder for an evaluation's outputs, whether it is the run's own best.pt, the one report.html
+    shows): ``eval/<split>`` for the run's best.pt; ``eval/<split>-<checkpoint>`` for its other
+    checkpoints and ``eval/<split>-<other run>-<checkpoint>`` for another run's, so no evaluation
+    overwrites another."""
+    ckpt = Path(checkpoint).resolve()
+    own = ckpt.is_relative_to(Path(run_dir).resolve())
+    if own and ckpt == (Path(run_dir) / "checkpoints" / "best.pt").resolve():
+        return Path(run_dir) / "eval" / split, True
+    origin = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return Path(run_dir) / "eval" / f"{split}-{'' if own else origin.name + '-'}{ckpt.stem}", False
+
+
 def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str, Any]:
     from samprobe.report import plot_confusion, write_confusion_csv
 
@@ -435,6 +573,7 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     recs, x = _features_by_split(cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,))[split]
     if not recs:
         raise DataError(f"split {split!r} has no samples", fix="choose --split train|val|test with samples (see splits.csv)")
+    check_no_training_images(ckpt, checkpoint, split, recs)
     mapping = ClassMapping.from_dict(ckpt["classes"])
     unknown = sorted({r.label for r in recs} - set(mapping.taxonomy))
     if unknown:
@@ -446,7 +585,7 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     metrics = {"split": split, "checkpoint": str(checkpoint),
                **classification_metrics(y_true, y_pred, taxonomy, active, topk),
                "not_trained_classes": mapping.inactive_names}
-    out = run_dir / "eval"
+    out, own_best = eval_dir(run_dir, checkpoint, split)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     rows = per_class_table(y_true, y_pred, taxonomy, active)
@@ -459,5 +598,6 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     write_confusion_csv(cm, taxonomy, out / "confusion_matrix.csv")
     log.info(f"evaluate ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
              f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; wrote {out}")
-    _write_report(run_dir)
+    if own_best:  # report.html shows this run's own head only
+        _write_report(run_dir)
     return metrics

@@ -1,12 +1,13 @@
 """Classify new images with a trained head: the CLI's ``predict`` and a notebook API.
 
-    clf = Classifier.load("runs/exp1/checkpoints/best.pt")
+    clf = Classifier.load("runs/exp1/checkpoints/best.pt")   # weights=PATH when the SAM weights moved
     clf.predict([PIL.Image.open("cat.jpg"), "dog.png", numpy_rgb_array])
 """
 from __future__ import annotations
 
 import csv
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,10 +18,9 @@ from PIL import Image
 from samprobe.config import BackboneConfig, Config
 from samprobe.data.images import decode_rgb, to_rgb
 from samprobe.data.metadata import IMAGE_SUFFIXES, Record
-from samprobe.errors import DataError
-from samprobe.features.cache import FeatureCache
+from samprobe.errors import CheckpointError, DataError
 from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
-from samprobe.io import atomic_open, sha256_file
+from samprobe.io import atomic_open, sha256_file, weights_sha256
 from samprobe.pipeline import check_fingerprint, head_spatial, predict_features, stored_precision
 from samprobe.train.checkpoint import load_checkpoint
 from samprobe.train.classes import ClassMapping
@@ -44,16 +44,22 @@ class Classifier:
         check_fingerprint(ckpt, extractor, f"the backbone of {source}")
 
     @classmethod
-    def load(cls, checkpoint: Path | str, device: str = "auto", precision: str | None = None) -> "Classifier":
+    def load(cls, checkpoint: Path | str, device: str = "auto", precision: str | None = None,
+             weights: Path | str | None = None) -> "Classifier":
         """``precision`` None: the one the head was trained with, or the closest that runs on this
-        device (``runnable_precision``: a head trained on fp16 GPU features predicts on the CPU at fp32)."""
+        device (``runnable_precision``: a head trained on fp16 GPU features predicts on the CPU at fp32).
+        ``weights``: the backbone weights file, when it is no longer where training read it (by default
+        it is looked for there, then by name and content next to the checkpoint and in weights/ folders)."""
         from samprobe.backbones.precision import resolve_device, runnable_precision
 
         ckpt = load_checkpoint(checkpoint)
         trained_at = stored_precision(ckpt)
         run_at = runnable_precision(resolve_device(device), trained_at) if precision is None and trained_at else None
         precision = precision or ckpt["config"].get("precision", "auto")
-        cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**ckpt["backbone"]["config"]))
+        backbone = dict(ckpt["backbone"]["config"])
+        if weights is not None or backbone.get("checkpoint"):
+            backbone["checkpoint"] = str(find_weights(ckpt, Path(checkpoint), weights))
+        cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**backbone))
         cfg.features.pooling = list(ckpt["backbone"]["pooling"])
         cfg.features.dtype = ckpt["backbone"]["dtype"]
         cfg.features.spatial = head_spatial(ckpt["head"]["spec"])  # the extractor then also computes (and caches) the grid
@@ -90,8 +96,57 @@ class Classifier:
         return self._predictions(feats, top_k)
 
 
-def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Image files, folders (recursive) and metadata files (csv/jsonl with a ``path`` column)."""
+def _weights_places(checkpoint: Path) -> list[Path]:
+    """Folders where moved weights are looked for: the checkpoint's, its run's and project's, each
+    with its weights/ subfolder, and ./weights (where `samprobe weights download` puts them)."""
+    out: list[Path] = []
+    for folder in list(checkpoint.resolve().parents)[:3]:
+        out += [folder, folder / "weights"]
+    out.append(Path.cwd() / "weights")
+    return [p for i, p in enumerate(out) if p.is_dir() and p not in out[:i]]
+
+
+def find_weights(ckpt: dict[str, Any], checkpoint: Path, weights: Path | str | None = None) -> Path:
+    """The backbone weights file for a head checkpoint: ``weights`` if given; else where training
+    read it; else a file of the same name, or of the same sha256 (recorded in the checkpoint), in
+    ``_weights_places``. CheckpointError when none is found (the fingerprint check then proves the
+    file found is the one trained with)."""
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise CheckpointError(f"--weights {weights} does not exist", fix="pass the backbone weights file the head was trained with")
+        return Path(weights)
+    trained = Path(ckpt["backbone"]["config"]["checkpoint"])
+    if trained.is_file():
+        return trained
+    places = _weights_places(checkpoint)
+    by_name = [p / trained.name for p in places if (p / trained.name).is_file()]
+    if by_name:
+        log.info(f"predict: backbone weights {trained} moved; using {by_name[0]}")
+        return by_name[0]
+    want = ckpt["backbone"].get("weights_sha256")
+    if want:
+        for p in places:
+            for f in sorted(p.iterdir()):
+                if f.suffix in (".pth", ".pt", ".bin", ".safetensors") and f.is_file() and weights_sha256(f) == want:
+                    log.info(f"predict: backbone weights {trained} moved; found the same file (sha256) at {f}")
+                    return f
+    raise CheckpointError(f"the backbone weights {trained} the head was trained with do not exist (moved or deleted), and no "
+                          f"file of that name or content is next to {checkpoint} or in a weights/ folder",
+                          fix="pass --weights PATH to predict (Classifier.load(..., weights=PATH) in Python), or put the "
+                              "file next to the checkpoint")
+
+
+def training_image_root(ckpt: dict[str, Any]) -> Path | None:
+    """Where the training metadata's paths were relative to (data.image_root, else the metadata's folder)."""
+    data = ckpt.get("config", {}).get("data", {})
+    if data.get("image_root"):
+        return Path(data["image_root"])
+    return Path(data["metadata"]).parent if data.get("metadata") else None
+
+
+def collect_inputs(inputs: Sequence[str], image_root: Path | None = None, path_column: str = "path") -> list[Path]:
+    """Image files, folders (recursive) and metadata files (csv/jsonl with a ``path_column``);
+    a metadata file's relative paths are under ``image_root`` (None: the file's own folder)."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -102,11 +157,12 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
             from samprobe.data.metadata import read_rows
 
             rows, _ = read_rows(DataConfig(metadata=p))
+            root = image_root if image_root is not None else p.parent
             for i, r in enumerate(rows, start=1):
-                if not r or not str(r.get("path") or "").strip():
-                    raise DataError(f"predict input {p}, data row {i}, has no 'path' value",
-                                    fix="give every row a path (relative to the file's folder) in a column named path")
-                out.append(p.parent / str(r["path"]).strip())
+                if not r or not str(r.get(path_column) or "").strip():
+                    raise DataError(f"predict input {p}, data row {i}, has no {path_column!r} value",
+                                    fix=f"give every row a path (relative to --image-root, {root}) in a column named {path_column}")
+                out.append(root / str(r[path_column]).strip())
         elif p.exists():
             out.append(p)
         else:
@@ -115,9 +171,16 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: int = 5,
-                device: str = "auto", num_workers: int = 0, batch_size: int = 8) -> int:
-    clf = Classifier.load(checkpoint, device=device)
-    files = collect_inputs(inputs)
+                device: str = "auto", num_workers: int = 0, batch_size: int = 8, *, image_root: Path | None = None,
+                weights: Path | None = None, cache_dir: Path | None = None) -> int:
+    """Classify ``inputs`` into ``out_csv``; returns the number that failed. A metadata file's paths
+    are under ``image_root`` (default: the training config's). Features go to ``cache_dir`` when
+    given (e.g. the training cache, to reuse them), else to a temporary cache removed after:
+    predict never writes into the training cache unless asked. DataError when nothing was classified."""
+    clf = Classifier.load(checkpoint, device=device, weights=weights)
+    data = clf.ckpt.get("config", {}).get("data", {})
+    root = image_root if image_root is not None else training_image_root(clf.ckpt)
+    files = collect_inputs(inputs, root, data.get("path_column") or "path")
     if not files:
         raise DataError("no images found in the predict inputs", fix="pass image files, folders or a metadata file")
     records, errors = [], {}
@@ -126,16 +189,13 @@ def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: i
             records.append(Record(i, str(f), str(f.resolve()), "", None, sha256_file(f)))
         except OSError as exc:
             errors[i] = f"{type(exc).__name__}: {exc}"
-    cache_dir = Path(clf.ckpt.get("cache_dir") or out_csv.parent / ".samprobe-cache")
-    try:
-        cache = clf.extractor.open_cache(Config(features={"cache_dir": cache_dir}))  # type: ignore[arg-type]
-    except Exception:  # the training cache may be gone or read-only: use a private one
-        cache = FeatureCache(out_csv.parent / ".samprobe-cache", clf.extractor.fingerprint, clf.extractor.dim, clf.extractor.dtype)
-    with cache:
-        result = clf.extractor.run(records, cache, batch_size, num_workers, progress=True)
-        errors.update({r.row: reason for r, reason in result.failures})
-        good = [r for r in records if r.row not in errors]
-        preds = clf._predictions(load_head_inputs(cache, good, clf.spatial), top_k) if good else []
+    with tempfile.TemporaryDirectory(prefix="samprobe-predict-") as private:
+        cache = clf.extractor.open_cache(Config(features={"cache_dir": Path(cache_dir or private)}))  # type: ignore[arg-type]
+        with cache:
+            result = clf.extractor.run(records, cache, batch_size, num_workers, progress=True)
+            errors.update({r.row: reason for r, reason in result.failures})
+            good = [r for r in records if r.row not in errors]
+            preds = clf._predictions(load_head_inputs(cache, good, clf.spatial), top_k) if good else []
     by_row = dict(zip((r.row for r in good), preds))
     with atomic_open(out_csv, "w", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -147,4 +207,10 @@ def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: i
             else:
                 w.writerow([str(path), p.label, f"{p.score:.6f}", "|".join(f"{n}:{s:.4f}" for n, s in p.top_k), ""])
     log.info(f"predict: {len(by_row)} images classified, {len(files) - len(by_row)} failed; wrote {out_csv}")
+    if not by_row:
+        first = next(iter(errors.items()), (0, "not predicted"))
+        raise DataError(f"none of the {len(files)} images could be classified (first: {files[first[0]]}: {first[1]}); "
+                        f"the reasons are in {out_csv}",
+                        fix=f"check the paths: a metadata file's paths are relative to --image-root (default the "
+                            f"training data.image_root, here {root})")
     return len(files) - len(by_row)

@@ -232,7 +232,10 @@ def write_report(run_dir: Path) -> Report:
     if ckpt is not None:
         taxonomy, idx = ckpt["classes"]["taxonomy"], ckpt["classes"]["active"]
         active = {taxonomy[i] for i in idx}
-    eval_dir = run_dir / "eval"
+    # The run's own best.pt: its test evaluation, else its val one (other checkpoints' evaluations
+    # live in eval/<split>-<name>/ and are not this run's result).
+    eval_dir = next((run_dir / "eval" / s for s in ("test", "val") if (run_dir / "eval" / s / "metrics.json").is_file()),
+                    run_dir / "eval" / "test")
     eval_rows = read_csv_rows(eval_dir / "per_class.csv")
     eval_metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8")) if (eval_dir / "metrics.json").is_file() else None
 

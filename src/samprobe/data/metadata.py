@@ -185,12 +185,41 @@ def build_taxonomy(labels: Iterable[str]) -> list[str]:
     return sorted(uniq)
 
 
-def resolve_label(text: str, taxonomy: list[str], index: dict[str, int]) -> str | None:
-    if text in index:
-        return text
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(taxonomy):
-        return taxonomy[int(text)]  # integer index into the classes file
-    return None
+def _as_index(text: str, taxonomy: list[str]) -> str | None:
+    return taxonomy[int(text)] if text.isdigit() and int(text) < len(taxonomy) else None
+
+
+def decide_label_type(labels: list[str], taxonomy: list[str], requested: str = "auto") -> str:
+    """"name" or "index": one rule for every row of the file (never decided row by row, where a
+    numeric class name and an index of the same text would mean two classes). Auto reads names
+    unless only indices fit; DataError when both readings fit differently or each fits only some rows."""
+    if requested != "auto":
+        return requested
+    names = set(taxonomy)
+    uniq = sorted(set(labels))
+    as_name = {t for t in uniq if t in names}
+    as_index = {t for t in uniq if _as_index(t, taxonomy) is not None}
+    differ = sorted(t for t in as_name & as_index if _as_index(t, taxonomy) != t)  # two classes for one text
+    if len(as_name) == len(uniq) and (len(as_index) < len(uniq) or not differ):
+        return "name"
+    if len(as_index) == len(uniq) and len(as_name) < len(uniq) and not differ:
+        return "index"
+    name_only, index_only = sorted(as_name - as_index), sorted(as_index - as_name)
+    if not differ and not (name_only and index_only):
+        return "index" if index_only else "name"  # the rows that fit neither are unknown_label
+    example = (differ or index_only)[0]
+    by_name = f"class {example!r}" if example in names else "no class"
+    raise DataError(f"data.label_column values read one way as class names ({len(as_name)} of {len(uniq)} values fit) "
+                    f"and another as 0-based indices into data.classes_file ({len(as_index)} fit): e.g. {example!r} is "
+                    f"{by_name} by name but class {_as_index(example, taxonomy)!r} by index",
+                    fix="set data.label_type: name (labels are class names) or index (0-based line numbers of "
+                        "data.classes_file); rows that do not fit the rule are reported as unknown_label")
+
+
+def resolve_label(text: str, taxonomy: list[str], index: dict[str, int], label_type: str = "name") -> str | None:
+    if label_type == "index":
+        return _as_index(text, taxonomy)  # 0-based line of the classes file
+    return text if text in index else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,6 +268,11 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
                             fix=f"set data.{key} to one of: {', '.join(map(str, first))}")
     taxonomy = read_classes_file(Path(cfg.classes_file)) if cfg.classes_file else build_taxonomy(labels_text)
     index = {name: i for i, name in enumerate(taxonomy)}
+    if cfg.label_type == "index" and not cfg.classes_file:
+        raise ConfigError("data.label_type is index but data.classes_file is not set: indices need the class list",
+                          fix="set data.classes_file (one class name per line, line 0 = index 0), or data.label_type: name")
+    # Without a classes file the taxonomy is the labels seen: they are names by construction.
+    label_type = decide_label_type(labels_text, taxonomy, cfg.label_type) if cfg.classes_file else "name"
 
     problems: list[Problem] = []
     # Cheap checks first (no file reads); rows that pass them get their file read in a pool.
@@ -269,9 +303,11 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         if not resolved.is_file():
             bad("missing", f"no file at {candidate}")
             continue
-        label = resolve_label(label_s, taxonomy, index) if label_s else None
+        label = resolve_label(label_s, taxonomy, index, label_type) if label_s else None
         if label is None:
-            bad("unknown_label", "empty label" if not label_s else f"{label_s!r} is not in the taxonomy")
+            bad("unknown_label", "empty label" if not label_s else
+                f"{label_s!r} is not in the taxonomy" if label_type == "name" else
+                f"{label_s!r} is not an index 0..{len(taxonomy) - 1} of data.classes_file (data.label_type index)")
             continue
         split = None
         if cfg.split_column:
@@ -298,10 +334,10 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     records, dup_problems = _resolve_duplicates(records)
     problems.extend(dup_problems)
     problems.sort(key=lambda p: p.row)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"label_type": label_type}
     if detect_format(cfg) == "folder":
         ignored = folder_ignored_files(Path(cfg.image_root))  # type: ignore[arg-type]
-        extra = {"ignored_files": len(ignored), "ignored_files_examples": ignored[:20]}
+        extra.update(ignored_files=len(ignored), ignored_files_examples=ignored[:20])
     return Dataset(records, problems, taxonomy, total=len(rows), encoding=encoding,
                    source=str(cfg.metadata or cfg.image_root), extra=extra)
 
@@ -389,6 +425,14 @@ def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> l
     if report.get("ignored_files"):
         lines.append(f"  {report['ignored_files']} files in the image folder are not images by suffix and were not read "
                      f"(e.g. {report['ignored_files_examples'][0]}); see data_report.json")
+    if report.get("label_type"):
+        lines.append("  labels read as " + ("class names" if report["label_type"] == "name" else
+                                           "0-based indices into data.classes_file") + " (data.label_type)")
+    splits = report.get("splits")
+    if splits:
+        c = splits["counts"]
+        lines.append(f"  splits: {c['train']} train / {c['val']} val / {c['test']} test, {splits['source']}"
+                     + (f"; {splits['kept']} kept from earlier validations, {splits['new']} new" if splits["kept"] + splits["moved"] else ""))
     if report["classes_without_train_images"]:
         lines.append(f"  classes with no training images (not trained, never predicted): {', '.join(report['classes_without_train_images'])}")
     return lines

@@ -24,6 +24,7 @@ image (e.g. a spatial grid) gets its own shards without a schema change.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -35,7 +36,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -496,3 +497,57 @@ def fingerprint_dirs(cache_dir: Path) -> list[Path]:
     if not Path(cache_dir).is_dir():
         return []
     return sorted(p for p in Path(cache_dir).iterdir() if (p / "index.sqlite").is_file() and (p / "meta.json").is_file())
+
+
+# ---------------------------------------------------------------------------------------
+# runs using a cache
+
+RUNS_FILE = "runs.json"
+"""``<cache_dir>/runs.json``: every run directory that extracted into or read from the cache;
+``cache prune`` keeps every entry that any of their splits.csv lists."""
+
+
+@contextlib.contextmanager
+def _runs_lock(cache_dir: Path) -> Iterator[None]:
+    """Exclusive lock on the registry, so two projects registering at once lose neither."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the atomic rewrite still never leaves a torn file
+        yield
+        return
+    with open(Path(cache_dir) / ".runs.lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def registered_runs(cache_dir: Path) -> dict[str, dict[str, Any]]:
+    """Run directory -> {"registered": unix time} of the runs using ``cache_dir``."""
+    path = Path(cache_dir) / RUNS_FILE
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8"))["runs"])
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CacheError(f"{path} is not a samprobe run registry ({exc})",
+                         fix=f"delete {path}; then run `samprobe extract -c CONFIG` once per project using the cache") from None
+
+
+def register_run(cache_dir: Path, run_dir: Path) -> None:
+    """Record that ``run_dir`` uses the cache (idempotent)."""
+    run = str(Path(run_dir).resolve())
+    with _runs_lock(cache_dir):
+        runs = registered_runs(cache_dir)
+        if run in runs:
+            return
+        runs[run] = {"registered": round(time.time())}
+        atomic_write_text(Path(cache_dir) / RUNS_FILE, json.dumps({"runs": runs}, indent=1))
+
+
+def unregister_runs(cache_dir: Path, gone: Iterable[str]) -> None:
+    gone = set(gone)
+    with _runs_lock(cache_dir):
+        runs = {k: v for k, v in registered_runs(cache_dir).items() if k not in gone}
+        atomic_write_text(Path(cache_dir) / RUNS_FILE, json.dumps({"runs": runs}, indent=1))

@@ -1,17 +1,21 @@
 """``samprobe cache info | verify | prune``: look after the feature cache of a config.
 
 ``info`` lists every fingerprint under ``features.cache_dir`` (sizes, what produced it);
-``verify`` recomputes every shard checksum; ``prune`` drops entries that the run's metadata
-(splits.csv) no longer references and frees their bytes.
+``verify`` recomputes every shard checksum; ``prune`` drops entries that no run using the cache
+(``<cache_dir>/runs.json``) references in its splits.csv, and frees their bytes (a dry run unless
+``--yes``).
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from samprobe.config import Config
 from samprobe.errors import CacheError
-from samprobe.features.cache import FeatureCache, fingerprint_dirs
+from samprobe.data.metadata import read_splits
+from samprobe.features.cache import (FeatureCache, estimate_bytes, fingerprint_dirs, registered_runs,
+                                     unregister_runs)
 
 log = logging.getLogger("samprobe")
 
@@ -75,35 +79,64 @@ def cache_verify(cfg: Config, repair: bool = False) -> dict[str, Any]:
     return total
 
 
-def cache_prune(cfg: Config, all_fingerprints: bool = False, dry_run: bool = False) -> dict[str, int]:
-    """Remove entries whose image the run's metadata no longer lists; compact to free the bytes."""
+def _referenced_keys(cfg: Config) -> tuple[set[str], list[str], list[str]]:
+    """(image sha256s some run using the cache needs, those runs, registered runs whose splits.csv is gone)."""
     from samprobe.pipeline import load_dataset
 
-    records, _ = load_dataset(cfg)
+    records, _ = load_dataset(cfg)  # this run's data, validated again if it changed
     referenced = {r.sha256 for r in records}
+    this = str(cfg.run_dir.resolve())
+    users, gone = [this], []
+    for run in sorted(registered_runs(cfg.features.cache_dir)):
+        if run == this:
+            continue
+        splits = Path(run) / "splits.csv"
+        if splits.is_file():
+            referenced |= {r.sha256 for r in read_splits(splits)}
+            users.append(run)
+        else:
+            gone.append(run)
+    return referenced, users, gone
+
+
+def cache_prune(cfg: Config, all_fingerprints: bool = False, dry_run: bool = True) -> dict[str, int]:
+    """Remove entries no run using the cache needs: runs register themselves in
+    ``<cache_dir>/runs.json`` when they extract or read features, and an entry is kept while any of
+    their splits.csv lists its image. ``dry_run`` (the default) only reports counts and bytes."""
+    referenced, users, gone = _referenced_keys(cfg)
     dirs = fingerprint_dirs(cfg.features.cache_dir)
     if not dirs:
         raise _no_cache(cfg)
     if not all_fingerprints:
         current = _current_fingerprint(cfg)
         dirs = [d for d in dirs if d.name == current]
-    out = {"removed": 0, "kept": 0, "freed_bytes": 0}
+    log.info(f"cache {cfg.features.cache_dir}: {len(users)} run(s) use it ({', '.join(users)}); keeping the "
+             f"{len(referenced)} images their splits.csv list"
+             + (f"; {len(gone)} registered run(s) no longer exist ({', '.join(gone)}): their images are not kept" if gone else ""))
+    out = {"removed": 0, "kept": 0, "freed_bytes": 0, "runs": len(users)}
     for d in dirs:
         with FeatureCache.open_existing(d) as cache:
             keys = cache.keys()
             stale = keys - referenced
-            before = cache.stats()["bytes_on_disk"]
-            if not dry_run and stale:
-                cache.remove(stale)
-                cache.compact()
-            if not dry_run:
+            before = cache.stats()
+            if dry_run:
+                freed = sum(estimate_bytes(len(cache.keys(a) - referenced), cache.array_dim(a) or 0, cache.dtype)
+                            for a in before["arrays"])
+            else:
+                if stale:
+                    cache.remove(stale)
+                    cache.compact()
                 cache.remove_orphans()
-            freed = before - cache.stats()["bytes_on_disk"]
+                freed = before["bytes_on_disk"] - cache.stats()["bytes_on_disk"]
         out["removed"] += len(stale)
         out["kept"] += len(keys) - len(stale)
         out["freed_bytes"] += max(freed, 0)
-        log.info(f"{d.name}: {'would remove' if dry_run else 'removed'} {len(stale)} of {len(keys)} entries"
-                 + ("" if dry_run else f", freed {max(freed, 0) / 1e6:.1f} MB"))
+        log.info(f"{d.name}: {'would remove' if dry_run else 'removed'} {len(stale)} of {len(keys)} entries, "
+                 f"{'would free about' if dry_run else 'freed'} {max(freed, 0) / 1e6:.2f} MB")
+    if dry_run:
+        log.info("cache prune: dry run, nothing removed; rerun with --yes to remove these entries")
+    elif gone:
+        unregister_runs(cfg.features.cache_dir, gone)
     return out
 
 

@@ -31,6 +31,14 @@ class ClassMapping:
         seen = {index[lab] for lab in train_labels}
         if not seen:
             raise TrainingError("no training samples: every class is empty", fix="check data_report.json and the split settings")
+        if len(seen) < 2:
+            (only,) = seen
+            others = [n for n in taxonomy if n != taxonomy[only]]
+            raise TrainingError(f"only one class has training images ({taxonomy[only]!r}, {len(train_labels)} images"
+                                + (f"; none for {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''}"
+                                   if others else "") + "): a classifier needs at least 2 classes with training images",
+                                fix="add training images of another class (see per_class in data_report.json), or "
+                                    "check data.label_column and the split column")
         return cls(tuple(taxonomy), tuple(sorted(seen)))
 
     @property

@@ -29,6 +29,30 @@ from samprobe.train.optim import StackedAdamW, StackedSGD, pack_optimizer, unpac
 
 log = logging.getLogger("samprobe")
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
+DIVERGED_LOSS = 4.0
+DIVERGED_RISE = 10.0
+"""A head whose epoch training loss is both above DIVERGED_LOSS x ln(classes) (the class-weighted
+loss of a uniform guess is ln(classes)) and DIVERGED_RISE times its lowest so far is diverging:
+stopped, and never the selected head. Both, as high-lr heads can start far above ln(classes) and
+recover (attentive probes at lr 0.5: 12 at epoch 1), while a diverging one grows by orders of
+magnitude (mlp at lr 20 on digits: 1.1, 495, 1.3e8, ...)."""
+NOISE_SIGMAS = 2.0
+"""Pruning margin floor: this many standard deviations of the monitored score's sampling noise."""
+
+
+def score_noise(y_val: np.ndarray, num_classes: int, num_untrained: int, monitor: str) -> float:
+    """Standard deviation, at its largest (every recall or accuracy 0.5), of a head's validation
+    score from the sampling of the validation images alone: binomial per class for balanced
+    accuracy (and macro-F1, as a stand-in), over all images for accuracy. 0 for val_loss (no bound)."""
+    y = np.asarray(y_val)
+    known = y[y >= 0]
+    if monitor == "val_loss" or len(known) == 0:
+        return 0.0
+    if monitor == "accuracy":
+        return 0.5 / math.sqrt(len(y))
+    support = np.bincount(known, minlength=num_classes)
+    support = support[support > 0]
+    return float(0.5 * math.sqrt(float(np.sum(1.0 / support))) / (len(support) + num_untrained))
 
 
 def sweep_grid(cfg: TrainConfig) -> list[tuple[float, float]]:
@@ -285,6 +309,9 @@ class SweepTrainer:
         self.opt_steps = math.ceil(self.micro_steps / self.accumulate)
         total = self.opt_steps * cfg.epochs
         warmup = max(1, min(total // 20, cfg.warmup_epochs * self.opt_steps))
+        self.warmup_end_epoch = math.ceil(warmup / self.opt_steps)  # no pruning before: every lr still ramps up
+        self.noise_floor = NOISE_SIGMAS * score_noise(np.asarray(y_val), C, self.num_untrained, cfg.monitor)
+        self.diverge_loss = DIVERGED_LOSS * math.log(max(C, 2))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(total, warmup))
         # GradScaler only for fp16 (bf16/fp32 need none); the torch.amp form, not torch.cuda.amp.
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(precision) else None
@@ -297,6 +324,8 @@ class SweepTrainer:
         self.stale = torch.zeros(H, dtype=torch.long)
         self.sweep_stale = 0
         self.alive = torch.ones(H, dtype=torch.bool)
+        self.diverged = torch.zeros(H, dtype=torch.bool)
+        self.min_train_loss = torch.full((H,), math.inf)
         self.status = ["training"] * H
         self.history: list[dict[str, Any]] = []
 
@@ -409,19 +438,43 @@ class SweepTrainer:
         for h in heads.nonzero().flatten().tolist():
             self.status[h] = f"diverged at {where}"
         self.alive &= ~heads
+        self.diverged |= heads
         self.opt.freeze(heads)
         # The last live heads diverging ends training; it is an error only when no head (one
         # stopped earlier, e.g. pruned) holds best weights with a finite score to fall back on.
-        if not self.alive.any() and not torch.isfinite(self.best_score).any():
+        if not self.alive.any() and not torch.isfinite(self._selectable_scores()).any():
             lrs = sorted({g[0] for g in self.grid})
             raise TrainingError(f"loss became NaN/inf at {where} for every head (lr {', '.join(f'{lr:g}' for lr in lrs)})",
                                 fix="the learning rate is too high for these features: lower train.lr / train.sweep.lrs "
                                     "(e.g. divide by 10), or use precision: fp32")
 
+    def _selectable_scores(self) -> torch.Tensor:
+        """Best scores, -inf for diverged heads (never selected, whatever their early score)."""
+        return torch.where(self.diverged, -math.inf, self.best_score)
+
     def _end_epoch(self, train_loss: torch.Tensor) -> dict[str, Any]:
         cfg = self.cfg
         has_val = len(self.xv) > 0
-        if has_val:
+        # A finite but exploding loss (lr too high) is divergence too: its early best score is luck.
+        trained = self.alive.clone()
+        exploding = self.alive & (train_loss > self.diverge_loss) & (train_loss > DIVERGED_RISE * self.min_train_loss)
+        for h in exploding.nonzero().flatten().tolist():
+            self.status[h] = (f"diverged at epoch {self.epoch}: train loss {float(train_loss[h]):.4g}, over "
+                              f"{DIVERGED_RISE:g}x its lowest ({float(self.min_train_loss[h]):.4g}) and over {DIVERGED_LOSS:g} x "
+                              f"ln classes ({self.diverge_loss:.3g}; a uniform guess scores ln classes)")
+        self.min_train_loss = torch.where(trained, torch.minimum(self.min_train_loss, train_loss), self.min_train_loss)
+        if exploding.any():
+            self.alive &= ~exploding
+            self.diverged |= exploding
+            self.opt.freeze(exploding)
+            if not self.alive.any() and not torch.isfinite(self._selectable_scores()).any():
+                raise TrainingError(f"every head diverged by epoch {self.epoch} (train loss above {self.diverge_loss:.3g})",
+                                    fix="the learning rate is too high for these features: lower train.lr / "
+                                        "train.sweep.lrs (e.g. divide by 10)")
+        if has_val and not self.alive.any():  # the last live heads just diverged
+            val = {k: torch.full_like(train_loss, math.nan) for k in VAL_METRICS}
+            score = torch.full_like(train_loss, -math.inf)
+        elif has_val:
             # Only heads that trained this epoch: a stopped head's metrics cannot change.
             training = self.alive.nonzero().flatten()
             part = evaluate_heads(self.model, self.xv, self.yv, self.weights, self.num_untrained,
@@ -433,7 +486,7 @@ class SweepTrainer:
             score = -train_loss
         score = torch.nan_to_num(score, nan=-math.inf)
         was_alive = self.alive.clone()
-        leader_before = float(self.best_score.max())
+        leader_before = float(self._selectable_scores().max())
         improved = was_alive & (score > self.best_score + cfg.min_delta)
         for name, p in self.model.named_parameters():
             mask = improved.to(p.device).view((-1,) + (1,) * (p.dim() - 1))
@@ -450,13 +503,13 @@ class SweepTrainer:
         self.opt.freeze(stopped)
         # Early stopping on the best as well: once the leading score has not improved for
         # `patience` epochs, heads still improving below it cannot change the pick; stop them all.
-        self.sweep_stale = 0 if float(self.best_score.max()) > leader_before + cfg.min_delta else self.sweep_stale + 1
+        self.sweep_stale = 0 if float(self._selectable_scores().max()) > leader_before + cfg.min_delta else self.sweep_stale + 1
         if self.sweep_stale >= cfg.patience and self.alive.any():
             for h in self.alive.nonzero().flatten().tolist():
                 self.status[h] = f"stopped at epoch {self.epoch}: the best head did not improve for {cfg.patience} epochs"
             self.opt.freeze(self.alive.clone())
             self.alive[:] = False
-        self._prune()
+        pruned = self._prune()
 
         lead = int(torch.argmax(torch.where(was_alive, score, -math.inf))) if was_alive.any() else self.best_index
         row: dict[str, Any] = {"epoch": self.epoch, "train_loss": float(train_loss[lead]),
@@ -464,35 +517,47 @@ class SweepTrainer:
         if has_val:
             row.update({k: float(val[k][lead]) for k in VAL_METRICS})
         row.update({"head": lead, "best_head": self.best_index, "heads_training": int(self.alive.sum()),
-                    "heads": [{"lr": g[0], "weight_decay": g[1], "training": bool(was_alive[h]),
+                    "stopped": {"pruned": pruned, "diverged": exploding.nonzero().flatten().tolist()},
+                    "heads": [{"lr": g[0], "weight_decay": g[1], "training": bool(trained[h]),
                                **({"train_loss": float(train_loss[h]),
-                                   **({k: float(val[k][h]) for k in VAL_METRICS} if has_val else {})} if was_alive[h] else {})}
+                                   **({k: float(val[k][h]) for k in VAL_METRICS} if has_val else {})} if trained[h] else {})}
                               for h, g in enumerate(self.grid)]})
         self.history.append(row)
         return row
 
-    def _prune(self) -> None:
-        """Stop heads whose best score is more than ``sweep.prune_margin`` below the leading
-        head's (Hyperband-style): a setting that far behind does not win, and the batched
-        forward then skips it. Best scores, not this epoch's: a head in a dip is not cut."""
+    @property
+    def prune_margin(self) -> float | None:
+        """The margin pruning uses: ``sweep.prune_margin``, raised to the noise floor of the
+        monitored score on this validation set (a smaller gap can be sampling luck); None = off."""
         margin = self.cfg.sweep.prune_margin
-        if margin is None or not self.alive.any() or len(self.xv) == 0:
-            return  # without a validation set the score is the training loss, where more decay always looks worse
-        lead = float(self.best_score.max())
+        return None if margin is None else max(margin, self.noise_floor)
+
+    def _prune(self) -> list[int]:
+        """Stop heads whose best score is more than ``prune_margin`` below the leading head's
+        (Hyperband-style): a setting that far behind does not win, and the batched forward then
+        skips it. Best scores, not this epoch's: a head in a dip is not cut. Never during warm-up
+        (every lr is still ramping up, so the ranking says little). Returns the heads pruned."""
+        margin = self.prune_margin
+        if margin is None or not self.alive.any() or len(self.xv) == 0 or self.epoch < self.warmup_end_epoch:
+            return []  # without a validation set the score is the training loss, where more decay always looks worse
+        lead = float(self._selectable_scores().max())
         pruned = self.alive & (self.best_score < lead - margin)
         loss = self.cfg.monitor == "val_loss"
         name = "val_loss" if loss else f"val_{self.cfg.monitor}"
         for h in pruned.nonzero().flatten().tolist():
             best, leading = (-float(self.best_score[h]), -lead) if loss else (float(self.best_score[h]), lead)
             self.status[h] = (f"pruned at epoch {self.epoch}: best {name} {best:.4f}, more than "
-                              f"sweep.prune_margin {margin:g} from the leading head's {leading:.4f}")
+                              f"{margin:.4g} (sweep.prune_margin {self.cfg.sweep.prune_margin:g}"
+                              + (f", noise floor {self.noise_floor:.4g}" if self.noise_floor > self.cfg.sweep.prune_margin else "")
+                              + f") from the leading head's {leading:.4f}")
         self.alive &= ~pruned
         self.opt.freeze(pruned)
+        return pruned.nonzero().flatten().tolist()
 
     @property
     def best_index(self) -> int:
-        """Head with the highest best score (lowest index on ties: deterministic)."""
-        return int(torch.argmax(self.best_score))
+        """Head with the highest best score (lowest index on ties: deterministic), diverged heads left out."""
+        return int(torch.argmax(self._selectable_scores()))
 
     # --- driving -------------------------------------------------------------------------
 
@@ -537,8 +602,8 @@ class SweepTrainer:
 
     def result(self) -> SweepResult:
         b = self.best_index
-        if not math.isfinite(float(self.best_score[b])):
-            raise TrainingError("no head reached a finite validation score", fix="lower train.lr / train.sweep.lrs")
+        if not math.isfinite(float(self._selectable_scores()[b])):
+            raise TrainingError("no head reached a finite validation score without diverging", fix="lower train.lr / train.sweep.lrs")
         last_head = self.model.to_head(b)
         best_model = copy.deepcopy(self.model)  # the live model stays as is: training may go on (resume)
         best_model.load_state_dict({**self.model.state_dict(), **self.best})  # early stopping restores the best weights
@@ -563,14 +628,17 @@ class SweepTrainer:
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
             "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
             "best_metrics": self.best_metrics.clone(), "stale": self.stale.clone(), "alive": self.alive.clone(),
-            "status": list(self.status), "history": list(self.history), "sweep_stale": self.sweep_stale,
+            "diverged": self.diverged.clone(), "min_train_loss": self.min_train_loss.clone(),
+            "status": list(self.status), "sweep_stale": self.sweep_stale,
             "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state(),
                     "dropout_device": self.dropout_gen.device.type},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], history: list[dict[str, Any]] | None = None) -> None:
+        """``history``: the epoch rows so far (metrics.jsonl); the state holds none, so that writing
+        it every epoch costs the same at epoch 3000 as at epoch 1."""
         grid = [tuple(float(v) for v in g) for g in state["grid"]]
         if grid != self.grid or state["model"]["mean"].shape != self.model.mean.shape:
             raise CheckpointError(f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
@@ -590,7 +658,11 @@ class SweepTrainer:
         self.best = {k: v.to(self.device) for k, v in state["best"].items()}
         self.best_score, self.best_epoch = state["best_score"].clone(), state["best_epoch"].clone()
         self.best_metrics, self.stale, self.alive = state["best_metrics"].clone(), state["stale"].clone(), state["alive"].clone()
-        self.status, self.history, self.epoch = list(state["status"]), list(state["history"]), int(state["epoch"])
+        self.status, self.epoch = list(state["status"]), int(state["epoch"])
+        self.history = list(history if history is not None else state.get("history", []))  # older last.pt held it
+        self.diverged = state["diverged"].clone() if "diverged" in state else \
+            torch.tensor([st.startswith("diverged") for st in self.status])
+        self.min_train_loss = state.get("min_train_loss", torch.full((len(self.grid),), math.inf)).clone()
         self.sweep_stale = int(state["sweep_stale"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
