@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned, so no dependency can pull another build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test browser clean
+.PHONY: demo test test-native browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[demo]"
 	touch $@
 
+# sam2 (test-only reference of SAM 2.1) ships as an sdist whose build needs torch: build it against
+# the pinned torch already here (no isolated build env downloading another), without its CUDA extension.
 $(VENV)/.test-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[demo,test]"
+	$(BIN)/pip install --quiet setuptools wheel
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install --quiet --no-build-isolation "sam2==1.1.0"
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -33,6 +37,9 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; } || \
 	  echo "make browser: could not install chromium; the report's browser test will be skipped"
+
+test-native: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -m native
 
 clean:
 	rm -rf $(VENV) runs

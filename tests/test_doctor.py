@@ -234,3 +234,16 @@ def test_too_little_shared_memory_for_the_workers_is_blocking(project, capsys, m
     line = _blocked_by(capsys, project, "shared memory", "features.num_workers=2", "features.batch_size=4")
     # 12 images, batches of 4: 2 workers x 4 prefetched batches x 4 images x 3 x 64 x 64 bytes = 0.4 MB
     assert "[SP600]" in line and "/dev/shm has 0.1 MB free" in line and "need 0.4 MB" in line and "--shm-size" in line
+
+
+def test_doctor_says_the_sam_family_and_lists_its_features(project, capsys, tmp_path):
+    from sam_factory import write_official_hq_checkpoint
+
+    ckpt = write_official_hq_checkpoint(tmp_path / "sam_hq_tiny.pth", "tiny", img_size=256)
+    rc, lines = doctor(capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256")
+    line = next(ln for ln in lines if " backbone checkpoint:" in ln)
+    assert rc == 0 and status(lines, "backbone checkpoint") == "ok", lines
+    assert "SAM-HQ checkpoint, custom encoder" in line and "block_avg[@1..2]" in line and "interm_avg" in line
+    rc, lines = doctor(capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256",
+                       "backbone.variant=hiera_t")
+    assert rc == 2 and "backbone.variant is hiera_t" in next(ln for ln in lines if " backbone checkpoint:" in ln)

@@ -138,3 +138,20 @@ def test_wrong_head_checkpoint_file_exits_2(digits_project: Path, capsys: pytest
     bogus.write_bytes(b"this is not a checkpoint")
     assert main(["predict", "--checkpoint", str(bogus), str(digits_project), "--out", str(digits_project / "p.csv")]) == 2
     assert "bogus.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sam_hq", "sam2", "mobile_sam"])
+def test_slice_each_sam_family_tiny_checkpoint(tmp_path: Path, family: str) -> None:
+    """validate -> extract -> train -> evaluate -> predict through the CLI, `backbone.name: sam` detecting the family."""
+    from family_factory import TINY
+
+    backbone = TINY[family](tmp_path / "weights")
+    backbone.update(name="sam", img_size=128 if family == "sam2" else 256)  # detected from the file
+    write_digits(tmp_path / "data", per_class=8, classes=(0, 1))
+    write_config(tmp_path / "samprobe.yaml", backbone=backbone,
+                 features={"pooling": ["neck_avg"], "num_workers": 0, "batch_size": 8},
+                 train={"epochs": 5, "patience": 5})
+    run = run_slice(tmp_path)
+    check_outputs(tmp_path, run, n_images=16, dim=256)
+    said = {"sam_hq": "SAM-HQ checkpoint", "sam2": "SAM 2.1 checkpoint", "mobile_sam": "MobileSAM checkpoint"}
+    assert said[family] in (run / "run.log").read_text()

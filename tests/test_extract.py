@@ -13,7 +13,7 @@ from PIL import Image
 from test_cache_helpers import PY, REPO, LogLines, index_count, make_corpus, write_config
 
 from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
-from samprobe.backbones.registry import Backbone
+from samprobe.backbones.registry import Backbone, PooledFeature
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.data.images import resize_square
@@ -188,7 +188,6 @@ class OomBackbone(Backbone):
 
     name = "oom_fake"
     input_size = 32
-    feature_names = ("avg",)
     default_pooling = ("avg",)
 
     def __init__(self, limit: int, exc: type[Exception] = torch.cuda.OutOfMemoryError) -> None:
@@ -204,8 +203,8 @@ class OomBackbone(Backbone):
             raise self.exc("CUDA out of memory. Tried to allocate 2.00 GiB")
         return images.float().mean(dim=(2, 3))  # [B, 3]
 
-    def feature_dims(self):
-        return {"avg": 3}
+    def features(self):
+        return {"avg": PooledFeature("image", "avg", 3)}
 
     def identity(self):
         return {"model": "oom_fake"}

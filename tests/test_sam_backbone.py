@@ -142,7 +142,7 @@ def test_encode_order_dims_and_pooling_check(tiny):
     both = tiny.encode(x, valid, ["block_avg", "neck_avg"])
     assert both.shape == (2, 64 + 256)
     torch.testing.assert_close(both[:, 64:], tiny.encode(x, valid, ["neck_avg"]), rtol=0, atol=0)  # one forward, sliced
-    assert tiny.feature_dims() == {"neck_avg": 256, "neck_max": 256, "block_avg": 64}
+    assert tiny.feature_dims() == {"neck_avg": 256, "neck_max": 256, "block_avg": 64, "interm_avg": 64}
     with pytest.raises(ConfigError, match="neck_mean"):
         tiny.encode(x, valid, ["neck_mean"])
 
@@ -309,11 +309,13 @@ def test_img_size_must_be_multiple_of_patch(tiny_ckpt):
 
 
 def test_registered_builder(tiny_ckpt):
-    assert registry._REGISTRY["sam"] is build_sam
-    bb = build_sam(BackboneConfig(checkpoint=tiny_ckpt, img_size=256))
-    assert isinstance(bb, SamBackbone) and bb.input_size == 256
-    with pytest.raises(ConfigError, match="backbone.checkpoint"):
-        build_sam(BackboneConfig(checkpoint=None))
+    build = registry.BACKBONES["sam"].load_builder()  # detects the family, then builds it
+    for builder in (build, build_sam):
+        bb = builder(BackboneConfig(checkpoint=tiny_ckpt, img_size=256))
+        assert isinstance(bb, SamBackbone) and bb.input_size == 256
+        with pytest.raises(ConfigError, match="backbone.checkpoint"):
+            builder(BackboneConfig(checkpoint=None))
+    assert bb.identity() == build_sam(BackboneConfig(checkpoint=tiny_ckpt, img_size=256)).identity()
 
 
 def test_weights_hash_is_remembered_per_file_version(tmp_path, monkeypatch):
@@ -352,3 +354,40 @@ def test_checkpoint_is_memory_mapped_not_read(tmp_path):
     sd = read_checkpoint(ckpt)
     assert str(ckpt) in Path("/proc/self/maps").read_text()
     del sd
+
+
+def _official_block_outputs(sam, ref_in: torch.Tensor) -> list[torch.Tensor]:
+    """Every official ``ImageEncoderViT`` block's output [B, C, gh, gw], read with forward hooks."""
+    outs: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda _m, _i, o: outs.append(o.permute(0, 3, 1, 2)))
+             for blk in sam.image_encoder.blocks]
+    try:
+        with torch.no_grad():
+            sam.image_encoder(ref_in)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def test_block_features_match_the_official_blocks(vitb_ckpt, vitb_official):
+    """block_avg@i,j pools the official blocks' outputs; interm_avg the global blocks' (SAM-HQ's interm_embeddings)."""
+    bb = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256)
+    images = _images()[1:3]
+    ref_in, hws = _official_inputs(vitb_official, images, bb.input_size)
+    blocks = _official_block_outputs(vitb_official, ref_in)
+
+    def ref_avg(i: int) -> torch.Tensor:  # 1-based block number, pooled over the valid tokens
+        return torch.stack([f[:, : math.ceil(h / 16), : math.ceil(w / 16)].mean((1, 2))
+                            for f, (h, w) in zip(blocks[i - 1], hws)])
+
+    x, valid = _batch(bb, images)
+    ours = bb.encode(x, valid, ["block_avg@6,12", "interm_avg", "block_avg"])
+    assert ours.shape == (2, 768 * 2 + 768 * 4 + 768) == (2, bb.pooled_dim(["block_avg@6,12", "interm_avg",
+                                                                             "block_avg"]))
+    ref = torch.cat([ref_avg(6), ref_avg(12), *[ref_avg(i) for i in (3, 6, 9, 12)], ref_avg(12)], dim=1)
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert F.cosine_similarity(ours, ref).min().item() >= 0.9999
+    # block 12 is the last block: block_avg@12 is block_avg
+    torch.testing.assert_close(ours[:, 768:1536], ours[:, -768:])
+    assert bb.sources(["block_avg@6,12"]) == {"block@6", "block@12"}  # no neck computed for it

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from samprobe.backbones.weights import OFFICIAL_WEIGHTS, download_weights
+from samprobe.backbones.weights import CATALOGUE, OFFICIAL_WEIGHTS, download_weights
 from samprobe.errors import ConfigError, DownloadError
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MB, not a multiple of the read chunk
@@ -136,3 +136,37 @@ def test_cli_download_checksum_mismatch_exits_2(server, tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "MD5" in err and OFFICIAL_WEIGHTS["sam_vit_b"][1] in err and "backbone.checkpoint" in err
     assert not any(tmp_path.iterdir())  # neither a final file nor a .part left behind
+
+
+def test_catalogue_covers_every_family_with_official_urls():
+    assert {e.family for e in CATALOGUE.values()} >= {"sam1", "sam2", "sam_hq", "mobile_sam"}
+    for name, entry in CATALOGUE.items():
+        assert entry.url.startswith("https://") and entry.source
+        assert (entry.md5 is not None) == (entry.family == "sam1"), name  # only SAM 1 publishes checksums
+
+
+def test_unpublished_checksum_is_recorded_on_first_download_then_enforced(server, tmp_path):
+    srv, url = server()
+    path = download_weights("mobile_sam", tmp_path, url=url, progress=False)
+    assert path.name == "mobile_sam.pt" and path.read_bytes() == PAYLOAD
+    record = tmp_path / "mobile_sam.pt.sha256"
+    assert record.read_text().split()[0] == hashlib.sha256(PAYLOAD).hexdigest()
+    n = len(srv.requests)
+    assert download_weights("mobile_sam", tmp_path, url=url, progress=False) == path  # verified, not fetched
+    assert len(srv.requests) == n
+    path.write_bytes(b"corrupted" + PAYLOAD[9:])  # the file changed: fetched again, matches the record
+    assert download_weights("mobile_sam", tmp_path, url=url, progress=False).read_bytes() == PAYLOAD
+    record.write_text("0" * 64 + "  mobile_sam.pt\n")  # the record disagrees with what the server sends
+    path.unlink()
+    with pytest.raises(DownloadError, match="recorded 0000"):
+        download_weights("mobile_sam", tmp_path, url=url, progress=False)
+    assert not path.exists() and not (tmp_path / "mobile_sam.pt.part").exists()
+
+
+def test_cli_weights_list_names_every_entry(capsys: pytest.CaptureFixture[str]) -> None:
+    from samprobe.cli import main
+
+    assert main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    for name, entry in CATALOGUE.items():
+        assert name in out and entry.url in out

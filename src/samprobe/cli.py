@@ -137,10 +137,19 @@ def cmd_features_export(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
-    from samprobe.backbones.weights import download_weights
+    from samprobe.backbones.weights import checksum_note, download_weights
 
     path = download_weights(args.name, Path(args.dir), url=args.url)
-    log.info(f"{args.name}: {path} (MD5 verified); set backbone.checkpoint: {path}")
+    log.info(f"{args.name}: {path} ({checksum_note(args.name, Path(args.dir))}); set backbone.checkpoint: {path}")
+    return 0
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from samprobe.backbones.weights import CATALOGUE
+
+    for name, entry in CATALOGUE.items():
+        checksum = f"MD5 {entry.md5}" if entry.md5 else "no checksum published: sha256 recorded on first download"
+        print(f"{name:22} {entry.family:10} {entry.url}\n{'':33} {checksum}; source: {entry.source}")
     return 0
 
 
@@ -243,11 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val", "test", "all"])
     p.add_argument("--out", required=True, type=user_path, help="output file, .npz or .parquet")
 
-    weights = sub.add_parser("weights", help="official SAM weights", description="official SAM weights")
+    weights = sub.add_parser("weights", help="official SAM-family weights", description="official SAM-family weights")
     weights_sub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
-    p = add("download", cmd_weights_download, "download official SAM weights: resumable, MD5-verified, atomic",
+    add("list", cmd_weights_list, "every downloadable checkpoint: family, official URL, checksum and its source",
+        config=False, parent=weights_sub)
+    p = add("download", cmd_weights_download, "download official weights: resumable, checksum-verified, atomic",
             config=False, parent=weights_sub)
-    p.add_argument("name", choices=["sam_vit_b", "sam_vit_l", "sam_vit_h"])
+    p.add_argument("name", help="a name from `samprobe weights list` (e.g. sam_vit_b, sam2.1_hiera_tiny, mobile_sam)")
     p.add_argument("--dir", default="weights", type=user_path, help="destination folder (default: ./weights)")
     p.add_argument("--url", default=None, help="download from this mirror instead (the official MD5 is still checked)")
 

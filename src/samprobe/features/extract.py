@@ -110,8 +110,7 @@ class Extractor:
 
     @property
     def dim(self) -> int:
-        dims = self.backbone.feature_dims()
-        return sum(dims[p] for p in self.pooling)
+        return self.backbone.pooled_dim(self.pooling)
 
     @property
     def grid_dim(self) -> int:
