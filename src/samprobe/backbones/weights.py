@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
 from samprobe.errors import ConfigError, DownloadError
-from samprobe.io import fsync_dir
+from samprobe.io import fsync_dir, hash_file
 
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 # name -> (official URL, MD5). The six hex digits in each official file name are the start of
@@ -30,11 +30,7 @@ _CHUNK = 1 << 20
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path, hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _fetch(url: str, part: Path, md5: str, timeout: float, progress: bool) -> None:

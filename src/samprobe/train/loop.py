@@ -202,6 +202,30 @@ def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor,
     }
 
 
+def _progress_at_start(num_heads: int) -> dict[str, Any]:
+    """A sweep's progress before its first epoch, by ``SweepTrainer`` attribute (tensors are per
+    head, [H, ...]). ``state_dict`` saves and ``load_state_dict`` restores exactly these."""
+    return {
+        "epoch": 0,
+        "best_score": torch.full((num_heads,), -math.inf),
+        "best_epoch": torch.zeros(num_heads, dtype=torch.long),
+        "best_metrics": torch.full((num_heads, len(VAL_METRICS) + 1), math.nan),  # train_loss + VAL_METRICS
+        "stale": torch.zeros(num_heads, dtype=torch.long),  # epochs since the head last improved
+        "sweep_stale": 0,  # epochs since the best head of the sweep last improved
+        "alive": torch.ones(num_heads, dtype=torch.bool),
+        "status": ["training"] * num_heads,
+        "history": [],  # list[dict[str, Any]]: one entry per epoch
+    }
+
+
+_PROGRESS = tuple(_progress_at_start(0))
+
+
+def _copied(value: Any) -> Any:
+    """A tensor cloned, a list copied (its entries shared), an int as it is."""
+    return value.clone() if torch.is_tensor(value) else copy.copy(value)
+
+
 class SweepTrainer:
     """The state of a sweep; ``run`` trains to the end, ``state_dict`` / ``load_state_dict``
     hold everything needed to continue after a kill."""
@@ -255,16 +279,8 @@ class SweepTrainer:
         # GradScaler only for fp16 (bf16/fp32 need none); the torch.amp form, not torch.cuda.amp.
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-        self.epoch = 0
         self.best = {k: v.detach().clone() for k, v in self.model.named_parameters()}
-        self.best_score = torch.full((H,), -math.inf)
-        self.best_epoch = torch.zeros(H, dtype=torch.long)
-        self.best_metrics = torch.full((H, len(VAL_METRICS) + 1), math.nan)  # train_loss + VAL_METRICS
-        self.stale = torch.zeros(H, dtype=torch.long)
-        self.sweep_stale = 0
-        self.alive = torch.ones(H, dtype=torch.bool)
-        self.status = ["training"] * H
-        self.history: list[dict[str, Any]] = []
+        vars(self).update(_progress_at_start(H))
 
     # --- one epoch -----------------------------------------------------------------------
 
@@ -516,13 +532,10 @@ class SweepTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue bit for bit: tensors and builtins only (weights_only loads it)."""
         return {
-            "epoch": self.epoch, "grid": [list(g) for g in self.grid], "optimizer_name": self.cfg.optimizer,
-            "head_spec": self.model.spec(),
+            "grid": [list(g) for g in self.grid], "optimizer_name": self.cfg.optimizer, "head_spec": self.model.spec(),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
-            "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
-            "best_metrics": self.best_metrics.clone(), "stale": self.stale.clone(), "alive": self.alive.clone(),
-            "status": list(self.status), "history": list(self.history), "sweep_stale": self.sweep_stale,
+            **{name: _copied(getattr(self, name)) for name in _PROGRESS},
             "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state()},
@@ -546,10 +559,7 @@ class SweepTrainer:
                                   fix=f"resume with the config of the interrupted run (train.optimizer: {saved_opt}), or train without --resume")
         self.model.load_state_dict(state["model"])
         self.best = {k: v.to(self.device) for k, v in state["best"].items()}
-        self.best_score, self.best_epoch = state["best_score"].clone(), state["best_epoch"].clone()
-        self.best_metrics, self.stale, self.alive = state["best_metrics"].clone(), state["stale"].clone(), state["alive"].clone()
-        self.status, self.history, self.epoch = list(state["status"]), list(state["history"]), int(state["epoch"])
-        self.sweep_stale = int(state["sweep_stale"])
+        vars(self).update({name: _copied(state[name]) for name in _PROGRESS})
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
