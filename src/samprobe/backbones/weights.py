@@ -20,7 +20,7 @@ from samprobe.io import fsync_dir, hash_file
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 # name -> (official URL, MD5). The six hex digits in each official file name are the start of
 # the file's MD5; the full MD5s are the ones several independent public projects verify
-# against (see DESIGN.md §5).
+# against.
 OFFICIAL_WEIGHTS: dict[str, tuple[str, str]] = {
     "sam_vit_b": (_BASE + "sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"),
     "sam_vit_l": (_BASE + "sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),

@@ -102,9 +102,9 @@ def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
     """The single head a checkpoint's ``head`` entry describes, in eval mode."""
     if spec["kind"] == "attentive":
         head: Head | AttentiveProbe = AttentiveProbe(spec["in_dim"], spec["num_classes"], spec["spatial"],
-                                                     spec["attn_heads"], spec.get("dropout", 0.0))
+                                                     spec["attn_heads"], spec["dropout"])
     else:
-        head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec.get("hidden", 512), spec.get("dropout", 0.0))
+        head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec["hidden"], spec["dropout"])
     head.load_state_dict(state_dict)
     return head.eval()
 

@@ -3,7 +3,8 @@
 Every (lr, weight_decay) setting of the sweep is one head of a ``StackedHeads`` (pooled
 features [N, D]) or a ``StackedAttentiveProbe`` (token grids [N, T, C]): one batched
 forward for all of them (DINOv2-style linear evaluation), the sum of their class-weighted
-losses, and a per-head AdamW. Warm-up + cosine schedule, gradient accumulation, autocast,
+losses, and a per-head optimizer (``train.optimizer``: SGD with Nesterov momentum by default,
+or AdamW). Warm-up + cosine schedule, gradient accumulation, autocast,
 early stopping per head (a head that stops improving is frozen; the best weights of each head
 are kept), and the whole state is a dict of tensors/builtins so a run resumes bit for bit.
 """
@@ -72,10 +73,8 @@ def _param_groups(model: torch.nn.Module, num_heads: int) -> list[dict[str, Any]
     return groups
 
 
-def _describe(spec: dict[str, Any] | None) -> str:
+def _describe(spec: dict[str, Any]) -> str:
     """A head spec as the config keys that set it, for messages."""
-    if spec is None:
-        return "train.head linear / mlp"
     if spec["kind"] == "attentive":
         return f"train.head attentive (features.spatial {spec['spatial']})"
     return f"train.head {spec['kind']}" + (f" (train.hidden {spec['hidden']})" if spec["kind"] == "mlp" else "")
@@ -240,7 +239,8 @@ class SweepTrainer:
         if len(yt) == 0:
             raise TrainingError("no training samples", fix="check data_report.json and the split settings")
         if (yt < 0).any() or (yt >= C).any():
-            # Cannot happen through ClassMapping.to_head; guards direct API use (the seed's IndexError).
+            # Cannot happen through ClassMapping.to_head; guards direct API use, where an out-of-range
+            # target would fail deep in the loss with a bare index error.
             raise TrainingError(f"training targets must be head indices 0..{C - 1} of active classes "
                                 f"(got {int(yt.min())}..{int(yt.max())})",
                                 fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets")
@@ -287,8 +287,8 @@ class SweepTrainer:
     def _train_epoch(self) -> torch.Tensor:
         """One pass over the training set; returns the mean training loss per head [H] (0 for
         stopped heads). Stopped heads cost nothing: the epoch trains a packed copy of the live
-        heads and their optimizer state, written back at its end (a kill loses that epoch, as
-        before: last.pt is written between epochs)."""
+        heads and their optimizer state, written back at its end (a kill loses that epoch: last.pt
+        is written between epochs)."""
         heads = self.alive.nonzero().flatten()  # [H'] heads that train this epoch
         if len(heads) == len(self.grid):
             return self._train_steps(self.model, self.opt, heads)
@@ -547,13 +547,13 @@ class SweepTrainer:
             raise CheckpointError(f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
                                   f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
                                   fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
-        saved_spec, spec = state.get("head_spec"), self.model.spec()  # absent in last.pt written before attentive heads
-        same_kind = saved_spec is None or [saved_spec["kind"], saved_spec.get("spatial")] == [spec["kind"], spec.get("spatial")]
+        saved_spec, spec = state["head_spec"], self.model.spec()
+        same_kind = [saved_spec["kind"], saved_spec.get("spatial")] == [spec["kind"], spec.get("spatial")]
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         if not same_kind or {k: v.shape for k, v in state["model"].items()} != shapes:
             raise CheckpointError(f"last.pt was written for {_describe(saved_spec)} heads, this config trains {_describe(spec)} heads",
                                   fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
-        saved_opt = state.get("optimizer_name", "adamw")  # written before train.optimizer existed: AdamW
+        saved_opt = state["optimizer_name"]
         if saved_opt != self.cfg.optimizer:
             raise CheckpointError(f"last.pt was written with train.optimizer {saved_opt}; this config has {self.cfg.optimizer}",
                                   fix=f"resume with the config of the interrupted run (train.optimizer: {saved_opt}), or train without --resume")
