@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from digits_run import write_digits_project
+from helpers.digits_run import write_digits_project
 from samprobe.cli import main
 
 

@@ -1,6 +1,5 @@
-"""Shared helpers for the cache/extract tests: a small corpus of real images and a config.
-
-(No tests here; the file name keeps it with the cache tests it serves.)"""
+"""For the feature cache / extract tests: a small corpus of real images (folder layout), its
+config, the CLI in a subprocess, and the samprobe log lines of a test."""
 from __future__ import annotations
 
 import os
@@ -13,7 +12,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
