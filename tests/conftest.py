@@ -10,7 +10,8 @@ from helpers.digits import write_config, write_digits
 
 @pytest.fixture
 def one_thread():
-    """torch on one thread for the test, restored after (oneDNN results depend on the thread count)."""
+    """torch on one thread for the test, restored after (oneDNN results depend on the thread
+    count)."""
     import torch
 
     before = torch.get_num_threads()
@@ -21,7 +22,8 @@ def one_thread():
 
 @pytest.fixture
 def digits_project(tmp_path: Path) -> Path:
-    """tmp_path with data/ (4 digit classes x 20 real scans) and samprobe.yaml (efficientnet_lite0 @96px)."""
+    """tmp_path with data/ (4 digit classes x 20 real scans) and samprobe.yaml
+    (efficientnet_lite0 @96px)."""
     write_digits(tmp_path / "data")
     write_config(tmp_path / "samprobe.yaml")
     return tmp_path

@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import torch
 
@@ -62,8 +63,8 @@ def file_crc32(path: Path | str) -> int:
 
 
 def sha256_store() -> Path | None:
-    """Where weights hashes are remembered between runs: $XDG_CACHE_HOME/samprobe (~/.cache/samprobe);
-    None when there is no home directory (a container user without one)."""
+    """Where weights hashes are remembered between runs: $XDG_CACHE_HOME/samprobe
+    (~/.cache/samprobe); None when there is no home directory (a container user without one)."""
     try:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     except (RuntimeError, KeyError):

@@ -26,7 +26,8 @@ at most a few thousand values each, never are)."""
 
 
 def rows_per_step(row_numel: int, most: int) -> int:
-    """Rows of ``row_numel`` values per forward: ``most``, fewer when they would pass STEP_ELEMENTS."""
+    """Rows of ``row_numel`` values per forward: ``most``, fewer when they would pass
+    STEP_ELEMENTS."""
     return max(1, min(most, STEP_ELEMENTS // max(row_numel, 1)))
 
 
@@ -167,14 +168,15 @@ class StackedHeadsBase(StandardisedHead):
         self.dropout_generator: torch.Generator | None = None
 
     def standardize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, D] (or grids [B, T, D]) raw features -> standardised, the shape of x (what ``forward``
-        feeds the heads), into ``out`` when given. One fused pass, x * (1/std) + (-mean/std): memory-bound."""
+        """[B, D] (or grids [B, T, D]) raw features -> standardised, the shape of x (what
+        ``forward`` feeds the heads), into ``out`` when given. One fused pass,
+        x * (1/std) + (-mean/std): memory-bound."""
         inv = 1.0 / self.std
         return torch.addcmul(-self.mean * inv, x, inv, out=out)
 
     def _dropout(self, h: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout in training. Masks come from our own generator (not the global RNG), so a
-        resumed run draws the same masks."""
+        """Inverted dropout in training. Masks come from our own generator (not the global RNG),
+        so a resumed run draws the same masks."""
         if not (self.training and self.dropout > 0):
             return h
         keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
@@ -185,7 +187,8 @@ class StackedHeadsBase(StandardisedHead):
         raise NotImplementedError
 
     def head_state(self, h: int, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Head h as the single head's state dict (``params``: these tensors instead of the parameters)."""
+        """Head h as the single head's state dict (``params``: these tensors instead of the
+        parameters)."""
         raise NotImplementedError
 
     def to_head(self, h: int, params: dict[str, torch.Tensor] | None = None) -> Head | AttentiveProbe:
@@ -217,7 +220,8 @@ class StackedHeads(StackedHeadsBase):
 
     def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
         """x: [B, D] raw features (or ``standardize(x)`` with standardized=True) -> logits
-        [H, B, C]; ``heads`` (indices [H']): only these heads, [H', B, C] (stopped heads cost nothing)."""
+        [H, B, C]; ``heads`` (indices [H']): only these heads, [H', B, C] (stopped heads cost
+        nothing)."""
         z = x if standardized else self.standardize(x)
         pick = (lambda t: t) if heads is None else (lambda t: t.index_select(0, heads))
         if self.kind == "linear":
@@ -249,7 +253,8 @@ LN_EPS = 1e-6
 
 
 def default_attn_heads(dim: int) -> int:
-    """Attention heads of the probe: 8 (as V-JEPA's / AIM's attentive probes), fewer when ``dim`` is not divisible."""
+    """Attention heads of the probe: 8 (as V-JEPA's / AIM's attentive probes), fewer when
+    ``dim`` is not divisible."""
     return next(a for a in (8, 4, 2, 1) if dim % a == 0)
 
 
@@ -315,14 +320,16 @@ class AttentiveProbe(StandardisedHead):
 
 
 class StackedAttentiveProbe(StackedHeadsBase):
-    """H attentive probes (one per sweep setting) in one forward: grid [B, T, C] -> logits [H, B, K].
+    """H attentive probes (one per sweep setting) in one forward: grid [B, T, C] -> logits
+    [H, B, K].
 
     Same interface as ``StackedHeads`` (``standardize``, ``forward(x, heads, standardized)``,
     ``spec``, ``head_state``, ``to_head``); parameters carry a leading H dimension. The grid is
     shared by every setting and never copied per setting: the input LayerNorm is computed once
     (its per-setting affine folds into the query-key matrix and the pooled tokens, see
     ``_query_keys``), all H*A attention maps come from one [B*T, C] x [C, H*A] matmul, and the
-    values are projected after pooling. So a step holds a few [B, T, C] activations, not H x B x T x C.
+    values are projected after pooling. So a step holds a few [B, T, C] activations, not
+    H x B x T x C.
     """
 
     kind = "attentive"
@@ -350,7 +357,8 @@ class StackedAttentiveProbe(StackedHeadsBase):
 
     def no_weight_decay(self) -> set[str]:
         """Per-setting vectors (norms, biases, the query) are not decayed, as timm's
-        ``param_groups_weight_decay`` does: the sweep's L2 up to 0.1 would pull the LayerNorm gains to 0."""
+        ``param_groups_weight_decay`` does: the sweep's L2 up to 0.1 would pull the LayerNorm
+        gains to 0."""
         return {"norm_w", "norm_b", "query", "bv", "out_w", "out_b", "bf"}
 
     def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:

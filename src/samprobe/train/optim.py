@@ -10,7 +10,8 @@ diverged) are not updated at all.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -18,8 +19,9 @@ from samprobe.train.heads import select_heads
 
 
 class StackedOptimizer(torch.optim.Optimizer):
-    """Base of the per-head optimizers: group settings ``head_lr`` and ``head_wd`` [H], ``decoupled``
-    (weight decay applied to the weights, else an L2 term added to the gradient), ``frozen`` bool [H]."""
+    """Base of the per-head optimizers: group settings ``head_lr`` and ``head_wd`` [H],
+    ``decoupled`` (weight decay applied to the weights, else an L2 term added to the gradient),
+    ``frozen`` bool [H]."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], head_lr: torch.Tensor,
                  head_wd: torch.Tensor, decoupled: bool, **defaults: Any) -> None:
@@ -144,7 +146,8 @@ def _per_head(value: object, heads: torch.Tensor, num_heads: int) -> object:
 def pack_optimizer(opt: StackedOptimizer, full: list[torch.Tensor], packed: list[torch.Tensor],
                    heads: torch.Tensor) -> StackedOptimizer:
     """A stacked optimizer for ``packed`` (the parameters of ``pack_heads(model, heads)``, in the
-    order of ``full``): every group's per-head settings and every state entry restricted to ``heads``."""
+    order of ``full``): every group's per-head settings and every state entry restricted to
+    ``heads``."""
     num_heads = len(opt.param_groups[0]["head_lr"])
     to_packed = {id(f): p for f, p in zip(full, packed)}
     groups = [{**{k: _per_head(v, heads, num_heads) for k, v in g.items() if k != "params"},
@@ -158,7 +161,8 @@ def pack_optimizer(opt: StackedOptimizer, full: list[torch.Tensor], packed: list
 
 def unpack_optimizer(packed_opt: torch.optim.Optimizer, opt: torch.optim.Optimizer, full: list[torch.Tensor],
                      packed: list[torch.Tensor], heads: torch.Tensor) -> None:
-    """Write ``packed_opt``'s state for ``heads`` back into ``opt`` (the inverse of ``pack_optimizer``)."""
+    """Write ``packed_opt``'s state for ``heads`` back into ``opt`` (the inverse of
+    ``pack_optimizer``)."""
     for f, p in zip(full, packed):
         for key, value in packed_opt.state.get(p, {}).items():
             state = opt.state[f]
