@@ -35,7 +35,7 @@ def test_healthy_config_passes(project, capsys, monkeypatch):
     rc, lines = doctor(capsys, project)
     assert rc == 0, lines
     for name in ("config", "image root", "metadata", "image sample", "run directory", "feature cache directory",
-                 "device and precision", "backbone checkpoint", "free disk", "tracker"):
+                 "device and precision", "GPU", "backbone checkpoint", "shared memory", "free disk", "tracker"):
         assert status(lines, name) == "ok", lines
     assert any("12 of 12 sampled images decode" in ln for ln in lines)
     assert any("efficientnet_lite0" in ln and "1280-d" in ln for ln in lines)
@@ -127,3 +127,67 @@ def test_unreachable_wandb_warns_but_does_not_block(project, capsys, monkeypatch
     rc, lines = doctor(capsys, project, "tracking.wandb.mode=online")
     assert rc == 0 and status(lines, "tracker") == "WARN", lines
     assert any(f"127.0.0.1:{port}" in ln and "fall back to offline" in ln for ln in lines)
+
+
+def _fake_driver(root: Path, version_line: str, gpus: int) -> Path:
+    proc = root / "proc_nvidia"
+    (proc / "gpus").mkdir(parents=True)
+    (proc / "version").write_text(version_line + "\nGCC version:  gcc version 12.2.0\n")
+    for i in range(gpus):
+        (proc / "gpus" / f"0000:{i:02x}:00.0").mkdir()
+    return proc
+
+
+def test_gpu_present_but_unusable_warns(project, capsys, monkeypatch, tmp_path):
+    import torch
+
+    from samprobe import doctor as doc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(doc, "NVIDIA_PROC", tmp_path / "absent")
+    rc, lines = doctor(capsys, project)
+    assert status(lines, "GPU") == "ok" and any("no NVIDIA GPU (runs on the CPU)" in ln for ln in lines)
+    monkeypatch.setattr(doc, "NVIDIA_PROC", _fake_driver(
+        tmp_path, "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build", 2))
+    rc, lines = doctor(capsys, project, "device=auto")
+    assert rc == 0 and status(lines, "GPU") == "WARN", lines
+    line = next(ln for ln in lines if " GPU:" in ln)
+    assert "2 GPU(s), driver 550.54.15" in line and "device: auto runs on the CPU" in line
+    monkeypatch.setattr(torch.version, "cuda", None)
+    line = next(ln for ln in doctor(capsys, project)[1] if " GPU:" in ln)
+    assert "CPU-only" in line
+
+
+def test_usable_gpus_are_listed_with_capability_memory_and_rank(project, capsys, monkeypatch, tmp_path):
+    import torch
+
+    from samprobe import doctor as doc
+
+    class Props:
+        name, major, minor, total_memory = "NVIDIA H200", 9, 0, 150_000_000_000
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(doc, "NVIDIA_PROC", _fake_driver(
+        tmp_path, "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023", 2))
+    line = next(ln for ln in doctor(capsys, project)[1] if " GPU:" in ln)
+    assert line.split()[0] == "ok"
+    assert "cuda:0 (NVIDIA H200, sm_90, 139.7 GiB), cuda:1 (NVIDIA H200, sm_90, 139.7 GiB)" in line
+    assert "driver 535.104.05" in line and f"CUDA {torch.version.cuda}" in line and "LOCAL_RANK 1 uses cuda:1" in line
+
+
+def test_too_little_shared_memory_for_the_workers_is_blocking(project, capsys, monkeypatch):
+    import shutil
+
+    from samprobe import doctor as doc
+
+    real = shutil.disk_usage
+    rc, lines = doctor(capsys, project)
+    assert status(lines, "shared memory") == "ok" and any("not used (features.num_workers 0" in ln for ln in lines)
+    monkeypatch.setattr(doc.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=100_000) if str(p) == "/dev/shm" else real(p))
+    line = _blocked_by(capsys, project, "shared memory", "features.num_workers=2", "features.batch_size=4")
+    # 12 images, batches of 4: 2 workers x 4 prefetched batches x 4 images x 3 x 64 x 64 bytes = 0.4 MB
+    assert "[SP600]" in line and "/dev/shm has 0.1 MB free" in line and "need 0.4 MB" in line and "--shm-size" in line

@@ -85,7 +85,7 @@ def test_torchrun_two_ranks_extract_each_image_once_and_match_single_process(bas
     assert p.returncode == 0, p.stderr[-3000:]
     # rank 0 reports the sum over ranks: N extractions for N distinct images, all N indexed -> none twice
     assert f"extract: {N} extracted, 0 already cached, 0 failed" in p.stdout, p.stdout
-    assert "2 ranks" in p.stdout
+    assert "2 ranks: 0 on cpu, 1 on cpu" in p.stdout  # each rank and its device
     fp_dir = tmp_path / "cache" / baseline["fingerprint"]
     assert index_count(fp_dir) == N
     x = _features(cfg, baseline["keys"])

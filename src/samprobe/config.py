@@ -284,7 +284,7 @@ TEMPLATE = """\
 run_dir: runs/exp1            # where checkpoints, metrics, reports go
 seed: 0
 device: auto                  # auto | cpu | cuda
-precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA and AMX CPUs, else fp32)
+precision: auto               # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs >= sm_80, AMX CPUs; fp16 older GPUs; else fp32)
 
 data:
   metadata: data/metadata.csv # csv, jsonl or parquet; omit to use image_root/<class>/<image>
@@ -310,7 +310,7 @@ features:
   spatial: null               # e.g. 16: also store a 16x16 grid of neck tokens per image (256 x 256 fp16 = 128 KB)
   dtype: float16
   batch_size: 8
-  num_workers: auto           # decoding processes; auto = number of CPU cores
+  num_workers: auto           # decoding processes; auto = CPU cores (under torchrun: cores / ranks per node)
 
 train:
   head: linear                # linear | mlp (pooled features) | attentive (needs features.spatial, e.g. 8)

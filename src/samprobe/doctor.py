@@ -6,15 +6,20 @@ one (the image sample needs the metadata) is skipped with a line saying so.
 """
 from __future__ import annotations
 
+import os
 import random
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from samprobe.errors import DataError, SamprobeError
+from samprobe.errors import DataError, DeviceError, SamprobeError
 
 SAMPLE_IMAGES = 16
 HEADROOM = 1.5  # shard rounding, and a second fingerprint while experimenting
+NVIDIA_PROC = Path("/proc/driver/nvidia")  # present when the NVIDIA kernel driver is loaded
+SHM = Path("/dev/shm")  # where DataLoader workers hand batches to the main process
 
 
 @dataclass
@@ -37,6 +42,47 @@ def _one_line(text: str, limit: int = 300) -> str:
     first = lines[0]
     cut = len(lines) > 1 or len(first) > limit
     return (first[:limit] + " ...)" if cut else first)
+
+
+def nvidia_driver() -> tuple[str, int] | None:
+    """(driver version, GPUs the kernel driver sees) when an NVIDIA driver is loaded, else None.
+    Read from /proc, not through torch: it must say so when torch cannot see the GPU."""
+    version = NVIDIA_PROC / "version"
+    if not version.is_file():
+        return None
+    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", version.read_text(errors="replace"))
+    gpus = NVIDIA_PROC / "gpus"
+    return (match.group(1) if match else "of unknown version",
+            sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0)
+
+
+def gpu_report(device: str) -> str:
+    """One line on the GPUs torch can use (name, capability, memory, driver and CUDA versions, the
+    GPU of this torchrun rank); Warn when an NVIDIA GPU is present but torch cannot use it."""
+    import torch
+
+    from samprobe.backbones.precision import describe_device, local_rank
+
+    driver = nvidia_driver()
+    if torch.cuda.is_available():
+        gpus = [describe_device(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
+        rank = local_rank()
+        mine = "" if rank is None else f"; LOCAL_RANK {rank} uses cuda:{rank}"
+        return (f"{len(gpus)} GPU(s): {', '.join(gpus)}; driver {driver[0] if driver else 'unknown'}, "
+                f"torch built for CUDA {torch.version.cuda}{mine}")
+    if driver is None:
+        return "no NVIDIA GPU (runs on the CPU)"
+    version, count = driver
+    if torch.version.cuda is None:
+        why = "this torch build is CPU-only (install a CUDA build of torch)"
+    else:
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (f"CUDA_VISIBLE_DEVICES={hidden!r} hides them" if hidden is not None and not hidden.strip(", ") else
+               f"torch is built for CUDA {torch.version.cuda}: driver {version} may be too old for it, "
+               "or the device files are not accessible (containers: --gpus all)")
+    fallback = "device: auto runs on the CPU" if device == "auto" else f"device: {device}"
+    raise Warn(f"an NVIDIA GPU is present ({count} GPU(s), driver {version}) but torch cannot use it: "
+               f"{why}; {fallback}")
 
 
 def _image_root(cfg: Any) -> Path | None:
@@ -127,12 +173,35 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return f"{ensure_writable_dir(cfg.features.cache_dir, 'features.cache_dir')} writable"
 
     def _device() -> str:
-        from samprobe.backbones.precision import resolve_device, resolve_precision
+        from samprobe.backbones.precision import describe_device, resolve_device, resolve_precision
 
         device = resolve_device(cfg.device)
         precision = resolve_precision(device, cfg.precision)
         state["device"] = device
-        return f"device {device}, precision {precision}"
+        return f"device {describe_device(device)}, precision {precision}"
+
+    def _gpu() -> str:
+        return gpu_report(cfg.device)
+
+    def _shared_memory() -> str:
+        from samprobe.data.loader import PREFETCH_BATCHES
+
+        workers = cfg.resolved_num_workers()
+        batch = cfg.features.batch_size
+        workers = min(workers, -(-len(state["rows"]) // batch))  # as make_loader caps them
+        if workers == 0:
+            return "not used (features.num_workers 0: decoding in the main process)"
+        if not SHM.is_dir():
+            return f"{SHM} does not exist on this system; workers pass batches another way"
+        size = state.get("input_size", 1024)
+        need = workers * PREFETCH_BATCHES * batch * 3 * size * size  # uint8 letterboxed batches
+        free = shutil.disk_usage(SHM).free
+        if free < need:
+            raise DeviceError(f"{SHM} has {free / 1e6:.1f} MB free but {workers} workers x {PREFETCH_BATCHES} "
+                              f"prefetched batches of {batch} images at {size}px need {need / 1e6:.1f} MB",
+                              fix="lower features.num_workers or features.batch_size, or give the container more "
+                                  "shared memory (docker run --shm-size=8g)")
+        return f"{free / 1e9:.1f} GB free in {SHM}, prefetch needs {need / 1e6:.0f} MB ({workers} workers)"
 
     def _backbone() -> str:
         from samprobe.backbones.registry import build_backbone
@@ -140,6 +209,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         backbone = build_backbone(cfg.backbone)  # reads the checkpoint, checks its geometry against the variant
         pooling = list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
         backbone.check_pooling(pooling)
+        state["input_size"] = backbone.input_size
         dims = backbone.feature_dims()
         state["dim"] = sum(dims[p] for p in pooling)
         grid = ""
@@ -193,7 +263,9 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     check("run directory", _run_dir)
     check("feature cache directory", _cache_dir)
     check("device and precision", _device)
+    check("GPU", _gpu)
     check("backbone checkpoint", _backbone)
+    check("shared memory", _shared_memory, needs=("metadata",))
     check("free disk", _disk, needs=("metadata", "feature cache directory"))
     check("tracker", _tracker)
     return checks

@@ -25,7 +25,7 @@ def export_features(cfg: Config, split: str, out: Path) -> Path:
         kept = [r for r in recs if r.sha256 not in failed]
         log.info(f"export: {len(recs) - len(kept)} images that failed at extract are left out (see {cfg.run_dir / FAILURES_FILE})")
         recs = kept
-    extractor = Extractor.from_config(cfg)
+    extractor = Extractor.from_config(cfg, on_device=False)  # reads the cache only
     with extractor.open_cache(cfg) as cache:
         missing = {k for a in extractor.arrays() for k in cache.missing((r.sha256 for r in recs), a)}
         if missing:

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from samprobe.data.metadata import (Record, read_splits, summary_lines, validate
 from samprobe.data.splits import assign_splits
 from samprobe.errors import CheckpointError, DataError
 from samprobe.features.cache import check_free_space, ensure_writable_dir
+from samprobe.backbones.precision import describe_device
 from samprobe.features.extract import ExtractResult, Extractor, load_head_inputs, rank_world
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.logs import attach_run_log
@@ -120,16 +122,43 @@ def read_failed_keys(run_dir: Path) -> set[str]:
         return {r["sha256"] for r in csv.DictReader(f)}
 
 
+# Rank 0 validates (hashes every image) and compacts the cache while the other ranks wait in a
+# barrier: the process group's timeout must cover that, not torch's 30 min default. 20 ms per
+# image is a slow network disk's hash + header read (local SSD: ~2 ms).
+BARRIER_BASE_S = 1800
+BARRIER_PER_IMAGE_S = 0.02
+
+
+def process_group_timeout(n_images: int) -> timedelta:
+    return timedelta(seconds=BARRIER_BASE_S + BARRIER_PER_IMAGE_S * n_images)
+
+
 def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     """Features of every validated image into the cache. Under torchrun each rank takes a disjoint share."""
     # Fail on an unusable cache location before validating or loading any model.
     ensure_writable_dir(cfg.features.cache_dir, "features.cache_dir")
     rank, world = rank_world()
+    if world == 1:
+        return _extract(cfg, progress, rank, world)
+    import torch.distributed as dist
+    from samprobe.data.metadata import read_rows
+
+    started = not dist.is_initialized()
+    if started:
+        # gloo: the ranks exchange a few Python objects and barriers, on the host; each rank's
+        # GPU work never crosses ranks, so NCCL would add a CUDA stream per rank for nothing.
+        dist.init_process_group("gloo", timeout=process_group_timeout(len(read_rows(cfg.data)[0])))
+    try:
+        return _extract(cfg, progress, rank, world)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResult:
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
         if rank != 0:
             log.setLevel(logging.WARNING)
             progress = False
@@ -143,16 +172,21 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
         plan = extractor.plan(records, cache, rank, world)
         keys = [r.sha256 for r in records]
         n_missing = len({k for a in extractor.arrays() for k in cache.missing(keys, a)})  # all ranks together
+        devices = [describe_device(extractor.device)]
         if world > 1:
+            devices = [None] * world
+            dist.all_gather_object(devices, describe_device(extractor.device))  # the summary names every rank's GPU
             dist.barrier()  # every rank has read the index before any rank writes to it
         need = extractor.disk_need(cache, keys)  # pooled + grid
         free = check_free_space(cache.root, need)
         grid = (f" + {extractor.spatial}x{extractor.spatial} grid of {extractor.backbone.grid_shape()[0]}-d tokens"
                 if extractor.spatial else "")
+        where = devices[0] if world == 1 else \
+            f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
         log.info(f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on disk, {free / 1e9:.1f} GB free), "
                  f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
-                 f"{extractor.precision}, {extractor.device}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "
-                 f"cache {cache.root}" + (f", {world} ranks" if world > 1 else ""))
+                 f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "
+                 f"cache {cache.root}")
         result = extractor.run(records, cache, cfg.features.batch_size, cfg.resolved_num_workers(),
                                cfg.data.max_pixels, progress=progress, rank=rank, world=world, plan=plan)
         if world > 1:
@@ -260,7 +294,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     check_head_input(cfg)
     records, taxonomy = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    extractor = Extractor.from_config(cfg)
+    extractor = Extractor.from_config(cfg, on_device=False)  # fingerprint only: no encoder weights on the GPU
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
     data = _features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
@@ -285,7 +319,9 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "classes": mapping.to_dict(),
         "class_weights": weights.tolist(),
+        # precision: the resolved one (bf16, not auto): another device computes features as these were
         "backbone": {"config": cfg.backbone.model_dump(mode="json"), "fingerprint": extractor.fingerprint,
+                     "precision": extractor.precision,
                      "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
         "cache_dir": str(cfg.features.cache_dir),
         "config": cfg.model_dump(mode="json"),
@@ -363,11 +399,25 @@ def predict_features(ckpt: dict[str, Any], x: np.ndarray, top_k: int = 5) -> tup
     return active[idx.numpy()], scores.numpy()
 
 
+def stored_precision(ckpt: dict[str, Any]) -> str | None:
+    """The resolved precision the head's features were computed at (None: a checkpoint from
+    before it was stored, whose config may say ``auto``)."""
+    return ckpt["backbone"].get("precision")
+
+
 def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -> None:
-    if ckpt["backbone"]["fingerprint"] != extractor.fingerprint:
+    """The extractor gives the checkpoint's features: same backbone, weights, pooling, dtype and
+    the checkpoint's precision (an extractor running at another precision, because the
+    checkpoint's does not run on this device, is checked as if it ran at the checkpoint's)."""
+    from samprobe.backbones.registry import fingerprint
+
+    trained_at = stored_precision(ckpt)
+    ours = extractor.fingerprint if trained_at in (None, extractor.precision) else \
+        fingerprint(extractor.backbone, extractor.pooling, extractor.dtype, trained_at)
+    if ckpt["backbone"]["fingerprint"] != ours:
         raise CheckpointError(
             f"the checkpoint was trained on features {ckpt['backbone']['fingerprint']} "
-            f"({ckpt['backbone']['config']['name']}, pooling {ckpt['backbone']['pooling']}) but {source} gives {extractor.fingerprint}",
+            f"({ckpt['backbone']['config']['name']}, pooling {ckpt['backbone']['pooling']}) but {source} gives {ours}",
             fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with")
 
 
@@ -377,7 +427,10 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     ckpt = load_checkpoint(checkpoint)
     records, _ = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    extractor = Extractor.from_config(cfg)
+    # Cached features only: the checkpoint's resolved precision names them, whatever auto means on this device.
+    at = stored_precision(ckpt) if cfg.precision == "auto" else None
+    extractor = Extractor.from_config(cfg, on_device=False, precision=at)
+    log.info(f"evaluate: features at precision {extractor.precision}" + (" (the checkpoint's)" if at else ""))
     check_fingerprint(ckpt, extractor, "this config")
     recs, x = _features_by_split(cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,))[split]
     if not recs:

@@ -21,7 +21,7 @@ from samprobe.errors import DataError
 from samprobe.features.cache import FeatureCache
 from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
 from samprobe.io import atomic_open, sha256_file
-from samprobe.pipeline import check_fingerprint, head_spatial, predict_features
+from samprobe.pipeline import check_fingerprint, head_spatial, predict_features, stored_precision
 from samprobe.train.checkpoint import load_checkpoint
 from samprobe.train.classes import ClassMapping
 
@@ -45,14 +45,23 @@ class Classifier:
 
     @classmethod
     def load(cls, checkpoint: Path | str, device: str = "auto", precision: str | None = None) -> "Classifier":
-        """``precision`` None: the one the head was trained with (features must match)."""
+        """``precision`` None: the one the head was trained with, or the closest that runs on this
+        device (``runnable_precision``: a head trained on fp16 GPU features predicts on the CPU at fp32)."""
+        from samprobe.backbones.precision import resolve_device, runnable_precision
+
         ckpt = load_checkpoint(checkpoint)
+        trained_at = stored_precision(ckpt)
+        run_at = runnable_precision(resolve_device(device), trained_at) if precision is None and trained_at else None
         precision = precision or ckpt["config"].get("precision", "auto")
         cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**ckpt["backbone"]["config"]))
         cfg.features.pooling = list(ckpt["backbone"]["pooling"])
         cfg.features.dtype = ckpt["backbone"]["dtype"]
         cfg.features.spatial = head_spatial(ckpt["head"]["spec"])  # the extractor then also computes (and caches) the grid
-        return cls(ckpt, Extractor.from_config(cfg), str(checkpoint))
+        extractor = Extractor.from_config(cfg, precision=run_at)
+        other = trained_at not in (None, extractor.precision)
+        log.info(f"predict: features at precision {extractor.precision} on {extractor.device}"
+                 + (f" (the head was trained on {trained_at} features)" if other else ""))
+        return cls(ckpt, extractor, str(checkpoint))
 
     def _predictions(self, feats: np.ndarray, top_k: int) -> list[Prediction]:
         idx, scores = predict_features(self.ckpt, feats, top_k)

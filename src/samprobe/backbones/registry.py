@@ -47,7 +47,8 @@ class Backbone(nn.Module):
         return self.prepare
 
     def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
-        """uint8 [B, 3, S, S] on device, valid_hw int [B, 2] -> float [B, D] (pooled features concatenated in ``pooling`` order)."""
+        """uint8 [B, 3, S, S] on device, valid_hw int [B, 2] on the host (sizes read there: no device
+        sync) -> float [B, D] (pooled features concatenated in ``pooling`` order)."""
         raise NotImplementedError
 
     def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],

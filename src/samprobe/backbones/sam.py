@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from samprobe.backbones.registry import Backbone, pool_grid, register
-from samprobe.backbones.sam_attention import SamBlock
+from samprobe.backbones.sam_attention import SamAttention, SamBlock
 from samprobe.backbones.sam_weights import (
     DOWNLOAD_FIX,
     SamGeometry,
@@ -150,6 +150,12 @@ class SamBackbone(Backbone):
             sd, geometry = load_encoder_state(path, variant)
         return cls(build_encoder(geometry, sd, img_size), geometry, img_size, path)
 
+    def set_attention(self, impl: str | None) -> None:
+        """Attention kernel of every block: ``chunked`` | ``sdpa`` | None (by device: ``choose_attention``)."""
+        for module in self.encoder.modules():
+            if isinstance(module, SamAttention):
+                module.impl = impl
+
     # -- worker side (CPU only) --------------------------------------------------------
 
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -190,9 +196,9 @@ class SamBackbone(Backbone):
     def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
                 spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.check_pooling(list(pooling))
-        hw_cpu = valid_hw.cpu()
+        hw_cpu = valid_hw.cpu()  # the extractor passes host sizes: a no-op, not a device round trip
         x = self.preprocess(images, hw_cpu)  # slicing by CPU sizes: no device sync
-        valid_hw = valid_hw.to(images.device, torch.long)
+        valid_hw = valid_hw.to(images.device, torch.long, non_blocking=True)
         block, neck = self.trunk(x,
                                  with_neck=spatial is not None or any(p.startswith("neck") for p in pooling))
         mask = valid_token_mask(valid_hw, self.grid, self.geometry.patch_size)  # [B, gh, gw]

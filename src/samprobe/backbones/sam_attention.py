@@ -9,6 +9,15 @@ broadcasting ([rows, W, 1, Wk] and [rows, W, Hk, 1] views, never [N, N]), then s
 ``@ v`` on the same chunk. Measured on the idle 2-core AVX-512-BF16 CPU, bf16, one 64x64
 global block, one image: timm 0.87 s, this 0.33 s (2 MB chunks). Small windows (14x14) fold
 the bias into the score matmul instead: 0.052 s -> 0.023 s for 300 window-heads.
+
+On CUDA those loops are the wrong trade: one vit_b trunk forward at batch 8 issues ~7,300
+small kernels (1,536 chunk iterations, counted from the loop bounds) where timm issues ~360,
+and a GPU idles between small kernels. There (``choose_attention``)
+the bias is built as an additive mask for a few hundred (batch*head) slices at a time and
+handed to ``F.scaled_dot_product_attention``, whose memory-efficient kernel takes an additive
+mask: a handful of calls per block. The frozen relative-position tables are gathered once per
+block, size, dtype and device (``SamAttention._tables``): no index tensors copied host to
+device in every forward.
 """
 from __future__ import annotations
 
@@ -20,6 +29,15 @@ from timm.models.vision_transformer_sam import Attention, Block, get_rel_pos
 # on an idle machine (0.33 s per global block) but each chunk is ~5 parallel regions, and on
 # an oversubscribed machine (load 7 on 2 cores) 2^20 took 10.4 s vs 6.5 s for 2^22.
 _CHUNK_ELEMS = 1 << 22
+# Mask elements per SDPA call: 2^28 bf16 = 512 MB, e.g. 16 (image, head) slices of a 64x64
+# global block; a few calls per block, memory bounded whatever the batch.
+_SDPA_MASK_ELEMS = 1 << 28
+ATTENTION_IMPLS = ("chunked", "sdpa")
+
+
+def choose_attention(device: torch.device) -> str:
+    """``chunked`` on the CPU (cache-sized loops, measured fastest there), ``sdpa`` on accelerators."""
+    return "chunked" if torch.device(device).type == "cpu" else "sdpa"
 
 
 def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
@@ -77,32 +95,86 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
     return out
 
 
-def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                      hw: tuple[int, int], scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + B_rel) v with SAM's decomposed relative-position bias.
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                    rel_w: torch.Tensor, hw: tuple[int, int], scale: float) -> torch.Tensor:
+    """The bias as an additive mask [g, N, N] for groups of slices, one fused SDPA call per group.
 
-    q, k, v: [G, N, hd] (G = batch * heads, N = H * W tokens); rel_pos_*: [2S-1, hd] -> [G, N, hd].
+    The mask rows are allocated 8 elements wide-aligned (N=196 -> 200) and viewed back to N:
+    the memory-efficient kernel wants 16-byte aligned mask rows and would otherwise copy the
+    mask into a padded one on every call. q, k, v go in 4-D ([1, g, N, hd]): the fused kernels
+    take 4-D inputs only (3-D falls back to the unfused math path).
     """
     G, N, hd = q.shape
     H, W = hw
-    Rh = get_rel_pos(H, H, rel_pos_h).to(q.dtype)  # [H, Hk, hd]
-    Rw = get_rel_pos(W, W, rel_pos_w).to(q.dtype)  # [W, Wk, hd]
+    padded = N + (-N) % 8
+    out = torch.empty_like(q)
+    groups = max(1, min(G, _SDPA_MASK_ELEMS // (N * padded)))
+    for g0 in range(0, G, groups):
+        g1 = min(G, g0 + groups)
+        mask = q.new_empty(g1 - g0, N, padded)[..., :N]  # [g, N, N], rows 16-byte aligned
+        torch.add(rel_h[g0:g1, :, :, :, None], rel_w[g0:g1, :, :, None, :], out=mask.view(g1 - g0, H, W, H, W))
+        out[g0:g1] = F.scaled_dot_product_attention(q[None, g0:g1], k[None, g0:g1], v[None, g0:g1],
+                                                    attn_mask=mask[None], scale=scale)[0]
+    return out
+
+
+def rel_pos_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's [2S-1, hd] tables -> per-offset embeddings (Rh [H, Hk, hd], Rw [W, Wk, hd]) in ``dtype``."""
+    H, W = hw
+    return get_rel_pos(H, H, rel_pos_h).to(dtype), get_rel_pos(W, W, rel_pos_w).to(dtype)
+
+
+def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      tables: tuple[torch.Tensor, torch.Tensor],
+                      hw: tuple[int, int], scale: float, impl: str | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + B_rel) v with SAM's decomposed relative-position bias.
+
+    q, k, v: [G, N, hd] (G = batch * heads, N = H * W tokens); tables: ``rel_pos_tables`` ->
+    [G, N, hd]. ``impl``: chunked | sdpa (None: ``choose_attention`` for q's device).
+    """
+    G, N, hd = q.shape
+    H, W = hw
+    Rh, Rw = tables  # [H, Hk, hd], [W, Wk, hd]
     qr = q.view(G, H, W, hd)
     # Bias terms use the unscaled q, as in SAM: bias[g, (h, w), (kh, kw)] = rel_h[g, h, w, kh] + rel_w[g, h, w, kw]
     rel_h = torch.einsum("ghwc,hkc->ghwk", qr, Rh)  # [G, H, W, Hk]
     rel_w = torch.einsum("ghwc,wkc->ghwk", qr, Rw)  # [G, H, W, Wk]
+    impl = impl or choose_attention(q.device)
+    if impl == "sdpa":
+        return _sdpa_attention(q, k, v, rel_h, rel_w, hw, scale)
+    if impl != "chunked":
+        raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
     attend = _folded_attention if H + W <= hd else _chunked_attention
     return attend(q, k, v, rel_h, rel_w, hw, scale)
 
 
 class SamAttention(Attention):
-    """timm's SAM ``Attention`` (same parameters) with the chunked rel-pos attention above."""
+    """timm's SAM ``Attention`` (same parameters) with the rel-pos attention above.
+
+    ``impl`` (class default None = by device, ``choose_attention``) may be set per module."""
+
+    impl: str | None = None
+
+    def _tables(self, hw: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rel_pos_tables`` for this block, gathered once per (size, dtype, device) and reused:
+        the encoder is frozen. Keyed by the tables' version too, so an in-place weight load is seen."""
+        device = self.rel_pos_h.device
+        key = (hw, dtype, device, self.rel_pos_h._version, self.rel_pos_w._version,
+               self.rel_pos_h.data_ptr(), self.rel_pos_w.data_ptr())
+        cache = self.__dict__.setdefault("_rel_tables", {})
+        if key not in cache:
+            cache.clear()
+            with torch.no_grad():
+                cache[key] = rel_pos_tables(self.rel_pos_h, self.rel_pos_w, hw, dtype)
+        return cache[key]
 
     def _attend(self, qkv: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """qkv [3, G, N, hd] head-major (G = batch * heads) -> [G, N, hd], outside autocast."""
         q, k, v = qkv.unbind(0)
-        return rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, hw, self.scale)
+        tables = self._tables(hw, q.dtype) if not torch.is_grad_enabled() else \
+            rel_pos_tables(self.rel_pos_h, self.rel_pos_w, hw, q.dtype)  # training the encoder: no cache
+        return rel_pos_attention(q, k, v, tables, hw, self.scale, self.impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape  # [B, H, W, C] (windows count as batch)

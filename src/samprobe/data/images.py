@@ -104,14 +104,25 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _sam_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's pixel mean and std [1, 3, 1, 1] on ``device``, made once: building them from lists
+    for every batch was a host-to-device copy (and a wait for the GPU) per batch."""
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = (torch.tensor(SAM_PIXEL_MEAN, device=device).view(1, 3, 1, 1),
+                             torch.tensor(SAM_PIXEL_STD, device=device).view(1, 3, 1, 1))
+    return _MEAN_STD[device]
+
+
 def sam_normalize_pad(images: torch.Tensor, valid_hw: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, S, S] letterboxed, int [B, 2] valid (h', w') -> float32 [B, 3, S, S].
 
     Exactly ``Sam.preprocess``: ``(x - mean) / std`` over the valid region, zero padding
     bottom/right. Runs on whatever device ``images`` is on (the device, not the workers).
     """
-    mean = torch.tensor(SAM_PIXEL_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(SAM_PIXEL_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _sam_mean_std(images.device)
     x = images.float()  # [B, 3, S, S]
     x.sub_(mean).div_(std)  # in place: the batch is large (12 MB per 1024² image)
     # Zero the padding by slicing: a broadcast [B, 1, S, S] mask multiply is ~30x slower on CPU.

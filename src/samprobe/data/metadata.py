@@ -221,9 +221,9 @@ def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
 def check_workers() -> int:
     """Threads for reading and decoding files during validate: PIL and hashlib release the GIL,
     and files on network disks are latency-bound, so a few more threads than cores help."""
-    from samprobe.data.loader import default_num_workers
+    from samprobe.data.loader import available_cores
 
-    return min(16, 2 * default_num_workers())
+    return min(16, 2 * available_cores())  # rank 0 validates alone: all the node's cores
 
 
 def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None) -> Dataset:

@@ -9,8 +9,12 @@ run resumes from there. On CUDA out-of-memory a batch is split in halves and ret
 one image; later batches are cut to the size that worked.
 
 Distributed: under ``torchrun`` (env RANK / WORLD_SIZE) each rank extracts a disjoint slice
-of the missing keys and writes its own shards; the SQLite index (WAL, busy timeout) takes the
-concurrent commits, and rank 0 compacts after a barrier.
+of the missing keys on the GPU of its LOCAL_RANK and writes its own shards; the SQLite index
+(WAL, busy timeout) takes the concurrent commits, and rank 0 compacts after a barrier.
+
+On CUDA nothing in the batch loop waits for the GPU: batches arrive pinned, sizes stay on the
+host, and results are copied back asynchronously into pinned buffers and read one batch later
+(``PendingFeatures``), while the GPU already runs the next batch.
 """
 from __future__ import annotations
 
@@ -20,13 +24,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from samprobe.backbones.precision import autocast_context, is_oom, resolve_device, resolve_precision
+from samprobe.backbones.precision import autocast_context, describe_device, is_oom, resolve_device, resolve_precision
 from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, grid_array
 from samprobe.config import Config
 from samprobe.data.images import decode_rgb
@@ -54,6 +58,39 @@ def rank_world() -> tuple[int, int]:
 def shard_for_rank(keys: Sequence[str], rank: int, world: int) -> list[str]:
     """This rank's disjoint share of ``keys``: every key goes to exactly one rank, in a stable order."""
     return sorted(keys)[rank::world]
+
+
+class PendingFeatures:
+    """One encoded batch on its way to the host: (pooled [B, D], grid [B, T, C] or None) parts.
+
+    On CUDA each part is copied with ``non_blocking`` into pinned host memory after an event;
+    ``result`` waits for that event only, so the caller can launch the next batch first."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[torch.Tensor, torch.Tensor | None, Any]] = []
+
+    def add(self, feats: torch.Tensor, grid: torch.Tensor | None) -> None:
+        if feats.device.type != "cuda":
+            self._parts.append((feats.cpu(), None if grid is None else grid.cpu(), None))
+            return
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (feats, grid)]
+        for dst, src in zip(host, (feats, grid)):
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._parts.append((host[0], host[1], done))  # type: ignore[arg-type]
+
+    def extend(self, other: "PendingFeatures") -> None:
+        self._parts.extend(other._parts)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        for _, _, done in self._parts:
+            if done is not None:
+                done.synchronize()
+        feats = np.concatenate([f.numpy() for f, _, _ in self._parts])
+        grids = [g for _, g, _ in self._parts]
+        return feats, None if grids[0] is None else np.concatenate([g.numpy() for g in grids])
 
 
 @dataclass
@@ -93,13 +130,19 @@ class Extractor:
         return need
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Extractor":
+    def from_config(cls, cfg: Config, *, on_device: bool = True, precision: str | None = None) -> "Extractor":
+        """``on_device=False``: for the fingerprint and cache only (train, evaluate, export, cache
+        commands): the weights stay memory-mapped on the host, nothing is moved to or allocated
+        on the GPU; such an extractor does not encode. ``precision``: an already resolved
+        precision (a checkpoint's) instead of ``cfg.precision``."""
         if cfg.device != "cpu":
             # Must be set before CUDA initialises; the user's own setting wins.
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         device = resolve_device(cfg.device)
-        precision = resolve_precision(device, cfg.precision)
-        backbone = build_backbone(cfg.backbone).to(device)
+        precision = precision or resolve_precision(device, cfg.precision)
+        backbone = build_backbone(cfg.backbone)
+        if on_device:
+            backbone = backbone.to(device)
         pooling = list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
         backbone.check_pooling(pooling)
         spatial = cfg.features.spatial
@@ -115,16 +158,18 @@ class Extractor:
         return FeatureCache(cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta)
 
     @torch.inference_mode()
-    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool) -> PendingFeatures:
         images = images.to(self.device, non_blocking=True)
-        valid_hw = valid_hw.to(self.device, non_blocking=True)
         with autocast_context(self.device, self.precision):
+            # valid_hw stays on the host: the backbone reads sizes there and copies them itself.
             if grid and self.spatial:
                 feats, tokens = self.backbone.encode_grid(images, valid_hw, self.pooling, self.spatial)  # [B, D], [B, T, C]
             else:
                 feats, tokens = self.backbone.encode(images, valid_hw, self.pooling), None  # [B, D]
+        pending = PendingFeatures()
         # The grid travels in the cache dtype: half the device->host copy at fp16.
-        return feats.float().cpu().numpy(), None if tokens is None else tokens.to(_TORCH_DTYPE[self.dtype]).cpu().numpy()
+        pending.add(feats.float(), None if tokens is None else tokens.to(_TORCH_DTYPE[self.dtype]))
+        return pending
 
     def encode_batch(self, images: torch.Tensor, valid_hw: torch.Tensor) -> np.ndarray:
         """uint8 [B, 3, S, S] -> float32 [B, D] pooled features (see ``encode_arrays``)."""
@@ -134,12 +179,17 @@ class Extractor:
         """uint8 [B, 3, S, S] -> (float32 [B, D], grid [B, T, C] in the cache dtype or None when off / not asked).
 
         On out-of-memory split the batch and retry, down to 1."""
+        return self.encode_pending(images, valid_hw, grid).result()
+
+    def encode_pending(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool = True) -> PendingFeatures:
+        """``encode_arrays`` without waiting for the results (``PendingFeatures.result`` does)."""
         n = images.shape[0]
         step = min(n, self.max_batch or n)
         if step < n:
-            parts = [self.encode_arrays(images[i:i + step], valid_hw[i:i + step], grid) for i in range(0, n, step)]
-            grids = [g for _, g in parts]
-            return np.concatenate([f for f, _ in parts]), None if grids[0] is None else np.concatenate(grids)
+            pending = PendingFeatures()
+            for i in range(0, n, step):
+                pending.extend(self.encode_pending(images[i:i + step], valid_hw[i:i + step], grid))
+            return pending
         try:
             return self._encode(images, valid_hw, grid)
         except Exception as exc:
@@ -154,7 +204,7 @@ class Extractor:
                               fix="use precision bf16/fp16, a smaller backbone.img_size, a larger GPU, or device: cpu")
         self.max_batch = max(1, n // 2)
         log.warning(f"extract: out of memory at batch {n}; retrying in batches of {self.max_batch}")
-        return self.encode_arrays(images, valid_hw, grid)
+        return self.encode_pending(images, valid_hw, grid)
 
     def plan(self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1) -> tuple[list[Record], int]:
         """(records this rank must extract, one per distinct image; number already cached)."""
@@ -186,18 +236,31 @@ class Extractor:
         # One writer thread: the next batch is encoded while the previous one is fsynced and committed.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samprobe-cache")
         pending: list[Future] = []
+        in_flight: tuple[list[str], PendingFeatures] | None = None  # encoded, not yet on the host
+
+        def commit(keys: list[str], encoded: PendingFeatures) -> None:
+            nonlocal pending
+            feats, grid = encoded.result()  # [B, D] float32, [B, T, C] or None
+            pending = [f for f in pending if not f.done() or f.result()]  # result() re-raises a failed write
+            if len(pending) >= 2:  # bounded: never more than two batches waiting for the disk
+                pending.pop(0).result()
+            pending.append(writer.submit(self._put, cache, keys, feats, grid))
+
         try:
             for batch in loader:
                 for tag, reason in batch.failures:
                     result.failures.append((todo[tag], reason))
                 if batch.tags:
-                    feats, grid = self.encode_arrays(batch.images, batch.valid_hw)  # [B, D] float32, [B, T, C] or None
-                    pending = [f for f in pending if not f.done() or f.result()]  # result() re-raises a failed write
-                    if len(pending) >= 2:  # bounded: never more than two batches waiting for the disk
-                        pending.pop(0).result()
-                    pending.append(writer.submit(self._put, cache, list(batch.keys), feats, grid))
+                    encoded = self.encode_pending(batch.images, batch.valid_hw)
+                    if in_flight is not None:  # the previous batch's copy is done while this one runs
+                        commit(*in_flight)
+                        bar.update(len(in_flight[0]))
+                    in_flight = (list(batch.keys), encoded)
                     result.extracted += len(batch.tags)
-                bar.update(len(batch.tags) + len(batch.failures))
+                bar.update(len(batch.failures))
+            if in_flight is not None:
+                commit(*in_flight)
+                bar.update(len(in_flight[0]))
             for f in pending:
                 f.result()
         finally:

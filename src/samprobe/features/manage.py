@@ -19,7 +19,7 @@ log = logging.getLogger("samprobe")
 def _current_fingerprint(cfg: Config) -> str | None:
     from samprobe.features.extract import Extractor
 
-    return Extractor.from_config(cfg).fingerprint
+    return Extractor.from_config(cfg, on_device=False).fingerprint  # no weights moved to the GPU
 
 
 def _no_cache(cfg: Config) -> CacheError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -20,13 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samprobe.backbones.precision import autocast_context, is_oom, resolve_precision
+from samprobe.backbones.precision import autocast_context, is_oom, matmul_dtype, needs_grad_scaler, resolve_precision
 from samprobe.config import TrainConfig
 from samprobe.errors import CheckpointError, DeviceError, TrainingError
 from samprobe.train.classes import IGNORE
 from samprobe.train.heads import AttentiveProbe, Head, StackedAttentiveProbe, StackedHeads, pack_heads, rows_per_step
 from samprobe.train.optim import StackedAdamW, StackedSGD, pack_optimizer, unpack_optimizer, warmup_cosine
 
+log = logging.getLogger("samprobe")
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
 
 
@@ -125,6 +127,36 @@ def _place_features(x: np.ndarray, device: torch.device) -> torch.Tensor:
         return t
     free, _ = torch.cuda.mem_get_info(device)
     return t.to(device) if t.numel() * 4 < free // 2 else t.pin_memory()
+
+
+class _PinnedGather:
+    """Rows of the training features as a batch on the device. Features on the device: one
+    ``index_select`` there. Features left on the host (too large for the GPU): gathered into
+    one of two pinned buffers in turn and copied ``non_blocking``, so the next batch is
+    gathered while the GPU still copies and runs this one; an event per buffer says when it
+    may be reused."""
+
+    def __init__(self, features: torch.Tensor, batch_size: int, device: torch.device) -> None:
+        self.features, self.device = features, device
+        self.staged = features.device != device and features.is_pinned()
+        if self.staged:
+            shape = (min(batch_size, len(features)), *features.shape[1:])
+            self.buffers = [torch.empty(shape, dtype=features.dtype, pin_memory=True) for _ in range(2)]
+            self.copied: list[Any] = [None, None]
+            self.turn = 0
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self.staged:
+            return self.features.index_select(0, idx).to(self.device, non_blocking=True)  # 2.5x faster than x[idx]
+        k, self.turn = self.turn, 1 - self.turn
+        if self.copied[k] is not None:
+            self.copied[k].synchronize()  # its previous copy to the device has finished
+        buf = self.buffers[k][:len(idx)]
+        torch.index_select(self.features, 0, idx, out=buf)
+        batch = buf.to(self.device, non_blocking=True)
+        self.copied[k] = torch.cuda.Event()
+        self.copied[k].record()
+        return batch
 
 
 class _WeightedCrossEntropy(torch.autograd.Function):
@@ -232,7 +264,9 @@ class SweepTrainer:
     def __init__(self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                  class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
                  device: torch.device | str = "cpu", precision: str = "fp32") -> None:
-        self.cfg, self.device, self.precision = cfg, torch.device(device), precision
+        self.cfg, self.device = cfg, torch.device(device)
+        self.precision = resolve_precision(self.device, precision) if precision == "auto" else precision
+        self.seed = seed
         self.grid = sweep_grid(cfg)
         H, C = len(self.grid), len(class_weights)
         yt = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
@@ -277,7 +311,7 @@ class SweepTrainer:
         warmup = max(1, min(total // 20, cfg.warmup_epochs * self.opt_steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(total, warmup))
         # GradScaler only for fp16 (bf16/fp32 need none); the torch.amp form, not torch.cuda.amp.
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(precision) else None
 
         self.best = {k: v.detach().clone() for k, v in self.model.named_parameters()}
         vars(self).update(_progress_at_start(H))
@@ -304,41 +338,53 @@ class SweepTrainer:
         return train_loss
 
     def _train_steps(self, model: torch.nn.Module, opt: torch.optim.Optimizer, heads: torch.Tensor) -> torch.Tensor:
-        """The epoch's optimizer steps for ``model`` / ``opt`` holding ``heads`` (indices [H'] into the grid)."""
+        """The epoch's optimizer steps for ``model`` / ``opt`` holding ``heads`` (indices [H'] into the grid).
+
+        Between optimizer steps nothing here waits for the device: the batch order
+        goes to the features' device once per epoch, features that stay on the host are gathered
+        into two pinned buffers in turn, and non-finite losses are zeroed on the device and
+        looked at once per optimizer step (one wait per accumulation, not per forward)."""
         device = self.device
         model.train()
         perm = torch.randperm(len(self.zt), generator=self.gen)
+        perm_z, perm_y = perm.to(self.zt.device), perm.to(self.yt.device)  # once per epoch, not per step
+        gather = _PinnedGather(self.zt, self.batch_size, device)
         loss_sum = torch.zeros(len(heads), dtype=torch.float64, device=device)  # [H'], sample-weighted
+        broke = torch.zeros(len(heads), dtype=torch.bool, device=device)  # [H'] non-finite since the last step
         opt.zero_grad(set_to_none=True)
         sub: torch.Tensor | None = None  # heads of ``model`` in the forward; None = all (until one diverges)
-        diverged_in_step = False
         for step in range(self.micro_steps):
-            idx = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            zb = self.zt.index_select(0, idx.to(self.zt.device)).to(device, non_blocking=True)  # 2.5x faster than zt[idx]
+            rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            zb = gather(perm_z[rows])  # the gather's own copy, on the device
             if self.standardize_batches:
-                zb = model.standardize(zb, out=zb)  # zb is the gather's own copy
-            yb = self.yt.index_select(0, idx.to(self.yt.device))
+                zb = model.standardize(zb, out=zb)
+            yb = self.yt.index_select(0, perm_y[rows])
             with autocast_context(device, self.precision):
                 logits = model(zb, sub, standardized=True)  # [H'', B, C]
             losses = _head_losses(logits, yb, self.weights)  # [H''], fp32
-            in_step = sub
-            if not bool(torch.isfinite(losses.detach()).all()):
-                losses = self._drop_diverged(losses, heads, sub, opt, step)
-                sub = self.alive[heads].nonzero().flatten().to(device)
-                diverged_in_step = True
+            finite = torch.isfinite(losses.detach())
+            losses = torch.where(finite, losses, 0.0)  # a diverged head's NaN stays in its own gradients
+            if sub is None:
+                broke |= ~finite
+            else:
+                broke.index_copy_(0, sub, broke[sub] | ~finite)
             loss = losses.sum() / self.accumulate
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            if in_step is None:
-                loss_sum.add_(losses.detach(), alpha=len(idx))
+            if sub is None:
+                loss_sum.add_(losses.detach(), alpha=len(yb))
             else:
-                loss_sum.index_add_(0, in_step, losses.detach().double() * len(idx))
+                loss_sum.index_add_(0, sub, losses.detach().double() * len(yb))
             if (step + 1) % self.accumulate == 0 or step + 1 == self.micro_steps:
-                if diverged_in_step:  # its NaN grads must not reach a shared check (GradScaler); heads left out of the forward have zero grads
+                if bool(broke.any()):  # the one wait per optimizer step
+                    self._drop_diverged(broke, heads, opt, step)
+                    sub = self.alive[heads].nonzero().flatten().to(device)
+                    broke.zero_()
+                    # Their NaN grads must not reach a shared check (GradScaler); heads left out of
+                    # the forward have zero grads.
                     dead = (~self.alive[heads]).nonzero().flatten().to(device)
                     for p in model.parameters():
                         if p.grad is not None:
                             p.grad.index_fill_(0, dead, 0.0)
-                    diverged_in_step = False
                 if self.scaler:
                     self.scaler.step(opt)
                     self.scaler.update()
@@ -352,18 +398,13 @@ class SweepTrainer:
         out[heads] = loss_sum.cpu()
         return (out / len(self.zt)).float()
 
-    def _drop_diverged(self, losses: torch.Tensor, heads: torch.Tensor, sub: torch.Tensor | None,
-                       opt: torch.optim.Optimizer, step: int) -> torch.Tensor:
-        """Stop the heads whose loss is NaN/inf this step; returns the losses with theirs zeroed
-        (they stay in this step's backward, whose grads are then cleared for them)."""
-        in_forward = heads if sub is None else heads[sub.cpu()]
-        finite = torch.isfinite(losses.detach()).cpu()
-        broke = torch.zeros(len(self.grid), dtype=torch.bool)
-        broke[in_forward[~finite]] = True
+    def _drop_diverged(self, broke: torch.Tensor, heads: torch.Tensor, opt: torch.optim.Optimizer, step: int) -> None:
+        """Stop the heads of ``model`` flagged in ``broke`` ([H'], loss NaN/inf since the last optimizer step)."""
+        stopped = torch.zeros(len(self.grid), dtype=torch.bool)
+        stopped[heads[broke.cpu()]] = True
         if opt is not self.opt:
-            opt.freeze(broke[heads])
-        self._diverged(broke, step)
-        return torch.where(finite.to(losses.device), losses, 0.0)
+            opt.freeze(stopped[heads])
+        self._diverged(stopped, step)
 
     @torch.no_grad()
     def _standardized(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,7 +418,7 @@ class SweepTrainer:
         return out
 
     def _matmul_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(self.device, self.precision), torch.float32)
+        return matmul_dtype(self.precision)
 
     def _diverged(self, heads: torch.Tensor, step: int) -> None:
         where = f"epoch {self.epoch + 1}, step {step + 1}"
@@ -538,7 +579,8 @@ class SweepTrainer:
             **{name: _copied(getattr(self, name)) for name in _PROGRESS},
             "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
-            "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state()},
+            "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state(),
+                    "dropout_device": self.dropout_gen.device.type},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -564,8 +606,23 @@ class SweepTrainer:
         self.sched.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.gen.set_state(state["rng"]["batches"])
-        self.dropout_gen.set_state(state["rng"]["dropout"])
+        self.gen.set_state(state["rng"]["batches"])  # a CPU generator wherever training runs: exact
+        self._restore_dropout_rng(state["rng"])
+
+    def _restore_dropout_rng(self, rng: dict[str, Any]) -> None:
+        """The dropout generator lives on the training device, and a CUDA generator's state (seed,
+        offset) means nothing to a CPU one (or back): resumed on another device type, dropout
+        draws from a fresh stream seeded by the seed and epoch (batch order stays exact)."""
+        saved_on = rng.get("dropout_device")
+        if saved_on in (None, self.dropout_gen.device.type):
+            try:
+                self.dropout_gen.set_state(rng["dropout"])
+                return
+            except RuntimeError:  # written before dropout_device was stored, on another device type
+                pass
+        self.dropout_gen.manual_seed(self.seed + 1 + 1_000_003 * self.epoch)
+        log.warning(f"train: last.pt was written on {saved_on or 'another device type'}, resuming on "
+                    f"{self.device.type}: dropout continues from a new random stream, the batch order is unchanged")
 
 
 def train_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

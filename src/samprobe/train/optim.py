@@ -18,6 +18,21 @@ import torch
 from samprobe.train.heads import select_heads
 
 
+def _on_device(opt: torch.optim.Optimizer, group: dict, key: str, device: torch.device) -> torch.Tensor:
+    """``group[key]``, a small per-head host tensor ([H] lr, decay, frozen), on ``device``: copied
+    once per change (freeze replaces it), not once per parameter and step. Each pageable
+    host-to-device copy waits for the GPU to finish its queue."""
+    host = group[key]
+    if host.device == device:
+        return host
+    cache = opt.__dict__.setdefault("_device_copies", {})
+    slot = (id(group), key, device)
+    hit = cache.get(slot)
+    if hit is None or hit[0] is not host or hit[1] != host._version:
+        hit = cache[slot] = (host, host._version, host.to(device))
+    return hit[2]
+
+
 class StackedOptimizer(torch.optim.Optimizer):
     """Base of the per-head optimizers: group settings ``head_lr`` and ``head_wd`` [H],
     ``decoupled`` (weight decay applied to the weights, else an L2 term added to the gradient),
@@ -55,9 +70,9 @@ class StackedAdamW(StackedOptimizer):
                 if p.grad is None:
                     continue
                 shape = (-1,) + (1,) * (p.dim() - 1)  # broadcast [H] over the head's parameter
-                live = (~group["frozen"]).to(p.device).view(shape)
-                lr = (group["head_lr"].to(p.device) * group["lr"]).view(shape) * live
-                wd = group["head_wd"].to(p.device).view(shape)
+                live = ~_on_device(self, group, "frozen", p.device).view(shape)
+                lr = (_on_device(self, group, "head_lr", p.device) * group["lr"]).view(shape) * live
+                wd = _on_device(self, group, "head_wd", p.device).view(shape)
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
@@ -97,19 +112,19 @@ class StackedSGD(StackedOptimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             mu = group["momentum"]
-            frozen = group["frozen"].nonzero().flatten()  # [F] heads never updated again
-            head_lr = group["head_lr"] * group["lr"]  # [H]: schedule factor x each head's lr
-            if len(frozen):
-                head_lr = head_lr.index_fill(0, frozen, 0.0)
+            any_frozen = bool(group["frozen"].any())  # a host tensor: no device wait
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 shape = (-1,) + (1,) * (p.dim() - 1)  # broadcast [H] over the head's parameter
-                lr = head_lr.to(p.device).view(shape)
-                wd = group["head_wd"].to(p.device).view(shape)
+                frozen = _on_device(self, group, "frozen", p.device).view(shape)  # heads never updated again
+                lr = (_on_device(self, group, "head_lr", p.device) * group["lr"]).view(shape)  # schedule x head lr
+                if any_frozen:
+                    lr = lr.masked_fill(frozen, 0.0)
+                wd = _on_device(self, group, "head_wd", p.device).view(shape)
                 # A frozen head's gradient may be NaN (diverged): keep it out of the momentum.
                 # In place on p.grad (zero_grad follows every step), writing the frozen heads only.
-                grad = p.grad.index_fill_(0, frozen.to(p.device), 0.0) if len(frozen) else p.grad
+                grad = p.grad.masked_fill_(frozen, 0.0) if any_frozen else p.grad
                 if not group["decoupled"]:
                     grad.addcmul_(wd, p)  # L2 in the gradient: the fixed point is the L2-regularised optimum
                 state = self.state[p]
