@@ -41,13 +41,19 @@ def to_run_logs(level: int, message: str) -> None:
 
 
 def attach_run_log(run_dir: Path) -> None:
-    """Append everything printed to ``run_dir/run.log`` with timestamps (once per file)."""
+    """Append everything printed to ``run_dir/run.log`` with timestamps. One run log at a time: a
+    process (a notebook, a test session) that goes on to another run stops writing the previous
+    run's log, which may be gone by then."""
     target = (run_dir / "run.log").resolve()
-    for h in log.handlers:
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == target:
-            return
+    for h in list(log.handlers):
+        if getattr(h, "_samprobe_run_log", False):
+            if Path(h.baseFilename) == target:
+                return
+            log.removeHandler(h)
+            h.close()
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(target, encoding="utf-8")
+    handler._samprobe_run_log = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     if log.level == logging.NOTSET:
