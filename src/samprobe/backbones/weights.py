@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
 from samprobe.errors import ConfigError, DownloadError
-from samprobe.io import atomic_write_text, fsync_dir, hash_file
+from samprobe.io import atomic_write_text, fsync_dir, hash_file, sha256_file
 
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 # name -> (official URL, MD5). The six hex digits in each official file name are the start of
