@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned, so no dependency can pull another build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-native browser clean
+.PHONY: demo test test-native browser lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,13 @@ browser:
 
 test-native: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -m native
+
+# Static checks: formatting, lint, and code repeated across src/ (pylint's similarity checker,
+# blocks of 6 or more lines; --persistent=n: no stats file in the home directory).
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/pylint --persistent=n --disable=all --enable=duplicate-code --min-similarity-lines=6 src/
 
 clean:
 	rm -rf $(VENV) runs

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # sam_factory: official-format weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.sam_factory: official-format weights
 
 TARGETS = {"vs_official": 5.0, "vs_timm": 1.5}
 
@@ -155,7 +155,7 @@ def main() -> None:
     # The 2-core machine is shared: the load average says how far from quiet these numbers are.
     load_start = os.getloadavg()[0]
 
-    from sam_factory import build_official_sam
+    from helpers.sam_factory import build_official_sam
 
     sam = build_official_sam("vit_b", img_size=size)
     with tempfile.TemporaryDirectory() as tmp:

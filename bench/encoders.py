@@ -111,7 +111,7 @@ def count_flops(run: Run, image: np.ndarray) -> float:
 
 def build(tmp: Path, autocast) -> dict[str, dict[str, Run]]:
     """family -> {"samprobe": run, "reference": run}, all on random official-format weights at 1024 px."""
-    from sam_factory import build_official_mobile_sam, build_official_sam, build_official_sam_hq
+    from helpers.sam_factory import build_official_mobile_sam, build_official_sam, build_official_sam_hq
 
     out: dict[str, dict[str, Run]] = {}
     sam = build_official_sam("vit_b", img_size=1024)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # sam_factory: official-format weights
+sys.path.insert(0, str(REPO / "tests"))  # helpers.sam_factory: official-format weights
 
 TARGETS = {"vit_h_img_s": 60.0, "vit_b_img_s": 200.0, "vs_timm": 1.5, "vs_official": 5.0}
 BUDGET_S = 480  # the issue's 8 minutes: sections left when it is spent are skipped, and say so
@@ -126,7 +126,7 @@ def official_rate(sam: Any, images: list[np.ndarray], device: torch.device) -> f
 def timm_model(geometry: str, state_dict: dict[str, torch.Tensor], size: int, device: torch.device) -> torch.nn.Module:
     from functools import partial
 
-    from sam_factory import GEOMETRIES
+    from helpers.sam_factory import GEOMETRIES
     from timm.models.vision_transformer_sam import VisionTransformerSAM, checkpoint_filter_fn
 
     embed, depth, heads, global_idx = GEOMETRIES[geometry]
@@ -182,7 +182,7 @@ def samprobe_rate(extractor: Any, files: list[Path], batch: int, plan: Plan, cac
 # --- sections ---------------------------------------------------------------------------------------
 
 def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
-    from sam_factory import build_official_sam
+    from helpers.sam_factory import build_official_sam
 
     out: dict[str, Any] = {}
     files = photo_files(work / "photos", max(plan.images_for(b) for b in plan.batches))
@@ -212,7 +212,7 @@ def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
 
 def section_compile(plan: Plan, work: Path) -> dict[str, Any]:
     """samprobe's trunk compiled against eager, same weights and batches (no loader: the kernels are compared)."""
-    from sam_factory import write_official_checkpoint
+    from helpers.sam_factory import write_official_checkpoint
 
     variant = plan.compile_variant
     ckpt = write_official_checkpoint(work / f"compile_{variant}.pth", variant, img_size=plan.img_size)
@@ -262,7 +262,7 @@ class _InjectedOom:
 
 
 def section_oom(plan: Plan, work: Path) -> dict[str, Any]:
-    from sam_factory import write_official_checkpoint
+    from helpers.sam_factory import write_official_checkpoint
     from samprobe.features.cache import FeatureCache
 
     variant = "tiny" if plan.dry_run else "vit_b"
@@ -315,7 +315,7 @@ def _one_batch(files: list[Path], size: int) -> tuple[torch.Tensor, torch.Tensor
 
 def section_torchrun(plan: Plan, work: Path) -> dict[str, Any]:
     import yaml
-    from sam_factory import write_official_checkpoint
+    from helpers.sam_factory import write_official_checkpoint
 
     variant = "tiny" if plan.dry_run else "vit_b"
     ckpt = write_official_checkpoint(work / f"torchrun_{variant}.pth", variant, img_size=plan.img_size)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # sam_factory: official-format weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.sam_factory: official-format weights
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from skimage import data
 
-    from sam_factory import write_official_checkpoint
+    from helpers.sam_factory import write_official_checkpoint
     from samprobe.backbones.precision import autocast_context, resolve_precision
     from samprobe.backbones.sam import SamBackbone
 

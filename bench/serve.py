@@ -72,7 +72,7 @@ def baseline_server(checkpoint: str, port: int, device: str) -> None:
 
 def train_heads(root: Path, quick: bool) -> dict[str, Path]:
     """The demo's efficientnet head (its pipeline and config) and a tiny SAM head on the same scans."""
-    from sam_factory import write_official_checkpoint
+    from helpers.sam_factory import write_official_checkpoint
 
     from samprobe.config import load_config
     from samprobe.demo import DEMO_CONFIG, write_digits_dataset

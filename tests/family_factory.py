@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 from sam2_factory import official_sam2
-from sam_factory import (
+from helpers.sam_factory import (
     write_official_checkpoint,
     write_official_hq_checkpoint,
     write_official_mobile_sam_checkpoint,

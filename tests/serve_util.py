@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from imgutil import photos
+from helpers.images import photos
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"serve: http://[^\s:]+:(\d+) ")

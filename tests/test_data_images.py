@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from imgutil import photos, png16
+from helpers.images import photos, png16
 from samprobe.data.images import (SAM_PIXEL_MEAN, SAM_PIXEL_STD, decode_rgb, letterbox, longest_side_shape,
                                   resize_longest_side, sam_normalize_pad)
 
@@ -19,7 +19,7 @@ S = 1024
 
 @pytest.fixture(scope="module")
 def official_sam():
-    from sam_factory import build_official_sam
+    from helpers.sam_factory import build_official_sam
 
     return build_official_sam("tiny", img_size=S)
 

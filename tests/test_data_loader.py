@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgutil import photos
+from helpers.images import photos
 from samprobe.data.images import decode_rgb, letterbox
 from samprobe.data.loader import Batch, LoadItem, default_num_workers, failure_kind, make_loader, worker_context
 from samprobe.io import sha256_file
@@ -40,6 +40,7 @@ def _collect(loader) -> dict[int, tuple[torch.Tensor, tuple[int, int], str]]:
     return out
 
 
+@pytest.mark.slow
 def test_forkserver_context_when_cuda_is_initialised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     items = _items(tmp_path)
     assert worker_context(2) is None  # plain CPU run: the fast default (fork)

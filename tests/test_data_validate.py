@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgutil import photos, png16
+from helpers.images import photos, png16
 from samprobe.config import Config, DataConfig
 from samprobe.data.metadata import PROBLEM_KINDS, read_splits, validate
 from samprobe.errors import DataError
@@ -111,6 +111,7 @@ def make_config(tmp: Path, **data) -> Config:
                   train={"epochs": 15, "patience": 15})
 
 
+@pytest.mark.slow
 def test_bad_corpus_every_row_classified_then_good_rows_train(tmp_path: Path) -> None:
     from samprobe.pipeline import run_extract, run_train, run_validate
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from digits_run import write_digits_project
+from helpers.digits_run import write_digits_project
 from samprobe.cli import main
 
 
@@ -237,7 +237,7 @@ def test_too_little_shared_memory_for_the_workers_is_blocking(project, capsys, m
 
 
 def test_doctor_says_the_sam_family_and_lists_its_features(project, capsys, tmp_path):
-    from sam_factory import write_official_hq_checkpoint
+    from helpers.sam_factory import write_official_hq_checkpoint
 
     ckpt = write_official_hq_checkpoint(tmp_path / "sam_hq_tiny.pth", "tiny", img_size=256)
     rc, lines = doctor(capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256")

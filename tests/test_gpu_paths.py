@@ -12,7 +12,7 @@ import pytest
 import torch
 from skimage import data
 
-from sam_factory import write_official_checkpoint
+from helpers.sam_factory import write_official_checkpoint
 from samprobe.backbones import precision
 from samprobe.backbones.precision import autocast_context, resolve_device, resolve_precision, runnable_precision
 from samprobe.backbones.sam import SamBackbone
@@ -182,7 +182,7 @@ def test_sdpa_mask_rows_are_aligned_and_calls_are_few(tiny512, monkeypatch):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A digits run trained on the CPU (efficientnet_lite0 at 64 px, fp32)."""
-    from digits_run import write_digits_project
+    from helpers.digits_run import write_digits_project
     from samprobe.cli import main
 
     cfg = write_digits_project(tmp_path_factory.mktemp("gpu_ckpt"), per_class=8, epochs=3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digits_run import EMPTY_CLASS, write_digits_project
+from helpers.digits_run import EMPTY_CLASS, write_digits_project
 from samprobe.config import load_config
 from samprobe.report import (CURVES_SIZE, DPI, _num, confusion_figsize, per_class_figsize, plot_confusion,
                              plot_top_confusions, top_confused_pairs, write_report)
@@ -86,6 +86,7 @@ def trained_run(tmp_path_factory):
     return cfg, after_train, metrics
 
 
+@pytest.mark.slow
 def test_train_writes_a_report_with_curves_and_the_class_table(trained_run):
     _, report, _ = trained_run
     assert [i["data-plot"] for i in report.images] == ["curves"]  # no evaluation yet
@@ -94,6 +95,7 @@ def test_train_writes_a_report_with_curves_and_the_class_table(trained_run):
     assert report.rows_by_class["zero"][1] == "trained"
 
 
+@pytest.mark.slow
 def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_run):
     cfg, _, metrics = trained_run
     report = parse(cfg.run_dir / "report.html")
@@ -117,6 +119,7 @@ def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_
     assert row[5].startswith("P ") and "F1" in row[5]
 
 
+@pytest.mark.slow
 def test_a_sweep_csv_becomes_a_table(trained_run):
     cfg, _, _ = trained_run
     sweep = cfg.run_dir / "sweep.csv"

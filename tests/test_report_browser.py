@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from browser import DOM_CHECKS, Browser, find_chromium
-from digits_run import write_digits_project
+from helpers.digits_run import write_digits_project
 from samprobe.config import load_config
 from samprobe.report import eval_dir
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sam2_factory import PHOTOS, official_encoder_shapes, official_sam2
-from sam_factory import write_official_checkpoint
+from helpers.sam_factory import write_official_checkpoint
 from skimage import data
 
 from samprobe.backbones.registry import build_backbone, fingerprint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sam_factory import build_official_sam_hq, write_official_checkpoint
+from helpers.sam_factory import build_official_sam_hq, write_official_checkpoint
 from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digits_run import CLASSES, EMPTY_CLASS, write_digits_project
+from helpers.digits_run import CLASSES, EMPTY_CLASS, write_digits_project
 from serve_util import (InProcessServer, decoded, encode, launch, mismatch, serve_command, small_photos,
                         wait_ready)
 from samprobe.cli import main

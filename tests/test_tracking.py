@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from digits_run import write_digits_project
+from helpers.digits_run import write_digits_project
 from samprobe.config import load_config
 from samprobe.tracking import Tracker, read_jsonl, tcp_reachable
 
@@ -113,6 +113,7 @@ def wandb_env(monkeypatch, tmp_path):
     return monkeypatch
 
 
+@pytest.mark.slow
 def test_training_with_wandb_online_unreachable_falls_back_to_offline(tmp_path, wandb_env, captured):
     from samprobe.pipeline import run_extract, run_train, run_validate
 

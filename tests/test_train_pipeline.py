@@ -23,8 +23,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 NAMES = ["zero", "one", "two", "three", "four"]
 
 
-# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from more
-pytestmark = pytest.mark.usefixtures("one_thread")
+# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from more.
+# Slow: every test trains on the module's corpus, whose features take a real backbone to extract.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

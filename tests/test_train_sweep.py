@@ -1,5 +1,5 @@
 """Training on synthetic feature tensors: class mapping properties, the seed's failure modes,
-the stacked sweep, per-head AdamW, early stopping, accumulation, resume (attentive probe: test_attentive.py)."""
+the stacked sweep, per-head AdamW, early stopping, accumulation, resume (attentive probe: test_train_attentive.py)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resume_check import assert_resumes_bitwise
+from helpers.resume_check import assert_resumes_bitwise
 from tolerance import close_after_rounding, eps, magnitude, rounding_atol
 from samprobe.config import SweepConfig, TrainConfig
 from samprobe.errors import CheckpointError, TrainingError

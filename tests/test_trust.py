@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import write_config, write_digits
-from test_cache_helpers import LogLines
+from helpers.cache_corpus import LogLines
 from samprobe.cli import main
 from samprobe.data.metadata import read_splits
 
@@ -290,7 +290,7 @@ def test_predict_reads_a_metadata_file_against_the_training_image_root(tmp_path:
 
 def test_predict_finds_moved_weights_and_leaves_the_training_cache_alone(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from sam_factory import write_official_checkpoint
+    from helpers.sam_factory import write_official_checkpoint
     from samprobe.predict import Classifier
 
     weights = write_official_checkpoint(tmp_path / "weights" / "sam_tiny.pth", geometry="tiny", img_size=256)

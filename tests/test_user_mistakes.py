@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from digits_run import write_digits_project
+from helpers.digits_run import write_digits_project
 from samprobe.cli import main
 
 

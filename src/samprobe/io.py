@@ -12,8 +12,10 @@ import json
 import os
 import re
 import tempfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Protocol, TypeVar
 
 import torch
 
@@ -22,16 +24,43 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> object: ...
+
+
+_H = TypeVar("_H", bound=_Hasher)
+
+
+def hash_file(file: Path | str | IO[bytes], hasher: _H, block: int = _CHUNK) -> _H:
+    """``hasher`` (a hashlib object, or anything with ``update(bytes)``) fed every byte of ``file``
+    (a path, or an open binary file from its position on), ``block`` bytes at a time: a 2.5 GB
+    checkpoint is hashed in 1 MB of memory. Returns ``hasher``."""
+    with open(file, "rb") if isinstance(file, (str, Path)) else contextlib.nullcontext(file) as f:
+        while chunk := f.read(block):
+            hasher.update(chunk)
+    return hasher
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+class _Crc32:
+    """zlib.crc32 as a hasher for ``hash_file``."""
+
+    value = 0
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+def file_crc32(path: Path | str) -> int:
+    """CRC-32 of a file: what feature-cache shards are checked against."""
+    return hash_file(path, _Crc32(), block=1 << 22).value
 
 
 def user_cache_file(name: str) -> Path | None:
@@ -67,12 +96,9 @@ def _cached_sha256(path: str, version: tuple[tuple[str, int], ...]) -> str:
     entry = known.get(path)
     if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and {k: entry.get(k) for k in stamp} == stamp:
         return entry["sha256"]
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
+        digest = hash_file(f, hashlib.sha256()).hexdigest()
         unchanged = _file_version(os.fstat(f.fileno())) == stamp  # not rewritten while we read it
-    digest = h.hexdigest()
     if store and unchanged:
         known[path] = {**stamp, "sha256": digest}
         with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash

@@ -20,12 +20,12 @@ from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
 from samprobe.errors import ConfigError, DownloadError
-from samprobe.io import atomic_write_text, fsync_dir, sha256_file
+from samprobe.io import atomic_write_text, fsync_dir, hash_file, sha256_file
 
 _BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
 # name -> (official URL, MD5). The six hex digits in each official file name are the start of
 # the file's MD5; the full MD5s are the ones several independent public projects verify
-# against (see DESIGN.md §5).
+# against.
 OFFICIAL_WEIGHTS: dict[str, tuple[str, str]] = {
     "sam_vit_b": (_BASE + "sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"),
     "sam_vit_l": (_BASE + "sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
@@ -65,11 +65,7 @@ CATALOGUE: dict[str, WeightsEntry] = {
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path, hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _fetch(url: str, part: Path, md5: str, timeout: float, progress: bool) -> None:

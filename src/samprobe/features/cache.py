@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from samprobe.errors import CacheError
-from samprobe.io import atomic_open, atomic_write_text
+from samprobe.io import atomic_open, atomic_write_text, file_crc32
 
 log = logging.getLogger("samprobe")
 
@@ -118,14 +118,6 @@ def check_free_space(path: Path, need: int) -> int:
 def _stamp(path: Path) -> str:
     st = os.stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 @dataclass(frozen=True)

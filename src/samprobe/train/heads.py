@@ -26,17 +26,37 @@ at most a few thousand values each, never are)."""
 
 
 def rows_per_step(row_numel: int, most: int) -> int:
-    """Rows of ``row_numel`` values per forward: ``most``, fewer when they would pass STEP_ELEMENTS."""
+    """Rows of ``row_numel`` values per forward: ``most``, fewer when they would pass
+    STEP_ELEMENTS."""
     return max(1, min(most, STEP_ELEMENTS // max(row_numel, 1)))
 
 
-class Head(nn.Module):
-    def __init__(self, in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512,
-                 dropout: float = 0.0) -> None:
+class StandardisedHead(nn.Module):
+    """Base of every head: standardisation of each input channel with the training mean / std
+    (buffers ``mean``, ``std`` [C]) is part of the head."""
+
+    def __init__(self, in_dim: int) -> None:
         super().__init__()
-        self.spec = {"kind": kind, "in_dim": in_dim, "num_classes": num_classes, "hidden": hidden, "dropout": dropout}
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
+
+    def set_normalisation(self, features: torch.Tensor) -> None:
+        """features: [N, C] pooled training features, or [N, T, C] training grids. Grid statistics
+        are over all tokens of an evenly strided sample of whole images (striding the flattened
+        tokens would sample a few grid positions only)."""
+        if features.dim() == 3:
+            step = -(-len(features) // max(1, STATS_SAMPLES // features.shape[1]))  # at most STATS_SAMPLES tokens
+            features = features[::step].reshape(-1, features.shape[-1])
+        mean, std = feature_stats(features)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+
+class Head(StandardisedHead):
+    def __init__(self, in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512,
+                 dropout: float = 0.0) -> None:
+        super().__init__(in_dim)
+        self.spec = {"kind": kind, "in_dim": in_dim, "num_classes": num_classes, "hidden": hidden, "dropout": dropout}
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_dim, num_classes)
         elif kind == "mlp":
@@ -48,12 +68,6 @@ class Head(nn.Module):
         last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-
-    def set_normalisation(self, features: torch.Tensor) -> None:
-        """features: [N, in_dim] training features."""
-        mean, std = feature_stats(features)
-        self.mean.copy_(mean)
-        self.std.copy_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_dim] -> logits [B, num_classes]."""
@@ -89,9 +103,9 @@ def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) ->
     """The single head a checkpoint's ``head`` entry describes, in eval mode."""
     if spec["kind"] == "attentive":
         head: Head | AttentiveProbe = AttentiveProbe(spec["in_dim"], spec["num_classes"], spec["spatial"],
-                                                     spec["attn_heads"], spec.get("dropout", 0.0))
+                                                     spec["attn_heads"], spec["dropout"])
     else:
-        head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec.get("hidden", 512), spec.get("dropout", 0.0))
+        head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec["hidden"], spec["dropout"])
     head.load_state_dict(state_dict)
     return head.eval()
 
@@ -140,23 +154,56 @@ def pack_heads(model: nn.Module, heads: torch.Tensor) -> nn.Module:
     return packed
 
 
-class StackedHeads(nn.Module):
-    """H independent heads evaluated in one pass: [B, D] -> logits [H, B, C].
+class StackedHeadsBase(StandardisedHead):
+    """Base of the stacked forms: H heads (one per sweep setting) trained in one forward, every
+    parameter with a leading H dimension, one shared standardisation. The loss is the sum of the
+    heads' losses, so head h's gradient depends on head h only; each head gets its own lr and
+    weight decay from the stacked optimizer (``train.optim``: ``StackedSGD``, ``StackedAdamW``)."""
 
-    The loss is the sum of the heads' losses, so head h's gradient depends on head h only;
-    each head gets its own lr and weight decay from ``StackedAdamW``.
-    """
+    kind: str
+
+    def __init__(self, num_heads: int, in_dim: int, num_classes: int, dropout: float) -> None:
+        super().__init__(in_dim)
+        self.num_heads, self.in_dim, self.num_classes, self.dropout = num_heads, in_dim, num_classes, dropout
+        self.dropout_generator: torch.Generator | None = None
+
+    def standardize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, D] (or grids [B, T, D]) raw features -> standardised, the shape of x (what
+        ``forward`` feeds the heads), into ``out`` when given. One fused pass,
+        x * (1/std) + (-mean/std): memory-bound."""
+        inv = 1.0 / self.std
+        return torch.addcmul(-self.mean * inv, x, inv, out=out)
+
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout in training. Masks come from our own generator (not the global RNG),
+        so a resumed run draws the same masks."""
+        if not (self.training and self.dropout > 0):
+            return h
+        keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
+        return h * keep / (1 - self.dropout)
+
+    def spec(self) -> dict[str, Any]:
+        """The single head's description (a checkpoint's ``head.spec``), for ``head_from_spec``."""
+        raise NotImplementedError
+
+    def head_state(self, h: int, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Head h as the single head's state dict (``params``: these tensors instead of the
+        parameters)."""
+        raise NotImplementedError
+
+    def to_head(self, h: int, params: dict[str, torch.Tensor] | None = None) -> Head | AttentiveProbe:
+        return head_from_spec(self.spec(), self.head_state(h, params))
+
+
+class StackedHeads(StackedHeadsBase):
+    """H independent linear or MLP heads evaluated in one pass: [B, D] -> logits [H, B, C]."""
 
     def __init__(self, num_heads: int, in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512,
                  dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
-        super().__init__()
         if kind not in HEAD_KINDS:
             raise ValueError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
-        self.kind, self.num_heads, self.in_dim, self.num_classes = kind, num_heads, in_dim, num_classes
-        self.hidden, self.dropout = hidden, dropout
-        self.dropout_generator: torch.Generator | None = None
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("std", torch.ones(in_dim))
+        super().__init__(num_heads, in_dim, num_classes, dropout)
+        self.kind, self.hidden = kind, hidden
         if kind == "linear":
             # Zero init (as Head): a random weight on a feature that carries no signal in training
             # gets no gradient to remove it and stays as noise in the logits (measured: -1 to -4
@@ -171,29 +218,15 @@ class StackedHeads(nn.Module):
             self.w2 = nn.Parameter((torch.rand(num_heads, hidden, num_classes, generator=generator) * 2 - 1) * b2)  # [H, K, C]
             self.b2 = nn.Parameter((torch.rand(num_heads, num_classes, generator=generator) * 2 - 1) * b2)  # [H, C]
 
-    def set_normalisation(self, features: torch.Tensor) -> None:
-        mean, std = feature_stats(features)
-        self.mean.copy_(mean)
-        self.std.copy_(std)
-
-    def standardize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, D] raw features -> standardised [B, D] (what ``forward`` feeds the heads), into
-        ``out`` when given. One fused pass, x * (1/std) + (-mean/std): memory-bound."""
-        inv = 1.0 / self.std
-        return torch.addcmul(-self.mean * inv, x, inv, out=out)
-
     def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
         """x: [B, D] raw features (or ``standardize(x)`` with standardized=True) -> logits
-        [H, B, C]; ``heads`` (indices [H']): only these heads, [H', B, C] (stopped heads cost nothing)."""
+        [H, B, C]; ``heads`` (indices [H']): only these heads, [H', B, C] (stopped heads cost
+        nothing)."""
         z = x if standardized else self.standardize(x)
         pick = (lambda t: t) if heads is None else (lambda t: t.index_select(0, heads))
         if self.kind == "linear":
             return _all_heads_matmul(z, self.w, self.b, heads)
-        h = F.gelu(_all_heads_matmul(z, self.w1, self.b1, heads))  # [H, B, K]
-        if self.training and self.dropout > 0:
-            # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
-            keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
-            h = h * keep / (1 - self.dropout)
+        h = self._dropout(F.gelu(_all_heads_matmul(z, self.w1, self.b1, heads)))  # [H, B, K]
         return torch.bmm(h, pick(self.w2)) + pick(self.b2)[:, None, :]
 
     def spec(self) -> dict[str, Any]:
@@ -211,9 +244,6 @@ class StackedHeads(nn.Module):
                           "net.3.weight": p["w2"][h].t().contiguous().clone(), "net.3.bias": p["b2"][h].clone()})
         return {k: v.detach().float().cpu() for k, v in state.items()}
 
-    def to_head(self, h: int, params: dict[str, torch.Tensor] | None = None) -> Head:
-        return head_from_spec(self.spec(), self.head_state(h, params))
-
 
 # ---------------------------------------------------------------------------------------
 # attentive probe over the token grid
@@ -223,7 +253,8 @@ LN_EPS = 1e-6
 
 
 def default_attn_heads(dim: int) -> int:
-    """Attention heads of the probe: 8 (as V-JEPA's / AIM's attentive probes), fewer when ``dim`` is not divisible."""
+    """Attention heads of the probe: 8 (as V-JEPA's / AIM's attentive probes), fewer when
+    ``dim`` is not divisible."""
     return next(a for a in (8, 4, 2, 1) if dim % a == 0)
 
 
@@ -241,7 +272,7 @@ def _query_keys(query: torch.Tensor, k_weight: torch.Tensor, norm_weight: torch.
     return (wk * q).sum(-2) * norm_weight.unsqueeze(-2) / math.sqrt(d)  # [..., A, C]
 
 
-class AttentiveProbe(nn.Module):
+class AttentiveProbe(StandardisedHead):
     """Attention pooling over a token grid, then a linear classifier (the attentive probe of
     V-JEPA / AIM, reduced to one cross-attention):
 
@@ -256,14 +287,12 @@ class AttentiveProbe(nn.Module):
     """
 
     def __init__(self, in_dim: int, num_classes: int, spatial: int, attn_heads: int = 8, dropout: float = 0.0) -> None:
-        super().__init__()
         if in_dim % attn_heads:
             raise ValueError(f"in_dim {in_dim} must be divisible by attn_heads {attn_heads}")
+        super().__init__(in_dim)
         self.spec = {"kind": "attentive", "in_dim": in_dim, "num_classes": num_classes, "spatial": spatial,
                      "attn_heads": attn_heads, "dropout": dropout}
         self.attn_heads = attn_heads
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("std", torch.ones(in_dim))
         self.norm = nn.LayerNorm(in_dim, eps=LN_EPS)
         self.query = nn.Parameter(torch.randn(in_dim) * in_dim ** -0.5)  # as timm's AttentionPoolLatent
         self.k = nn.Linear(in_dim, in_dim, bias=False)  # a key bias shifts every token's score alike: no effect
@@ -273,14 +302,6 @@ class AttentiveProbe(nn.Module):
         self.fc = nn.Linear(in_dim, num_classes)
         nn.init.zeros_(self.fc.weight)  # as Head: no random weight on what training never moves
         nn.init.zeros_(self.fc.bias)
-
-    def set_normalisation(self, tokens: torch.Tensor) -> None:
-        """tokens: [N, T, C] training grids; statistics per channel over all tokens of an evenly
-        strided sample of images (striding the flattened tokens would sample a few grid positions only)."""
-        step = -(-len(tokens) // max(1, STATS_SAMPLES // tokens.shape[1]))  # at most STATS_SAMPLES tokens, whole images
-        mean, std = feature_stats(tokens[::step].reshape(-1, tokens.shape[-1]))
-        self.mean.copy_(mean)
-        self.std.copy_(std)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [N, T, C] raw grid -> pooled [N, C] (after the output LayerNorm)."""
@@ -298,30 +319,29 @@ class AttentiveProbe(nn.Module):
         return self.fc(self.drop(self.pool(tokens)))
 
 
-class StackedAttentiveProbe(nn.Module):
-    """H attentive probes (one per sweep setting) in one forward: grid [B, T, C] -> logits [H, B, K].
+class StackedAttentiveProbe(StackedHeadsBase):
+    """H attentive probes (one per sweep setting) in one forward: grid [B, T, C] -> logits
+    [H, B, K].
 
     Same interface as ``StackedHeads`` (``standardize``, ``forward(x, heads, standardized)``,
     ``spec``, ``head_state``, ``to_head``); parameters carry a leading H dimension. The grid is
     shared by every setting and never copied per setting: the input LayerNorm is computed once
     (its per-setting affine folds into the query-key matrix and the pooled tokens, see
     ``_query_keys``), all H*A attention maps come from one [B*T, C] x [C, H*A] matmul, and the
-    values are projected after pooling. So a step holds a few [B, T, C] activations, not H x B x T x C.
+    values are projected after pooling. So a step holds a few [B, T, C] activations, not
+    H x B x T x C.
     """
 
     kind = "attentive"
 
     def __init__(self, num_heads: int, in_dim: int, num_classes: int, spatial: int, dropout: float = 0.0,
                  attn_heads: int | None = None, generator: torch.Generator | None = None) -> None:
-        super().__init__()
         H, C = num_heads, in_dim
-        self.attn_heads = attn_heads or default_attn_heads(C)
-        if C % self.attn_heads:
-            raise ValueError(f"in_dim {C} must be divisible by attn_heads {self.attn_heads}")
-        self.num_heads, self.in_dim, self.num_classes, self.spatial, self.dropout = H, C, num_classes, spatial, dropout
-        self.dropout_generator: torch.Generator | None = None
-        self.register_buffer("mean", torch.zeros(C))
-        self.register_buffer("std", torch.ones(C))
+        attn_heads = attn_heads or default_attn_heads(C)
+        if C % attn_heads:
+            raise ValueError(f"in_dim {C} must be divisible by attn_heads {attn_heads}")
+        super().__init__(H, C, num_classes, dropout)
+        self.attn_heads, self.spatial = attn_heads, spatial
         bound = 1 / math.sqrt(C)  # nn.Linear's default init
 
         def uniform(*shape: int) -> nn.Parameter:
@@ -337,11 +357,9 @@ class StackedAttentiveProbe(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Per-setting vectors (norms, biases, the query) are not decayed, as timm's
-        ``param_groups_weight_decay`` does: the sweep's L2 up to 0.1 would pull the LayerNorm gains to 0."""
+        ``param_groups_weight_decay`` does: the sweep's L2 up to 0.1 would pull the LayerNorm
+        gains to 0."""
         return {"norm_w", "norm_b", "query", "bv", "out_w", "out_b", "bf"}
-
-    set_normalisation = AttentiveProbe.set_normalisation
-    standardize = StackedHeads.standardize  # the same fused pass; broadcasts over [B, T, C]
 
     def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
         """x: [B, T, C] raw grid (or ``standardize(x)`` with standardized=True) -> logits [H, B, K];
@@ -355,11 +373,7 @@ class StackedAttentiveProbe(nn.Module):
         pooled = (attn.transpose(1, 2) @ n).view(B, H, A, C)  # [B, H, A, C]
         pooled = pooled * p["norm_w"][None, :, None] + p["norm_b"][None, :, None]
         v = torch.einsum("bhac,hadc->hbad", pooled, p["wv"].unflatten(1, (A, -1))).reshape(H, B, C) + p["bv"][:, None]
-        h = F.layer_norm(v, (C,), eps=LN_EPS) * p["out_w"][:, None] + p["out_b"][:, None]  # [H, B, C]
-        if self.training and self.dropout > 0:
-            # Masks from our own generator (not the global RNG), so a resumed run draws the same masks.
-            keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
-            h = h * keep / (1 - self.dropout)
+        h = self._dropout(F.layer_norm(v, (C,), eps=LN_EPS) * p["out_w"][:, None] + p["out_b"][:, None])  # [H, B, C]
         return torch.bmm(h, p["wf"]) + p["bf"][:, None, :]
 
     def spec(self) -> dict[str, Any]:
@@ -374,6 +388,3 @@ class StackedAttentiveProbe(nn.Module):
                  "out_norm.weight": p["out_w"][h], "out_norm.bias": p["out_b"][h],
                  "fc.weight": p["wf"][h].t(), "fc.bias": p["bf"][h]}
         return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
-
-    def to_head(self, h: int, params: dict[str, torch.Tensor] | None = None) -> AttentiveProbe:
-        return head_from_spec(self.spec(), self.head_state(h, params))  # type: ignore[return-value]

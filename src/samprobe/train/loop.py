@@ -3,7 +3,8 @@
 Every (lr, weight_decay) setting of the sweep is one head of a ``StackedHeads`` (pooled
 features [N, D]) or a ``StackedAttentiveProbe`` (token grids [N, T, C]): one batched
 forward for all of them (DINOv2-style linear evaluation), the sum of their class-weighted
-losses, and a per-head AdamW. Warm-up + cosine schedule, gradient accumulation, autocast,
+losses, and a per-head optimizer (``train.optimizer``: SGD with Nesterov momentum by default,
+or AdamW). Warm-up + cosine schedule, gradient accumulation, autocast,
 early stopping per head (a head that stops improving is frozen; the best weights of each head
 are kept), and the whole state is a dict of tensors/builtins so a run resumes bit for bit.
 """
@@ -98,10 +99,8 @@ def _param_groups(model: torch.nn.Module, num_heads: int) -> list[dict[str, Any]
     return groups
 
 
-def _describe(spec: dict[str, Any] | None) -> str:
+def _describe(spec: dict[str, Any]) -> str:
     """A head spec as the config keys that set it, for messages."""
-    if spec is None:
-        return "train.head linear / mlp"
     if spec["kind"] == "attentive":
         return f"train.head attentive (features.spatial {spec['spatial']})"
     return f"train.head {spec['kind']}" + (f" (train.hidden {spec['hidden']})" if spec["kind"] == "mlp" else "")
@@ -271,6 +270,32 @@ def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor,
     }
 
 
+def _progress_at_start(num_heads: int) -> dict[str, Any]:
+    """A sweep's progress before its first epoch, by ``SweepTrainer`` attribute (tensors are per
+    head, [H, ...]). ``state_dict`` saves and ``load_state_dict`` restores exactly these; the
+    epoch history is not among them (it lives in metrics.jsonl, so last.pt does not grow)."""
+    return {
+        "epoch": 0,
+        "best_score": torch.full((num_heads,), -math.inf),
+        "best_epoch": torch.zeros(num_heads, dtype=torch.long),
+        "best_metrics": torch.full((num_heads, len(VAL_METRICS) + 1), math.nan),  # train_loss + VAL_METRICS
+        "stale": torch.zeros(num_heads, dtype=torch.long),  # epochs since the head last improved
+        "sweep_stale": 0,  # epochs since the best head of the sweep last improved
+        "alive": torch.ones(num_heads, dtype=torch.bool),
+        "diverged": torch.zeros(num_heads, dtype=torch.bool),
+        "min_train_loss": torch.full((num_heads,), math.inf),  # lowest epoch train loss: divergence test
+        "status": ["training"] * num_heads,
+    }
+
+
+_PROGRESS = tuple(_progress_at_start(0))
+
+
+def _copied(value: Any) -> Any:
+    """A tensor cloned, a list copied (its entries shared), an int as it is."""
+    return value.clone() if torch.is_tensor(value) else copy.copy(value)
+
+
 class SweepTrainer:
     """The state of a sweep; ``run`` trains to the end, ``state_dict`` / ``load_state_dict``
     hold everything needed to continue after a kill.
@@ -296,7 +321,8 @@ class SweepTrainer:
         if len(trained) == 0:
             raise TrainingError("no training samples", fix="check data_report.json and the split settings")
         if (trained < 0).any() or (trained >= C).any():
-            # Cannot happen through ClassMapping.to_head; guards direct API use (the seed's IndexError).
+            # Cannot happen through ClassMapping.to_head; guards direct API use, where an out-of-range
+            # target would fail deep in the loss with a bare index error.
             raise TrainingError(f"training targets must be head indices 0..{C - 1} of active classes "
                                 f"(got {int(trained.min())}..{int(trained.max())})",
                                 fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets")
@@ -339,26 +365,17 @@ class SweepTrainer:
         # GradScaler only for fp16 (bf16/fp32 need none); the torch.amp form, not torch.cuda.amp.
         self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(precision) else None
 
-        self.epoch = 0
         self.best = {k: v.detach().clone() for k, v in self.model.named_parameters()}
-        self.best_score = torch.full((H,), -math.inf)
-        self.best_epoch = torch.zeros(H, dtype=torch.long)
-        self.best_metrics = torch.full((H, len(VAL_METRICS) + 1), math.nan)  # train_loss + VAL_METRICS
-        self.stale = torch.zeros(H, dtype=torch.long)
-        self.sweep_stale = 0
-        self.alive = torch.ones(H, dtype=torch.bool)
-        self.diverged = torch.zeros(H, dtype=torch.bool)
-        self.min_train_loss = torch.full((H,), math.inf)
-        self.status = ["training"] * H
-        self.history: list[dict[str, Any]] = []
+        vars(self).update(_progress_at_start(H))
+        self.history: list[dict[str, Any]] = []  # one row per epoch; saved in metrics.jsonl, not last.pt
 
     # --- one epoch -----------------------------------------------------------------------
 
     def _train_epoch(self) -> torch.Tensor:
         """One pass over the training set; returns the mean training loss per head [H] (0 for
         stopped heads). Stopped heads cost nothing: the epoch trains a packed copy of the live
-        heads and their optimizer state, written back at its end (a kill loses that epoch, as
-        before: last.pt is written between epochs)."""
+        heads and their optimizer state, written back at its end (a kill loses that epoch: last.pt
+        is written between epochs)."""
         heads = self.alive.nonzero().flatten()  # [H'] heads that train this epoch
         if len(heads) == len(self.grid):
             return self._train_steps(self.model, self.opt, heads)
@@ -650,14 +667,10 @@ class SweepTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue bit for bit: tensors and builtins only (weights_only loads it)."""
         return {
-            "epoch": self.epoch, "grid": [list(g) for g in self.grid], "optimizer_name": self.cfg.optimizer,
-            "head_spec": self.model.spec(),
+            "grid": [list(g) for g in self.grid], "optimizer_name": self.cfg.optimizer, "head_spec": self.model.spec(),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
-            "best_score": self.best_score.clone(), "best_epoch": self.best_epoch.clone(),
-            "best_metrics": self.best_metrics.clone(), "stale": self.stale.clone(), "alive": self.alive.clone(),
-            "diverged": self.diverged.clone(), "min_train_loss": self.min_train_loss.clone(),
-            "status": list(self.status), "sweep_stale": self.sweep_stale,
+            **{name: _copied(getattr(self, name)) for name in _PROGRESS},
             "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state(),
@@ -672,26 +685,20 @@ class SweepTrainer:
             raise CheckpointError(f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
                                   f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
                                   fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
-        saved_spec, spec = state.get("head_spec"), self.model.spec()  # absent in last.pt written before attentive heads
-        same_kind = saved_spec is None or [saved_spec["kind"], saved_spec.get("spatial")] == [spec["kind"], spec.get("spatial")]
+        saved_spec, spec = state["head_spec"], self.model.spec()
+        same_kind = [saved_spec["kind"], saved_spec.get("spatial")] == [spec["kind"], spec.get("spatial")]
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         if not same_kind or {k: v.shape for k, v in state["model"].items()} != shapes:
             raise CheckpointError(f"last.pt was written for {_describe(saved_spec)} heads, this config trains {_describe(spec)} heads",
                                   fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
-        saved_opt = state.get("optimizer_name", "adamw")  # written before train.optimizer existed: AdamW
+        saved_opt = state["optimizer_name"]
         if saved_opt != self.cfg.optimizer:
             raise CheckpointError(f"last.pt was written with train.optimizer {saved_opt}; this config has {self.cfg.optimizer}",
                                   fix=f"resume with the config of the interrupted run (train.optimizer: {saved_opt}), or train without --resume")
         self.model.load_state_dict(state["model"])
         self.best = {k: v.to(self.device) for k, v in state["best"].items()}
-        self.best_score, self.best_epoch = state["best_score"].clone(), state["best_epoch"].clone()
-        self.best_metrics, self.stale, self.alive = state["best_metrics"].clone(), state["stale"].clone(), state["alive"].clone()
-        self.status, self.epoch = list(state["status"]), int(state["epoch"])
-        self.history = list(history if history is not None else state.get("history", []))  # older last.pt held it
-        self.diverged = state["diverged"].clone() if "diverged" in state else \
-            torch.tensor([st.startswith("diverged") for st in self.status])
-        self.min_train_loss = state.get("min_train_loss", torch.full((len(self.grid),), math.inf)).clone()
-        self.sweep_stale = int(state["sweep_stale"])
+        vars(self).update({name: _copied(state[name]) for name in _PROGRESS})
+        self.history = list(history or [])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:

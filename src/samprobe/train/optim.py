@@ -1,17 +1,17 @@
-"""Per-head optimizers for stacked heads (SGD with Nesterov momentum, AdamW), and the
-warm-up + cosine schedule.
+"""Per-head optimizers for stacked heads (``StackedSGD``: SGD with Nesterov momentum, the
+default; ``StackedAdamW``), and the warm-up + cosine schedule.
 
-``StackedAdamW`` is AdamW (decoupled weight decay, bias correction, as torch.optim.AdamW)
-where every parameter has a leading head dimension H and each head has its own lr and weight
-decay (tensors [H]). It is a real ``torch.optim.Optimizer``, so LambdaLR, GradScaler and
-state_dict/load_state_dict work unchanged; the group's scalar ``lr`` is the schedule factor
-that multiplies every head's base lr. ``frozen`` heads (early-stopped or diverged) are not
-updated at all.
+Both are a ``StackedOptimizer``: every parameter has a leading head dimension H and each head
+has its own lr and weight decay (tensors [H]). They are real ``torch.optim.Optimizer``s, so
+LambdaLR, GradScaler and state_dict/load_state_dict work unchanged; the group's scalar ``lr``
+is the schedule factor that multiplies every head's base lr. ``frozen`` heads (early-stopped or
+diverged) are not updated at all.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -33,21 +33,33 @@ def _on_device(opt: torch.optim.Optimizer, group: dict, key: str, device: torch.
     return hit[2]
 
 
-class StackedAdamW(torch.optim.Optimizer):
-    def __init__(self, params: Iterable[torch.Tensor], head_lr: torch.Tensor, head_wd: torch.Tensor,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, decoupled: bool = True) -> None:
-        """decoupled=False: the decay is an L2 term added to the gradient (Adam + L2), whose
-        fixed point is the L2-regularised optimum that scikit-learn's LogisticRegression finds."""
+class StackedOptimizer(torch.optim.Optimizer):
+    """Base of the per-head optimizers: group settings ``head_lr`` and ``head_wd`` [H],
+    ``decoupled`` (weight decay applied to the weights, else an L2 term added to the gradient),
+    ``frozen`` bool [H]."""
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], head_lr: torch.Tensor,
+                 head_wd: torch.Tensor, decoupled: bool, **defaults: Any) -> None:
         head_lr = torch.as_tensor(head_lr, dtype=torch.float32)
         head_wd = torch.as_tensor(head_wd, dtype=torch.float32)
-        defaults = {"lr": 1.0, "betas": betas, "eps": eps, "head_lr": head_lr, "head_wd": head_wd, "decoupled": decoupled,
-                    "frozen": torch.zeros(len(head_lr), dtype=torch.bool)}
-        super().__init__(params, defaults)
+        super().__init__(params, {"lr": 1.0, **defaults, "head_lr": head_lr, "head_wd": head_wd, "decoupled": decoupled,
+                                  "frozen": torch.zeros(len(head_lr), dtype=torch.bool)})
 
     def freeze(self, heads: torch.Tensor) -> None:
         """heads: bool [H]; these heads are never updated again."""
         for group in self.param_groups:
             group["frozen"] = group["frozen"] | heads.cpu()
+
+
+class StackedAdamW(StackedOptimizer):
+    """AdamW (decoupled weight decay, bias correction, as torch.optim.AdamW) per head."""
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], head_lr: torch.Tensor,
+                 head_wd: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 decoupled: bool = True) -> None:
+        """decoupled=False: the decay is an L2 term added to the gradient (Adam + L2), whose
+        fixed point is the L2-regularised optimum that scikit-learn's LogisticRegression finds."""
+        super().__init__(params, head_lr, head_wd, decoupled, betas=betas, eps=eps)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -84,24 +96,16 @@ class StackedAdamW(torch.optim.Optimizer):
         return loss
 
 
-class StackedSGD(torch.optim.Optimizer):
+class StackedSGD(StackedOptimizer):
     """SGD with Nesterov momentum (as torch.optim.SGD(momentum, nesterov=True), dampening 0)
-    where every parameter has a leading head dimension H and each head has its own lr and
-    weight decay (tensors [H]); same interface as ``StackedAdamW`` (group ``lr`` = schedule
-    factor, ``freeze``). The default for linear probes, as DINOv2's linear evaluation: on
+    per head. The default for linear probes, as DINOv2's linear evaluation: on
     standardised features it reaches the L2 optimum's accuracy in 2-3 epochs where Adam needs
     15+ (its per-coordinate steps of size ~lr keep the many weak/noise dimensions jittering;
     measured in bench/heads.py)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], head_lr: torch.Tensor, head_wd: torch.Tensor,
-                 momentum: float = 0.9, decoupled: bool = False) -> None:
-        head_lr = torch.as_tensor(head_lr, dtype=torch.float32)
-        head_wd = torch.as_tensor(head_wd, dtype=torch.float32)
-        defaults = {"lr": 1.0, "momentum": momentum, "head_lr": head_lr, "head_wd": head_wd, "decoupled": decoupled,
-                    "frozen": torch.zeros(len(head_lr), dtype=torch.bool)}
-        super().__init__(params, defaults)
-
-    freeze = StackedAdamW.freeze
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], head_lr: torch.Tensor,
+                 head_wd: torch.Tensor, momentum: float = 0.9, decoupled: bool = False) -> None:
+        super().__init__(params, head_lr, head_wd, decoupled, momentum=momentum)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -154,10 +158,11 @@ def _per_head(value: object, heads: torch.Tensor, num_heads: int) -> object:
     return value
 
 
-def pack_optimizer(opt: torch.optim.Optimizer, full: list[torch.Tensor], packed: list[torch.Tensor],
-                   heads: torch.Tensor) -> torch.optim.Optimizer:
+def pack_optimizer(opt: StackedOptimizer, full: list[torch.Tensor], packed: list[torch.Tensor],
+                   heads: torch.Tensor) -> StackedOptimizer:
     """A stacked optimizer for ``packed`` (the parameters of ``pack_heads(model, heads)``, in the
-    order of ``full``): every group's per-head settings and every state entry restricted to ``heads``."""
+    order of ``full``): every group's per-head settings and every state entry restricted to
+    ``heads``."""
     num_heads = len(opt.param_groups[0]["head_lr"])
     to_packed = {id(f): p for f, p in zip(full, packed)}
     groups = [{**{k: _per_head(v, heads, num_heads) for k, v in g.items() if k != "params"},
@@ -171,7 +176,8 @@ def pack_optimizer(opt: torch.optim.Optimizer, full: list[torch.Tensor], packed:
 
 def unpack_optimizer(packed_opt: torch.optim.Optimizer, opt: torch.optim.Optimizer, full: list[torch.Tensor],
                      packed: list[torch.Tensor], heads: torch.Tensor) -> None:
-    """Write ``packed_opt``'s state for ``heads`` back into ``opt`` (the inverse of ``pack_optimizer``)."""
+    """Write ``packed_opt``'s state for ``heads`` back into ``opt`` (the inverse of
+    ``pack_optimizer``)."""
     for f, p in zip(full, packed):
         for key, value in packed_opt.state.get(p, {}).items():
             state = opt.state[f]

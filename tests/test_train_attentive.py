@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from digits_run import CLASSES, EMPTY_CLASS, write_digits_project
-from resume_check import assert_resumes_bitwise
-from sam_factory import write_official_checkpoint
+from helpers.digits_run import CLASSES, EMPTY_CLASS, write_digits_project
+from helpers.resume_check import assert_resumes_bitwise
+from helpers.sam_factory import write_official_checkpoint
 from tolerance import close_after_rounding, magnitude, rounding_atol
 from samprobe.cli import main
 from samprobe.config import SweepConfig, TrainConfig, load_config
@@ -158,6 +158,7 @@ def test_attentive_without_spatial_is_a_config_error(tmp_path, capsys):
 # end to end on real images with a tiny SAM encoder
 
 
+@pytest.mark.slow
 def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
     ckpt = write_official_checkpoint(tmp_path / "weights" / "tiny.pth", "tiny", img_size=256)
     cfg = write_digits_project(tmp_path, per_class=16, epochs=6)

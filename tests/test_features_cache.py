@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-from test_cache_helpers import LogLines, make_corpus, write_config
 
+from helpers.cache_corpus import LogLines, make_corpus, write_config
 from samprobe.cli import main
 from samprobe.errors import CacheError
 from samprobe.features.cache import FeatureCache, estimate_bytes

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import yaml
 from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data
-from test_cache_helpers import make_corpus, write_config
 
-from digits_run import write_digits_project
-from sam_factory import build_official_sam, write_official_checkpoint
+from helpers.cache_corpus import make_corpus, write_config
+from helpers.digits_run import write_digits_project
+from helpers.sam_factory import build_official_sam, write_official_checkpoint
 from tolerance import (close_after_rounding, close_after_storage, efficientnet_lite0_terms, eps, magnitude,
                        reduction_terms)
 from samprobe.backbones.registry import grid_array, pool_grid
@@ -105,6 +105,7 @@ def test_sam_grid_is_official_neck_valid_region_pooled(tiny_ckpt):
                                **close_after_rounding(torch.float32, terms=terms + 256, scale=magnitude(ref, 1.0)))
 
 
+@pytest.mark.slow
 def test_sam_extract_stores_fp16_grid_matching_official(tiny_ckpt, tmp_path):
     images = make_corpus(tmp_path, n_digits=4, crops=1)
     cfg = write_config(tmp_path, images, spatial=4)
@@ -149,6 +150,7 @@ def _with_spatial(lite, spatial: int = 2) -> Path:
     return write_config(lite["root"], lite["images"], spatial=spatial)
 
 
+@pytest.mark.slow
 def test_lite_grid_shape_dtype_and_unchanged_pooled_fingerprint(lite):
     cfg = _with_spatial(lite)
     ex = Extractor.from_config(load_config(cfg))
@@ -167,6 +169,7 @@ def test_lite_grid_shape_dtype_and_unchanged_pooled_fingerprint(lite):
     assert run_extract(load_config(cfg), progress=False).extracted == 0  # nothing left to do
 
 
+@pytest.mark.slow
 def test_cache_info_counts_each_array(lite):
     cfg = _with_spatial(lite)
     run_extract(load_config(cfg), progress=False)
@@ -176,6 +179,7 @@ def test_cache_info_counts_each_array(lite):
     assert row["arrays"] == {"grid2": N, "pooled": N} and row["entries"] == 2 * N
 
 
+@pytest.mark.slow
 def test_resume_re_extracts_only_images_missing_their_grid(lite):
     cfg = _with_spatial(lite)
     run_extract(load_config(cfg), progress=False)
@@ -196,6 +200,7 @@ def test_resume_re_extracts_only_images_missing_their_grid(lite):
         assert cache.verify().bad_entries == 0
 
 
+@pytest.mark.slow
 def test_export_npz_contains_grid(lite, tmp_path):
     cfg = _with_spatial(lite)
     run_extract(load_config(cfg), progress=False)
@@ -213,6 +218,7 @@ def test_export_npz_contains_grid(lite, tmp_path):
     assert "spatial" not in np.load(plain).files
 
 
+@pytest.mark.slow
 def test_disk_estimate_counts_the_grid(lite, tmp_path, capsys):
     fresh = write_config(tmp_path, lite["images"], cache_dir=tmp_path / "cache", spatial=2)
     ex, cache = _open(fresh)
@@ -233,6 +239,7 @@ def test_disk_estimate_counts_the_grid(lite, tmp_path, capsys):
     assert grid > 4 * plain  # 4 tokens x 1280 channels on top of 1280 pooled values
 
 
+@pytest.mark.slow
 def test_extract_logs_estimate_with_grid(lite, tmp_path, caplog):
     fresh = write_config(tmp_path, lite["images"], cache_dir=tmp_path / "cache", spatial=2)
     with caplog.at_level("INFO", logger="samprobe"):
@@ -243,6 +250,7 @@ def test_extract_logs_estimate_with_grid(lite, tmp_path, caplog):
     assert "2x2 grid of 1280-d tokens" in line
 
 
+@pytest.mark.slow
 def test_spatial_larger_than_feature_map_is_a_config_error(lite, capsys):
     cfg = _with_spatial(lite, spatial=3)  # efficientnet_lite0 at 64 px has a 2x2 map
     with pytest.raises(ConfigError) as exc:
@@ -257,6 +265,7 @@ def test_spatial_larger_than_feature_map_is_a_config_error(lite, capsys):
                for ln in capsys.readouterr().out.splitlines())
 
 
+@pytest.mark.slow
 def test_spatial_must_be_positive(lite, capsys):
     assert main(["extract", "-c", str(lite["plain"]), "--set", "features.spatial=0"]) == 2
     assert "features.spatial" in capsys.readouterr().err

@@ -1,9 +1,11 @@
 """The resume check shared by the sweep tests: a run stopped after some epochs (as a kill
-leaves it: only the saved state survives) and resumed must end bit for bit as an uninterrupted one."""
+leaves it: only the saved state survives) and resumed must end bit for bit as an
+uninterrupted one."""
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -11,7 +13,8 @@ from samprobe.train.loop import SweepResult, SweepTrainer
 
 
 def assert_resumes_bitwise(make: Callable[[], SweepTrainer], stop_after: int) -> tuple[SweepResult, dict[str, Any]]:
-    """``make`` builds the same trainer each call; returns the resumed run's result and the saved state."""
+    """``make`` builds the same trainer each call; returns the resumed run's result and the
+    saved state."""
     full = make().run()
     part = make()
     part.run(until_epoch=stop_after)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_config, write_digits
+from helpers.digits import write_config, write_digits
 from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 from samprobe.cli import main
 from samprobe.config import load_config
@@ -66,6 +66,7 @@ def test_predict_top_k_must_be_positive(digits_project: Path, capsys: pytest.Cap
     assert "--top-k must be 1 or more" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_classifier_api_takes_grey_rgba_and_refuses_float_arrays(digits_project: Path) -> None:
     from samprobe.predict import Classifier
 
@@ -93,6 +94,7 @@ def test_run_log_records_the_error_line(digits_project: Path) -> None:
     assert "ERROR samprobe: error [SP200]" in log_text and "samprobe extract" in log_text
 
 
+@pytest.mark.slow
 def test_path_features_equal_extracted_features(digits_project: Path) -> None:
     from samprobe.features.extract import Extractor, load_features, path_features
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_config, write_digits
-from sam_factory import write_official_checkpoint
+from helpers.digits import write_config, write_digits
+from helpers.sam_factory import write_official_checkpoint
 from samprobe.cli import main
 from samprobe.predict import Classifier
 
@@ -56,12 +56,14 @@ def check_outputs(project: Path, run: Path, n_images: int, dim: int) -> dict:
     return metrics
 
 
+@pytest.mark.slow
 def test_slice_efficientnet_lite0_real_weights(digits_project: Path) -> None:
     run = run_slice(digits_project)
     metrics = check_outputs(digits_project, run, n_images=80, dim=1280)
     assert metrics["balanced_accuracy"] >= 0.75  # 4 digit classes, real ImageNet features, 48 train images
 
 
+@pytest.mark.slow
 def test_slice_tiny_sam_official_format_checkpoint(tmp_path: Path) -> None:
     write_digits(tmp_path / "data", per_class=8, classes=(0, 1))
     ckpt = write_official_checkpoint(tmp_path / "weights" / "sam_tiny.pth", geometry="tiny", img_size=256)
@@ -73,6 +75,7 @@ def test_slice_tiny_sam_official_format_checkpoint(tmp_path: Path) -> None:
     check_outputs(tmp_path, run, n_images=16, dim=256 + 64)
 
 
+@pytest.mark.slow
 def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -> None:
     write_digits(tmp_path / "data", per_class=15, classes=(1, 2, 3))
     (tmp_path / "data" / "classes.txt").write_text("blank\nd0\nd1\nd2\nd3\n")  # blank and d0: no images
@@ -104,6 +107,7 @@ def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -
     assert pred.label in {"d1", "d2", "d3"} and 0 < pred.score <= 1
 
 
+@pytest.mark.slow
 def test_evaluate_counts_untrained_class_samples_as_errors(tmp_path: Path) -> None:
     write_digits(tmp_path / "data", per_class=12, classes=(0, 1, 2))
     meta = tmp_path / "data" / "metadata.csv"

@@ -16,7 +16,7 @@ from segment_anything import sam_model_registry
 from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data
 
-from sam_factory import build_official_sam, write_official_checkpoint
+from helpers.sam_factory import build_official_sam, write_official_checkpoint
 from samprobe.backbones import registry
 from samprobe.backbones.sam import SamBackbone, build_sam, infer_geometry, valid_token_mask
 from samprobe.io import weights_sha256
@@ -94,10 +94,12 @@ def _check_parity(bb: SamBackbone, sam, images: list[np.ndarray]) -> None:
     assert cos.min().item() >= 0.9999
 
 
+@pytest.mark.slow
 def test_parity_tiny_real_images(tiny):
     _check_parity(tiny, build_official_sam("tiny", img_size=256), _images())
 
 
+@pytest.mark.slow
 def test_parity_vit_b_geometry(vitb_ckpt, vitb_official):
     bb = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, variant="vit_b")
     assert bb.geometry.variant == "vit_b" and bb.geometry.num_heads == 12
@@ -270,6 +272,7 @@ def test_other_layouts_load_the_same_weights(tiny, tiny_ckpt, tmp_path, layout):
     torch.testing.assert_close(_neck(SamBackbone.from_checkpoint(path, img_size=256)), _neck(tiny), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_timm_pretrained_name_with_local_file(vitb_ckpt, tiny_ckpt):
     via_timm = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, timm_model="samvit_base_patch16.sa1b")
     direct_sd = to_timm_keys(torch.load(vitb_ckpt, weights_only=True))

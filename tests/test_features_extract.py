@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cache_helpers import PY, REPO, LogLines, index_count, make_corpus, write_config
 
-from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
+from helpers.cache_corpus import PY, REPO, LogLines, index_count, make_corpus, write_config
 from samprobe.backbones.registry import Backbone, PooledFeature
+from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.data.images import resize_square
@@ -48,6 +48,7 @@ def baseline(tmp_path_factory):
             "fingerprint": Extractor.from_config(load_config(cfg)).fingerprint}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_only_missing_and_matches_uninterrupted(baseline, tmp_path):
     cfg = write_config(tmp_path, baseline["images"], batch_size=2)
     fp_dir = tmp_path / "cache" / baseline["fingerprint"]
@@ -75,6 +76,7 @@ def test_sigkill_mid_run_resumes_only_missing_and_matches_uninterrupted(baseline
     np.testing.assert_array_equal(_features(cfg, baseline["keys"]), baseline["x"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_extract_each_image_once_and_match_single_process(baseline, tmp_path):
     cfg = write_config(tmp_path, baseline["images"], batch_size=2)
     torchrun = Path(PY).parent / "torchrun"
@@ -93,6 +95,7 @@ def test_torchrun_two_ranks_extract_each_image_once_and_match_single_process(bas
                                                                         scale=magnitude(baseline["x"])))
 
 
+@pytest.mark.slow
 def test_rename_keeps_edit_reextracts_corruption_reextracts_and_fingerprint_changes(tmp_path):
     images = make_corpus(tmp_path, n_digits=4, crops=1)
     cfg_path = write_config(tmp_path, images)
@@ -141,6 +144,7 @@ def test_rename_keeps_edit_reextracts_corruption_reextracts_and_fingerprint_chan
     assert fp[same] == ex.fingerprint != fp[edited]
 
 
+@pytest.mark.slow
 def test_cache_info_and_prune_drop_unreferenced_entries(tmp_path):
     images = make_corpus(tmp_path, n_digits=4, crops=1)
     cfg_path = write_config(tmp_path, images)
@@ -163,6 +167,7 @@ def test_cache_info_and_prune_drop_unreferenced_entries(tmp_path):
         assert cache.stats()["shard_bytes"] == 7 * 1280 * 2
 
 
+@pytest.mark.slow
 def test_features_export_npz_and_parquet(baseline, tmp_path):
     import pyarrow.parquet as pq
 

@@ -1,4 +1,5 @@
-"""A tiny real-image run for tracking/report/doctor tests: sklearn digits as PNGs + efficientnet_lite0 at 64 px."""
+"""A tiny real-image run for tracking/report/doctor tests: sklearn digits as PNGs +
+efficientnet_lite0 at 64 px."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,8 @@ EMPTY_CLASS = "never_seen"
 
 
 def write_digits_project(root: Path, per_class: int = 10, epochs: int = 4, extra: str = "") -> Path:
-    """images/, metadata.csv, classes.txt (with one class that has no images) and samprobe.yaml; returns the config path."""
+    """images/, metadata.csv, classes.txt (with one class that has no images) and samprobe.yaml;
+    returns the config path."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()

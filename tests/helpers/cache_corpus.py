@@ -1,6 +1,5 @@
-"""Shared helpers for the cache/extract tests: a small corpus of real images and a config.
-
-(No tests here; the file name keeps it with the cache tests it serves.)"""
+"""For the feature cache / extract tests: a small corpus of real images (folder layout), its
+config, the CLI in a subprocess, and the samprobe log lines of a test."""
 from __future__ import annotations
 
 import os
@@ -13,12 +12,13 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
 def make_corpus(root: Path, n_digits: int = 20, crops: int = 4) -> Path:
-    """root/images/<label>/*.png: crops of skimage photos and upsampled sklearn digits (real pixels)."""
+    """root/images/<label>/*.png: crops of skimage photos and upsampled sklearn digits (real
+    pixels)."""
     from skimage import data as skdata
     from sklearn.datasets import load_digits
 
@@ -69,7 +69,8 @@ def index_count(fp_dir: Path) -> int:
 
 
 class LogLines:
-    """Messages of the "samprobe" logger during a test (the console handler keeps the first stdout it saw)."""
+    """Messages of the "samprobe" logger during a test (the console handler keeps the first
+    stdout it saw)."""
 
     def __init__(self) -> None:
         import logging
@@ -79,7 +80,7 @@ class LogLines:
         self.handler.emit = lambda record: self.lines.append(record.getMessage())  # type: ignore[method-assign]
         self.logger = logging.getLogger("samprobe")
 
-    def __enter__(self) -> "LogLines":
+    def __enter__(self) -> LogLines:
         self.logger.addHandler(self.handler)
         return self
 
