@@ -10,6 +10,7 @@ the end, then in the same run compares:
 
 Run from the repo root: PYTHONPATH=src python bench/cache.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,11 @@ def encode_seconds_per_image(batch: int, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true",
-                    help="time 10k of the puts (the rest written in large untimed batches); reads still cover all entries")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="time 10k of the puts (the rest written in large untimed batches); reads still cover all entries",
+    )
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32, help="entries per put() (an extraction batch)")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
@@ -59,7 +63,7 @@ def main() -> None:
     x = rng.standard_normal((n, dim), dtype=np.float32).astype(np.float16)
     keys = [f"{i:064x}" for i in rng.integers(0, 2**62, size=n)]
     keys = list(dict.fromkeys(keys))
-    x = x[:len(keys)]
+    x = x[: len(keys)]
     n = len(keys)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -68,10 +72,12 @@ def main() -> None:
         t0 = time.perf_counter()
         with FeatureCache(tmp / "cache", "fp", dim, "float16") as cache:
             for i in range(0, timed_puts, args.batch):
-                cache.put(keys[i:i + args.batch], x[i:i + args.batch])
+                cache.put(keys[i : i + args.batch], x[i : i + args.batch])
             t_put = time.perf_counter() - t0
-            for i in range(timed_puts, n, 4096):  # --quick: the rest, untimed, so the read sees n entries
-                cache.put(keys[i:i + 4096], x[i:i + 4096])
+            for i in range(
+                timed_puts, n, 4096
+            ):  # --quick: the rest, untimed, so the read sees n entries
+                cache.put(keys[i : i + 4096], x[i : i + 4096])
             t1 = time.perf_counter()
             cache.compact()
             t_compact = time.perf_counter() - t1
@@ -95,19 +101,45 @@ def main() -> None:
     enc = encode_seconds_per_image(batch=8, reps=2 if args.quick else 3)
     put_per_img = t_put / timed_puts + t_compact / n
     share = put_per_img / (put_per_img + enc)
-    ratios = {"read_vs_numpy_load": min(t_np) / min(t_sp), "size_vs_raw": stats["bytes_on_disk"] / raw}
+    ratios = {
+        "read_vs_numpy_load": min(t_np) / min(t_sp),
+        "size_vs_raw": stats["bytes_on_disk"] / raw,
+    }
     targets = {"read_vs_numpy_load": 0.5, "size_vs_raw": 1.1, "cache_share_of_extract": 0.05}
-    ok = (ratios["read_vs_numpy_load"] >= targets["read_vs_numpy_load"] and ratios["size_vs_raw"] <= targets["size_vs_raw"]
-          and share < targets["cache_share_of_extract"])
-    print(f"n={n} dim={dim} fp16: raw {raw / 1e6:.1f} MB, on disk {stats['bytes_on_disk'] / 1e6:.1f} MB in {stats['shards']} shards")
-    print(f"put {t_put:.2f}s + compact {t_compact:.2f}s = {put_per_img * 1e6:.0f} us/img; "
-          f"efficientnet_lite0@224 encode {enc * 1e3:.1f} ms/img")
+    ok = (
+        ratios["read_vs_numpy_load"] >= targets["read_vs_numpy_load"]
+        and ratios["size_vs_raw"] <= targets["size_vs_raw"]
+        and share < targets["cache_share_of_extract"]
+    )
+    print(
+        f"n={n} dim={dim} fp16: raw {raw / 1e6:.1f} MB, on disk "
+        f"{stats['bytes_on_disk'] / 1e6:.1f} MB in {stats['shards']} shards"
+    )
+    print(
+        f"put {t_put:.2f}s + compact {t_compact:.2f}s = {put_per_img * 1e6:.0f} us/img; "
+        f"efficientnet_lite0@224 encode {enc * 1e3:.1f} ms/img"
+    )
     print(f"read all: samprobe {min(t_sp):.3f}s, numpy.load {min(t_np):.3f}s")
-    print(json.dumps({"bench": "cache", "n": n, "timed_puts": timed_puts, "quick": args.quick, "ratios": {k: round(v, 3) for k, v in ratios.items()},
-                      "cache_share_of_extract": round(share, 4),
-                      "seconds": {"put_per_img": put_per_img, "encode_per_img": enc, "read_samprobe": min(t_sp),
-                                  "read_numpy_load": min(t_np)},
-                      "targets": targets, "pass": bool(ok)}))
+    print(
+        json.dumps(
+            {
+                "bench": "cache",
+                "n": n,
+                "timed_puts": timed_puts,
+                "quick": args.quick,
+                "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                "cache_share_of_extract": round(share, 4),
+                "seconds": {
+                    "put_per_img": put_per_img,
+                    "encode_per_img": enc,
+                    "read_samprobe": min(t_sp),
+                    "read_numpy_load": min(t_np),
+                },
+                "targets": targets,
+                "pass": bool(ok),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ else fp32), reported as "precision" with the probe's GFLOP/s. The machine's matm
 precision is measured in the same run, and samprobe's share of it is reported from FLOPs counted
 by torch's FlopCounterMode on its own forward. Ends with one JSON line.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,13 +25,15 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.sam_factory: official-format weights
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # helpers.sam_factory: official-format weights
 
 TARGETS = {"vs_official": 5.0, "vs_timm": 1.5}
 
@@ -43,7 +46,7 @@ def real_images(n: int) -> list[np.ndarray]:
 
 
 def batches(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def matmul_peak_gflops(precision: str, n: int = 4096, reps: int = 3) -> float:
@@ -55,7 +58,7 @@ def matmul_peak_gflops(precision: str, n: int = 4096, reps: int = 3) -> float:
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def make_official(sam) -> Callable[[list[np.ndarray]], None]:
@@ -85,11 +88,13 @@ def letterbox(images: list[np.ndarray], size: int) -> tuple[torch.Tensor, torch.
 
 def make_timm(state_dict: dict, size: int, precision: str) -> Callable[[list[np.ndarray]], None]:
     import timm
-
-    from samprobe.backbones.precision import autocast_context
     from timm.models.vision_transformer_sam import checkpoint_filter_fn
 
-    model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=size, num_classes=0).eval()
+    from samprobe.backbones.precision import autocast_context
+
+    model = timm.create_model(
+        "samvit_base_patch16", pretrained=False, img_size=size, num_classes=0
+    ).eval()
     model.load_state_dict(checkpoint_filter_fn(state_dict, model))
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
@@ -140,7 +145,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--skip-official", action="store_true", help="reuse no baseline: for profiling only")
+    ap.add_argument(
+        "--skip-official", action="store_true", help="reuse no baseline: for profiling only"
+    )
     args = ap.parse_args()
     size = args.size or (512 if args.quick else 1024)
     n = args.images or (2 if args.quick else 4)
@@ -150,8 +157,11 @@ def main() -> None:
 
     precision = resolve_precision(torch.device("cpu"), "auto")
     probe = cpu_probe()
-    print(f"vit_b at {size} px, {n} images, batch {args.batch}, {torch.get_num_threads()} threads, {precision} "
-          f"({probe.summary()})", flush=True)
+    print(
+        f"vit_b at {size} px, {n} images, batch {args.batch}, {torch.get_num_threads()} threads, {precision} "
+        f"({probe.summary()})",
+        flush=True,
+    )
     # The 2-core machine is shared: the load average says how far from quiet these numbers are.
     load_start = os.getloadavg()[0]
 
@@ -161,7 +171,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "sam_vit_b_random.pth"
         torch.save(sam.state_dict(), ckpt)
-        runners = {"samprobe": make_samprobe(ckpt, size, precision), "timm": make_timm(sam.state_dict(), size, precision)}
+        runners = {
+            "samprobe": make_samprobe(ckpt, size, precision),
+            "timm": make_timm(sam.state_dict(), size, precision),
+        }
         if not args.skip_official:
             runners["official"] = make_official(sam)
         flops = count_flops(runners["samprobe"], images[0])  # doubles as samprobe's warm-up
@@ -182,24 +195,46 @@ def main() -> None:
     s_per.setdefault("official", float("nan"))
     official, timm_s, ours = s_per["official"], s_per["timm"], s_per["samprobe"]
     peak = max(peaks)
-    print(f"{precision} matmul peak (4096^2), best of rounds: {peak:.0f} GFLOP/s (rounds: "
-          f"{', '.join(f'{p:.0f}' for p in peaks)})")
+    print(
+        f"{precision} matmul peak (4096^2), best of rounds: {peak:.0f} GFLOP/s (rounds: "
+        f"{', '.join(f'{p:.0f}' for p in peaks)})"
+    )
     print(f"official SamPredictor fp32:           {official:.2f} s/image")
     print(f"timm samvit {precision} batch {args.batch}:            {timm_s:.2f} s/image")
-    print(f"samprobe {precision} batch {args.batch}:               {ours:.2f} s/image, {flops / 1e12:.3f} TFLOP/image")
+    print(
+        f"samprobe {precision} batch {args.batch}:               {ours:.2f} s/image, {flops / 1e12:.3f} TFLOP/image"
+    )
     share = flops / ours / (peak * 1e9)
     print(f"samprobe reaches {share:.0%} of the {precision} matmul peak", flush=True)
     ratios = {"vs_official": official / ours, "vs_timm": timm_s / ours}
     passed = all(ratios[k] >= v for k, v in TARGETS.items())
-    print(json.dumps({"bench": "encoder", "img_size": size, "images": n, "precision": precision,
-                      "cpu_probe_gflops": {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops},
-                      "s_per_img": {"official": round(official, 3), "timm": round(timm_s, 3), "samprobe": round(ours, 3)},
-                      "ratios": {k: round(v, 2) for k, v in ratios.items()}, "targets": TARGETS,
-                      "tflop_per_img": round(flops / 1e12, 3), "peak_gflops": round(peak, 1),
-                      "peak_share": round(share, 3),
-                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                      "load_avg_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
-                      "pass": passed}))
+    print(
+        json.dumps(
+            {
+                "bench": "encoder",
+                "img_size": size,
+                "images": n,
+                "precision": precision,
+                "cpu_probe_gflops": {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops},
+                "s_per_img": {
+                    "official": round(official, 3),
+                    "timm": round(timm_s, 3),
+                    "samprobe": round(ours, 3),
+                },
+                "ratios": {k: round(v, 2) for k, v in ratios.items()},
+                "targets": TARGETS,
+                "tflop_per_img": round(flops / 1e12, 3),
+                "peak_gflops": round(peak, 1),
+                "peak_share": round(share, 3),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "load_avg_1min": {
+                    "start": round(load_start, 2),
+                    "end": round(os.getloadavg()[0], 2),
+                },
+                "pass": passed,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ every round and each samprobe encoder's share of it comes from FLOPs counted by 
 FlopCounterMode on its own forward. Both sides run the same precision. EfficientViT-SAM is not
 implemented in samprobe yet: its ratio is null. Ends with one JSON line.
 """
+
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/encoder.py: spinning OpenMP threads double CPU time
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # see bench/encoder.py: spinning OpenMP threads double CPU time
 os.environ.setdefault("SAM2_BUILD_CUDA", "0")
 
 import argparse
@@ -23,32 +26,43 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # official-format weight factories
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # official-format weight factories
 
-TARGETS = {"mobile_sam_vs_vit_b": 15.0, "efficientvit_l0_vs_vit_b": 10.0, "sam2_1_t_vs_vit_b": 2.0,
-           "vit_b_vs_reference": 1.2, "sam_hq_vs_reference": 1.2, "sam2_1_t_vs_reference": 1.2,
-           "mobile_sam_vs_reference": 1.2}
+TARGETS = {
+    "mobile_sam_vs_vit_b": 15.0,
+    "efficientvit_l0_vs_vit_b": 10.0,
+    "sam2_1_t_vs_vit_b": 2.0,
+    "vit_b_vs_reference": 1.2,
+    "sam_hq_vs_reference": 1.2,
+    "sam2_1_t_vs_reference": 1.2,
+    "mobile_sam_vs_reference": 1.2,
+}
 Run = Callable[[list[np.ndarray]], None]
 
 
 def photos(n: int) -> list[np.ndarray]:
     from skimage import data
 
-    return [np.ascontiguousarray(p[..., :3]) for p in (data.astronaut(), data.chelsea(), data.coffee())[:n]]
+    return [
+        np.ascontiguousarray(p[..., :3])
+        for p in (data.astronaut(), data.chelsea(), data.coffee())[:n]
+    ]
 
 
 def peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(reps))
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -111,57 +125,79 @@ def count_flops(run: Run, image: np.ndarray) -> float:
 
 def build(tmp: Path, autocast) -> dict[str, dict[str, Run]]:
     """family -> {"samprobe": run, "reference": run}, all on random official-format weights at 1024 px."""
-    from helpers.sam_factory import build_official_mobile_sam, build_official_sam, build_official_sam_hq
+    from helpers.sam_factory import (
+        build_official_mobile_sam,
+        build_official_sam,
+        build_official_sam_hq,
+    )
 
     out: dict[str, dict[str, Run]] = {}
     sam = build_official_sam("vit_b", img_size=1024)
     torch.save(sam.state_dict(), tmp / "sam_vit_b.pth")
-    out["vit_b"] = {"samprobe": samprobe_runner({"checkpoint": tmp / "sam_vit_b.pth"}, autocast),
-                    "reference": sam1_reference(sam, autocast)}
+    out["vit_b"] = {
+        "samprobe": samprobe_runner({"checkpoint": tmp / "sam_vit_b.pth"}, autocast),
+        "reference": sam1_reference(sam, autocast),
+    }
     hq = build_official_sam_hq("vit_b", img_size=1024)
     torch.save(hq.state_dict(), tmp / "sam_hq_vit_b.pth")
-    out["sam_hq"] = {"samprobe": samprobe_runner({"checkpoint": tmp / "sam_hq_vit_b.pth"}, autocast),
-                     "reference": sam1_reference(hq, autocast)}
+    out["sam_hq"] = {
+        "samprobe": samprobe_runner({"checkpoint": tmp / "sam_hq_vit_b.pth"}, autocast),
+        "reference": sam1_reference(hq, autocast),
+    }
     import sam2  # noqa: F401  (initialises Hydra: fine in this process of its own)
     from sam2.build_sam import build_sam2
 
     s2 = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu", mode="eval")
     torch.save({"model": s2.state_dict()}, tmp / "sam2.1_hiera_tiny.pt")
-    out["sam2_1_t"] = {"samprobe": samprobe_runner({"checkpoint": tmp / "sam2.1_hiera_tiny.pt"}, autocast),
-                       "reference": sam2_reference(s2, autocast)}
+    out["sam2_1_t"] = {
+        "samprobe": samprobe_runner({"checkpoint": tmp / "sam2.1_hiera_tiny.pt"}, autocast),
+        "reference": sam2_reference(s2, autocast),
+    }
     ms = build_official_mobile_sam("tiny_vit_5m", img_size=1024)
     torch.save(ms.state_dict(), tmp / "mobile_sam.pt")
-    out["mobile_sam"] = {"samprobe": samprobe_runner({"checkpoint": tmp / "mobile_sam.pt"}, autocast),
-                         "reference": sam1_reference(ms, autocast)}
+    out["mobile_sam"] = {
+        "samprobe": samprobe_runner({"checkpoint": tmp / "mobile_sam.pt"}, autocast),
+        "reference": sam1_reference(ms, autocast),
+    }
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one photo, one round (a few minutes on 2 cores)")
+    ap.add_argument(
+        "--quick", action="store_true", help="one photo, one round (a few minutes on 2 cores)"
+    )
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     n = args.images or (1 if args.quick else 3)
     images = photos(n)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else nullcontext
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        if dtype == torch.bfloat16
+        else nullcontext
+    )
     load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         runners = build(Path(tmp), autocast)
-        flops = {fam: count_flops(r["samprobe"], images[0]) for fam, r in runners.items()}  # also warms up
+        flops = {
+            fam: count_flops(r["samprobe"], images[0]) for fam, r in runners.items()
+        }  # also warms up
         for r in runners.values():
             r["reference"](images[:1])  # warm-up: first-call kernel selection is not throughput
         totals = {(fam, side): 0.0 for fam, r in runners.items() for side in r}
         peaks = []
         for img in images:  # round robin, one photo per round
             peaks.append(peak_gflops(dtype))
-            for (fam, side) in totals:
-                el = _timed(lambda: runners[fam][side]([img]))
+            for fam, side in totals:
+                el = _timed(lambda run=runners[fam][side], img=img: run([img]))
                 totals[fam, side] += el
                 print(f"  {fam:11s} {side:9s} {el:7.2f} s", flush=True)
-    s_per = {fam: {side: totals[fam, side] / n for side in ("samprobe", "reference")} for fam in runners}
+    s_per = {
+        fam: {side: totals[fam, side] / n for side in ("samprobe", "reference")} for fam in runners
+    }
     peak = max(peaks)
     ours = {fam: s["samprobe"] for fam, s in s_per.items()}
     ratios: dict[str, float | None] = {
@@ -172,17 +208,34 @@ def main() -> None:
     }
     share = {fam: flops[fam] / ours[fam] / (peak * 1e9) for fam in runners}
     for fam, s in s_per.items():
-        print(f"{fam:11s} samprobe {s['samprobe']:7.2f} s/img  reference {s['reference']:7.2f} s/img  "
-              f"{flops[fam] / 1e9:7.1f} GFLOP/img  {share[fam]:.0%} of the {args.precision} matmul peak")
+        print(
+            f"{fam:11s} samprobe {s['samprobe']:7.2f} s/img  reference {s['reference']:7.2f} s/img  "
+            f"{flops[fam] / 1e9:7.1f} GFLOP/img  {share[fam]:.0%} of the {args.precision} matmul peak"
+        )
     passed = all(ratios[k] is not None and ratios[k] >= v for k, v in TARGETS.items())
-    print(json.dumps({
-        "bench": "encoders", "precision": args.precision, "images": n, "img_size": 1024,
-        "s_per_img": {fam: {k: round(v, 3) for k, v in s.items()} for fam, s in s_per.items()},
-        "ratios": {k: (round(v, 2) if v is not None else None) for k, v in ratios.items()}, "targets": TARGETS,
-        "gflop_per_img": {fam: round(f / 1e9, 1) for fam, f in flops.items()},
-        "peak_gflops": round(peak, 1), "peak_share": {fam: round(v, 3) for fam, v in share.items()},
-        "load_avg_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
-        "pass": passed}))
+    print(
+        json.dumps(
+            {
+                "bench": "encoders",
+                "precision": args.precision,
+                "images": n,
+                "img_size": 1024,
+                "s_per_img": {
+                    fam: {k: round(v, 3) for k, v in s.items()} for fam, s in s_per.items()
+                },
+                "ratios": {k: (round(v, 2) if v is not None else None) for k, v in ratios.items()},
+                "targets": TARGETS,
+                "gflop_per_img": {fam: round(f / 1e9, 1) for fam, f in flops.items()},
+                "peak_gflops": round(peak, 1),
+                "peak_share": {fam: round(v, 3) for fam, v in share.items()},
+                "load_avg_1min": {
+                    "start": round(load_start, 2),
+                    "end": round(os.getloadavg()[0], 2),
+                },
+                "pass": passed,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ toolchain and seconds, not minutes), an out-of-memory error injected for batches
 (the CPU has no memory fraction), 2k x 64 features for the heads. Targets are checked only on
 a GPU. Ends with one JSON line; exit 1 when a section failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +71,7 @@ class Plan:
 
 # --- inputs ---------------------------------------------------------------------------------------
 
+
 def photo_files(root: Path, n: int) -> list[Path]:
     """``n`` distinct JPEGs: crops of the skimage photos at several offsets (distinct bytes: distinct cache keys)."""
     from PIL import Image
@@ -81,7 +84,7 @@ def photo_files(root: Path, n: int) -> list[Path]:
         p = photos[i % len(photos)]
         h, w = p.shape[:2]
         dy, dx = (i * 7) % (h // 4), (i * 13) % (w // 4)
-        crop = np.ascontiguousarray(p[dy:dy + 3 * h // 4, dx:dx + 3 * w // 4, :3])
+        crop = np.ascontiguousarray(p[dy : dy + 3 * h // 4, dx : dx + 3 * w // 4, :3])
         f = root / f"img_{i:04d}.jpg"
         Image.fromarray(crop).save(f, quality=92)
         files.append(f)
@@ -92,7 +95,9 @@ def records(files: list[Path]) -> list[Any]:
     from samprobe.data.metadata import Record
     from samprobe.io import sha256_file
 
-    return [Record(i, f.name, str(f), "photo", "train", sha256_file(f)) for i, f in enumerate(files)]
+    return [
+        Record(i, f.name, str(f), "photo", "train", sha256_file(f)) for i, f in enumerate(files)
+    ]
 
 
 def decoded(files: list[Path]) -> list[np.ndarray]:
@@ -107,6 +112,7 @@ def sync(device: torch.device) -> None:
 
 
 # --- contenders -------------------------------------------------------------------------------------
+
 
 def official_rate(sam: Any, images: list[np.ndarray], device: torch.device) -> float:
     from segment_anything import SamPredictor
@@ -123,25 +129,42 @@ def official_rate(sam: Any, images: list[np.ndarray], device: torch.device) -> f
     return len(images) / (time.perf_counter() - t)
 
 
-def timm_model(geometry: str, state_dict: dict[str, torch.Tensor], size: int, device: torch.device) -> torch.nn.Module:
+def timm_model(
+    geometry: str, state_dict: dict[str, torch.Tensor], size: int, device: torch.device
+) -> torch.nn.Module:
     from functools import partial
 
-    from helpers.sam_factory import GEOMETRIES
     from timm.models.vision_transformer_sam import VisionTransformerSAM, checkpoint_filter_fn
 
+    from helpers.sam_factory import GEOMETRIES
+
     embed, depth, heads, global_idx = GEOMETRIES[geometry]
-    model = VisionTransformerSAM(img_size=size, patch_size=16, embed_dim=embed, depth=depth, num_heads=heads,
-                                 global_attn_indexes=global_idx, window_size=14, use_rel_pos=True, neck_chans=256,
-                                 num_classes=0, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    model = VisionTransformerSAM(
+        img_size=size,
+        patch_size=16,
+        embed_dim=embed,
+        depth=depth,
+        num_heads=heads,
+        global_attn_indexes=global_idx,
+        window_size=14,
+        use_rel_pos=True,
+        neck_chans=256,
+        num_classes=0,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    ).eval()
     model.load_state_dict(checkpoint_filter_fn(state_dict, model))
     return model.to(device)
 
 
-def timm_rate(model: torch.nn.Module, images: list[np.ndarray], batch: int, size: int, device: torch.device) -> float:
+def timm_rate(
+    model: torch.nn.Module, images: list[np.ndarray], batch: int, size: int, device: torch.device
+) -> float:
     from samprobe.data.images import letterbox, sam_normalize_pad
 
-    prepared = [letterbox(img, size) for img in images]  # host-side resize is not timed: the model is
-    groups = [prepared[i:i + batch] for i in range(0, len(prepared), batch)]
+    prepared = [
+        letterbox(img, size) for img in images
+    ]  # host-side resize is not timed: the model is
+    groups = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
 
     def run(group: list) -> None:
         x = torch.stack([p[0] for p in group]).to(device, non_blocking=True)
@@ -162,12 +185,17 @@ def samprobe_extractor(ckpt: Path, plan: Plan, precision: str = "bf16") -> Any:
     from samprobe.config import BackboneConfig, Config
     from samprobe.features.extract import Extractor
 
-    cfg = Config(device=plan.device.type, precision=precision,
-                 backbone=BackboneConfig(name="sam", checkpoint=ckpt, img_size=plan.img_size))
+    cfg = Config(
+        device=plan.device.type,
+        precision=precision,
+        backbone=BackboneConfig(name="sam", checkpoint=ckpt, img_size=plan.img_size),
+    )
     return Extractor.from_config(cfg)
 
 
-def samprobe_rate(extractor: Any, files: list[Path], batch: int, plan: Plan, cache_root: Path) -> float:
+def samprobe_rate(
+    extractor: Any, files: list[Path], batch: int, plan: Plan, cache_root: Path
+) -> float:
     """img/s of ``Extractor.run``: loader workers, device work and cache commits (after a warm-up run)."""
     from samprobe.features.cache import FeatureCache
 
@@ -181,6 +209,7 @@ def samprobe_rate(extractor: Any, files: list[Path], batch: int, plan: Plan, cac
 
 # --- sections ---------------------------------------------------------------------------------------
 
+
 def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
     from helpers.sam_factory import build_official_sam
 
@@ -190,7 +219,7 @@ def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
         sam = build_official_sam(variant, img_size=plan.img_size)
         ckpt = work / f"sam_{variant}.pth"
         torch.save(sam.state_dict(), ckpt)
-        official = official_rate(sam, decoded(files[:plan.official_images]), plan.device)
+        official = official_rate(sam, decoded(files[: plan.official_images]), plan.device)
         row: dict[str, Any] = {"official_img_s": round(official, 2)}
         encoder_sd = {k: v for k, v in sam.state_dict().items() if k.startswith("image_encoder.")}
         del sam
@@ -200,8 +229,12 @@ def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
             n = plan.images_for(batch)
             t_rate = timm_rate(timm, decoded(files[:n]), batch, plan.img_size, plan.device)
             s_rate = samprobe_rate(extractor, files[:n], batch, plan, work / f"cache_{variant}")
-            row[f"batch_{batch}"] = {"timm_img_s": round(t_rate, 2), "samprobe_img_s": round(s_rate, 2),
-                                     "vs_timm": round(s_rate / t_rate, 2), "vs_official": round(s_rate / official, 2)}
+            row[f"batch_{batch}"] = {
+                "timm_img_s": round(t_rate, 2),
+                "samprobe_img_s": round(s_rate, 2),
+                "vs_timm": round(s_rate / t_rate, 2),
+                "vs_official": round(s_rate / official, 2),
+            }
             print(f"  extract {variant} batch {batch}: {row[f'batch_{batch}']}", flush=True)
         del timm, extractor
         if plan.device.type == "cuda":
@@ -215,15 +248,21 @@ def section_compile(plan: Plan, work: Path) -> dict[str, Any]:
     from helpers.sam_factory import write_official_checkpoint
 
     variant = plan.compile_variant
-    ckpt = write_official_checkpoint(work / f"compile_{variant}.pth", variant, img_size=plan.img_size)
+    ckpt = write_official_checkpoint(
+        work / f"compile_{variant}.pth", variant, img_size=plan.img_size
+    )
     extractor = samprobe_extractor(ckpt, plan)
     files = photo_files(work / "photos", plan.compile_batch * (2 if plan.dry_run else 4))
     from samprobe.data.images import letterbox
 
     prepared = [letterbox(img, plan.img_size) for img in decoded(files)]
-    groups = [(torch.stack([p[0] for p in prepared[i:i + plan.compile_batch]]),
-               torch.tensor([p[1] for p in prepared[i:i + plan.compile_batch]]))
-              for i in range(0, len(prepared), plan.compile_batch)]
+    groups = [
+        (
+            torch.stack([p[0] for p in prepared[i : i + plan.compile_batch]]),
+            torch.tensor([p[1] for p in prepared[i : i + plan.compile_batch]]),
+        )
+        for i in range(0, len(prepared), plan.compile_batch)
+    ]
 
     def rate() -> tuple[float, np.ndarray]:
         extractor.encode_batch(*groups[0])  # warm-up (compiles on the first call)
@@ -241,10 +280,20 @@ def section_compile(plan: Plan, work: Path) -> dict[str, Any]:
     compiled, feats = rate()
     compile_s = time.perf_counter() - t - len(prepared) / compiled
     bb.trunk = eager_trunk
-    cos = float(np.min(np.sum(ref * feats, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(feats, axis=1))))
-    return {"backend": plan.compile_backend, "eager_img_s": round(eager, 2), "compiled_img_s": round(compiled, 2),
-            "speedup": round(compiled / eager, 3), "compile_s": round(compile_s, 1), "min_cosine": round(cos, 5),
-            "helps": compiled > 1.05 * eager and cos >= 0.999}
+    cos = float(
+        np.min(
+            np.sum(ref * feats, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(feats, axis=1))
+        )
+    )
+    return {
+        "backend": plan.compile_backend,
+        "eager_img_s": round(eager, 2),
+        "compiled_img_s": round(compiled, 2),
+        "speedup": round(compiled / eager, 3),
+        "compile_s": round(compile_s, 1),
+        "min_cosine": round(cos, 5),
+        "helps": compiled > 1.05 * eager and cos >= 0.999,
+    }
 
 
 class _InjectedOom:
@@ -257,7 +306,9 @@ class _InjectedOom:
     def __call__(self, images: torch.Tensor, *args: Any) -> torch.Tensor:
         self.calls.append(int(images.shape[0]))
         if images.shape[0] > self.limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by bench/gpu.py --dry-run)")
+            raise torch.cuda.OutOfMemoryError(
+                "CUDA out of memory (injected by bench/gpu.py --dry-run)"
+            )
         return self.real(images, *args)
 
 
@@ -299,10 +350,18 @@ def section_oom(plan: Plan, work: Path) -> dict[str, Any]:
         if not plan.dry_run:
             torch.cuda.set_per_process_memory_fraction(1.0)
     cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    info.update(split_to=limited.max_batch, extracted=result.extracted, max_abs_diff=float(np.abs(ref - got).max()),
-                min_cosine=round(float(cos.min()), 6))
-    info["ok"] = bool(result.extracted == len(recs) and limited.max_batch is not None and limited.max_batch < batch
-                      and cos.min() >= 0.999)
+    info.update(
+        split_to=limited.max_batch,
+        extracted=result.extracted,
+        max_abs_diff=float(np.abs(ref - got).max()),
+        min_cosine=round(float(cos.min()), 6),
+    )
+    info["ok"] = bool(
+        result.extracted == len(recs)
+        and limited.max_batch is not None
+        and limited.max_batch < batch
+        and cos.min() >= 0.999
+    )
     return info
 
 
@@ -315,29 +374,58 @@ def _one_batch(files: list[Path], size: int) -> tuple[torch.Tensor, torch.Tensor
 
 def section_torchrun(plan: Plan, work: Path) -> dict[str, Any]:
     import yaml
+
     from helpers.sam_factory import write_official_checkpoint
 
     variant = "tiny" if plan.dry_run else "vit_b"
-    ckpt = write_official_checkpoint(work / f"torchrun_{variant}.pth", variant, img_size=plan.img_size)
+    ckpt = write_official_checkpoint(
+        work / f"torchrun_{variant}.pth", variant, img_size=plan.img_size
+    )
     images = work / "torchrun_images"
     for i, f in enumerate(photo_files(work / "photos", 6 if plan.dry_run else 64)):
         (images / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
         (images / ("a" if i % 2 else "b") / f.name).write_bytes(f.read_bytes())
     cfg = work / "torchrun.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_dir": str(work / "torchrun_run"), "device": plan.device.type, "precision": "auto",
-        "data": {"image_root": str(images), "format": "folder", "val_fraction": 0.2, "test_fraction": 0.2},
-        "backbone": {"name": "sam", "checkpoint": str(ckpt), "img_size": plan.img_size},
-        "features": {"cache_dir": str(work / "torchrun_cache"), "batch_size": 8, "num_workers": plan.workers},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(work / "torchrun_run"),
+                "device": plan.device.type,
+                "precision": "auto",
+                "data": {
+                    "image_root": str(images),
+                    "format": "folder",
+                    "val_fraction": 0.2,
+                    "test_fraction": 0.2,
+                },
+                "backbone": {"name": "sam", "checkpoint": str(ckpt), "img_size": plan.img_size},
+                "features": {
+                    "cache_dir": str(work / "torchrun_cache"),
+                    "batch_size": 8,
+                    "num_workers": plan.workers,
+                },
+            }
+        )
+    )
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     t = time.perf_counter()
-    command = [str(torchrun), "--standalone", "--nproc_per_node=1", "-m", "samprobe", "extract", "-c", str(cfg)]
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "samprobe",
+        "extract",
+        "-c",
+        str(cfg),
+    ]
     p = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     summary = [ln for ln in p.stdout.splitlines() if "extract:" in ln]
     if p.returncode != 0:
-        raise RuntimeError(f"torchrun extract exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(
+            f"torchrun extract exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"
+        )
     return {"rc": p.returncode, "wall_s": round(time.perf_counter() - t, 1), "summary": summary}
 
 
@@ -352,24 +440,47 @@ def section_heads(plan: Plan, work: Path) -> dict[str, Any]:
     centers = rng.normal(size=(classes, d)).astype(np.float32)
     x = (centers[y] + 2.0 * rng.normal(size=(n, d))).astype(np.float32)
     split = n * 4 // 5
-    cfg = TrainConfig(epochs=plan.heads_epochs, patience=plan.heads_epochs, batch_size=512,
-                      sweep=SweepConfig(lrs=[0.01, 0.03, 0.1, 0.3], weight_decays=[0.0, 1e-4]))
+    cfg = TrainConfig(
+        epochs=plan.heads_epochs,
+        patience=plan.heads_epochs,
+        batch_size=512,
+        sweep=SweepConfig(lrs=[0.01, 0.03, 0.1, 0.3], weight_decays=[0.0, 1e-4]),
+    )
     precision = "auto" if plan.device.type == "cuda" else "fp32"
-    trainer = SweepTrainer(x[:split], y[:split], x[split:], y[split:], np.ones(classes), cfg, seed=0,
-                           device=plan.device, precision=precision)
+    trainer = SweepTrainer(
+        x[:split],
+        y[:split],
+        x[split:],
+        y[split:],
+        np.ones(classes),
+        cfg,
+        seed=0,
+        device=plan.device,
+        precision=precision,
+    )
     sync(plan.device)
     t = time.perf_counter()
     result = trainer.run()
     sync(plan.device)
     seconds = time.perf_counter() - t
-    return {"heads": len(trainer.grid), "shape": [n, d], "epochs": trainer.epoch, "precision": trainer.precision,
-            "s_per_epoch": round(seconds / max(trainer.epoch, 1), 3),
-            "best_val_balanced_accuracy": round(float(result.table[result.best_index]["val_balanced_accuracy"]), 4)}
+    return {
+        "heads": len(trainer.grid),
+        "shape": [n, d],
+        "epochs": trainer.epoch,
+        "precision": trainer.precision,
+        "s_per_epoch": round(seconds / max(trainer.epoch, 1), 3),
+        "best_val_balanced_accuracy": round(
+            float(result.table[result.best_index]["val_balanced_accuracy"]), 4
+        ),
+    }
 
 
 SECTIONS: dict[str, Callable[[Plan, Path], dict[str, Any]]] = {
-    "extract": section_extract, "compile": section_compile, "oom": section_oom,
-    "torchrun": section_torchrun, "heads": section_heads,
+    "extract": section_extract,
+    "compile": section_compile,
+    "oom": section_oom,
+    "torchrun": section_torchrun,
+    "heads": section_heads,
 }
 
 
@@ -383,7 +494,9 @@ def verdict(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
         "vit_h_img_s": best.get("vit_h", 0.0) >= TARGETS["vit_h_img_s"],
         "vit_b_img_s": best.get("vit_b", 0.0) >= TARGETS["vit_b_img_s"],
         "vs_timm": all(ext[v]["batch_32"]["vs_timm"] >= TARGETS["vs_timm"] for v in ext),
-        "vs_official": all(ext[v]["batch_32"]["vs_official"] >= TARGETS["vs_official"] for v in ext),
+        "vs_official": all(
+            ext[v]["batch_32"]["vs_official"] >= TARGETS["vs_official"] for v in ext
+        ),
     }
     return {"best_samprobe_img_s": best, "targets": TARGETS, "met": checks}
 
@@ -392,8 +505,12 @@ def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     else:
         info.update(threads=torch.get_num_threads(), load_avg_1min=round(os.getloadavg()[0], 2))
     return info
@@ -401,7 +518,9 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true", help="every section on the CPU with tiny sizes (< 1 min)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="every section on the CPU with tiny sizes (< 1 min)"
+    )
     ap.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run these sections only")
     args = ap.parse_args(argv)
     plan = Plan(args.dry_run)
@@ -421,10 +540,17 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             print(f"{name} ...", flush=True)
             try:
-                report[name] = {**run(plan, Path(tmp)), "section_s": round(time.perf_counter() - t, 1)}
-            except Exception as exc:  # the JSON line must come out: a failed section is reported, not fatal
+                report[name] = {
+                    **run(plan, Path(tmp)),
+                    "section_s": round(time.perf_counter() - t, 1),
+                }
+            except (
+                Exception
+            ) as exc:  # the JSON line must come out: a failed section is reported, not fatal
                 traceback.print_exc()
-                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                errors[name] = (
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                )
     report["verdict"] = verdict(report, plan)
     report["errors"] = errors
     report["total_s"] = round(time.perf_counter() - start, 1)

@@ -34,6 +34,7 @@ The digits test split has 270 images: one image is 0.37 points of balanced accur
 stratified splits of the digits and reports the per-split and mean test balanced accuracy
 ("digits_splits"; not timed, not part of "pass").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,25 +68,38 @@ def digits_features(workdir: Path) -> tuple[np.ndarray, np.ndarray]:
     from samprobe.config import BackboneConfig, Config, FeaturesConfig
     from samprobe.features.extract import Extractor, image_features
 
-    cfg = Config(device="cpu", precision="fp32", backbone=BackboneConfig(name="efficientnet_lite0", img_size=128),
-                 features=FeaturesConfig(dtype="float32"))
+    cfg = Config(
+        device="cpu",
+        precision="fp32",
+        backbone=BackboneConfig(name="efficientnet_lite0", img_size=128),
+        features=FeaturesConfig(dtype="float32"),
+    )
     extractor = Extractor.from_config(cfg)
-    grey = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # as `samprobe demo` writes them
+    grey = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(
+        np.uint8
+    )  # as `samprobe demo` writes them
     rgb = [np.repeat(g[:, :, None], 3, axis=2) for g in grey]
     t = time.perf_counter()
     x = image_features(extractor, rgb, batch_size=64)
-    print(f"digits: extracted {len(x)} efficientnet_lite0 features in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    print(
+        f"digits: extracted {len(x)} efficientnet_lite0 features in {time.perf_counter() - t:.0f} s",
+        file=sys.stderr,
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     np.savez(cached, x=x, y=digits.target)
     return x, digits.target
 
 
-def synthetic(n: int, dim: int = 1280, classes: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic(
+    n: int, dim: int = 1280, classes: int = 100, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     freq = 1.0 / np.arange(1, classes + 1) ** 0.7  # imbalanced: the largest class ~25x the smallest
     y = rng.choice(classes, size=n, p=freq / freq.sum())
     basis = rng.normal(size=(64, dim)) / np.sqrt(64)
-    centres = rng.normal(size=(classes, 64)) * 0.12  # nearest-true-mean accuracy ~90%: not separable
+    centres = (
+        rng.normal(size=(classes, 64)) * 0.12
+    )  # nearest-true-mean accuracy ~90%: not separable
     x = centres[y] @ basis + rng.normal(size=(n, dim)) + rng.normal(size=dim)
     return x.astype(np.float32), y
 
@@ -99,33 +113,50 @@ def splits(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.nda
     return train, val, test
 
 
-def run_samprobe(x: np.ndarray, y: np.ndarray, tr, va, te, epochs: int, patience: int) -> dict[str, float]:
+def run_samprobe(
+    x: np.ndarray, y: np.ndarray, tr, va, te, epochs: int, patience: int
+) -> dict[str, float]:
     import torch
+
+    # torch.optim.Optimizer's first construction imports torch._dynamo (1.5-2.5 s here): a
+    # library import, left out of the timing as sklearn's imports are.
+    import torch._dynamo  # noqa: F401
+    from sklearn.metrics import balanced_accuracy_score
 
     from samprobe.backbones.precision import resolve_precision
     from samprobe.config import SweepConfig, TrainConfig
     from samprobe.train.classes import class_weights
     from samprobe.train.loop import SweepTrainer
-    from sklearn.metrics import balanced_accuracy_score
-
-    # torch.optim.Optimizer's first construction imports torch._dynamo (1.5-2.5 s here): a
-    # library import, left out of the timing as sklearn's imports are.
-    import torch._dynamo  # noqa: F401
 
     t, cpu = time.perf_counter(), time.process_time()
-    cfg = TrainConfig(epochs=epochs, batch_size=TrainConfig().batch_size, patience=patience, warmup_epochs=1, class_weights="balanced", weight_decay_mode="l2",
-                      sweep=SweepConfig(lrs=LRS, weight_decays=WEIGHT_DECAYS))
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=TrainConfig().batch_size,
+        patience=patience,
+        warmup_epochs=1,
+        class_weights="balanced",
+        weight_decay_mode="l2",
+        sweep=SweepConfig(lrs=LRS, weight_decays=WEIGHT_DECAYS),
+    )
     k = int(y.max()) + 1
     weights = class_weights(np.bincount(y[tr], minlength=k), "balanced")
     precision = resolve_precision(torch.device("cpu"), "auto")
-    res = SweepTrainer(x[tr], y[tr], x[va], y[va], weights, cfg, seed=0, device="cpu", precision=precision).run()
+    res = SweepTrainer(
+        x[tr], y[tr], x[va], y[va], weights, cfg, seed=0, device="cpu", precision=precision
+    ).run()
     with torch.no_grad():
         pred = res.head(torch.from_numpy(x[te])).argmax(1).numpy()
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     lr, wd = res.grid[res.best_index]
-    return {"seconds": seconds, "cpu_seconds": cpu, "test_balanced_accuracy": float(balanced_accuracy_score(y[te], pred)),
-            "val_balanced_accuracy": res.best_score, "best": {"lr": lr, "weight_decay": wd, "epoch": res.best_epoch},
-            "epochs_run": len(res.history), "precision": precision}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "test_balanced_accuracy": float(balanced_accuracy_score(y[te], pred)),
+        "val_balanced_accuracy": res.best_score,
+        "best": {"lr": lr, "weight_decay": wd, "epoch": res.best_epoch},
+        "epochs_run": len(res.history),
+        "precision": precision,
+    }
 
 
 def run_sklearn(x: np.ndarray, y: np.ndarray, tr, va, te) -> dict[str, float]:
@@ -149,8 +180,14 @@ def run_sklearn(x: np.ndarray, y: np.ndarray, tr, va, te) -> dict[str, float]:
         if score > best[0]:
             best = (score, wd, clf)
     test = balanced_accuracy_score(y[te], best[2].predict(xte))
-    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "test_balanced_accuracy": float(test), "val_balanced_accuracy": float(best[0]),
-            "best": {"weight_decay": best[1]}, "lbfgs_iterations": iters}
+    return {
+        "seconds": time.perf_counter() - t,
+        "cpu_seconds": time.process_time() - cpu,
+        "test_balanced_accuracy": float(test),
+        "val_balanced_accuracy": float(best[0]),
+        "best": {"weight_decay": best[1]},
+        "lbfgs_iterations": iters,
+    }
 
 
 def fastest(run, repeat: int) -> dict:
@@ -161,13 +198,24 @@ def fastest(run, repeat: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="10k synthetic samples, fewer epochs")
-    ap.add_argument("--workdir", default="/tmp/samprobe-bench-heads", help="cache for the digits features")
+    ap.add_argument(
+        "--workdir", default="/tmp/samprobe-bench-heads", help="cache for the digits features"
+    )
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (default 1)")
-    ap.add_argument("--splits", type=int, default=1, help="digits: also compare accuracy over this many splits")
-    ap.add_argument("--repeat", type=int, default=None, help="runs per side, the fastest counts (default 3; --quick 1)")
+    ap.add_argument(
+        "--splits", type=int, default=1, help="digits: also compare accuracy over this many splits"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs per side, the fastest counts (default 3; --quick 1)",
+    )
     args = ap.parse_args()
     import scipy.optimize  # noqa: F401  (load sklearn's and scipy's thread pools before limiting them)
     import sklearn.linear_model  # noqa: F401
@@ -178,8 +226,10 @@ def main() -> int:
     threadpool_limits(args.threads)
     pools = {p["filepath"].rsplit("/", 1)[-1]: p["num_threads"] for p in threadpool_info()}
 
-    sets = {"digits": digits_features(Path(args.workdir)),
-            "synthetic": synthetic(10_000 if args.quick else 50_000)}
+    sets = {
+        "digits": digits_features(Path(args.workdir)),
+        "synthetic": synthetic(10_000 if args.quick else 50_000),
+    }
     # digits: the product defaults (100 epochs, patience 15; 3 steps of 512 per epoch); synthetic
     # (69 steps per epoch): 2 epochs (~140 SGD steps), as a user sets train.epochs for a large
     # set; --quick: 10k samples, 14 steps per epoch, 10 epochs (the same ~140 steps).
@@ -188,28 +238,57 @@ def main() -> int:
     results: dict[str, dict] = {}
     for name, (x, y) in sets.items():
         tr, va, te = splits(y)
-        sp = fastest(lambda: run_samprobe(x, y, tr, va, te, *budget[name]), repeat)
-        sk = fastest(lambda: run_sklearn(x, y, tr, va, te), repeat)
-        results[name] = {"n": len(y), "dim": x.shape[1], "classes": int(y.max()) + 1, "samprobe": sp, "sklearn": sk}
-        print(f"{name}: samprobe {sp['seconds']:.1f} s bal.acc {sp['test_balanced_accuracy']:.4f} | "
-              f"sklearn {sk['seconds']:.1f} s bal.acc {sk['test_balanced_accuracy']:.4f}", file=sys.stderr)
+        args_ = (x, y, tr, va, te)
+        sp = fastest(lambda a=args_, b=budget[name]: run_samprobe(*a, *b), repeat)
+        sk = fastest(lambda a=args_: run_sklearn(*a), repeat)
+        results[name] = {
+            "n": len(y),
+            "dim": x.shape[1],
+            "classes": int(y.max()) + 1,
+            "samprobe": sp,
+            "sklearn": sk,
+        }
+        print(
+            f"{name}: samprobe {sp['seconds']:.1f} s bal.acc {sp['test_balanced_accuracy']:.4f} | "
+            f"sklearn {sk['seconds']:.1f} s bal.acc {sk['test_balanced_accuracy']:.4f}",
+            file=sys.stderr,
+        )
     splits_block = {}
     if args.splits > 1:
         x, y = sets["digits"]
         per_split = []
         for seed in range(args.splits):
             tr, va, te = splits(y, seed)
-            sp = run_samprobe(x, y, tr, va, te, *budget["digits"]) if seed else results["digits"]["samprobe"]
+            sp = (
+                run_samprobe(x, y, tr, va, te, *budget["digits"])
+                if seed
+                else results["digits"]["samprobe"]
+            )
             sk = run_sklearn(x, y, tr, va, te) if seed else results["digits"]["sklearn"]
-            per_split.append([round(sp["test_balanced_accuracy"], 4), round(sk["test_balanced_accuracy"], 4)])
-        splits_block = {"digits_splits": {"samprobe_sklearn_per_split": per_split,
-                                          "mean": {"samprobe": round(float(np.mean([a for a, _ in per_split])), 4),
-                                                   "sklearn": round(float(np.mean([b for _, b in per_split])), 4)}}}
-        print(f"digits over {args.splits} splits: mean bal.acc samprobe {splits_block['digits_splits']['mean']['samprobe']:.4f} | "
-              f"sklearn {splits_block['digits_splits']['mean']['sklearn']:.4f}", file=sys.stderr)
+            per_split.append(
+                [round(sp["test_balanced_accuracy"], 4), round(sk["test_balanced_accuracy"], 4)]
+            )
+        splits_block = {
+            "digits_splits": {
+                "samprobe_sklearn_per_split": per_split,
+                "mean": {
+                    "samprobe": round(float(np.mean([a for a, _ in per_split])), 4),
+                    "sklearn": round(float(np.mean([b for _, b in per_split])), 4),
+                },
+            }
+        }
+        print(
+            f"digits over {args.splits} splits: mean bal.acc samprobe "
+            f"{splits_block['digits_splits']['mean']['samprobe']:.4f} | "
+            f"sklearn {splits_block['digits_splits']['mean']['sklearn']:.4f}",
+            file=sys.stderr,
+        )
     t_sp = sum(r["samprobe"]["seconds"] for r in results.values())
     t_sk = sum(r["sklearn"]["seconds"] for r in results.values())
-    drops = {k: r["sklearn"]["test_balanced_accuracy"] - r["samprobe"]["test_balanced_accuracy"] for k, r in results.items()}
+    drops = {
+        k: r["sklearn"]["test_balanced_accuracy"] - r["samprobe"]["test_balanced_accuracy"]
+        for k, r in results.items()
+    }
     ratio = t_sk / t_sp
     # CPU time of each (single-threaded) side: on a shared machine wall time also counts the
     # time other jobs held the cores; the target is on wall time, CPU time shows the noise.
@@ -219,16 +298,28 @@ def main() -> int:
 
     probe = cpu_probe()
     out = {
-        "bench": "heads", "quick": args.quick,
-        "precision": results["digits"]["samprobe"]["precision"],  # what ran (resolve_precision auto)
-        "cpu_probe_gflops": {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops}, "repeat": repeat, "grid": {"lrs": LRS, "weight_decays": WEIGHT_DECAYS},
-        "loadavg_1m_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "sklearn_thread_pools": pools,
+        "bench": "heads",
+        "quick": args.quick,
+        "precision": results["digits"]["samprobe"][
+            "precision"
+        ],  # what ran (resolve_precision auto)
+        "cpu_probe_gflops": {"fp32": probe.fp32_gflops, "bf16": probe.bf16_gflops},
+        "repeat": repeat,
+        "grid": {"lrs": LRS, "weight_decays": WEIGHT_DECAYS},
+        "loadavg_1m_end": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "sklearn_thread_pools": pools,
         "seconds": {"samprobe": round(t_sp, 2), "sklearn": round(t_sk, 2)},
         "cpu_seconds": {"samprobe": round(c_sp, 2), "sklearn": round(c_sk, 2)},
         "ratios": {"vs_sklearn": round(ratio, 2), "vs_sklearn_cpu": round(c_sk / c_sp, 2)},
-        "balanced_accuracy": {k: {"samprobe": round(r["samprobe"]["test_balanced_accuracy"], 4),
-                                  "sklearn": round(r["sklearn"]["test_balanced_accuracy"], 4)} for k, r in results.items()},
+        "balanced_accuracy": {
+            k: {
+                "samprobe": round(r["samprobe"]["test_balanced_accuracy"], 4),
+                "sklearn": round(r["sklearn"]["test_balanced_accuracy"], 4),
+            }
+            for k, r in results.items()
+        },
         **splits_block,
         "details": results,
         "targets": {"vs_sklearn": 5.0, "max_bal_acc_drop": 0.005},

@@ -8,6 +8,7 @@ cosine similarity of each image's pooled neck features (neck_avg) at that size t
 image's features at 1024, the size SAM was trained at. With random weights this measures how
 much the representation moves, not accuracy: a proxy, stated as such. Ends with one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.sam_factory: official-format weights
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # helpers.sam_factory: official-format weights
 
 
 def main() -> None:
@@ -33,13 +36,17 @@ def main() -> None:
     from samprobe.backbones.precision import autocast_context, resolve_precision
     from samprobe.backbones.sam import SamBackbone
 
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()][: 2 if args.quick else 4]
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()][
+        : 2 if args.quick else 4
+    ]
     photos = [np.ascontiguousarray(p[..., :3]) for p in photos]
     geometry, sizes = ("tiny", [256, 384, 512]) if args.quick else ("vit_b", [512, 768, 1024])
     device = torch.device("cpu")
     precision = resolve_precision(device, "auto")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_official_checkpoint(Path(tmp) / "sam.pth", geometry=geometry, img_size=max(sizes))
+        ckpt = write_official_checkpoint(
+            Path(tmp) / "sam.pth", geometry=geometry, img_size=max(sizes)
+        )
         feats, s_per_img = {}, {}
         for size in sizes:
             backbone = SamBackbone.from_checkpoint(ckpt, img_size=size)
@@ -49,7 +56,12 @@ def main() -> None:
             with autocast_context(device, precision):
                 backbone.encode(images[:1], hw[:1], ["neck_avg"])  # warm-up
                 start = time.perf_counter()
-                out = torch.cat([backbone.encode(images[i:i + 2], hw[i:i + 2], ["neck_avg"]) for i in range(0, len(photos), 2)])
+                out = torch.cat(
+                    [
+                        backbone.encode(images[i : i + 2], hw[i : i + 2], ["neck_avg"])
+                        for i in range(0, len(photos), 2)
+                    ]
+                )
                 s_per_img[size] = (time.perf_counter() - start) / len(photos)
             feats[size] = out.float()
             print(f"{size:5d}px: {s_per_img[size]:.2f} s/img", flush=True)
@@ -57,11 +69,21 @@ def main() -> None:
     cosine = {s: float(torch.nn.functional.cosine_similarity(feats[s], ref).mean()) for s in sizes}
     speedup = {s: s_per_img[max(sizes)] / s_per_img[s] for s in sizes}
     for s in sizes:
-        print(f"{s:5d}px: {speedup[s]:.2f}x faster than {max(sizes)}, cosine to {max(sizes)}px features {cosine[s]:.4f}")
-    print(json.dumps({"bench": "input_size", "geometry": geometry, "precision": precision,
-                      "s_per_img": {str(k): round(v, 3) for k, v in s_per_img.items()},
-                      "speedup_vs_native": {str(k): round(v, 2) for k, v in speedup.items()},
-                      "cosine_vs_native": {str(k): round(v, 4) for k, v in cosine.items()}}))
+        print(
+            f"{s:5d}px: {speedup[s]:.2f}x faster than {max(sizes)}, cosine to {max(sizes)}px features {cosine[s]:.4f}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "input_size",
+                "geometry": geometry,
+                "precision": precision,
+                "s_per_img": {str(k): round(v, 3) for k, v in s_per_img.items()},
+                "speedup_vs_native": {str(k): round(v, 2) for k, v in speedup.items()},
+                "cosine_vs_native": {str(k): round(v, 4) for k, v in cosine.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def run_samprobe(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict]
     """As `samprobe train` then `samprobe inspect`: the sweep (untimed, it is the training run) on
     an 85/15 split gives the setting; the cross-fit with it + cleanlab is timed."""
     import torch
+    import torch._dynamo  # noqa: F401 - a library import (1.5-2.5 s), left out of the timing as sklearn's are
     from sklearn.model_selection import train_test_split
 
     from samprobe.backbones.precision import resolve_precision
@@ -81,8 +82,6 @@ def run_samprobe(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict]
     from samprobe.inspection import cross_fit, find_label_issues, setting_from_sweep
     from samprobe.train.classes import class_weights
     from samprobe.train.loop import SweepTrainer
-
-    import torch._dynamo  # noqa: F401 - a library import (1.5-2.5 s), left out of the timing as sklearn's are
 
     cfg = TrainConfig()
     precision = resolve_precision(torch.device("cpu"), "auto")
@@ -93,7 +92,11 @@ def run_samprobe(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict]
     t = time.perf_counter()
     fit = cross_fit(x, y, weights, cfg, folds=5, seed=0, settings=[setting], precision=precision)
     found = find_label_issues(y, fit.probs)
-    return found, time.perf_counter() - t, {"lr": setting[0], "weight_decay": setting[1], "precision": precision}
+    return (
+        found,
+        time.perf_counter() - t,
+        {"lr": setting[0], "weight_decay": setting[1], "precision": precision},
+    )
 
 
 def run_sklearn(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -107,7 +110,9 @@ def run_sklearn(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     z = StandardScaler().fit_transform(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs convergence warnings at max_iter
-        probs = cross_val_predict(LogisticRegression(C=0.1, max_iter=1000), z, y, cv=5, method="predict_proba")
+        probs = cross_val_predict(
+            LogisticRegression(C=0.1, max_iter=1000), z, y, cv=5, method="predict_proba"
+        )
     found = find_label_issues(y, probs)
     return found, time.perf_counter() - t
 
@@ -123,7 +128,9 @@ def near_copies(grey: np.ndarray) -> list[np.ndarray]:
         im = Image.fromarray(g, mode="L").resize((128, 128), Image.BICUBIC)
         if n % 2:
             im = im.crop((4, 0, im.width, im.height))
-        im = im.resize((max(1, round(im.width * 0.9)), max(1, round(im.height * 0.9))), Image.LANCZOS)
+        im = im.resize(
+            (max(1, round(im.width * 0.9)), max(1, round(im.height * 0.9))), Image.LANCZOS
+        )
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=70)
         out.append(np.asarray(Image.open(buf).convert("RGB")))
@@ -164,7 +171,8 @@ def duplicates_check(
     leaks_expected = {p for p in planted if is_leak(split[p[0]], split[p[1]])}
     leaks_named = {(a, b) for a, b, _ in pairs if is_leak(split[a], split[b])}
     copy_cos = [
-        float(np.dot(feats[a], feats[b]) / np.linalg.norm(feats[a]) / np.linalg.norm(feats[b])) for a, b in planted
+        float(np.dot(feats[a], feats[b]) / np.linalg.norm(feats[a]) / np.linalg.norm(feats[b]))
+        for a, b in planted
     ]
     return {
         "recall": len(hits) / len(planted),
@@ -173,7 +181,9 @@ def duplicates_check(
         "leakage_pairs_expected": len(leaks_expected),
         "leakage_pairs_named": len(leaks_named & leaks_expected),
         "min_copy_cosine": round(min(copy_cos), 4),
-        "false_pair_max_cosine": round(max([c for a, b, c in pairs if (a, b) not in planted], default=0.0), 4),
+        "false_pair_max_cosine": round(
+            max([c for a, b, c in pairs if (a, b) not in planted], default=0.0), 4
+        ),
     }
 
 
@@ -188,8 +198,14 @@ def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float]
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)
     copies = n // 50
-    x[n - copies :] = x[:copies] + 0.05 * rng.normal(size=(copies, dim)).astype(np.float32)  # cosine ~0.9988
-    dtype = torch.bfloat16 if resolve_precision(torch.device("cpu"), "auto") == "bf16" else torch.float32
+    x[n - copies :] = x[:copies] + 0.05 * rng.normal(size=(copies, dim)).astype(
+        np.float32
+    )  # cosine ~0.9988
+    dtype = (
+        torch.bfloat16
+        if resolve_precision(torch.device("cpu"), "auto") == "bf16"
+        else torch.float32
+    )
     t = time.perf_counter()
     sims, idx = nearest_neighbours(x, 10, dtype=dtype)
     pairs = duplicate_pairs(sims, idx, InspectConfig().duplicate_cosine)
@@ -200,7 +216,9 @@ def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", default="bench/.work")
     ap.add_argument("--threads", type=int, default=1)

@@ -8,6 +8,7 @@ samprobe: ``make_loader`` with one worker per core (reduced-scale JPEG decode, e
 Both sides run on the same files in the same run, interleaved, best of ``--repeats``.
 Run from the repo root: ``PYTHONPATH=src python bench/preprocess.py [--quick]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,10 @@ def make_jpegs(folder: Path, n: int) -> list[Path]:
 
 def cpu_seconds() -> float:
     """CPU time of this process and its reaped children (the loader's workers are joined at the end)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
@@ -72,10 +76,10 @@ def run_official(files: list[Path]) -> float:
     std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
     start = time.perf_counter()
     for f in files:
-        image = np.array(Image.open(f).convert("RGB"))       # full-resolution decode
-        resized = transform.apply_image(image)                # [h', w', 3] uint8
+        image = np.array(Image.open(f).convert("RGB"))  # full-resolution decode
+        resized = transform.apply_image(image)  # [h', w', 3] uint8
         x = torch.as_tensor(resized).permute(2, 0, 1).float()  # [3, h', w']
-        x = (x - mean) / std                                  # Sam.preprocess: normalise ...
+        x = (x - mean) / std  # Sam.preprocess: normalise ...
         x = F.pad(x, (0, S - x.shape[2], 0, S - x.shape[1]))  # ... then pad to [3, S, S]
         assert x.shape == (3, S, S)
     return time.perf_counter() - start
@@ -83,7 +87,9 @@ def run_official(files: list[Path]) -> float:
 
 def run_samprobe(items: list[LoadItem], workers: int, batch_size: int) -> float:
     start = time.perf_counter()
-    loader = make_loader(items, functools.partial(letterbox, size=S), batch_size, workers, target_longest=S)
+    loader = make_loader(
+        items, functools.partial(letterbox, size=S), batch_size, workers, target_longest=S
+    )
     n = 0
     for batch in loader:
         assert not batch.failures, batch.failures
@@ -95,7 +101,11 @@ def run_samprobe(items: list[LoadItem], workers: int, batch_size: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the full run's 24 images per side, one round instead of 3")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the full run's 24 images per side, one round instead of 3",
+    )
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None, help="default: one per available core")
@@ -108,8 +118,11 @@ def main() -> None:
     workers = args.workers if args.workers is not None else default_num_workers()
     with tempfile.TemporaryDirectory(prefix="samprobe-bench-") as tmp:
         files = make_jpegs(Path(tmp), n)
-        items = [LoadItem(sha256_file(f), str(f), i) for i, f in enumerate(files)]  # warms the page cache
+        items = [
+            LoadItem(sha256_file(f), str(f), i) for i, f in enumerate(files)
+        ]  # warms the page cache
         import segment_anything.utils.transforms  # noqa: F401  (torchvision import: not part of the timing)
+
         run_official(files[:1])  # warm-up: PIL plugins, torch kernels
         t_off, t_sp = [], []
         for _ in range(repeats):  # interleaved, so both sides see the same machine load
@@ -118,16 +131,37 @@ def main() -> None:
     (official, off_cpu), (samprobe, sp_cpu) = min(t_off), min(t_sp)
     ratio = official / samprobe
     load = os.getloadavg()[0]
-    print(f"{n} x 12MP JPEG -> [3, {S}, {S}]: official {official:.2f}s ({n / official:.2f} img/s), "
-          f"samprobe {samprobe:.2f}s ({n / samprobe:.2f} img/s, {workers} workers); CPU s/img official "
-          f"{off_cpu / n:.3f}, samprobe {sp_cpu / n:.3f}; all runs (wall, cpu): official "
-          f"{[(round(a, 2), round(b, 2)) for a, b in t_off]}, samprobe {[(round(a, 2), round(b, 2)) for a, b in t_sp]}; "
-          f"load average {load:.1f} on {os.cpu_count()} cores")
-    print(json.dumps({"bench": "preprocess", "images": n, "workers": workers, "load_avg_1m": round(load, 2),
-                      "img_per_s": {"official": round(n / official, 3), "samprobe": round(n / samprobe, 3)},
-                      "cpu_s_per_img": {"official": round(off_cpu / n, 4), "samprobe": round(sp_cpu / n, 4)},
-                      "ratios": {"vs_official": round(ratio, 3), "cpu_vs_official": round(off_cpu / sp_cpu, 3)},
-                      "targets": {"vs_official": 3.0}, "pass": bool(ratio >= 3.0)}))
+    print(
+        f"{n} x 12MP JPEG -> [3, {S}, {S}]: official {official:.2f}s ({n / official:.2f} img/s), "
+        f"samprobe {samprobe:.2f}s ({n / samprobe:.2f} img/s, {workers} workers); CPU s/img official "
+        f"{off_cpu / n:.3f}, samprobe {sp_cpu / n:.3f}; all runs (wall, cpu): official "
+        f"{[(round(a, 2), round(b, 2)) for a, b in t_off]}, samprobe {[(round(a, 2), round(b, 2)) for a, b in t_sp]}; "
+        f"load average {load:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "preprocess",
+                "images": n,
+                "workers": workers,
+                "load_avg_1m": round(load, 2),
+                "img_per_s": {
+                    "official": round(n / official, 3),
+                    "samprobe": round(n / samprobe, 3),
+                },
+                "cpu_s_per_img": {
+                    "official": round(off_cpu / n, 4),
+                    "samprobe": round(sp_cpu / n, 4),
+                },
+                "ratios": {
+                    "vs_official": round(ratio, 3),
+                    "cpu_vs_official": round(off_cpu / sp_cpu, 3),
+                },
+                "targets": {"vs_official": 3.0},
+                "pass": bool(ratio >= 3.0),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

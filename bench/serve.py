@@ -17,11 +17,14 @@ One httpx async client sends the same real photos (skimage.data, JPEG) as multip
 is compared with ``Classifier.predict`` on the same decoded image. Ends with one JSON line;
 ``ratios.vs_baseline`` = samprobe throughput / baseline throughput (the lower of the two heads).
 """
+
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, for the in-process reference model
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # as the CLI sets it, for the in-process reference model
 
 import argparse  # noqa: E402
 import asyncio
@@ -35,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Form, UploadFile  # module level: FastAPI resolves the endpoint's annotations here
+from fastapi import (
+    Form,
+    UploadFile,
+)  # module level: FastAPI resolves the endpoint's annotations here
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # sam_factory, serve_util
 
@@ -56,7 +62,12 @@ def baseline_server(checkpoint: str, port: int, device: str) -> None:
 
     @app.post("/predict")
     def predict(image: UploadFile, top_k: int = Form(5)) -> dict[str, Any]:
-        return {"predictions": [prediction_json(p) for p in clf.predict([decode_rgb(image.file.read())], top_k=top_k)]}
+        return {
+            "predictions": [
+                prediction_json(p)
+                for p in clf.predict([decode_rgb(image.file.read())], top_k=top_k)
+            ]
+        }
 
     @app.get("/ready")
     def ready() -> dict[str, bool]:
@@ -73,7 +84,6 @@ def baseline_server(checkpoint: str, port: int, device: str) -> None:
 def train_heads(root: Path, quick: bool) -> dict[str, Path]:
     """The demo's efficientnet head (its pipeline and config) and a tiny SAM head on the same scans."""
     from helpers.sam_factory import write_official_checkpoint
-
     from samprobe.config import load_config
     from samprobe.demo import DEMO_CONFIG, write_digits_dataset
     from samprobe.pipeline import run_extract, run_train, run_validate
@@ -87,7 +97,9 @@ def train_heads(root: Path, quick: bool) -> dict[str, Path]:
     heads = {}
     sam_weights = write_official_checkpoint(root / "weights" / "sam_tiny.pth", "tiny", img_size=256)
     sam_backbone = f"backbone:\n  name: sam\n  checkpoint: {sam_weights}\n  img_size: 256\n"
-    sam_config = re.sub(r"backbone:\n(  .*\n)+", sam_backbone, DEMO_CONFIG).replace("run_dir: run", "run_dir: run_sam")
+    sam_config = re.sub(r"backbone:\n(  .*\n)+", sam_backbone, DEMO_CONFIG).replace(
+        "run_dir: run", "run_dir: run_sam"
+    )
     for name, text in (("efficientnet", DEMO_CONFIG), ("sam_tiny", sam_config)):
         cfg_path = root / f"{name}.yaml"
         cfg_path.write_text(text.format(cfg=cfg_path))
@@ -105,11 +117,20 @@ def bench_photos() -> list[bytes]:
 
     from serve_util import encode
 
-    arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.cat(), data.immunohistochemistry()]
+    arrays = [
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        data.rocket(),
+        data.cat(),
+        data.immunohistochemistry(),
+    ]
     return [encode(np.ascontiguousarray(a[..., :3]), "JPEG", quality=90) for a in arrays]
 
 
-async def load_run(url: str, uploads: list[bytes], n: int, concurrency: int, offset: int) -> dict[str, Any]:
+async def load_run(
+    url: str, uploads: list[bytes], n: int, concurrency: int, offset: int
+) -> dict[str, Any]:
     """``n`` POST /predict from ``concurrency`` connections; latencies, wall time, answers by upload."""
     import httpx
 
@@ -122,9 +143,14 @@ async def load_run(url: str, uploads: list[bytes], n: int, concurrency: int, off
             k = (offset + i) % len(uploads)
             start = time.perf_counter()
             try:
-                r = await client.post(f"{url}/predict", files={"image": (f"photo{k}.jpg", uploads[k], "image/jpeg")},
-                                      data={"top_k": "3"})
-            except httpx.TransportError as exc:  # counted as a failed request, not a crash of the bench
+                r = await client.post(
+                    f"{url}/predict",
+                    files={"image": (f"photo{k}.jpg", uploads[k], "image/jpeg")},
+                    data={"top_k": "3"},
+                )
+            except (
+                httpx.TransportError
+            ) as exc:  # counted as a failed request, not a crash of the bench
                 answers.append((k, f"{type(exc).__name__}: {exc}", None))
                 continue
             latencies.append(time.perf_counter() - start)
@@ -156,27 +182,48 @@ def batch_stats(url: str) -> tuple[float, float]:
 
 def summarize(latencies: list[float], wall: float) -> dict[str, float]:
     lat = np.array(latencies) * 1000
-    return {"requests": len(lat), "throughput_rps": round(len(lat) / wall, 2),
-            **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}}
+    return {
+        "requests": len(lat),
+        "throughput_rps": round(len(lat) / wall, 2),
+        **{f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)},
+    }
 
 
-def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse.Namespace,
-               tmp: Path) -> dict[str, Any]:
+def bench_head(
+    name: str, checkpoint: Path, uploads: list[bytes], args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
+    from samprobe.predict import Classifier
     from serve_util import decoded, mismatch, serve_command, start_server
 
-    from samprobe.predict import Classifier
-
-    common = ["--max-wait-ms", str(args.max_wait_ms), "--workers", str(args.workers), "--max-queue", "256"]
+    common = [
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--workers",
+        str(args.workers),
+        "--max-queue",
+        "256",
+    ]
     commands = {
-        "samprobe": serve_command(checkpoint, "--max-batch", str(args.max_batch), *common, device=args.device),
-        "baseline": [sys.executable, __file__, "--baseline-server", str(checkpoint), "--device", args.device],
+        "samprobe": serve_command(
+            checkpoint, "--max-batch", str(args.max_batch), *common, device=args.device
+        ),
+        "baseline": [
+            sys.executable,
+            __file__,
+            "--baseline-server",
+            str(checkpoint),
+            "--device",
+            args.device,
+        ],
         "unbatched": serve_command(checkpoint, "--max-batch", "1", *common, device=args.device),
     }
     servers = {}
     try:
         for side, cmd in commands.items():
             servers[side] = start_server(cmd, tmp / f"{name}-{side}.log")
-        for server in servers.values():  # warm-up: the batch sizes the run will see, the thread pools
+        for (
+            server
+        ) in servers.values():  # warm-up: the batch sizes the run will see, the thread pools
             asyncio.run(load_run(server.url, uploads, 2 * args.concurrency, args.concurrency, 0))
         before = batch_stats(servers["samprobe"].url)
         cpu_before = {side: cpu_seconds(s.proc.pid) for side, s in servers.items()}
@@ -185,8 +232,13 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for side in order:
-                runs[side].append(asyncio.run(load_run(servers[side].url, uploads, per_round, args.concurrency,
-                                                       r * per_round)))
+                runs[side].append(
+                    asyncio.run(
+                        load_run(
+                            servers[side].url, uploads, per_round, args.concurrency, r * per_round
+                        )
+                    )
+                )
         after = batch_stats(servers["samprobe"].url)
         cpu = {side: cpu_seconds(s.proc.pid) - cpu_before[side] for side, s in servers.items()}
     finally:
@@ -203,39 +255,61 @@ def bench_head(name: str, checkpoint: Path, uploads: list[bytes], args: argparse
         answers = [a for run in side_runs for a in run["answers"]]
         out[side]["failed"] = sum(status != 200 for _, status, _ in answers)
         for k, status, body in answers:
-            why = f"HTTP {status}: {body}" if status != 200 else mismatch(body["predictions"][0], reference[k])
+            why = (
+                f"HTTP {status}: {body}"
+                if status != 200
+                else mismatch(body["predictions"][0], reference[k])
+            )
             if why:
                 problems.append(f"{side} photo {k}: {why}")
     images, batches = after[0] - before[0], after[1] - before[1]
     out["samprobe"]["mean_batch"] = round(images / batches, 2) if batches else None
     out["ratios"] = {
-        "vs_baseline": round(out["samprobe"]["throughput_rps"] / out["baseline"]["throughput_rps"], 2),
-        "vs_unbatched": round(out["samprobe"]["throughput_rps"] / out["unbatched"]["throughput_rps"], 2),
+        "vs_baseline": round(
+            out["samprobe"]["throughput_rps"] / out["baseline"]["throughput_rps"], 2
+        ),
+        "vs_unbatched": round(
+            out["samprobe"]["throughput_rps"] / out["unbatched"]["throughput_rps"], 2
+        ),
         "p99_vs_baseline": round(out["samprobe"]["p99_ms"] / out["baseline"]["p99_ms"], 2),
         # requests per server CPU-second, samprobe / baseline: the capacity ratio on a machine of its own
-        "cpu_vs_baseline": round(out["baseline"]["server_cpu_ms_per_request"]
-                                 / out["samprobe"]["server_cpu_ms_per_request"], 2),
-        "cpu_vs_unbatched": round(out["unbatched"]["server_cpu_ms_per_request"]
-                                  / out["samprobe"]["server_cpu_ms_per_request"], 2),
+        "cpu_vs_baseline": round(
+            out["baseline"]["server_cpu_ms_per_request"]
+            / out["samprobe"]["server_cpu_ms_per_request"],
+            2,
+        ),
+        "cpu_vs_unbatched": round(
+            out["unbatched"]["server_cpu_ms_per_request"]
+            / out["samprobe"]["server_cpu_ms_per_request"],
+            2,
+        ),
     }
     out["predictions_equal"] = not problems
     out["problems"] = problems[:5]
     out["exit_codes"] = exits
-    print(json.dumps({"head": name, **out}), file=sys.stderr, flush=True)  # partial results, as each head ends
+    print(
+        json.dumps({"head": name, **out}), file=sys.stderr, flush=True
+    )  # partial results, as each head ends
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="400 demo scans, 30 epochs, 128 requests per side")
-    parser.add_argument("--requests", type=int, default=None, help="requests per side (default 400; --quick 128)")
+    parser.add_argument(
+        "--quick", action="store_true", help="400 demo scans, 30 epochs, 128 requests per side"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=None, help="requests per side (default 400; --quick 128)"
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--keep", metavar="DIR", help="write the runs and the server logs here, and keep them")
+    parser.add_argument(
+        "--keep", metavar="DIR", help="write the runs and the server logs here, and keep them"
+    )
     parser.add_argument("--baseline-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
@@ -253,17 +327,35 @@ def main() -> None:
         heads = train_heads(tmp_path / "runs", args.quick)
         train_s = time.perf_counter() - t0
         uploads = bench_photos()
-        results = {name: bench_head(name, ckpt, uploads, args, tmp_path) for name, ckpt in heads.items()}
+        results = {
+            name: bench_head(name, ckpt, uploads, args, tmp_path) for name, ckpt in heads.items()
+        }
     worst = min(results.values(), key=lambda r: r["ratios"]["vs_baseline"])
-    passed = all(r["ratios"]["vs_baseline"] >= TARGETS["vs_baseline"] and r["ratios"]["p99_vs_baseline"] <= 1.0
-                 and r["predictions_equal"] for r in results.values())
-    print(json.dumps({
-        "bench": "serve", "requests_per_side": args.requests, "concurrency": args.concurrency,
-        "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "cpus": os.cpu_count(),
-        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "train_s": round(train_s, 1), "heads": results,
-        "ratios": {"vs_baseline": worst["ratios"]["vs_baseline"]}, "targets": TARGETS, "pass": passed,
-    }))
+    passed = all(
+        r["ratios"]["vs_baseline"] >= TARGETS["vs_baseline"]
+        and r["ratios"]["p99_vs_baseline"] <= 1.0
+        and r["predictions_equal"]
+        for r in results.values()
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "serve",
+                "requests_per_side": args.requests,
+                "concurrency": args.concurrency,
+                "max_batch": args.max_batch,
+                "max_wait_ms": args.max_wait_ms,
+                "cpus": os.cpu_count(),
+                "loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                "train_s": round(train_s, 1),
+                "heads": results,
+                "ratios": {"vs_baseline": worst["ratios"]["vs_baseline"]},
+                "targets": TARGETS,
+                "pass": passed,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

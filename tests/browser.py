@@ -5,6 +5,7 @@ test needs no driver package, no port and no network. `make browser` installs De
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,9 @@ def find_chromium() -> str | None:
 class Browser:
     """One headless page at a fixed viewport; ``call`` sends a command and waits for its reply."""
 
-    def __init__(self, executable: str, width: int = 1280, height: int = 900, timeout: float = 60.0) -> None:
+    def __init__(
+        self, executable: str, width: int = 1280, height: int = 900, timeout: float = 60.0
+    ) -> None:
         self.timeout = timeout
         cmd_r, self._cmd_w = os.pipe()
         self._resp_r, resp_w = os.pipe()
@@ -38,8 +41,10 @@ class Browser:
         # A Python shim puts the two pipe ends on fds 3 and 4 and becomes chromium (exec). Not sh: dash
         # redirects only single-digit fds. resp_w > cmd_r >= 3, so setting fd 3 first never overwrites
         # the source of fd 4.
-        shim = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
-                "os.execv(sys.argv[3], sys.argv[3:])")
+        shim = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+            "os.execv(sys.argv[3], sys.argv[3:])"
+        )
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -70,7 +75,9 @@ class Browser:
         self.events: list[dict[str, Any]] = []
         targets = self.call("Target.getTargets")["targetInfos"]
         page = next(t for t in targets if t["type"] == "page")
-        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)[
+            "sessionId"
+        ]
         self.call(
             "Emulation.setDeviceMetricsOverride",
             width=width,
@@ -124,7 +131,13 @@ class Browser:
         self.wait_event("Page.loadEventFired")
 
     def evaluate(self, expression: str) -> Any:
-        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True, session=True)
+        res = self.call(
+            "Runtime.evaluate",
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=True,
+            session=True,
+        )
         if "exceptionDetails" in res:
             raise RuntimeError(f"page script failed: {res['exceptionDetails']}")
         return res["result"].get("value")
@@ -142,10 +155,8 @@ class Browser:
         Path(out).write_bytes(base64.b64decode(shot["data"]))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.call("Browser.close")
-        except Exception:
-            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -155,7 +166,7 @@ class Browser:
         os.close(self._resp_r)
         shutil.rmtree(self._profile, ignore_errors=True)
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc: object) -> None:

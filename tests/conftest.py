@@ -1,4 +1,5 @@
 """Shared fixtures: small real-image datasets written on the fly."""
+
 from __future__ import annotations
 
 from pathlib import Path

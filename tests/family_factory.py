@@ -1,22 +1,27 @@
 """One tiny, real-format checkpoint per registry entry: the backbone contract test builds every
 entry from here, so a backbone added to the table without a tiny checkpoint fails that test."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from sam2_factory import official_sam2
+
 from helpers.sam_factory import (
     write_official_checkpoint,
     write_official_hq_checkpoint,
     write_official_mobile_sam_checkpoint,
 )
+from sam2_factory import official_sam2
 
 
 def _sam(root: Path) -> dict:
-    return {"name": "sam", "checkpoint": str(write_official_checkpoint(root / "sam_tiny.pth", "tiny", img_size=256)),
-            "img_size": 256}
+    return {
+        "name": "sam",
+        "checkpoint": str(write_official_checkpoint(root / "sam_tiny.pth", "tiny", img_size=256)),
+        "img_size": 256,
+    }
 
 
 def _sam_hq(root: Path) -> dict:

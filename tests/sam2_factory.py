@@ -1,5 +1,6 @@
 """Official-format SAM 2.1 checkpoints and reference outputs, written by PyPI ``sam2`` in a
 subprocess (``sam2_reference.py``: importing sam2 initialises Hydra globally), once per session."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ def _run(*args: str) -> None:
     subprocess.run([sys.executable, str(SCRIPT), *args], check=True, env=env, capture_output=True)
 
 
-def official_sam2(root: Path, size: str = "t", img_size: int = 256, images: tuple[str, ...] = PHOTOS,
-                  seed: int = 0) -> tuple[Path, Path]:
+def official_sam2(
+    root: Path,
+    size: str = "t",
+    img_size: int = 256,
+    images: tuple[str, ...] = PHOTOS,
+    seed: int = 0,
+) -> tuple[Path, Path]:
     """-> (sam2.1_hiera_SIZE.pt as the official release writes it, reference.pt of the official outputs)."""
     key = (size, img_size, images, seed)
     if key not in _made:
@@ -37,5 +43,7 @@ def official_encoder_shapes(root: Path) -> dict[str, dict[str, torch.Tensor]]:
     out = Path(root) / "sam2_shapes.json"
     if not out.is_file():
         _run("shapes", str(out))
-    return {size: {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
-            for size, keys in json.loads(out.read_text()).items()}
+    return {
+        size: {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+        for size, keys in json.loads(out.read_text()).items()
+    }

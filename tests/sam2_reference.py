@@ -11,6 +11,7 @@ tests never import it: they run this file as a script and read what it writes.
     python sam2_reference.py shapes OUT_JSON
         {size: {key: shape}} of the image encoder of every official config (for detection tests).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,9 @@ def _randomise_positional(model: torch.nn.Module) -> None:
 
 
 def checkpoint(size: str, img_size: int, seed: int, out_dir: str, images: list[str]) -> None:
-    from skimage import data
-
     from sam2.build_sam import build_sam2
     from sam2.utils.transforms import SAM2Transforms
+    from skimage import data
 
     torch.manual_seed(seed)
     model = build_sam2(_config(size), ckpt_path=None, device="cpu", mode="eval")
@@ -51,8 +51,10 @@ def checkpoint(size: str, img_size: int, seed: int, out_dir: str, images: list[s
     with torch.no_grad():
         enc = model.image_encoder(x)
         stages = model.image_encoder.trunk(x)  # stride 4, 8, 16, 32
-    torch.save({"input": x, "vision_features": enc["vision_features"], "stages": list(stages)},
-               os.path.join(out_dir, "reference.pt"))
+    torch.save(
+        {"input": x, "vision_features": enc["vision_features"], "stages": list(stages)},
+        os.path.join(out_dir, "reference.pt"),
+    )
 
 
 def shapes(out_json: str) -> None:
@@ -61,7 +63,9 @@ def shapes(out_json: str) -> None:
 
     out = {}
     for size in SIZES:
-        encoder = instantiate(compose(config_name=_config(size)).model.image_encoder, _recursive_=True)
+        encoder = instantiate(
+            compose(config_name=_config(size)).model.image_encoder, _recursive_=True
+        )
         out[size] = {f"image_encoder.{k}": list(v.shape) for k, v in encoder.state_dict().items()}
         del encoder
     with open(out_json, "w") as f:

@@ -1,5 +1,6 @@
 """Helpers for the serving tests and bench/serve.py: a `samprobe serve` subprocess on a free
 loopback port, real photos as upload bytes, and comparing answers with ``Classifier.predict``."""
+
 from __future__ import annotations
 
 import io
@@ -9,9 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
@@ -61,7 +63,9 @@ class Server:
             self.proc.kill()
             self.proc.wait()
             tail = self.log_text()[-3000:]
-            raise RuntimeError(f"the server did not exit {timeout} s after SIGTERM; log:\n{tail}") from None
+            raise RuntimeError(
+                f"the server did not exit {timeout} s after SIGTERM; log:\n{tail}"
+            ) from None
 
 
 def launch(command: Sequence[str], log: Path) -> subprocess.Popen:
@@ -69,7 +73,9 @@ def launch(command: Sequence[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
     with open(log, "wb") as out:
-        return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return subprocess.Popen(
+            list(command), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
 
 
 def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180) -> Server:
@@ -99,8 +105,19 @@ def start_server(command: Sequence[str], log: Path, timeout: float = 180) -> Ser
 
 
 def serve_command(checkpoint: Path, *args: str, device: str = "cpu") -> list[str]:
-    return [sys.executable, "-m", "samprobe", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-            "--device", device, *args]
+    return [
+        sys.executable,
+        "-m",
+        "samprobe",
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        "0",
+        "--device",
+        device,
+        *args,
+    ]
 
 
 def encode(image: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
@@ -157,9 +174,11 @@ class InProcessServer:
         self.sock = _listen("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
 
-    def __enter__(self) -> "InProcessServer":
+    def __enter__(self) -> InProcessServer:
         self.thread.start()
         end = time.monotonic() + 60
         while time.monotonic() < end:

@@ -1,13 +1,14 @@
 """The backbone table's contract, checked for every entry: builds tiny, encodes a real photo,
 reports widths that match its output, fingerprints stably; and the feature-table derivations."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from family_factory import TINY
 from skimage import data
 
+from family_factory import TINY
 from samprobe.backbones import registry
 from samprobe.backbones.registry import PooledFeature, fingerprint, resolve_feature
 from samprobe.config import BackboneConfig
@@ -53,18 +54,29 @@ def test_contract_fingerprint_is_stable_across_builds(built):
     cfg, bb = built
     again = registry.build_backbone(cfg)
     pooling = list(bb.default_pooling)
-    assert fingerprint(bb, pooling, "float16", "fp32") == fingerprint(again, pooling, "float16", "fp32")
-    assert fingerprint(bb, pooling, "float16", "fp32") != fingerprint(bb, pooling, "float32", "fp32")
+    assert fingerprint(bb, pooling, "float16", "fp32") == fingerprint(
+        again, pooling, "float16", "fp32"
+    )
+    assert fingerprint(bb, pooling, "float16", "fp32") != fingerprint(
+        bb, pooling, "float32", "fp32"
+    )
 
 
 def test_layered_feature_names_resolve_to_their_layers():
-    table = {"neck_avg": PooledFeature("neck", "avg", 256),
-             "block_avg": PooledFeature("block", "avg", 768, layer_widths=(768,) * 11 + (1024,))}
+    table = {
+        "neck_avg": PooledFeature("neck", "avg", 256),
+        "block_avg": PooledFeature("block", "avg", 768, layer_widths=(768,) * 11 + (1024,)),
+    }
     r = resolve_feature(table, "block_avg@6,12", "sam")
     assert r.sources == ("block@6", "block@12") and r.width == 768 + 1024 and r.pool == "avg"
     assert resolve_feature(table, "neck_avg", "sam").sources == ("neck",)
-    for bad, why in (("block_avg@0", "from 1 to 12"), ("block_avg@13", "from 1 to 12"),
-                     ("block_avg@3,3", "distinct"), ("neck_avg@2", "not offered"), ("pixels", "not offered")):
+    for bad, why in (
+        ("block_avg@0", "from 1 to 12"),
+        ("block_avg@13", "from 1 to 12"),
+        ("block_avg@3,3", "distinct"),
+        ("neck_avg@2", "not offered"),
+        ("pixels", "not offered"),
+    ):
         with pytest.raises(ConfigError, match=why):
             resolve_feature(table, bad, "sam")
 

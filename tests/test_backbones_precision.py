@@ -1,4 +1,5 @@
 """Precision resolution and the autocast context."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ def fresh_probe(tmp_path, monkeypatch):
 
 # GFLOP/s seen on real machines (one thread): AMD EPYC (AVX-512 BF16, no AMX) 96 fp32 / 403 bf16; an
 # AVX-512 BF16 CPU where oneDNN's bf16 path was slower, 153 / 84; and a tie within the noise margin.
-@pytest.mark.parametrize("fp32, bf16, expected", [(96.0, 403.0, "bf16"), (153.0, 84.0, "fp32"), (100.0, 110.0, "fp32"),
-                                                  (100.0, 0.0, "fp32")])
+@pytest.mark.parametrize(
+    "fp32, bf16, expected",
+    [(96.0, 403.0, "bf16"), (153.0, 84.0, "fp32"), (100.0, 110.0, "fp32"), (100.0, 0.0, "fp32")],
+)
 def test_probe_outcome_decides_auto(fresh_probe, monkeypatch, fp32, bf16, expected):
     monkeypatch.setattr(precision, "measure_gemm_gflops", lambda: {"fp32": fp32, "bf16": bf16})
     assert resolve_precision(CPU, "auto") == expected
@@ -41,7 +44,11 @@ def test_probe_outcome_decides_auto(fresh_probe, monkeypatch, fp32, bf16, expect
     stored = json.loads(fresh_probe.read_text())
     (entry,) = stored.values()
     assert entry["cpu"] == precision.cpu_model() and entry["torch"] == torch.__version__
-    assert (entry["fp32_gflops"], entry["bf16_gflops"], entry["precision"]) == (fp32, bf16, expected)
+    assert (entry["fp32_gflops"], entry["bf16_gflops"], entry["precision"]) == (
+        fp32,
+        bf16,
+        expected,
+    )
 
 
 def test_probe_is_measured_once_per_cpu_model_and_torch_version(fresh_probe, monkeypatch):
@@ -53,12 +60,18 @@ def test_probe_is_measured_once_per_cpu_model_and_torch_version(fresh_probe, mon
 
     monkeypatch.setattr(precision, "measure_gemm_gflops", measure)
     assert precision.cpu_probe().precision == "bf16" and len(calls) == 1
-    monkeypatch.setattr(precision, "_PROBES", {})  # a new process: reads the user cache, measures nothing
+    monkeypatch.setattr(
+        precision, "_PROBES", {}
+    )  # a new process: reads the user cache, measures nothing
     again = precision.cpu_probe()
-    assert again.cached and (again.fp32_gflops, again.bf16_gflops) == (96.0, 403.0) and len(calls) == 1
+    assert (
+        again.cached and (again.fp32_gflops, again.bf16_gflops) == (96.0, 403.0) and len(calls) == 1
+    )
     assert "403 GFLOP/s" in again.summary() and "96 GFLOP/s" in again.summary()
     monkeypatch.setattr(precision, "_PROBES", {})
-    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: its kernels may differ, measure again
+    monkeypatch.setattr(
+        torch, "__version__", "9.9.9"
+    )  # another torch: its kernels may differ, measure again
     assert not precision.cpu_probe().cached and len(calls) == 2
     monkeypatch.setattr(precision, "cpu_model", lambda: "Another CPU")
     assert not precision.cpu_probe().cached and len(calls) == 3
@@ -92,5 +105,7 @@ def test_autocast_context():
     with autocast_context(CPU, "fp32"):
         assert not torch.is_autocast_enabled("cpu")
     with autocast_context(CPU, "bf16"):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16

@@ -1,4 +1,5 @@
 """SAM backbone: parity with segment_anything, pooling, checkpoint formats and failures."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,22 +20,29 @@ from skimage import data
 from helpers.sam_factory import build_official_sam, write_official_checkpoint
 from samprobe.backbones import registry
 from samprobe.backbones.sam import SamBackbone, build_sam, infer_geometry, valid_token_mask
-from samprobe.io import weights_sha256
 from samprobe.backbones.sam_weights import read_checkpoint, to_timm_keys
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
+from samprobe.io import weights_sha256
 
 ALL_POOLING = ["neck_avg", "neck_max", "block_avg"]
 
 
 def _images() -> list[np.ndarray]:
     """Real photos, square / landscape / portrait."""
-    return [data.astronaut(), data.chelsea(), data.coffee(), np.ascontiguousarray(data.astronaut()[:, 140:330])]
+    return [
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        np.ascontiguousarray(data.astronaut()[:, 140:330]),
+    ]
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    return write_official_checkpoint(tmp_path_factory.mktemp("w") / "tiny.pth", "tiny", img_size=256)
+    return write_official_checkpoint(
+        tmp_path_factory.mktemp("w") / "tiny.pth", "tiny", img_size=256
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,9 @@ def vitb_ckpt(tmp_path_factory, vitb_official) -> Path:
     return path
 
 
-def _official_inputs(sam, images: list[np.ndarray], size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def _official_inputs(
+    sam, images: list[np.ndarray], size: int
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Reference input: official ResizeLongestSide.apply_image (numpy path) + Sam.preprocess."""
     tf = ResizeLongestSide(size)
     xs, hws = [], []
@@ -127,10 +137,14 @@ def test_padding_does_not_change_pooled_features(tiny):
     """Pooling covers the valid tokens only: the padding region's content must not leak in."""
     x, valid = _batch(tiny, [data.chelsea()])
     noisy = x.clone()
-    noisy[:, :, 176:, :] = 255  # below ceil(170/16)*16 = 176: outside the valid token rows, zeroed anyway
+    noisy[:, :, 176:, :] = (
+        255  # below ceil(170/16)*16 = 176: outside the valid token rows, zeroed anyway
+    )
     a = tiny.encode(x, valid, ALL_POOLING)
     b = tiny.encode(noisy, valid, ALL_POOLING)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the encoder's input is the same: not one bit may move
+    torch.testing.assert_close(
+        a, b, rtol=0, atol=0
+    )  # the encoder's input is the same: not one bit may move
 
 
 def test_valid_token_mask_uses_ceil():
@@ -143,29 +157,49 @@ def test_encode_order_dims_and_pooling_check(tiny):
     x, valid = _batch(tiny, _images()[:2])
     both = tiny.encode(x, valid, ["block_avg", "neck_avg"])
     assert both.shape == (2, 64 + 256)
-    torch.testing.assert_close(both[:, 64:], tiny.encode(x, valid, ["neck_avg"]), rtol=0, atol=0)  # one forward, sliced
-    assert tiny.feature_dims() == {"neck_avg": 256, "neck_max": 256, "block_avg": 64, "interm_avg": 64}
+    torch.testing.assert_close(
+        both[:, 64:], tiny.encode(x, valid, ["neck_avg"]), rtol=0, atol=0
+    )  # one forward, sliced
+    assert tiny.feature_dims() == {
+        "neck_avg": 256,
+        "neck_max": 256,
+        "block_avg": 64,
+        "interm_avg": 64,
+    }
     with pytest.raises(ConfigError, match="neck_mean"):
         tiny.encode(x, valid, ["neck_mean"])
 
 
 def test_identity_hashes_weights_file(tiny, tiny_ckpt):
     ident = tiny.identity()
-    assert ident["weights_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest() == weights_sha256(tiny_ckpt)
+    assert (
+        ident["weights_sha256"]
+        == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+        == weights_sha256(tiny_ckpt)
+    )
     assert ident["variant"] == "custom" and ident["geometry"]["embed_dim"] == 64
 
 
-@pytest.mark.parametrize("variant,expect", [
-    ("vit_b", (768, 12, 12, (2, 5, 8, 11))),
-    ("vit_l", (1024, 24, 16, (5, 11, 17, 23))),
-    ("vit_h", (1280, 32, 16, (7, 15, 23, 31))),
-])
+@pytest.mark.parametrize(
+    "variant,expect",
+    [
+        ("vit_b", (768, 12, 12, (2, 5, 8, 11))),
+        ("vit_l", (1024, 24, 16, (5, 11, 17, 23))),
+        ("vit_h", (1280, 32, 16, (7, 15, 23, 31))),
+    ],
+)
 def test_detects_official_variants_from_shapes(variant, expect):
     with torch.device("meta"):  # shapes only: no vit_h weights are allocated
         sd = sam_model_registry[variant]().state_dict()
     g = infer_geometry(sd)
     assert (g.embed_dim, g.depth, g.num_heads, g.global_attn_indexes) == expect
-    assert (g.variant, g.window_size, g.pos_embed_grid, g.out_chans, g.patch_size) == (variant, 14, (64, 64), 256, 16)
+    assert (g.variant, g.window_size, g.pos_embed_grid, g.out_chans, g.patch_size) == (
+        variant,
+        14,
+        (64, 64),
+        256,
+        16,
+    )
 
 
 def test_non_official_shape_is_custom():
@@ -181,7 +215,11 @@ def test_variant_mismatch_names_both(vitb_ckpt):
     with pytest.raises(ConfigError) as err:
         SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, variant="vit_l")
     msg = str(err.value)
-    assert "backbone.variant is vit_l" in msg and str(vitb_ckpt) in msg and "vit_b encoder (embed 768, depth 12)" in msg
+    assert (
+        "backbone.variant is vit_l" in msg
+        and str(vitb_ckpt) in msg
+        and "vit_b encoder (embed 768, depth 12)" in msg
+    )
 
 
 def test_truncated_file(tiny_ckpt, tmp_path):
@@ -251,13 +289,18 @@ def _neck(bb: SamBackbone) -> torch.Tensor:
     return bb.encode(x, valid, ALL_POOLING)
 
 
-@pytest.mark.parametrize("layout", ["encoder_only", "timm_pth", "timm_safetensors", "wrapped_model", "wrapped_state_dict"])
+@pytest.mark.parametrize(
+    "layout",
+    ["encoder_only", "timm_pth", "timm_safetensors", "wrapped_model", "wrapped_state_dict"],
+)
 def test_other_layouts_load_the_same_weights(tiny, tiny_ckpt, tmp_path, layout):
     from safetensors.torch import save_file
     from timm.models.vision_transformer_sam import checkpoint_filter_fn
 
     official = torch.load(tiny_ckpt, weights_only=True)
-    encoder_only = {k[len("image_encoder."):]: v for k, v in official.items() if k.startswith("image_encoder.")}
+    encoder_only = {
+        k[len("image_encoder.") :]: v for k, v in official.items() if k.startswith("image_encoder.")
+    }
     timm_sd = checkpoint_filter_fn(official, None)
     assert any("mlp.fc1" in k for k in timm_sd) and any("mlp.lin1" in k for k in encoder_only)
     path = tmp_path / ("w.safetensors" if layout == "timm_safetensors" else "w.pth")
@@ -269,12 +312,16 @@ def test_other_layouts_load_the_same_weights(tiny, tiny_ckpt, tmp_path, layout):
         save_file({k: v.contiguous() for k, v in timm_sd.items()}, str(path))
     else:
         torch.save({layout.split("_", 1)[1]: official}, path)
-    torch.testing.assert_close(_neck(SamBackbone.from_checkpoint(path, img_size=256)), _neck(tiny), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _neck(SamBackbone.from_checkpoint(path, img_size=256)), _neck(tiny), rtol=0, atol=0
+    )
 
 
 @pytest.mark.slow
 def test_timm_pretrained_name_with_local_file(vitb_ckpt, tiny_ckpt):
-    via_timm = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, timm_model="samvit_base_patch16.sa1b")
+    via_timm = SamBackbone.from_checkpoint(
+        vitb_ckpt, img_size=256, timm_model="samvit_base_patch16.sa1b"
+    )
     direct_sd = to_timm_keys(torch.load(vitb_ckpt, weights_only=True))
     for k, v in via_timm.encoder.state_dict().items():
         assert torch.equal(v, direct_sd[k]), k
@@ -293,9 +340,17 @@ def test_img_size_512_interpolates_like_timm(tiny_ckpt):
     assert enc.blocks[1].attn.rel_pos_h.shape == (63, 32)  # global block: 2*32-1
     assert enc.blocks[0].attn.rel_pos_h.shape == (27, 32)  # windowed block keeps 2*14-1
     # timm resizes pos_embed and global rel-pos on the fly when run above its build size.
-    ref = VisionTransformerSAM(img_size=256, embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-                               window_size=14, use_rel_pos=True, num_classes=0,
-                               norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    ref = VisionTransformerSAM(
+        img_size=256,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        global_attn_indexes=(1,),
+        window_size=14,
+        use_rel_pos=True,
+        num_classes=0,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+    ).eval()
     ref.load_state_dict(checkpoint_filter_fn(torch.load(tiny_ckpt, weights_only=True), ref))
     x, valid = _batch(bb, [data.astronaut(), data.coffee()])
     with torch.inference_mode():
@@ -345,9 +400,13 @@ def test_weights_hash_is_remembered_per_file_version(tmp_path, monkeypatch):
     sio._cached_sha256.cache_clear()
     assert weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
     monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    monkeypatch.setattr(
+        Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home")))
+    )
     sio._cached_sha256.cache_clear()
-    assert sio.sha256_store() is None and weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert (
+        sio.sha256_store() is None and weights_sha256(w) == hashlib.sha256(b"b" * 1000).hexdigest()
+    )
 
 
 def test_checkpoint_is_memory_mapped_not_read(tmp_path):
@@ -362,8 +421,10 @@ def test_checkpoint_is_memory_mapped_not_read(tmp_path):
 def _official_block_outputs(sam, ref_in: torch.Tensor) -> list[torch.Tensor]:
     """Every official ``ImageEncoderViT`` block's output [B, C, gh, gw], read with forward hooks."""
     outs: list[torch.Tensor] = []
-    hooks = [blk.register_forward_hook(lambda _m, _i, o: outs.append(o.permute(0, 3, 1, 2)))
-             for blk in sam.image_encoder.blocks]
+    hooks = [
+        blk.register_forward_hook(lambda _m, _i, o: outs.append(o.permute(0, 3, 1, 2)))
+        for blk in sam.image_encoder.blocks
+    ]
     try:
         with torch.no_grad():
             sam.image_encoder(ref_in)
@@ -381,14 +442,23 @@ def test_block_features_match_the_official_blocks(vitb_ckpt, vitb_official):
     blocks = _official_block_outputs(vitb_official, ref_in)
 
     def ref_avg(i: int) -> torch.Tensor:  # 1-based block number, pooled over the valid tokens
-        return torch.stack([f[:, : math.ceil(h / 16), : math.ceil(w / 16)].mean((1, 2))
-                            for f, (h, w) in zip(blocks[i - 1], hws)])
+        return torch.stack(
+            [
+                f[:, : math.ceil(h / 16), : math.ceil(w / 16)].mean((1, 2))
+                for f, (h, w) in zip(blocks[i - 1], hws)
+            ]
+        )
 
     x, valid = _batch(bb, images)
     ours = bb.encode(x, valid, ["block_avg@6,12", "interm_avg", "block_avg"])
-    assert ours.shape == (2, 768 * 2 + 768 * 4 + 768) == (2, bb.pooled_dim(["block_avg@6,12", "interm_avg",
-                                                                             "block_avg"]))
-    ref = torch.cat([ref_avg(6), ref_avg(12), *[ref_avg(i) for i in (3, 6, 9, 12)], ref_avg(12)], dim=1)
+    assert (
+        ours.shape
+        == (2, 768 * 2 + 768 * 4 + 768)
+        == (2, bb.pooled_dim(["block_avg@6,12", "interm_avg", "block_avg"]))
+    )
+    ref = torch.cat(
+        [ref_avg(6), ref_avg(12), *[ref_avg(i) for i in (3, 6, 9, 12)], ref_avg(12)], dim=1
+    )
     assert (ours - ref).abs().max().item() < 1e-4
     assert F.cosine_similarity(ours, ref).min().item() >= 0.9999
     # block 12 is the last block: block_avg@12 is block_avg

@@ -1,4 +1,5 @@
 """Weights download against a loopback HTTP server: full, resumed, corrupt, unreachable."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {len(PAYLOAD) - len(body)}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            self.send_header(
+                "Content-Range",
+                f"bytes {len(PAYLOAD) - len(body)}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}",
+            )
         self.end_headers()
         # ``cut``: drop the connection after that many bytes, as a flaky network would
         self.wfile.write(body[: self.server.cut] if self.server.cut else body)
@@ -106,7 +110,9 @@ def test_server_without_range_support_restarts(server, tmp_path):
 def test_checksum_mismatch_removes_part(server, tmp_path):
     _, url = server()
     with pytest.raises(DownloadError, match="expected 0123") as err:
-        download_weights("sam_vit_b", tmp_path, url=url, expected_md5="0123" + "0" * 28, progress=False)
+        download_weights(
+            "sam_vit_b", tmp_path, url=url, expected_md5="0123" + "0" * 28, progress=False
+        )
     assert MD5 in err.value.message
     assert list(tmp_path.iterdir()) == []
 
@@ -119,7 +125,9 @@ def test_unreachable_server(tmp_path):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/sam_vit_b_01ec64.pth"
     with pytest.raises(DownloadError) as err:
-        download_weights("sam_vit_b", tmp_path, url=url, expected_md5=MD5, progress=False, timeout=5)
+        download_weights(
+            "sam_vit_b", tmp_path, url=url, expected_md5=MD5, progress=False, timeout=5
+        )
     assert url in err.value.message and "backbone.checkpoint" in err.value.fix
 
 
@@ -128,7 +136,9 @@ def test_unknown_name(tmp_path):
         download_weights("sam_vit_x", tmp_path)
 
 
-def test_cli_download_checksum_mismatch_exits_2(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_download_checksum_mismatch_exits_2(
+    server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from samprobe.cli import main
 
     _, url = server()  # serves bytes whose MD5 is not the official vit_b one
@@ -142,7 +152,9 @@ def test_catalogue_covers_every_family_with_official_urls():
     assert {e.family for e in CATALOGUE.values()} >= {"sam1", "sam2", "sam_hq", "mobile_sam"}
     for name, entry in CATALOGUE.items():
         assert entry.url.startswith("https://") and entry.source
-        assert (entry.md5 is not None) == (entry.family == "sam1"), name  # only SAM 1 publishes checksums
+        assert (entry.md5 is not None) == (entry.family == "sam1"), (
+            name
+        )  # only SAM 1 publishes checksums
 
 
 def test_unpublished_checksum_is_recorded_on_first_download_then_enforced(server, tmp_path):
@@ -152,11 +164,17 @@ def test_unpublished_checksum_is_recorded_on_first_download_then_enforced(server
     record = tmp_path / "mobile_sam.pt.sha256"
     assert record.read_text().split()[0] == hashlib.sha256(PAYLOAD).hexdigest()
     n = len(srv.requests)
-    assert download_weights("mobile_sam", tmp_path, url=url, progress=False) == path  # verified, not fetched
+    assert (
+        download_weights("mobile_sam", tmp_path, url=url, progress=False) == path
+    )  # verified, not fetched
     assert len(srv.requests) == n
-    path.write_bytes(b"corrupted" + PAYLOAD[9:])  # the file changed: fetched again, matches the record
+    path.write_bytes(
+        b"corrupted" + PAYLOAD[9:]
+    )  # the file changed: fetched again, matches the record
     assert download_weights("mobile_sam", tmp_path, url=url, progress=False).read_bytes() == PAYLOAD
-    record.write_text("0" * 64 + "  mobile_sam.pt\n")  # the record disagrees with what the server sends
+    record.write_text(
+        "0" * 64 + "  mobile_sam.pt\n"
+    )  # the record disagrees with what the server sends
     path.unlink()
     with pytest.raises(DownloadError, match="recorded 0000"):
         download_weights("mobile_sam", tmp_path, url=url, progress=False)

@@ -1,4 +1,5 @@
 """The whole slice through the CLI: validate -> extract -> train -> evaluate -> predict -> export."""
+
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ from helpers.digits import write_config, write_digits
 from helpers.sam_factory import write_official_checkpoint
 from samprobe.cli import main
 from samprobe.predict import Classifier
+from samprobe.tracking import read_csv_rows
 
 
 def run_slice(project: Path) -> Path:
@@ -22,15 +24,44 @@ def run_slice(project: Path) -> Path:
         assert main([*cmd, "-c", cfg]) == 0, cmd
     best = project / "run" / "checkpoints" / "best.pt"
     assert main(["evaluate", "-c", cfg, "--checkpoint", str(best), "--split", "test"]) == 0
-    assert main(["predict", "--checkpoint", str(best), str(project / "data" / "images"), "--out", str(project / "pred.csv"),
-                 "--device", "cpu"]) == 0
-    assert main(["features", "export", "-c", cfg, "--split", "train", "--out", str(project / "train.npz")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(best),
+                str(project / "data" / "images"),
+                "--out",
+                str(project / "pred.csv"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "features",
+                "export",
+                "-c",
+                cfg,
+                "--split",
+                "train",
+                "--out",
+                str(project / "train.npz"),
+            ]
+        )
+        == 0
+    )
     return project / "run"
 
 
 def check_outputs(project: Path, run: Path, n_images: int, dim: int) -> dict:
     report = json.loads((run / "data_report.json").read_text())
-    assert report["total"] == report["ok"] + sum(report[k] for k in ("missing", "unreadable", "unknown_label", "duplicate"))
+    assert report["total"] == report["ok"] + sum(
+        report[k] for k in ("missing", "unreadable", "unknown_label", "duplicate")
+    )
     with open(run / "bad_rows.csv") as f:
         assert len(list(csv.DictReader(f))) == report["total"] - report["ok"]
     with open(run / "splits.csv") as f:
@@ -60,17 +91,23 @@ def check_outputs(project: Path, run: Path, n_images: int, dim: int) -> dict:
 def test_slice_efficientnet_lite0_real_weights(digits_project: Path) -> None:
     run = run_slice(digits_project)
     metrics = check_outputs(digits_project, run, n_images=80, dim=1280)
-    assert metrics["balanced_accuracy"] >= 0.75  # 4 digit classes, real ImageNet features, 48 train images
+    assert (
+        metrics["balanced_accuracy"] >= 0.75
+    )  # 4 digit classes, real ImageNet features, 48 train images
 
 
 @pytest.mark.slow
 def test_slice_tiny_sam_official_format_checkpoint(tmp_path: Path) -> None:
     write_digits(tmp_path / "data", per_class=8, classes=(0, 1))
-    ckpt = write_official_checkpoint(tmp_path / "weights" / "sam_tiny.pth", geometry="tiny", img_size=256)
-    write_config(tmp_path / "samprobe.yaml",
-                 backbone={"name": "sam", "checkpoint": str(ckpt), "img_size": 256},
-                 features={"pooling": ["neck_avg", "block_avg"], "num_workers": 0, "batch_size": 8},
-                 train={"epochs": 5, "patience": 5})
+    ckpt = write_official_checkpoint(
+        tmp_path / "weights" / "sam_tiny.pth", geometry="tiny", img_size=256
+    )
+    write_config(
+        tmp_path / "samprobe.yaml",
+        backbone={"name": "sam", "checkpoint": str(ckpt), "img_size": 256},
+        features={"pooling": ["neck_avg", "block_avg"], "num_workers": 0, "batch_size": 8},
+        train={"epochs": 5, "patience": 5},
+    )
     run = run_slice(tmp_path)
     check_outputs(tmp_path, run, n_images=16, dim=256 + 64)
 
@@ -78,7 +115,9 @@ def test_slice_tiny_sam_official_format_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -> None:
     write_digits(tmp_path / "data", per_class=15, classes=(1, 2, 3))
-    (tmp_path / "data" / "classes.txt").write_text("blank\nd0\nd1\nd2\nd3\n")  # blank and d0: no images
+    (tmp_path / "data" / "classes.txt").write_text(
+        "blank\nd0\nd1\nd2\nd3\n"
+    )  # blank and d0: no images
     write_config(tmp_path / "samprobe.yaml", data={"classes_file": "data/classes.txt"})
     cfg = str(tmp_path / "samprobe.yaml")
     for cmd in ("validate", "extract", "train"):
@@ -88,11 +127,29 @@ def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -
     assert ckpt["classes"]["active"] == [2, 3, 4] and ckpt["head"]["spec"]["num_classes"] == 3
 
     with open(tmp_path / "data" / "metadata.csv") as f:
-        truth = {str(tmp_path / "data" / "images" / r["path"]): r["label"] for r in csv.DictReader(f)}
-    listing = tmp_path / "data" / "to_classify.csv"  # a metadata file: paths under the training data.image_root
+        truth = {
+            str(tmp_path / "data" / "images" / r["path"]): r["label"] for r in csv.DictReader(f)
+        }
+    listing = (
+        tmp_path / "data" / "to_classify.csv"
+    )  # a metadata file: paths under the training data.image_root
     listing.write_text("path\n" + "".join(f"{Path(p).name}\n" for p in truth))
     out = tmp_path / "pred.csv"
-    assert main(["predict", "--checkpoint", str(best), str(listing), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(best),
+                str(listing),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with open(out) as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == len(truth) and not any(p["error"] for p in preds)
@@ -111,9 +168,11 @@ def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -
 def test_evaluate_counts_untrained_class_samples_as_errors(tmp_path: Path) -> None:
     write_digits(tmp_path / "data", per_class=12, classes=(0, 1, 2))
     meta = tmp_path / "data" / "metadata.csv"
-    rows = list(csv.DictReader(open(meta)))
+    rows = read_csv_rows(meta)
     for r in rows:  # every d2 image goes to test: d2 is in the taxonomy but never trained
-        r["split"] = "test" if r["label"] == "d2" else ("test" if int(r["path"][4:8]) % 4 == 0 else "train")
+        r["split"] = (
+            "test" if r["label"] == "d2" else ("test" if int(r["path"][4:8]) % 4 == 0 else "train")
+        )
     with open(meta, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "split"])
         w.writeheader()
@@ -122,40 +181,67 @@ def test_evaluate_counts_untrained_class_samples_as_errors(tmp_path: Path) -> No
     cfg = str(tmp_path / "samprobe.yaml")
     for cmd in ("validate", "extract", "train"):
         assert main([cmd, "-c", cfg]) == 0
-    assert main(["evaluate", "-c", cfg, "--checkpoint", str(tmp_path / "run/checkpoints/best.pt")]) == 0
+    assert (
+        main(["evaluate", "-c", cfg, "--checkpoint", str(tmp_path / "run/checkpoints/best.pt")])
+        == 0
+    )
     metrics = json.loads((tmp_path / "run/eval/test/metrics.json").read_text())
     assert metrics["n_not_trained"] == 12 and metrics["not_trained_classes"] == ["d2"]
     assert metrics["accuracy"] <= 1 - 12 / metrics["n"] + 1e-9
-    per_class = {r["class"]: r for r in csv.DictReader(open(tmp_path / "run/eval/test/per_class.csv"))}
+    per_class = {r["class"]: r for r in read_csv_rows(tmp_path / "run/eval/test/per_class.csv")}
     assert per_class["d2"]["status"] == "not trained" and float(per_class["d2"]["recall"]) == 0.0
 
 
-def test_train_without_extract_says_what_to_do(digits_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_without_extract_says_what_to_do(
+    digits_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = str(digits_project / "samprobe.yaml")
     assert main(["validate", "-c", cfg]) == 0
     assert main(["train", "-c", cfg]) == 2
     assert "samprobe extract" in capsys.readouterr().err
 
 
-def test_wrong_head_checkpoint_file_exits_2(digits_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_head_checkpoint_file_exits_2(
+    digits_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bogus = digits_project / "bogus.pt"
     bogus.write_bytes(b"this is not a checkpoint")
-    assert main(["predict", "--checkpoint", str(bogus), str(digits_project), "--out", str(digits_project / "p.csv")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(bogus),
+                str(digits_project),
+                "--out",
+                str(digits_project / "p.csv"),
+            ]
+        )
+        == 2
+    )
     assert "bogus.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["sam_hq", "sam2", "mobile_sam"])
 def test_slice_each_sam_family_tiny_checkpoint(tmp_path: Path, family: str) -> None:
-    """validate -> extract -> train -> evaluate -> predict through the CLI, `backbone.name: sam` detecting the family."""
+    """validate -> extract -> train -> evaluate -> predict through the CLI, `backbone.name:
+    sam` detecting the family."""
     from family_factory import TINY
 
     backbone = TINY[family](tmp_path / "weights")
     backbone.update(name="sam", img_size=128 if family == "sam2" else 256)  # detected from the file
     write_digits(tmp_path / "data", per_class=8, classes=(0, 1))
-    write_config(tmp_path / "samprobe.yaml", backbone=backbone,
-                 features={"pooling": ["neck_avg"], "num_workers": 0, "batch_size": 8},
-                 train={"epochs": 5, "patience": 5})
+    write_config(
+        tmp_path / "samprobe.yaml",
+        backbone=backbone,
+        features={"pooling": ["neck_avg"], "num_workers": 0, "batch_size": 8},
+        train={"epochs": 5, "patience": 5},
+    )
     run = run_slice(tmp_path)
     check_outputs(tmp_path, run, n_images=16, dim=256)
-    said = {"sam_hq": "SAM-HQ checkpoint", "sam2": "SAM 2.1 checkpoint", "mobile_sam": "MobileSAM checkpoint"}
+    said = {
+        "sam_hq": "SAM-HQ checkpoint",
+        "sam2": "SAM 2.1 checkpoint",
+        "mobile_sam": "MobileSAM checkpoint",
+    }
     assert said[family] in (run / "run.log").read_text()

@@ -5,9 +5,25 @@ import pytest
 
 from samprobe.cli import build_parser, main
 
-COMMANDS = [["demo"], ["init"], ["doctor"], ["validate"], ["extract"], ["train"], ["evaluate"], ["predict"], ["serve"],
-            ["features"], ["features", "export"], ["weights"], ["weights", "download"],
-            ["cache"], ["cache", "info"], ["cache", "verify"], ["cache", "prune"]]
+COMMANDS = [
+    ["demo"],
+    ["init"],
+    ["doctor"],
+    ["validate"],
+    ["extract"],
+    ["train"],
+    ["evaluate"],
+    ["predict"],
+    ["serve"],
+    ["features"],
+    ["features", "export"],
+    ["weights"],
+    ["weights", "download"],
+    ["cache"],
+    ["cache", "info"],
+    ["cache", "verify"],
+    ["cache", "prune"],
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
@@ -20,10 +36,22 @@ def test_every_command_has_help(cmd: list[str], capsys: pytest.CaptureFixture[st
 
 def test_design_commands_exist() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert {"demo", "init", "doctor", "validate", "extract", "train", "evaluate", "predict", "features",
-            "serve"} <= set(sub.choices)
+    assert {
+        "demo",
+        "init",
+        "doctor",
+        "validate",
+        "extract",
+        "train",
+        "evaluate",
+        "predict",
+        "features",
+        "serve",
+    } <= set(sub.choices)
 
 
 def test_console_script_entry_point_runs() -> None:
-    out = subprocess.run([sys.executable, "-m", "samprobe", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "samprobe", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "validate" in out.stdout

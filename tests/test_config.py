@@ -25,20 +25,31 @@ def test_init_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_overrides_are_typed(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(TEMPLATE)
-    cfg = load_config(tmp_path / "c.yaml", ["train.lr=5e-4", "train.epochs=7", "features.num_workers=0",
-                                             "features.pooling=[neck_avg, block_avg]", "data.split_column=split"])
+    cfg = load_config(
+        tmp_path / "c.yaml",
+        [
+            "train.lr=5e-4",
+            "train.epochs=7",
+            "features.num_workers=0",
+            "features.pooling=[neck_avg, block_avg]",
+            "data.split_column=split",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(5e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 7 and cfg.features.num_workers == 0
     assert cfg.features.pooling == ["neck_avg", "block_avg"]
     assert cfg.data.split_column == "split"
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.lrr=0.1", "train.lrr"),           # typo'd key: full path named
-    ("train.lr=-0.1", "train.lr"),            # negative learning rate
-    ("data.on_bad_rows=ignore", "data.on_bad_rows"),
-    ("trian.lr=0.1", "trian"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=0.1", "train.lrr"),  # typo'd key: full path named
+        ("train.lr=-0.1", "train.lr"),  # negative learning rate
+        ("data.on_bad_rows=ignore", "data.on_bad_rows"),
+        ("trian.lr=0.1", "trian"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path: Path, override: str, needle: str) -> None:
     (tmp_path / "c.yaml").write_text(TEMPLATE)
     with pytest.raises(ConfigError) as err:
@@ -61,14 +72,18 @@ def test_enum_error_lists_allowed_values(tmp_path: Path) -> None:
     assert "balanced" in err.value.message and "effective_number" in err.value.message
 
 
-def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exits_2_with_one_line_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "c.yaml").write_text(TEMPLATE)
     assert main(["validate", "-c", str(tmp_path / "c.yaml"), "--set", "train.lr=-1"]) == 2
     err = capsys.readouterr().err
     assert "train.lr" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_missing_metadata_file_exits_2_naming_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_metadata_file_exits_2_naming_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "c.yaml").write_text(TEMPLATE)
     assert main(["validate", "-c", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Loader: uint8 batches from worker processes, failures reported, forkserver when CUDA is initialised,
 pinned batches, workers shared by the ranks of a node."""
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,14 @@ from PIL import Image
 
 from helpers.images import photos
 from samprobe.data.images import decode_rgb, letterbox
-from samprobe.data.loader import Batch, LoadItem, default_num_workers, failure_kind, make_loader, worker_context
+from samprobe.data.loader import (
+    Batch,
+    LoadItem,
+    default_num_workers,
+    failure_kind,
+    make_loader,
+    worker_context,
+)
 from samprobe.io import sha256_file
 
 S = 64
@@ -41,13 +49,17 @@ def _collect(loader) -> dict[int, tuple[torch.Tensor, tuple[int, int], str]]:
 
 
 @pytest.mark.slow
-def test_forkserver_context_when_cuda_is_initialised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forkserver_context_when_cuda_is_initialised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     items = _items(tmp_path)
     assert worker_context(2) is None  # plain CPU run: the fast default (fork)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert worker_context(0) is None  # no workers, nothing to fork
-    prepare = functools.partial(letterbox, size=S)  # picklable: the fork server ships it to the workers
+    prepare = functools.partial(
+        letterbox, size=S
+    )  # picklable: the fork server ships it to the workers
     loader = make_loader(items, prepare, batch_size=2, num_workers=2, target_longest=S)
     assert loader.num_workers == 2
     # Workers fork from a clean server process (torch preloaded there), never from this one.
@@ -66,8 +78,12 @@ def test_failures_are_reported_with_their_kind_and_the_rest_load(tmp_path: Path)
     items = _items(tmp_path)
     Path(items[0].file).unlink()
     Path(items[1].file).write_bytes(b"not an image")
-    Image.fromarray(photos()["square"][::-1].copy()).save(items[2].file, quality=90)  # edited after validate
-    loader = make_loader(items, functools.partial(letterbox, size=S), batch_size=4, num_workers=1, target_longest=S)
+    Image.fromarray(photos()["square"][::-1].copy()).save(
+        items[2].file, quality=90
+    )  # edited after validate
+    loader = make_loader(
+        items, functools.partial(letterbox, size=S), batch_size=4, num_workers=1, target_longest=S
+    )
     batches = list(loader)
     failures = {tag: failure_kind(reason) for b in batches for tag, reason in b.failures}
     assert {t: k for t, (k, _) in failures.items()} == {0: "missing", 1: "unreadable", 2: "changed"}
@@ -80,7 +96,12 @@ def test_default_workers_are_the_available_cores(tmp_path: Path) -> None:
     assert default_num_workers() >= 1
     loader = make_loader(items, functools.partial(letterbox, size=S), batch_size=1)
     assert loader.num_workers == min(default_num_workers(), len(items))
-    assert make_loader(items, functools.partial(letterbox, size=S), batch_size=8, num_workers=4).num_workers == 1
+    assert (
+        make_loader(
+            items, functools.partial(letterbox, size=S), batch_size=8, num_workers=4
+        ).num_workers
+        == 1
+    )
 
 
 def test_workers_per_rank_share_the_node_cores(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,7 +114,9 @@ def test_workers_per_rank_share_the_node_cores(monkeypatch: pytest.MonkeyPatch) 
     assert default_num_workers() == 1
 
 
-def test_the_loader_pin_thread_pins_a_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_loader_pin_thread_pins_a_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torch's pin step (what DataLoader(pin_memory=True) runs on every batch) reaches each tensor
     of a Batch. Pinning itself needs a CUDA driver: here ``Tensor.pin_memory`` is replaced by a
     recorder that returns a copy, so the test checks which tensors go through it (without
@@ -101,7 +124,9 @@ def test_the_loader_pin_thread_pins_a_batch(tmp_path: Path, monkeypatch: pytest.
     from torch.utils.data._utils.pin_memory import pin_memory as loader_pin
 
     items = _items(tmp_path)
-    batch = next(iter(make_loader(items, functools.partial(letterbox, size=S), batch_size=2, num_workers=0)))
+    batch = next(
+        iter(make_loader(items, functools.partial(letterbox, size=S), batch_size=2, num_workers=0))
+    )
     pinned: list[torch.Tensor] = []
 
     def record(t: torch.Tensor, device: object = None) -> torch.Tensor:
@@ -112,12 +137,16 @@ def test_the_loader_pin_thread_pins_a_batch(tmp_path: Path, monkeypatch: pytest.
     out = loader_pin(batch)
     assert isinstance(out, Batch) and out is not batch
     assert [id(t) for t in pinned] == [id(batch.images), id(batch.valid_hw)]
-    assert torch.equal(out.images, batch.images) and out.tags == batch.tags and out.keys == batch.keys
+    assert (
+        torch.equal(out.images, batch.images) and out.tags == batch.tags and out.keys == batch.keys
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a CUDA driver")
 def test_batches_are_really_pinned_on_a_gpu_machine(tmp_path: Path) -> None:
     items = _items(tmp_path)
-    loader = make_loader(items, functools.partial(letterbox, size=S), batch_size=2, num_workers=1, pin_memory=True)
+    loader = make_loader(
+        items, functools.partial(letterbox, size=S), batch_size=2, num_workers=1, pin_memory=True
+    )
     for batch in loader:
         assert batch.images.is_pinned() and batch.valid_hw.is_pinned()

@@ -1,4 +1,5 @@
 """Seeded, stratified splits: reproducible, per class, small classes stay in train."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,11 @@ def _records(counts: dict[str, int]) -> list[Record]:
     for label, n in counts.items():
         for k in range(n):
             row += 1
-            out.append(Record(row, f"{label}/{k}.jpg", f"/x/{label}/{k}.jpg", label, None, f"{label}{k:04d}"))
+            out.append(
+                Record(
+                    row, f"{label}/{k}.jpg", f"/x/{label}/{k}.jpg", label, None, f"{label}{k:04d}"
+                )
+            )
     return out
 
 
@@ -22,7 +27,9 @@ def test_same_seed_same_splits_and_order_does_not_matter() -> None:
     s1 = assign_splits(recs, 0.2, 0.1, seed=7)
     s2 = assign_splits(list(reversed(recs)), 0.2, 0.1, seed=7)
     assert {r.row: r.split for r in s1} == {r.row: r.split for r in s2}
-    assert {r.row: r.split for r in s1} != {r.row: r.split for r in assign_splits(recs, 0.2, 0.1, seed=8)}
+    assert {r.row: r.split for r in s1} != {
+        r.row: r.split for r in assign_splits(recs, 0.2, 0.1, seed=8)
+    }
     per = Counter((r.label, r.split) for r in s1)
     assert (per["a", "val"], per["a", "test"], per["a", "train"]) == (8, 4, 28)
     assert (per["b", "val"], per["b", "test"], per["b", "train"]) == (4, 2, 14)
@@ -47,7 +54,9 @@ def _dataset(counts: dict[str, int], salt: str) -> list[Record]:
     for label, n in counts.items():
         for k in range(n):
             sha = hashlib.sha256(f"{salt}/{label}/{k}".encode()).hexdigest()
-            out.append(Record(0, f"{salt}/{label}/{k}.png", f"/x/{salt}/{label}/{k}.png", label, None, sha))
+            out.append(
+                Record(0, f"{salt}/{label}/{k}.png", f"/x/{salt}/{label}/{k}.png", label, None, sha)
+            )
     return out
 
 
@@ -55,7 +64,9 @@ def _renumber(records: list[Record]) -> list[Record]:
     return [dataclasses.replace(r, row=i + 1) for i, r in enumerate(records)]
 
 
-def _within_fractions(records: list[Record], val_fraction: float, test_fraction: float) -> list[str]:
+def _within_fractions(
+    records: list[Record], val_fraction: float, test_fraction: float
+) -> list[str]:
     """Classes whose val or test count is further than max(1 image, 2 points) from its fraction."""
     bad = []
     for label in {r.label for r in records}:
@@ -63,25 +74,42 @@ def _within_fractions(records: list[Record], val_fraction: float, test_fraction:
         n = len(splits)
         for split, fraction in (("val", val_fraction), ("test", test_fraction)):
             if abs(splits.count(split) - fraction * n) > max(1.0, 0.02 * n):
-                bad.append(f"{label}: {splits.count(split)} {split} of {n}, want {fraction * n:.2f}")
+                bad.append(
+                    f"{label}: {splits.count(split)} {split} of {n}, want {fraction * n:.2f}"
+                )
     return bad
 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_classes = st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 80), min_size=1, max_size=4)
+_classes = st.dictionaries(
+    st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 80), min_size=1, max_size=4
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(first=_classes, added=_classes, data=st.data(), val_fraction=st.sampled_from([0.0, 0.05, 0.1, 0.15, 0.2, 0.3]),
-       test_fraction=st.sampled_from([0.0, 0.1, 0.15, 0.2, 0.25, 0.3]), seed=st.integers(0, 2**31 - 1))
-def test_no_image_ever_moves_and_classes_keep_their_fractions(first, added, data, val_fraction, test_fraction, seed):
+@given(
+    first=_classes,
+    added=_classes,
+    data=st.data(),
+    val_fraction=st.sampled_from([0.0, 0.05, 0.1, 0.15, 0.2, 0.3]),
+    test_fraction=st.sampled_from([0.0, 0.1, 0.15, 0.2, 0.25, 0.3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_no_image_ever_moves_and_classes_keep_their_fractions(
+    first, added, data, val_fraction, test_fraction, seed
+):
     base = assign_splits(_renumber(_dataset(first, "old")), val_fraction, test_fraction, seed)
     assert not _within_fractions(base, val_fraction, test_fraction)
-    removed = data.draw(st.sets(st.sampled_from([r.sha256 for r in base])) if base else st.just(set()), label="removed")
+    removed = data.draw(
+        st.sets(st.sampled_from([r.sha256 for r in base])) if base else st.just(set()),
+        label="removed",
+    )
     new = _dataset(added, "new")
-    order = data.draw(st.permutations(range(len(base) - len(removed) + len(new))), label="row order")
+    order = data.draw(
+        st.permutations(range(len(base) - len(removed) + len(new))), label="row order"
+    )
     kept = [dataclasses.replace(r, split=None) for r in base if r.sha256 not in removed]
     pool = kept + new
     later = _renumber([pool[i] for i in order])
@@ -92,7 +120,9 @@ def test_no_image_ever_moves_and_classes_keep_their_fractions(first, added, data
     # 2. Classes nothing was removed from keep their fractions as they grow.
     untouched = {r.label for r in base} - {r.label for r in base if r.sha256 in removed}
     untouched |= set(added) - {r.label for r in base}
-    assert not _within_fractions([r for r in out if r.label in untouched], val_fraction, test_fraction)
+    assert not _within_fractions(
+        [r for r in out if r.label in untouched], val_fraction, test_fraction
+    )
     # 3. Elsewhere new images only go where their class lacks images: a split the removals left
     #    above its target gets none (without moving images, that is all an assignment can do).
     from samprobe.data.splits import _split_sizes
@@ -105,5 +135,7 @@ def test_no_image_ever_moves_and_classes_keep_their_fractions(first, added, data
         for split in {r.split for r in mine if r.sha256 not in recorded}:
             assert had[split] < target[split], (label, split, had, target)
     # Pure: the same images in another order get the same splits.
-    again = assign_splits(list(reversed(later)), val_fraction, test_fraction, seed, previous=recorded)
+    again = assign_splits(
+        list(reversed(later)), val_fraction, test_fraction, seed, previous=recorded
+    )
     assert {r.sha256: r.split for r in again} == {r.sha256: r.split for r in out}

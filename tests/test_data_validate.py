@@ -1,5 +1,6 @@
 """validate on a corpus with one file per problem kind, built on the fly from real photos;
 then the good rows go through extract and train with a real backbone."""
+
 from __future__ import annotations
 
 import csv
@@ -35,10 +36,13 @@ def _png(img: Image.Image) -> bytes:
 def good_images() -> dict[str, tuple[str, bytes]]:
     """18 distinct real-photo crops, 6 per class, as {file name: (label, bytes)}."""
     out = {}
-    for label, photo in (("café", photos()["tall_2to1"]), ("rocket", photos()["rocket"]),
-                         ("astronaut", photos()["square"])):
+    for label, photo in (
+        ("café", photos()["tall_2to1"]),
+        ("rocket", photos()["rocket"]),
+        ("astronaut", photos()["square"]),
+    ):
         for k in range(6):
-            crop = np.ascontiguousarray(photo[k * 9: k * 9 + 120, k * 7: k * 7 + 90])
+            crop = np.ascontiguousarray(photo[k * 9 : k * 9 + 120, k * 7 : k * 7 + 90])
             out[f"{label}_{k}.jpg"] = (label, _jpeg(crop))
     return out
 
@@ -84,10 +88,14 @@ def build_corpus(tmp: Path) -> tuple[Path, list[tuple[str, str, str]]]:
         ("not_an_image.jpg", "rocket", "unreadable"),
         ("too_big.png", "rocket", "unreadable"),
         ("nowhere.jpg", "rocket", "missing"),
-        ("café_1.jpg", "zebra", "unknown_label"),     # not in classes.txt
-        ("rocket_1.jpg", "", "unknown_label"),        # empty label
-        ("café_2.jpg", "café", "duplicate"),          # same file listed twice, same label
-        ("conflict_copy.jpg", "astronaut", "label_conflict"),  # rocket_0's bytes under another label
+        ("café_1.jpg", "zebra", "unknown_label"),  # not in classes.txt
+        ("rocket_1.jpg", "", "unknown_label"),  # empty label
+        ("café_2.jpg", "café", "duplicate"),  # same file listed twice, same label
+        (
+            "conflict_copy.jpg",
+            "astronaut",
+            "label_conflict",
+        ),  # rocket_0's bytes under another label
         ("../outside.jpg", "rocket", "outside_root"),
         ("link_out.jpg", "rocket", "outside_root"),
         ("", "rocket", "bad_path"),
@@ -103,12 +111,31 @@ def build_corpus(tmp: Path) -> tuple[Path, list[tuple[str, str, str]]]:
 
 
 def make_config(tmp: Path, **data) -> Config:
-    return Config(run_dir=tmp / "run", seed=3, device="cpu", precision="fp32",
-                  data=DataConfig(**{"metadata": tmp / "meta.csv", "image_root": tmp / "images",
-                                     "max_pixels": MAX_PIXELS, "classes_file": tmp / "classes.txt", "val_fraction": 0.2, "test_fraction": 0.2, **data}),
-                  backbone={"name": "efficientnet_lite0", "img_size": 64},
-                  features={"cache_dir": tmp / "cache", "batch_size": 8, "num_workers": 0, "dtype": "float32"},
-                  train={"epochs": 15, "patience": 15})
+    return Config(
+        run_dir=tmp / "run",
+        seed=3,
+        device="cpu",
+        precision="fp32",
+        data=DataConfig(
+            **{
+                "metadata": tmp / "meta.csv",
+                "image_root": tmp / "images",
+                "max_pixels": MAX_PIXELS,
+                "classes_file": tmp / "classes.txt",
+                "val_fraction": 0.2,
+                "test_fraction": 0.2,
+                **data,
+            }
+        ),
+        backbone={"name": "efficientnet_lite0", "img_size": 64},
+        features={
+            "cache_dir": tmp / "cache",
+            "batch_size": 8,
+            "num_workers": 0,
+            "dtype": "float32",
+        },
+        train={"epochs": 15, "patience": 15},
+    )
 
 
 @pytest.mark.slow
@@ -128,9 +155,11 @@ def test_bad_corpus_every_row_classified_then_good_rows_train(tmp_path: Path) ->
     assert report["classes_without_train_images"] == ["dog"]
     with open(run / "bad_rows.csv", encoding="utf-8", newline="") as f:
         bad = {int(r["row"]): r for r in csv.DictReader(f)}
-    for i, (path, label, kind) in enumerate(rows, start=1):
+    for i, (path, _label, kind) in enumerate(rows, start=1):
         got = bad[i]["kind"] if i in bad else "ok"
-        assert got == kind, f"row {i} {path!r}: {got} ({bad.get(i, {}).get('detail')}), expected {kind}"
+        assert got == kind, (
+            f"row {i} {path!r}: {got} ({bad.get(i, {}).get('detail')}), expected {kind}"
+        )
     assert "pixel limit" in bad[[p for p, _, _ in rows].index("too_big.png") + 1]["detail"]
     assert "truncated" in bad[[p for p, _, _ in rows].index("truncated.jpg") + 1]["detail"]
 
@@ -141,7 +170,11 @@ def test_bad_corpus_every_row_classified_then_good_rows_train(tmp_path: Path) ->
     # An image that breaks after validate is reported at extract, the run goes on.
     broken = next(r for r in splits if r.split == "train" and r.label == "café")
     Path(broken.file).write_bytes(Path(broken.file).read_bytes()[:500])
-    gone = next(r for r in splits if r.split == "train" and r.label == "astronaut" and r.path.endswith(".jpg"))
+    gone = next(
+        r
+        for r in splits
+        if r.split == "train" and r.label == "astronaut" and r.path.endswith(".jpg")
+    )
     Path(gone.file).unlink()
     result = run_extract(cfg, progress=False)
     assert result.extracted == len(splits) - 2
@@ -198,17 +231,35 @@ def test_parquet_integer_labels_classes_file_and_null_path(tmp_path: Path) -> No
     root = tmp_path / "images"
     names = {f"img{k}.jpg": "" for k in range(6)}
     _write_images(root, names)
-    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n", encoding="utf-8")  # bird has no images
-    table = pa.table({"file": [*names, None, "img0.jpg"], "y": [0, 1, 0, 1, 0, 1, 0, 7],
-                      "fold": ["train", "train", "val", "test", "train", "train", "train", "train"]})
+    (tmp_path / "classes.txt").write_text(
+        "cat\ndog\nbird\n", encoding="utf-8"
+    )  # bird has no images
+    table = pa.table(
+        {
+            "file": [*names, None, "img0.jpg"],
+            "y": [0, 1, 0, 1, 0, 1, 0, 7],
+            "fold": ["train", "train", "val", "test", "train", "train", "train", "train"],
+        }
+    )
     pq.write_table(table, tmp_path / "meta.parquet")
-    cfg = DataConfig(metadata=tmp_path / "meta.parquet", image_root=root, path_column="file",
-                     label_column="y", split_column="fold", classes_file=tmp_path / "classes.txt")
+    cfg = DataConfig(
+        metadata=tmp_path / "meta.parquet",
+        image_root=root,
+        path_column="file",
+        label_column="y",
+        split_column="fold",
+        classes_file=tmp_path / "classes.txt",
+    )
     ds = validate(cfg)
     assert ds.taxonomy == ["cat", "dog", "bird"]
     assert [(r.path, r.label, r.split) for r in ds.records] == [
-        ("img0.jpg", "cat", "train"), ("img1.jpg", "dog", "train"), ("img2.jpg", "cat", "val"),
-        ("img3.jpg", "dog", "test"), ("img4.jpg", "cat", "train"), ("img5.jpg", "dog", "train")]
+        ("img0.jpg", "cat", "train"),
+        ("img1.jpg", "dog", "train"),
+        ("img2.jpg", "cat", "val"),
+        ("img3.jpg", "dog", "test"),
+        ("img4.jpg", "cat", "train"),
+        ("img5.jpg", "dog", "train"),
+    ]
     assert [(p.row, p.kind) for p in ds.problems] == [(7, "bad_path"), (8, "unknown_label")]
 
 
@@ -216,18 +267,35 @@ def test_jsonl_malformed_line_bad_split_and_folder_layout(tmp_path: Path) -> Non
     root = tmp_path / "images"
     _write_images(root, {"a/1.jpg": "", "a/2.jpg": "", "b/3.jpg": ""})
     (root / "b" / "notes.txt").write_text("not listed: not an image suffix")
-    lines = ['{"path": "a/1.jpg", "label": "a", "split": "train"}', "{not json", '["a list"]',
-             '{"path": "b/3.jpg", "label": "b", "split": "holdout"}', '{"path": "a/2.jpg", "label": "a", "split": "Validation"}']
+    lines = [
+        '{"path": "a/1.jpg", "label": "a", "split": "train"}',
+        "{not json",
+        '["a list"]',
+        '{"path": "b/3.jpg", "label": "b", "split": "holdout"}',
+        '{"path": "a/2.jpg", "label": "a", "split": "Validation"}',
+    ]
     (tmp_path / "meta.jsonl").write_text("\n".join(lines) + "\n")
-    ds = validate(DataConfig(metadata=tmp_path / "meta.jsonl", image_root=root, split_column="split"))
-    assert [(p.row, p.kind) for p in ds.problems] == [(2, "malformed"), (3, "malformed"), (4, "bad_split")]
+    ds = validate(
+        DataConfig(metadata=tmp_path / "meta.jsonl", image_root=root, split_column="split")
+    )
+    assert [(p.row, p.kind) for p in ds.problems] == [
+        (2, "malformed"),
+        (3, "malformed"),
+        (4, "bad_split"),
+    ]
     assert [r.split for r in ds.records] == ["train", "val"]
 
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
     folder = validate(DataConfig(image_root=root, classes_file=tmp_path / "classes.txt"))
-    assert [(r.path, r.label) for r in folder.records] == [("a/1.jpg", "a"), ("a/2.jpg", "a"), ("b/3.jpg", "b")]
+    assert [(r.path, r.label) for r in folder.records] == [
+        ("a/1.jpg", "a"),
+        ("a/2.jpg", "a"),
+        ("b/3.jpg", "b"),
+    ]
     assert folder.taxonomy == ["a", "b", "c"] and folder.total == 3
-    assert folder.extra["ignored_files"] == 1 and folder.extra["ignored_files_examples"] == ["b/notes.txt"]
+    assert folder.extra["ignored_files"] == 1 and folder.extra["ignored_files_examples"] == [
+        "b/notes.txt"
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,26 +307,48 @@ def _small_csv(tmp: Path, header: str = "path,label") -> None:
     (tmp / "meta.csv").write_text(f"{header}\nx.jpg,a\n")
 
 
-@pytest.mark.parametrize("data, match, fix", [
-    ({"metadata": "nope.csv"}, r"data.metadata file .*nope.csv does not exist", "fix data.metadata"),
-    ({"label_column": "class"}, r"data.label_column 'class' is not a column", "path, label"),
-    ({"path_column": "file"}, r"data.path_column 'file' is not a column", "path, label"),
-    ({"split_column": "fold"}, r"data.split_column 'fold' is not a column", "path, label"),
-    ({"classes_file": "none.txt"}, r"data.classes_file .*none.txt does not exist", "set it to null"),
-    ({"classes_file": "dup.txt"}, r"dup.txt lists 'a' twice", "keep each class name once"),
-    ({"metadata": None, "image_root": "nowhere"}, r"data.image_root .*nowhere is not a folder", "<class>/<image>"),
-])
+@pytest.mark.parametrize(
+    "data, match, fix",
+    [
+        (
+            {"metadata": "nope.csv"},
+            r"data.metadata file .*nope.csv does not exist",
+            "fix data.metadata",
+        ),
+        ({"label_column": "class"}, r"data.label_column 'class' is not a column", "path, label"),
+        ({"path_column": "file"}, r"data.path_column 'file' is not a column", "path, label"),
+        ({"split_column": "fold"}, r"data.split_column 'fold' is not a column", "path, label"),
+        (
+            {"classes_file": "none.txt"},
+            r"data.classes_file .*none.txt does not exist",
+            "set it to null",
+        ),
+        ({"classes_file": "dup.txt"}, r"dup.txt lists 'a' twice", "keep each class name once"),
+        (
+            {"metadata": None, "image_root": "nowhere"},
+            r"data.image_root .*nowhere is not a folder",
+            "<class>/<image>",
+        ),
+    ],
+)
 def test_user_errors(tmp_path: Path, data: dict, match: str, fix: str) -> None:
     _small_csv(tmp_path)
     (tmp_path / "dup.txt").write_text("a\nb\na\n")
-    data = {k: (tmp_path / v if k in ("metadata", "classes_file", "image_root") and v else v) for k, v in data.items()}
-    cfg = DataConfig(**{"metadata": tmp_path / "meta.csv", "image_root": tmp_path / "images", **data})
+    data = {
+        k: (tmp_path / v if k in ("metadata", "classes_file", "image_root") and v else v)
+        for k, v in data.items()
+    }
+    cfg = DataConfig(
+        **{"metadata": tmp_path / "meta.csv", "image_root": tmp_path / "images", **data}
+    )
     with pytest.raises(DataError, match=match) as exc:
         validate(cfg)
     assert fix in exc.value.fix
 
 
-def test_parquet_without_pyarrow_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_without_pyarrow_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sys
 
     from samprobe.errors import ConfigError
@@ -270,15 +360,23 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path: Path, monkeypatch
     assert "samprobe[parquet]" in exc.value.fix
 
 
-def test_no_usable_rows_and_missing_splits_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_no_usable_rows_and_missing_splits_via_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from samprobe.cli import main
 
     (tmp_path / "images").mkdir()
     (tmp_path / "meta.csv").write_text("path,label\ngone.jpg,a\n")
-    (tmp_path / "cfg.yaml").write_text("run_dir: run\ndata:\n  metadata: meta.csv\n  image_root: images\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "run_dir: run\ndata:\n  metadata: meta.csv\n  image_root: images\n"
+    )
     assert main(["validate", "-c", str(tmp_path / "cfg.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("samprobe: error [") and "no usable rows in" in err[-1] and "bad_rows.csv" in err[-1]
+    assert (
+        err[-1].startswith("samprobe: error [")
+        and "no usable rows in" in err[-1]
+        and "bad_rows.csv" in err[-1]
+    )
     with pytest.raises(DataError, match="splits.csv does not exist") as exc:
         read_splits(tmp_path / "other_run" / "splits.csv")
     assert "samprobe validate" in exc.value.fix
@@ -288,10 +386,17 @@ def test_folder_layout_hidden_empty_and_top_level(tmp_path: Path) -> None:
     from samprobe.data.metadata import summary_lines, write_report
 
     root = tmp_path / "images"
-    _write_images(root, {"cat/1.jpg": "", "cat/.2.jpg": "", ".thumbs/3.jpg": "", "stray.jpg": "", "dog/4.jpg": ""})
+    _write_images(
+        root,
+        {"cat/1.jpg": "", "cat/.2.jpg": "", ".thumbs/3.jpg": "", "stray.jpg": "", "dog/4.jpg": ""},
+    )
     (root / "empty_class").mkdir()
     ds = validate(DataConfig(image_root=root))
-    assert ds.taxonomy == ["cat", "dog", "empty_class"]  # the empty folder is a class; .thumbs is not
+    assert ds.taxonomy == [
+        "cat",
+        "dog",
+        "empty_class",
+    ]  # the empty folder is a class; .thumbs is not
     assert [(r.path, r.label) for r in ds.records] == [("cat/1.jpg", "cat"), ("dog/4.jpg", "dog")]
     reasons = ds.extra["ignored_by_reason"]
     assert reasons["top_level_images"]["examples"] == ["stray.jpg"]
@@ -299,7 +404,9 @@ def test_folder_layout_hidden_empty_and_top_level(tmp_path: Path) -> None:
     lines = summary_lines(write_report(ds, tmp_path / "run"), ds.problems)
     assert any("no class folder" in ln and "stray.jpg" in ln for ln in lines), lines
     assert not any("not images by suffix" in ln for ln in lines), lines
-    assert any("empty_class" in ln for ln in lines)  # listed among the classes without training images
+    assert any(
+        "empty_class" in ln for ln in lines
+    )  # listed among the classes without training images
 
 
 def test_classes_file_comments_and_empty_split_cells(tmp_path: Path) -> None:
@@ -308,15 +415,31 @@ def test_classes_file_comments_and_empty_split_cells(tmp_path: Path) -> None:
     _write_images(root, names)
     (tmp_path / "classes.txt").write_text("# taxonomy v2\na\n\n  # b was renamed\nb\nc\n")
     splits = ["train", "", "test", "train", "  ", "val"]
-    (tmp_path / "meta.csv").write_text("path,label,split\n" + "".join(
-        f"{n},{c},{s}\n" for (n, c), s in zip(names.items(), splits)))
-    ds = validate(DataConfig(metadata=tmp_path / "meta.csv", image_root=root, split_column="split",
-                             classes_file=tmp_path / "classes.txt"))
+    (tmp_path / "meta.csv").write_text(
+        "path,label,split\n" + "".join(f"{n},{c},{s}\n" for (n, c), s in zip(names.items(), splits))
+    )
+    ds = validate(
+        DataConfig(
+            metadata=tmp_path / "meta.csv",
+            image_root=root,
+            split_column="split",
+            classes_file=tmp_path / "classes.txt",
+        )
+    )
     assert ds.taxonomy == ["a", "b", "c"] and not ds.problems
-    assert [r.split for r in ds.records] == ["train", None, "test", "train", None, "val"]  # blank: assigned later
+    assert [r.split for r in ds.records] == [
+        "train",
+        None,
+        "test",
+        "train",
+        None,
+        "val",
+    ]  # blank: assigned later
 
 
-def test_validate_progress_bar_ends_at_n_of_n(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_progress_bar_ends_at_n_of_n(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "images"
     _write_images(root, {f"a/{k}.jpg": "" for k in range(3)})
     validate(DataConfig(image_root=root), progress=True)

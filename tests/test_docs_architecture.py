@@ -2,6 +2,7 @@
 code. ``samprobe.x.y`` is imported / looked up, a config key (``train.head``) must be a Config
 field, ``samprobe <command>`` a CLI command, a repo path (``src/...``, ``tests/...``) a file, and a
 bare name (``encode``) an attribute of a class or module named in the same section."""
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,11 @@ def config_error(key: str) -> str | None:
         if model is None or part not in model.model_fields:
             return f"`{key}`: no config field {part!r}"
         annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
     return None
 
 
@@ -97,14 +102,22 @@ def check(spans_by_section: dict[str, list[str]]) -> tuple[list[str], dict[str, 
                 error = cli_error([w for w in span.split()[1:] if not w.startswith("-")])
             elif REPO_PATH.fullmatch(span):
                 counts["path"] += 1
-                error = None if (REPO / span).exists() else f"`{span}`: no such file in the repository"
-            elif re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", span) and span.split(".")[0] in Config.model_fields:
+                error = (
+                    None if (REPO / span).exists() else f"`{span}`: no such file in the repository"
+                )
+            elif (
+                re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", span)
+                and span.split(".")[0] in Config.model_fields
+            ):
                 counts["config"] += 1
                 error = config_error(span)
             elif BARE.fullmatch(span) and span not in Config.model_fields:
                 counts["member"] += 1
-                error = None if any(hasattr(obj, span) for obj in named) else (
-                    f"`{span}`: not an attribute of anything this section names")
+                error = (
+                    None
+                    if any(hasattr(obj, span) for obj in named)
+                    else (f"`{span}`: not an attribute of anything this section names")
+                )
             else:
                 continue  # file names of a run (`splits.csv`), options (`--resume`): prose
             if error:
@@ -122,12 +135,22 @@ def test_the_page_names_the_place_for_each_extension():
     spans = sections(DOC.read_text(encoding="utf-8"))
     for heading in EXTENSIONS:
         assert heading in spans, f"docs/architecture.md has no section {heading!r}"
-        assert any(CODE.fullmatch(s) for s in spans[heading]), f"{heading!r} names no module, class or function"
+        assert any(CODE.fullmatch(s) for s in spans[heading]), (
+            f"{heading!r} names no module, class or function"
+        )
 
 
-@pytest.mark.parametrize("span", ["samprobe.train.heads.NoSuchHead", "samprobe.no_such_module.run",
-                                  "train.no_such_key", "samprobe no-such-command", "src/samprobe/no_such.py",
-                                  "no_such_member"])
+@pytest.mark.parametrize(
+    "span",
+    [
+        "samprobe.train.heads.NoSuchHead",
+        "samprobe.no_such_module.run",
+        "train.no_such_key",
+        "samprobe no-such-command",
+        "src/samprobe/no_such.py",
+        "no_such_member",
+    ],
+)
 def test_a_stale_name_is_reported(span: str):
     errors, _ = check({"A backbone": ["samprobe.backbones.registry.Backbone", span]})
     assert len(errors) == 1 and span in errors[0], errors

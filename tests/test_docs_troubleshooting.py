@@ -1,4 +1,5 @@
 """docs/troubleshooting.md documents every error samprobe raises and every error of the seed notes."""
+
 from __future__ import annotations
 
 import ast
@@ -29,14 +30,18 @@ class RaiseSite:
     file: str
     line: int
     error: str
-    literal: str | None  # the longest literal part of the message, None when the message is a variable
+    literal: (
+        str | None
+    )  # the longest literal part of the message, None when the message is a variable
 
 
 def _literal(node: ast.expr) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         parts = [node.value]
     elif isinstance(node, ast.JoinedStr):
-        parts = [v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+        parts = [
+            v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)
+        ]
     else:
         return None
     best = max((p.strip() for p in parts), key=len, default="")
@@ -49,7 +54,13 @@ def raise_sites() -> list[RaiseSite]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 func = node.exc.func
-                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+                name = (
+                    func.id
+                    if isinstance(func, ast.Name)
+                    else func.attr
+                    if isinstance(func, ast.Attribute)
+                    else None
+                )
                 if name and name.endswith("Error"):
                     msg = _literal(node.exc.args[0]) if node.exc.args else None
                     sites.append(RaiseSite(str(path.relative_to(SRC)), node.lineno, name, msg))
@@ -69,8 +80,9 @@ def test_the_scan_finds_raise_sites():
 def test_every_error_class_has_a_section_with_its_code():
     text = docs_text()
     for cls in errors.all_error_types():
-        assert re.search(rf"^#+ {re.escape(cls.code)} {cls.__name__}\b", text, re.M), \
+        assert re.search(rf"^#+ {re.escape(cls.code)} {cls.__name__}\b", text, re.M), (
             f"docs/troubleshooting.md lacks a '### {cls.code} {cls.__name__}' section"
+        )
     codes = [cls.code for cls in errors.all_error_types()]
     assert len(codes) == len(set(codes)), f"duplicate error codes: {codes}"
 
@@ -79,22 +91,28 @@ def test_every_raised_error_type_is_a_samprobe_error_or_a_builtin():
     """A user-facing error must be a SamprobeError subclass (exit 2, code, docs); builtins are bug guards."""
     ours = {cls.__name__ for cls in errors.all_error_types()}
     for site in raise_sites():
-        assert site.error in ours or isinstance(getattr(builtins, site.error, None), type), \
+        assert site.error in ours or isinstance(getattr(builtins, site.error, None), type), (
             f"{site.file}:{site.line} raises {site.error}, which is neither in samprobe.errors nor a builtin"
+        )
 
 
 def test_every_raise_site_message_is_documented():
     text = docs_text()
     ours = {cls.__name__ for cls in errors.all_error_types()}
-    missing = [f"{s.file}:{s.line} {s.error}({s.literal!r})" for s in raise_sites()
-               if s.error in ours and s.literal and s.literal not in text]
+    missing = [
+        f"{s.file}:{s.line} {s.error}({s.literal!r})"
+        for s in raise_sites()
+        if s.error in ours and s.literal and s.literal not in text
+    ]
     assert not missing, "add these messages to docs/troubleshooting.md:\n" + "\n".join(missing)
 
 
 def test_every_seed_error_is_covered():
     text = docs_text()
-    seed_part = text[text.index("## Errors from the seed notes"):]
+    seed_part = text[text.index("## Errors from the seed notes") :]
     for err in SEED_ERRORS:
         assert err in seed_part, f"seed error {err!r} is not in docs/troubleshooting.md"
     for section in re.split(r"^### ", seed_part, flags=re.M)[1:]:
-        assert "Prevented:" in section, f"seed section {section.splitlines()[0]!r} does not say whether samprobe prevents it"
+        assert "Prevented:" in section, (
+            f"seed section {section.splitlines()[0]!r} does not say whether samprobe prevents it"
+        )

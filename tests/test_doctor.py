@@ -1,4 +1,5 @@
 """`samprobe doctor`: every blocking problem -> exit 2 and a FAIL line naming it; healthy -> exit 0."""
+
 from __future__ import annotations
 
 import socket
@@ -34,8 +35,20 @@ def test_healthy_config_passes(project, capsys, monkeypatch):
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     rc, lines = doctor(capsys, project)
     assert rc == 0, lines
-    for name in ("config", "image root", "metadata", "image sample", "run directory", "feature cache directory",
-                 "device and precision", "GPU", "backbone checkpoint", "shared memory", "free disk", "tracker"):
+    for name in (
+        "config",
+        "image root",
+        "metadata",
+        "image sample",
+        "run directory",
+        "feature cache directory",
+        "device and precision",
+        "GPU",
+        "backbone checkpoint",
+        "shared memory",
+        "free disk",
+        "tracker",
+    ):
         assert status(lines, name) == "ok", lines
     assert any("12 of 12 sampled images decode" in ln for ln in lines)
     assert any("efficientnet_lite0" in ln and "1280-d" in ln for ln in lines)
@@ -86,7 +99,9 @@ def test_unwritable_run_and_cache_dirs_are_blocking(project, capsys, tmp_path):
     blocker.write_text("x")  # a directory cannot be created under a file (works as root too)
     line = _blocked_by(capsys, project, "run directory", f"run_dir={blocker / 'run'}")
     assert "[SP400]" in line and "a_file" in line
-    line = _blocked_by(capsys, project, "feature cache directory", f"features.cache_dir={blocker / 'cache'}")
+    line = _blocked_by(
+        capsys, project, "feature cache directory", f"features.cache_dir={blocker / 'cache'}"
+    )
     assert "features.cache_dir" in line
 
 
@@ -103,7 +118,9 @@ def test_bad_backbone_checkpoint_is_blocking(project, capsys, tmp_path):
     garbage = tmp_path / "weights.pth"
     garbage.write_bytes(bytes(range(256)) * 4)  # torch.load's error for this is many lines long
     line = _blocked_by(capsys, project, "backbone checkpoint", f"backbone.checkpoint={garbage}")
-    assert "[SP300]" in line and "weights.pth" in line and "not a readable PyTorch checkpoint" in line
+    assert (
+        "[SP300]" in line and "weights.pth" in line and "not a readable PyTorch checkpoint" in line
+    )
 
     import torch
 
@@ -163,7 +180,10 @@ def test_disk_line_gives_extracts_estimate_and_says_when_the_width_is_assumed(tm
     finally:
         logging.getLogger("samprobe").removeHandler(handler)
     extract_line = next(r.getMessage() for r in records if "MB on disk" in r.getMessage())
-    assert "(12 to extract" in extract_line and f"~{doctor_mb:.1f} MB on disk" in extract_line, (line, extract_line)
+    assert "(12 to extract" in extract_line and f"~{doctor_mb:.1f} MB on disk" in extract_line, (
+        line,
+        extract_line,
+    )
     assert "12 images x 1280-d" in line
 
     garbage = tmp_path / "weights.pth"
@@ -189,9 +209,18 @@ def test_gpu_present_but_unusable_warns(project, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(doc, "NVIDIA_PROC", tmp_path / "absent")
     rc, lines = doctor(capsys, project)
-    assert status(lines, "GPU") == "ok" and any("no NVIDIA GPU (runs on the CPU)" in ln for ln in lines)
-    monkeypatch.setattr(doc, "NVIDIA_PROC", _fake_driver(
-        tmp_path, "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build", 2))
+    assert status(lines, "GPU") == "ok" and any(
+        "no NVIDIA GPU (runs on the CPU)" in ln for ln in lines
+    )
+    monkeypatch.setattr(
+        doc,
+        "NVIDIA_PROC",
+        _fake_driver(
+            tmp_path,
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build",
+            2,
+        ),
+    )
     rc, lines = doctor(capsys, project, "device=auto")
     assert rc == 0 and status(lines, "GPU") == "WARN", lines
     line = next(ln for ln in lines if " GPU:" in ln)
@@ -201,7 +230,9 @@ def test_gpu_present_but_unusable_warns(project, capsys, monkeypatch, tmp_path):
     assert "CPU-only" in line
 
 
-def test_usable_gpus_are_listed_with_capability_memory_and_rank(project, capsys, monkeypatch, tmp_path):
+def test_usable_gpus_are_listed_with_capability_memory_and_rank(
+    project, capsys, monkeypatch, tmp_path
+):
     import torch
 
     from samprobe import doctor as doc
@@ -213,12 +244,23 @@ def test_usable_gpus_are_listed_with_capability_memory_and_rank(project, capsys,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(doc, "NVIDIA_PROC", _fake_driver(
-        tmp_path, "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023", 2))
+    monkeypatch.setattr(
+        doc,
+        "NVIDIA_PROC",
+        _fake_driver(
+            tmp_path,
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023",
+            2,
+        ),
+    )
     line = next(ln for ln in doctor(capsys, project)[1] if " GPU:" in ln)
     assert line.split()[0] == "ok"
     assert "cuda:0 (NVIDIA H200, sm_90, 139.7 GiB), cuda:1 (NVIDIA H200, sm_90, 139.7 GiB)" in line
-    assert "driver 535.104.05" in line and f"CUDA {torch.version.cuda}" in line and "LOCAL_RANK 1 uses cuda:1" in line
+    assert (
+        "driver 535.104.05" in line
+        and f"CUDA {torch.version.cuda}" in line
+        and "LOCAL_RANK 1 uses cuda:1" in line
+    )
 
 
 def test_too_little_shared_memory_for_the_workers_is_blocking(project, capsys, monkeypatch):
@@ -228,22 +270,48 @@ def test_too_little_shared_memory_for_the_workers_is_blocking(project, capsys, m
 
     real = shutil.disk_usage
     rc, lines = doctor(capsys, project)
-    assert status(lines, "shared memory") == "ok" and any("not used (features.num_workers 0" in ln for ln in lines)
-    monkeypatch.setattr(doc.shutil, "disk_usage",
-                        lambda p: real(p)._replace(free=100_000) if str(p) == "/dev/shm" else real(p))
-    line = _blocked_by(capsys, project, "shared memory", "features.num_workers=2", "features.batch_size=4")
+    assert status(lines, "shared memory") == "ok" and any(
+        "not used (features.num_workers 0" in ln for ln in lines
+    )
+    monkeypatch.setattr(
+        doc.shutil,
+        "disk_usage",
+        lambda p: real(p)._replace(free=100_000) if str(p) == "/dev/shm" else real(p),
+    )
+    line = _blocked_by(
+        capsys, project, "shared memory", "features.num_workers=2", "features.batch_size=4"
+    )
     # 12 images, batches of 4: 2 workers x 4 prefetched batches x 4 images x 3 x 64 x 64 bytes = 0.4 MB
-    assert "[SP600]" in line and "/dev/shm has 0.1 MB free" in line and "need 0.4 MB" in line and "--shm-size" in line
+    assert (
+        "[SP600]" in line
+        and "/dev/shm has 0.1 MB free" in line
+        and "need 0.4 MB" in line
+        and "--shm-size" in line
+    )
 
 
 def test_doctor_says_the_sam_family_and_lists_its_features(project, capsys, tmp_path):
     from helpers.sam_factory import write_official_hq_checkpoint
 
     ckpt = write_official_hq_checkpoint(tmp_path / "sam_hq_tiny.pth", "tiny", img_size=256)
-    rc, lines = doctor(capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256")
+    rc, lines = doctor(
+        capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256"
+    )
     line = next(ln for ln in lines if " backbone checkpoint:" in ln)
     assert rc == 0 and status(lines, "backbone checkpoint") == "ok", lines
-    assert "SAM-HQ checkpoint, custom encoder" in line and "block_avg[@1..2]" in line and "interm_avg" in line
-    rc, lines = doctor(capsys, project, "backbone.name=sam", f"backbone.checkpoint={ckpt}", "backbone.img_size=256",
-                       "backbone.variant=hiera_t")
-    assert rc == 2 and "backbone.variant is hiera_t" in next(ln for ln in lines if " backbone checkpoint:" in ln)
+    assert (
+        "SAM-HQ checkpoint, custom encoder" in line
+        and "block_avg[@1..2]" in line
+        and "interm_avg" in line
+    )
+    rc, lines = doctor(
+        capsys,
+        project,
+        "backbone.name=sam",
+        f"backbone.checkpoint={ckpt}",
+        "backbone.img_size=256",
+        "backbone.variant=hiera_t",
+    )
+    assert rc == 2 and "backbone.variant is hiera_t" in next(
+        ln for ln in lines if " backbone checkpoint:" in ln
+    )

@@ -1,4 +1,5 @@
 """FeatureCache: round trips, atomicity, corruption detection, compaction, prune, CLI errors."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers.cache_corpus import LogLines, make_corpus, write_config
+from helpers.cache_corpus import make_corpus, write_config
 from samprobe.cli import main
 from samprobe.errors import CacheError
 from samprobe.features.cache import FeatureCache, estimate_bytes
@@ -46,9 +47,13 @@ def test_orphan_shard_from_a_killed_write_is_invisible_and_collected(tmp_path):
         orphan.write_bytes(b"\0" * 100)
         (c.shard_dir / ".x.bin.123.tmp").write_bytes(b"\1" * 7)
         assert len(c) == 3 and c.verify().bad_entries == 0
-        assert c.remove_orphans(min_age_s=3600) == 0  # young: may belong to a writer about to commit
+        assert (
+            c.remove_orphans(min_age_s=3600) == 0
+        )  # young: may belong to a writer about to commit
         assert c.remove_orphans(min_age_s=0) == 2
-        assert sorted(p.name for p in c.shard_dir.iterdir()) == [next(iter(c._shards().values())).file]
+        assert sorted(p.name for p in c.shard_dir.iterdir()) == [
+            next(iter(c._shards().values())).file
+        ]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -69,7 +74,9 @@ def test_corrupt_shard_is_detected_on_read_by_verify_and_dropped_by_missing(tmp_
     with FeatureCache(tmp_path, "fp", 16, "float16") as c:
         with pytest.raises(CacheError, match=f"{victim.file}.*corrupt"):
             c.get(_keys(8))
-        np.testing.assert_array_equal(c.get(_keys(4)), x[:4].astype(np.float16).astype(np.float32))  # intact shard still reads
+        np.testing.assert_array_equal(
+            c.get(_keys(4)), x[:4].astype(np.float16).astype(np.float32)
+        )  # intact shard still reads
         rep = c.verify()
         assert rep.bad_entries == 4 and rep.bad_shards[0][0] == victim.file
         assert c.missing(_keys(8)) == _keys(8)[4:]  # dropped: extraction will redo exactly these
@@ -93,7 +100,7 @@ def test_compact_packs_small_shards_and_prune_frees_bytes(tmp_path):
     keys = _keys(50)
     with FeatureCache(tmp_path, "fp", 16, "float16") as c:
         for i in range(0, 50, 4):
-            c.put(keys[i:i + 4], x[i:i + 4])
+            c.put(keys[i : i + 4], x[i : i + 4])
         assert c.stats()["shards"] == 13
         c.compact(target_rows=20)
         assert c.stats()["shards"] == 3 and len(list(c.shard_dir.iterdir())) == 3
@@ -102,7 +109,9 @@ def test_compact_packs_small_shards_and_prune_frees_bytes(tmp_path):
         c.remove(keys[10:])
         c.compact(target_rows=20)
         assert c.stats()["shard_bytes"] == before * 10 // 50
-        np.testing.assert_array_equal(c.get(keys[:10]), x[:10].astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(
+            c.get(keys[:10]), x[:10].astype(np.float16).astype(np.float32)
+        )
         assert c.missing(keys) == keys[10:]
         assert c.verify().bad_entries == 0
 
@@ -125,12 +134,18 @@ def test_cli_extract_unwritable_cache_dir_exits_2_before_any_work(tmp_path, caps
     cfg = write_config(tmp_path, images, cache_dir=blocker / "cache")
     assert main(["extract", "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert f"features.cache_dir {blocker / 'cache'} cannot be created or written" in err and "Fix:" in err
+    assert (
+        f"features.cache_dir {blocker / 'cache'} cannot be created or written" in err
+        and "Fix:" in err
+    )
     assert not (tmp_path / "run").exists()  # nothing validated, no model loaded
     cfg = write_config(tmp_path, images, cache_dir="/proc/samprobe-cache")
     capsys.readouterr()
     assert main(["doctor", "-c", str(cfg)]) == 2
-    assert "FAIL  feature cache directory: [SP400] features.cache_dir /proc/samprobe-cache cannot be created" in capsys.readouterr().out
+    assert (
+        "FAIL  feature cache directory: [SP400] features.cache_dir /proc/samprobe-cache cannot be created"
+        in capsys.readouterr().out
+    )
 
 
 def test_cli_cache_commands_without_a_cache_exit_2(tmp_path, capsys):

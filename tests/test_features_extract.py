@@ -1,6 +1,8 @@
 """Extraction into the cache: kill/resume, content addressing, OOM splitting, torchrun, export, cache CLI."""
+
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -13,7 +15,6 @@ from PIL import Image
 
 from helpers.cache_corpus import PY, REPO, LogLines, index_count, make_corpus, write_config
 from samprobe.backbones.registry import Backbone, PooledFeature
-from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.data.images import resize_square
@@ -23,6 +24,7 @@ from samprobe.features.cache import FeatureCache
 from samprobe.features.extract import Extractor
 from samprobe.io import sha256_file
 from samprobe.pipeline import run_extract, run_validate
+from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 
 N = 27  # images in the shared corpus: 5 photos x 3 crops + 12 digits
 
@@ -44,29 +46,40 @@ def baseline(tmp_path_factory):
     result = run_extract(load_config(cfg), progress=False)
     assert result.extracted == N and not result.failures
     keys = sorted({r.sha256 for r in read_splits(root / "run" / "splits.csv")})
-    return {"root": root, "images": images, "cfg": cfg, "keys": keys, "x": _features(cfg, keys),
-            "fingerprint": Extractor.from_config(load_config(cfg)).fingerprint}
+    return {
+        "root": root,
+        "images": images,
+        "cfg": cfg,
+        "keys": keys,
+        "x": _features(cfg, keys),
+        "fingerprint": Extractor.from_config(load_config(cfg)).fingerprint,
+    }
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_only_missing_and_matches_uninterrupted(baseline, tmp_path):
     cfg = write_config(tmp_path, baseline["images"], batch_size=2)
     fp_dir = tmp_path / "cache" / baseline["fingerprint"]
-    proc = subprocess.Popen([PY, "-m", "samprobe", "extract", "-c", str(cfg)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            # same thread count as this process: oneDNN results depend on it
-                            env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src"),
-                                 "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    proc = subprocess.Popen(
+        [PY, "-m", "samprobe", "extract", "-c", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # same thread count as this process: oneDNN results depend on it
+        env={
+            **__import__("os").environ,
+            "PYTHONPATH": str(REPO / "src"),
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        },
+    )
     committed = 0
     while proc.poll() is None:
         committed = index_count(fp_dir) if (fp_dir / "index.sqlite").exists() else 0
         if committed >= 4:
             proc.send_signal(signal.SIGKILL)
             break
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.002)
-        except subprocess.TimeoutExpired:
-            pass
     assert proc.wait() == -signal.SIGKILL, "extract finished before it could be killed"
     at_kill = index_count(fp_dir)
     assert 4 <= at_kill < N
@@ -81,8 +94,23 @@ def test_torchrun_two_ranks_extract_each_image_once_and_match_single_process(bas
     cfg = write_config(tmp_path, baseline["images"], batch_size=2)
     torchrun = Path(PY).parent / "torchrun"
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "samprobe", "extract", "-c", str(cfg)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    p = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "samprobe",
+            "extract",
+            "-c",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     # rank 0 reports the sum over ranks: N extractions for N distinct images, all N indexed -> none twice
     assert f"extract: {N} extracted, 0 already cached, 0 failed" in p.stdout, p.stdout
@@ -91,8 +119,13 @@ def test_torchrun_two_ranks_extract_each_image_once_and_match_single_process(bas
     assert index_count(fp_dir) == N
     x = _features(cfg, baseline["keys"])
     # other processes, batches and thread counts: one fp16 ulp where float32 sums cross a rounding boundary
-    np.testing.assert_allclose(x, baseline["x"], **close_after_storage(np.float16, terms=efficientnet_lite0_terms(),
-                                                                        scale=magnitude(baseline["x"])))
+    np.testing.assert_allclose(
+        x,
+        baseline["x"],
+        **close_after_storage(
+            np.float16, terms=efficientnet_lite0_terms(), scale=magnitude(baseline["x"])
+        ),
+    )
 
 
 @pytest.mark.slow
@@ -125,10 +158,15 @@ def test_rename_keeps_edit_reextracts_corruption_reextracts_and_fingerprint_chan
         f.write(bytes([b[0] ^ 0xFF]))
     assert main(["cache", "verify", "-c", str(cfg_path)]) == 2
     r = run_extract(cfg, progress=False)
-    assert shard.rows == n == 10 and r.extracted == 9  # the one shard held all 9 current keys + the stale pre-edit one
+    assert (
+        shard.rows == n == 10 and r.extracted == 9
+    )  # the one shard held all 9 current keys + the stale pre-edit one
     assert main(["cache", "verify", "-c", str(cfg_path)]) == 0
     # fingerprint: input size and checkpoint bytes matter, the checkpoint's path does not
-    fps = {Extractor.from_config(load_config(cfg_path, [f"backbone.img_size={s}"])).fingerprint for s in (64, 96)}
+    fps = {
+        Extractor.from_config(load_config(cfg_path, [f"backbone.img_size={s}"])).fingerprint
+        for s in (64, 96)
+    }
     assert len(fps) == 2
     from samprobe.backbones.timm_models import efficientnet_lite0_weights
 
@@ -140,7 +178,10 @@ def test_rename_keeps_edit_reextracts_corruption_reextracts_and_fingerprint_chan
     sd[first] = sd[first] + 1e-3
     edited = tmp_path / "edited.pth"
     torch.save(sd, edited)
-    fp = {p: Extractor.from_config(load_config(cfg_path, [f"backbone.checkpoint={p}"])).fingerprint for p in (same, edited)}
+    fp = {
+        p: Extractor.from_config(load_config(cfg_path, [f"backbone.checkpoint={p}"])).fingerprint
+        for p in (same, edited)
+    }
     assert fp[same] == ex.fingerprint != fp[edited]
 
 
@@ -174,11 +215,41 @@ def test_features_export_npz_and_parquet(baseline, tmp_path):
     cfg = baseline["cfg"]
     recs = read_splits(baseline["root"] / "run" / "splits.csv")
     x = _features(cfg, [r.sha256 for r in recs])
-    assert main(["features", "export", "-c", str(cfg), "--split", "all", "--out", str(tmp_path / "f.npz")]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "export",
+                "-c",
+                str(cfg),
+                "--split",
+                "all",
+                "--out",
+                str(tmp_path / "f.npz"),
+            ]
+        )
+        == 0
+    )
     z = np.load(tmp_path / "f.npz")
     np.testing.assert_array_equal(z["features"], x)
-    assert list(z["label"]) == [r.label for r in recs] and list(z["split"]) == [r.split for r in recs]
-    assert main(["features", "export", "-c", str(cfg), "--split", "val", "--out", str(tmp_path / "f.parquet")]) == 0
+    assert list(z["label"]) == [r.label for r in recs] and list(z["split"]) == [
+        r.split for r in recs
+    ]
+    assert (
+        main(
+            [
+                "features",
+                "export",
+                "-c",
+                str(cfg),
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path / "f.parquet"),
+            ]
+        )
+        == 0
+    )
     t = pq.read_table(tmp_path / "f.parquet").to_pydict()
     val = [i for i, r in enumerate(recs) if r.split == "val"]
     assert t["path"] == [recs[i].path for i in val] and set(t["split"]) == {"val"}
@@ -200,7 +271,10 @@ class OomBackbone(Backbone):
         self.limit, self.exc, self.calls = limit, exc, []
 
     def prepare(self, image):
-        return torch.from_numpy(np.ascontiguousarray(resize_square(image, 32))).permute(2, 0, 1), (32, 32)
+        return torch.from_numpy(np.ascontiguousarray(resize_square(image, 32))).permute(2, 0, 1), (
+            32,
+            32,
+        )
 
     def encode(self, images, valid_hw, pooling):
         self.calls.append(images.shape[0])
@@ -217,7 +291,10 @@ class OomBackbone(Backbone):
 
 def _records(images: Path) -> list[Record]:
     files = sorted(images.rglob("*.png"))
-    return [Record(i, f.name, str(f), f.parent.name, "train", sha256_file(f)) for i, f in enumerate(files)]
+    return [
+        Record(i, f.name, str(f), f.parent.name, "train", sha256_file(f))
+        for i, f in enumerate(files)
+    ]
 
 
 @pytest.mark.parametrize("exc", [torch.cuda.OutOfMemoryError, RuntimeError])
@@ -241,6 +318,8 @@ def test_oom_at_batch_one_is_a_device_error(tmp_path):
     recs = _records(make_corpus(tmp_path, n_digits=3, crops=0))
     ex = Extractor(OomBackbone(0), ["avg"], "float32", torch.device("cpu"), "fp32", "oomfp")
     with FeatureCache(tmp_path / "c", "oomfp", 3, "float32") as cache:
-        with pytest.raises(DeviceError, match="out of memory on cpu encoding a single image") as info:
+        with pytest.raises(
+            DeviceError, match="out of memory on cpu encoding a single image"
+        ) as info:
             ex.run(recs, cache, batch_size=4, num_workers=0, progress=False)
         assert "bf16" in info.value.fix and len(cache) == 0

@@ -1,4 +1,5 @@
 """features.spatial: a pooled token grid per image beside the pooled features (second cache array)."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,6 @@ from skimage import data
 from helpers.cache_corpus import make_corpus, write_config
 from helpers.digits_run import write_digits_project
 from helpers.sam_factory import build_official_sam, write_official_checkpoint
-from tolerance import (close_after_rounding, close_after_storage, efficientnet_lite0_terms, eps, magnitude,
-                       reduction_terms)
 from samprobe.backbones.registry import grid_array, pool_grid
 from samprobe.backbones.sam import SamBackbone
 from samprobe.cli import main
@@ -27,6 +26,14 @@ from samprobe.errors import ConfigError
 from samprobe.features.cache import estimate_bytes
 from samprobe.features.extract import Extractor, load_features, load_grid
 from samprobe.pipeline import run_extract
+from tolerance import (
+    close_after_rounding,
+    close_after_storage,
+    efficientnet_lite0_terms,
+    eps,
+    magnitude,
+    reduction_terms,
+)
 
 N = 9  # corpus: 5 photo crops (96x80) + 4 digits (32x32)
 
@@ -66,10 +73,14 @@ def test_pool_grid_uses_valid_tokens_only():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    return write_official_checkpoint(tmp_path_factory.mktemp("w") / "tiny.pth", "tiny", img_size=256)
+    return write_official_checkpoint(
+        tmp_path_factory.mktemp("w") / "tiny.pth", "tiny", img_size=256
+    )
 
 
-def _official_grids(ckpt_sam, images: list[np.ndarray], size: int, spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _official_grids(
+    ckpt_sam, images: list[np.ndarray], size: int, spatial: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid from the valid region, grid from the whole map) of segment_anything's own neck output."""
     tf = ResizeLongestSide(size)
     valid, whole = [], []
@@ -87,7 +98,11 @@ def _official_grids(ckpt_sam, images: list[np.ndarray], size: int, spatial: int)
 def test_sam_grid_is_official_neck_valid_region_pooled(tiny_ckpt):
     sam = build_official_sam("tiny", img_size=256)  # same seed -> the weights in tiny_ckpt
     bb = SamBackbone.from_checkpoint(tiny_ckpt, img_size=256)
-    images = [data.astronaut(), data.chelsea(), np.ascontiguousarray(data.astronaut()[:, 140:330])]  # square, wide, tall
+    images = [
+        data.astronaut(),
+        data.chelsea(),
+        np.ascontiguousarray(data.astronaut()[:, 140:330]),
+    ]  # square, wide, tall
     prepared = [bb.prepare(im) for im in images]
     x, hw = torch.stack([p[0] for p in prepared]), torch.tensor([p[1] for p in prepared])
     pooled, grid = bb.encode_grid(x, hw, ["neck_avg"], 4)
@@ -96,13 +111,18 @@ def test_sam_grid_is_official_neck_valid_region_pooled(tiny_ckpt):
     # timm's attention vs the official one: same sums in another order; scale: the encoder's neck is
     # layer-normed, its inputs O(1) normalised pixels; 16x16 = 256 tokens per attention
     terms = reduction_terms(sam.image_encoder, tokens=256)
-    torch.testing.assert_close(grid, ref, **close_after_rounding(torch.float32, terms=terms, scale=magnitude(ref, 1.0)))
+    torch.testing.assert_close(
+        grid, ref, **close_after_rounding(torch.float32, terms=terms, scale=magnitude(ref, 1.0))
+    )
     # padding really is excluded: for the wide and the tall image, pooling the whole map differs
     for i in (1, 2):
         assert (whole[i] - ref[i]).abs().max().item() > 1e-2
     # same forward as encode(); the grid's mean is not the pooled mean (adaptive bins overlap), so compare encode
-    torch.testing.assert_close(pooled, bb.encode(x, hw, ["neck_avg"]),
-                               **close_after_rounding(torch.float32, terms=terms + 256, scale=magnitude(ref, 1.0)))
+    torch.testing.assert_close(
+        pooled,
+        bb.encode(x, hw, ["neck_avg"]),
+        **close_after_rounding(torch.float32, terms=terms + 256, scale=magnitude(ref, 1.0)),
+    )
 
 
 @pytest.mark.slow
@@ -122,10 +142,16 @@ def test_sam_extract_stores_fp16_grid_matching_official(tiny_ckpt, tmp_path):
     assert grid.shape == (N, 16, 256) and grid.dtype == np.float32
     from PIL import Image
 
-    ref, _ = _official_grids(build_official_sam("tiny", img_size=256),
-                             [np.asarray(Image.open(r.file).convert("RGB")) for r in recs], 256, 4)
+    ref, _ = _official_grids(
+        build_official_sam("tiny", img_size=256),
+        [np.asarray(Image.open(r.file).convert("RGB")) for r in recs],
+        256,
+        4,
+    )
     terms = reduction_terms(build_official_sam("tiny", img_size=256).image_encoder, tokens=256)
-    np.testing.assert_allclose(grid, ref.numpy(), **close_after_storage(np.float16, terms=terms, scale=magnitude(ref, 1.0)))
+    np.testing.assert_allclose(
+        grid, ref.numpy(), **close_after_storage(np.float16, terms=terms, scale=magnitude(ref, 1.0))
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,7 +169,13 @@ def lite(tmp_path_factory):
     ex, cache = _open(plain)
     with cache:
         pooled = load_features(cache, _records(root / "plain"))
-    return {"root": root, "images": images, "plain": plain, "pooled": pooled, "fingerprint": ex.fingerprint}
+    return {
+        "root": root,
+        "images": images,
+        "plain": plain,
+        "pooled": pooled,
+        "fingerprint": ex.fingerprint,
+    }
 
 
 def _with_spatial(lite, spatial: int = 2) -> Path:
@@ -161,11 +193,17 @@ def test_lite_grid_shape_dtype_and_unchanged_pooled_fingerprint(lite):
     with ex.open_cache(load_config(cfg)) as cache:
         grid = load_grid(cache, recs, 2)
         assert cache.get([r.sha256 for r in recs], array="grid2", dtype=None).dtype == np.float16
-        np.testing.assert_array_equal(load_features(cache, recs), lite["pooled"])  # the same entries, not re-extracted
-    assert grid.shape == (N, 4, 1280) and grid.dtype == np.float32  # 64 px -> 2x2 map of 1280 channels
+        np.testing.assert_array_equal(
+            load_features(cache, recs), lite["pooled"]
+        )  # the same entries, not re-extracted
+    assert (
+        grid.shape == (N, 4, 1280) and grid.dtype == np.float32
+    )  # 64 px -> 2x2 map of 1280 channels
     # at 64 px the map is 2x2: the 2x2 grid is the map itself, whose mean is the global average pool
     # both rounded to fp16 from one forward: half an fp16 ulp of the largest token plus half of the mean's
-    np.testing.assert_allclose(grid.mean(1), lite["pooled"], rtol=0, atol=eps(np.float16) * magnitude(grid))
+    np.testing.assert_allclose(
+        grid.mean(1), lite["pooled"], rtol=0, atol=eps(np.float16) * magnitude(grid)
+    )
     assert run_extract(load_config(cfg), progress=False).extracted == 0  # nothing left to do
 
 
@@ -195,8 +233,13 @@ def test_resume_re_extracts_only_images_missing_their_grid(lite):
     result = run_extract(load_config(cfg), progress=False)
     assert result.extracted == 3 and result.cached == N - 3
     with Extractor.from_config(load_config(cfg)).open_cache(load_config(cfg)) as cache:
-        np.testing.assert_allclose(load_grid(cache, recs, 2), before,  # re-extracted in another batch: one fp16 ulp
-                                   **close_after_storage(np.float16, terms=efficientnet_lite0_terms(), scale=magnitude(before)))
+        np.testing.assert_allclose(
+            load_grid(cache, recs, 2),
+            before,  # re-extracted in another batch: one fp16 ulp
+            **close_after_storage(
+                np.float16, terms=efficientnet_lite0_terms(), scale=magnitude(before)
+            ),
+        )
         assert cache.verify().bad_entries == 0
 
 
@@ -210,11 +253,21 @@ def test_export_npz_contains_grid(lite, tmp_path):
     assert z["spatial"].shape == (N, 4, 1280) and z["spatial"].dtype == np.float32
     ex, cache = _open(cfg)
     with cache:
-        by_key = dict(zip([r.sha256 for r in _records(lite["root"])], load_grid(cache, _records(lite["root"]), 2)))
+        by_key = dict(
+            zip(
+                [r.sha256 for r in _records(lite["root"])],
+                load_grid(cache, _records(lite["root"]), 2),
+            )
+        )
     for key, g in zip(z["sha256"], z["spatial"]):
         np.testing.assert_array_equal(g, by_key[str(key)])
     plain = tmp_path / "plain.npz"
-    assert main(["features", "export", "-c", str(lite["plain"]), "--split", "all", "--out", str(plain)]) == 0
+    assert (
+        main(
+            ["features", "export", "-c", str(lite["plain"]), "--split", "all", "--out", str(plain)]
+        )
+        == 0
+    )
     assert "spatial" not in np.load(plain).files
 
 
@@ -224,7 +277,9 @@ def test_disk_estimate_counts_the_grid(lite, tmp_path, capsys):
     ex, cache = _open(fresh)
     keys = [f"k{i}" for i in range(10)]
     with cache:
-        assert ex.disk_need(cache, keys) == estimate_bytes(10, 1280, "float16") + estimate_bytes(10, 4 * 1280, "float16")
+        assert ex.disk_need(cache, keys) == estimate_bytes(10, 1280, "float16") + estimate_bytes(
+            10, 4 * 1280, "float16"
+        )
         ex.spatial = None
         assert ex.disk_need(cache, keys) == estimate_bytes(10, 1280, "float16")
     project = write_digits_project(tmp_path / "doctor", per_class=2)
@@ -244,9 +299,16 @@ def test_extract_logs_estimate_with_grid(lite, tmp_path, caplog):
     fresh = write_config(tmp_path, lite["images"], cache_dir=tmp_path / "cache", spatial=2)
     with caplog.at_level("INFO", logger="samprobe"):
         run_extract(load_config(fresh), progress=False)
-    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("extract: ") and "MB on disk" in r.getMessage())
+    line = next(
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("extract: ") and "MB on disk" in r.getMessage()
+    )
     mb = float(line.split("~")[1].split(" MB")[0])
-    assert mb == pytest.approx(estimate_bytes(N, 1280, "float16") / 1e6 + estimate_bytes(N, 4 * 1280, "float16") / 1e6, abs=0.05)
+    assert mb == pytest.approx(
+        estimate_bytes(N, 1280, "float16") / 1e6 + estimate_bytes(N, 4 * 1280, "float16") / 1e6,
+        abs=0.05,
+    )
     assert "2x2 grid of 1280-d tokens" in line
 
 
@@ -258,11 +320,16 @@ def test_spatial_larger_than_feature_map_is_a_config_error(lite, capsys):
     assert "features.spatial 3" in str(exc.value) and "2x2" in exc.value.fix + str(exc.value)
     assert main(["extract", "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "features.spatial 3 is larger than the 2x2 feature map of backbone 'efficientnet_lite0' at 64px" in err
+    assert (
+        "features.spatial 3 is larger than the 2x2 feature map of backbone 'efficientnet_lite0' at 64px"
+        in err
+    )
     assert "at most 2" in err
     assert main(["doctor", "-c", str(cfg)]) == 2
-    assert any(" backbone checkpoint:" in ln and ln.split()[0] == "FAIL" and "features.spatial 3" in ln
-               for ln in capsys.readouterr().out.splitlines())
+    assert any(
+        " backbone checkpoint:" in ln and ln.split()[0] == "FAIL" and "features.spatial 3" in ln
+        for ln in capsys.readouterr().out.splitlines()
+    )
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ kernel per device (with SDPA parity on real photos), and what the GPU paths stor
 
 No GPU is needed: torch.cuda's queries are replaced where a decision reads them (the decision
 is what is tested), and the SDPA path runs on the CPU for real."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,12 @@ from skimage import data
 
 from helpers.sam_factory import write_official_checkpoint
 from samprobe.backbones import precision
-from samprobe.backbones.precision import autocast_context, resolve_device, resolve_precision, runnable_precision
+from samprobe.backbones.precision import (
+    autocast_context,
+    resolve_device,
+    resolve_precision,
+    runnable_precision,
+)
 from samprobe.backbones.sam import SamBackbone
 from samprobe.backbones.sam_attention import SamAttention, choose_attention
 from samprobe.errors import ConfigError, DeviceError
@@ -29,13 +35,16 @@ def fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: state["count"])
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: state["set"].append(d))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: state["capability"]
+    )
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
     return state
 
 
 # --- defect 1: LOCAL_RANK -> device ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_torchrun_rank_gets_the_gpu_of_its_local_rank(fake_gpus, monkeypatch, rank):
@@ -63,7 +72,10 @@ def test_cpu_stays_cpu_under_torchrun(fake_gpus, monkeypatch):
 
 # --- defect 7: capability -> precision --------------------------------------------------------
 
-@pytest.mark.parametrize("capability,auto", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+
+@pytest.mark.parametrize(
+    "capability,auto", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+)
 def test_auto_on_cuda_picks_bf16_from_capability_8(fake_gpus, monkeypatch, capability, auto):
     # is_bf16_supported() says True on a T4 (emulated bf16): it must not decide.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -89,7 +101,10 @@ def test_tf32_context_sets_and_restores_cuda_matmul_mode():
     before = torch.backends.cuda.matmul.allow_tf32
     for resolved, inside in (("tf32", True), ("fp32", False)):
         with autocast_context(CUDA, resolved):
-            assert torch.backends.cuda.matmul.allow_tf32 is inside and torch.backends.cudnn.allow_tf32 is inside
+            assert (
+                torch.backends.cuda.matmul.allow_tf32 is inside
+                and torch.backends.cudnn.allow_tf32 is inside
+            )
         assert torch.backends.cuda.matmul.allow_tf32 is before
 
 
@@ -100,16 +115,21 @@ def test_trainer_makes_a_grad_scaler_only_for_fp16():
     x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
     y = np.arange(16) % 2
     for p, scaled in (("fp32", False), ("bf16", False)):
-        tr = SweepTrainer(x, y, x, y, np.ones(2), TrainConfig(epochs=1), 0, device="cpu", precision=p)
+        tr = SweepTrainer(
+            x, y, x, y, np.ones(2), TrainConfig(epochs=1), 0, device="cpu", precision=p
+        )
         assert (tr.scaler is not None) == scaled
 
 
-@pytest.mark.parametrize("stored,on_cpu", [("fp32", "fp32"), ("tf32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")])
+@pytest.mark.parametrize(
+    "stored,on_cpu", [("fp32", "fp32"), ("tf32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")]
+)
 def test_a_gpu_precision_runs_on_the_cpu_as_the_closest_it_can(stored, on_cpu):
     assert runnable_precision(torch.device("cpu"), stored) == on_cpu
 
 
 # --- defect 2: the attention kernel per device, SDPA parity on real photos -----------------------
+
 
 def test_attention_kernel_choice():
     assert choose_attention(torch.device("cpu")) == "chunked"  # the CPU keeps its measured loops
@@ -119,12 +139,19 @@ def test_attention_kernel_choice():
 @pytest.fixture(scope="module")
 def tiny512(tmp_path_factory) -> SamBackbone:
     """Tiny SAM at 512 px: 14x14 windows (folded path) and a 32x32 global block (chunked path)."""
-    ckpt = write_official_checkpoint(tmp_path_factory.mktemp("w") / "tiny.pth", "tiny", img_size=256)
+    ckpt = write_official_checkpoint(
+        tmp_path_factory.mktemp("w") / "tiny.pth", "tiny", img_size=256
+    )
     return SamBackbone.from_checkpoint(ckpt, img_size=512)
 
 
 def _photos(bb: SamBackbone) -> tuple[torch.Tensor, torch.Tensor]:
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), np.ascontiguousarray(data.rocket()[:, :300])]
+    photos = [
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        np.ascontiguousarray(data.rocket()[:, :300]),
+    ]
     prepared = [bb.prepare(p) for p in photos]
     return torch.stack([p[0] for p in prepared]), torch.tensor([p[1] for p in prepared])
 
@@ -179,6 +206,7 @@ def test_sdpa_mask_rows_are_aligned_and_calls_are_few(tiny512, monkeypatch):
 
 # --- defects 5 and 6: fingerprints without device weights; checkpoints from another device ---------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A digits run trained on the CPU (efficientnet_lite0 at 64 px, fp32)."""
@@ -200,7 +228,9 @@ def _as_if_trained_on_gpu(ckpt_path: Path, out: Path, resolved: str) -> Path:
     ckpt = load_checkpoint(ckpt_path)
     bb = build_backbone(BackboneConfig(**ckpt["backbone"]["config"]))
     ckpt["backbone"]["precision"] = resolved
-    ckpt["backbone"]["fingerprint"] = fingerprint(bb, ckpt["backbone"]["pooling"], ckpt["backbone"]["dtype"], resolved)
+    ckpt["backbone"]["fingerprint"] = fingerprint(
+        bb, ckpt["backbone"]["pooling"], ckpt["backbone"]["dtype"], resolved
+    )
     ckpt["config"].update(device="cuda", precision="auto")
     save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, out)
     return out
@@ -210,7 +240,10 @@ def test_checkpoints_store_the_resolved_precision(trained):
     from samprobe.train.checkpoint import load_checkpoint
 
     for name in ("best.pt", "last.pt"):
-        assert load_checkpoint(trained.parent / "run" / "checkpoints" / name)["backbone"]["precision"] == "fp32"
+        assert (
+            load_checkpoint(trained.parent / "run" / "checkpoints" / name)["backbone"]["precision"]
+            == "fp32"
+        )
 
 
 @pytest.mark.parametrize("resolved", ["fp16", "tf32", "bf16"])
@@ -225,49 +258,80 @@ def test_a_gpu_trained_head_predicts_on_the_cpu(trained, tmp_path, resolved, cap
     expect = {"fp16": "fp32", "tf32": "fp32", "bf16": "bf16"}[resolved]
     assert clf.extractor.precision == expect and clf.extractor.device.type == "cpu"
     if expect != resolved:
-        assert f"features at precision {expect} on cpu (the head was trained on {resolved} features)" in caplog.text
+        assert (
+            f"features at precision {expect} on cpu (the head was trained on {resolved} features)"
+            in caplog.text
+        )
     got = clf.predict(images, top_k=2)
     if expect == "fp32":  # the same fp32 features as the CPU run's own checkpoint: the same answers
         ref = Classifier.load(run / "best.pt", device="cpu").predict(images, top_k=2)
-        assert [(p.label, round(p.score, 5)) for p in got] == [(p.label, round(p.score, 5)) for p in ref]
+        assert [(p.label, round(p.score, 5)) for p in got] == [
+            (p.label, round(p.score, 5)) for p in ref
+        ]
     assert all(p.label in ("zero", "one", "two") for p in got)
 
 
-def test_evaluate_and_cache_commands_on_a_gpu_machine_touch_no_gpu(trained, fake_gpus, monkeypatch, capsys):
+def test_evaluate_and_cache_commands_on_a_gpu_machine_touch_no_gpu(
+    trained, fake_gpus, monkeypatch, capsys
+):
     """device: cuda, precision: auto (bf16 on this 'H100'): the cached fp32 features of the
     checkpoint are found by its stored precision; the encoder is never moved to the GPU (a
     move would fail here: torch has no driver behind the mocked queries)."""
     import samprobe.backbones.registry as registry
     from samprobe.cli import main
-    from samprobe.features.extract import Extractor
     from samprobe.config import load_config
+    from samprobe.features.extract import Extractor
 
     sets = ["--set", "device=cuda", "--set", "precision=auto"]
     ckpt = trained.parent / "run" / "checkpoints" / "best.pt"
     assert main(["evaluate", "-c", str(trained), "--checkpoint", str(ckpt), *sets]) == 0
     assert "evaluate: features at precision fp32 (the checkpoint's)" in capsys.readouterr().out
     assert main(["cache", "info", "-c", str(trained), *sets]) == 0
-    assert main(["features", "export", "-c", str(trained), "--split", "all", "--out",
-                 str(trained.parent / "x.npz"), *sets, "--set", "precision=fp32"]) == 2  # tf32 features: none cached
-    ex = Extractor.from_config(load_config(trained, ["device=cuda", "precision=auto"]), on_device=False)
+    assert (
+        main(
+            [
+                "features",
+                "export",
+                "-c",
+                str(trained),
+                "--split",
+                "all",
+                "--out",
+                str(trained.parent / "x.npz"),
+                *sets,
+                "--set",
+                "precision=fp32",
+            ]
+        )
+        == 2
+    )  # tf32 features: none cached
+    ex = Extractor.from_config(
+        load_config(trained, ["device=cuda", "precision=auto"]), on_device=False
+    )
     assert ex.precision == "bf16" and all(p.device.type == "cpu" for p in ex.backbone.parameters())
     assert ex.fingerprint == registry.fingerprint(ex.backbone, ex.pooling, ex.dtype, "bf16")
 
 
 # --- defects 8 and 9: the training loop's host/device traffic, RNG across device types, timeouts -----
 
+
 def test_per_head_settings_are_copied_to_the_device_once_per_change():
     from samprobe.train.optim import StackedSGD, _on_device
 
     w = torch.nn.Parameter(torch.zeros(3, 4))
     opt = StackedSGD([w], torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3))
-    group, meta = opt.param_groups[0], torch.device("meta")  # a device whose copies cost nothing here
+    group, meta = (
+        opt.param_groups[0],
+        torch.device("meta"),
+    )  # a device whose copies cost nothing here
     first = _on_device(opt, group, "head_lr", meta)
     assert first.device == meta and _on_device(opt, group, "head_lr", meta) is first
     frozen = _on_device(opt, group, "frozen", meta)
     opt.freeze(torch.tensor([False, True, False]))  # replaces the host tensor: copied again
     assert _on_device(opt, group, "frozen", meta) is not frozen
-    assert _on_device(opt, group, "head_wd", torch.device("cpu")) is group["head_wd"]  # same device: no copy
+    assert (
+        _on_device(opt, group, "head_wd", torch.device("cpu")) is group["head_wd"]
+    )  # same device: no copy
 
 
 def test_resume_on_another_device_type_keeps_the_batch_order(caplog):

@@ -41,7 +41,9 @@ def _png(grey: np.ndarray, path: Path, tag: str = "") -> None:
     Image.fromarray(grey, mode="L").save(path, pnginfo=info)
 
 
-def write_project(root: Path, rows: list[tuple[np.ndarray, str, str | None]], **config: dict) -> Path:
+def write_project(
+    root: Path, rows: list[tuple[np.ndarray, str, str | None]], **config: dict
+) -> Path:
     """images + metadata (path, label[, split]) + samprobe.yaml (efficientnet_lite0 at 64 px); returns the config."""
     images = root / "data" / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,9 @@ def test_exhaustive_neighbours_equal_brute_force_in_fp32_and_after_bf16_screenin
         sims, idx = nearest_neighbours(x, 4, dtype=dtype, block=64)  # several blocks
         np.testing.assert_array_equal(idx[:, 0], want_idx[:, 0])
         tol = 8 * np.finfo(np.float32).eps * 32  # fp32 dot of 32 unit-scale terms
-        np.testing.assert_allclose(sims, want_sim, atol=tol)  # re-scored in fp32: exact, not bf16-rounded
+        np.testing.assert_allclose(
+            sims, want_sim, atol=tol
+        )  # re-scored in fp32: exact, not bf16-rounded
     pairs = duplicate_pairs(sims, idx, 0.99)
     assert {(a, b) for a, b, _ in pairs} == {(i, 250 + i) for i in range(50)}
     groups = duplicate_groups(len(x), pairs)
@@ -120,7 +124,11 @@ def test_folds_are_stratified_and_a_one_image_class_is_in_one_fold() -> None:
 
 def test_leakage_is_test_against_train_or_val_only() -> None:
     assert is_leak("train", "test") and is_leak("test", "val")
-    assert not is_leak("train", "val") and not is_leak("test", "test") and not is_leak("train", "train")
+    assert (
+        not is_leak("train", "val")
+        and not is_leak("test", "test")
+        and not is_leak("train", "train")
+    )
 
 
 def test_cross_fit_scores_flipped_labels_low_though_a_head_fits_them_in_sample(one_thread) -> None:
@@ -143,7 +151,9 @@ def test_cross_fit_scores_flipped_labels_low_though_a_head_fits_them_in_sample(o
     flipped = np.array([3, 30, 60])
     y[flipped] = (y[flipped] + 2) % 4  # 0 -> 2, 1 -> 3, 2 -> 0
     cfg = TrainConfig(head="mlp", hidden=64, epochs=80, patience=80)
-    fit = cross_fit(x, y, class_weights(np.bincount(y), "none"), cfg, folds=5, seed=0, settings=[(0.05, 0.0)])
+    fit = cross_fit(
+        x, y, class_weights(np.bincount(y), "none"), cfg, folds=5, seed=0, settings=[(0.05, 0.0)]
+    )
     assert fit.probs.shape == (100, 4) and np.allclose(fit.probs.sum(1), 1, atol=1e-5)
     assert set(np.unique(fit.fold)) == set(range(5))
     assert (fit.probs[flipped, y[flipped]] < 0.5).all()
@@ -168,7 +178,12 @@ def inspected(tmp_path_factory):
         rows[i] = (rows[i][0], wrong, rows[i][2])
     rows.append((rows[40][0], rows[40][1], "test"))  # a copy of train image 40 (a two) in test
     run_dir, summary = run(write_project(root, rows))
-    return run_dir, summary, {f"im_{i:03d}.png" for i in flipped}, ("im_040.png", f"im_{len(rows) - 1:03d}.png")
+    return (
+        run_dir,
+        summary,
+        {f"im_{i:03d}.png" for i in flipped},
+        ("im_040.png", f"im_{len(rows) - 1:03d}.png"),
+    )
 
 
 def test_inspect_finds_the_flipped_labels_and_names_the_leak(inspected) -> None:
@@ -188,7 +203,9 @@ def test_inspect_finds_the_flipped_labels_and_names_the_leak(inspected) -> None:
 def test_inspect_never_changes_the_users_data(inspected) -> None:
     run_dir, _, _, _ = inspected
     meta = run_dir.parent / "data" / "metadata.csv"
-    assert "im_002.png,one,train" in meta.read_text()  # the flipped label stays as the user wrote it
+    assert (
+        "im_002.png,one,train" in meta.read_text()
+    )  # the flipped label stays as the user wrote it
 
 
 def test_the_report_shows_the_inspect_sections_with_images(inspected) -> None:
@@ -196,7 +213,13 @@ def test_the_report_shows_the_inspect_sections_with_images(inspected) -> None:
 
     run_dir, _, _, _ = inspected
     html = write_report(run_dir).html.read_text(encoding="utf-8")
-    for section in ('id="label-issues"', 'id="near-duplicates"', 'id="outliers"', 'id="feature-map"', 'id="summary"'):
+    for section in (
+        'id="label-issues"',
+        'id="near-duplicates"',
+        'id="outliers"',
+        'id="feature-map"',
+        'id="summary"',
+    ):
         assert section in html
     assert html.count("data:image/jpeg;base64,") >= 4  # the two flipped scans and the leak pair
     assert 'data-metric="leakage_pairs"' in html and "LEAK" in html
@@ -207,7 +230,9 @@ def test_the_report_shows_the_inspect_sections_with_images(inspected) -> None:
 
 def test_no_val_split(tmp_path) -> None:
     rows = [(g, NAMES[c], None) for g, c in digit_scans(range(3), 10)]
-    run_dir, summary = run(write_project(tmp_path, rows, data={"val_fraction": 0.0, "test_fraction": 0.2}))
+    run_dir, summary = run(
+        write_project(tmp_path, rows, data={"val_fraction": 0.0, "test_fraction": 0.2})
+    )
     splits = {r["split"] for r in _csv(run_dir / "splits.csv")}
     assert "val" not in splits
     assert summary["label_issues"]["scored"] == 24 and "issues" in summary["label_issues"]
@@ -220,11 +245,16 @@ def test_one_class_skips_label_issues_and_says_why(tmp_path) -> None:
     run_dir, summary = run(write_project(tmp_path, rows))
     assert summary["label_issues"]["skipped"].startswith("one class")
     assert _csv(run_dir / "inspect" / "label_issues.csv") == []
-    assert "Label errors not searched: one class" in write_report(run_dir).html.read_text(encoding="utf-8")
+    assert "Label errors not searched: one class" in write_report(run_dir).html.read_text(
+        encoding="utf-8"
+    )
 
 
 def test_a_class_with_one_image_does_not_break_the_folds(tmp_path) -> None:
-    rows = [(g, NAMES[c], "train" if n % 5 else "test") for n, (g, c) in enumerate(digit_scans(range(3), 10))]
+    rows = [
+        (g, NAMES[c], "train" if n % 5 else "test")
+        for n, (g, c) in enumerate(digit_scans(range(3), 10))
+    ]
     rows += [(g, "three", "train") for g, _ in digit_scans(range(3, 4), 1)]
     _, summary = run(write_project(tmp_path, rows))
     assert summary["label_issues"]["scored"] == 25 and summary["label_issues"]["folds"] == 5
@@ -232,10 +262,14 @@ def test_a_class_with_one_image_does_not_break_the_folds(tmp_path) -> None:
 
 def test_identical_images_are_all_near_duplicates_and_none_an_outlier(tmp_path) -> None:
     grey = digit_scans(range(1), 1)[0][0]
-    rows = [(grey, NAMES[n % 2], None) for n in range(12)]  # one picture, two labels, distinct files
+    rows = [
+        (grey, NAMES[n % 2], None) for n in range(12)
+    ]  # one picture, two labels, distinct files
     _, summary = run(write_project(tmp_path, rows))
     nd = summary["near_duplicates"]
-    assert nd["groups"] == 1 and nd["pairs"] >= 11  # each image paired with its 10 nearest: one connected group
+    assert (
+        nd["groups"] == 1 and nd["pairs"] >= 11
+    )  # each image paired with its 10 nearest: one connected group
     assert nd["different_labels"] > 0 and summary["outliers"]["count"] == 0
     assert summary["label_issues"]["scored"] > 0
 
@@ -243,7 +277,9 @@ def test_identical_images_are_all_near_duplicates_and_none_an_outlier(tmp_path) 
 def test_no_issues_found_and_the_report_says_so(tmp_path) -> None:
     from samprobe.report import write_report
 
-    rows = [(g, NAMES[c], None) for g, c in digit_scans((0, 1), 12)]  # zeros and ones: clean and easy
+    rows = [
+        (g, NAMES[c], None) for g, c in digit_scans((0, 1), 12)
+    ]  # zeros and ones: clean and easy
     run_dir, summary = run(write_project(tmp_path, rows, inspect={"duplicate_cosine": 1.0}))
     assert summary["label_issues"]["issues"] == 0, _csv(run_dir / "inspect" / "label_issues.csv")
     html = write_report(run_dir).html.read_text(encoding="utf-8")
@@ -254,8 +290,20 @@ def test_the_sweep_setting_for_probabilities_is_the_lowest_validation_log_loss()
     from samprobe.inspection import setting_from_sweep
 
     table = [
-        {"lr": 0.5, "weight_decay": 1e-4, "val_loss": 0.41, "best_balanced_accuracy": 0.95, "selected": True},
-        {"lr": 0.05, "weight_decay": 0.1, "val_loss": 0.22, "best_balanced_accuracy": 0.93, "selected": False},
+        {
+            "lr": 0.5,
+            "weight_decay": 1e-4,
+            "val_loss": 0.41,
+            "best_balanced_accuracy": 0.95,
+            "selected": True,
+        },
+        {
+            "lr": 0.05,
+            "weight_decay": 0.1,
+            "val_loss": 0.22,
+            "best_balanced_accuracy": 0.93,
+            "selected": False,
+        },
         {"lr": 0.5, "weight_decay": 0.1, "val_loss": float("nan"), "selected": False},
     ]
     assert setting_from_sweep(table) == (0.05, 0.1)

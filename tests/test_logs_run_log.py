@@ -1,4 +1,5 @@
 """run.log follows the current run: one process running several runs (a notebook, the fuzz test)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,7 @@
 """Fuzzing the metadata reader through the CLI: whatever bytes, encoding, delimiter or column names a
 metadata file holds, `samprobe validate` ends in exit 0 (rows read, bad ones reported) or exit 2 (one
 line naming the file and the fix), never in exit 1."""
+
 from __future__ import annotations
 
 import json
@@ -16,18 +17,50 @@ from PIL import Image
 
 from samprobe.cli import main
 
-ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "cp1252", "latin-1", "shift_jis"]
+ENCODINGS = [
+    "utf-8",
+    "utf-8-sig",
+    "utf-16",
+    "utf-16-le",
+    "utf-16-be",
+    "cp1252",
+    "latin-1",
+    "shift_jis",
+]
 DELIMITERS = [",", ";", "\t", "|", ":", " "]
 SUFFIXES = [".csv", ".tsv", ".json", ".jsonl", ".txt", ".parquet", ""]
 
-names = st.one_of(st.sampled_from(["path", "label", "split", "", " path ", "Path", "ï»¿path"]), st.text(max_size=12))
-odd = st.one_of(st.sampled_from(["", "NaN", "null", "\"", "1" * 5000, "²", "a\x00b", "-1", "0"]), st.text(max_size=40))
+names = st.one_of(
+    st.sampled_from(["path", "label", "split", "", " path ", "Path", "ï»¿path"]),
+    st.text(max_size=12),
+)
+odd = st.one_of(
+    st.sampled_from(["", "NaN", "null", '"', "1" * 5000, "²", "a\x00b", "-1", "0"]),
+    st.text(max_size=40),
+)
 # cells by column, so that many rows get as far as the image checks: real files, Windows and outside paths
 column_cells = {
-    "path": st.one_of(st.sampled_from(["img.png", "other.png", "img.png", "other.png", "sub/img.png", "sub\\img.png", "C:\\x\\img.png",
-                                       "../img.png", "/etc/passwd", "a" * 300 + ".png"]), odd),
+    "path": st.one_of(
+        st.sampled_from(
+            [
+                "img.png",
+                "other.png",
+                "img.png",
+                "other.png",
+                "sub/img.png",
+                "sub\\img.png",
+                "C:\\x\\img.png",
+                "../img.png",
+                "/etc/passwd",
+                "a" * 300 + ".png",
+            ]
+        ),
+        odd,
+    ),
     "label": st.one_of(st.sampled_from(["cat", "dog", "1"]), odd),
-    "split": st.one_of(st.sampled_from(["train", "val", "Validation", "test", "holdout", " "]), odd),
+    "split": st.one_of(
+        st.sampled_from(["train", "val", "Validation", "test", "holdout", " "]), odd
+    ),
 }
 
 
@@ -35,19 +68,33 @@ column_cells = {
 def tables(draw: st.DrawFn) -> tuple[bytes, str, dict]:
     """(file bytes, suffix, data settings): a table in a random dialect, or random bytes."""
     suffix = draw(st.sampled_from(SUFFIXES))
-    if draw(st.integers(0, 3)):  # mostly a plausible table and config, so rows get as far as the image checks
+    if draw(
+        st.integers(0, 3)
+    ):  # mostly a plausible table and config, so rows get as far as the image checks
         header = draw(st.sampled_from([["path", "label"], ["split", "label", "path"]]))
-        settings_ = {"path_column": "path", "label_column": "label",
-                     "split_column": draw(st.sampled_from([None, "split"])) if "split" in header else None}
+        settings_ = {
+            "path_column": "path",
+            "label_column": "label",
+            "split_column": draw(st.sampled_from([None, "split"])) if "split" in header else None,
+        }
     else:
         header = draw(st.lists(names, min_size=1, max_size=4))
-        settings_ = {"path_column": draw(st.one_of(st.sampled_from(header), names)),
-                     "label_column": draw(st.one_of(st.sampled_from(header), names)),
-                     "split_column": draw(st.one_of(st.none(), st.sampled_from(header), names))}
+        settings_ = {
+            "path_column": draw(st.one_of(st.sampled_from(header), names)),
+            "label_column": draw(st.one_of(st.sampled_from(header), names)),
+            "split_column": draw(st.one_of(st.none(), st.sampled_from(header), names)),
+        }
     # one cell per column, sometimes one cell more or fewer
     row = st.tuples(*(column_cells.get(h, odd) for h in header)).map(list)
-    rows = draw(st.lists(st.one_of(row, row.map(lambda r: r[:-1]), st.tuples(row, odd).map(lambda t: [*t[0], t[1]])),
-                         min_size=1, max_size=6))
+    rows = draw(
+        st.lists(
+            st.one_of(
+                row, row.map(lambda r: r[:-1]), st.tuples(row, odd).map(lambda t: [*t[0], t[1]])
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
     kind = draw(st.sampled_from(["bytes", "delimited", "delimited", "json lines", "json array"]))
     if kind == "bytes":
         return draw(st.binary(max_size=600)), suffix, settings_
@@ -60,11 +107,29 @@ def tables(draw: st.DrawFn) -> tuple[bytes, str, dict]:
     else:
         objs = [dict(zip(header, row)) for row in rows]
         if draw(st.booleans()):  # numbers, nulls and nesting where strings are expected
-            objs.append({settings_["path_column"]: draw(st.one_of(st.integers(), st.floats(), st.none(),
-                                                                     st.lists(st.integers(), max_size=2))),
-                         settings_["label_column"]: draw(st.one_of(st.integers(), st.floats(), st.booleans()))})
+            objs.append(
+                {
+                    settings_["path_column"]: draw(
+                        st.one_of(
+                            st.integers(),
+                            st.floats(),
+                            st.none(),
+                            st.lists(st.integers(), max_size=2),
+                        )
+                    ),
+                    settings_["label_column"]: draw(
+                        st.one_of(st.integers(), st.floats(), st.booleans())
+                    ),
+                }
+            )
         if kind == "json lines":
-            tail = ["", "\n", "\n{broken", "\n[1, 2]", '\n{"path": "\\ud800.png", "label": "\\udfff"}']  # lone surrogates
+            tail = [
+                "",
+                "\n",
+                "\n{broken",
+                "\n[1, 2]",
+                '\n{"path": "\\ud800.png", "label": "\\udfff"}',
+            ]  # lone surrogates
             text = "\n".join(json.dumps(o) for o in objs) + draw(st.sampled_from(tail))
         else:
             text = json.dumps(objs, indent=draw(st.sampled_from([None, 1])))
@@ -79,22 +144,36 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits().images
-    for k, name in enumerate(("img.png", "other.png", "sub/img.png")):  # three real scans, distinct bytes
-        Image.fromarray(np.clip(np.rint(digits[k] * 255 / 16), 0, 255).astype(np.uint8), mode="L").save(root / name)
+    for k, name in enumerate(
+        ("img.png", "other.png", "sub/img.png")
+    ):  # three real scans, distinct bytes
+        Image.fromarray(
+            np.clip(np.rint(digits[k] * 255 / 16), 0, 255).astype(np.uint8), mode="L"
+        ).save(root / name)
     return root
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(table=tables(), use_classes_file=st.integers(0, 3).map(lambda k: k == 0))
-def test_validate_never_exits_1(image_root: Path, capsys: pytest.CaptureFixture[str], table, use_classes_file) -> None:
+def test_validate_never_exits_1(
+    image_root: Path, capsys: pytest.CaptureFixture[str], table, use_classes_file
+) -> None:
     data, suffix, columns = table
     with tempfile.TemporaryDirectory() as tmp:
         meta = Path(tmp) / f"meta{suffix}"
         meta.write_bytes(data)
-        cfg = {"run_dir": str(Path(tmp) / "run"), "device": "cpu",
-               "data": {"metadata": str(meta), "image_root": str(image_root), **columns}}
-        if use_classes_file:  # the same bytes as a classes file: any text is a taxonomy, binary is refused
+        cfg = {
+            "run_dir": str(Path(tmp) / "run"),
+            "device": "cpu",
+            "data": {"metadata": str(meta), "image_root": str(image_root), **columns},
+        }
+        if (
+            use_classes_file
+        ):  # the same bytes as a classes file: any text is a taxonomy, binary is refused
             cfg["data"]["classes_file"] = str(meta)
         (Path(tmp) / "c.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
         rc = main(["validate", "-c", str(Path(tmp) / "c.yaml")])

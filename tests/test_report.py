@@ -1,4 +1,5 @@
 """report.html: produced by train, updated by evaluate; parses; embeds every plot as a correctly sized PNG."""
+
 from __future__ import annotations
 
 import base64
@@ -12,9 +13,17 @@ from PIL import Image
 
 from helpers.digits_run import EMPTY_CLASS, write_digits_project
 from samprobe.config import load_config
-from samprobe.report import (CURVES_SIZE, DPI, _num, confusion_figsize, per_class_figsize, plot_confusion,
-                             plot_top_confusions, top_confused_pairs, write_report)
-
+from samprobe.report import (
+    CURVES_SIZE,
+    DPI,
+    _num,
+    confusion_figsize,
+    per_class_figsize,
+    plot_confusion,
+    plot_top_confusions,
+    top_confused_pairs,
+    write_report,
+)
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -39,7 +48,9 @@ class ReportParser(HTMLParser):
             self._row = []
 
     def handle_endtag(self, tag):
-        assert self._stack and self._stack[-1] == tag, f"unbalanced </{tag}> after {self._stack[-3:]}"
+        assert self._stack and self._stack[-1] == tag, (
+            f"unbalanced </{tag}> after {self._stack[-3:]}"
+        )
         self._stack.pop()
         if tag == "tr" and self._row:
             self.rows_by_class.setdefault(self._row[0], self._row)
@@ -64,7 +75,7 @@ def parse(path: Path) -> ReportParser:
 def decode_png(img: dict[str, str]) -> Image.Image:
     prefix = "data:image/png;base64,"
     assert img["src"].startswith(prefix)
-    raw = base64.b64decode(img["src"][len(prefix):], validate=True)
+    raw = base64.b64decode(img["src"][len(prefix) :], validate=True)
     assert len(raw) > 1000
     im = Image.open(io.BytesIO(raw))
     im.load()
@@ -99,10 +110,16 @@ def test_train_writes_a_report_with_curves_and_the_class_table(trained_run):
 def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_run):
     cfg, _, metrics = trained_run
     report = parse(cfg.run_dir / "report.html")
-    plots = {i["data-plot"]: i for i in report.images if "data-plot" in i}  # the rest: gallery thumbnails
+    plots = {
+        i["data-plot"]: i for i in report.images if "data-plot" in i
+    }  # the rest: gallery thumbnails
     assert set(plots) == {"curves", "confusion_matrix", "per_class_f1"}
     n = 4  # three digit classes + the class without images
-    expected = {"curves": CURVES_SIZE, "confusion_matrix": confusion_figsize(n), "per_class_f1": per_class_figsize(n)}
+    expected = {
+        "curves": CURVES_SIZE,
+        "confusion_matrix": confusion_figsize(n),
+        "per_class_f1": per_class_figsize(n),
+    }
     for name, img in plots.items():
         im = decode_png(img)
         w_in, h_in = expected[name]
@@ -110,12 +127,18 @@ def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_
         assert (int(img["width"]), int(img["height"])) == im.size
         assert np.asarray(im.convert("L")).std() > 5, f"{name} is blank"
         # the embedded image is the one written beside the report
-        assert (cfg.run_dir / "plots" / f"{name}.png").read_bytes() == base64.b64decode(img["src"].split(",", 1)[1])
+        assert (cfg.run_dir / "plots" / f"{name}.png").read_bytes() == base64.b64decode(
+            img["src"].split(",", 1)[1]
+        )
     cells = " ".join(report.cells)
-    assert "test: accuracy" in cells and _num(metrics["accuracy"]) in cells  # rounded for people: 3 decimals
+    assert (
+        "test: accuracy" in cells and _num(metrics["accuracy"]) in cells
+    )  # rounded for people: 3 decimals
     assert len(_num(metrics["accuracy"]).split(".")[-1]) <= 3
     row = report.rows_by_class["one"]
-    assert row[1] == "trained" and len(row) == 6  # class, status, train/val/test counts, scores (the F1 bar has no text)
+    assert (
+        row[1] == "trained" and len(row) == 6
+    )  # class, status, train/val/test counts, scores (the F1 bar has no text)
     assert row[5].startswith("P ") and "F1" in row[5]
 
 
@@ -124,7 +147,9 @@ def test_a_sweep_csv_becomes_a_table(trained_run):
     cfg, _, _ = trained_run
     sweep = cfg.run_dir / "sweep.csv"
     real = sweep.read_bytes()  # the run's own, restored for the other tests
-    sweep.write_text("lr,head,val_balanced_accuracy\n0.001,linear,0.91\n0.01,mlp,0.87\n", encoding="utf-8")
+    sweep.write_text(
+        "lr,head,val_balanced_accuracy\n0.001,linear,0.91\n0.01,mlp,0.87\n", encoding="utf-8"
+    )
     try:
         report = parse(write_report(cfg.run_dir).html)
     finally:
@@ -185,28 +210,73 @@ def test_a_10k_image_run_gives_a_report_under_10_mb(tmp_path):
             w.writerow(header)
             w.writerows(rows)
 
-    write(run / "splits.csv", ["row", "path", "label", "split", "sha256", "file"],
-          [[i, p, f"c{i % 100}", "test", f"{i:064x}", str(photo)] for i, p in enumerate(paths)])
-    write(run / "eval" / "predictions.csv", ["path", "label", "predicted", "score"],
-          [[p, f"c{i % 100}", f"c{(i + i % 2) % 100}", 0.5] for i, p in enumerate(paths)])
-    write(run / "inspect" / "label_issues.csv", ["path", "split", "given_label", "suggested_label", "score"],
-          [[p, "train", "c1", "c2", 0.01] for p in paths[:5000]])
-    write(run / "inspect" / "near_duplicates.csv", ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b",
-                                                    "cosine", "group", "leakage"],
-          [[paths[i], "train", "c1", paths[i + 1], "test", "c1", 0.99, i, True] for i in range(3000)])
-    write(run / "inspect" / "outliers.csv", ["path", "split", "label", "knn_distance", "nearest_path"],
-          [[p, "val", "c3", 0.5, paths[0]] for p in paths[:500]])
+    write(
+        run / "splits.csv",
+        ["row", "path", "label", "split", "sha256", "file"],
+        [[i, p, f"c{i % 100}", "test", f"{i:064x}", str(photo)] for i, p in enumerate(paths)],
+    )
+    write(
+        run / "eval" / "predictions.csv",
+        ["path", "label", "predicted", "score"],
+        [[p, f"c{i % 100}", f"c{(i + i % 2) % 100}", 0.5] for i, p in enumerate(paths)],
+    )
+    write(
+        run / "inspect" / "label_issues.csv",
+        ["path", "split", "given_label", "suggested_label", "score"],
+        [[p, "train", "c1", "c2", 0.01] for p in paths[:5000]],
+    )
+    write(
+        run / "inspect" / "near_duplicates.csv",
+        [
+            "path_a",
+            "split_a",
+            "label_a",
+            "path_b",
+            "split_b",
+            "label_b",
+            "cosine",
+            "group",
+            "leakage",
+        ],
+        [[paths[i], "train", "c1", paths[i + 1], "test", "c1", 0.99, i, True] for i in range(3000)],
+    )
+    write(
+        run / "inspect" / "outliers.csv",
+        ["path", "split", "label", "knn_distance", "nearest_path"],
+        [[p, "val", "c3", 0.5, paths[0]] for p in paths[:500]],
+    )
     rng = np.random.default_rng(0)
-    write(run / "inspect" / "map2d.csv", ["path", "split", "label", "x", "y"],
-          [[p, "test", f"c{i % 100}", *rng.normal(size=2).round(4)] for i, p in enumerate(paths)])
-    summary = {"images": n, "label_issues": {"scored": n, "issues": 5000, "folds": 5, "out_of_sample_accuracy": 0.5,
-                                             "setting": {"lr": 0.05, "weight_decay": 0.1}},
-               "near_duplicates": {"pairs": 3000, "groups": 3000, "cosine_threshold": 0.97, "within_split": 0,
-                                   "across_splits": 3000, "leakage_pairs": 3000, "different_labels": 0},
-               "outliers": {"count": 500, "neighbours": 5, "threshold": 0.3}, "most_confused": []}
+    write(
+        run / "inspect" / "map2d.csv",
+        ["path", "split", "label", "x", "y"],
+        [[p, "test", f"c{i % 100}", *rng.normal(size=2).round(4)] for i, p in enumerate(paths)],
+    )
+    summary = {
+        "images": n,
+        "label_issues": {
+            "scored": n,
+            "issues": 5000,
+            "folds": 5,
+            "out_of_sample_accuracy": 0.5,
+            "setting": {"lr": 0.05, "weight_decay": 0.1},
+        },
+        "near_duplicates": {
+            "pairs": 3000,
+            "groups": 3000,
+            "cosine_threshold": 0.97,
+            "within_split": 0,
+            "across_splits": 3000,
+            "leakage_pairs": 3000,
+            "different_labels": 0,
+        },
+        "outliers": {"count": 500, "neighbours": 5, "threshold": 0.3},
+        "most_confused": [],
+    }
     (run / "inspect" / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     html = write_report(run).html
     assert html.stat().st_size < 10e6
     text = html.read_text(encoding="utf-8")
-    assert "showing 40 of 5,000" in text and "showing 40 of 5,000" in text  # misclassified and label issues
+    assert (
+        "showing 40 of 5,000" in text and "showing 40 of 5,000" in text
+    )  # misclassified and label issues
     assert text.count("data:image/jpeg;base64,") >= 120

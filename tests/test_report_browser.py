@@ -46,7 +46,9 @@ def full_run(tmp_path_factory):
     return cfg.run_dir
 
 
-def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers(full_run, tmp_path) -> None:
+def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers(
+    full_run, tmp_path
+) -> None:
     report = full_run / "report.html"
     assert report.stat().st_size < 10e6
     with Browser(CHROMIUM, width=1280, height=900) as browser:
@@ -74,11 +76,15 @@ def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers
     metrics = json.loads((eval_dir(full_run) / "metrics.json").read_text())
     for key in ("balanced_accuracy", "accuracy", "macro_f1"):
         shown = dom["metrics"][key]
-        assert float(shown["value"]) == metrics[key]  # the number behind the display is metrics.json's
+        assert (
+            float(shown["value"]) == metrics[key]
+        )  # the number behind the display is metrics.json's
         assert float(shown["shown"]) == round(metrics[key], 3)  # and it is shown rounded for people
     assert int(dom["metrics"]["n"]["shown"]) == metrics["n"]
     summary = json.loads((full_run / "inspect" / "summary.json").read_text())
-    assert int(dom["metrics"]["leakage_pairs"]["shown"]) == summary["near_duplicates"]["leakage_pairs"]
+    assert (
+        int(dom["metrics"]["leakage_pairs"]["shown"]) == summary["near_duplicates"]["leakage_pairs"]
+    )
 
     with Image.open(shot) as im:
         assert im.width == 1280 and im.height > 900

@@ -1,14 +1,15 @@
 """SAM 2.1 (Hiera) against the official code (PyPI sam2 1.1.0, run in its own process by
 sam2_factory): encoder parity, official preprocessing, detection from shapes, failures."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from sam2_factory import PHOTOS, official_encoder_shapes, official_sam2
-from helpers.sam_factory import write_official_checkpoint
 from skimage import data
 
+from helpers.sam_factory import write_official_checkpoint
+from sam2_factory import PHOTOS, official_encoder_shapes, official_sam2
 from samprobe.backbones.registry import build_backbone, fingerprint
 from samprobe.backbones.sam2 import Sam2Backbone, infer_hiera_geometry
 from samprobe.backbones.sam_family import detect_family
@@ -41,7 +42,9 @@ def _check_parity(bb: Sam2Backbone, ref: dict) -> None:
     # 2. end to end from the photos: our uint8 square resize vs the official float one
     x, valid = _prepared(bb)
     assert valid.tolist() == [[bb.input_size] * 2] * len(PHOTOS)
-    ref_pooled = torch.cat([ref["vision_features"].mean((2, 3)), *[s.mean((2, 3)) for s in ref["stages"]]], dim=1)
+    ref_pooled = torch.cat(
+        [ref["vision_features"].mean((2, 3)), *[s.mean((2, 3)) for s in ref["stages"]]], dim=1
+    )
     ours = bb.encode(x, valid, ["neck_avg", *_STAGE_FEATURES])
     assert ours.shape == ref_pooled.shape
     assert F.cosine_similarity(ours, ref_pooled).min().item() >= 0.9999
@@ -63,7 +66,9 @@ def test_preprocessing_is_the_official_square_resize_and_imagenet_stats(t256):
     level = (1 / 255) / min(0.229, 0.224, 0.225)  # one grey level after normalisation
     diff = (bb.preprocess(x) - ref["input"]).abs()
     assert diff.max().item() <= level + 1e-5
-    assert diff.mean().item() <= 0.5 * level  # rounding to the nearest level, not an offset or another filter
+    assert (
+        diff.mean().item() <= 0.5 * level
+    )  # rounding to the nearest level, not an offset or another filter
 
 
 @pytest.mark.native  # hiera_b+ (80M params) written by sam2 in a subprocess, then both forwards at 512 px
@@ -85,14 +90,26 @@ def test_detected_from_the_file_and_said(t256, caplog):
     assert bb.default_pooling == ("neck_avg",) and bb.feature_dims()["neck_avg"] == 256
 
 
-@pytest.mark.parametrize("size, variant, heads, global_blocks", [
-    ("t", "hiera_t", 1, (5, 7, 9)), ("s", "hiera_s", 1, (7, 10, 13)),
-    ("b+", "hiera_b+", 2, (12, 16, 20)), ("l", "hiera_l", 2, (23, 33, 43)),
-])
-def test_geometry_detected_from_official_shapes(tmp_path_factory, size, variant, heads, global_blocks):
+@pytest.mark.parametrize(
+    "size, variant, heads, global_blocks",
+    [
+        ("t", "hiera_t", 1, (5, 7, 9)),
+        ("s", "hiera_s", 1, (7, 10, 13)),
+        ("b+", "hiera_b+", 2, (12, 16, 20)),
+        ("l", "hiera_l", 2, (23, 33, 43)),
+    ],
+)
+def test_geometry_detected_from_official_shapes(
+    tmp_path_factory, size, variant, heads, global_blocks
+):
     shapes = official_encoder_shapes(tmp_path_factory.getbasetemp())[size]
     g = infer_hiera_geometry(shapes, "the file")
-    assert (g.variant, g.num_heads, g.global_att_blocks, g.d_model) == (variant, heads, global_blocks, 256)
+    assert (g.variant, g.num_heads, g.global_att_blocks, g.d_model) == (
+        variant,
+        heads,
+        global_blocks,
+        256,
+    )
     assert g.stage_dims[-1] == shapes["image_encoder.neck.convs.0.conv.weight"].shape[1]
 
 
@@ -120,7 +137,14 @@ def test_truncated_and_other_kind_files(t256, tmp_path):
     with pytest.raises(CheckpointError, match="no FPN neck"):
         build_backbone(BackboneConfig(name="sam", checkpoint=no_neck))
     odd = tmp_path / "odd_trunk.pt"  # a trunk with one block less: no official geometry
-    torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("image_encoder.trunk.blocks.11.")}}, odd)
+    torch.save(
+        {
+            "model": {
+                k: v for k, v in sd.items() if not k.startswith("image_encoder.trunk.blocks.11.")
+            }
+        },
+        odd,
+    )
     with pytest.raises(CheckpointError, match="none of the official SAM 2 encoders"):
         build_backbone(BackboneConfig(name="sam", checkpoint=odd))
 
@@ -135,9 +159,15 @@ def test_extra_keys_are_ignored_and_identity_is_stable(t256, tmp_path):
     a = Sam2Backbone.from_checkpoint(ckpt, img_size=256)
     b = Sam2Backbone.from_checkpoint(extra, img_size=256)
     x, valid = _prepared(a)
-    torch.testing.assert_close(a.encode(x[:1], valid[:1], ["neck_avg"]), b.encode(x[:1], valid[:1], ["neck_avg"]),
-                               rtol=0, atol=0)
-    assert fingerprint(a, ["neck_avg"], "float16", "fp32") != fingerprint(b, ["neck_avg"], "float16", "fp32")
+    torch.testing.assert_close(
+        a.encode(x[:1], valid[:1], ["neck_avg"]),
+        b.encode(x[:1], valid[:1], ["neck_avg"]),
+        rtol=0,
+        atol=0,
+    )
+    assert fingerprint(a, ["neck_avg"], "float16", "fp32") != fingerprint(
+        b, ["neck_avg"], "float16", "fp32"
+    )
 
 
 def test_grid_is_vision_features_pooled(t256):

@@ -1,5 +1,6 @@
 """SAM-HQ checkpoints (reference: PyPI segment-anything-hq 0.3): detected, SAM's own encoder,
 its extra decoder keys accepted, its intermediate (global-block) features offered."""
+
 from __future__ import annotations
 
 import math
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.sam_factory import build_official_sam_hq, write_official_checkpoint
 from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data
 
+from helpers.sam_factory import build_official_sam_hq, write_official_checkpoint
 from samprobe.backbones.registry import build_backbone
 from samprobe.backbones.sam import SamBackbone
 from samprobe.config import BackboneConfig
@@ -19,7 +20,10 @@ from samprobe.errors import CheckpointError, ConfigError
 
 
 def _photos() -> list[np.ndarray]:
-    return [data.chelsea(), np.ascontiguousarray(data.astronaut()[:, 140:330])]  # landscape, portrait
+    return [
+        data.chelsea(),
+        np.ascontiguousarray(data.astronaut()[:, 140:330]),
+    ]  # landscape, portrait
 
 
 def _hq(geometry: str, root):
@@ -39,14 +43,21 @@ def _reference(sam, images):
     """Official preprocessing (numpy ResizeLongestSide + Sam.preprocess) and HQ encoder outputs."""
     tf = ResizeLongestSide(256)
     resized = [tf.apply_image(img) for img in images]
-    x = torch.cat([sam.preprocess(torch.as_tensor(r).permute(2, 0, 1)[None].float()) for r in resized])
+    x = torch.cat(
+        [sam.preprocess(torch.as_tensor(r).permute(2, 0, 1)[None].float()) for r in resized]
+    )
     with torch.no_grad():
         neck, interm = sam.image_encoder(x)  # HQ's encoder returns the global blocks' outputs too
     return neck, [t.permute(0, 3, 1, 2) for t in interm], [r.shape[:2] for r in resized]
 
 
 def _valid_avg(maps: torch.Tensor, hws) -> torch.Tensor:
-    return torch.stack([m[:, : math.ceil(h / 16), : math.ceil(w / 16)].mean((1, 2)) for m, (h, w) in zip(maps, hws)])
+    return torch.stack(
+        [
+            m[:, : math.ceil(h / 16), : math.ceil(w / 16)].mean((1, 2))
+            for m, (h, w) in zip(maps, hws)
+        ]
+    )
 
 
 def test_hq_checkpoint_is_detected_and_matches_the_official_encoder(hq):
@@ -57,12 +68,19 @@ def test_hq_checkpoint_is_detected_and_matches_the_official_encoder(hq):
 def test_hq_vit_b_geometry_matches_the_official_encoder(tmp_path):
     sam, path = _hq("vit_b", tmp_path)
     _check_hq_parity(sam, path)
-    assert build_backbone(BackboneConfig(name="sam", checkpoint=path, img_size=256)).geometry.variant == "vit_b"
+    assert (
+        build_backbone(BackboneConfig(name="sam", checkpoint=path, img_size=256)).geometry.variant
+        == "vit_b"
+    )
 
 
 def _check_hq_parity(sam, path) -> None:
     bb = build_backbone(BackboneConfig(name="sam", checkpoint=path, img_size=256))
-    assert isinstance(bb, SamBackbone) and bb.family == "sam_hq" and bb.found.startswith("SAM-HQ checkpoint")
+    assert (
+        isinstance(bb, SamBackbone)
+        and bb.family == "sam_hq"
+        and bb.found.startswith("SAM-HQ checkpoint")
+    )
     images = _photos()
     ref_neck, ref_interm, hws = _reference(sam, images)
     prepared = [bb.prepare(img) for img in images]
@@ -89,10 +107,16 @@ def test_hq_extra_keys_are_accepted_and_the_encoder_is_sams(hq, tmp_path):
     torch.save({k: v for k, v in sd.items() if k.startswith("image_encoder.")}, sam1)
     a = build_backbone(BackboneConfig(name="sam", checkpoint=path, img_size=256))
     b = build_backbone(BackboneConfig(name="sam", checkpoint=sam1, img_size=256))
-    assert b.family == "sam1" and "family" not in b.identity() and a.identity()["family"] == "sam_hq"
+    assert (
+        b.family == "sam1" and "family" not in b.identity() and a.identity()["family"] == "sam_hq"
+    )
     x, valid = a.prepare(data.coffee())
-    torch.testing.assert_close(a.encode(x[None], torch.tensor([valid]), ["neck_avg"]),
-                               b.encode(x[None], torch.tensor([valid]), ["neck_avg"]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        a.encode(x[None], torch.tensor([valid]), ["neck_avg"]),
+        b.encode(x[None], torch.tensor([valid]), ["neck_avg"]),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_hq_variant_mismatch_names_both(hq):

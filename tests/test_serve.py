@@ -1,6 +1,7 @@
 """`samprobe serve`: answers equal to Classifier.predict, every bad input a 4xx naming it, bounded
 queue (503 + Retry-After), graceful SIGTERM, auth. Servers run on free loopback ports: real
 `samprobe serve` processes, or the same app on uvicorn in a thread where a test injects a fault."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,12 +22,20 @@ import pytest
 from PIL import Image
 
 from helpers.digits_run import CLASSES, EMPTY_CLASS, write_digits_project
-from serve_util import (InProcessServer, decoded, encode, launch, mismatch, serve_command, small_photos,
-                        wait_ready)
 from samprobe.cli import main
 from samprobe.io import sha256_file
 from samprobe.predict import Classifier
 from samprobe.serve import ServeSettings, create_app, exposure_warning, read_api_key
+from serve_util import (
+    InProcessServer,
+    decoded,
+    encode,
+    launch,
+    mismatch,
+    serve_command,
+    small_photos,
+    wait_ready,
+)
 
 MAX_QUEUE = 8
 
@@ -60,8 +69,14 @@ def draining(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def server(classifier: Classifier, checkpoint: Path, draining: Any):
     """The app most tests use (small limits), on uvicorn in this process: its memory is this process's."""
-    settings = ServeSettings(max_batch=4, max_wait_ms=20, max_queue=MAX_QUEUE, max_body_bytes=2**20,
-                             max_pixels=1_000_000, workers=2)
+    settings = ServeSettings(
+        max_batch=4,
+        max_wait_ms=20,
+        max_queue=MAX_QUEUE,
+        max_body_bytes=2**20,
+        max_pixels=1_000_000,
+        workers=2,
+    )
     with InProcessServer(create_app(classifier, settings, checkpoint=checkpoint)) as srv:
         yield srv
 
@@ -73,12 +88,16 @@ def uploads() -> list[bytes]:
     return [encode(p, "PNG") for p in pics] + [encode(p, "JPEG", quality=90) for p in pics]
 
 
-def expect_answers(body: dict[str, Any], sent: list[bytes], classifier: Classifier, top_k: int) -> None:
+def expect_answers(
+    body: dict[str, Any], sent: list[bytes], classifier: Classifier, top_k: int
+) -> None:
     assert len(body["predictions"]) == len(sent)
     for got, data in zip(body["predictions"], sent):
         [ref] = classifier.predict([decoded(data)], top_k=top_k)
         assert mismatch(got, ref) is None, mismatch(got, ref)
-        assert got["label"] in CLASSES  # original class names; the class without images is never predicted
+        assert (
+            got["label"] in CLASSES
+        )  # original class names; the class without images is never predicted
 
 
 def metric(text: str, name: str) -> float:
@@ -91,10 +110,15 @@ def metric(text: str, name: str) -> float:
 # answers
 
 
-def test_multipart_and_json_answers_equal_classifier_predict(server: InProcessServer, classifier: Classifier,
-                                                             uploads: list[bytes]) -> None:
-    r = httpx.post(f"{server.url}/predict", files=[("image", (f"p{i}", u)) for i, u in enumerate(uploads[:3])],
-                   data={"top_k": "2"}, timeout=60)
+def test_multipart_and_json_answers_equal_classifier_predict(
+    server: InProcessServer, classifier: Classifier, uploads: list[bytes]
+) -> None:
+    r = httpx.post(
+        f"{server.url}/predict",
+        files=[("image", (f"p{i}", u)) for i, u in enumerate(uploads[:3])],
+        data={"top_k": "2"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     expect_answers(r.json(), uploads[:3], classifier, top_k=2)
     assert all(len(p["top_k"]) == 2 for p in r.json()["predictions"])
@@ -104,41 +128,60 @@ def test_multipart_and_json_answers_equal_classifier_predict(server: InProcessSe
     r = httpx.post(f"{server.url}/predict", json={"images": images, "top_k": 10}, timeout=60)
     assert r.status_code == 200, r.text
     expect_answers(r.json(), uploads[3:6], classifier, top_k=10)
-    assert all(len(p["top_k"]) == len(CLASSES) for p in r.json()["predictions"])  # top_k past the classes: all of them
+    assert all(
+        len(p["top_k"]) == len(CLASSES) for p in r.json()["predictions"]
+    )  # top_k past the classes: all of them
 
-    r = httpx.post(f"{server.url}/predict", json={"image": base64.b64encode(uploads[6]).decode()}, timeout=60)
+    r = httpx.post(
+        f"{server.url}/predict", json={"image": base64.b64encode(uploads[6]).decode()}, timeout=60
+    )
     assert r.status_code == 200, r.text
     expect_answers(r.json(), uploads[6:7], classifier, top_k=5)
 
 
-def test_concurrent_requests_are_batched_and_answered_alike(server: InProcessServer, classifier: Classifier,
-                                                            uploads: list[bytes]) -> None:
+def test_concurrent_requests_are_batched_and_answered_alike(
+    server: InProcessServer, classifier: Classifier, uploads: list[bytes]
+) -> None:
     before = httpx.get(f"{server.url}/metrics").text
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/predict", files={"image": ("p", u)})
-                                          for u in uploads[:MAX_QUEUE]))
+            return await asyncio.gather(
+                *(
+                    client.post(f"{server.url}/predict", files={"image": ("p", u)})
+                    for u in uploads[:MAX_QUEUE]
+                )
+            )
 
     responses = asyncio.run(burst())
     for r, u in zip(responses, uploads):
         assert r.status_code == 200, r.text
         expect_answers(r.json(), [u], classifier, top_k=5)
     after = httpx.get(f"{server.url}/metrics").text
-    batches = metric(after, "samprobe_batch_size_count") - metric(before, "samprobe_batch_size_count")
+    batches = metric(after, "samprobe_batch_size_count") - metric(
+        before, "samprobe_batch_size_count"
+    )
     images = metric(after, "samprobe_batch_size_sum") - metric(before, "samprobe_batch_size_sum")
-    assert images == MAX_QUEUE and batches < MAX_QUEUE  # at least one forward pass took several requests
+    assert (
+        images == MAX_QUEUE and batches < MAX_QUEUE
+    )  # at least one forward pass took several requests
 
 
 def test_info_and_health_endpoints(server: InProcessServer, checkpoint: Path) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").json() == {"ready": True}
     info = httpx.get(f"{server.url}/info").json()
-    assert info["classes"] == {"taxonomy": [*CLASSES, EMPTY_CLASS], "active": list(CLASSES),
-                               "not_trained": [EMPTY_CLASS]}
+    assert info["classes"] == {
+        "taxonomy": [*CLASSES, EMPTY_CLASS],
+        "active": list(CLASSES),
+        "not_trained": [EMPTY_CLASS],
+    }
     assert info["backbone"]["name"] == "efficientnet_lite0" and info["precision"] == "fp32"
     assert info["checkpoint"]["sha256"] == sha256_file(checkpoint)
-    assert info["features_fingerprint"] == Classifier.load(checkpoint, device="cpu").extractor.fingerprint
+    assert (
+        info["features_fingerprint"]
+        == Classifier.load(checkpoint, device="cpu").extractor.fingerprint
+    )
     assert info["limits"]["max_queue"] == MAX_QUEUE and info["auth"] is False
     r = httpx.get(f"{server.url}/no-such-page")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
@@ -160,20 +203,46 @@ def bad_requests(uploads: list[bytes]) -> dict[str, tuple[dict[str, Any], int, s
     b64 = base64.b64encode(png).decode()
     text_plain, json_type = {"content-type": "text/plain"}, {"content-type": "application/json"}
     return {
-        "not an image": ({"files": {"image": ("notes.txt", b"just some text, not pixels " * 20)}}, 422, "not_an_image"),
-        "truncated png": ({"files": {"image": ("cut.png", png[: len(png) // 2])}}, 422, "bad_image"),
-        "truncated jpeg": ({"files": {"image": ("cut.jpg", jpeg[: len(jpeg) // 2])}}, 422, "bad_image"),
+        "not an image": (
+            {"files": {"image": ("notes.txt", b"just some text, not pixels " * 20)}},
+            422,
+            "not_an_image",
+        ),
+        "truncated png": (
+            {"files": {"image": ("cut.png", png[: len(png) // 2])}},
+            422,
+            "bad_image",
+        ),
+        "truncated jpeg": (
+            {"files": {"image": ("cut.jpg", jpeg[: len(jpeg) // 2])}},
+            422,
+            "bad_image",
+        ),
         "decompression bomb": ({"files": {"image": ("bomb.png", bomb_png())}}, 413, "pixel_limit"),
         "empty body": ({"content": b"", "headers": json_type}, 400, "empty_body"),
         "empty file": ({"files": {"image": ("empty.png", b"")}}, 422, "empty_image"),
-        "body too large": ({"files": {"image": ("big.png", png + b"\0" * (2 << 20))}}, 413, "body_too_large"),
-        "wrong content type": ({"content": png, "headers": text_plain}, 415, "unsupported_media_type"),
+        "body too large": (
+            {"files": {"image": ("big.png", png + b"\0" * (2 << 20))}},
+            413,
+            "body_too_large",
+        ),
+        "wrong content type": (
+            {"content": png, "headers": text_plain},
+            415,
+            "unsupported_media_type",
+        ),
         "no content type": ({"content": png}, 415, "unsupported_media_type"),
         "unknown json field": ({"json": {"images": [b64], "colour": "red"}}, 422, "unknown_field"),
-        "unknown multipart field": ({"files": {"image": ("p.png", png)}, "data": {"colour": "red"}}, 422,
-                                    "unknown_field"),
-        "multipart without boundary": ({"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
-                                       400, "bad_multipart"),
+        "unknown multipart field": (
+            {"files": {"image": ("p.png", png)}, "data": {"colour": "red"}},
+            422,
+            "unknown_field",
+        ),
+        "multipart without boundary": (
+            {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "bad_multipart",
+        ),
         "invalid json": ({"content": b'{"images": [', "headers": json_type}, 400, "invalid_json"),
         "bad base64": ({"json": {"images": ["not base64 at all!"]}}, 422, "bad_base64"),
         "json not an object": ({"json": [b64]}, 422, "bad_field"),
@@ -190,13 +259,16 @@ def check_bad(r: httpx.Response, kind: str, status: int, code: str) -> None:
     assert err["code"] == code and len(err["message"]) > 10, f"{kind}: {err}"
 
 
-def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(server: InProcessServer, classifier: Classifier,
-                                                                     uploads: list[bytes]) -> None:
+def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(
+    server: InProcessServer, classifier: Classifier, uploads: list[bytes]
+) -> None:
     bad = bad_requests(uploads)
     with httpx.Client(timeout=60) as client:
         for kind, (kwargs, status, code) in bad.items():
             check_bad(client.post(f"{server.url}/predict", **kwargs), kind, status, code)
-            r = client.post(f"{server.url}/predict", files={"image": ("p", uploads[1])})  # served normally next
+            r = client.post(
+                f"{server.url}/predict", files={"image": ("p", uploads[1])}
+            )  # served normally next
             assert r.status_code == 200, f"after {kind}: {r.text}"
     assert "pixel_limit" in httpx.get(f"{server.url}/metrics").text  # errors counted by kind
     rss_before = server.rss_mb()
@@ -206,6 +278,7 @@ def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(server: InP
 
     async def interleaved() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
+
             async def good(i: int) -> None:
                 r = await client.post(f"{server.url}/predict", files={"image": ("p", uploads[i])})
                 assert r.status_code == 200, r.text
@@ -216,11 +289,15 @@ def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(server: InP
                 check_bad(await client.post(f"{server.url}/predict", **kwargs), kind, status, code)
 
             for group in range(10):  # 5 bad + 3 good at once, within the queue of 8
-                await asyncio.gather(*(wrong(5 * group + k) for k in range(5)),
-                                     *(good((3 * group + k) % len(uploads)) for k in range(3)))
+                await asyncio.gather(
+                    *(wrong(5 * group + k) for k in range(5)),
+                    *(good((3 * group + k) % len(uploads)) for k in range(3)),
+                )
 
     asyncio.run(interleaved())
-    assert server.rss_mb() - rss_before <= 100  # this process's memory: the server's and the client's
+    assert (
+        server.rss_mb() - rss_before <= 100
+    )  # this process's memory: the server's and the client's
     assert httpx.get(f"{server.url}/ready").status_code == 200
     assert server.running
 
@@ -239,14 +316,20 @@ def median_latency(url: str, upload: bytes, n: int = 5) -> float:
     return statistics.median(times)
 
 
-def test_a_burst_past_the_queue_gets_503s_then_latency_recovers(server: InProcessServer, uploads: list[bytes]) -> None:
+def test_a_burst_past_the_queue_gets_503s_then_latency_recovers(
+    server: InProcessServer, uploads: list[bytes]
+) -> None:
     normal = median_latency(server.url, uploads[0])
 
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=5 * MAX_QUEUE)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/predict", files={"image": ("p", uploads[i % 4])})
-                                          for i in range(5 * MAX_QUEUE)))
+            return await asyncio.gather(
+                *(
+                    client.post(f"{server.url}/predict", files={"image": ("p", uploads[i % 4])})
+                    for i in range(5 * MAX_QUEUE)
+                )
+            )
 
     responses = asyncio.run(burst())  # a timeout or a dropped connection raises here
     statuses = [r.status_code for r in responses]
@@ -258,27 +341,40 @@ def test_a_burst_past_the_queue_gets_503s_then_latency_recovers(server: InProces
     assert metric(metrics, "samprobe_queue_depth") == 0
     assert metric(metrics, 'samprobe_errors_total{kind="overloaded"}') >= statuses.count(503)
     after = median_latency(server.url, uploads[0])
-    assert after <= 3 * normal + 0.1, (normal, after)  # nothing left queued: back to an unloaded request's time
+    assert after <= 3 * normal + 0.1, (
+        normal,
+        after,
+    )  # nothing left queued: back to an unloaded request's time
 
 
-def test_sigterm_during_load_answers_the_requests_in_flight_and_exits_0(draining: Any, classifier: Classifier,
-                                                                       uploads: list[bytes]) -> None:
-    srv = wait_ready(*draining)  # its long batching wait holds the requests inside it when SIGTERM comes
+def test_sigterm_during_load_answers_the_requests_in_flight_and_exits_0(
+    draining: Any, classifier: Classifier, uploads: list[bytes]
+) -> None:
+    srv = wait_ready(
+        *draining
+    )  # its long batching wait holds the requests inside it when SIGTERM comes
     sent = uploads[:6]
 
     async def load() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
-            tasks = [asyncio.create_task(client.post(f"{srv.url}/predict", files={"image": ("p", u)})) for u in sent]
+            tasks = [
+                asyncio.create_task(client.post(f"{srv.url}/predict", files={"image": ("p", u)}))
+                for u in sent
+            ]
             end = time.monotonic() + 30
             while time.monotonic() < end:
-                if metric((await client.get(f"{srv.url}/metrics")).text, "samprobe_queue_depth") >= len(sent):
+                if metric(
+                    (await client.get(f"{srv.url}/metrics")).text, "samprobe_queue_depth"
+                ) >= len(sent):
                     break
                 await asyncio.sleep(0.02)
             srv.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 
     responses = asyncio.run(load())
-    assert srv.proc.wait(120) == 0  # one signal only: a second one while it exits would be a kill (the fixture's)
+    assert (
+        srv.proc.wait(120) == 0
+    )  # one signal only: a second one while it exits would be a kill (the fixture's)
     for r, u in zip(responses, sent):
         assert r.status_code == 200, r.text
         expect_answers(r.json(), [u], classifier, top_k=5)
@@ -309,20 +405,30 @@ class _Records(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_an_internal_error_is_a_500_with_a_logged_id_and_fails_no_other_request(classifier: Classifier,
-                                                                                uploads: list[bytes]) -> None:
+def test_an_internal_error_is_a_500_with_a_logged_id_and_fails_no_other_request(
+    classifier: Classifier, uploads: list[bytes]
+) -> None:
     faulty = FaultyClassifier(classifier.ckpt, classifier.extractor, "test")
     trigger = encode(np.asarray(Image.fromarray(small_photos(96)[0]).resize((23, 17))), "PNG")
     records = _Records()
     logging.getLogger("samprobe").addHandler(records)
     try:
-        with InProcessServer(create_app(faulty, ServeSettings(max_batch=8, max_wait_ms=300))) as srv:
+        with InProcessServer(
+            create_app(faulty, ServeSettings(max_batch=8, max_wait_ms=300))
+        ) as srv:
+
             async def mixed() -> list[httpx.Response]:
                 async with httpx.AsyncClient(timeout=60) as client:
-                    return await asyncio.gather(*(client.post(f"{srv.url}/predict", files={"image": ("p", u)})
-                                                  for u in [uploads[0], trigger, uploads[1], uploads[2]]))
+                    return await asyncio.gather(
+                        *(
+                            client.post(f"{srv.url}/predict", files={"image": ("p", u)})
+                            for u in [uploads[0], trigger, uploads[1], uploads[2]]
+                        )
+                    )
 
-            responses = asyncio.run(mixed())  # one batch: it fails, then each request is retried alone
+            responses = asyncio.run(
+                mixed()
+            )  # one batch: it fails, then each request is retried alone
             assert [r.status_code for r in responses] == [200, 500, 200, 200]
             err = responses[1].json()["error"]
             assert err["code"] == "internal" and err["id"] in err["message"]
@@ -336,7 +442,9 @@ def test_an_internal_error_is_a_500_with_a_logged_id_and_fails_no_other_request(
         logging.getLogger("samprobe").removeHandler(records)
 
 
-def test_bearer_token_is_required_where_set(classifier: Classifier, uploads: list[bytes], tmp_path: Path) -> None:
+def test_bearer_token_is_required_where_set(
+    classifier: Classifier, uploads: list[bytes], tmp_path: Path
+) -> None:
     key_file = tmp_path / "key.txt"
     key_file.write_text("s3cret-token\n")
     settings = ServeSettings(api_key=read_api_key(key_file))
@@ -345,18 +453,33 @@ def test_bearer_token_is_required_where_set(classifier: Classifier, uploads: lis
         r = httpx.post(f"{srv.url}/predict", files=files)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert r.json()["error"]["code"] == "unauthorized"
-        wrong = httpx.post(f"{srv.url}/predict", files=files, headers={"Authorization": "Bearer s3cret-tokeN"})
+        wrong = httpx.post(
+            f"{srv.url}/predict", files=files, headers={"Authorization": "Bearer s3cret-tokeN"}
+        )
         assert wrong.status_code == 401
-        assert httpx.get(f"{srv.url}/metrics").status_code == 401 and httpx.get(f"{srv.url}/info").status_code == 401
-        ok = httpx.post(f"{srv.url}/predict", files=files, headers={"Authorization": "Bearer s3cret-token"}, timeout=60)
+        assert (
+            httpx.get(f"{srv.url}/metrics").status_code == 401
+            and httpx.get(f"{srv.url}/info").status_code == 401
+        )
+        ok = httpx.post(
+            f"{srv.url}/predict",
+            files=files,
+            headers={"Authorization": "Bearer s3cret-token"},
+            timeout=60,
+        )
         assert ok.status_code == 200
-        assert httpx.get(f"{srv.url}/health").status_code == 200 and httpx.get(f"{srv.url}/ready").status_code == 200
+        assert (
+            httpx.get(f"{srv.url}/health").status_code == 200
+            and httpx.get(f"{srv.url}/ready").status_code == 200
+        )
         info = httpx.get(f"{srv.url}/info", headers={"Authorization": "Bearer s3cret-token"}).json()
         assert info["auth"] is True and "s3cret" not in json.dumps(info)
 
 
 def test_a_request_past_its_deadline_is_a_504(classifier: Classifier, uploads: list[bytes]) -> None:
-    settings = ServeSettings(max_batch=8, max_wait_ms=2000, timeout_s=0.3)  # the batch waits longer than the deadline
+    settings = ServeSettings(
+        max_batch=8, max_wait_ms=2000, timeout_s=0.3
+    )  # the batch waits longer than the deadline
     with InProcessServer(create_app(classifier, settings)) as srv:
         r = httpx.post(f"{srv.url}/predict", files={"image": ("p", uploads[0])}, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
@@ -366,7 +489,9 @@ def test_a_request_past_its_deadline_is_a_504(classifier: Classifier, uploads: l
 # the command line
 
 
-def test_serve_user_errors_exit_2(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_user_errors_exit_2(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -375,13 +500,21 @@ def test_serve_user_errors_exit_2(checkpoint: Path, tmp_path: Path, capsys: pyte
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(checkpoint), "--max-batch", "0"]) == 2
     assert "max_batch must be 1 or more" in capsys.readouterr().err
-    assert main(["serve", "--checkpoint", str(checkpoint), "--max-batch", "32", "--max-queue", "8"]) == 2
+    assert (
+        main(["serve", "--checkpoint", str(checkpoint), "--max-batch", "32", "--max-queue", "8"])
+        == 2
+    )
     assert "no batch could ever fill" in capsys.readouterr().err
     empty = tmp_path / "empty.key"
     empty.write_text("\n")
     assert main(["serve", "--checkpoint", str(checkpoint), "--api-key-file", str(empty)]) == 2
     assert "holds no token" in capsys.readouterr().err
-    assert main(["serve", "--checkpoint", str(checkpoint), "--api-key-file", str(tmp_path / "nope.key")]) == 2
+    assert (
+        main(
+            ["serve", "--checkpoint", str(checkpoint), "--api-key-file", str(tmp_path / "nope.key")]
+        )
+        == 2
+    )
     assert "cannot be read" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", "0"]) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Tracking: metrics.jsonl always; real wandb client falling back from online to offline."""
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,14 @@ def read_wandb_records(path: Path) -> list:
         if left < 7:  # block trailer padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             break
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
-        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record; MIDDLE/LAST extend it
+        buf = (
+            chunk if kind in (1, 2) else buf + chunk
+        )  # FULL/FIRST start a record; MIDDLE/LAST extend it
         if kind in (1, 4):
             rec = pb.Record()
             rec.ParseFromString(buf)
@@ -44,20 +47,27 @@ def read_wandb_records(path: Path) -> list:
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
-    files = list(run_dir.glob("offline-run-*/*.wandb"))  # a failed online attempt may leave its own run-* folder
+    files = list(
+        run_dir.glob("offline-run-*/*.wandb")
+    )  # a failed online attempt may leave its own run-* folder
     assert len(files) == 1, files
     # wandb-core writes the file from its own process and may still be flushing when finish()
     # returns: wait (bounded) for the final "exit" record before reading.
     deadline = time.monotonic() + 10
     records = read_wandb_records(files[0])
-    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+    while (
+        not any(r.WhichOneof("record_type") == "exit" for r in records)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
         records = read_wandb_records(files[0])
     rows = []
     for rec in records:
         if rec.WhichOneof("record_type") == kind:
             items = rec.history.item if kind == "history" else rec.summary.update
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items})
+            rows.append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+            )
     return rows
 
 
@@ -103,7 +113,9 @@ def closed_port() -> int:
 
 @pytest.fixture
 def wandb_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")  # dummy, 40 chars
+    monkeypatch.setenv(
+        "WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567"
+    )  # dummy, 40 chars
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
@@ -114,7 +126,9 @@ def wandb_env(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_with_wandb_online_unreachable_falls_back_to_offline(tmp_path, wandb_env, captured):
+def test_training_with_wandb_online_unreachable_falls_back_to_offline(
+    tmp_path, wandb_env, captured
+):
     from samprobe.pipeline import run_extract, run_train, run_validate
 
     wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
@@ -134,7 +148,10 @@ def test_training_with_wandb_online_unreachable_falls_back_to_offline(tmp_path, 
     fallback = [ln for ln in captured if "falling back to offline after" in ln]
     assert len(fallback) == 1, captured
     seconds = float(fallback[0].split("falling back to offline after ")[1].split(" s")[0])
-    print(f"\nwandb online->offline fallback {seconds:.2f} s; run_train (wandb start and finish included) {train_seconds:.2f} s")
+    print(
+        f"\nwandb online->offline fallback {seconds:.2f} s; run_train (wandb start and finish "
+        f"included) {train_seconds:.2f} s"
+    )
     assert seconds <= 30.0
     assert train_seconds <= 30.0
     # the offline run lives inside the run directory and holds every epoch's metrics
@@ -151,25 +168,33 @@ def test_training_with_wandb_online_unreachable_falls_back_to_offline(tmp_path, 
     assert list(sync_dir.glob("*.wandb"))
     summary = wandb_summary(run_dir / "wandb")
     assert summary["best_epoch"] == trained["best_epoch"]
-    assert summary["best/val_balanced_accuracy"] == pytest.approx(trained["metrics"]["val_balanced_accuracy"])
+    assert summary["best/val_balanced_accuracy"] == pytest.approx(
+        trained["metrics"]["val_balanced_accuracy"]
+    )
 
 
-def test_wandb_server_that_never_answers_falls_back_within_init_timeout(tmp_path, wandb_env, captured):
+def test_wandb_server_that_never_answers_falls_back_within_init_timeout(
+    tmp_path, wandb_env, captured
+):
     """The port accepts TCP connections but never replies: the preflight passes, wandb.init itself times out."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     try:
         wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
-        cfg = load_config(write_digits_project(tmp_path, per_class=2),
-                          ["tracking.wandb.mode=online", "tracking.wandb.init_timeout_s=1"])
+        cfg = load_config(
+            write_digits_project(tmp_path, per_class=2),
+            ["tracking.wandb.mode=online", "tracking.wandb.init_timeout_s=1"],
+        )
         cfg.run_dir.mkdir(parents=True)
         started = time.perf_counter()
         tracker = Tracker(cfg).start()
         elapsed = time.perf_counter() - started
         print(f"\nsilent server: Tracker.start (failed online init + offline init) {elapsed:.2f} s")
         assert tracker.mode == "offline" and tracker.requested_mode == "online"
-        assert "cannot connect" not in tracker.fallback_reason  # the preflight passed: wandb.init itself failed
+        assert (
+            "cannot connect" not in tracker.fallback_reason
+        )  # the preflight passed: wandb.init itself failed
         assert "Error" in tracker.fallback_reason, tracker.fallback_reason
         assert elapsed <= 30.0
         tracker.log_epoch({"epoch": 1, "train_loss": 0.5})
@@ -178,7 +203,10 @@ def test_wandb_server_that_never_answers_falls_back_within_init_timeout(tmp_path
     finally:
         listener.close()
     assert [r["train_loss"] for r in read_jsonl(cfg.run_dir / "metrics.jsonl")] == [0.5, 0.25]
-    assert [h["train_loss"] for h in wandb_history(cfg.run_dir / "wandb") if "train_loss" in h] == [0.5, 0.25], captured
+    assert [h["train_loss"] for h in wandb_history(cfg.run_dir / "wandb") if "train_loss" in h] == [
+        0.5,
+        0.25,
+    ], captured
     assert any("wandb sync " in ln for ln in captured)
 
 
@@ -201,7 +229,9 @@ def test_a_failing_wandb_call_stops_mirroring_but_not_metrics(tmp_path, wandb_en
     tracker = Tracker(cfg).start()
     assert tracker.mode == "offline"
     tracker.log_epoch({"epoch": 1, "train_loss": 1.0})
-    tracker._run.log = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))  # the wandb process dies
+    tracker._run.log = lambda *a, **k: (_ for _ in ()).throw(
+        OSError("disk full")
+    )  # the wandb process dies
     tracker.log_epoch({"epoch": 2, "train_loss": 0.5})  # must not raise
     tracker.log_epoch({"epoch": 3, "train_loss": 0.25})
     tracker.finish()

@@ -1,5 +1,6 @@
 """train.head attentive: the attentive probe over the cached token grid (features.spatial), from
 the stacked sweep form to the CLI on real images with a tiny SAM encoder."""
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,6 @@ import yaml
 from helpers.digits_run import CLASSES, EMPTY_CLASS, write_digits_project
 from helpers.resume_check import assert_resumes_bitwise
 from helpers.sam_factory import write_official_checkpoint
-from tolerance import close_after_rounding, magnitude, rounding_atol
 from samprobe.cli import main
 from samprobe.config import SweepConfig, TrainConfig, load_config
 from samprobe.data.metadata import read_splits
@@ -26,17 +26,25 @@ from samprobe.predict import Classifier
 from samprobe.train import heads
 from samprobe.train.heads import AttentiveProbe, StackedAttentiveProbe
 from samprobe.train.loop import SweepTrainer
+from tolerance import close_after_rounding, magnitude, rounding_atol
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise-comparable CPU matmuls
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = {"head": "attentive", "epochs": 3, "batch_size": 32, "patience": 100,
-            "sweep": SweepConfig(lrs=[0.02, 0.06], weight_decays=[1e-4, 1e-2])}
+    base = {
+        "head": "attentive",
+        "epochs": 3,
+        "batch_size": 32,
+        "patience": 100,
+        "sweep": SweepConfig(lrs=[0.02, 0.06], weight_decays=[1e-4, 1e-2]),
+    }
     return TrainConfig(**{**base, **kw})
 
 
-def _marked_token_grids(n: int, T: int = 16, C: int = 16, K: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _marked_token_grids(
+    n: int, T: int = 16, C: int = 16, K: int = 3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Grids [n, T, C] where every token looks like some class (a class centre plus noise), and
     only the token marked in channel 0, at a random place, carries the label: the mean over the
     tokens hardly tells the class; attending to the marked token does."""
@@ -70,7 +78,9 @@ def _textbook(probe: AttentiveProbe, tokens: torch.Tensor) -> torch.Tensor:
 def test_stacked_settings_equal_single_probes_equal_textbook_attention():
     gen = torch.Generator().manual_seed(0)
     model = StackedAttentiveProbe(3, 16, 5, spatial=2, attn_heads=4, generator=gen)
-    with torch.no_grad():  # away from the init (unit norms, zero classifier), so every parameter matters
+    with (
+        torch.no_grad()
+    ):  # away from the init (unit norms, zero classifier), so every parameter matters
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.5)
     x = torch.randn(7, 4, 16, generator=gen) * 3 + 1  # [B, T, C] raw grids
@@ -84,15 +94,27 @@ def test_stacked_settings_equal_single_probes_equal_textbook_attention():
         stacked = model(x)  # [3, 7, 5]
         assert stacked.shape == (3, 7, 5)
         scale = magnitude(stacked, *model.parameters())
-        torch.testing.assert_close(model(x, torch.tensor([2, 0])), stacked[[2, 0]],
-                                   **close_after_rounding(torch.float32, terms=terms, scale=scale))
+        torch.testing.assert_close(
+            model(x, torch.tensor([2, 0])),
+            stacked[[2, 0]],
+            **close_after_rounding(torch.float32, terms=terms, scale=scale),
+        )
         for h in range(3):
             single = model.to_head(h)
             assert isinstance(single, AttentiveProbe) and single.spec == model.spec()
-            torch.testing.assert_close(single(x), stacked[h], **close_after_rounding(torch.float32, terms=terms, scale=scale))
-            exact = single.double()  # the factorised keys / values are the textbook computation, not an approximation
-            torch.testing.assert_close(exact(x.double()), _textbook(exact, x.double()),
-                                       **close_after_rounding(torch.float64, terms=terms, scale=scale))
+            torch.testing.assert_close(
+                single(x),
+                stacked[h],
+                **close_after_rounding(torch.float32, terms=terms, scale=scale),
+            )
+            exact = (
+                single.double()
+            )  # the factorised keys / values are the textbook computation, not an approximation
+            torch.testing.assert_close(
+                exact(x.double()),
+                _textbook(exact, x.double()),
+                **close_after_rounding(torch.float64, terms=terms, scale=scale),
+            )
     assert set(model.to_head(0).state_dict()) == set(AttentiveProbe(16, 5, 2, 4).state_dict())
 
 
@@ -102,26 +124,47 @@ def test_stacked_settings_equal_single_probes_equal_textbook_attention():
 
 def test_attentive_sweep_learns_what_mean_pooling_cannot():
     x, y = _marked_token_grids(480)
-    res = SweepTrainer(x[:360], y[:360], x[360:], y[360:], np.ones(3), _cfg(epochs=20), seed=0).run()
+    res = SweepTrainer(
+        x[:360], y[:360], x[360:], y[360:], np.ones(3), _cfg(epochs=20), seed=0
+    ).run()
     with torch.no_grad():
         acc = (res.head(torch.from_numpy(x[360:])).argmax(1).numpy() == y[360:]).mean()
     assert acc > 0.95  # chance is 1/3
     assert res.head.spec["kind"] == "attentive" and res.head.spec["spatial"] == 4
     pooled = x.mean(1)  # [N, C]: the same data through a linear head on the mean token
-    lin = SweepTrainer(pooled[:360], y[:360], pooled[360:], y[360:], np.ones(3), _cfg(head="linear", epochs=20), seed=0).run()
+    lin = SweepTrainer(
+        pooled[:360],
+        y[:360],
+        pooled[360:],
+        y[360:],
+        np.ones(3),
+        _cfg(head="linear", epochs=20),
+        seed=0,
+    ).run()
     assert max(r["best_balanced_accuracy"] for r in lin.table) < 0.7
 
 
 def test_attentive_sweep_resumes_bitwise_and_checks_what_it_resumes():
     x, y = _marked_token_grids(120)
     cfg = _cfg(epochs=4, dropout=0.1)
-    _, state = assert_resumes_bitwise(lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=2)
+    _, state = assert_resumes_bitwise(
+        lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=2
+    )
     # linear heads on C-d pooled features have a mean of the same shape: the head spec tells them apart
     pooled = x.mean(1)
-    linear = SweepTrainer(pooled[:90], y[:90], pooled[90:], y[90:], np.ones(3), _cfg(head="linear", epochs=4), seed=5)
-    with pytest.raises(CheckpointError, match=r"written for train.head attentive \(features.spatial 4\) heads, this config trains train.head linear heads"):
+    linear = SweepTrainer(
+        pooled[:90], y[:90], pooled[90:], y[90:], np.ones(3), _cfg(head="linear", epochs=4), seed=5
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"written for train.head attentive \(features.spatial 4\) heads, "
+        r"this config trains train.head linear heads",
+    ):
         linear.load_state_dict(state)
-    with pytest.raises(TrainingError, match=r"train.head attentive trains on token grids \[N, S\*S, C\], got features of shape \(90, 16\)"):
+    with pytest.raises(
+        TrainingError,
+        match=r"train.head attentive trains on token grids \[N, S\*S, C\], got features of shape \(90, 16\)",
+    ):
         SweepTrainer(pooled[:90], y[:90], pooled[90:], y[90:], np.ones(3), cfg, seed=5)
 
 
@@ -129,7 +172,9 @@ def test_large_grid_batches_run_as_accumulated_parts(monkeypatch):
     x, y = _marked_token_grids(100)
     ref = SweepTrainer(x, y, x[:0], y[:0], np.ones(3), _cfg(batch_size=8, accumulate=4), seed=1)
     ref.run()
-    monkeypatch.setattr(heads, "STEP_ELEMENTS", 8 * 16 * 16)  # room for 8 grids of 16 x 16 per forward
+    monkeypatch.setattr(
+        heads, "STEP_ELEMENTS", 8 * 16 * 16
+    )  # room for 8 grids of 16 x 16 per forward
     cut = SweepTrainer(x, y, x[:0], y[:0], np.ones(3), _cfg(batch_size=32), seed=1)
     assert (cut.batch_size, cut.accumulate, cut.eval_batch) == (8, 4, 8)
     cut.run()
@@ -143,13 +188,19 @@ def test_large_grid_batches_run_as_accumulated_parts(monkeypatch):
 
 def test_attentive_without_spatial_is_a_config_error(tmp_path, capsys):
     cfg = write_digits_project(tmp_path, per_class=2)
-    with pytest.raises(ConfigError, match="train.head is attentive but features.spatial is not set"):
+    with pytest.raises(
+        ConfigError, match="train.head is attentive but features.spatial is not set"
+    ):
         load_config(cfg, ["train.head=attentive"])
-    assert load_config(cfg, ["train.head=attentive", "features.spatial=2"]).train.head == "attentive"
+    assert (
+        load_config(cfg, ["train.head=attentive", "features.spatial=2"]).train.head == "attentive"
+    )
     for command in ("validate", "train"):  # before any work: the run directory is not even created
         assert main([command, "-c", str(cfg), "--set", "train.head=attentive"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "[SP100]" in err[0] and "set features.spatial (e.g. 8)" in err[0], err
+        assert (
+            len(err) == 1 and "[SP100]" in err[0] and "set features.spatial (e.g. 8)" in err[0]
+        ), err
         assert "only the grids are added" in err[0]
     assert not (tmp_path / "run").exists()
 
@@ -174,39 +225,81 @@ def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", *c, *attentive]) == 2  # the grids are not in the cache yet
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "have no cached 4x4 token grid" in err[0] and "only the missing grids are added" in err[0], err
+    assert (
+        len(err) == 1
+        and "have no cached 4x4 token grid" in err[0]
+        and "only the missing grids are added" in err[0]
+    ), err
     assert main(["extract", *c, *attentive]) == 0
     assert main(["train", *c, *attentive]) == 0
 
     best_path = tmp_path / "run" / "checkpoints" / "best.pt"
     best = torch.load(best_path, weights_only=True)
     spec = best["head"]["spec"]
-    assert spec == {"kind": "attentive", "in_dim": 256, "num_classes": 3, "spatial": 4, "attn_heads": 8, "dropout": 0.0}
+    assert spec == {
+        "kind": "attentive",
+        "in_dim": 256,
+        "num_classes": 3,
+        "spatial": 4,
+        "attn_heads": 8,
+        "dropout": 0.0,
+    }
     assert best["head"]["state_dict"]["k.weight"].shape == (256, 256)
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert last["train_state"]["model"]["wk"].shape == (8, 256, 256) and last["train_state"]["head_spec"] == spec
+    assert (
+        last["train_state"]["model"]["wk"].shape == (8, 256, 256)
+        and last["train_state"]["head_spec"] == spec
+    )
     # --resume reads last.pt back (weights_only; two optimizer groups: no decay on norms, biases, the query)
     assert main(["train", *c, *attentive, "--resume"]) == 0
     again = torch.load(best_path, weights_only=True)
-    assert all(torch.equal(again["head"]["state_dict"][k], v) for k, v in best["head"]["state_dict"].items())
+    assert all(
+        torch.equal(again["head"]["state_dict"][k], v)
+        for k, v in best["head"]["state_dict"].items()
+    )
     capsys.readouterr()
-    assert main(["train", *c, "--resume"]) == 2  # linear heads on the 256-d pooled features: same sweep, same dims
-    assert ("last.pt was written for train.head attentive (features.spatial 4) heads, this config trains train.head linear heads"
-            in capsys.readouterr().err)
+    assert (
+        main(["train", *c, "--resume"]) == 2
+    )  # linear heads on the 256-d pooled features: same sweep, same dims
+    assert (
+        "last.pt was written for train.head attentive (features.spatial 4) heads, this config "
+        "trains train.head linear heads" in capsys.readouterr().err
+    )
 
     # evaluate reads the test grids from the cache; the checkpoint, not the config, says which grid
     assert main(["evaluate", *c, *attentive, "--checkpoint", str(best_path)]) == 0
     metrics = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
-    assert main(["evaluate", *c, "--checkpoint", str(best_path)]) == 0  # features.spatial unset here
-    assert json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
-    assert metrics["n"] == 12 and metrics["balanced_accuracy"] > 0.5  # 3 classes: chance is 1/3 (12 images: 9 gave 0.44 or 1.0 by the split drawn)
+    assert (
+        main(["evaluate", *c, "--checkpoint", str(best_path)]) == 0
+    )  # features.spatial unset here
+    assert (
+        json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())["accuracy"]
+        == metrics["accuracy"]
+    )
+    assert (
+        metrics["n"] == 12 and metrics["balanced_accuracy"] > 0.5
+    )  # 3 classes: chance is 1/3 (12 images: 9 gave 0.44 or 1.0 by the split drawn)
     assert metrics["not_trained_classes"] == [EMPTY_CLASS]
 
     # predict: through the cache (CLI) and from pixels (Classifier.predict computes the grid) agree,
     # and both agree with the head on the cached test grids
     images = tmp_path / "data" / "images"
     out = tmp_path / "pred.csv"
-    assert main(["predict", "--checkpoint", str(best_path), str(images), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(best_path),
+                str(images),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with open(out, newline="") as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert len(rows) == 48 and all(r["label"] in CLASSES and not r["error"] for r in rows.values())

@@ -1,5 +1,6 @@
 """Train / resume / evaluate through the pipeline and the CLI on real images (scikit-learn
 digits, efficientnet_lite0 at 64 px, fp32, CPU)."""
+
 from __future__ import annotations
 
 import csv
@@ -47,12 +48,15 @@ def corpus(tmp_path_factory) -> Path:
         split = "val" if k in (0, 1, 2) else "test" if k in (3, 4, 5) else "train"
         if NAMES[t] == "four" and split == "train":
             continue
-        Image.fromarray(np.clip(np.rint(img * 255 / 16), 0, 255).astype(np.uint8), mode="L").save(root / "images" / f"d{i}.png")
+        Image.fromarray(np.clip(np.rint(img * 255 / 16), 0, 255).astype(np.uint8), mode="L").save(
+            root / "images" / f"d{i}.png"
+        )
         rows.append((f"d{i}.png", NAMES[t], split))
     with open(root / "metadata.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "split"), *rows])
     (root / "classes.txt").write_text("\n".join(["empty", *NAMES]) + "\n")
-    (root / "base.yaml").write_text(textwrap.dedent("""\
+    (root / "base.yaml").write_text(
+        textwrap.dedent("""\
         seed: 0
         device: cpu
         precision: fp32
@@ -60,7 +64,8 @@ def corpus(tmp_path_factory) -> Path:
         backbone: {name: efficientnet_lite0, img_size: 64}
         features: {cache_dir: cache, dtype: float32, batch_size: 32, num_workers: 0}
         train: {epochs: 8, batch_size: 8, patience: 100, warmup_epochs: 1}
-        """))
+        """)
+    )
     cfg = load_config(root / "base.yaml", [f"run_dir={root / 'extract_run'}"])
     run_validate(cfg)
     run_extract(cfg)
@@ -79,7 +84,9 @@ def test_train_evaluate_end_to_end(corpus):
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert best["classes"]["active"] == [1, 2, 3, 4]  # zero..three; 'empty' and 'four' not trained
     assert best["head"]["state_dict"]["net.weight"].shape == (4, 1280)
-    assert {"optimizer", "scheduler", "rng", "best"} <= set(last["train_state"]) and "history" not in last["train_state"]
+    assert {"optimizer", "scheduler", "rng", "best"} <= set(
+        last["train_state"]
+    ) and "history" not in last["train_state"]
     assert best["backbone"]["fingerprint"] and best["config"]["train"]["epochs"] == 8
     with open(run / "sweep.csv") as f:
         sweep = list(csv.DictReader(f))
@@ -88,7 +95,11 @@ def test_train_evaluate_end_to_end(corpus):
 
     cfg = load_config(path, sets)
     m = run_evaluate(cfg, run / "checkpoints" / "best.pt", "test")
-    assert m["n"] == 15 and m["n_not_trained"] == 3 and set(m["not_trained_classes"]) == {"empty", "four"}
+    assert (
+        m["n"] == 15
+        and m["n_not_trained"] == 3
+        and set(m["not_trained_classes"]) == {"empty", "four"}
+    )
     assert m["accuracy"] <= 12 / 15 and m["balanced_accuracy"] <= 4 / 5
     assert m["balanced_accuracy"] > 0.5  # the four trained digits are learnt from real features
     assert {"top1_accuracy", "top3_accuracy", "macro_f1"} <= set(m)
@@ -99,8 +110,11 @@ def test_train_evaluate_end_to_end(corpus):
     assert (run / "eval" / "test" / "confusion_matrix.png").stat().st_size > 1000
 
     from samprobe.predict import Classifier
+
     clf = Classifier.load(run / "checkpoints" / "best.pt", device="cpu", precision="fp32")
-    preds = clf.predict([corpus / "images" / p for p in sorted(os.listdir(corpus / "images"))[:5]], top_k=3)
+    preds = clf.predict(
+        [corpus / "images" / p for p in sorted(os.listdir(corpus / "images"))[:5]], top_k=3
+    )
     assert all(p.label in {"zero", "one", "two", "three"} and len(p.top_k) == 3 for p in preds)
 
 
@@ -124,7 +138,12 @@ pl.run_train(load_config(sys.argv[1], sys.argv[2:]))
 def test_killed_run_resumes_to_the_same_weights_and_metrics(corpus):
     path, sets = _cfg(corpus, "killed")
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_3_EPOCHS, str(path), *sets], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_3_EPOCHS, str(path), *sets],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     killed = corpus / "killed"
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 3
@@ -140,12 +159,18 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(corpus):
     for k, v in b["head"]["state_dict"].items():
         assert torch.equal(a["head"]["state_dict"][k], v), k
     la = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["train_state"]
-    lb = torch.load(corpus / "uninterrupted" / "checkpoints" / "last.pt", weights_only=True)["train_state"]
+    lb = torch.load(corpus / "uninterrupted" / "checkpoints" / "last.pt", weights_only=True)[
+        "train_state"
+    ]
     for k, v in lb["model"].items():
         assert torch.equal(la["model"][k], v), k
     assert a["metrics"] == b["metrics"] and a["sweep"] == b["sweep"]
-    assert (killed / "metrics.jsonl").read_text() == (corpus / "uninterrupted" / "metrics.jsonl").read_text()
-    assert (killed / "sweep.csv").read_text() == (corpus / "uninterrupted" / "sweep.csv").read_text()
+    assert (killed / "metrics.jsonl").read_text() == (
+        corpus / "uninterrupted" / "metrics.jsonl"
+    ).read_text()
+    assert (killed / "sweep.csv").read_text() == (
+        corpus / "uninterrupted" / "sweep.csv"
+    ).read_text()
 
 
 def test_resume_errors_are_user_errors(corpus, capsys):
@@ -157,21 +182,46 @@ def test_resume_errors_are_user_errors(corpus, capsys):
 
     # A run trained with another sweep grid cannot be resumed with this one.
     path, sets = _cfg(corpus, "grid_changed")
-    assert main(["train", "-c", str(path), *sum([["--set", s] for s in [*sets, "train.epochs=1"]], [])]) == 0
-    assert main(["train", "-c", str(path), "--resume", *sum([["--set", s] for s in [*sets, "train.sweep.lrs=[0.01]"]], [])]) == 2
+    assert (
+        main(
+            ["train", "-c", str(path), *sum([["--set", s] for s in [*sets, "train.epochs=1"]], [])]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "-c",
+                str(path),
+                "--resume",
+                *sum([["--set", s] for s in [*sets, "train.sweep.lrs=[0.01]"]], []),
+            ]
+        )
+        == 2
+    )
     assert "sweep over 8 settings" in capsys.readouterr().err
 
 
 def test_epoch_checkpoints_are_rotated(corpus):
     path, sets = _cfg(corpus, "rotated")
-    cfg = load_config(path, [*sets, "train.epochs=5", "train.save_every=1", "train.keep_checkpoints=2"])
+    cfg = load_config(
+        path, [*sets, "train.epochs=5", "train.save_every=1", "train.keep_checkpoints=2"]
+    )
     run_train(cfg)
     kept = sorted(p.name for p in (corpus / "rotated" / "checkpoints").glob("epoch_*.pt"))
     assert kept == ["epoch_0004.pt", "epoch_0005.pt"]
-    assert torch.load(corpus / "rotated" / "checkpoints" / "epoch_0004.pt", weights_only=True)["train_state"]["epoch"] == 4
+    assert (
+        torch.load(corpus / "rotated" / "checkpoints" / "epoch_0004.pt", weights_only=True)[
+            "train_state"
+        ]["epoch"]
+        == 4
+    )
 
 
-def test_out_of_memory_in_training_is_a_device_error_and_the_run_resumes(corpus, capsys, monkeypatch):
+def test_out_of_memory_in_training_is_a_device_error_and_the_run_resumes(
+    corpus, capsys, monkeypatch
+):
     # The GPU runs out of memory in epoch 2 (injected: this machine has no GPU). The user gets
     # one line with the settings to change, and --resume continues from epoch 1's last.pt.
     from samprobe.train.loop import SweepTrainer
@@ -190,8 +240,12 @@ def test_out_of_memory_in_training_is_a_device_error_and_the_run_resumes(corpus,
     args = ["train", "-c", str(path), *sum([["--set", s] for s in [*sets, "train.epochs=3"]], [])]
     assert main(args) == 2
     err = capsys.readouterr().err
-    [line] = [ln for ln in err.splitlines() if ln.startswith("samprobe: error")]  # the rest: validate's progress bar
-    assert "[SP600]" in line and "out of memory on cpu in epoch 2" in line and "Traceback" not in err
+    [line] = [
+        ln for ln in err.splitlines() if ln.startswith("samprobe: error")
+    ]  # the rest: validate's progress bar
+    assert (
+        "[SP600]" in line and "out of memory on cpu in epoch 2" in line and "Traceback" not in err
+    )
     assert "halve train.batch_size and double train.accumulate" in line
     assert torch.load(corpus / "oom" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(SweepTrainer, "_train_steps", real)

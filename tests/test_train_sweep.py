@@ -1,5 +1,6 @@
 """Training on synthetic feature tensors: class mapping properties, the seed's failure modes,
 the stacked sweep, per-head AdamW, early stopping, accumulation, resume (attentive probe: test_train_attentive.py)."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.resume_check import assert_resumes_bitwise
-from tolerance import close_after_rounding, eps, magnitude, rounding_atol
 from samprobe.config import SweepConfig, TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
@@ -19,15 +19,19 @@ from samprobe.train.heads import StackedHeads, feature_stats
 from samprobe.train.loop import SweepTrainer, _head_losses, evaluate_heads
 from samprobe.train.metrics import classification_metrics, per_class_table
 from samprobe.train.optim import StackedAdamW, StackedSGD
-
-
+from tolerance import close_after_rounding, eps, magnitude, rounding_atol
 
 # one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from more
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = {"epochs": 3, "batch_size": 16, "patience": 50, "sweep": SweepConfig(lrs=[1e-3, 1e-2], weight_decays=[0.0])}
+    base = {
+        "epochs": 3,
+        "batch_size": 16,
+        "patience": 50,
+        "sweep": SweepConfig(lrs=[1e-3, 1e-2], weight_decays=[0.0]),
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -35,21 +39,29 @@ def _cfg(**kw) -> TrainConfig:
 def _blobs(labels: np.ndarray, dim: int = 8, seed: int = 0) -> np.ndarray:
     """Features [N, dim]: a class-dependent mean plus noise (labels are any ints)."""
     rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(1234).normal(size=(int(labels.max()) + 1 if len(labels) else 1, dim)) * 3
+    centres = (
+        np.random.default_rng(1234).normal(size=(int(labels.max()) + 1 if len(labels) else 1, dim))
+        * 3
+    )
     return (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
 
 
 # --- property test over label distributions -----------------------------------------------
 
-split_counts = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.integers(0, 3)), min_size=2, max_size=7)
+split_counts = st.lists(
+    st.tuples(st.integers(0, 6), st.integers(0, 3), st.integers(0, 3)), min_size=2, max_size=7
+)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(counts=split_counts, gaps=st.lists(st.integers(1, 40), min_size=7, max_size=7),
-       scheme=st.sampled_from(["balanced", "sqrt", "effective_number", "none"]))
+@given(
+    counts=split_counts,
+    gaps=st.lists(st.integers(1, 40), min_size=7, max_size=7),
+    scheme=st.sampled_from(["balanced", "sqrt", "effective_number", "none"]),
+)
 def test_any_label_distribution_trains_and_predicts_original_classes(counts, gaps, scheme):
     # Non-contiguous integer class names (e.g. "3", "17", "52"), some empty, some val/test only.
-    names = [str(v) for v in np.cumsum(gaps[:len(counts)])]
+    names = [str(v) for v in np.cumsum(gaps[: len(counts)])]
     train = [n for n, (c, _, _) in zip(names, counts) for _ in range(c)]
     held = [n for n, (_, v, t) in zip(names, counts) for _ in range(v + t)]
     if len(set(train)) < 2:  # no class, or one class, to tell apart
@@ -71,8 +83,16 @@ def test_any_label_distribution_trains_and_predicts_original_classes(counts, gap
 
     x_train = _blobs(mapping.taxonomy_index(train))
     x_held = _blobs(mapping.taxonomy_index(held), seed=1) if held else np.zeros((0, 8), np.float32)
-    trainer = SweepTrainer(x_train, y_train, x_held, y_held, w, _cfg(epochs=2), seed=0,
-                           val_untrained_classes=len(set(untrained_held)))
+    trainer = SweepTrainer(
+        x_train,
+        y_train,
+        x_held,
+        y_held,
+        w,
+        _cfg(epochs=2),
+        seed=0,
+        val_untrained_classes=len(set(untrained_held)),
+    )
     assert trainer.model.w.shape == (2, 8, mapping.num_active)  # head size = active classes
     res = trainer.run()
     assert all(math.isfinite(r["train_loss"]) for r in res.history)
@@ -87,10 +107,19 @@ def test_any_label_distribution_trains_and_predicts_original_classes(counts, gap
     y_pred = mapping.taxonomy_index(pred_names)
     m = classification_metrics(y_true, y_pred, list(mapping.taxonomy), list(mapping.active))
     assert m["n_not_trained"] == len(untrained_held)
-    assert m["accuracy"] <= 1 - len(untrained_held) / len(held) + 1e-9  # untrained samples are errors
-    table = {r["class"]: r for r in per_class_table(y_true, y_pred, list(mapping.taxonomy), list(mapping.active))}
+    assert (
+        m["accuracy"] <= 1 - len(untrained_held) / len(held) + 1e-9
+    )  # untrained samples are errors
+    table = {
+        r["class"]: r
+        for r in per_class_table(y_true, y_pred, list(mapping.taxonomy), list(mapping.active))
+    }
     for lab in set(untrained_held):
-        assert table[lab]["status"] == "not trained" and table[lab]["recall"] == 0.0 and table[lab]["support"] > 0
+        assert (
+            table[lab]["status"] == "not trained"
+            and table[lab]["recall"] == 0.0
+            and table[lab]["support"] > 0
+        )
 
 
 # --- the seed's failure modes --------------------------------------------------------------
@@ -111,9 +140,13 @@ def test_seed_failure_modes_cannot_happen():
     # batch_size 1: every batch holds a single class; the weighted loss stays finite.
     x = _blobs(mapping.taxonomy_index(train))
     res = SweepTrainer(x, y, x[:0], y[:0], w, _cfg(batch_size=1, epochs=2), seed=0).run()
-    assert all(math.isfinite(h["train_loss"]) for r in res.history for h in r["heads"] if h["training"])
+    assert all(
+        math.isfinite(h["train_loss"]) for r in res.history for h in r["heads"] if h["training"]
+    )
     assert all(h["training"] for h in res.history[0]["heads"])  # every head trains the first epoch
-    one_class = _head_losses(torch.randn(2, 4, 2), torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 3.0]))
+    one_class = _head_losses(
+        torch.randn(2, 4, 2), torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 3.0])
+    )
     assert torch.isfinite(one_class).all()
 
     # Labels above the number of active classes never reach the loss as an IndexError.
@@ -128,15 +161,24 @@ def test_seed_failure_modes_cannot_happen():
 
 def test_stacked_adamw_matches_torch_adamw_per_head():
     torch.manual_seed(0)
-    _assert_stacked_matches_per_head(torch.tensor([1e-3, 1e-2, 3e-2]), torch.tensor([0.0, 0.1, 0.5]), (3, 5, 4),
-                                     lambda w, lrs, wds: StackedAdamW([w], lrs, wds), torch.optim.AdamW)
+    _assert_stacked_matches_per_head(
+        torch.tensor([1e-3, 1e-2, 3e-2]),
+        torch.tensor([0.0, 0.1, 0.5]),
+        (3, 5, 4),
+        lambda w, lrs, wds: StackedAdamW([w], lrs, wds),
+        torch.optim.AdamW,
+    )
 
 
 def test_stacked_adam_l2_mode_matches_torch_adam_weight_decay():
     torch.manual_seed(1)
-    _assert_stacked_matches_per_head(torch.tensor([1e-3, 1e-2]), torch.tensor([1e-4, 0.3]), (2, 6, 3),
-                                     lambda w, lrs, wds: StackedAdamW([w], lrs, wds, decoupled=False),
-                                     torch.optim.Adam)  # L2 in the gradient
+    _assert_stacked_matches_per_head(
+        torch.tensor([1e-3, 1e-2]),
+        torch.tensor([1e-4, 0.3]),
+        (2, 6, 3),
+        lambda w, lrs, wds: StackedAdamW([w], lrs, wds, decoupled=False),
+        torch.optim.Adam,
+    )  # L2 in the gradient
 
 
 def _assert_stacked_matches_per_head(lrs, wds, shape, make_stacked, ref_cls):
@@ -144,7 +186,9 @@ def _assert_stacked_matches_per_head(lrs, wds, shape, make_stacked, ref_cls):
     w = torch.nn.Parameter(torch.randn(*shape))
     refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(shape[0])]
     opt = make_stacked(w, lrs, wds)
-    ref_opts = [ref_cls([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(shape[0])]
+    ref_opts = [
+        ref_cls([refs[h]], lr=float(lrs[h]), weight_decay=float(wds[h])) for h in range(shape[0])
+    ]
     for _ in range(5):
         g = torch.randn(*shape)
         w.grad = g.clone()
@@ -166,24 +210,38 @@ def test_stacked_sgd_matches_torch_sgd_nesterov_per_head(decoupled):
     w = torch.nn.Parameter(torch.randn(3, 6, 4))
     refs = [torch.nn.Parameter(w.detach()[h].clone()) for h in range(3)]
     opt = StackedSGD([w], lrs, wds, decoupled=decoupled)
-    ref_opts = [torch.optim.SGD([refs[h]], lr=float(lrs[h]), momentum=0.9, nesterov=True,
-                                weight_decay=0.0 if decoupled else float(wds[h])) for h in range(3)]
+    ref_opts = [
+        torch.optim.SGD(
+            [refs[h]],
+            lr=float(lrs[h]),
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=0.0 if decoupled else float(wds[h]),
+        )
+        for h in range(3)
+    ]
     for step in range(5):
         g = torch.randn(3, 6, 4)
         if step == 3:
-            opt.freeze(torch.tensor([False, True, False]))  # head 1 stops: never moves again, even on a NaN grad
+            opt.freeze(
+                torch.tensor([False, True, False])
+            )  # head 1 stops: never moves again, even on a NaN grad
             g[1] = float("nan")
         frozen_before = w.detach()[1].clone()
         w.grad = g.clone()
         opt.step()
         for h in (0, 2) if step >= 3 else range(3):
             if decoupled:
-                refs[h].data.mul_(1 - float(lrs[h]) * float(wds[h]))  # decoupled decay on the weights
+                refs[h].data.mul_(
+                    1 - float(lrs[h]) * float(wds[h])
+                )  # decoupled decay on the weights
             refs[h].grad = g[h].clone()
             ref_opts[h].step()
         if step >= 3:
             assert torch.equal(w.detach()[1], frozen_before)
-    tol = close_after_rounding(torch.float32, terms=6 * 8, scale=magnitude(w, *refs, 4.0))  # as above, 6 steps
+    tol = close_after_rounding(
+        torch.float32, terms=6 * 8, scale=magnitude(w, *refs, 4.0)
+    )  # as above, 6 steps
     for h in (0, 2):
         torch.testing.assert_close(w.detach()[h], refs[h].detach(), **tol)
 
@@ -192,7 +250,12 @@ def test_sweep_picks_best_head_and_restores_its_best_weights():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 400)
     x = _blobs(y, dim=16)
-    cfg = _cfg(epochs=12, patience=3, batch_size=32, sweep=SweepConfig(lrs=[1e-5, 1e-3, 3e-2], weight_decays=[0.0, 1e-2]))
+    cfg = _cfg(
+        epochs=12,
+        patience=3,
+        batch_size=32,
+        sweep=SweepConfig(lrs=[1e-5, 1e-3, 3e-2], weight_decays=[0.0, 1e-2]),
+    )
     res = SweepTrainer(x[:300], y[:300], x[300:], y[300:], np.ones(4), cfg, seed=0).run()
     assert len(res.table) == 6 and sum(r["selected"] for r in res.table) == 1
     scores = [r["best_balanced_accuracy"] for r in res.table]
@@ -202,8 +265,11 @@ def test_sweep_picks_best_head_and_restores_its_best_weights():
     with torch.no_grad():
         pred = res.head(torch.from_numpy(x[300:])).argmax(1).numpy()
     from sklearn.metrics import balanced_accuracy_score
+
     assert balanced_accuracy_score(y[300:], pred) == pytest.approx(scores[res.best_index], abs=1e-6)
-    assert any("early-stopped" in r["status"] for r in res.table) or all(r["best_epoch"] >= 10 for r in res.table)
+    assert any("early-stopped" in r["status"] for r in res.table) or all(
+        r["best_epoch"] >= 10 for r in res.table
+    )
 
 
 def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
@@ -215,18 +281,38 @@ def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
     assert all(torch.isfinite(p).all() for p in res.head.parameters())
     # The diverged head leaves the others untouched: head 0 trains (weights, per-epoch training
     # loss) exactly as it does alone.
-    alone = SweepTrainer(x, y, x, y, np.ones(3), _cfg(epochs=3, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0]),
-                                                       warmup_epochs=0), seed=0).run()
+    alone = SweepTrainer(
+        x,
+        y,
+        x,
+        y,
+        np.ones(3),
+        _cfg(epochs=3, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0]), warmup_epochs=0),
+        seed=0,
+    ).run()
     # 3 epochs x 4 steps, each summing over the D = 8 features (logits) and the B = 16 samples (gradient)
     terms = 12 * (8 + 16)
-    torch.testing.assert_close(res.head.state_dict()["net.weight"], alone.head.state_dict()["net.weight"],
-                               **close_after_rounding(torch.float32, terms=terms,
-                                                      scale=magnitude(alone.head.state_dict()["net.weight"])))
+    torch.testing.assert_close(
+        res.head.state_dict()["net.weight"],
+        alone.head.state_dict()["net.weight"],
+        **close_after_rounding(
+            torch.float32, terms=terms, scale=magnitude(alone.head.state_dict()["net.weight"])
+        ),
+    )
     losses = [r["train_loss"] for r in alone.history]
     assert [r["heads"][0]["train_loss"] for r in res.history] == pytest.approx(
-        losses, abs=rounding_atol(torch.float32, terms=terms, scale=max(losses)))
+        losses, abs=rounding_atol(torch.float32, terms=terms, scale=max(losses))
+    )
     with pytest.raises(TrainingError, match=r"epoch \d+, step \d+.*lr 1e\+38"):
-        SweepTrainer(x, y, x, y, np.ones(3), _cfg(sweep=SweepConfig(lrs=[1e38], weight_decays=[0.0]), warmup_epochs=0), seed=0).run()
+        SweepTrainer(
+            x,
+            y,
+            x,
+            y,
+            np.ones(3),
+            _cfg(sweep=SweepConfig(lrs=[1e38], weight_decays=[0.0]), warmup_epochs=0),
+            seed=0,
+        ).run()
     bad = x.copy()
     bad[3, 2] = np.nan
     with pytest.raises(TrainingError, match="NaN/inf"):
@@ -236,11 +322,20 @@ def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
 def test_gradient_accumulation_equals_the_larger_batch():
     y = np.arange(64) % 4
     x = _blobs(y)
-    a = SweepTrainer(x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=32, accumulate=1), seed=3).run()
-    b = SweepTrainer(x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=16, accumulate=2), seed=3).run()
+    a = SweepTrainer(
+        x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=32, accumulate=1), seed=3
+    ).run()
+    b = SweepTrainer(
+        x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=16, accumulate=2), seed=3
+    ).run()
     # the same gradient summed as 32 or as 16 + 16: per step sums over B = 32, D = 8 and C = 4; 3 epochs x 2 steps
-    torch.testing.assert_close(a.model.w, b.model.w,
-                               **close_after_rounding(torch.float32, terms=6 * (32 + 8 + 4), scale=magnitude(a.model.w, 1.0)))
+    torch.testing.assert_close(
+        a.model.w,
+        b.model.w,
+        **close_after_rounding(
+            torch.float32, terms=6 * (32 + 8 + 4), scale=magnitude(a.model.w, 1.0)
+        ),
+    )
 
 
 def test_resume_from_saved_state_is_bitwise_identical():
@@ -248,12 +343,30 @@ def test_resume_from_saved_state_is_bitwise_identical():
     y = rng.integers(0, 3, 120)
     x = _blobs(y)
     cfg = _cfg(epochs=6, head="mlp", hidden=16, dropout=0.2)
-    _, state = assert_resumes_bitwise(lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=3)
+    _, state = assert_resumes_bitwise(
+        lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=3
+    )
 
-    other = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), _cfg(epochs=6, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0])), seed=5)
+    other = SweepTrainer(
+        x[:90],
+        y[:90],
+        x[90:],
+        y[90:],
+        np.ones(3),
+        _cfg(epochs=6, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0])),
+        seed=5,
+    )
     with pytest.raises(CheckpointError, match="sweep over 2 settings"):
         other.load_state_dict(state)
-    adam = SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), _cfg(epochs=6, head="mlp", hidden=16, dropout=0.2, optimizer="adamw"), seed=5)
+    adam = SweepTrainer(
+        x[:90],
+        y[:90],
+        x[90:],
+        y[90:],
+        np.ones(3),
+        _cfg(epochs=6, head="mlp", hidden=16, dropout=0.2, optimizer="adamw"),
+        seed=5,
+    )
     with pytest.raises(CheckpointError, match="train.optimizer sgd; this config has adamw"):
         adam.load_state_dict(state)
 
@@ -264,9 +377,13 @@ def test_validation_metrics_count_untrained_samples_as_errors():
         model.w.copy_(torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]]))
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     y = torch.tensor([0, 1, IGNORE, IGNORE])  # two samples of one untrained class
-    m = evaluate_heads(model, x, y, torch.ones(2), num_untrained=1, device=torch.device("cpu"), precision="fp32")
+    m = evaluate_heads(
+        model, x, y, torch.ones(2), num_untrained=1, device=torch.device("cpu"), precision="fp32"
+    )
     assert m["val_accuracy"].item() == pytest.approx(0.5)
-    assert m["val_balanced_accuracy"].item() == pytest.approx(2 / 3)  # recalls 1, 1, 0 (not trained)
+    assert m["val_balanced_accuracy"].item() == pytest.approx(
+        2 / 3
+    )  # recalls 1, 1, 0 (not trained)
     assert math.isfinite(m["val_loss"].item())
 
 
@@ -284,9 +401,13 @@ def test_each_stacked_head_exports_to_an_identical_single_head(kind):
         stacked = model(x)  # [3, 20, 5]
         for h in range(3):
             # normalisation, then sums over D = 12 and the hidden 7, of values up to the logits' size
-            torch.testing.assert_close(model.to_head(h)(x), stacked[h],
-                                       **close_after_rounding(torch.float32, terms=12 + 7 + 12,
-                                                              scale=magnitude(stacked, *model.parameters())))
+            torch.testing.assert_close(
+                model.to_head(h)(x),
+                stacked[h],
+                **close_after_rounding(
+                    torch.float32, terms=12 + 7 + 12, scale=magnitude(stacked, *model.parameters())
+                ),
+            )
 
 
 def test_resume_checks_name_the_mismatch():
@@ -296,14 +417,23 @@ def test_resume_checks_name_the_mismatch():
     ok = {"train_state": {}, "backbone": {"fingerprint": "f1"}, "classes": mapping.to_dict()}
     _check_resumable(ok, "last.pt", "f1", mapping)
     with pytest.raises(CheckpointError, match="no training state"):
-        _check_resumable({k: v for k, v in ok.items() if k != "train_state"}, "best.pt", "f1", mapping)
+        _check_resumable(
+            {k: v for k, v in ok.items() if k != "train_state"}, "best.pt", "f1", mapping
+        )
     with pytest.raises(CheckpointError, match="features f1, this config gives f2"):
         _check_resumable(ok, "last.pt", "f2", mapping)
     with pytest.raises(CheckpointError, match="other classes or splits"):
         _check_resumable(ok, "last.pt", "f1", ClassMapping(("a", "b", "c"), (0, 1)))
     with pytest.raises(TrainingError, match="no training samples"):
-        SweepTrainer(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
-                     np.ones(2), _cfg(), seed=0)
+        SweepTrainer(
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.int64),
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.int64),
+            np.ones(2),
+            _cfg(),
+            seed=0,
+        )
 
 
 def test_sweep_stops_when_the_best_head_stops_improving():
@@ -312,7 +442,10 @@ def test_sweep_stops_when_the_best_head_stops_improving():
     cfg = _cfg(epochs=50, patience=2, sweep=SweepConfig(lrs=[1e-2, 1e-4], weight_decays=[0.0]))
     res = SweepTrainer(x[:150], y[:150], x[150:], y[150:], np.ones(2), cfg, seed=0).run()
     assert len(res.history) < 50 and res.table[res.best_index]["best_balanced_accuracy"] == 1.0
-    assert any("the best head did not improve" in r["status"] or "early-stopped" in r["status"] for r in res.table)
+    assert any(
+        "the best head did not improve" in r["status"] or "early-stopped" in r["status"]
+        for r in res.table
+    )
     assert all(not r["status"].startswith("finished") for r in res.table)
 
 
@@ -327,8 +460,12 @@ def test_head_losses_match_torch_cross_entropy_values_and_gradients():
     losses = _head_losses(logits, y, weights)
     (losses * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     ref_logits = logits.detach().clone().requires_grad_()
-    ref = torch.stack([torch.nn.functional.cross_entropy(ref_logits[h], y, weight=weights, ignore_index=IGNORE)
-                       for h in range(H)])
+    ref = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(ref_logits[h], y, weight=weights, ignore_index=IGNORE)
+            for h in range(H)
+        ]
+    )
     (ref * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     # log-sum-exp over C, weighted mean over B: products of logits (|x| < 20) and weights (< 1.1)
     tol = close_after_rounding(torch.float32, terms=C + B, scale=magnitude(logits, 1.0) * 1.1)
@@ -344,13 +481,19 @@ def test_feature_stats_match_float64_reference():
     # A large mean with a small spread (float32 sums of raw values would lose the spread),
     # fp16 input as the cache stores it, and the ragged last chunk.
     rng = np.random.default_rng(0)
-    x = (rng.normal(size=(1000, 7)) * [0.01, 1, 5, 0.5, 2, 1, 3] + [300, 0, -7, 1, 2, 50, 0]).astype(np.float16)
+    x = (
+        rng.normal(size=(1000, 7)) * [0.01, 1, 5, 0.5, 2, 1, 3] + [300, 0, -7, 1, 2, 50, 0]
+    ).astype(np.float16)
     mean, std = feature_stats(torch.from_numpy(x))
     ref = x.astype(np.float64)
     # float32 sums of 256-row chunks of values shifted by the first row, then one rounding to float32
     shifted = magnitude(ref - ref[:1])
-    np.testing.assert_allclose(mean.numpy(), ref.mean(0), rtol=eps(np.float32),
-                               atol=rounding_atol(np.float32, terms=256, scale=shifted))
+    np.testing.assert_allclose(
+        mean.numpy(),
+        ref.mean(0),
+        rtol=eps(np.float32),
+        atol=rounding_atol(np.float32, terms=256, scale=shifted),
+    )
     floor = 1e-3 + 1e-2 * ref.std(0).mean()
     np.testing.assert_allclose(std.numpy(), np.maximum(ref.std(0), floor), rtol=1e-3)
 
@@ -375,23 +518,38 @@ def test_heads_left_after_pruning_train_exactly_as_alone(optimizer):
     x, (xv, yv) = _blobs(y), (_blobs(y[:40], seed=9), y[:40])
     w = class_weights(np.bincount(y), "balanced")
     lrs = [0.05, 0.001, 0.0003] if optimizer == "sgd" else [0.01, 1e-4, 3e-5]
-    sweep = _cfg(epochs=4, optimizer=optimizer, monitor="val_loss",
-                 sweep=SweepConfig(lrs=lrs, weight_decays=[1e-3], prune_margin=0.0))
+    sweep = _cfg(
+        epochs=4,
+        optimizer=optimizer,
+        monitor="val_loss",
+        sweep=SweepConfig(lrs=lrs, weight_decays=[1e-3], prune_margin=0.0),
+    )
     res = SweepTrainer(x, y, xv, yv, w, sweep, seed=0).run()
     assert [row["heads_training"] for row in res.history][:2] == [1, 1]  # packed from epoch 2 on
     assert [h["status"].startswith("pruned at epoch 1") for h in res.table] == [False, True, True]
-    alone_cfg = _cfg(epochs=4, optimizer=optimizer, monitor="val_loss", sweep=SweepConfig(lrs=[lrs[0]], weight_decays=[1e-3]))
+    alone_cfg = _cfg(
+        epochs=4,
+        optimizer=optimizer,
+        monitor="val_loss",
+        sweep=SweepConfig(lrs=[lrs[0]], weight_decays=[1e-3]),
+    )
     alone = SweepTrainer(x, y, xv, yv, w, alone_cfg, seed=0).run()
     assert res.best_index == 0 and res.best_epoch == alone.best_epoch
     # 4 epochs x 8 steps over B = 16 samples, D = 8 features and C = 3 classes (stacked vs packed vs
     # alone: other GEMM shapes), in values up to the weights' and normalised features' size
     terms = 32 * (16 + 8 + 3)
     for key, value in alone.head.state_dict().items():
-        torch.testing.assert_close(res.head.state_dict()[key], value,
-                                   **close_after_rounding(torch.float32, terms=terms, scale=magnitude(value, 1.0)))
+        torch.testing.assert_close(
+            res.head.state_dict()[key],
+            value,
+            **close_after_rounding(torch.float32, terms=terms, scale=magnitude(value, 1.0)),
+        )
     last = alone.last_head.state_dict()["net.weight"]
-    torch.testing.assert_close(res.last_head.state_dict()["net.weight"], last,
-                               **close_after_rounding(torch.float32, terms=terms, scale=magnitude(last, 1.0)))
+    torch.testing.assert_close(
+        res.last_head.state_dict()["net.weight"],
+        last,
+        **close_after_rounding(torch.float32, terms=terms, scale=magnitude(last, 1.0)),
+    )
 
 
 def test_all_finite_is_exact():

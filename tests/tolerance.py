@@ -10,6 +10,7 @@ within n*eps*sum|x_i| of each other, with sum|x_i| <= n * max|x_i|. Chained laye
 reduction lengths. These bounds are worst cases: far above what any machine shows, far below the
 O(1) relative differences of a real bug (a wrong head, a wrong mask, a leaking pad).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,13 +21,23 @@ import torch
 
 def eps(dtype: Any) -> float:
     """Machine epsilon of a torch or numpy float dtype (float16 2**-10, bfloat16 2**-7, float32 2**-23)."""
-    return float(torch.finfo(dtype).eps) if isinstance(dtype, torch.dtype) else float(np.finfo(dtype).eps)
+    return (
+        float(torch.finfo(dtype).eps)
+        if isinstance(dtype, torch.dtype)
+        else float(np.finfo(dtype).eps)
+    )
 
 
 def magnitude(*values: Any) -> float:
     """The largest absolute value among tensors / arrays (the scale their rounding errors are relative to)."""
-    return max(float(np.abs(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)).max())
-               for v in values)
+    return max(
+        float(
+            np.abs(
+                np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+            ).max()
+        )
+        for v in values
+    )
 
 
 def rounding_atol(dtype: Any, *, terms: int, scale: float) -> float:
@@ -40,11 +51,16 @@ def close_after_rounding(dtype: Any, *, terms: int, scale: float) -> dict[str, f
     return {"rtol": 0.0, "atol": rounding_atol(dtype, terms=terms, scale=scale)}
 
 
-def close_after_storage(stored: Any, compute: Any = torch.float32, *, terms: int, scale: float) -> dict[str, float]:
+def close_after_storage(
+    stored: Any, compute: Any = torch.float32, *, terms: int, scale: float
+) -> dict[str, float]:
     """Values computed in ``compute`` and rounded to ``stored`` (the fp16 cache): the two sides may
     differ by one ulp of ``stored`` (a compute-level difference crossing a rounding boundary), so
     ``rtol = eps(stored)``, plus the compute-level difference for values near zero."""
-    return {"rtol": eps(stored), "atol": rounding_atol(compute, terms=terms, scale=scale) + eps(stored) * 2.0 ** -14}
+    return {
+        "rtol": eps(stored),
+        "atol": rounding_atol(compute, terms=terms, scale=scale) + eps(stored) * 2.0**-14,
+    }
 
 
 def reduction_terms(model: torch.nn.Module, tokens: int = 0) -> int:
@@ -69,4 +85,6 @@ def efficientnet_lite0_terms() -> int:
     """``reduction_terms`` of timm's tf_efficientnet_lite0 (the test backbone), built without weights."""
     import timm
 
-    return reduction_terms(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0))
+    return reduction_terms(
+        timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    )

@@ -3,6 +3,7 @@
 Unknown keys and bad values are rejected with the full key path and what is allowed.
 Relative paths are resolved against the config file's folder, so a config works from any cwd.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -10,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from samprobe.errors import ConfigError
 
@@ -19,7 +28,9 @@ def _not_a_boolean(value: Any) -> Any:
     # pydantic reads True as 1 for numbers; YAML reads yes/no/on/off/true/false as booleans, so
     # `epochs: true` would train one epoch and `seed: yes` use seed 1 without a word.
     if isinstance(value, bool):
-        raise ValueError("needs a number, not a yes/no value (YAML reads true/false/yes/no/on/off as booleans)")
+        raise ValueError(
+            "needs a number, not a yes/no value (YAML reads true/false/yes/no/on/off as booleans)"
+        )
     return value
 
 
@@ -50,10 +61,12 @@ class DataConfig(_Strict):
     test_fraction: Float = Field(default=0.15, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
-    def _something_left_to_train(self) -> "DataConfig":
+    def _something_left_to_train(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction:g}: "
-                             "nothing would be left to train on; keep the sum below 1")
+            raise ValueError(
+                f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction:g}: "
+                "nothing would be left to train on; keep the sum below 1"
+            )
         return self
 
 
@@ -62,8 +75,18 @@ class BackboneConfig(_Strict):
     """Registry name: sam (any SAM-family checkpoint, detected) | sam_hq | sam2 | mobile_sam |
     efficientnet_lite0 | timm."""
     checkpoint: Path | None = None
-    variant: Literal["auto", "vit_b", "vit_l", "vit_h", "hiera_t", "hiera_s", "hiera_b+", "hiera_l",
-                     "tiny_vit_5m", "custom"] = "auto"
+    variant: Literal[
+        "auto",
+        "vit_b",
+        "vit_l",
+        "vit_h",
+        "hiera_t",
+        "hiera_s",
+        "hiera_b+",
+        "hiera_l",
+        "tiny_vit_5m",
+        "custom",
+    ] = "auto"
     """Encoder geometry; auto = read from the weights (a named one is checked against them)."""
     img_size: Int | None = Field(default=None, ge=32)
     """Encoder input size; null = the backbone's native size (SAM 1024, efficientnet_lite0 224)."""
@@ -92,6 +115,7 @@ class FeaturesConfig(_Strict):
 class SweepConfig(_Strict):
     """Every lr x weight_decay pair is one head, all trained together in one pass; the best on
     validation (train.monitor) is kept. Empty lists = the single train.lr / train.weight_decay."""
+
     # SGD at train.batch_size 512: a decade apart, as the best lr varies with the features (digits
     # features prefer ~0.5, the 50k synthetic set ~0.05); measured in bench/heads.py
     lrs: list[Float] = Field(default_factory=lambda: [0.05, 0.5])
@@ -150,6 +174,7 @@ class TrainConfig(_Strict):
 
 class InspectConfig(_Strict):
     """`samprobe inspect`: label issues, near-duplicates / split leakage and outliers from the cached features."""
+
     folds: int = Field(default=5, ge=2)
     """Cross-fitting folds: each train+val image is scored by a head that never saw it."""
     duplicate_cosine: float = Field(default=0.97, gt=0, le=1)
@@ -184,7 +209,7 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _head_has_its_input(self) -> "Config":
+    def _head_has_its_input(self) -> Config:
         check_head_input(self)
         return self
 
@@ -199,10 +224,12 @@ def check_head_input(cfg: Config) -> None:
     """ConfigError when train.head attentive has no grid to read (config load, and train start for
     configs edited in Python). A ConfigError, not a ValueError: pydantic passes it through as is."""
     if cfg.train.head == "attentive" and cfg.features.spatial is None:
-        raise ConfigError("train.head is attentive but features.spatial is not set: the attentive probe reads the "
-                          "cached token grid",
-                          fix="set features.spatial (e.g. 8) and rerun `samprobe extract -c CONFIG` (it resumes: the pooled "
-                              "features stay, only the grids are added), or use train.head linear / mlp")
+        raise ConfigError(
+            "train.head is attentive but features.spatial is not set: the attentive probe reads the "
+            "cached token grid",
+            fix="set features.spatial (e.g. 8) and rerun `samprobe extract -c CONFIG` (it resumes: the pooled "
+            "features stay, only the grids are added), or use train.head linear / mlp",
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +239,9 @@ def check_head_input(cfg: Config) -> None:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``train.lr=1e-3`` -> (["train", "lr"], 0.001); the value is read as YAML, so types hold."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r} is not key.path=value", fix="write e.g. --set train.lr=0.001")
+        raise ConfigError(
+            f"--set {item!r} is not key.path=value", fix="write e.g. --set train.lr=0.001"
+        )
     key, _, raw = item.partition("=")
     keys = [k for k in key.strip().split(".") if k]
     if not keys:
@@ -231,8 +260,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item}: {'.'.join(keys[:-1])} is not a section",
-                                  fix="check the key path with `samprobe init`")
+                raise ConfigError(
+                    f"--set {item}: {'.'.join(keys[:-1])} is not a section",
+                    fix="check the key path with `samprobe init`",
+                )
             node = nxt
         node[keys[-1]] = value
     return raw
@@ -241,7 +272,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
             return []
         model = field.annotation
     return list(model.model_fields)
@@ -251,12 +286,14 @@ def _blamed(loc: tuple[Any, ...], source: str, overrides: list[str]) -> str:
     """The --set item that wrote the value at ``loc`` (the last one wins, as when applied), else the file."""
     for item in reversed(overrides):
         keys = parse_override(item)[0]
-        if [str(p) for p in loc[:len(keys)]] == keys:
+        if [str(p) for p in loc[: len(keys)]] == keys:
             return f"--set {item}"
     return source
 
 
-def _format_validation_error(err: ValidationError, source: str, overrides: list[str] = ()) -> ConfigError:
+def _format_validation_error(
+    err: ValidationError, source: str, overrides: list[str] = ()
+) -> ConfigError:
     first = err.errors()[0]
     loc = tuple(first["loc"])
     path = ".".join(str(p) for p in loc)
@@ -270,8 +307,11 @@ def _format_validation_error(err: ValidationError, source: str, overrides: list[
     else:
         got = first.get("input")
         msg = f"{source}: {path}: {first['msg']} (got {got!r})"
-        fix = (f"give --set {path}= a valid value" if source.startswith("--set ")
-               else f"set {path} to a valid value in {source} or with --set {path}=...")
+        fix = (
+            f"give --set {path}= a valid value"
+            if source.startswith("--set ")
+            else f"set {path} to a valid value in {source} or with --set {path}=..."
+        )
     more = len(err.errors()) - 1
     if more:
         msg += f" [and {more} more problem{'s' if more > 1 else ''}]"
@@ -279,7 +319,7 @@ def _format_validation_error(err: ValidationError, source: str, overrides: list[
 
 
 def _resolve_paths(model: BaseModel, base: Path) -> None:
-    for name, field in type(model).model_fields.items():
+    for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             _resolve_paths(value, base)
@@ -288,7 +328,9 @@ def _resolve_paths(model: BaseModel, base: Path) -> None:
             setattr(model, name, value if value.is_absolute() else (base / value).resolve())
 
 
-def build_config(raw: dict[str, Any], base_dir: Path, source: str = "config", overrides: list[str] = ()) -> Config:
+def build_config(
+    raw: dict[str, Any], base_dir: Path, source: str = "config", overrides: list[str] = ()
+) -> Config:
     """``overrides``: the --set items already applied to ``raw``, so an error names the one at fault."""
     try:
         cfg = Config.model_validate(raw)
@@ -301,20 +343,31 @@ def build_config(raw: dict[str, Any], base_dir: Path, source: str = "config", ov
 def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
     path = Path(path).expanduser()
     if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder, not a file",
-                          fix=f"pass the YAML file, e.g. -c {path / 'samprobe.yaml'} (`samprobe init {path}` writes one)")
+        raise ConfigError(
+            f"config file {path} is a folder, not a file",
+            fix=f"pass the YAML file, e.g. -c {path / 'samprobe.yaml'} (`samprobe init {path}` writes one)",
+        )
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist",
-                          fix=f"create one with `samprobe init {path.parent}` or pass the right -c path")
+        raise ConfigError(
+            f"config file {path} does not exist",
+            fix=f"create one with `samprobe init {path.parent}` or pass the right -c path",
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})", fix="fix the file's permissions") from None
+        raise ConfigError(
+            f"config file {path} cannot be read ({exc.strerror or exc})",
+            fix="fix the file's permissions",
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}", fix="fix the syntax at the position shown") from None
+        raise ConfigError(
+            f"{path} is not valid YAML: {exc}", fix="fix the syntax at the position shown"
+        ) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of settings, not {type(raw).__name__}",
-                          fix="start from `samprobe init`")
+        raise ConfigError(
+            f"{path} must hold a mapping of settings, not {type(raw).__name__}",
+            fix="start from `samprobe init`",
+        )
     raw = apply_overrides(raw, overrides or [])
     return build_config(raw, path.resolve().parent, source=str(path), overrides=overrides or [])
 
@@ -348,7 +401,8 @@ data:
 backbone:
   name: sam                   # sam (SAM 1, SAM-HQ or SAM 2/2.1: read from the file) | efficientnet_lite0 | timm
   checkpoint: weights/sam_vit_b_01ec64.pth  # `samprobe weights list`, `samprobe weights download sam_vit_b`
-  variant: auto               # auto (read from the weights) | vit_b | vit_l | vit_h | hiera_t | hiera_s | hiera_b+ | hiera_l
+  # variant: vit_b | vit_l | vit_h (SAM 1, SAM-HQ) | hiera_t | hiera_s | hiera_b+ | hiera_l (SAM 2/2.1)
+  variant: auto               # auto: read from the weights
   img_size: null              # null = native (SAM 1024); 512/768 trade fidelity for speed
 
 features:

@@ -4,6 +4,7 @@ The data set is scikit-learn's handwritten digits (1797 real 8x8 scans) written 
 plus a metadata CSV, with two honest imperfections a real collection has: rows whose files are
 missing, and a taxonomy class (listed first) with no images at all.
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,11 +36,15 @@ def write_digits_dataset(root: Path) -> tuple[Path, Path]:
     rows = []
     for i, (img, target) in enumerate(zip(digits.images, digits.target)):
         name = f"digit_{i:04d}.png"
-        grey = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # 0..16 ink levels -> 0..255
+        grey = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(
+            np.uint8
+        )  # 0..16 ink levels -> 0..255
         Image.fromarray(grey, mode="L").save(images_dir / name)
         rows.append((name, DIGIT_NAMES[int(target)]))
     for j in range(MISSING_ROWS):
-        rows.append((f"lost_scan_{j}.png", DIGIT_NAMES[j]))  # listed but never written: reported as missing
+        rows.append(
+            (f"lost_scan_{j}.png", DIGIT_NAMES[j])
+        )  # listed but never written: reported as missing
     metadata = root / "metadata.csv"
     with open(metadata, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -107,10 +112,14 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
     report = json.loads((cfg.run_dir / "data_report.json").read_text())
     mapping = trained["classes"]
     summary = {
-        "rows": report["total"], "ok": report["ok"], "missing": report["missing"],
-        "active_classes": mapping.num_active, "taxonomy_classes": len(taxonomy),
+        "rows": report["total"],
+        "ok": report["ok"],
+        "missing": report["missing"],
+        "active_classes": mapping.num_active,
+        "taxonomy_classes": len(taxonomy),
         "not_trained": mapping.inactive_names,
-        "test_accuracy": metrics["accuracy"], "test_balanced_accuracy": metrics["balanced_accuracy"],
+        "test_accuracy": metrics["accuracy"],
+        "test_balanced_accuracy": metrics["balanced_accuracy"],
         "label_issues": inspected["label_issues"].get("issues", 0),
         "leakage_pairs": inspected["near_duplicates"]["leakage_pairs"],
         "seconds": round(time.perf_counter() - start, 1),
@@ -118,13 +127,25 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
     }
     log.info("")
     log.info("samprobe demo summary")
-    log.info(f"  rows: {report['total']} in metadata, {report['ok']} kept, {report['total'] - report['ok']} reported "
-             f"({report['missing']} missing files) -> {cfg.run_dir / 'bad_rows.csv'}")
-    log.info(f"  classes: {mapping.num_active} active of {len(taxonomy)}; not trained (no images): {', '.join(mapping.inactive_names)}")
-    log.info(f"  test: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f} (n={metrics['n']})")
-    log.info(f"  inspect: {summary['label_issues']} suspected label errors, {summary['leakage_pairs']} train/val <-> test "
-             f"near-duplicates -> {cfg.run_dir / 'inspect'}")
-    log.info(f"  outputs: {cfg.run_dir} (checkpoints/, eval/, inspect/, metrics.jsonl, predictions.csv, run.log)")
+    log.info(
+        f"  rows: {report['total']} in metadata, {report['ok']} kept, {report['total'] - report['ok']} reported "
+        f"({report['missing']} missing files) -> {cfg.run_dir / 'bad_rows.csv'}"
+    )
+    log.info(
+        f"  classes: {mapping.num_active} active of {len(taxonomy)}; not trained (no images): "
+        f"{', '.join(mapping.inactive_names)}"
+    )
+    log.info(
+        f"  test: accuracy {metrics['accuracy']:.4f}, balanced accuracy "
+        f"{metrics['balanced_accuracy']:.4f} (n={metrics['n']})"
+    )
+    log.info(
+        f"  inspect: {summary['label_issues']} suspected label errors, {summary['leakage_pairs']} train/val <-> test "
+        f"near-duplicates -> {cfg.run_dir / 'inspect'}"
+    )
+    log.info(
+        f"  outputs: {cfg.run_dir} (checkpoints/, eval/, inspect/, metrics.jsonl, predictions.csv, run.log)"
+    )
     log.info(f"  report: {summary['report']} (open it in a browser: data, classes, metrics, plots)")
     log.info(f"  pipeline time: {summary['seconds']} s")
     return summary

@@ -4,15 +4,17 @@ Each check prints one line: ``ok``, ``WARN`` (the run works but not as configure
 falls back to offline) or ``FAIL`` (the run would stop: exit 2). A check that needs an earlier
 one (the image sample needs the metadata) is skipped with a line saying so.
 """
+
 from __future__ import annotations
 
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from samprobe.errors import DataError, DeviceError, SamprobeError, plain_text
 
@@ -41,7 +43,7 @@ def _one_line(text: str, limit: int = 300) -> str:
     lines = plain_text(text).strip().splitlines() or [""]
     first = lines[0]
     cut = len(lines) > 1 or len(first) > limit
-    return (first[:limit] + " ...)" if cut else first)
+    return first[:limit] + " ...)" if cut else first
 
 
 def nvidia_driver() -> tuple[str, int] | None:
@@ -50,10 +52,14 @@ def nvidia_driver() -> tuple[str, int] | None:
     version = NVIDIA_PROC / "version"
     if not version.is_file():
         return None
-    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", version.read_text(errors="replace"))
+    match = re.search(
+        r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", version.read_text(errors="replace")
+    )
     gpus = NVIDIA_PROC / "gpus"
-    return (match.group(1) if match else "of unknown version",
-            sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0)
+    return (
+        match.group(1) if match else "of unknown version",
+        sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0,
+    )
 
 
 def gpu_report(device: str) -> str:
@@ -68,8 +74,10 @@ def gpu_report(device: str) -> str:
         gpus = [describe_device(torch.device("cuda", i)) for i in range(torch.cuda.device_count())]
         rank = local_rank()
         mine = "" if rank is None else f"; LOCAL_RANK {rank} uses cuda:{rank}"
-        return (f"{len(gpus)} GPU(s): {', '.join(gpus)}; driver {driver[0] if driver else 'unknown'}, "
-                f"torch built for CUDA {torch.version.cuda}{mine}")
+        return (
+            f"{len(gpus)} GPU(s): {', '.join(gpus)}; driver {driver[0] if driver else 'unknown'}, "
+            f"torch built for CUDA {torch.version.cuda}{mine}"
+        )
     if driver is None:
         return "no NVIDIA GPU (runs on the CPU)"
     version, count = driver
@@ -77,12 +85,17 @@ def gpu_report(device: str) -> str:
         why = "this torch build is CPU-only (install a CUDA build of torch)"
     else:
         hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-        why = (f"CUDA_VISIBLE_DEVICES={hidden!r} hides them" if hidden is not None and not hidden.strip(", ") else
-               f"torch is built for CUDA {torch.version.cuda}: driver {version} may be too old for it, "
-               "or the device files are not accessible (containers: --gpus all)")
+        why = (
+            f"CUDA_VISIBLE_DEVICES={hidden!r} hides them"
+            if hidden is not None and not hidden.strip(", ")
+            else f"torch is built for CUDA {torch.version.cuda}: driver {version} may be too old for it, "
+            "or the device files are not accessible (containers: --gpus all)"
+        )
     fallback = "device: auto runs on the CPU" if device == "auto" else f"device: {device}"
-    raise Warn(f"an NVIDIA GPU is present ({count} GPU(s), driver {version}) but torch cannot use it: "
-               f"{why}; {fallback}")
+    raise Warn(
+        f"an NVIDIA GPU is present ({count} GPU(s), driver {version}) but torch cannot use it: "
+        f"{why}; {fallback}"
+    )
 
 
 def _image_root(cfg: Any) -> Path | None:
@@ -111,7 +124,14 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
             state[name] = True
             return True
         except SamprobeError as exc:
-            checks.append(Check(name, "FAIL", f"[{exc.code}] {_one_line(exc.message)}" + (f" -> fix: {exc.fix}" if exc.fix else "")))
+            checks.append(
+                Check(
+                    name,
+                    "FAIL",
+                    f"[{exc.code}] {_one_line(exc.message)}"
+                    + (f" -> fix: {exc.fix}" if exc.fix else ""),
+                )
+            )
             return False
         except Exception as exc:  # a doctor must report, not crash
             checks.append(Check(name, "FAIL", f"{type(exc).__name__}: {_one_line(str(exc))}"))
@@ -131,8 +151,10 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         check_data_source(cfg.data)
         root = _image_root(cfg)
         if root is None or not root.is_dir():
-            raise DataError(f"data.image_root {root} is not a folder",
-                            fix="set data.image_root to the folder the metadata paths are relative to")
+            raise DataError(
+                f"data.image_root {root} is not a folder",
+                fix="set data.image_root to the folder the metadata paths are relative to",
+            )
         return str(root)
 
     def _metadata() -> str:
@@ -140,7 +162,10 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
 
         rows = [r for r in read_rows(cfg.data)[0] if r is not None]
         if not rows:
-            raise DataError(f"{cfg.data.metadata or cfg.data.image_root} has no rows", fix="add one row per image")
+            raise DataError(
+                f"{cfg.data.metadata or cfg.data.image_root} has no rows",
+                fix="add one row per image",
+            )
         state["rows"] = rows
         return f"{len(rows)} rows in {cfg.data.metadata or cfg.data.image_root}"
 
@@ -159,11 +184,15 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
             except Exception as exc:  # missing, truncated, not an image
                 bad.append(f"{rel} ({type(exc).__name__})")
         if len(bad) == len(sample):
-            raise DataError(f"none of {len(sample)} sampled images could be read, e.g. {bad[0]}",
-                            fix=f"check data.image_root ({root}) and data.path_column ({cfg.data.path_column!r})")
+            raise DataError(
+                f"none of {len(sample)} sampled images could be read, e.g. {bad[0]}",
+                fix=f"check data.image_root ({root}) and data.path_column ({cfg.data.path_column!r})",
+            )
         if bad:
-            raise Warn(f"{len(sample) - len(bad)} of {len(sample)} sampled images readable; unreadable: {', '.join(bad[:3])} "
-                       "(validate will report and skip such rows)")
+            raise Warn(
+                f"{len(sample) - len(bad)} of {len(sample)} sampled images readable; unreadable: {', '.join(bad[:3])} "
+                "(validate will report and skip such rows)"
+            )
         return f"{len(sample)} of {len(sample)} sampled images decode"
 
     def _run_dir() -> str:
@@ -177,12 +206,19 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return f"{ensure_writable_dir(cfg.features.cache_dir, 'features.cache_dir')} writable"
 
     def _device() -> str:
-        from samprobe.backbones.precision import cpu_probe, describe_device, resolve_device, resolve_precision
+        from samprobe.backbones.precision import (
+            cpu_probe,
+            describe_device,
+            resolve_device,
+            resolve_precision,
+        )
 
         device = resolve_device(cfg.device)
         precision = resolve_precision(device, cfg.precision)
         state["device"] = device
-        probe = f"; {cpu_probe().summary()}" if device.type == "cpu" else ""  # why auto chose, and what bf16 would give
+        probe = (
+            f"; {cpu_probe().summary()}" if device.type == "cpu" else ""
+        )  # why auto chose, and what bf16 would give
         return f"device {describe_device(device)}, precision {precision} (precision: {cfg.precision}){probe}"
 
     def _gpu() -> str:
@@ -202,17 +238,23 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         need = workers * PREFETCH_BATCHES * batch * 3 * size * size  # uint8 letterboxed batches
         free = shutil.disk_usage(SHM).free
         if free < need:
-            raise DeviceError(f"{SHM} has {free / 1e6:.1f} MB free but {workers} workers x {PREFETCH_BATCHES} "
-                              f"prefetched batches of {batch} images at {size}px need {need / 1e6:.1f} MB",
-                              fix="lower features.num_workers or features.batch_size, or give the container more "
-                                  "shared memory (docker run --shm-size=8g)")
+            raise DeviceError(
+                f"{SHM} has {free / 1e6:.1f} MB free but {workers} workers x {PREFETCH_BATCHES} "
+                f"prefetched batches of {batch} images at {size}px need {need / 1e6:.1f} MB",
+                fix="lower features.num_workers or features.batch_size, or give the container more "
+                "shared memory (docker run --shm-size=8g)",
+            )
         return f"{free / 1e9:.1f} GB free in {SHM}, prefetch needs {need / 1e6:.0f} MB ({workers} workers)"
 
     def _backbone() -> str:
         from samprobe.backbones.registry import build_backbone
 
-        backbone = build_backbone(cfg.backbone)  # reads the checkpoint, checks its geometry against the variant
-        pooling = list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
+        backbone = build_backbone(
+            cfg.backbone
+        )  # reads the checkpoint, checks its geometry against the variant
+        pooling = (
+            list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
+        )
         backbone.check_pooling(pooling)
         state["input_size"] = backbone.input_size
         state["dim"] = backbone.pooled_dim(pooling)
@@ -220,14 +262,18 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         if cfg.features.spatial:
             backbone.check_spatial(cfg.features.spatial)
             channels = backbone.grid_shape()[0]
-            state["grid_dim"] = cfg.features.spatial ** 2 * channels
+            state["grid_dim"] = cfg.features.spatial**2 * channels
             grid = f" + {cfg.features.spatial}x{cfg.features.spatial} grid of {channels}-d tokens"
         source = cfg.backbone.checkpoint or "bundled weights"
         if backbone.found:  # what the file was found to hold: family and geometry
             source = f"{source} ({backbone.found})"
-        offered = ", ".join(n + (f"[@1..{f.layers}]" if f.layers else "") for n, f in backbone.features().items())
-        return (f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, "
-                f"features {'+'.join(pooling)} = {state['dim']}-d{grid} (offered: {offered})")
+        offered = ", ".join(
+            n + (f"[@1..{f.layers}]" if f.layers else "") for n, f in backbone.features().items()
+        )
+        return (
+            f"{cfg.backbone.name} from {source}: input {backbone.input_size}px, "
+            f"features {'+'.join(pooling)} = {state['dim']}-d{grid} (offered: {offered})"
+        )
 
     def _disk() -> str:
         from samprobe.features.cache import check_free_space, estimate_bytes
@@ -239,14 +285,21 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         # unknown backbone: SAM's 256-channel neck
         grid_dim = state.get("grid_dim", (spatial or 0) ** 2 * 256)
         # the figure extract prints (same formula), for every row; free space is checked with headroom
-        need = estimate_bytes(n, dim, cfg.features.dtype) + (estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0)
+        need = estimate_bytes(n, dim, cfg.features.dtype) + (
+            estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0
+        )
         free = check_free_space(cfg.features.cache_dir, int(HEADROOM * need))
         grid = f" + {spatial}x{spatial} grid = {grid_dim} values" if spatial else ""
-        sizes = (f"{len(state['rows'])} images x {dim}-d{grid} {cfg.features.dtype}" if known else
-                 f"{len(state['rows'])} images, assuming {dim}-d{grid} {cfg.features.dtype}: the backbone check failed, "
-                 "so the real width is unknown")
-        return (f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB ({sizes}; "
-                f"{HEADROOM:g}x that is kept free for a second fingerprint)")
+        sizes = (
+            f"{len(state['rows'])} images x {dim}-d{grid} {cfg.features.dtype}"
+            if known
+            else f"{len(state['rows'])} images, assuming {dim}-d{grid} {cfg.features.dtype}: "
+            "the backbone check failed, so the real width is unknown"
+        )
+        return (
+            f"{free / 1e9:.1f} GB free, cache needs about {need / 1e6:.1f} MB ({sizes}; "
+            f"{HEADROOM:g}x that is kept free for a second fingerprint)"
+        )
 
     def _tracker() -> str:
         from samprobe.tracking import tcp_reachable, wandb_base_url
@@ -257,15 +310,19 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise Warn(f"tracking.wandb.mode is {mode} but wandb is not installed: metrics.jsonl only "
-                       "(pip install 'samprobe[wandb]')") from None
+            raise Warn(
+                f"tracking.wandb.mode is {mode} but wandb is not installed: metrics.jsonl only "
+                "(pip install 'samprobe[wandb]')"
+            ) from None
         if mode == "offline":
             return f"W&B offline: runs go to {cfg.run_dir / 'wandb'}; upload with `wandb sync`"
         url = wandb_base_url()
         reason = tcp_reachable(url)
         if reason is not None:
-            raise Warn(f"W&B server {url} unreachable ({reason}): training will fall back to offline and print "
-                       "the `wandb sync` command")
+            raise Warn(
+                f"W&B server {url} unreachable ({reason}): training will fall back to offline and print "
+                "the `wandb sync` command"
+            )
         return f"W&B server {url} reachable"
 
     check("image root", _image_root_check)
@@ -293,5 +350,9 @@ def run_doctor(config: str | Path, overrides: list[str]) -> int:
     if failed:
         print(f"doctor: {len(failed)} problem(s) block a run: {', '.join(failed)}", flush=True)
         return 2
-    print("doctor: all checks passed" + (f" ({len(warned)} warning(s): {', '.join(warned)})" if warned else ""), flush=True)
+    print(
+        "doctor: all checks passed"
+        + (f" ({len(warned)} warning(s): {', '.join(warned)})" if warned else ""),
+        flush=True,
+    )
     return 0

@@ -7,6 +7,7 @@ with no traceback unless ``--debug``. Anything else is a bug and exits 1.
 Each subclass has a stable ``code`` so docs/troubleshooting.md can list it (a test checks
 that every code defined here is documented).
 """
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """``samprobe features export``: cached features with labels and split, for other tools."""
+
 from __future__ import annotations
 
 import logging
@@ -17,25 +18,43 @@ log = logging.getLogger("samprobe")
 
 
 def export_features(cfg: Config, split: str, out: Path) -> Path:
-    ensure_writable_file(out, "--out", f"{split}_features{out.suffix or '.npz'}")  # before reading the cache
+    ensure_writable_file(
+        out, "--out", f"{split}_features{out.suffix or '.npz'}"
+    )  # before reading the cache
     if out.suffix not in (".npz", ".parquet"):
-        raise ConfigError(f"--out {out} must end in .npz or .parquet", fix="e.g. --out train_features.npz")
+        raise ConfigError(
+            f"--out {out} must end in .npz or .parquet", fix="e.g. --out train_features.npz"
+        )
     records, _ = load_dataset(cfg)
     recs = records if split == "all" else [r for r in records if r.split == split]
     if not recs:
-        raise DataError(f"split {split!r} has no samples", fix="choose --split train|val|test|all with samples (see splits.csv)")
+        raise DataError(
+            f"split {split!r} has no samples",
+            fix="choose --split train|val|test|all with samples (see splits.csv)",
+        )
     failed = read_failed_keys(cfg.run_dir)
     if failed:
         kept = [r for r in recs if r.sha256 not in failed]
-        log.info(f"export: {len(recs) - len(kept)} images that failed at extract are left out (see {cfg.run_dir / FAILURES_FILE})")
+        log.info(
+            f"export: {len(recs) - len(kept)} images that failed at extract are left out (see "
+            f"{cfg.run_dir / FAILURES_FILE})"
+        )
         recs = kept
     extractor = Extractor.from_config(cfg, on_device=False)  # reads the cache only
     with extractor.open_cache(cfg, readonly=True) as cache:
-        missing = {k for a in extractor.arrays() for k in cache.missing((r.sha256 for r in recs), a)}
+        missing = {
+            k for a in extractor.arrays() for k in cache.missing((r.sha256 for r in recs), a)
+        }
         if missing:
-            raise DataError(f"{len(missing)} images of split {split} are not in the cache"
-                            + (f" with their {cfg.features.spatial}x{cfg.features.spatial} grid" if cfg.features.spatial else ""),
-                            fix="run `samprobe extract -c CONFIG` first")
+            raise DataError(
+                f"{len(missing)} images of split {split} are not in the cache"
+                + (
+                    f" with their {cfg.features.spatial}x{cfg.features.spatial} grid"
+                    if cfg.features.spatial
+                    else ""
+                ),
+                fix="run `samprobe extract -c CONFIG` first",
+            )
         x = load_features(cache, recs)
         # [N, T, C] float32, only when features.spatial is set
         grid = load_grid(cache, recs, cfg.features.spatial) if cfg.features.spatial else None
@@ -45,19 +64,35 @@ def export_features(cfg: Config, split: str, out: Path) -> Path:
     if out.suffix == ".npz":
         with atomic_open(out, "wb") as f:
             extra = {} if grid is None else {"spatial": grid}
-            np.savez(f, features=x, path=paths, label=labels, split=splits, sha256=np.array([r.sha256 for r in recs]), **extra)
+            np.savez(
+                f,
+                features=x,
+                path=paths,
+                label=labels,
+                split=splits,
+                sha256=np.array([r.sha256 for r in recs]),
+                **extra,
+            )
     else:
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise ConfigError("parquet export needs pyarrow", fix="pip install 'samprobe[parquet]' or export to .npz") from None
+            raise ConfigError(
+                "parquet export needs pyarrow",
+                fix="pip install 'samprobe[parquet]' or export to .npz",
+            ) from None
         columns = {"path": paths, "label": labels, "split": splits, "features": list(x)}
-        if grid is not None:  # parquet has no 3-d cells: each row's grid flattened, token-major [T*C]
+        if (
+            grid is not None
+        ):  # parquet has no 3-d cells: each row's grid flattened, token-major [T*C]
             columns["spatial"] = list(grid.reshape(len(recs), -1))
         table = pa.table(columns)
         with atomic_open(out, "wb") as f:
             pq.write_table(table, f)
-    log.info(f"exported {len(recs)} x {x.shape[1]} features" + ("" if grid is None else f" + {grid.shape[1]}x{grid.shape[2]} grids")
-             + f" ({split}) to {out}")
+    log.info(
+        f"exported {len(recs)} x {x.shape[1]} features"
+        + ("" if grid is None else f" + {grid.shape[1]}x{grid.shape[2]} grids")
+        + f" ({split}) to {out}"
+    )
     return out

@@ -24,9 +24,10 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,13 +121,19 @@ def cross_fit(
     step = rows_per_step(int(np.prod(x.shape[1:])), 4096)  # grids: bounded activations
     with torch.no_grad():
         for f in range(folds):
-            heads = torch.arange(f, len(grid), folds, device=trainer.device)  # fold f of every setting
+            heads = torch.arange(
+                f, len(grid), folds, device=trainer.device
+            )  # fold f of every setting
             rows = np.flatnonzero(fold == f)
             for i in range(0, len(rows), step):
                 part = rows[i : i + step]
-                xb = torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)).to(trainer.device)
+                xb = torch.from_numpy(np.ascontiguousarray(x[part], dtype=np.float32)).to(
+                    trainer.device
+                )
                 per_setting[:, part] = torch.softmax(model(xb, heads).float(), dim=2).cpu().numpy()
-    given = np.take_along_axis(per_setting, np.broadcast_to(y[None, :, None], (len(settings), len(y), 1)), 2)[..., 0]
+    given = np.take_along_axis(
+        per_setting, np.broadcast_to(y[None, :, None], (len(settings), len(y), 1)), 2
+    )[..., 0]
     held_out_loss = -np.log(np.clip(given, 1e-12, None)).mean(1)  # [S]
     pick = int(np.argmin(held_out_loss))
     return CrossFit(per_setting[pick], fold, settings[pick], time.perf_counter() - t0)
@@ -140,7 +147,8 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     # n_jobs=1: cleanlab's default forks a process pool per call, slower than the work here.
     return np.asarray(
-        cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1), dtype=np.int64
+        cleanlab_find(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1),
+        dtype=np.int64,
     )
 
 
@@ -149,7 +157,12 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def nearest_neighbours(
-    x: np.ndarray, k: int, *, dtype: torch.dtype = torch.float32, block: int = 1024, device: torch.device | str = "cpu"
+    x: np.ndarray,
+    k: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    block: int = 1024,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive cosine kNN of the rows of ``x`` [N, D] among each other (self excluded):
     (similarities [N, k] float32, descending; indices [N, k]); k is capped at N - 1.
@@ -182,7 +195,9 @@ def nearest_neighbours(
     return sims, idx
 
 
-def duplicate_pairs(sims: np.ndarray, idx: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+def duplicate_pairs(
+    sims: np.ndarray, idx: np.ndarray, threshold: float
+) -> list[tuple[int, int, float]]:
     """(i, j, cosine) with i < j for every neighbour pair at or above ``threshold``, most similar first."""
     found: dict[tuple[int, int], float] = {}
     for i, j in zip(*np.nonzero(sims >= threshold)):
@@ -234,7 +249,9 @@ def feature_map(x: np.ndarray, seed: int) -> np.ndarray:
     return np.nan_to_num(coords).astype(np.float32)
 
 
-def confused_pairs(given: Sequence[str], predicted: Sequence[str], k: int = 10) -> list[dict[str, Any]]:
+def confused_pairs(
+    given: Sequence[str], predicted: Sequence[str], k: int = 10
+) -> list[dict[str, Any]]:
     """Most frequent (given -> predicted) disagreements, with the share of the given class."""
     counts: dict[tuple[str, str], int] = {}
     totals: dict[str, int] = {}
@@ -243,7 +260,10 @@ def confused_pairs(given: Sequence[str], predicted: Sequence[str], k: int = 10) 
         if g != p:
             counts[(g, p)] = counts.get((g, p), 0) + 1
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    return [{"given": g, "predicted": p, "count": c, "share": round(c / totals[g], 4)} for (g, p), c in top]
+    return [
+        {"given": g, "predicted": p, "count": c, "share": round(c / totals[g], 4)}
+        for (g, p), c in top
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,23 +334,36 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
 
     # --- label issues on train + val (test labels stay unseen) ---
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
-    fit_data = _features_by_split(cfg, extractor, records, spatial, ("train", "val")) if spatial else data
+    fit_data = (
+        _features_by_split(cfg, extractor, records, spatial, ("train", "val")) if spatial else data
+    )
     fit_recs = fit_data["train"][0] + fit_data["val"][0]
-    mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in data["train"][0]], min_classes=1)
+    mapping = ClassMapping.from_train_labels(
+        taxonomy, [r.label for r in data["train"][0]], min_classes=1
+    )
     y_all = mapping.to_head([r.label for r in fit_recs])
-    usable = np.flatnonzero(y_all != IGNORE)  # val images of classes with no training image: no head class
+    usable = np.flatnonzero(
+        y_all != IGNORE
+    )  # val images of classes with no training image: no head class
     labelled = [fit_recs[i] for i in usable]
     y = y_all[usable]
     issues: list[list[Any]] = []
-    label_summary: dict[str, Any] = {"scored": int(len(y)), "skipped_untrained_class": int(len(y_all) - len(usable))}
+    label_summary: dict[str, Any] = {
+        "scored": int(len(y)),
+        "skipped_untrained_class": int(len(y_all) - len(usable)),
+    }
     confused: list[dict[str, Any]] = []
     if mapping.num_active < 2 or len(y) < 2:
         label_summary["skipped"] = (
-            "one class: nothing to confuse a label with" if mapping.num_active < 2 else "fewer than 2 labelled images"
+            "one class: nothing to confuse a label with"
+            if mapping.num_active < 2
+            else "fewer than 2 labelled images"
         )
     else:
         x_fit = np.concatenate([fit_data["train"][1], fit_data["val"][1]])[usable]
-        weights = class_weights(np.bincount(y, minlength=mapping.num_active), cfg.train.class_weights)
+        weights = class_weights(
+            np.bincount(y, minlength=mapping.num_active), cfg.train.class_weights
+        )
         settings, why = _setting_candidates(cfg, extractor.fingerprint)
         fit = cross_fit(
             x_fit,
@@ -348,7 +381,9 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
         predicted = fit.probs.argmax(1)
         for i in found:
             r = labelled[i]
-            issues.append([r.path, r.split, r.label, names[predicted[i]], round(float(fit.probs[i, y[i]]), 6)])
+            issues.append(
+                [r.path, r.split, r.label, names[predicted[i]], round(float(fit.probs[i, y[i]]), 6)]
+            )
         confused = confused_pairs([names[c] for c in y], [names[c] for c in predicted])
         label_summary.update(
             {
@@ -360,7 +395,11 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
                 "seconds": round(fit.seconds, 2),
             }
         )
-    _write_csv(out / "label_issues.csv", ["path", "split", "given_label", "suggested_label", "score"], issues)
+    _write_csv(
+        out / "label_issues.csv",
+        ["path", "split", "given_label", "suggested_label", "score"],
+        issues,
+    )
 
     # --- near-duplicates, leakage, outliers over every split ---
     t_nn = time.perf_counter()
@@ -386,7 +425,17 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
     ]
     _write_csv(
         out / "near_duplicates.csv",
-        ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "cosine", "group", "leakage"],
+        [
+            "path_a",
+            "split_a",
+            "label_a",
+            "path_b",
+            "split_b",
+            "label_b",
+            "cosine",
+            "group",
+            "leakage",
+        ],
         dup_rows,
     )
     scores = outlier_scores(sims[:, : icfg.neighbours])
@@ -430,7 +479,11 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
             "leakage_pairs": len(leaks),
             "different_labels": sum(r[2] != r[5] for r in dup_rows),
         },
-        "outliers": {"count": len(flagged), "neighbours": icfg.neighbours, "threshold": round(threshold, 6)},
+        "outliers": {
+            "count": len(flagged),
+            "neighbours": icfg.neighbours,
+            "threshold": round(threshold, 6),
+        },
         "most_confused": confused,
         "search": {
             "method": "exhaustive cosine kNN, blocked matrix products",
@@ -464,20 +517,31 @@ def summary_lines(
             f"weight_decay {li['setting']['weight_decay']:g}, "
             f"out-of-sample accuracy {li['out_of_sample_accuracy']:.3f})"
         )
-        lines += [f"    {p} ({s}): given {g}, looks like {sg} (score {sc:.3f})" for p, s, g, sg, sc in issues[:SHOWN]]
+        lines += [
+            f"    {p} ({s}): given {g}, looks like {sg} (score {sc:.3f})"
+            for p, s, g, sg, sc in issues[:SHOWN]
+        ]
     lines.append(
         f"  near-duplicates: {counted(nd['pairs'], 'pair')} in {counted(nd['groups'], 'group')} "
         f"(cosine >= {nd['cosine_threshold']:g}), "
         f"{nd['across_splits']} across splits, {nd['leakage_pairs']} train/val <-> test leakage"
     )
     shown = [d for d in dups if d[-1]][:SHOWN] or dups[:SHOWN]
-    lines += [f"    {'LEAK ' if d[-1] else ''}{d[0]} ({d[1]}) ~ {d[3]} ({d[4]}), cosine {d[6]:.4f}" for d in shown]
-    lines.append(f"  outliers: {len(outliers)} (kNN distance > {summary['outliers']['threshold']:.4f})")
+    lines += [
+        f"    {'LEAK ' if d[-1] else ''}{d[0]} ({d[1]}) ~ {d[3]} ({d[4]}), cosine {d[6]:.4f}"
+        for d in shown
+    ]
+    lines.append(
+        f"  outliers: {len(outliers)} (kNN distance > {summary['outliers']['threshold']:.4f})"
+    )
     lines += [f"    {r.path} ({r.split}, {r.label})" for r in outliers[:SHOWN]]
     if summary["most_confused"]:
         lines.append(
             "  most confused: "
-            + ", ".join(f"{c['given']} -> {c['predicted']} ({c['count']})" for c in summary["most_confused"][:SHOWN])
+            + ", ".join(
+                f"{c['given']} -> {c['predicted']} ({c['count']})"
+                for c in summary["most_confused"][:SHOWN]
+            )
         )
     lines.append(
         f"  wrote {INSPECT_DIR}/label_issues.csv, near_duplicates.csv, outliers.csv, map2d.csv, summary.json "

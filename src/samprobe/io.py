@@ -2,6 +2,7 @@
 
 A crash or kill at any point leaves either the old file or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,7 +83,12 @@ def sha256_store() -> Path | None:
 def _file_version(st: os.stat_result) -> dict[str, int]:
     """What identifies one version of a file without reading it. ctime is set by the kernel on
     every write or rename and no copy tool can preserve it (cp -p, rsync -a and tar keep mtime)."""
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+    }
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,7 +100,11 @@ def _cached_sha256(path: str, version: tuple[tuple[str, int], ...]) -> str:
         known = {}
     known = known if isinstance(known, dict) else {}
     entry = known.get(path)
-    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and {k: entry.get(k) for k in stamp} == stamp:
+    if (
+        isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str)
+        and {k: entry.get(k) for k in stamp} == stamp
+    ):
         return entry["sha256"]
     with open(path, "rb") as f:
         digest = hash_file(f, hashlib.sha256()).hexdigest()
@@ -150,11 +160,15 @@ _TEMP_NAME = re.compile(r"\..+\.pid(?P<pid>[0-9]+)\.[^.]+\.tmp")
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+def atomic_open(
+    path: Path | str, mode: str = "wb", encoding: str | None = None
+) -> Iterator[IO[Any]]:
     """Write to a temp file beside ``path``; on success fsync and rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like any file
         with os.fdopen(fd, mode, encoding=encoding, newline="" if "b" not in mode else None) as f:

@@ -1,4 +1,5 @@
 """Console output plus ``run.log`` (timestamped) in the run directory."""
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Each stage reads what the previous one wrote in the run directory, so each can be rerun
 alone; each is also a plain function for notebooks.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,15 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from samprobe.backbones.precision import describe_device
 from samprobe.backbones.registry import grid_array
 from samprobe.config import Config, check_head_input, dump_config
 from samprobe.data.loader import failure_kind
-from samprobe.data.metadata import (Record, read_splits, summary_lines, validate, write_report, write_splits)
+from samprobe.data.metadata import (
+    Record,
+    read_splits,
+    summary_lines,
+    validate,
+    write_report,
+    write_splits,
+)
 from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
 from samprobe.errors import CheckpointError, DataError, TrainingError
 from samprobe.features.cache import check_free_space, ensure_writable_dir, register_run
-from samprobe.backbones.precision import describe_device
-from samprobe.features.extract import ExtractResult, Extractor, load_head_inputs, rank_world
+from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
 from samprobe.io import atomic_open, atomic_write_text, remove_stale_temps
 from samprobe.logs import attach_run_log, count_of
 from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
@@ -56,7 +64,12 @@ SPLIT_LEDGER = "split_ledger.json"
 def split_settings(cfg: Config) -> dict[str, Any]:
     """What decides where a new image goes, besides its content."""
     d = cfg.data
-    return {"seed": cfg.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction, "split_column": d.split_column}
+    return {
+        "seed": cfg.seed,
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "split_column": d.split_column,
+    }
 
 
 def _settings_key(settings: dict[str, Any]) -> str:
@@ -72,17 +85,23 @@ def read_split_ledger(run_dir: Path) -> tuple[dict[str, dict[str, str]], str | N
         data = json.loads(ledger.read_text(encoding="utf-8"))
         return {k: dict(v) for k, v in data["by_settings"].items()}, data["last"]
     if (run_dir / "splits.csv").is_file():
-        return {"": {r.sha256: r.split for r in read_splits(run_dir / "splits.csv") if r.split}}, None
+        return {
+            "": {r.sha256: r.split for r in read_splits(run_dir / "splits.csv") if r.split}
+        }, None
     return {}, None
 
 
 def _split_source(cfg: Config, records: list[Record]) -> str:
     if cfg.data.split_column is None:
-        return (f"stratified per class (seed {cfg.seed}, data.val_fraction {cfg.data.val_fraction:g}, "
-                f"data.test_fraction {cfg.data.test_fraction:g})")
+        return (
+            f"stratified per class (seed {cfg.seed}, data.val_fraction {cfg.data.val_fraction:g}, "
+            f"data.test_fraction {cfg.data.test_fraction:g})"
+        )
     if carves_val(records):
-        return (f"split column {cfg.data.split_column!r}; it has no val rows, so val is carved from its train rows "
-                f"(stratified, data.val_fraction {cfg.data.val_fraction:g})")
+        return (
+            f"split column {cfg.data.split_column!r}; it has no val rows, so val is carved from its train rows "
+            f"(stratified, data.val_fraction {cfg.data.val_fraction:g})"
+        )
     return f"split column {cfg.data.split_column!r}"
 
 
@@ -96,40 +115,67 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     settings = split_settings(cfg)
     key = _settings_key(settings)
     ledger, last = read_split_ledger(run_dir)
-    if last is None and "" in ledger:  # a run validated before the ledger: its splits.csv, under these settings
+    if (
+        last is None and "" in ledger
+    ):  # a run validated before the ledger: its splits.csv, under these settings
         ledger[key] = {**ledger.pop(""), **ledger.get(key, {})}
         last = key
     previous = ledger.get(last, {}) if last is not None else {}  # what the run used until now
     settings_changed = last is not None and last != key
     source = _split_source(cfg, ds.records)
     # Under settings used before (e.g. a seed tried and then set back), images keep what they had then.
-    ds.records = assign_splits(ds.records, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
-                               previous=ledger.get(key, {}))
+    ds.records = assign_splits(
+        ds.records,
+        cfg.data.val_fraction,
+        cfg.data.test_fraction,
+        cfg.seed,
+        previous=ledger.get(key, {}),
+    )
     known = [r for r in ds.records if r.sha256 in previous]
     moved = sum(previous[r.sha256] != r.split for r in known)
     ds.extra["data_settings"] = data_settings_hash(cfg)
     ds.extra["split_settings"] = settings
-    ds.extra["splits"] = {"source": source, "kept": len(known) - moved, "moved": moved, "new": len(ds.records) - len(known),
-                          "counts": {s: sum(r.split == s for r in ds.records) for s in ("train", "val", "test")}}
-    (run_dir / "splits.csv").unlink(missing_ok=True)  # a run that stops below must not leave usable splits
+    ds.extra["splits"] = {
+        "source": source,
+        "kept": len(known) - moved,
+        "moved": moved,
+        "new": len(ds.records) - len(known),
+        "counts": {s: sum(r.split == s for r in ds.records) for s in ("train", "val", "test")},
+    }
+    (run_dir / "splits.csv").unlink(
+        missing_ok=True
+    )  # a run that stops below must not leave usable splits
     (run_dir / FAILURES_FILE).unlink(missing_ok=True)  # about the previous validation's images
     report = write_report(ds, run_dir)
     for line in summary_lines(report, ds.problems):
         log.info(line)
     if moved:
         before = json.loads(last) if settings_changed else {}
-        why = ("the split settings changed (" + ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in settings.items()
-                                                         if before.get(k) != v) + ")"
-               if settings_changed else f"the split column {cfg.data.split_column!r} now says so")
-        log.warning(f"validate: {moved} of {len(known)} previously assigned images changed split: {why}. Checkpoints "
-                    "trained before saw the old splits: evaluate and train --resume refuse them where a training image "
-                    "is now in the evaluated split")
+        why = (
+            "the split settings changed ("
+            + ", ".join(
+                f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v
+            )
+            + ")"
+            if settings_changed
+            else f"the split column {cfg.data.split_column!r} now says so"
+        )
+        log.warning(
+            f"validate: {moved} of {len(known)} previously assigned images changed split: {why}. Checkpoints "
+            "trained before saw the old splits: evaluate and train --resume refuse them where a training image "
+            "is now in the evaluated split"
+        )
     if ds.problems and cfg.data.on_bad_rows == "error":
         p = ds.problems[0]
-        raise DataError(f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} ({p.detail})",
-                        fix=f"fix the rows listed in {run_dir / 'bad_rows.csv'}, or set data.on_bad_rows: skip")
+        raise DataError(
+            f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} ({p.detail})",
+            fix=f"fix the rows listed in {run_dir / 'bad_rows.csv'}, or set data.on_bad_rows: skip",
+        )
     if not ds.records:
-        raise DataError(f"no usable rows in {ds.source}", fix=f"see {run_dir / 'bad_rows.csv'} for why each row was rejected")
+        raise DataError(
+            f"no usable rows in {ds.source}",
+            fix=f"see {run_dir / 'bad_rows.csv'} for why each row was rejected",
+        )
     write_splits(ds.records, run_dir / "splits.csv")
     # Every image ever assigned stays in the ledger: one removed and added back gets its old split.
     ledger[key] = {**ledger.get(key, {}), **{r.sha256: r.split for r in ds.records}}
@@ -147,7 +193,11 @@ def data_settings_hash(cfg: Config) -> str:
 def _data_sources(cfg: Config) -> list[Path]:
     """Files and folders whose change means validating again (folder layout: the class folders)."""
     paths = [Path(p) for p in (cfg.data.metadata, cfg.data.classes_file) if p is not None]
-    if cfg.data.metadata is None and cfg.data.image_root is not None and Path(cfg.data.image_root).is_dir():
+    if (
+        cfg.data.metadata is None
+        and cfg.data.image_root is not None
+        and Path(cfg.data.image_root).is_dir()
+    ):
         root = Path(cfg.data.image_root)
         paths += [root, *(p for p in root.iterdir() if p.is_dir())]
     return [p for p in paths if p.exists()]
@@ -209,6 +259,7 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     if world == 1:
         return _extract(cfg, progress, rank, world)
     import torch.distributed as dist
+
     from samprobe.data.metadata import read_rows
 
     started = not dist.is_initialized()
@@ -237,28 +288,52 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
     if rank == 0:
-        register_run(cfg.features.cache_dir, run_dir)  # cache prune keeps what this run's splits.csv lists
+        register_run(
+            cfg.features.cache_dir, run_dir
+        )  # cache prune keeps what this run's splits.csv lists
     with extractor.open_cache(cfg) as cache:
         plan = extractor.plan(records, cache, rank, world)
         keys = [r.sha256 for r in records]
-        n_missing = len({k for a in extractor.arrays() for k in cache.missing(keys, a)})  # all ranks together
+        n_missing = len(
+            {k for a in extractor.arrays() for k in cache.missing(keys, a)}
+        )  # all ranks together
         devices = [describe_device(extractor.device)]
         if world > 1:
             devices = [None] * world
-            dist.all_gather_object(devices, describe_device(extractor.device))  # the summary names every rank's GPU
+            dist.all_gather_object(
+                devices, describe_device(extractor.device)
+            )  # the summary names every rank's GPU
             dist.barrier()  # every rank has read the index before any rank writes to it
         need = extractor.disk_need(cache, keys)  # pooled + grid
         free = check_free_space(cache.root, need)
-        grid = (f" + {extractor.spatial}x{extractor.spatial} grid of {extractor.backbone.grid_shape()[0]}-d tokens"
-                if extractor.spatial else "")
-        where = devices[0] if world == 1 else \
-            f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
-        log.info(f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on disk, {free / 1e9:.1f} GB free), "
-                 f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
-                 f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "
-                 f"cache {cache.root}")
-        result = extractor.run(records, cache, cfg.features.batch_size, cfg.resolved_num_workers(),
-                               cfg.data.max_pixels, progress=progress, rank=rank, world=world, plan=plan)
+        grid = (
+            f" + {extractor.spatial}x{extractor.spatial} grid of {extractor.backbone.grid_shape()[0]}-d tokens"
+            if extractor.spatial
+            else ""
+        )
+        where = (
+            devices[0]
+            if world == 1
+            else f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
+        )
+        log.info(
+            f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on "
+            f"disk, {free / 1e9:.1f} GB free), "
+            f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
+            f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "
+            f"cache {cache.root}"
+        )
+        result = extractor.run(
+            records,
+            cache,
+            cfg.features.batch_size,
+            cfg.resolved_num_workers(),
+            cfg.data.max_pixels,
+            progress=progress,
+            rank=rank,
+            world=world,
+            plan=plan,
+        )
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, (result.extracted, result.seconds, result.failures))
@@ -275,12 +350,16 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         return result
     _write_failures(run_dir, result.failures)
     rate = f", {result.extracted / result.seconds:.1f} img/s" if result.seconds else ""
-    log.info(f"extract: {result.extracted} extracted, {result.cached} already cached, "
-             f"{len(result.failures)} failed{rate}")
+    log.info(
+        f"extract: {result.extracted} extracted, {result.cached} already cached, "
+        f"{len(result.failures)} failed{rate}"
+    )
     for r, reason in result.failures[:10]:
         log.info(f"  row {r.row} {r.path}: {reason}")
     if result.failures:
-        log.info(f"  all failures: {run_dir / FAILURES_FILE} (left out of training, the run goes on)")
+        log.info(
+            f"  all failures: {run_dir / FAILURES_FILE} (left out of training, the run goes on)"
+        )
     return result
 
 
@@ -289,8 +368,13 @@ def head_spatial(spec: dict[str, Any]) -> int | None:
     return spec["spatial"] if spec["kind"] == "attentive" else None
 
 
-def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record], spatial: int | None = None,
-                       splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, tuple[list[Record], np.ndarray]]:
+def _features_by_split(
+    cfg: Config,
+    extractor: Extractor,
+    records: list[Record],
+    spatial: int | None = None,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+) -> dict[str, tuple[list[Record], np.ndarray]]:
     """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C]."""
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
@@ -299,13 +383,17 @@ def _features_by_split(cfg: Config, extractor: Extractor, records: list[Record],
         keys = (r.sha256 for r in usable)
         missing = cache.missing(keys, grid_array(spatial)) if spatial else cache.missing(keys)
         if missing and spatial:
-            raise DataError(f"{len(missing)} of {len(usable)} images have no cached {spatial}x{spatial} token grid "
-                            f"for this backbone/pooling (the attentive head reads it)",
-                            fix=f"set features.spatial: {spatial} and run `samprobe extract -c CONFIG` "
-                                "(it resumes: the pooled features stay, only the missing grids are added)")
+            raise DataError(
+                f"{len(missing)} of {len(usable)} images have no cached {spatial}x{spatial} token grid "
+                f"for this backbone/pooling (the attentive head reads it)",
+                fix=f"set features.spatial: {spatial} and run `samprobe extract -c CONFIG` "
+                "(it resumes: the pooled features stay, only the missing grids are added)",
+            )
         if missing:
-            raise DataError(f"{len(missing)} of {len(usable)} images have no cached features for this backbone/pooling",
-                            fix="run `samprobe extract -c CONFIG` first (it resumes where it stopped)")
+            raise DataError(
+                f"{len(missing)} of {len(usable)} images have no cached features for this backbone/pooling",
+                fix="run `samprobe extract -c CONFIG` first (it resumes where it stopped)",
+            )
         out = {}
         for split in splits:
             recs = [r for r in usable if r.split == split]
@@ -324,7 +412,9 @@ def _write_report(run_dir: Path, tracker: Tracker | None = None) -> None:
     try:
         report = write_report(run_dir)
     except Exception as exc:  # matplotlib/font trouble must not lose a finished training run
-        log.warning(f"report: could not write {run_dir / 'report.html'} ({type(exc).__name__}: {exc})")
+        log.warning(
+            f"report: could not write {run_dir / 'report.html'} ({type(exc).__name__}: {exc})"
+        )
         return
     log.info(f"report: {report.html}")
     if tracker is not None:
@@ -355,44 +445,69 @@ def _image_sets(train_recs: list[Record], val_recs: list[Record]) -> dict[str, A
     return out
 
 
-def _check_resumable(ckpt: dict[str, Any], path: Path, fingerprint: str, mapping: ClassMapping,
-                     images: dict[str, Any] | None = None) -> None:
+def _check_resumable(
+    ckpt: dict[str, Any],
+    path: Path,
+    fingerprint: str,
+    mapping: ClassMapping,
+    images: dict[str, Any] | None = None,
+) -> None:
     """CheckpointError unless ``ckpt`` continues this run: its state, features, classes and (given
     ``images``, the ``_image_sets`` of this run) the very train and val images."""
     if "train_state" not in ckpt:
-        raise CheckpointError(f"{path} holds no training state to resume from",
-                              fix="resume from the run's checkpoints/last.pt, or train without --resume")
+        raise CheckpointError(
+            f"{path} holds no training state to resume from",
+            fix="resume from the run's checkpoints/last.pt, or train without --resume",
+        )
     if ckpt["backbone"]["fingerprint"] != fingerprint:
-        raise CheckpointError(f"{path} was trained on features {ckpt['backbone']['fingerprint']}, this config gives {fingerprint}",
-                              fix="resume with the run's own config (run_dir/config.yaml), or train without --resume")
+        raise CheckpointError(
+            f"{path} was trained on features {ckpt['backbone']['fingerprint']}, this config gives {fingerprint}",
+            fix="resume with the run's own config (run_dir/config.yaml), or train without --resume",
+        )
     if ckpt["classes"] != mapping.to_dict():
-        raise CheckpointError(f"{path} was trained with other classes or splits than this config gives",
-                              fix="resume with the run's own config and splits.csv, or train without --resume")
+        raise CheckpointError(
+            f"{path} was trained with other classes or splits than this config gives",
+            fix="resume with the run's own config and splits.csv, or train without --resume",
+        )
     for name in ("train_images", "val_images") if images else ():
         saved, now = ckpt.get(name), images[name]
         if saved is not None and saved["digest"] != now["digest"]:
             split = name.split("_")[0]
             common = int(np.isin(now["keys"].numpy(), saved["keys"].numpy()).sum())
-            raise CheckpointError(f"{path} was trained on {saved['n']} {split} images, this run's splits.csv has {now['n']} "
-                                  f"({common} of them the same): the data or the splits changed since, so the run would "
-                                  "not continue as it started",
-                                  fix="resume with the data the run started with, or train without --resume (a fresh run)")
+            raise CheckpointError(
+                f"{path} was trained on {saved['n']} {split} images, this run's splits.csv has {now['n']} "
+                f"({common} of them the same): the data or the splits changed since, so the run would "
+                "not continue as it started",
+                fix="resume with the data the run started with, or train without --resume (a fresh run)",
+            )
 
 
-def check_no_training_images(ckpt: dict[str, Any], checkpoint: Path, split: str, recs: list[Record]) -> None:
+def check_no_training_images(
+    ckpt: dict[str, Any], checkpoint: Path, split: str, recs: list[Record]
+) -> None:
     """CheckpointError when images of the evaluated split were in the checkpoint's train (or, for
     test, val) split: its metrics on them would be inflated."""
-    for name in ("train_images", "val_images") if split == "test" else ("train_images",) if split == "val" else ():
+    for name in (
+        ("train_images", "val_images")
+        if split == "test"
+        else ("train_images",)
+        if split == "val"
+        else ()
+    ):
         saved = ckpt.get(name)
         if saved is None:  # a checkpoint written before samprobe recorded its images
-            log.warning(f"evaluate: {checkpoint} does not record its {name.split('_')[0]} images; leakage not checked")
+            log.warning(
+                f"evaluate: {checkpoint} does not record its {name.split('_')[0]} images; leakage not checked"
+            )
             continue
         seen = np.isin(content_keys(r.sha256 for r in recs), saved["keys"].numpy())
         if seen.any():
-            raise CheckpointError(f"{int(seen.sum())} of the {len(recs)} {split} images were {name.split('_')[0]} images "
-                                  f"of {checkpoint} (the splits changed since it was trained): its {split} metrics would be inflated",
-                                  fix="evaluate with the splits the checkpoint was trained on (its run's splits.csv), "
-                                      "or train again on the current splits")
+            raise CheckpointError(
+                f"{int(seen.sum())} of the {len(recs)} {split} images were {name.split('_')[0]} images "
+                f"of {checkpoint} (the splits changed since it was trained): its {split} metrics would be inflated",
+                fix="evaluate with the splits the checkpoint was trained on (its run's splits.csv), "
+                "or train again on the current splits",
+            )
 
 
 def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -402,16 +517,20 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     check_head_input(cfg)
     records, taxonomy = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    extractor = Extractor.from_config(cfg, on_device=False)  # fingerprint only: no encoder weights on the GPU
+    extractor = Extractor.from_config(
+        cfg, on_device=False
+    )  # fingerprint only: no encoder weights on the GPU
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
     data = _features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
     mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
     if not val_recs:
-        raise TrainingError(f"no validation images in {run_dir / 'splits.csv'} ({len(train_recs)} train): the heads "
-                            "would be selected on their training loss",
-                            fix="set data.val_fraction (e.g. 0.15; with a split column, val is carved from its train rows) "
-                                "and run validate again; a class needs 3 or more images to give one to val")
+        raise TrainingError(
+            f"no validation images in {run_dir / 'splits.csv'} ({len(train_recs)} train): the heads "
+            "would be selected on their training loss",
+            fix="set data.val_fraction (e.g. 0.15; with a split column, val is carved from its train rows) "
+            "and run validate again; a class needs 3 or more images to give one to val",
+        )
     y_train = mapping.to_head([r.label for r in train_recs])
     y_val = mapping.to_head([r.label for r in val_recs])
     counts = np.bincount(y_train, minlength=mapping.num_active)
@@ -419,30 +538,62 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     val_untrained = len({r.label for r in val_recs} & set(mapping.inactive_names))
     device = resolve_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
-    trainer = SweepTrainer(x_train, y_train, x_val, y_val, weights, cfg.train, cfg.seed, val_untrained, device, precision)
-    log.info(f"train: {len(train_recs)} train / {len(val_recs)} val samples, {count_of(mapping.num_active, 'active class')} "
-             f"of {len(taxonomy)}" + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else ""))
-    log.info(f"train: {count_of(len(trainer.grid), f'{cfg.train.head} head')} (lr x weight_decay) in one pass, {device} {precision}"
-             + (f", on the {spatial}x{spatial} token grid" if spatial else ""))
+    trainer = SweepTrainer(
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        weights,
+        cfg.train,
+        cfg.seed,
+        val_untrained,
+        device,
+        precision,
+    )
+    log.info(
+        f"train: {len(train_recs)} train / {len(val_recs)} val samples, {count_of(mapping.num_active, 'active class')} "
+        f"of {len(taxonomy)}"
+        + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else "")
+    )
+    log.info(
+        f"train: {count_of(len(trainer.grid), f'{cfg.train.head} head')} (lr x weight_decay) in "
+        f"one pass, {device} {precision}"
+        + (f", on the {spatial}x{spatial} token grid" if spatial else "")
+    )
     margin = trainer.prune_margin
     if margin is not None and len(trainer.grid) > 1:
-        floor = (f", raised from sweep.prune_margin {cfg.train.sweep.prune_margin:g} to the noise floor of "
-                 f"{cfg.train.monitor} on {len(val_recs)} validation images" if margin > cfg.train.sweep.prune_margin else "")
-        log.info(f"train: heads more than {margin:.4g} below the leading head are pruned after the warm-up "
-                 f"(epoch {trainer.warmup_end_epoch}){floor}")
+        floor = (
+            f", raised from sweep.prune_margin {cfg.train.sweep.prune_margin:g} to the noise floor of "
+            f"{cfg.train.monitor} on {len(val_recs)} validation images"
+            if margin > cfg.train.sweep.prune_margin
+            else ""
+        )
+        log.info(
+            f"train: heads more than {margin:.4g} below the leading head are pruned after the warm-up "
+            f"(epoch {trainer.warmup_end_epoch}){floor}"
+        )
     if trainer.batch_size < cfg.train.batch_size:
-        log.info(f"train: batches of {cfg.train.batch_size} grids run as {trainer.accumulate // cfg.train.accumulate} "
-                 f"accumulated parts of {trainer.batch_size} (memory)")
+        log.info(
+            f"train: batches of {cfg.train.batch_size} grids run as {trainer.accumulate // cfg.train.accumulate} "
+            f"accumulated parts of {trainer.batch_size} (memory)"
+        )
 
     ckpt_dir = run_dir / "checkpoints"
     payload: dict[str, Any] = {
         "classes": mapping.to_dict(),
         "class_weights": weights.tolist(),
         # precision: the resolved one (bf16, not auto): another device computes features as these were
-        "backbone": {"config": cfg.backbone.model_dump(mode="json"), "fingerprint": extractor.fingerprint,
-                     "weights_sha256": extractor.backbone.identity().get("weights_sha256"),  # predict finds moved weights by it
-                     "precision": extractor.precision,
-                     "pooling": extractor.pooling, "dtype": extractor.dtype, "input_size": extractor.backbone.input_size},
+        "backbone": {
+            "config": cfg.backbone.model_dump(mode="json"),
+            "fingerprint": extractor.fingerprint,
+            "weights_sha256": extractor.backbone.identity().get(
+                "weights_sha256"
+            ),  # predict finds moved weights by it
+            "precision": extractor.precision,
+            "pooling": extractor.pooling,
+            "dtype": extractor.dtype,
+            "input_size": extractor.backbone.input_size,
+        },
         "cache_dir": str(cfg.features.cache_dir),
         "config": cfg.model_dump(mode="json"),
         **_image_sets(train_recs, val_recs),
@@ -450,37 +601,61 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if resume:
         last = ckpt_dir / "last.pt"
         if not last.is_file():
-            raise CheckpointError(f"--resume: {last} does not exist", fix="train without --resume to start this run")
+            raise CheckpointError(
+                f"--resume: {last} does not exist", fix="train without --resume to start this run"
+            )
         ckpt = load_checkpoint(last)
         _check_resumable(ckpt, last, extractor.fingerprint, mapping, payload)
         # The history lives in metrics.jsonl, not in last.pt (rewritten every epoch, it would grow
         # with it). The file may hold an epoch newer than last.pt (killed in between): last.pt is the truth.
-        history = [r for r in read_jsonl(run_dir / Tracker.METRICS_FILE) if r.get("epoch", 0) <= ckpt["train_state"]["epoch"]]
+        history = [
+            r
+            for r in read_jsonl(run_dir / Tracker.METRICS_FILE)
+            if r.get("epoch", 0) <= ckpt["train_state"]["epoch"]
+        ]
         trainer.load_state_dict(ckpt["train_state"], history)
-        atomic_write_text(run_dir / Tracker.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in trainer.history))
+        atomic_write_text(
+            run_dir / Tracker.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in trainer.history)
+        )
         log.info(f"train: resuming {last} after epoch {trainer.epoch}")
 
     tracker = Tracker(cfg, run_dir, fresh=not resume).start(
-        {"classes": mapping.to_dict(), "inactive_classes": mapping.inactive_names})
+        {"classes": mapping.to_dict(), "inactive_classes": mapping.inactive_names}
+    )
 
     def on_epoch(row: dict[str, Any]) -> None:
         tracker.log_epoch(row)
         for why, heads in row["stopped"].items():
             if heads:
-                log.info(f"  epoch {row['epoch']:4d}  {why} {len(heads)} head(s): " + "; ".join(
-                    f"lr {trainer.grid[h][0]:g} weight_decay {trainer.grid[h][1]:g} ({trainer.status[h]})" for h in heads))
+                log.info(
+                    f"  epoch {row['epoch']:4d}  {why} {len(heads)} head(s): "
+                    + "; ".join(
+                        f"lr {trainer.grid[h][0]:g} weight_decay {trainer.grid[h][1]:g} ({trainer.status[h]})"
+                        for h in heads
+                    )
+                )
         if row["epoch"] % 10 == 0 or row["epoch"] == 1:
             vb = row.get("val_balanced_accuracy")
-            log.info(f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}" + (f"  val_bal_acc {vb:.4f}" if vb is not None else "")
-                     + f"  ({count_of(row['heads_training'], 'head')} training)")
+            log.info(
+                f"  epoch {row['epoch']:4d}  train_loss {row['train_loss']:.4f}"
+                + (f"  val_bal_acc {vb:.4f}" if vb is not None else "")
+                + f"  ({count_of(row['heads_training'], 'head')} training)"
+            )
 
     def state_payload(tr: SweepTrainer) -> dict[str, Any]:
-        return {**payload, "head": {"spec": tr.model.spec(), "state_dict": tr.model.head_state(tr.best_index)},
-                "epoch": tr.epoch, "metrics": tr.history[-1] if tr.history else {}, "train_state": tr.state_dict()}
+        return {
+            **payload,
+            "head": {"spec": tr.model.spec(), "state_dict": tr.model.head_state(tr.best_index)},
+            "epoch": tr.epoch,
+            "metrics": tr.history[-1] if tr.history else {},
+            "train_state": tr.state_dict(),
+        }
 
     def on_state(tr: SweepTrainer) -> None:
         state = state_payload(tr)
-        save_checkpoint(state, ckpt_dir / "last.pt")  # every epoch, atomic: a kill loses at most one epoch
+        save_checkpoint(
+            state, ckpt_dir / "last.pt"
+        )  # every epoch, atomic: a kill loses at most one epoch
         if cfg.train.save_every and tr.epoch % cfg.train.save_every == 0:
             save_checkpoint(state, ckpt_dir / f"epoch_{tr.epoch:04d}.pt")
             _rotate_epoch_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
@@ -493,32 +668,54 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         tracker.finish()  # metrics.jsonl already holds every finished epoch
         raise
     best_row = dict(result.table[result.best_index])
-    save_checkpoint({**payload, "head": {"spec": result.head.spec, "state_dict": result.head.state_dict()},
-                     "epoch": result.best_epoch, "metrics": best_row, "sweep": result.table}, ckpt_dir / "best.pt")
+    save_checkpoint(
+        {
+            **payload,
+            "head": {"spec": result.head.spec, "state_dict": result.head.state_dict()},
+            "epoch": result.best_epoch,
+            "metrics": best_row,
+            "sweep": result.table,
+        },
+        ckpt_dir / "best.pt",
+    )
     _write_sweep_csv(run_dir / "sweep.csv", result.table)
     lr, wd = result.grid[result.best_index]
     mon = "val_loss" if cfg.train.monitor == "val_loss" else f"val_{cfg.train.monitor}"
-    log.info(f"train: best head lr {lr:g} weight_decay {wd:g}, epoch {result.best_epoch} ({mon} {best_row.get(mon, float('nan')):.4f}); "
-             f"wrote {ckpt_dir / 'best.pt'}, {run_dir / 'sweep.csv'}")
-    tracker.log_summary({**{f"best/{k}": v for k, v in best_row.items()}, "best_epoch": result.best_epoch})
+    log.info(
+        f"train: best head lr {lr:g} weight_decay {wd:g}, epoch {result.best_epoch} ({mon} "
+        f"{best_row.get(mon, float('nan')):.4f}); "
+        f"wrote {ckpt_dir / 'best.pt'}, {run_dir / 'sweep.csv'}"
+    )
+    tracker.log_summary(
+        {**{f"best/{k}": v for k, v in best_row.items()}, "best_epoch": result.best_epoch}
+    )
     _write_report(run_dir, tracker)
     tracker.finish()
-    return {"best_epoch": result.best_epoch, "metrics": best_row, "classes": mapping, "sweep": result.table,
-            "best_setting": {"lr": lr, "weight_decay": wd}}
+    return {
+        "best_epoch": result.best_epoch,
+        "metrics": best_row,
+        "classes": mapping,
+        "sweep": result.table,
+        "best_setting": {"lr": lr, "weight_decay": wd},
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # evaluate
 
 
-def predict_features(ckpt: dict[str, Any], x: np.ndarray, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def predict_features(
+    ckpt: dict[str, Any], x: np.ndarray, top_k: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
     """Cached features [N, D] (attentive heads: grids [N, S*S, C]) -> (top-k taxonomy indices [N, k],
     their probabilities [N, k])."""
     head = head_from_spec(ckpt["head"]["spec"], ckpt["head"]["state_dict"])
     mapping = ClassMapping.from_dict(ckpt["classes"])
     rows = rows_per_step(int(np.prod(x.shape[1:])), max(len(x), 1))  # grids: bounded activations
     with torch.no_grad():
-        logits = [head(torch.from_numpy(x[i:i + rows]).float()) for i in range(0, max(len(x), 1), rows)]
+        logits = [
+            head(torch.from_numpy(x[i : i + rows]).float()) for i in range(0, max(len(x), 1), rows)
+        ]
         probs = torch.softmax(torch.cat(logits), dim=1)
     k = min(top_k, mapping.num_active)
     scores, idx = probs.topk(k, dim=1)
@@ -539,13 +736,17 @@ def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -
     from samprobe.backbones.registry import fingerprint
 
     trained_at = stored_precision(ckpt)
-    ours = extractor.fingerprint if trained_at in (None, extractor.precision) else \
-        fingerprint(extractor.backbone, extractor.pooling, extractor.dtype, trained_at)
+    ours = (
+        extractor.fingerprint
+        if trained_at in (None, extractor.precision)
+        else fingerprint(extractor.backbone, extractor.pooling, extractor.dtype, trained_at)
+    )
     if ckpt["backbone"]["fingerprint"] != ours:
         raise CheckpointError(
             f"the checkpoint was trained on features {ckpt['backbone']['fingerprint']} "
             f"({ckpt['backbone']['config']['name']}, pooling {ckpt['backbone']['pooling']}) but {source} gives {ours}",
-            fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with")
+            fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with",
+        )
 
 
 def eval_dir(run_dir: Path, checkpoint: Path, split: str) -> tuple[Path, bool]:
@@ -570,23 +771,37 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     # Cached features only: the checkpoint's resolved precision names them, whatever auto means on this device.
     at = stored_precision(ckpt) if cfg.precision == "auto" else None
     extractor = Extractor.from_config(cfg, on_device=False, precision=at)
-    log.info(f"evaluate: features at precision {extractor.precision}" + (" (the checkpoint's)" if at else ""))
+    log.info(
+        f"evaluate: features at precision {extractor.precision}"
+        + (" (the checkpoint's)" if at else "")
+    )
     check_fingerprint(ckpt, extractor, "this config")
-    recs, x = _features_by_split(cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,))[split]
+    recs, x = _features_by_split(
+        cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,)
+    )[split]
     if not recs:
-        raise DataError(f"split {split!r} has no samples", fix="choose --split train|val|test with samples (see splits.csv)")
+        raise DataError(
+            f"split {split!r} has no samples",
+            fix="choose --split train|val|test with samples (see splits.csv)",
+        )
     check_no_training_images(ckpt, checkpoint, split, recs)
     mapping = ClassMapping.from_dict(ckpt["classes"])
     unknown = sorted({r.label for r in recs} - set(mapping.taxonomy))
     if unknown:
-        raise DataError(f"labels {unknown[:5]} are not in the checkpoint's taxonomy", fix="evaluate with the classes file the head was trained with")
+        raise DataError(
+            f"labels {unknown[:5]} are not in the checkpoint's taxonomy",
+            fix="evaluate with the classes file the head was trained with",
+        )
     topk, scores = predict_features(ckpt, x)
     y_true = mapping.taxonomy_index([r.label for r in recs])
     y_pred = topk[:, 0]
     taxonomy, active = list(mapping.taxonomy), list(mapping.active)
-    metrics = {"split": split, "checkpoint": str(checkpoint),
-               **classification_metrics(y_true, y_pred, taxonomy, active, topk),
-               "not_trained_classes": mapping.inactive_names}
+    metrics = {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        **classification_metrics(y_true, y_pred, taxonomy, active, topk),
+        "not_trained_classes": mapping.inactive_names,
+    }
     out, own_best = eval_dir(run_dir, checkpoint, split)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -595,15 +810,22 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with atomic_open(out / "predictions.csv", "w", encoding="utf-8") as f:  # per image: the report's galleries
+    with atomic_open(
+        out / "predictions.csv", "w", encoding="utf-8"
+    ) as f:  # per image: the report's galleries
         w = csv.writer(f)
         w.writerow(["path", "label", "predicted", "score"])
-        w.writerows([r.path, r.label, taxonomy[p], round(float(sc), 6)] for r, p, sc in zip(recs, y_pred, scores[:, 0]))
+        w.writerows(
+            [r.path, r.label, taxonomy[p], round(float(sc), 6)]
+            for r, p, sc in zip(recs, y_pred, scores[:, 0])
+        )
     cm = confusion(y_true, y_pred, len(taxonomy))
     plot_confusion(cm, taxonomy, out / "confusion_matrix.png")
     write_confusion_csv(cm, taxonomy, out / "confusion_matrix.csv")
-    log.info(f"evaluate ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
-             f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; wrote {out}")
+    log.info(
+        f"evaluate ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
+        f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; wrote {out}"
+    )
     if own_best:  # report.html shows this run's own head only
         _write_report(run_dir)
     return metrics

@@ -1,16 +1,18 @@
 """Classify new images with a trained head: the CLI's ``predict`` and a notebook API.
 
-    clf = Classifier.load("runs/exp1/checkpoints/best.pt")   # weights=PATH when the SAM weights moved
-    clf.predict([PIL.Image.open("cat.jpg"), "dog.png", numpy_rgb_array])
+clf = Classifier.load("runs/exp1/checkpoints/best.pt")   # weights=PATH when the SAM weights moved
+clf.predict([PIL.Image.open("cat.jpg"), "dog.png", numpy_rgb_array])
 """
+
 from __future__ import annotations
 
 import csv
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -45,8 +47,13 @@ class Classifier:
         check_fingerprint(ckpt, extractor, f"the backbone of {source}")
 
     @classmethod
-    def load(cls, checkpoint: Path | str, device: str = "auto", precision: str | None = None,
-             weights: Path | str | None = None) -> "Classifier":
+    def load(
+        cls,
+        checkpoint: Path | str,
+        device: str = "auto",
+        precision: str | None = None,
+        weights: Path | str | None = None,
+    ) -> Classifier:
         """``precision`` None: the one the head was trained with, or the closest that runs on this
         device (``runnable_precision``: a head trained on fp16 GPU features predicts on the CPU at fp32).
         ``weights``: the backbone weights file, when it is no longer where training read it (by default
@@ -55,7 +62,11 @@ class Classifier:
 
         ckpt = load_checkpoint(checkpoint)
         trained_at = stored_precision(ckpt)
-        run_at = runnable_precision(resolve_device(device), trained_at) if precision is None and trained_at else None
+        run_at = (
+            runnable_precision(resolve_device(device), trained_at)
+            if precision is None and trained_at
+            else None
+        )
         precision = precision or ckpt["config"].get("precision", "auto")
         backbone = dict(ckpt["backbone"]["config"])
         if weights is not None or backbone.get("checkpoint"):
@@ -63,20 +74,28 @@ class Classifier:
         cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**backbone))
         cfg.features.pooling = list(ckpt["backbone"]["pooling"])
         cfg.features.dtype = ckpt["backbone"]["dtype"]
-        cfg.features.spatial = head_spatial(ckpt["head"]["spec"])  # the extractor then also computes (and caches) the grid
+        cfg.features.spatial = head_spatial(
+            ckpt["head"]["spec"]
+        )  # the extractor then also computes (and caches) the grid
         extractor = Extractor.from_config(cfg, precision=run_at)
         other = trained_at not in (None, extractor.precision)
-        log.info(f"predict: features at precision {extractor.precision} on {extractor.device}"
-                 + (f" (the head was trained on {trained_at} features)" if other else ""))
+        log.info(
+            f"predict: features at precision {extractor.precision} on {extractor.device}"
+            + (f" (the head was trained on {trained_at} features)" if other else "")
+        )
         return cls(ckpt, extractor, str(checkpoint))
 
     def _predictions(self, feats: np.ndarray, top_k: int) -> list[Prediction]:
         idx, scores = predict_features(self.ckpt, feats, top_k)
         tax = self.mapping.taxonomy
-        return [Prediction(tax[row[0]], float(sc[0]), [(tax[i], float(s)) for i, s in zip(row, sc)])
-                for row, sc in zip(idx, scores)]
+        return [
+            Prediction(tax[row[0]], float(sc[0]), [(tax[i], float(s)) for i, s in zip(row, sc)])
+            for row, sc in zip(idx, scores)
+        ]
 
-    def predict(self, images: Sequence[Image.Image | np.ndarray | str | Path], top_k: int = 5) -> list[Prediction]:
+    def predict(
+        self, images: Sequence[Image.Image | np.ndarray | str | Path], top_k: int = 5
+    ) -> list[Prediction]:
         arrays = []
         for im in images:
             if isinstance(im, (str, Path)):
@@ -86,14 +105,22 @@ class Classifier:
             else:
                 arr = np.asarray(im)
                 if arr.dtype != np.uint8:
-                    raise DataError(f"Classifier.predict got a {arr.dtype} array; images must be uint8 (0-255)",
-                                    fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL image")
-                arrays.append(np.asarray(to_rgb(Image.fromarray(arr))))  # grey, RGBA -> RGB as for files
+                    raise DataError(
+                        f"Classifier.predict got a {arr.dtype} array; images must be uint8 (0-255)",
+                        fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL image",
+                    )
+                arrays.append(
+                    np.asarray(to_rgb(Image.fromarray(arr)))
+                )  # grey, RGBA -> RGB as for files
         # Features go through the cache dtype so results match cached evaluation exactly.
         if self.spatial:
             feats = image_grids(self.extractor, arrays)  # [N, S*S, C]
         else:
-            feats = image_features(self.extractor, arrays).astype(self.extractor.dtype).astype(np.float32)
+            feats = (
+                image_features(self.extractor, arrays)
+                .astype(self.extractor.dtype)
+                .astype(np.float32)
+            )
         return self._predictions(feats, top_k)
 
 
@@ -114,7 +141,10 @@ def find_weights(ckpt: dict[str, Any], checkpoint: Path, weights: Path | str | N
     file found is the one trained with)."""
     if weights is not None:
         if not Path(weights).is_file():
-            raise CheckpointError(f"--weights {weights} does not exist", fix="pass the backbone weights file the head was trained with")
+            raise CheckpointError(
+                f"--weights {weights} does not exist",
+                fix="pass the backbone weights file the head was trained with",
+            )
         return Path(weights)
     trained = Path(ckpt["backbone"]["config"]["checkpoint"])
     if trained.is_file():
@@ -128,13 +158,21 @@ def find_weights(ckpt: dict[str, Any], checkpoint: Path, weights: Path | str | N
     if want:
         for p in places:
             for f in sorted(p.iterdir()):
-                if f.suffix in (".pth", ".pt", ".bin", ".safetensors") and f.is_file() and weights_sha256(f) == want:
-                    log.info(f"predict: backbone weights {trained} moved; found the same file (sha256) at {f}")
+                if (
+                    f.suffix in (".pth", ".pt", ".bin", ".safetensors")
+                    and f.is_file()
+                    and weights_sha256(f) == want
+                ):
+                    log.info(
+                        f"predict: backbone weights {trained} moved; found the same file (sha256) at {f}"
+                    )
                     return f
-    raise CheckpointError(f"the backbone weights {trained} the head was trained with do not exist (moved or deleted), and no "
-                          f"file of that name or content is next to {checkpoint} or in a weights/ folder",
-                          fix="pass --weights PATH to predict (Classifier.load(..., weights=PATH) in Python), or put the "
-                              "file next to the checkpoint")
+    raise CheckpointError(
+        f"the backbone weights {trained} the head was trained with do not exist (moved or deleted), and no "
+        f"file of that name or content is next to {checkpoint} or in a weights/ folder",
+        fix="pass --weights PATH to predict (Classifier.load(..., weights=PATH) in Python), or put the "
+        "file next to the checkpoint",
+    )
 
 
 def training_image_root(ckpt: dict[str, Any]) -> Path | None:
@@ -145,14 +183,20 @@ def training_image_root(ckpt: dict[str, Any]) -> Path | None:
     return Path(data["metadata"]).parent if data.get("metadata") else None
 
 
-def collect_inputs(inputs: Sequence[str], image_root: Path | None = None, path_column: str = "path") -> list[Path]:
+def collect_inputs(
+    inputs: Sequence[str], image_root: Path | None = None, path_column: str = "path"
+) -> list[Path]:
     """Image files, folders (recursive) and metadata files (csv/jsonl with a ``path_column``);
     a metadata file's relative paths are under ``image_root`` (None: the file's own folder)."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(
+                sorted(
+                    f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
         elif p.suffix.lower() in (".csv", ".jsonl", ".parquet"):
             from samprobe.config import DataConfig
             from samprobe.data.metadata import read_rows
@@ -161,19 +205,34 @@ def collect_inputs(inputs: Sequence[str], image_root: Path | None = None, path_c
             root = image_root if image_root is not None else p.parent
             for i, r in enumerate(rows, start=1):
                 if not r or not str(r.get(path_column) or "").strip():
-                    raise DataError(f"predict input {p}, data row {i}, has no {path_column!r} value",
-                                    fix=f"give every row a path (relative to --image-root, {root}) in a column named {path_column}")
+                    raise DataError(
+                        f"predict input {p}, data row {i}, has no {path_column!r} value",
+                        fix=f"give every row a path (relative to --image-root, {root}) in a column named {path_column}",
+                    )
                 out.append(root / str(r[path_column]).strip())
         elif p.exists():
             out.append(p)
         else:
-            raise DataError(f"predict input {p} does not exist", fix="pass image files, folders or a metadata csv/jsonl")
+            raise DataError(
+                f"predict input {p} does not exist",
+                fix="pass image files, folders or a metadata csv/jsonl",
+            )
     return out
 
 
-def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: int = 5,
-                device: str = "auto", num_workers: int = 0, batch_size: int = 8, *, image_root: Path | None = None,
-                weights: Path | None = None, cache_dir: Path | None = None) -> int:
+def run_predict(
+    checkpoint: Path,
+    inputs: Sequence[str],
+    out_csv: Path,
+    top_k: int = 5,
+    device: str = "auto",
+    num_workers: int = 0,
+    batch_size: int = 8,
+    *,
+    image_root: Path | None = None,
+    weights: Path | None = None,
+    cache_dir: Path | None = None,
+) -> int:
     """Classify ``inputs`` into ``out_csv``; returns the number that failed. A metadata file's paths
     are under ``image_root`` (default: the training config's). Features go to ``cache_dir`` when
     given (e.g. the training cache, to reuse them), else to a temporary cache removed after:
@@ -184,7 +243,10 @@ def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: i
     root = image_root if image_root is not None else training_image_root(clf.ckpt)
     files = collect_inputs(inputs, root, data.get("path_column") or "path")
     if not files:
-        raise DataError("no images found in the predict inputs", fix="pass image files, folders or a metadata file")
+        raise DataError(
+            "no images found in the predict inputs",
+            fix="pass image files, folders or a metadata file",
+        )
     records, errors = [], {}
     for i, f in enumerate(files):
         try:
@@ -197,7 +259,9 @@ def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: i
             result = clf.extractor.run(records, cache, batch_size, num_workers, progress=True)
             errors.update({r.row: reason for r, reason in result.failures})
             good = [r for r in records if r.row not in errors]
-            preds = clf._predictions(load_head_inputs(cache, good, clf.spatial), top_k) if good else []
+            preds = (
+                clf._predictions(load_head_inputs(cache, good, clf.spatial), top_k) if good else []
+            )
     by_row = dict(zip((r.row for r in good), preds))
     with atomic_open(out_csv, "w", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -207,12 +271,24 @@ def run_predict(checkpoint: Path, inputs: Sequence[str], out_csv: Path, top_k: i
             if p is None:
                 w.writerow([str(path), "", "", "", errors.get(i, "not predicted")])
             else:
-                w.writerow([str(path), p.label, f"{p.score:.6f}", "|".join(f"{n}:{s:.4f}" for n, s in p.top_k), ""])
-    log.info(f"predict: {len(by_row)} images classified, {len(files) - len(by_row)} failed; wrote {out_csv}")
+                w.writerow(
+                    [
+                        str(path),
+                        p.label,
+                        f"{p.score:.6f}",
+                        "|".join(f"{n}:{s:.4f}" for n, s in p.top_k),
+                        "",
+                    ]
+                )
+    log.info(
+        f"predict: {len(by_row)} images classified, {len(files) - len(by_row)} failed; wrote {out_csv}"
+    )
     if not by_row:
         first = next(iter(errors.items()), (0, "not predicted"))
-        raise DataError(f"none of the {len(files)} images could be classified (first: {files[first[0]]}: {first[1]}); "
-                        f"the reasons are in {out_csv}",
-                        fix=f"check the paths: a metadata file's paths are relative to --image-root (default the "
-                            f"training data.image_root, here {root})")
+        raise DataError(
+            f"none of the {len(files)} images could be classified (first: {files[first[0]]}: {first[1]}); "
+            f"the reasons are in {out_csv}",
+            fix=f"check the paths: a metadata file's paths are relative to --image-root (default the "
+            f"training data.image_root, here {root})",
+        )
     return len(files) - len(by_row)

@@ -50,7 +50,9 @@ def confusion_figsize(n: int) -> tuple[float, float]:
     return side, side
 
 
-def plot_confusion(cm: np.ndarray, names: list[str], path: Path, max_named: int = MAX_NAMED) -> tuple[int, int]:
+def plot_confusion(
+    cm: np.ndarray, names: list[str], path: Path, max_named: int = MAX_NAMED
+) -> tuple[int, int]:
     """Row-normalised confusion matrix [n, n] (true rows, predicted columns); names shown up to ``max_named``."""
     n = len(names)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -77,13 +79,16 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, max_named: int 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(
-        "confusion matrix (rows normalised)" + ("" if n <= max_named else f", {n} classes: see top confused pairs")
+        "confusion matrix (rows normalised)"
+        + ("" if n <= max_named else f", {n} classes: see top confused pairs")
     )
     fig.tight_layout()
     return _save(fig, path)
 
 
-def top_confused_pairs(cm: np.ndarray, names: list[str], k: int = TOP_PAIRS) -> list[tuple[str, str, int, float]]:
+def top_confused_pairs(
+    cm: np.ndarray, names: list[str], k: int = TOP_PAIRS
+) -> list[tuple[str, str, int, float]]:
     """The k largest off-diagonal cells: (true, predicted, count, share of the true class)."""
     off = cm.astype(np.int64).copy()
     np.fill_diagonal(off, 0)
@@ -98,7 +103,9 @@ def top_confused_pairs(cm: np.ndarray, names: list[str], k: int = TOP_PAIRS) -> 
     return pairs
 
 
-def plot_top_confusions(cm: np.ndarray, names: list[str], path: Path, k: int = TOP_PAIRS) -> tuple[int, int]:
+def plot_top_confusions(
+    cm: np.ndarray, names: list[str], path: Path, k: int = TOP_PAIRS
+) -> tuple[int, int]:
     pairs = top_confused_pairs(cm, names, k)
     fig, ax = plt.subplots(figsize=(10.0, max(3.0, 0.3 * len(pairs) + 1.5)), dpi=DPI)
     labels = [f"{t} -> {p}" for t, p, _, _ in pairs][::-1]
@@ -141,7 +148,9 @@ def plot_per_class_f1(rows: list[dict[str, Any]], path: Path) -> tuple[int, int]
     """F1 per taxonomy class (eval/per_class.csv rows); untrained classes grey."""
     fig, ax = plt.subplots(figsize=per_class_figsize(len(rows)), dpi=DPI)
     f1 = [float(r["f1"]) for r in rows]
-    colors = ["tab:blue" if str(r["trained"]) in ("True", "true", "1") else "lightgrey" for r in rows]
+    colors = [
+        "tab:blue" if str(r["trained"]) in ("True", "true", "1") else "lightgrey" for r in rows
+    ]
     ax.bar(range(len(rows)), f1, color=colors)
     if len(rows) <= 80:
         ax.set_xticks(range(len(rows)), [r["class"] for r in rows], rotation=90, fontsize=7)
@@ -157,7 +166,9 @@ def plot_per_class_f1(rows: list[dict[str, Any]], path: Path) -> tuple[int, int]
 
 THUMB = 72  # px: gallery thumbnails (tiny scans are enlarged to this, photos shrunk to fit it)
 THUMB_QUALITY = 80
-GALLERY_MAX = 40  # images per gallery: the report stays small (well under 10 MB) whatever the data size
+GALLERY_MAX = (
+    40  # images per gallery: the report stays small (well under 10 MB) whatever the data size
+)
 MAP_SIZE = (8.0, 6.0)
 
 
@@ -201,7 +212,9 @@ def _num(v: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, str):  # a CSV cell: integers (row numbers, counts) as written, decimals rounded
+    if isinstance(
+        v, str
+    ):  # a CSV cell: integers (row numbers, counts) as written, decimals rounded
         try:
             return v if v.lstrip("-").isdigit() else _num(float(v))
         except ValueError:
@@ -211,7 +224,9 @@ def _fmt(v: Any) -> str:
     return _num(v)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str] | None = None, empty: str = "(none)") -> str:
+def _table(
+    rows: list[dict[str, Any]], columns: list[str] | None = None, empty: str = "(none)"
+) -> str:
     if not rows:
         return f'<p class="empty">{html.escape(empty)}</p>'
     columns = columns or list(rows[0])
@@ -219,7 +234,11 @@ def _table(rows: list[dict[str, Any]], columns: list[str] | None = None, empty: 
     body = []
     for r in rows:
         cls = ' class="inactive"' if r.get("status") == "not trained" else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>")
+        body.append(
+            f"<tr{cls}>"
+            + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns)
+            + "</tr>"
+        )
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
@@ -266,7 +285,11 @@ def class_rows(
 def eval_dir(run_dir: Path) -> Path:
     """The run's own evaluation: eval/test/, else eval/val/ (per split), else eval/ (one evaluation)."""
     return next(
-        (run_dir / "eval" / s for s in ("test", "val") if (run_dir / "eval" / s / "metrics.json").is_file()),
+        (
+            run_dir / "eval" / s
+            for s in ("test", "val")
+            if (run_dir / "eval" / s / "metrics.json").is_file()
+        ),
         run_dir / "eval",
     )
 
@@ -289,7 +312,9 @@ def thumbnail_uri(file: str | Path, size: int = THUMB) -> str | None:
             im = im.convert("RGB")
             scale = size / max(im.size)
             resample = Image.NEAREST if scale > 1 else Image.BILINEAR  # tiny scans stay crisp
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
+            im = im.resize(
+                (max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample
+            )
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=THUMB_QUALITY)
     except Exception:  # unreadable / missing file: the card says so instead of a broken image
@@ -317,7 +342,9 @@ def _gallery(cards: list[str], total: int, empty: str) -> str:
 # --- sections ------------------------------------------------------------------------------
 
 
-def _stat(label: str, value: Any, key: str | None = None, raw: Any = None, warn: bool = False) -> str:
+def _stat(
+    label: str, value: Any, key: str | None = None, raw: Any = None, warn: bool = False
+) -> str:
     data = f' data-metric="{html.escape(key)}" data-value="{html.escape(str(raw))}"' if key else ""
     cls = "stat warn" if warn else "stat"
     shown = value if isinstance(value, str) else _num(value)
@@ -328,7 +355,10 @@ def _stat(label: str, value: Any, key: str | None = None, raw: Any = None, warn:
 
 
 def _summary(
-    data_report: dict[str, Any], metrics: dict[str, Any], rows: list[dict[str, Any]], inspect: dict[str, Any]
+    data_report: dict[str, Any],
+    metrics: dict[str, Any],
+    rows: list[dict[str, Any]],
+    inspect: dict[str, Any],
 ) -> str:
     from samprobe.data.metadata import PROBLEM_KINDS
 
@@ -364,7 +394,13 @@ def _summary(
         )
         if "issues" in li:
             stats.append(
-                _stat("suspected label errors", li["issues"], "label_issues", li["issues"], warn=li["issues"] > 0)
+                _stat(
+                    "suspected label errors",
+                    li["issues"],
+                    "label_issues",
+                    li["issues"],
+                    warn=li["issues"] > 0,
+                )
             )
     lines = []
     untrained = [r["class"] for r in rows if r["status"] == "not trained"]
@@ -432,8 +468,16 @@ def _classes(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
         f1 = r.get("f1")
-        bar = f'<div class="bar"><span style="width:{100 * f1:.1f}%"></span></div>' if isinstance(f1, float) else ""
-        scores = f"P {_num(r['precision'])} · R {_num(r['recall'])} · F1 {_num(f1)}" if isinstance(f1, float) else ""
+        bar = (
+            f'<div class="bar"><span style="width:{100 * f1:.1f}%"></span></div>'
+            if isinstance(f1, float)
+            else ""
+        )
+        scores = (
+            f"P {_num(r['precision'])} · R {_num(r['recall'])} · F1 {_num(f1)}"
+            if isinstance(f1, float)
+            else ""
+        )
         cls = ' class="inactive"' if r["status"] == "not trained" else ""
         out.append(
             f"<tr{cls}><td>{html.escape(r['class'])}</td><td>{r['status']}</td><td>{_num(r['train'])}</td>"
@@ -463,7 +507,11 @@ def plot_feature_map(points: list[dict[str, str]], path: Path) -> tuple[int, int
     cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     for n, lab in enumerate(labels):
         for split, marker in (("train", "o"), ("val", "o"), ("test", "x")):
-            pts = [(float(p["x"]), float(p["y"])) for p in points if p["label"] == lab and p["split"] == split]
+            pts = [
+                (float(p["x"]), float(p["y"]))
+                for p in points
+                if p["label"] == lab and p["split"] == split
+            ]
             if pts:
                 xy = np.array(pts)
                 ax.scatter(
@@ -474,7 +522,8 @@ def plot_feature_map(points: list[dict[str, str]], path: Path) -> tuple[int, int
                     color=cmap(n % cmap.N),
                     alpha=0.7,
                     label=lab
-                    if split == "train" or not any(q["label"] == lab and q["split"] == "train" for q in points)
+                    if split == "train"
+                    or not any(q["label"] == lab and q["split"] == "train" for q in points)
                     else None,
                     linewidths=0.8,
                 )
@@ -498,7 +547,11 @@ def _image_root(run_dir: Path) -> Path | None:
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         return None
-    root = (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).get("data", {}).get("image_root")
+    root = (
+        (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
+        .get("data", {})
+        .get("image_root")
+    )
     return Path(root) if root else None
 
 
@@ -508,7 +561,9 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
     esc = html.escape
 
     preds = read_csv_rows(eval_dir(run_dir) / "predictions.csv")
-    wrong = sorted((p for p in preds if p["label"] != p["predicted"]), key=lambda p: -float(p["score"]))
+    wrong = sorted(
+        (p for p in preds if p["label"] != p["predicted"]), key=lambda p: -float(p["score"])
+    )
     cards = [
         _card(
             files.get(p["path"]),
@@ -569,10 +624,12 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
     cards = []
     for d in dups[: GALLERY_MAX // 2]:
         leak = '<b class="leak">LEAK</b> ' if d["leakage"] == "True" else ""
-        pair = _card(files.get(d["path_a"]), f"{esc(d['split_a'])} · {esc(d['label_a'])}", d["path_a"]) + _card(
-            files.get(d["path_b"]), f"{esc(d['split_b'])} · {esc(d['label_b'])}", d["path_b"]
+        pair = _card(
+            files.get(d["path_a"]), f"{esc(d['split_a'])} · {esc(d['label_a'])}", d["path_a"]
+        ) + _card(files.get(d["path_b"]), f"{esc(d['split_b'])} · {esc(d['label_b'])}", d["path_b"])
+        cards.append(
+            f'<div class="pair">{pair}<div class="pcap">{leak}cosine {float(d["cosine"]):.3f}</div></div>'
         )
-        cards.append(f'<div class="pair">{pair}<div class="pcap">{leak}cosine {float(d["cosine"]):.3f}</div></div>')
     empty = f"No near-duplicates (pooled-feature cosine ≥ {_num(nd['cosine_threshold'])})."
     out.append(
         f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{counted(nd["pairs"], "pair")} in '
@@ -617,7 +674,11 @@ def _bad_rows(run_dir: Path) -> str:
             )
         )
     table = (
-        _table([{k: r.get(k) for k in ("row", "path", "label", "kind", "detail")} for r in bad[:200]]) if bad else ""
+        _table(
+            [{k: r.get(k) for k in ("row", "path", "label", "kind", "detail")} for r in bad[:200]]
+        )
+        if bad
+        else ""
     )
     return (
         '<section id="bad-rows"><h2>Bad rows</h2><p>Rows left out, with the reason (bad_rows.csv, '
@@ -680,10 +741,14 @@ def write_report(run_dir: Path) -> Report:
     if (edir / "confusion_matrix.csv").is_file():
         cm, names = read_confusion_csv(edir / "confusion_matrix.csv")
         report.plots["confusion_matrix"] = plots_dir / "confusion_matrix.png"
-        report.sizes["confusion_matrix"] = plot_confusion(cm, names, report.plots["confusion_matrix"])
+        report.sizes["confusion_matrix"] = plot_confusion(
+            cm, names, report.plots["confusion_matrix"]
+        )
         if len(names) > MAX_NAMED:
             report.plots["top_confusions"] = plots_dir / "top_confusions.png"
-            report.sizes["top_confusions"] = plot_top_confusions(cm, names, report.plots["top_confusions"])
+            report.sizes["top_confusions"] = plot_top_confusions(
+                cm, names, report.plots["top_confusions"]
+            )
     if eval_rows:
         report.plots["per_class_f1"] = plots_dir / "per_class_f1.png"
         report.sizes["per_class_f1"] = plot_per_class_f1(eval_rows, report.plots["per_class_f1"])
@@ -710,7 +775,9 @@ def write_report(run_dir: Path) -> Report:
         sections.append(_bad_rows(run_dir))
     if "feature_map" in report.plots:
         sections.append(
-            '<section id="feature-map"><h2>Feature map</h2>' + _plot_img(report, "feature_map") + "</section>"
+            '<section id="feature-map"><h2>Feature map</h2>'
+            + _plot_img(report, "feature_map")
+            + "</section>"
         )
     final: list[dict[str, Any]] = []
     if ckpt is not None:
@@ -726,7 +793,9 @@ def write_report(run_dir: Path) -> Report:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
     if final:
-        sections.append('<section id="metrics"><h2>Final metrics</h2>' + _table(final) + "</section>")
+        sections.append(
+            '<section id="metrics"><h2>Final metrics</h2>' + _table(final) + "</section>"
+        )
     if "curves" in report.plots or "per_class_f1" in report.plots:
         sections.append(
             '<section id="plots"><h2>Plots</h2>'

@@ -14,11 +14,13 @@ past ``max_queue`` images (requests still being read count as one) the answer is
 internal failure is a 500 whose id is in the log. One process holds one copy of the model, so every
 request can join every batch.
 """
+
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import contextlib
 import gc
 import hmac
 import json
@@ -30,17 +32,25 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException
 
 from samprobe.data.images import decode_rgb, open_image
@@ -76,21 +86,34 @@ class ServeSettings:
     api_key: str | None = field(default=None, repr=False)
     """Bearer token every request but /health and /ready must carry; None: no auth."""
 
-    def check(self) -> "ServeSettings":
-        for name, minimum in (("max_batch", 1), ("workers", 1), ("max_queue", 1), ("max_body_bytes", 1),
-                              ("max_pixels", 1), ("default_top_k", 1)):
+    def check(self) -> ServeSettings:
+        for name, minimum in (
+            ("max_batch", 1),
+            ("workers", 1),
+            ("max_queue", 1),
+            ("max_body_bytes", 1),
+            ("max_pixels", 1),
+            ("default_top_k", 1),
+        ):
             if getattr(self, name) < minimum:
-                raise ConfigError(f"serve: {name} must be {minimum} or more, got {getattr(self, name)}",
-                                  fix=f"pass --{name.replace('_', '-').replace('-bytes', '-mb')} with a positive value")
+                raise ConfigError(
+                    f"serve: {name} must be {minimum} or more, got {getattr(self, name)}",
+                    fix=f"pass --{name.replace('_', '-').replace('-bytes', '-mb')} with a positive value",
+                )
         for name in ("max_wait_ms", "timeout_s"):
             value = getattr(self, name)
             least = "above 0" if name == "timeout_s" else "of 0 or more"
             if not (math.isfinite(value) and value >= 0 and (name != "timeout_s" or value > 0)):
-                raise ConfigError(f"serve: {name} must be a finite number {least}, got {value}",
-                                  fix=f"e.g. --{name.replace('_', '-')} {ServeSettings.__dict__[name]}")
+                raise ConfigError(
+                    f"serve: {name} must be a finite number {least}, got {value}",
+                    fix=f"e.g. --{name.replace('_', '-')} {ServeSettings.__dict__[name]}",
+                )
         if self.max_queue < self.max_batch:
-            raise ConfigError(f"serve: max_queue ({self.max_queue}) is smaller than max_batch ({self.max_batch}): "
-                              "no batch could ever fill", fix="pass --max-queue at least --max-batch (e.g. 4x it)")
+            raise ConfigError(
+                f"serve: max_queue ({self.max_queue}) is smaller than max_batch ({self.max_batch}): "
+                "no batch could ever fill",
+                fix="pass --max-queue at least --max-batch (e.g. 4x it)",
+            )
         return self
 
 
@@ -99,19 +122,24 @@ def read_api_key(path: Path | str) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--api-key-file {path} cannot be read ({type(exc).__name__}: {exc})",
-                          fix="pass a readable text file holding the token, e.g. `openssl rand -hex 32 > key.txt`",
-                          ) from None
+        raise ConfigError(
+            f"--api-key-file {path} cannot be read ({type(exc).__name__}: {exc})",
+            fix="pass a readable text file holding the token, e.g. `openssl rand -hex 32 > key.txt`",
+        ) from None
     if not token or any(c.isspace() for c in token):
-        raise ConfigError(f"--api-key-file {path} holds no token, or one with spaces inside",
-                          fix="write one token on one line, e.g. `openssl rand -hex 32 > key.txt`")
+        raise ConfigError(
+            f"--api-key-file {path} holds no token, or one with spaces inside",
+            fix="write one token on one line, e.g. `openssl rand -hex 32 > key.txt`",
+        )
     return token
 
 
 class Rejected(Exception):
     """A request answered with a 4xx/5xx error naming the problem (never reaches the CLI)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
@@ -134,26 +162,42 @@ def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
     try:
         header = open_image(upload.data)
     except ValueError:
-        raise Rejected(422, "not_an_image", f"{upload.where} is not an image (no known image format in its "
-                       f"{len(upload.data)} bytes)") from None
+        raise Rejected(
+            422,
+            "not_an_image",
+            f"{upload.where} is not an image (no known image format in its "
+            f"{len(upload.data)} bytes)",
+        ) from None
     except Exception as exc:  # PIL's header parsers raise many types on malformed input
-        raise Rejected(422, "bad_image",
-                       f"{upload.where}: unreadable image header ({type(exc).__name__}: {exc})") from None
+        raise Rejected(
+            422,
+            "bad_image",
+            f"{upload.where}: unreadable image header ({type(exc).__name__}: {exc})",
+        ) from None
     if header.width * header.height > max_pixels:
-        raise Rejected(413, "pixel_limit", f"{upload.where} is {header.width}x{header.height} = "
-                       f"{header.width * header.height} pixels, over the limit of {max_pixels} (--max-pixels)")
+        raise Rejected(
+            413,
+            "pixel_limit",
+            f"{upload.where} is {header.width}x{header.height} = "
+            f"{header.width * header.height} pixels, over the limit of {max_pixels} (--max-pixels)",
+        )
     try:
         return decode_rgb(upload.data, max_pixels=max_pixels)
     except Exception as exc:  # truncated or corrupt data: PIL raises OSError, SyntaxError, ValueError, zlib.error...
-        raise Rejected(422, "bad_image", f"{upload.where} cannot be decoded as {header.format} "
-                       f"({type(exc).__name__}: {exc})") from None
+        raise Rejected(
+            422,
+            "bad_image",
+            f"{upload.where} cannot be decoded as {header.format} ({type(exc).__name__}: {exc})",
+        ) from None
 
 
 def parse_top_k(value: Any, where: str) -> int:
     if isinstance(value, str) and value.strip().lstrip("+").isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise Rejected(422, "bad_field", f"{where} must be a whole number of 1 or more, got {value!r}")
+        raise Rejected(
+            422, "bad_field", f"{where} must be a whole number of 1 or more, got {value!r}"
+        )
     return value
 
 
@@ -163,15 +207,25 @@ def parse_json(body: bytes, default_top_k: int) -> tuple[list[Upload], int]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise Rejected(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
-        raise Rejected(422, "bad_field", f"the JSON body must be an object like {{\"images\": [base64, ...]}}, "
-                       f"not a {type(doc).__name__}")
+        raise Rejected(
+            422,
+            "bad_field",
+            f'the JSON body must be an object like {{"images": [base64, ...]}}, '
+            f"not a {type(doc).__name__}",
+        )
     unknown = sorted(set(doc) - set(JSON_FIELDS))
     if unknown:
-        raise Rejected(422, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                       f"allowed: {', '.join(JSON_FIELDS)}")
+        raise Rejected(
+            422,
+            "unknown_field",
+            f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(JSON_FIELDS)}",
+        )
     if ("image" in doc) == ("images" in doc):
-        raise Rejected(422, "missing_field" if "image" not in doc else "bad_field",
-                       "give either 'images' (a list of base64 strings) or 'image' (one base64 string)")
+        raise Rejected(
+            422,
+            "missing_field" if "image" not in doc else "bad_field",
+            "give either 'images' (a list of base64 strings) or 'image' (one base64 string)",
+        )
     if "image" in doc:
         items, names = [doc["image"]], ["image"]
     else:
@@ -181,8 +235,12 @@ def parse_json(body: bytes, default_top_k: int) -> tuple[list[Upload], int]:
     uploads = []
     for item, where in zip(items, names):
         if not isinstance(item, str):
-            raise Rejected(422, "bad_field", f"{where} must be a base64 string, not {type(item).__name__}")
-        text = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item  # data URLs too
+            raise Rejected(
+                422, "bad_field", f"{where} must be a base64 string, not {type(item).__name__}"
+            )
+        text = (
+            item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
+        )  # data URLs too
         try:
             uploads.append(Upload(where, base64.b64decode(text, validate=True)))
         except (binascii.Error, ValueError):
@@ -219,7 +277,7 @@ class Batcher:
 
     _STOP = object()
 
-    def __init__(self, classifier: Classifier, settings: ServeSettings, metrics: "Metrics") -> None:
+    def __init__(self, classifier: Classifier, settings: ServeSettings, metrics: Metrics) -> None:
         self.classifier = classifier
         self.max_batch = settings.max_batch
         self.max_wait_s = settings.max_wait_ms / 1000
@@ -255,7 +313,9 @@ class Batcher:
             self.ready.set()
         except Exception as exc:
             self.warmup_error = f"{type(exc).__name__}: {exc}"
-            log.exception(f"serve: the model failed its first forward pass ({self.warmup_error}); /ready stays 503")
+            log.exception(
+                f"serve: the model failed its first forward pass ({self.warmup_error}); /ready stays 503"
+            )
         carry: Any = None
         while True:
             first = carry if carry is not None else self.queue.get()
@@ -301,27 +361,36 @@ class Batcher:
         start = time.perf_counter()
         preds: list[Prediction] = []
         for i in range(0, len(images), self.max_batch):
-            chunk = images[i:i + self.max_batch]
+            chunk = images[i : i + self.max_batch]
             preds.extend(self.classifier.predict(chunk, top_k=top_k))
             self.metrics.batch_size.observe(len(chunk))
         seconds = (time.perf_counter() - start) / max(1, math.ceil(len(images) / self.max_batch))
-        self.seconds_per_batch = seconds if not self.seconds_per_batch else 0.8 * self.seconds_per_batch + 0.2 * seconds
+        self.seconds_per_batch = (
+            seconds if not self.seconds_per_batch else 0.8 * self.seconds_per_batch + 0.2 * seconds
+        )
         self.metrics.batch_seconds.observe(seconds)
         out, at = [], 0
         for job in jobs:  # top-k is sorted: the first k of a larger top-k are the top-k
-            out.append([Prediction(p.label, p.score, p.top_k[:job.top_k]) for p in preds[at:at + len(job.images)]])
+            out.append(
+                [
+                    Prediction(p.label, p.score, p.top_k[: job.top_k])
+                    for p in preds[at : at + len(job.images)]
+                ]
+            )
             at += len(job.images)
         return out
 
     def _deliver(self, job: _Job, result: Any, error: BaseException | None = None) -> None:
-        try:
+        with contextlib.suppress(
+            RuntimeError
+        ):  # the loop closed (the server is gone): nobody waits
             job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
-        except RuntimeError:  # the loop closed (the server is gone): nobody is waiting
-            pass
 
     def _fail(self, job: _Job) -> None:
         error_id = uuid.uuid4().hex[:12]
-        log.exception(f"serve: internal error {error_id} in the model forward pass ({len(job.images)} image(s))")
+        log.exception(
+            f"serve: internal error {error_id} in the model forward pass ({len(job.images)} image(s))"
+        )
         self._deliver(job, None, InternalFailure(error_id))
 
 
@@ -340,22 +409,47 @@ class InternalFailure(Exception):
 class Metrics:
     """Prometheus metrics of one app (its own registry: several apps can live in one process)."""
 
-    def __init__(self, queue_depth: Callable[[], float], queued_images: Callable[[], float]) -> None:
+    def __init__(
+        self, queue_depth: Callable[[], float], queued_images: Callable[[], float]
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("samprobe_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("samprobe_request_latency_seconds", "Latency of /predict, arrival to answer",
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
-        self.batch_size = Histogram("samprobe_batch_size", "Images per forward pass",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.batch_seconds = Histogram("samprobe_batch_seconds", "Seconds per forward pass", registry=r,
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.requests = Counter(
+            "samprobe_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "samprobe_request_latency_seconds",
+            "Latency of /predict, arrival to answer",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "samprobe_batch_size",
+            "Images per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "samprobe_batch_seconds",
+            "Seconds per forward pass",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.images = Counter("samprobe_images", "Images classified", registry=r)
-        self.errors = Counter("samprobe_errors", "Requests answered with an error, by kind", ["kind"], registry=r)
-        Gauge("samprobe_queue_depth", "Images admitted and not yet answered (requests still being read count 1)",
-              registry=r).set_function(queue_depth)
-        Gauge("samprobe_queue_images", "Decoded images waiting for the model", registry=r).set_function(queued_images)
+        self.errors = Counter(
+            "samprobe_errors", "Requests answered with an error, by kind", ["kind"], registry=r
+        )
+        Gauge(
+            "samprobe_queue_depth",
+            "Images admitted and not yet answered (requests still being read count 1)",
+            registry=r,
+        ).set_function(queue_depth)
+        Gauge(
+            "samprobe_queue_images", "Decoded images waiting for the model", registry=r
+        ).set_function(queued_images)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -373,16 +467,22 @@ class _Guard:
     endpoint and status, times /predict, and makes a body past ``limit`` bytes a 413, found from
     Content-Length before a byte is read or while reading a chunked body (uvicorn discards the rest)."""
 
-    def __init__(self, app: Callable, *, limit: int, metrics: "Metrics") -> None:
+    def __init__(self, app: Callable, *, limit: int, metrics: Metrics) -> None:
         self.app, self.limit, self.metrics = app, limit, metrics
 
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+    async def __call__(
+        self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start, seen, status = time.perf_counter(), 0, [500]
-        too_large = Rejected(413, "body_too_large", f"the request body is over the limit of {self.limit} bytes "
-                             f"(--max-body-mb {self.limit / 2**20:g})")
+        too_large = Rejected(
+            413,
+            "body_too_large",
+            f"the request body is over the limit of {self.limit} bytes "
+            f"(--max-body-mb {self.limit / 2**20:g})",
+        )
         declared = dict(scope.get("headers", ())).get(b"content-length", b"")
 
         async def limited() -> dict:
@@ -421,43 +521,68 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def prediction_json(p: Prediction) -> dict[str, Any]:
-    return {"label": p.label, "score": p.score, "top_k": [{"label": n, "score": s} for n, s in p.top_k]}
+    return {
+        "label": p.label,
+        "score": p.score,
+        "top_k": [{"label": n, "score": s} for n, s in p.top_k],
+    }
 
 
-def describe(classifier: Classifier, checkpoint: Path | None, settings: ServeSettings) -> dict[str, Any]:
+def describe(
+    classifier: Classifier, checkpoint: Path | None, settings: ServeSettings
+) -> dict[str, Any]:
     """What /info says: model, classes, precision, fingerprints, limits."""
     ckpt, mapping, ex = classifier.ckpt, classifier.mapping, classifier.extractor
     return {
         "backbone": {**ckpt["backbone"]["config"], "pooling": list(ckpt["backbone"]["pooling"])},
         "head": ckpt["head"]["spec"]["kind"],
-        "classes": {"taxonomy": list(mapping.taxonomy), "active": mapping.active_names,
-                    "not_trained": mapping.inactive_names},
+        "classes": {
+            "taxonomy": list(mapping.taxonomy),
+            "active": mapping.active_names,
+            "not_trained": mapping.inactive_names,
+        },
         "precision": ex.precision,
         "device": str(ex.device),
         "features_fingerprint": ckpt["backbone"]["fingerprint"],
-        "checkpoint": {"path": str(checkpoint) if checkpoint else None,
-                       "sha256": sha256_file(checkpoint) if checkpoint else None},
-        "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
-                   "max_queue": settings.max_queue, "max_body_bytes": settings.max_body_bytes,
-                   "max_pixels": settings.max_pixels, "timeout_s": settings.timeout_s,
-                   "default_top_k": settings.default_top_k},
+        "checkpoint": {
+            "path": str(checkpoint) if checkpoint else None,
+            "sha256": sha256_file(checkpoint) if checkpoint else None,
+        },
+        "limits": {
+            "max_batch": settings.max_batch,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_queue": settings.max_queue,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_pixels": settings.max_pixels,
+            "timeout_s": settings.timeout_s,
+            "default_top_k": settings.default_top_k,
+        },
         "auth": settings.api_key is not None,
     }
 
 
-def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,  # noqa: C901
-               checkpoint: Path | str | None = None) -> FastAPI:
+def create_app(
+    classifier: Classifier,
+    settings: ServeSettings | None = None,
+    *,  # noqa: C901
+    checkpoint: Path | str | None = None,
+) -> FastAPI:
     """The FastAPI app serving ``classifier``; its lifespan starts and stops the batching thread."""
     settings = (settings or ServeSettings()).check()
     state = _State()
     holder: dict[str, Any] = {}
-    metrics = Metrics(lambda: state.admitted, lambda: holder["batcher"].queue.qsize() if "batcher" in holder else 0)
+    metrics = Metrics(
+        lambda: state.admitted,
+        lambda: holder["batcher"].queue.qsize() if "batcher" in holder else 0,
+    )
     info = describe(classifier, Path(checkpoint) if checkpoint else None, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         state.draining = False
-        holder["pool"] = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="samprobe-decode")
+        holder["pool"] = ThreadPoolExecutor(
+            max_workers=settings.workers, thread_name_prefix="samprobe-decode"
+        )
         holder["batcher"] = batcher = Batcher(classifier, settings, metrics)
         batcher.start()
         try:
@@ -467,17 +592,27 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
             batcher.stop()  # uvicorn has waited for the open requests: the queue is empty
             holder["pool"].shutdown(wait=True)
 
-    app = FastAPI(title="samprobe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="samprobe", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.samprobe = state
 
     def error(rej: Rejected) -> JSONResponse:
         metrics.errors.labels(rej.code).inc()
-        return JSONResponse(error_body(rej.code, rej.message), status_code=rej.status, headers=rej.headers)
+        return JSONResponse(
+            error_body(rej.code, rej.message), status_code=rej.status, headers=rej.headers
+        )
 
     def internal(error_id: str) -> JSONResponse:
         metrics.errors.labels("internal").inc()
-        return JSONResponse(error_body("internal", f"internal error {error_id}; the server log has its details",
-                                       id=error_id), status_code=500)
+        return JSONResponse(
+            error_body(
+                "internal",
+                f"internal error {error_id}; the server log has its details",
+                id=error_id,
+            ),
+            status_code=500,
+        )
 
     def check_auth(request: Request) -> None:
         if settings.api_key is None:
@@ -485,9 +620,15 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         # compare_digest: the time taken does not depend on how much of the token matched
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise Rejected(401, "unauthorized", "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                           headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
+            raise Rejected(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def retry_after() -> dict[str, str]:
         batcher = holder.get("batcher")
@@ -497,15 +638,26 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
     app.add_middleware(_Guard, limit=settings.max_body_bytes, metrics=metrics)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405 in the same shape
+    async def http_error(
+        request: Request, exc: HTTPException
+    ) -> JSONResponse:  # 404, 405 in the same shape
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(Rejected(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}; "
-                              f"endpoints: POST /predict, GET {', '.join(ENDPOINTS[1:])}", dict(exc.headers or {})))
+        return error(
+            Rejected(
+                exc.status_code,
+                code,
+                f"{request.method} {request.url.path}: {exc.detail}; "
+                f"endpoints: POST /predict, GET {', '.join(ENDPOINTS[1:])}",
+                dict(exc.headers or {}),
+            )
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         error_id = uuid.uuid4().hex[:12]
-        log.error(f"serve: internal error {error_id} on {request.method} {request.url.path}", exc_info=exc)
+        log.error(
+            f"serve: internal error {error_id} on {request.method} {request.url.path}", exc_info=exc
+        )
         return internal(error_id)
 
     @app.get("/health")
@@ -516,9 +668,15 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
     async def ready() -> JSONResponse:
         batcher = holder.get("batcher")
         if batcher is None or not batcher.ready.is_set() or not batcher.alive or state.draining:
-            reason = ("shutting down" if state.draining else batcher.warmup_error if batcher and batcher.warmup_error
-                      else "the model thread stopped" if batcher and not batcher.alive and batcher.ready.is_set()
-                      else "loading the model")
+            reason = (
+                "shutting down"
+                if state.draining
+                else batcher.warmup_error
+                if batcher and batcher.warmup_error
+                else "the model thread stopped"
+                if batcher and not batcher.alive and batcher.ready.is_set()
+                else "loading the model"
+            )
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         return JSONResponse({"ready": True})
 
@@ -542,36 +700,56 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
         content_type = request.headers.get("content-type", "")
         kind = content_type.split(";", 1)[0].strip().lower()
         if kind not in ("application/json", "multipart/form-data"):
-            raise Rejected(415, "unsupported_media_type",
-                           f"Content-Type {content_type or '(none)'!r} is not accepted; send {ACCEPTED_TYPES}")
+            raise Rejected(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {content_type or '(none)'!r} is not accepted; send {ACCEPTED_TYPES}",
+            )
         body = await request.body()
         if not body:
             raise Rejected(400, "empty_body", f"the request body is empty; send {ACCEPTED_TYPES}")
         loop = asyncio.get_running_loop()
         if kind == "application/json":
-            return await loop.run_in_executor(holder["pool"], parse_json, body, settings.default_top_k)
+            return await loop.run_in_executor(
+                holder["pool"], parse_json, body, settings.default_top_k
+            )
         try:
             form = await request.form(max_files=settings.max_queue, max_fields=8)
         except HTTPException as exc:  # starlette's MultiPartException, as a 400
             if str(exc.detail).startswith("Too many files"):
-                raise Rejected(413, "too_many_images", f"more than {settings.max_queue} images in one request "
-                               "(--max-queue); split it") from None
-            raise Rejected(400, "bad_multipart", f"the multipart body cannot be parsed ({exc.detail})") from None
+                raise Rejected(
+                    413,
+                    "too_many_images",
+                    f"more than {settings.max_queue} images in one request (--max-queue); split it",
+                ) from None
+            raise Rejected(
+                400, "bad_multipart", f"the multipart body cannot be parsed ({exc.detail})"
+            ) from None
         uploads, top_k = [], settings.default_top_k
         try:
             for i, (name, value) in enumerate(form.multi_items()):
                 if name in ("image", "images"):
                     if isinstance(value, str):
-                        raise Rejected(422, "bad_field", f"part {i} ({name!r}) must be a file upload, not a text field")
+                        raise Rejected(
+                            422,
+                            "bad_field",
+                            f"part {i} ({name!r}) must be a file upload, not a text field",
+                        )
                     uploads.append(Upload(f"part {i} ({value.filename!r})", await value.read()))
                 elif name == "top_k":
                     top_k = parse_top_k(value if isinstance(value, str) else None, "'top_k'")
                 else:
-                    raise Rejected(422, "unknown_field", f"unknown field {name!r} (part {i}); allowed: image, top_k")
+                    raise Rejected(
+                        422,
+                        "unknown_field",
+                        f"unknown field {name!r} (part {i}); allowed: image, top_k",
+                    )
         finally:
             await form.close()
         if not uploads:
-            raise Rejected(422, "missing_field", "no file part named 'image' (send -F image=@photo.jpg)")
+            raise Rejected(
+                422, "missing_field", "no file part named 'image' (send -F image=@photo.jpg)"
+            )
         return uploads, top_k
 
     @app.post("/predict")
@@ -583,24 +761,48 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
             check_auth(request)
             batcher = holder.get("batcher")
             if batcher is None or not batcher.ready.is_set():
-                raise Rejected(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "1"})
+                raise Rejected(
+                    503,
+                    "not_ready",
+                    "the model is still loading; retry shortly",
+                    {"Retry-After": "1"},
+                )
             if state.admitted >= settings.max_queue:
-                raise Rejected(503, "overloaded", f"the queue is full ({settings.max_queue} images, --max-queue); "
-                               "retry after the Retry-After seconds", retry_after())
+                raise Rejected(
+                    503,
+                    "overloaded",
+                    f"the queue is full ({settings.max_queue} images, --max-queue); "
+                    "retry after the Retry-After seconds",
+                    retry_after(),
+                )
             state.admitted += 1  # one slot while the body is read and parsed
             holds = 1
-            uploads, top_k = await asyncio.wait_for(read_uploads(request), deadline - time.monotonic())
+            uploads, top_k = await asyncio.wait_for(
+                read_uploads(request), deadline - time.monotonic()
+            )
             if len(uploads) > settings.max_queue:
-                raise Rejected(413, "too_many_images", f"{len(uploads)} images in one request; at most "
-                               f"{settings.max_queue} (--max-queue)")
+                raise Rejected(
+                    413,
+                    "too_many_images",
+                    f"{len(uploads)} images in one request; at most "
+                    f"{settings.max_queue} (--max-queue)",
+                )
             extra = len(uploads) - 1
             if extra and state.admitted + extra > settings.max_queue:
-                raise Rejected(503, "overloaded", f"no room for {len(uploads)} images in the queue "
-                               f"({settings.max_queue} images, --max-queue)", retry_after())
+                raise Rejected(
+                    503,
+                    "overloaded",
+                    f"no room for {len(uploads)} images in the queue "
+                    f"({settings.max_queue} images, --max-queue)",
+                    retry_after(),
+                )
             state.admitted += extra
             holds += extra
             loop = asyncio.get_running_loop()
-            decodes = (loop.run_in_executor(holder["pool"], decode_upload, u, settings.max_pixels) for u in uploads)
+            decodes = (
+                loop.run_in_executor(holder["pool"], decode_upload, u, settings.max_pixels)
+                for u in uploads
+            )
             images = await asyncio.wait_for(asyncio.gather(*decodes), deadline - time.monotonic())
             job = batcher.submit(list(images), top_k)
             preds = await asyncio.wait_for(asyncio.shield(job.future), deadline - time.monotonic())
@@ -608,10 +810,12 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None, *,
             return JSONResponse({"predictions": [prediction_json(p) for p in preds]})
         except Rejected as rej:
             return error(rej)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if job is not None:
                 job.abandoned = True
-            return error(Rejected(504, "timeout", f"no answer within {settings.timeout_s:g} s (--timeout-s)"))
+            return error(
+                Rejected(504, "timeout", f"no answer within {settings.timeout_s:g} s (--timeout-s)")
+            )
         except InternalFailure as exc:
             return internal(exc.error_id)
         finally:
@@ -629,17 +833,20 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise ConfigError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})",
-                          fix="choose another --port (or stop the process using it), or a --host of this machine",
-                          ) from None
+        raise ConfigError(
+            f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})",
+            fix="choose another --port (or stop the process using it), or a --host of this machine",
+        ) from None
 
 
 def exposure_warning(host: str, port: int, settings: ServeSettings) -> str | None:
     """The warning printed when the service is reachable from other machines without a token."""
     if host in LOOPBACK or settings.api_key is not None:
         return None
-    return (f"serve: WARNING: listening on {host}:{port} with no authentication: anyone who can reach this machine "
-            "can use the model; pass --api-key-file, or keep the default --host 127.0.0.1")
+    return (
+        f"serve: WARNING: listening on {host}:{port} with no authentication: anyone who can reach this machine "
+        "can use the model; pass --api-key-file, or keep the default --host 127.0.0.1"
+    )
 
 
 class _DrainingServer(uvicorn.Server):
@@ -660,9 +867,16 @@ class _DrainingServer(uvicorn.Server):
             self.handle_exit(self.early_stops[0], None)
 
 
-def serve(checkpoint: Path | str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          settings: ServeSettings | None = None, access_log: bool = False,
-          on_listening: Callable[[int], None] | None = None) -> int:
+def serve(
+    checkpoint: Path | str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    settings: ServeSettings | None = None,
+    access_log: bool = False,
+    on_listening: Callable[[int], None] | None = None,
+) -> int:
     """Load ``checkpoint``, listen on host:port and serve until SIGTERM or Ctrl-C, then finish the
     requests in flight and return 0. ``port`` 0 picks a free port (``on_listening`` gets it)."""
     settings = (settings or ServeSettings()).check()
@@ -671,10 +885,14 @@ def serve(checkpoint: Path | str, *, host: str = "127.0.0.1", port: int = 8000, 
     # raises the signal again for the handler it found: this one, so the process returns 0. Set
     # first, so a stop during the model load is kept too. Signals reach only the main thread.
     main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, lambda s, _f: stops.append(s))
-                for sig in ((signal.SIGTERM, signal.SIGINT) if main else ())}
+    previous = {
+        sig: signal.signal(sig, lambda s, _f: stops.append(s))
+        for sig in ((signal.SIGTERM, signal.SIGINT) if main else ())
+    }
     try:
-        sock = _listen(host, port)  # before loading the model: a taken port fails in a second, not after a load
+        sock = _listen(
+            host, port
+        )  # before loading the model: a taken port fails in a second, not after a load
         try:
             classifier = Classifier.load(checkpoint, device=device)
             app = create_app(classifier, settings, checkpoint=checkpoint)
@@ -687,11 +905,18 @@ def serve(checkpoint: Path | str, *, host: str = "127.0.0.1", port: int = 8000, 
             if warning:
                 log.warning(warning)
             ex = classifier.extractor
-            log.info(f"serve: http://{host}:{bound} {ex.backbone.name} head, {classifier.mapping.num_active} classes, "
-                     f"{ex.device} {ex.precision}; batches of up to {settings.max_batch} images within "
-                     f"{settings.max_wait_ms:g} ms, queue {settings.max_queue} images")
-            config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="on",
-                                    timeout_graceful_shutdown=int(math.ceil(settings.timeout_s)) + 5)
+            log.info(
+                f"serve: http://{host}:{bound} {ex.backbone.name} head, {classifier.mapping.num_active} classes, "
+                f"{ex.device} {ex.precision}; batches of up to {settings.max_batch} images within "
+                f"{settings.max_wait_ms:g} ms, queue {settings.max_queue} images"
+            )
+            config = uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=access_log,
+                lifespan="on",
+                timeout_graceful_shutdown=int(math.ceil(settings.timeout_s)) + 5,
+            )
             server = _DrainingServer(config, app.state.samprobe, stops)
             if on_listening:
                 on_listening(bound)
@@ -702,8 +927,10 @@ def serve(checkpoint: Path | str, *, host: str = "127.0.0.1", port: int = 8000, 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started and not stops:
-        raise SamprobeError(f"serve: the server on {host}:{bound} did not start (see the log above)",
-                            fix="rerun with --debug for details")
+        raise SamprobeError(
+            f"serve: the server on {host}:{bound} did not start (see the log above)",
+            fix="rerun with --debug for details",
+        )
     how = f"signal {signal.Signals(stops[0]).name}" if stops else "shutdown"
     log.info(f"serve: stopped ({how}); the requests in flight were answered")
     return 0

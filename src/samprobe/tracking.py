@@ -10,8 +10,10 @@ W&B (``tracking.wandb.mode``) is a mirror and must never stop training:
 - ``offline``: everything is written under ``<run_dir>/wandb/``; sync it later.
 - any wandb error after start disables the mirror with one warning; metrics.jsonl goes on.
 """
+
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -19,8 +21,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from samprobe.config import Config
@@ -111,13 +114,15 @@ class Tracker:
 
     # ---- lifecycle ------------------------------------------------------------------
 
-    def start(self, extra_config: dict[str, Any] | None = None) -> "Tracker":
+    def start(self, extra_config: dict[str, Any] | None = None) -> Tracker:
         if self.requested_mode == "disabled":
             return self
         try:
             import wandb
         except ImportError:
-            log.warning("tracking: wandb is not installed; metrics go to metrics.jsonl only (pip install 'samprobe[wandb]')")
+            log.warning(
+                "tracking: wandb is not installed; metrics go to metrics.jsonl only (pip install 'samprobe[wandb]')"
+            )
             return self
         self._wandb = wandb
         config = {**self.cfg.model_dump(mode="json"), **(extra_config or {})}
@@ -127,13 +132,17 @@ class Tracker:
             self._run = self._init_online(config)
             if self._run is None:
                 self.fallback_seconds = time.perf_counter() - started
-                log.warning(f"tracking: wandb online unavailable ({self.fallback_reason}); "
-                            f"falling back to offline after {self.fallback_seconds:.1f} s, training goes on")
+                log.warning(
+                    f"tracking: wandb online unavailable ({self.fallback_reason}); "
+                    f"falling back to offline after {self.fallback_seconds:.1f} s, training goes on"
+                )
         if self._run is None:
             self._run = self._init("offline", config)
         if self._run is not None and self.mode == "offline":
             self.sync_command = f"wandb sync {self._run.settings.sync_dir}"
-            log.info(f"tracking: wandb offline run in {self._run.settings.sync_dir}; upload later with: {self.sync_command}")
+            log.info(
+                f"tracking: wandb offline run in {self._run.settings.sync_dir}; upload later with: {self.sync_command}"
+            )
         return self
 
     def _init_online(self, config: dict[str, Any]) -> Any:
@@ -150,13 +159,24 @@ class Tracker:
     def _init(self, mode: str, config: dict[str, Any]) -> Any:
         wandb = self._wandb
         try:
-            settings = wandb.Settings(init_timeout=self.cfg.tracking.wandb.init_timeout_s, silent=True, console="off")
-            run = wandb.init(project=self.cfg.tracking.wandb.project, name=self.run_dir.name, dir=str(self.run_dir),
-                             config=config, mode=mode, settings=settings, reinit="finish_previous")
+            settings = wandb.Settings(
+                init_timeout=self.cfg.tracking.wandb.init_timeout_s, silent=True, console="off"
+            )
+            run = wandb.init(
+                project=self.cfg.tracking.wandb.project,
+                name=self.run_dir.name,
+                dir=str(self.run_dir),
+                config=config,
+                mode=mode,
+                settings=settings,
+                reinit="finish_previous",
+            )
         except Exception as exc:  # CommError, UsageError, timeouts: never fatal for training
             self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             if mode == "offline":
-                log.warning(f"tracking: wandb offline init failed ({self.fallback_reason}); metrics.jsonl only")
+                log.warning(
+                    f"tracking: wandb offline init failed ({self.fallback_reason}); metrics.jsonl only"
+                )
             return None
         self.mode = mode
         return run
@@ -169,7 +189,7 @@ class Tracker:
         if self.sync_command:
             log.info(f"tracking: to upload this run to W&B: {self.sync_command}")
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -184,18 +204,22 @@ class Tracker:
         try:
             fn(self._run)
         except Exception as exc:
-            log.warning(f"tracking: wandb call failed ({type(exc).__name__}: {exc}); W&B mirroring stopped, "
-                        f"{self.metrics_file} still has every epoch")
+            log.warning(
+                f"tracking: wandb call failed ({type(exc).__name__}: {exc}); W&B mirroring stopped, "
+                f"{self.metrics_file} still has every epoch"
+            )
             run, self._run = self._run, None
-            try:
+            with contextlib.suppress(Exception):  # already broken; nothing more to do
                 run.finish(exit_code=1)
-            except Exception:  # already broken; nothing more to do
-                pass
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's metrics: metrics.jsonl (flushed now) and wandb history."""
         append_jsonl(self.metrics_file, row)
-        self._safe(lambda run: run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}))
+        self._safe(
+            lambda run: run.log(
+                {k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}
+            )
+        )
 
     def log_config(self, values: dict[str, Any]) -> None:
         self._safe(lambda run: run.config.update(values, allow_val_change=True))
@@ -210,7 +234,9 @@ class Tracker:
         columns = list(rows[0])
 
         def _log(run: Any) -> None:
-            table = self._wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+            table = self._wandb.Table(
+                columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+            )
             run.log({name: table})
 
         self._safe(_log)
@@ -218,4 +244,6 @@ class Tracker:
     def log_images(self, images: dict[str, Path]) -> None:
         present = {k: p for k, p in images.items() if Path(p).is_file()}
         if present:
-            self._safe(lambda run: run.log({k: self._wandb.Image(str(p)) for k, p in present.items()}))
+            self._safe(
+                lambda run: run.log({k: self._wandb.Image(str(p)) for k, p in present.items()})
+            )

@@ -1,5 +1,6 @@
 """For the feature cache / extract tests: a small corpus of real images (folder layout), its
 config, the CLI in a subprocess, and the samprobe log lines of a test."""
+
 from __future__ import annotations
 
 import os
@@ -28,14 +29,16 @@ def make_corpus(root: Path, n_digits: int = 20, crops: int = 4) -> Path:
         h, w = photo.shape[:2]
         for i in range(crops):
             y, x = (h // 5) * (i % 3), (w // 6) * i
-            crop = np.ascontiguousarray(photo[y:y + h // 2, x:x + w // 2])
+            crop = np.ascontiguousarray(photo[y : y + h // 2, x : x + w // 2])
             (images / "photo").mkdir(parents=True, exist_ok=True)
             Image.fromarray(crop).resize((96, 80)).save(images / "photo" / f"{name}_{i}.png")
     digits = load_digits()
     (images / "digit").mkdir(parents=True, exist_ok=True)
     for i in range(n_digits):
         px = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
-        Image.fromarray(px).resize((32, 32), Image.NEAREST).save(images / "digit" / f"d{i:03d}_{digits.target[i]}.png")
+        Image.fromarray(px).resize((32, 32), Image.NEAREST).save(
+            images / "digit" / f"d{i:03d}_{digits.target[i]}.png"
+        )
     return images
 
 
@@ -44,7 +47,12 @@ def write_config(root: Path, images: Path, cache_dir: Path | str = "cache", **fe
         "run_dir": str(root / "run"),
         "device": "cpu",
         "precision": "fp32",
-        "data": {"image_root": str(images), "format": "folder", "val_fraction": 0.2, "test_fraction": 0.2},
+        "data": {
+            "image_root": str(images),
+            "format": "folder",
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+        },
         "backbone": {"name": "efficientnet_lite0", "img_size": 64},
         "features": {"cache_dir": str(cache_dir), "batch_size": 4, "num_workers": 0, **features},
     }
@@ -55,7 +63,14 @@ def write_config(root: Path, images: Path, cache_dir: Path | str = "cache", **fe
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
-    return subprocess.run([PY, "-m", "samprobe", *args], capture_output=True, text=True, env=full_env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [PY, "-m", "samprobe", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 def index_count(fp_dir: Path) -> int:

@@ -1,5 +1,6 @@
 """The digits project most pipeline tests start from: sklearn's real digit scans as PNGs, a
 metadata.csv, and a samprobe.yaml (efficientnet_lite0 at 96 px on the CPU)."""
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,12 @@ import yaml
 from PIL import Image
 
 
-def write_digits(root: Path, per_class: int = 20, classes: tuple[int, ...] = (0, 1, 2, 3),
-                 names: list[str] | None = None) -> Path:
+def write_digits(
+    root: Path,
+    per_class: int = 20,
+    classes: tuple[int, ...] = (0, 1, 2, 3),
+    names: list[str] | None = None,
+) -> Path:
     """sklearn's real digit scans as PNGs + metadata.csv; returns the metadata path."""
     from sklearn.datasets import load_digits
 
@@ -39,7 +44,12 @@ def write_config(path: Path, **sections: dict) -> Path:
         "run_dir": "run",
         "device": "cpu",
         "precision": "fp32",
-        "data": {"metadata": "data/metadata.csv", "image_root": "data/images", "val_fraction": 0.2, "test_fraction": 0.2},
+        "data": {
+            "metadata": "data/metadata.csv",
+            "image_root": "data/images",
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+        },
         "backbone": {"name": "efficientnet_lite0", "img_size": 96},
         "features": {"cache_dir": "cache", "batch_size": 16, "num_workers": 0},
         "train": {"epochs": 40, "lr": 0.003, "patience": 40},

@@ -1,5 +1,6 @@
 """A tiny real-image run for tracking/report/doctor tests: sklearn digits as PNGs +
 efficientnet_lite0 at 64 px."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,10 +28,15 @@ def write_digits_project(root: Path, per_class: int = 10, epochs: int = 4, extra
             file = f"d{i:04d}.png"
             Image.fromarray(grey, mode="L").save(images / file)
             rows.append(f"{file},{name}")
-    (root / "data" / "metadata.csv").write_text("path,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    (root / "data" / "classes.txt").write_text("\n".join([*CLASSES, EMPTY_CLASS]) + "\n", encoding="utf-8")
+    (root / "data" / "metadata.csv").write_text(
+        "path,label\n" + "\n".join(rows) + "\n", encoding="utf-8"
+    )
+    (root / "data" / "classes.txt").write_text(
+        "\n".join([*CLASSES, EMPTY_CLASS]) + "\n", encoding="utf-8"
+    )
     cfg = root / "samprobe.yaml"
-    cfg.write_text(f"""\
+    cfg.write_text(
+        f"""\
 run_dir: run
 device: cpu
 precision: fp32
@@ -50,5 +56,7 @@ features:
 train:
   epochs: {epochs}
   patience: 50
-{extra}""", encoding="utf-8")
+{extra}""",
+        encoding="utf-8",
+    )
     return cfg

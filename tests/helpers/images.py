@@ -1,4 +1,5 @@
 """Helpers for data tests: real photos from skimage, 16-bit PNGs PIL cannot write."""
+
 from __future__ import annotations
 
 import struct
@@ -14,20 +15,35 @@ def png16(arr: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def photos() -> dict[str, np.ndarray]:
     """Real RGB photos shipped with scikit-image, cropped to several aspect ratios (h:w)."""
     from skimage import data
 
-    astronaut, coffee, chelsea, rocket = data.astronaut(), data.coffee(), data.chelsea(), data.rocket()
+    astronaut, coffee, chelsea, rocket = (
+        data.astronaut(),
+        data.coffee(),
+        data.chelsea(),
+        data.rocket(),
+    )
     return {
-        "wide_3to1": astronaut[100:270, :510],    # 170 x 510
-        "tall_2to1": coffee[:400, 150:350],       # 400 x 200
-        "square": chelsea[:300, 100:400],         # 300 x 300
-        "rocket": rocket,                         # 427 x 640
+        "wide_3to1": astronaut[100:270, :510],  # 170 x 510
+        "tall_2to1": coffee[:400, 150:350],  # 400 x 200
+        "square": chelsea[:300, 100:400],  # 300 x 300
+        "rocket": rocket,  # 427 x 640
     }

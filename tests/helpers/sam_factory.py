@@ -3,6 +3,7 @@
 Official SAM initialises ``pos_embed`` and the relative-position tables to zeros; parity tests
 against zeros would not notice a mix-up, so they get small random values here.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -26,25 +27,43 @@ GEOMETRIES = {
 }
 
 
-def build_official_sam(geometry: str = "tiny", img_size: int = 256, window_size: int = 14,
-                       seed: int = 0) -> Sam:
+def build_official_sam(
+    geometry: str = "tiny", img_size: int = 256, window_size: int = 14, seed: int = 0
+) -> Sam:
     embed_dim, depth, heads, global_idx = GEOMETRIES[geometry]
     torch.manual_seed(seed)
     encoder = ImageEncoderViT(
-        depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=4,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
-        qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_idx,
-        window_size=window_size, out_chans=256,
+        depth=depth,
+        embed_dim=embed_dim,
+        img_size=img_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=heads,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=global_idx,
+        window_size=window_size,
+        out_chans=256,
     )
     grid = img_size // 16
     sam = Sam(
         image_encoder=encoder,
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
-                                     input_image_size=(img_size, img_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-                                 transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+        prompt_encoder=PromptEncoder(
+            embed_dim=256,
+            image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
     )
     with torch.no_grad():
         for name, p in sam.image_encoder.named_parameters():
@@ -53,8 +72,9 @@ def build_official_sam(geometry: str = "tiny", img_size: int = 256, window_size:
     return sam.eval()
 
 
-def write_official_checkpoint(path: Path, geometry: str = "tiny", img_size: int = 256,
-                              seed: int = 0) -> Path:
+def write_official_checkpoint(
+    path: Path, geometry: str = "tiny", img_size: int = 256, seed: int = 0
+) -> Path:
     """Save exactly as the official release does: ``torch.save(sam.state_dict())``."""
     sam = build_official_sam(geometry, img_size=img_size, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,16 +95,36 @@ def build_official_sam_hq(geometry: str = "tiny", img_size: int = 256, seed: int
     torch.manual_seed(seed)
     grid = img_size // 16
     sam = HqSam(
-        image_encoder=HqEncoder(depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=4,
-                                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
-                                qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_idx, window_size=14,
-                                out_chans=256),
-        prompt_encoder=HqPrompt(embed_dim=256, image_embedding_size=(grid, grid),
-                                input_image_size=(img_size, img_size), mask_in_chans=16),
-        mask_decoder=MaskDecoderHQ(num_multimask_outputs=3,
-                                   transformer=HqTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-                                   transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256, vit_dim=embed_dim),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+        image_encoder=HqEncoder(
+            depth=depth,
+            embed_dim=embed_dim,
+            img_size=img_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=heads,
+            patch_size=16,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=global_idx,
+            window_size=14,
+            out_chans=256,
+        ),
+        prompt_encoder=HqPrompt(
+            embed_dim=256,
+            image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoderHQ(
+            num_multimask_outputs=3,
+            transformer=HqTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+            vit_dim=embed_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
     )
     with torch.no_grad():
         for name, p in sam.image_encoder.named_parameters():
@@ -93,7 +133,9 @@ def build_official_sam_hq(geometry: str = "tiny", img_size: int = 256, seed: int
     return sam.eval()
 
 
-def write_official_hq_checkpoint(path: Path, geometry: str = "tiny", img_size: int = 256, seed: int = 0) -> Path:
+def write_official_hq_checkpoint(
+    path: Path, geometry: str = "tiny", img_size: int = 256, seed: int = 0
+) -> Path:
     """As the SAM-HQ release: ``torch.save(sam.state_dict())`` of the whole HQ model."""
     sam = build_official_sam_hq(geometry, img_size=img_size, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,10 +146,18 @@ def write_official_hq_checkpoint(path: Path, geometry: str = "tiny", img_size: i
 # TinyViT geometries for mobile_sam.modeling.TinyViT: the release's, and a narrow one for fast tests
 # (the last width must be one of 320/448/576: MobileSAM's rule that keeps the last stage at stride 16).
 TINYVIT = {
-    "tiny_vit_5m": dict(embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
-                        window_sizes=[7, 7, 14, 7]),
-    "tiny": dict(embed_dims=[16, 32, 64, 320], depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 10],
-                 window_sizes=[7, 7, 14, 7]),
+    "tiny_vit_5m": dict(
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+    ),
+    "tiny": dict(
+        embed_dims=[16, 32, 64, 320],
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 1, 2, 10],
+        window_sizes=[7, 7, 14, 7],
+    ),
 }
 
 
@@ -123,15 +173,34 @@ def build_official_mobile_sam(geometry: str = "tiny", img_size: int = 1024, seed
     torch.manual_seed(seed)
     grid = img_size // 16
     sam = MSam(
-        image_encoder=TinyViT(img_size=img_size, in_chans=3, num_classes=1000, mlp_ratio=4.0, drop_rate=0.0,
-                              drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
-                              layer_lr_decay=0.8, **TINYVIT[geometry]),
-        prompt_encoder=MPrompt(embed_dim=256, image_embedding_size=(grid, grid),
-                               input_image_size=(img_size, img_size), mask_in_chans=16),
-        mask_decoder=MDecoder(num_multimask_outputs=3,
-                              transformer=MTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-                              transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+        image_encoder=TinyViT(
+            img_size=img_size,
+            in_chans=3,
+            num_classes=1000,
+            mlp_ratio=4.0,
+            drop_rate=0.0,
+            drop_path_rate=0.0,
+            use_checkpoint=False,
+            mbconv_expand_ratio=4.0,
+            local_conv_size=3,
+            layer_lr_decay=0.8,
+            **TINYVIT[geometry],
+        ),
+        prompt_encoder=MPrompt(
+            embed_dim=256,
+            image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MDecoder(
+            num_multimask_outputs=3,
+            transformer=MTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
     )
     with torch.no_grad():
         for name, t in sam.image_encoder.state_dict().items():
@@ -140,14 +209,17 @@ def build_official_mobile_sam(geometry: str = "tiny", img_size: int = 1024, seed
             elif name.endswith("running_var"):
                 t.copy_(torch.rand_like(t) + 0.5)
     sam.eval()
-    for m in sam.image_encoder.modules():  # eval() caches the biases ('ab') before they were randomised
+    for (
+        m
+    ) in sam.image_encoder.modules():  # eval() caches the biases ('ab') before they were randomised
         if hasattr(m, "ab"):
             m.train(False)
     return sam
 
 
-def write_official_mobile_sam_checkpoint(path: Path, geometry: str = "tiny", img_size: int = 1024,
-                                         seed: int = 0) -> Path:
+def write_official_mobile_sam_checkpoint(
+    path: Path, geometry: str = "tiny", img_size: int = 1024, seed: int = 0
+) -> Path:
     """As the MobileSAM release (mobile_sam.pt): ``torch.save(sam.state_dict())``, flat."""
     sam = build_official_mobile_sam(geometry, img_size=img_size, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)

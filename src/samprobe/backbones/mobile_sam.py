@@ -8,14 +8,16 @@ the stride (MobileSAM's rule: output width 320/448/576 -> stride 1), so the neck
 map at 1024 px, as SAM's. Preprocessing is SAM 1's (longest side, pixel mean/std, zero padding),
 as ``mobile_sam.Sam.preprocess``; pooling covers the valid tokens only.
 """
+
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +38,12 @@ from samprobe.errors import CheckpointError, ConfigError
 from samprobe.io import weights_sha256
 
 # The released MobileSAM encoder (mobile_sam/build_sam.py, build_sam_vit_t).
-OFFICIAL = {"embed_dims": (64, 128, 160, 320), "depths": (2, 2, 6, 2), "num_heads": (2, 4, 5, 10),
-            "window_sizes": (7, 7, 14, 7)}
+OFFICIAL = {
+    "embed_dims": (64, 128, 160, 320),
+    "depths": (2, 2, 6, 2),
+    "num_heads": (2, 4, 5, 10),
+    "window_sizes": (7, 7, 14, 7),
+}
 _PREFIX = "image_encoder."
 _FIX = "use the official MobileSAM checkpoint (mobile_sam.pt, `samprobe weights list`)"
 _KEEP_STRIDE = (320, 448, 576)  # MobileSAM's PatchMerging: these output widths keep the resolution
@@ -60,7 +66,7 @@ class TinyVitGeometry:
 
 
 def encoder_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    return {k[len(_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
 
 
 def infer_tinyvit_geometry(state_dict: Mapping[str, torch.Tensor], where: str) -> TinyVitGeometry:
@@ -68,11 +74,17 @@ def infer_tinyvit_geometry(state_dict: Mapping[str, torch.Tensor], where: str) -
     from each stage's attention-bias table ([heads, window**2] distinct offsets)."""
     sd = encoder_state(state_dict)
     if "patch_embed.seq.2.c.weight" not in sd or "neck.0.weight" not in sd:
-        raise CheckpointError(f"{where} does not hold a MobileSAM TinyViT encoder (no image_encoder.patch_embed.seq "
-                              f"/ image_encoder.neck)", fix=_FIX)
+        raise CheckpointError(
+            f"{where} does not hold a MobileSAM TinyViT encoder (no image_encoder.patch_embed.seq "
+            f"/ image_encoder.neck)",
+            fix=_FIX,
+        )
     n_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^layers\.(\d+)\.", k)))
-    depths = tuple(1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"^layers\.{i}\.blocks\.(\d+)\.", k)))
-                   for i in range(n_layers))
+    depths = tuple(
+        1
+        + max(int(m.group(1)) for k in sd if (m := re.match(rf"^layers\.{i}\.blocks\.(\d+)\.", k)))
+        for i in range(n_layers)
+    )
     dims = [int(sd["patch_embed.seq.2.c.weight"].shape[0])]
     for i in range(n_layers - 1):
         dims.append(int(sd[f"layers.{i}.downsample.conv1.c.weight"].shape[0]))
@@ -82,10 +94,20 @@ def infer_tinyvit_geometry(state_dict: Mapping[str, torch.Tensor], where: str) -
         heads.append(int(bias.shape[0]))
         windows.append(int(round(bias.shape[1] ** 0.5)))
     found = (tuple(dims), depths, tuple(heads[1:]), tuple(windows[1:]))
-    official = (OFFICIAL["embed_dims"], OFFICIAL["depths"], OFFICIAL["num_heads"][1:], OFFICIAL["window_sizes"][1:])
-    return TinyVitGeometry(embed_dims=tuple(dims), depths=depths, num_heads=tuple(heads), window_sizes=tuple(windows),
-                           out_chans=int(sd["neck.0.weight"].shape[0]),
-                           variant="tiny_vit_5m" if found == official else "custom")
+    official = (
+        OFFICIAL["embed_dims"],
+        OFFICIAL["depths"],
+        OFFICIAL["num_heads"][1:],
+        OFFICIAL["window_sizes"][1:],
+    )
+    return TinyVitGeometry(
+        embed_dims=tuple(dims),
+        depths=depths,
+        num_heads=tuple(heads),
+        window_sizes=tuple(windows),
+        out_chans=int(sd["neck.0.weight"].shape[0]),
+        variant="tiny_vit_5m" if found == official else "custom",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,7 +115,9 @@ def infer_tinyvit_geometry(state_dict: Mapping[str, torch.Tensor], where: str) -
 
 
 class Conv2d_BN(nn.Sequential):  # noqa: N801 (official name: state-dict keys ".c" / ".bn")
-    def __init__(self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1) -> None:
+    def __init__(
+        self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1
+    ) -> None:
         super().__init__()
         self.add_module("c", nn.Conv2d(a, b, ks, stride, pad, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(b))
@@ -103,7 +127,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, embed_dim: int) -> None:
         super().__init__()
         half = embed_dim // 2
-        self.seq = nn.Sequential(Conv2d_BN(3, half, 3, 2, 1), nn.GELU(), Conv2d_BN(half, embed_dim, 3, 2, 1))
+        self.seq = nn.Sequential(
+            Conv2d_BN(3, half, 3, 2, 1), nn.GELU(), Conv2d_BN(half, embed_dim, 3, 2, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq(x)
@@ -127,7 +153,9 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.act = nn.GELU()
         self.conv1 = Conv2d_BN(dim, out_dim)
-        self.conv2 = Conv2d_BN(out_dim, out_dim, 3, 1 if out_dim in _KEEP_STRIDE else 2, 1, groups=out_dim)
+        self.conv2 = Conv2d_BN(
+            out_dim, out_dim, 3, 1 if out_dim in _KEEP_STRIDE else 2, 1, groups=out_dim
+        )
         self.conv3 = Conv2d_BN(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +177,11 @@ def bias_index(window: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """long [w*w, w*w]: index of each (query, key) pair's (|dy|, |dx|) offset, numbered in first-seen order."""
     points = list(itertools.product(range(window), range(window)))
     offsets: dict[tuple[int, int], int] = {}
-    idxs = [offsets.setdefault((abs(p[0] - q[0]), abs(p[1] - q[1])), len(offsets)) for p in points for q in points]
+    idxs = [
+        offsets.setdefault((abs(p[0] - q[0]), abs(p[1] - q[1])), len(offsets))
+        for p in points
+        for q in points
+    ]
     return torch.tensor(idxs, device=device).view(len(points), len(points))
 
 
@@ -159,7 +191,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
         self.num_heads, self.key_dim = num_heads, dim // num_heads
-        self.scale = self.key_dim ** -0.5
+        self.scale = self.key_dim**-0.5
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -170,10 +202,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, C]
         B, N, _ = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, N, self.num_heads, -1).split([self.key_dim] * 3, dim=3)
+        q, k, v = (
+            self.qkv(self.norm(x)).view(B, N, self.num_heads, -1).split([self.key_dim] * 3, dim=3)
+        )
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # [heads, N, N]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
-                                             scale=self.scale)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=bias,
+            scale=self.scale,
+        )
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -190,7 +229,7 @@ class TinyViTBlock(nn.Module):
         B, C, H, W = x.shape
         w = self.window
         tokens = x.permute(0, 2, 3, 1)  # [B, H, W, C]
-        if H == w and W == w:
+        if w == H and w == W:
             attn = self.attn(tokens.reshape(B, H * W, C)).view(B, H, W, C)
         else:
             pad_b, pad_r = (w - H % w) % w, (w - W % w) % w
@@ -207,10 +246,14 @@ class TinyViTBlock(nn.Module):
 class Layer(nn.Module):
     """``ConvLayer`` (stage 0, MBConv blocks) or ``BasicLayer`` (TinyViT blocks), then patch merging."""
 
-    def __init__(self, dim: int, depth: int, out_dim: int | None, num_heads: int = 0, window: int = 0) -> None:
+    def __init__(
+        self, dim: int, depth: int, out_dim: int | None, num_heads: int = 0, window: int = 0
+    ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(MBConv(dim) if not num_heads else TinyViTBlock(dim, num_heads, window)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            MBConv(dim) if not num_heads else TinyViTBlock(dim, num_heads, window)
+            for _ in range(depth)
+        )
         self.downsample = PatchMerging(dim, out_dim) if out_dim is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,11 +282,22 @@ class TinyViTEncoder(nn.Module):
         dims, n = g.embed_dims, len(g.embed_dims)
         self.patch_embed = PatchEmbed(dims[0])
         self.layers = nn.ModuleList(
-            Layer(dims[i], g.depths[i], dims[i + 1] if i < n - 1 else None, g.num_heads[i], g.window_sizes[i])
-            for i in range(n))
+            Layer(
+                dims[i],
+                g.depths[i],
+                dims[i + 1] if i < n - 1 else None,
+                g.num_heads[i],
+                g.window_sizes[i],
+            )
+            for i in range(n)
+        )
         c = g.out_chans
-        self.neck = nn.Sequential(nn.Conv2d(dims[-1], c, 1, bias=False), LayerNorm2d(c),
-                                  nn.Conv2d(c, c, 3, padding=1, bias=False), LayerNorm2d(c))
+        self.neck = nn.Sequential(
+            nn.Conv2d(dims[-1], c, 1, bias=False),
+            LayerNorm2d(c),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            LayerNorm2d(c),
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised [B, 3, S, S] -> (last stage [B, C, S/16, S/16], neck [B, 256, S/16, S/16])."""
@@ -264,18 +318,27 @@ class MobileSamBackbone(PooledMapsBackbone):
     decode_longest_side = True
     patch = 16  # the neck's stride
 
-    def __init__(self, encoder: TinyViTEncoder, geometry: TinyVitGeometry, img_size: int,
-                 weights_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        encoder: TinyViTEncoder,
+        geometry: TinyVitGeometry,
+        img_size: int,
+        weights_path: Path | None = None,
+    ) -> None:
         super().__init__()
         if img_size % self.patch:
-            raise ConfigError(f"backbone.img_size {img_size} is not a multiple of 16 (MobileSAM's output stride)",
-                              fix=f"use e.g. {max(16, round(img_size / 16) * 16)} (MobileSAM's own size is 1024)")
+            raise ConfigError(
+                f"backbone.img_size {img_size} is not a multiple of 16 (MobileSAM's output stride)",
+                fix=f"use e.g. {max(16, round(img_size / 16) * 16)} (MobileSAM's own size is 1024)",
+            )
         self.encoder, self.geometry, self.input_size = encoder, geometry, img_size
         self.weights_path = Path(weights_path) if weights_path is not None else None
         self.grid = (img_size // self.patch, img_size // self.patch)
 
     @classmethod
-    def from_checkpoint(cls, path: Path, img_size: int = 1024, variant: str = "auto") -> "MobileSamBackbone":
+    def from_checkpoint(
+        cls, path: Path, img_size: int = 1024, variant: str = "auto"
+    ) -> MobileSamBackbone:
         path = Path(path)
         sd = read_checkpoint(path)
         geometry = infer_tinyvit_geometry(sd, str(path))
@@ -284,11 +347,18 @@ class MobileSamBackbone(PooledMapsBackbone):
             encoder = TinyViTEncoder(geometry)
         enc_sd = encoder_state(sd)
         missing, unexpected = encoder.load_state_dict(enc_sd, strict=False, assign=True)
-        unexpected = [k for k in unexpected if not k.startswith(("norm_head.", "head."))]  # unused classifier
+        unexpected = [
+            k for k in unexpected if not k.startswith(("norm_head.", "head."))
+        ]  # unused classifier
         if missing or unexpected:
-            raise CheckpointError(f"MobileSAM encoder weights do not match their own geometry: missing {missing[:4]}, "
-                                  f"unexpected {unexpected[:4]}", fix=_FIX)
-        for mod in encoder.modules():  # non-persistent buffers are not in the file: build them for real
+            raise CheckpointError(
+                f"MobileSAM encoder weights do not match their own geometry: missing {missing[:4]}, "
+                f"unexpected {unexpected[:4]}",
+                fix=_FIX,
+            )
+        for (
+            mod
+        ) in encoder.modules():  # non-persistent buffers are not in the file: build them for real
             if isinstance(mod, Attention):
                 mod.attention_bias_idxs = bias_index(mod.window)
         return cls(encoder.eval().requires_grad_(False), geometry, img_size, path)
@@ -296,9 +366,15 @@ class MobileSamBackbone(PooledMapsBackbone):
     def features(self) -> dict[str, PooledFeature]:
         g = self.geometry
         return {
-            "neck_avg": PooledFeature("neck", "avg", g.out_chans, doc="the 256-d distilled SAM embedding, averaged"),
-            "neck_max": PooledFeature("neck", "max", g.out_chans, doc="the embedding, max over tokens"),
-            "trunk_avg": PooledFeature("trunk", "avg", g.embed_dims[-1], doc="TinyViT's last stage, averaged"),
+            "neck_avg": PooledFeature(
+                "neck", "avg", g.out_chans, doc="the 256-d distilled SAM embedding, averaged"
+            ),
+            "neck_max": PooledFeature(
+                "neck", "max", g.out_chans, doc="the embedding, max over tokens"
+            ),
+            "trunk_avg": PooledFeature(
+                "trunk", "avg", g.embed_dims[-1], doc="TinyViT's last stage, averaged"
+            ),
         }
 
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -307,8 +383,9 @@ class MobileSamBackbone(PooledMapsBackbone):
     def preparer(self) -> Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]:
         return partial(letterbox, size=self.input_size)
 
-    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str], spatial: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         requests = self.resolve(list(pooling))
         hw_cpu = valid_hw.cpu()
         trunk, neck = self.encoder(sam_normalize_pad(images, hw_cpu))
@@ -323,8 +400,12 @@ class MobileSamBackbone(PooledMapsBackbone):
         return (self.geometry.out_chans, *self.grid)
 
     def identity(self) -> dict[str, Any]:
-        return {"name": "mobile_sam", "variant": self.geometry.variant, "geometry": self.geometry.as_dict(),
-                "weights_sha256": weights_sha256(self.weights_path) if self.weights_path else None}
+        return {
+            "name": "mobile_sam",
+            "variant": self.geometry.variant,
+            "geometry": self.geometry.as_dict(),
+            "weights_sha256": weights_sha256(self.weights_path) if self.weights_path else None,
+        }
 
 
 def build_mobile_sam_family(cfg: BackboneConfig, path: Path, label: str) -> MobileSamBackbone:

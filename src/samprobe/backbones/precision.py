@@ -16,6 +16,7 @@ run, and the context that applies it. One place decides; every stage asks here.
 
 Under ``torchrun`` each process uses the GPU of its ``LOCAL_RANK`` (``cuda:{LOCAL_RANK}``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from typing import ContextManager, Iterator
 
 import torch
 
@@ -52,22 +54,30 @@ def resolve_device(device: str) -> torch.device:
     if device != "cuda":
         return torch.device(device)
     if not torch.cuda.is_available():
-        raise DeviceError("device is cuda but no CUDA GPU is visible", fix="set device: cpu (or auto)")
+        raise DeviceError(
+            "device is cuda but no CUDA GPU is visible", fix="set device: cpu (or auto)"
+        )
     rank = local_rank()
     if rank is None:
-        return torch.device("cuda")  # the current device; no CUDA call here (the fingerprint paths need none)
+        return torch.device(
+            "cuda"
+        )  # the current device; no CUDA call here (the fingerprint paths need none)
     count = torch.cuda.device_count()
     if rank >= count:
-        raise DeviceError(f"LOCAL_RANK {rank} but this node shows only {count} CUDA GPU(s)",
-                          fix=f"start at most {count} processes per node (torchrun --nproc_per_node={count}), "
-                              "or check CUDA_VISIBLE_DEVICES")
+        raise DeviceError(
+            f"LOCAL_RANK {rank} but this node shows only {count} CUDA GPU(s)",
+            fix=f"start at most {count} processes per node (torchrun --nproc_per_node={count}), "
+            "or check CUDA_VISIBLE_DEVICES",
+        )
     torch.cuda.set_device(rank)
     return torch.device("cuda", rank)
 
 
 def is_oom(exc: BaseException) -> bool:
     """CUDA (or any allocator's) out-of-memory, whichever class torch raised it as."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
 
 
 PROBE_FILE = "cpu-precision.json"
@@ -75,7 +85,9 @@ PROBE_FILE = "cpu-precision.json"
 # ViT-B block's qkv projection on 256 tokens, and the heads sweep's all-heads product (a batch of
 # 512 x 1280-d features, 8 heads x 100 classes). About 2 GFLOP per dtype and round.
 PROBE_SHAPES = ((256, 768, 2304), (512, 1280, 800))
-PROBE_ROUNDS = 3  # the first is a warm-up (oneDNN builds its kernels); the best of the others counts
+PROBE_ROUNDS = (
+    3  # the first is a warm-up (oneDNN builds its kernels); the best of the others counts
+)
 BF16_MARGIN = 1.25
 """bf16 is chosen only when it is at least this much faster: it costs fidelity, so a tie (or the
 noise of a shared machine) keeps fp32."""
@@ -96,8 +108,10 @@ class CpuProbe:
         return "bf16" if self.bf16_gflops >= BF16_MARGIN * self.fp32_gflops else "fp32"
 
     def summary(self) -> str:
-        return (f"CPU probe: bf16 {self.bf16_gflops:.0f} GFLOP/s vs fp32 {self.fp32_gflops:.0f} GFLOP/s "
-                f"(one thread) -> {self.precision}" + (" (cached)" if self.cached else ""))
+        return (
+            f"CPU probe: bf16 {self.bf16_gflops:.0f} GFLOP/s vs fp32 {self.fp32_gflops:.0f} GFLOP/s "
+            f"(one thread) -> {self.precision}" + (" (cached)" if self.cached else "")
+        )
 
 
 def cpu_model() -> str:
@@ -117,8 +131,9 @@ def _probe_key() -> tuple[str, str]:
     return cpu_model(), torch.__version__
 
 
-def measure_gemm_gflops(shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES,
-                        rounds: int = PROBE_ROUNDS) -> dict[str, float]:
+def measure_gemm_gflops(
+    shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES, rounds: int = PROBE_ROUNDS
+) -> dict[str, float]:
     """GFLOP/s of ``shapes`` in fp32 and under bf16 autocast (the path extraction and training run,
     casts included) on one thread: bf16 units are per core, so the ratio is the core's, and one
     thread is not stalled by a descheduled partner (two threads on this shared 2-core machine
@@ -134,11 +149,17 @@ def measure_gemm_gflops(shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES,
 
 def _best_gflops(shapes: tuple[tuple[int, int, int], ...], rounds: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
-    pairs = [(torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)) for m, k, n in shapes]
+    pairs = [
+        (torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)) for m, k, n in shapes
+    ]
     best = {name: [float("inf")] * len(shapes) for name in ("fp32", "bf16")}
     for _ in range(max(2, rounds)):
         for name in best:
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
+            ctx = (
+                torch.autocast("cpu", dtype=torch.bfloat16)
+                if name == "bf16"
+                else contextlib.nullcontext()
+            )
             for i, (x, w) in enumerate(pairs):
                 try:
                     with torch.inference_mode(), ctx:
@@ -148,8 +169,10 @@ def _best_gflops(shapes: tuple[tuple[int, int, int], ...], rounds: int) -> dict[
                 except RuntimeError:  # no bf16 kernel on this build / CPU
                     best[name][i] = float("inf")
     flops = sum(2 * m * k * n for m, k, n in shapes)
-    return {name: flops / sum(times) / 1e9 if all(t < float("inf") for t in times) else 0.0
-            for name, times in best.items()}
+    return {
+        name: flops / sum(times) / 1e9 if all(t < float("inf") for t in times) else 0.0
+        for name, times in best.items()
+    }
 
 
 _PROBES: dict[tuple[str, str], CpuProbe] = {}
@@ -172,14 +195,18 @@ def cpu_probe() -> CpuProbe:
     known = known if isinstance(known, dict) else {}
     entry = known.get(name)
     try:
-        probe = CpuProbe(*key, float(entry["fp32_gflops"]), float(entry["bf16_gflops"]), cached=True)
+        probe = CpuProbe(
+            *key, float(entry["fp32_gflops"]), float(entry["bf16_gflops"]), cached=True
+        )
     except (TypeError, KeyError, ValueError):
         speeds = measure_gemm_gflops()
         probe = CpuProbe(*key, round(speeds["fp32"], 1), round(speeds["bf16"], 1))
         if store:
             record = {k: v for k, v in asdict(probe).items() if k != "cached"}
             known[name] = {**record, "precision": probe.precision}
-            with contextlib.suppress(OSError):  # a read-only home only costs the next process a probe
+            with contextlib.suppress(
+                OSError
+            ):  # a read-only home only costs the next process a probe
                 atomic_write_text(store, json.dumps(known, indent=1))
     _PROBES[key] = probe
     return probe
@@ -213,17 +240,21 @@ def cuda_precision(device: torch.device, precision: str) -> str:
         return "bf16" if cuda_has_fast_bf16(device) else "fp16"
     if precision == "bf16" and not cuda_has_fast_bf16(device):
         major, minor = cuda_capability(device)
-        raise ConfigError(f"precision is bf16 but this GPU (compute capability {major}.{minor}) has no bf16 "
-                          "tensor cores: it emulates bf16, slower than fp16",
-                          fix="set precision: fp16 (or auto)")
+        raise ConfigError(
+            f"precision is bf16 but this GPU (compute capability {major}.{minor}) has no bf16 "
+            "tensor cores: it emulates bf16, slower than fp16",
+            fix="set precision: fp16 (or auto)",
+        )
     return precision
 
 
 def cpu_precision(precision: str) -> str:
     """The CPU decision (``auto`` -> bf16 only where the probe measured bf16 matmuls beating fp32's)."""
     if precision == "fp16":
-        raise ConfigError("precision is fp16 but the device is the CPU, which has no fast fp16",
-                          fix="set precision: bf16, fp32 or auto")
+        raise ConfigError(
+            "precision is fp16 but the device is the CPU, which has no fast fp16",
+            fix="set precision: bf16, fp32 or auto",
+        )
     if precision == "auto":
         return "bf16" if cpu_bf16_is_fast() else "fp32"
     return precision  # bf16 asked explicitly: runs everywhere, even where the probe finds it slower than fp32
@@ -233,7 +264,9 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     """``auto|fp32|bf16|fp16`` on ``device`` -> the concrete precision to run (one of ``RESOLVED``)."""
     device = torch.device(device)
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is unknown", fix=f"choose from {', '.join(PRECISIONS)}")
+        raise ConfigError(
+            f"precision {precision!r} is unknown", fix=f"choose from {', '.join(PRECISIONS)}"
+        )
     if device.type == "cuda":
         return cuda_precision(device, precision)
     if device.type == "cpu":
@@ -247,7 +280,9 @@ def runnable_precision(device: torch.device, stored: str) -> str:
     on ``device``: the same when it runs there, else the closest that does (tf32 -> fp32 off
     CUDA; fp16 -> fp32 on the CPU, more exact than fp16 and faster than its emulation there)."""
     device = torch.device(device)
-    if device.type == "cuda":  # each runs here (bf16 emulated before 8.0: slower, the same features)
+    if (
+        device.type == "cuda"
+    ):  # each runs here (bf16 emulated before 8.0: slower, the same features)
         return "fp32" if stored == "tf32" and not tf32_allowed() else stored
     return "fp32" if stored in ("tf32", "fp16") else stored
 
@@ -268,15 +303,21 @@ def _cuda_matmul_precision(tf32: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def autocast_context(device: torch.device, precision: str) -> ContextManager[object]:
+def autocast_context(device: torch.device, precision: str) -> AbstractContextManager[object]:
     """``torch.autocast`` for the (resolved) precision; fp32/tf32 run without autocast, on CUDA
     with TF32 matmuls on (tf32) or off (fp32). ``auto`` is resolved here first."""
     device = torch.device(device)
     resolved = resolve_precision(device, precision) if precision == "auto" else precision
     if resolved not in RESOLVED:
-        raise ConfigError(f"precision {precision!r} is unknown", fix=f"choose from {', '.join(PRECISIONS)}")
+        raise ConfigError(
+            f"precision {precision!r} is unknown", fix=f"choose from {', '.join(PRECISIONS)}"
+        )
     if resolved in ("fp32", "tf32"):
-        return _cuda_matmul_precision(resolved == "tf32") if device.type == "cuda" else contextlib.nullcontext()
+        return (
+            _cuda_matmul_precision(resolved == "tf32")
+            if device.type == "cuda"
+            else contextlib.nullcontext()
+        )
     return torch.autocast(device_type=device.type, dtype=_DTYPES[resolved])
 
 

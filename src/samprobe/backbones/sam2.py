@@ -13,13 +13,15 @@ image), so inputs can differ from the official ones by the uint8 rounding, at mo
 normalisation; the encoder itself is exact (tests/test_sam2.py). The whole map is valid: every
 token is pooled.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +42,9 @@ from samprobe.io import weights_sha256
 # (embed_dim, blocks per stage) -> (variant, heads of stage 1, global-attention blocks, window per stage):
 # the four official configs, configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml (identical trunks in SAM 2).
 # Heads, global blocks and windows leave no trace in tensor shapes, so they come from this table.
-KNOWN_HIERA: dict[tuple[int, tuple[int, ...]], tuple[str, int, tuple[int, ...], tuple[int, ...]]] = {
+KNOWN_HIERA: dict[
+    tuple[int, tuple[int, ...]], tuple[str, int, tuple[int, ...], tuple[int, ...]]
+] = {
     (96, (1, 2, 7, 2)): ("hiera_t", 1, (5, 7, 9), (8, 4, 14, 7)),
     (96, (1, 2, 11, 2)): ("hiera_s", 1, (7, 10, 13), (8, 4, 14, 7)),
     (112, (2, 3, 16, 3)): ("hiera_b+", 2, (12, 16, 20), (8, 4, 14, 7)),
@@ -72,7 +76,7 @@ class HieraGeometry:
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
-        return tuple(self.embed_dim * 2 ** i for i in range(len(self.stages)))
+        return tuple(self.embed_dim * 2**i for i in range(len(self.stages)))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -89,8 +93,10 @@ def infer_hiera_geometry(state_dict: Mapping[str, torch.Tensor], where: str) -> 
     """Geometry from tensor SHAPES (works on meta tensors): embed width, blocks per stage, pos-embed sizes."""
     trunk = trunk_state(state_dict)
     if "patch_embed.proj.weight" not in trunk or "pos_embed" not in trunk:
-        raise CheckpointError(f"{where} has image_encoder.trunk keys but no Hiera patch embedding / pos_embed",
-                              fix=_FIX)
+        raise CheckpointError(
+            f"{where} has image_encoder.trunk keys but no Hiera patch embedding / pos_embed",
+            fix=_FIX,
+        )
     embed_dim = int(trunk["patch_embed.proj.weight"].shape[0])
     depth = 1 + max(int(m.group(1)) for k in trunk if (m := _BLOCK.match(k)))
     # A stage starts where the width doubles: that block has a projection (blocks.i.proj).
@@ -98,17 +104,31 @@ def infer_hiera_geometry(state_dict: Mapping[str, torch.Tensor], where: str) -> 
     stages = tuple(b - a for a, b in zip(starts, starts[1:] + [depth]))
     known = KNOWN_HIERA.get((embed_dim, stages))
     if known is None:
-        names = ", ".join(f"{v[0]} (embed {e}, stages {list(s)})" for (e, s), v in KNOWN_HIERA.items())
-        raise CheckpointError(f"{where} holds a Hiera trunk of embed {embed_dim}, stages {list(stages)}, "
-                              f"which is none of the official SAM 2 encoders ({names})", fix=_FIX)
+        names = ", ".join(
+            f"{v[0]} (embed {e}, stages {list(s)})" for (e, s), v in KNOWN_HIERA.items()
+        )
+        raise CheckpointError(
+            f"{where} holds a Hiera trunk of embed {embed_dim}, stages {list(stages)}, "
+            f"which is none of the official SAM 2 encoders ({names})",
+            fix=_FIX,
+        )
     conv0 = f"{_NECK}convs.0.conv.weight"
     if conv0 not in state_dict or f"{_NECK}convs.1.conv.weight" not in state_dict:
-        raise CheckpointError(f"{where} has a Hiera trunk but no FPN neck ({_NECK}convs.*)", fix=_FIX)
+        raise CheckpointError(
+            f"{where} has a Hiera trunk but no FPN neck ({_NECK}convs.*)", fix=_FIX
+        )
     variant, heads, global_blocks, windows = known
     pos = trunk["pos_embed"].shape  # [1, C, h, w]
-    return HieraGeometry(embed_dim=embed_dim, num_heads=heads, stages=stages, global_att_blocks=global_blocks,
-                         window_spec=windows, global_pos_size=(int(pos[2]), int(pos[3])),
-                         d_model=int(state_dict[conv0].shape[0]), variant=variant)
+    return HieraGeometry(
+        embed_dim=embed_dim,
+        num_heads=heads,
+        stages=stages,
+        global_att_blocks=global_blocks,
+        window_spec=windows,
+        global_pos_size=(int(pos[2]), int(pos[3])),
+        d_model=int(state_dict[conv0].shape[0]),
+        variant=variant,
+    )
 
 
 class Sam2Neck(nn.Module):
@@ -117,8 +137,7 @@ class Sam2Neck(nn.Module):
 
     def __init__(self, stage_dims: tuple[int, ...], d_model: int) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Sequential() for _ in range(2))
+        self.convs = nn.ModuleList(nn.Sequential() for _ in range(2))
         self.convs[0].add_module("conv", nn.Conv2d(stage_dims[-1], d_model, 1, device="meta"))
         self.convs[1].add_module("conv", nn.Conv2d(stage_dims[-2], d_model, 1, device="meta"))
 
@@ -129,23 +148,39 @@ class Sam2Neck(nn.Module):
         return self.convs[1](stage3) + top_down
 
 
-def build_encoder(geometry: HieraGeometry, state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+def build_encoder(
+    geometry: HieraGeometry, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[nn.Module, nn.Module]:
     """(timm HieraDet trunk, Sam2Neck) of ``geometry`` with the file's weights."""
     from timm.models.hieradet_sam2 import HieraDet
 
-    trunk = HieraDet(embed_dim=geometry.embed_dim, num_heads=geometry.num_heads, stages=geometry.stages,
-                     global_att_blocks=geometry.global_att_blocks, window_spec=geometry.window_spec,
-                     global_pos_size=geometry.global_pos_size, num_classes=0, weight_init="skip",
-                     fix_init=False, device="meta")
+    trunk = HieraDet(
+        embed_dim=geometry.embed_dim,
+        num_heads=geometry.num_heads,
+        stages=geometry.stages,
+        global_att_blocks=geometry.global_att_blocks,
+        window_spec=geometry.window_spec,
+        global_pos_size=geometry.global_pos_size,
+        num_classes=0,
+        weight_init="skip",
+        fix_init=False,
+        device="meta",
+    )
     trunk.head = nn.Identity()  # classifier head (and its norm): not part of SAM 2, never run
     missing, unexpected = trunk.load_state_dict(trunk_state(state_dict), strict=False, assign=True)
     neck = Sam2Neck(geometry.stage_dims, geometry.d_model)
-    neck_sd = {k[len(_NECK):]: v for k, v in state_dict.items() if k.startswith(_NECK + "convs.0.")
-               or k.startswith(_NECK + "convs.1.")}
+    neck_sd = {
+        k[len(_NECK) :]: v
+        for k, v in state_dict.items()
+        if k.startswith(_NECK + "convs.0.") or k.startswith(_NECK + "convs.1.")
+    }
     neck_missing, _ = neck.load_state_dict(neck_sd, strict=False, assign=True)
     if missing or unexpected or neck_missing:
-        raise CheckpointError(f"SAM 2 encoder weights do not match their own geometry: missing "
-                              f"{(missing + neck_missing)[:4]}, unexpected {unexpected[:4]}", fix=_FIX)
+        raise CheckpointError(
+            f"SAM 2 encoder weights do not match their own geometry: missing "
+            f"{(missing + neck_missing)[:4]}, unexpected {unexpected[:4]}",
+            fix=_FIX,
+        )
     return trunk.eval().requires_grad_(False), neck.eval().requires_grad_(False)
 
 
@@ -165,21 +200,33 @@ class Sam2Backbone(PooledMapsBackbone):
     default_pooling = ("neck_avg",)
     preprocess_version = "1"
 
-    def __init__(self, trunk: nn.Module, neck: nn.Module, geometry: HieraGeometry, img_size: int,
-                 weights_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        trunk: nn.Module,
+        neck: nn.Module,
+        geometry: HieraGeometry,
+        img_size: int,
+        weights_path: Path | None = None,
+    ) -> None:
         super().__init__()
         if img_size % 32:
-            raise ConfigError(f"backbone.img_size {img_size} is not a multiple of 32 (the Hiera trunk's stride)",
-                              fix=f"use e.g. {max(32, round(img_size / 32) * 32)} (SAM 2's own size is 1024)")
+            raise ConfigError(
+                f"backbone.img_size {img_size} is not a multiple of 32 (the Hiera trunk's stride)",
+                fix=f"use e.g. {max(32, round(img_size / 32) * 32)} (SAM 2's own size is 1024)",
+            )
         self.trunk, self.neck, self.geometry = trunk, neck, geometry
         self.input_size = img_size
         self.weights_path = Path(weights_path) if weights_path is not None else None
-        self.stage_ends = tuple(sum(geometry.stages[:i + 1]) - 1 for i in range(len(geometry.stages)))
+        self.stage_ends = tuple(
+            sum(geometry.stages[: i + 1]) - 1 for i in range(len(geometry.stages))
+        )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_checkpoint(cls, path: Path, img_size: int = 1024, variant: str = "auto") -> "Sam2Backbone":
+    def from_checkpoint(
+        cls, path: Path, img_size: int = 1024, variant: str = "auto"
+    ) -> Sam2Backbone:
         path = Path(path)
         sd = read_checkpoint(path)
         geometry = infer_hiera_geometry(sd, str(path))
@@ -189,11 +236,22 @@ class Sam2Backbone(PooledMapsBackbone):
     def features(self) -> dict[str, PooledFeature]:
         g = self.geometry
         return {
-            "neck_avg": PooledFeature("neck", "avg", g.d_model, doc="vision_features (the 256-d SAM 2 embedding, "
-                                                                   "stride 16), averaged"),
-            "neck_max": PooledFeature("neck", "max", g.d_model, doc="vision_features, max over tokens"),
-            "trunk_avg": PooledFeature("stage", "avg", g.stage_dims[-1], layer_widths=g.stage_dims,
-                                       doc="the trunk's last stage, averaged; trunk_avg@3,4: stages 3 and 4"),
+            "neck_avg": PooledFeature(
+                "neck",
+                "avg",
+                g.d_model,
+                doc="vision_features (the 256-d SAM 2 embedding, stride 16), averaged",
+            ),
+            "neck_max": PooledFeature(
+                "neck", "max", g.d_model, doc="vision_features, max over tokens"
+            ),
+            "trunk_avg": PooledFeature(
+                "stage",
+                "avg",
+                g.stage_dims[-1],
+                layer_widths=g.stage_dims,
+                doc="the trunk's last stage, averaged; trunk_avg@3,4: stages 3 and 4",
+            ),
         }
 
     # -- worker side (CPU only) --------------------------------------------------------
@@ -221,7 +279,7 @@ class Sam2Backbone(PooledMapsBackbone):
         t = self.trunk
         x = t._pos_embed(t.patch_embed(x))  # [B, H/4, W/4, C]
         maps = {}
-        for i, blk in enumerate(t.blocks[:last + 1]):
+        for i, blk in enumerate(t.blocks[: last + 1]):
             x = blk(x)
             if i in self.stage_ends:
                 maps[f"stage@{self.stage_ends.index(i) + 1}"] = x.permute(0, 3, 1, 2)
@@ -231,14 +289,20 @@ class Sam2Backbone(PooledMapsBackbone):
             maps["neck"] = self.neck(maps[f"stage@{n - 1}"], maps[f"stage@{n}"])
         return maps
 
-    def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                spatial: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str], spatial: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         requests = self.resolve(list(pooling))
-        sources = {s for r in requests for s in r.sources} | ({"neck"} if spatial is not None else set())
+        sources = {s for r in requests for s in r.sources} | (
+            {"neck"} if spatial is not None else set()
+        )
         maps = self.forward_maps(self.preprocess(images), sources)
         # Square resize: every token is image, none is padding.
-        feats = pool_maps(requests, maps, lambda m: torch.ones(m.shape[0], *m.shape[2:], dtype=torch.bool,
-                                                               device=m.device))
+        feats = pool_maps(
+            requests,
+            maps,
+            lambda m: torch.ones(m.shape[0], *m.shape[2:], dtype=torch.bool, device=m.device),
+        )
         if spatial is None:
             return feats, None
         neck = maps["neck"]

@@ -19,6 +19,7 @@ mask: a handful of calls per block. The frozen relative-position tables are gath
 block, size, dtype and device (``SamAttention._tables``): no index tensors copied host to
 device in every forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,15 @@ def choose_attention(device: torch.device) -> str:
     return "chunked" if torch.device(device).type == "cpu" else "sdpa"
 
 
-def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                      rel_w: torch.Tensor, hw: tuple[int, int], scale: float) -> torch.Tensor:
+def _folded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    hw: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
     """Small windows: fold the bias into one matmul, [q*scale, rel_h, rel_w] . [k, onehot(kh), onehot(kw)].
 
     Adding [.., Wk=14] slices by broadcasting is slow (tiny inner dim); a matmul with
@@ -52,7 +60,9 @@ def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: 
     tok = torch.arange(N, device=q.device)
     onehot_h = F.one_hot(tok // W, H).to(q.dtype)  # [N, Hk]: key row of each key token
     onehot_w = F.one_hot(tok % W, W).to(q.dtype)  # [N, Wk]: key column
-    qa = torch.cat([q * scale, rel_h.reshape(G, N, H), rel_w.reshape(G, N, W)], dim=-1)  # [G, N, hd+Hk+Wk]
+    qa = torch.cat(
+        [q * scale, rel_h.reshape(G, N, H), rel_w.reshape(G, N, W)], dim=-1
+    )  # [G, N, hd+Hk+Wk]
     ka = torch.cat([k, onehot_h.expand(G, N, H), onehot_w.expand(G, N, W)], dim=-1)
     out = torch.empty_like(q)
     groups = max(1, _CHUNK_ELEMS // (N * N))
@@ -63,8 +73,15 @@ def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: 
     return out
 
 
-def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                       rel_w: torch.Tensor, hw: tuple[int, int], scale: float) -> torch.Tensor:
+def _chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    hw: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
     """Large grids: scores for a few query rows of one head at a time, on top of the chunk's bias.
 
     Folding would triple K here (64 + 64 + 64) for no saving, and a dense bias is [N, N] per head.
@@ -87,16 +104,26 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h:
             # bias[g, (h, w), (kh, kw)] = rel_h[g, h, w, kh] + rel_w[g, h, w, kw]: [g, r, W, Hk, Wk]
             # (out= keeps the chunk contiguous: a plain broadcast add may pick a permuted layout.)
             a = q.new_empty(g1 - g0, (r1 - r0) * W, N)  # [g, r*W, N]
-            torch.add(rel_h[g0:g1, r0:r1, :, :, None], rel_w[g0:g1, r0:r1, :, None, :],
-                      out=a.view(g1 - g0, r1 - r0, W, H, W))
-            a.baddbmm_(qs[g0:g1, r0 * W:r1 * W], kt[g0:g1])
+            torch.add(
+                rel_h[g0:g1, r0:r1, :, :, None],
+                rel_w[g0:g1, r0:r1, :, None, :],
+                out=a.view(g1 - g0, r1 - r0, W, H, W),
+            )
+            a.baddbmm_(qs[g0:g1, r0 * W : r1 * W], kt[g0:g1])
             # Written in place (the slice is contiguous): saves one copy per chunk.
-            torch.matmul(a.softmax(-1), v[g0:g1], out=out[g0:g1, r0 * W:r1 * W])
+            torch.matmul(a.softmax(-1), v[g0:g1], out=out[g0:g1, r0 * W : r1 * W])
     return out
 
 
-def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                    rel_w: torch.Tensor, hw: tuple[int, int], scale: float) -> torch.Tensor:
+def _sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    hw: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
     """The bias as an additive mask [g, N, N] for groups of slices, one fused SDPA call per group.
 
     The mask rows are allocated 8 elements wide-aligned (N=196 -> 200) and viewed back to N:
@@ -112,22 +139,34 @@ def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: to
     for g0 in range(0, G, groups):
         g1 = min(G, g0 + groups)
         mask = q.new_empty(g1 - g0, N, padded)[..., :N]  # [g, N, N], rows 16-byte aligned
-        torch.add(rel_h[g0:g1, :, :, :, None], rel_w[g0:g1, :, :, None, :], out=mask.view(g1 - g0, H, W, H, W))
-        out[g0:g1] = F.scaled_dot_product_attention(q[None, g0:g1], k[None, g0:g1], v[None, g0:g1],
-                                                    attn_mask=mask[None], scale=scale)[0]
+        torch.add(
+            rel_h[g0:g1, :, :, :, None],
+            rel_w[g0:g1, :, :, None, :],
+            out=mask.view(g1 - g0, H, W, H, W),
+        )
+        out[g0:g1] = F.scaled_dot_product_attention(
+            q[None, g0:g1], k[None, g0:g1], v[None, g0:g1], attn_mask=mask[None], scale=scale
+        )[0]
     return out
 
 
-def rel_pos_tables(rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int],
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rel_pos_tables(
+    rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's [2S-1, hd] tables -> per-offset embeddings (Rh [H, Hk, hd], Rw [W, Wk, hd]) in ``dtype``."""
     H, W = hw
     return get_rel_pos(H, H, rel_pos_h).to(dtype), get_rel_pos(W, W, rel_pos_w).to(dtype)
 
 
-def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      tables: tuple[torch.Tensor, torch.Tensor],
-                      hw: tuple[int, int], scale: float, impl: str | None = None) -> torch.Tensor:
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    hw: tuple[int, int],
+    scale: float,
+    impl: str | None = None,
+) -> torch.Tensor:
     """softmax(q k^T * scale + B_rel) v with SAM's decomposed relative-position bias.
 
     q, k, v: [G, N, hd] (G = batch * heads, N = H * W tokens); tables: ``rel_pos_tables`` ->
@@ -145,7 +184,7 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _sdpa_attention(q, k, v, rel_h, rel_w, hw, scale)
     if impl != "chunked":
         raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
-    attend = _folded_attention if H + W <= hd else _chunked_attention
+    attend = _folded_attention if hd >= H + W else _chunked_attention
     return attend(q, k, v, rel_h, rel_w, hw, scale)
 
 
@@ -160,8 +199,15 @@ class SamAttention(Attention):
         """``rel_pos_tables`` for this block, gathered once per (size, dtype, device) and reused:
         the encoder is frozen. Keyed by the tables' version too, so an in-place weight load is seen."""
         device = self.rel_pos_h.device
-        key = (hw, dtype, device, self.rel_pos_h._version, self.rel_pos_w._version,
-               self.rel_pos_h.data_ptr(), self.rel_pos_w.data_ptr())
+        key = (
+            hw,
+            dtype,
+            device,
+            self.rel_pos_h._version,
+            self.rel_pos_w._version,
+            self.rel_pos_h.data_ptr(),
+            self.rel_pos_w.data_ptr(),
+        )
         cache = self.__dict__.setdefault("_rel_tables", {})
         if key not in cache:
             cache.clear()
@@ -172,8 +218,11 @@ class SamAttention(Attention):
     def _attend(self, qkv: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """qkv [3, G, N, hd] head-major (G = batch * heads) -> [G, N, hd], outside autocast."""
         q, k, v = qkv.unbind(0)
-        tables = self._tables(hw, q.dtype) if not torch.is_grad_enabled() else \
-            rel_pos_tables(self.rel_pos_h, self.rel_pos_w, hw, q.dtype)  # training the encoder: no cache
+        tables = (
+            self._tables(hw, q.dtype)
+            if not torch.is_grad_enabled()
+            else rel_pos_tables(self.rel_pos_h, self.rel_pos_w, hw, q.dtype)
+        )  # training the encoder: no cache
         return rel_pos_attention(q, k, v, tables, hw, self.scale, self.impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +234,9 @@ class SamAttention(Attention):
         with torch.autocast(device_type=x.device.type, enabled=False):
             # One copy to head-major layout: strided q/k/v make every chunk's matmul slower.
             # (.contiguous(), not reshape: with B = 1 reshape can merge B and h as a strided view.)
-            qkv = qkv.view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous()  # [3, B, h, N, hd]
+            qkv = (
+                qkv.view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous()
+            )  # [3, B, h, N, hd]
             o = self._attend(qkv.view(3, B * self.num_heads, N, -1), (H, W))  # [B*h, N, hd]
             o = o.view(B, self.num_heads, N, -1).transpose(1, 2).reshape(B, N, -1)  # [B, N, C]
         return self.proj(o).view(B, H, W, -1)
@@ -206,13 +257,17 @@ class SamAttention(Attention):
             if (Hp, Wp) != (H, W):
                 padded = qkv.new_empty(B, Hp, Wp, 3 * C)
                 padded[:, :H, :W] = qkv
-                pad_value = (self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * C)).to(qkv.dtype)
+                pad_value = (
+                    self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * C)
+                ).to(qkv.dtype)
                 padded[:, H:] = pad_value
                 padded[:, :H, W:] = pad_value
                 qkv = padded
             # [B, nh, ws, nw, ws, 3, h, hd] -> [3, B, nh, nw, h, ws, ws, hd]: one copy, head-major windows
             qkv = qkv.view(B, nh, ws, nw, ws, 3, h, -1).permute(5, 0, 1, 3, 6, 2, 4, 7).contiguous()
-            o = self._attend(qkv.view(3, B * nh * nw * h, ws * ws, -1), (ws, ws))  # [B*nW*h, ws*ws, hd]
+            o = self._attend(
+                qkv.view(3, B * nh * nw * h, ws * ws, -1), (ws, ws)
+            )  # [B*nW*h, ws*ws, hd]
             # [B, nh, nw, h, ws, ws, hd] -> [B, nh, ws, nw, ws, h, hd] -> [B, Hp, Wp, C], crop the padding
             o = o.view(B, nh, nw, h, ws, ws, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
             # Contiguous 2-D rows for proj: a strided 4-D input turns F.linear into a bmm that
@@ -235,7 +290,9 @@ class SamBlock(Block):
         if self.window_size == 0:
             return super().forward(x)
         B, H, W, C = x.shape
-        x = x + self.drop_path1(self.ls1(self.attn.forward_windows(self.norm1(x), self.window_size)))
+        x = x + self.drop_path1(
+            self.ls1(self.attn.forward_windows(self.norm1(x), self.window_size))
+        )
         x = x.reshape(B, H * W, C)  # MLP is faster for N, L, C tensor
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x.reshape(B, H, W, C)

@@ -11,11 +11,12 @@ geometry, in each family's own module):
 - SAM 1: flat ``image_encoder.*`` (or a timm ``samvit_*`` encoder state dict).
 Only ``torch.load(weights_only=True)`` ever reads a file (``sam_weights.read_checkpoint``).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -29,8 +30,13 @@ log = logging.getLogger("samprobe")
 FAMILY_NAMES = {"sam1": "SAM 1", "sam_hq": "SAM-HQ", "sam2": "SAM 2", "mobile_sam": "MobileSAM"}
 """family -> how messages name it."""
 
-_HQ_DECODER = ("mask_decoder.hf_token.", "mask_decoder.hf_mlp.", "mask_decoder.compress_vit_feat.",
-               "mask_decoder.embedding_encoder.", "mask_decoder.embedding_maskfeature.")
+_HQ_DECODER = (
+    "mask_decoder.hf_token.",
+    "mask_decoder.hf_mlp.",
+    "mask_decoder.compress_vit_feat.",
+    "mask_decoder.embedding_encoder.",
+    "mask_decoder.embedding_maskfeature.",
+)
 
 
 def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -38,7 +44,9 @@ def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str:
     keys = list(state_dict)
     if any(k.startswith("image_encoder.trunk.") for k in keys):
         return "sam2"
-    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:  # TinyViT (also SAM-HQ's light vit_tiny)
+    if (
+        "image_encoder.patch_embed.seq.0.c.weight" in state_dict
+    ):  # TinyViT (also SAM-HQ's light vit_tiny)
         return "mobile_sam"
     if any(k.startswith(_HQ_DECODER) for k in keys):
         return "sam_hq"
@@ -58,14 +66,20 @@ def _builders() -> dict[str, Callable[[BackboneConfig, Path, str], Backbone]]:
     from samprobe.backbones.sam import build_sam_family
     from samprobe.backbones.sam2 import build_sam2_family
 
-    return {"sam1": build_sam_family, "sam_hq": build_sam_family, "sam2": build_sam2_family,
-            "mobile_sam": build_mobile_sam_family}
+    return {
+        "sam1": build_sam_family,
+        "sam_hq": build_sam_family,
+        "sam2": build_sam2_family,
+        "mobile_sam": build_mobile_sam_family,
+    }
 
 
 def _checkpoint(cfg: BackboneConfig) -> Path:
     if cfg.checkpoint is None:
-        raise ConfigError("backbone.checkpoint is not set: the SAM backbone needs encoder weights",
-                          fix=DOWNLOAD_FIX)
+        raise ConfigError(
+            "backbone.checkpoint is not set: the SAM backbone needs encoder weights",
+            fix=DOWNLOAD_FIX,
+        )
     return Path(cfg.checkpoint)
 
 
@@ -76,9 +90,11 @@ def build_detected(cfg: BackboneConfig, expected: str | None = None) -> Backbone
     family = detect_family(sd)
     label = family_label(family, sd)
     if expected is not None and family != expected and {family, expected} != {"sam1", "sam_hq"}:
-        raise ConfigError(f"backbone.name is {expected} but {path} is a {label} checkpoint",
-                          fix=f"set backbone.name: sam (detects the family), or point backbone.checkpoint at "
-                              f"{FAMILY_NAMES[expected]} weights")
+        raise ConfigError(
+            f"backbone.name is {expected} but {path} is a {label} checkpoint",
+            fix=f"set backbone.name: sam (detects the family), or point backbone.checkpoint at "
+            f"{FAMILY_NAMES[expected]} weights",
+        )
     backbone = _builders()[family](cfg, path, label)
     log.info(f"backbone: {path} is a {backbone.found}")
     return backbone

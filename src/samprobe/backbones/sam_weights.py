@@ -8,14 +8,16 @@ Accepted inputs, all normalised to timm ``VisionTransformerSAM`` key names:
 
 Geometry comes from tensor shapes only, so detection is cheap and works on meta tensors.
 """
+
 from __future__ import annotations
 
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,10 @@ KNOWN_VARIANTS: dict[tuple[int, int], tuple[str, tuple[int, ...], int]] = {
     (1024, 24): ("vit_l", (5, 11, 17, 23), 16),
     (1280, 32): ("vit_h", (7, 15, 23, 31), 16),
 }
-DOWNLOAD_FIX = ("download it with `samprobe weights download sam_vit_b --dir weights` "
-                "and set backbone.checkpoint to the file it prints")
+DOWNLOAD_FIX = (
+    "download it with `samprobe weights download sam_vit_b --dir weights` "
+    "and set backbone.checkpoint to the file it prints"
+)
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -68,9 +72,15 @@ def _read_cause(exc: BaseException) -> str:
     """Turn a torch.load failure into a cause a user can act on."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
-        return ("it holds Python objects besides tensors, which weights_only=True refuses to "
-                f"unpickle because doing so could run code ({text})")
-    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "zip archive" in str(exc) or "EOF" in str(exc):
+        return (
+            "it holds Python objects besides tensors, which weights_only=True refuses to "
+            f"unpickle because doing so could run code ({text})"
+        )
+    if (
+        isinstance(exc, (EOFError, zipfile.BadZipFile))
+        or "zip archive" in str(exc)
+        or "EOF" in str(exc)
+    ):
         return f"the file is truncated or corrupt ({text})"
     if isinstance(exc, pickle.UnpicklingError):
         return f"it is not a PyTorch checkpoint ({text})"
@@ -86,18 +96,24 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
+
             obj: Any = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-            raise CheckpointError(f"cannot read SAM checkpoint {path}: not a valid safetensors file ({exc})",
-                                  fix="re-download the file; check its size against the source") from None
+            raise CheckpointError(
+                f"cannot read SAM checkpoint {path}: not a valid safetensors file ({exc})",
+                fix="re-download the file; check its size against the source",
+            ) from None
     else:
         with open(path, "rb") as f:
             head = f.read(4)
         # torch.save writes a zip (PK..); the legacy format starts with a pickle PROTO opcode.
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-            raise CheckpointError(f"cannot read SAM checkpoint {path}: it is not a PyTorch checkpoint "
-                                  f"(starts with {head!r}, expected a torch.save zip or pickle)",
-                                  fix="point backbone.checkpoint at the .pth weights file, not an image or text file")
+            raise CheckpointError(
+                f"cannot read SAM checkpoint {path}: it is not a PyTorch checkpoint "
+                f"(starts with {head!r}, expected a torch.save zip or pickle)",
+                fix="point backbone.checkpoint at the .pth weights file, not an image or text file",
+            )
+
         def load(mmap: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
@@ -107,11 +123,15 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             try:
                 obj = load(mmap=head.startswith(b"PK\x03\x04"))
             except RuntimeError:
-                obj = load(mmap=False)  # a filesystem that cannot map files; a bad file fails again below
+                obj = load(
+                    mmap=False
+                )  # a filesystem that cannot map files; a bad file fails again below
         except Exception as exc:  # torch raises several types for bad files; all mean the same here
-            raise CheckpointError(f"cannot read SAM checkpoint {path}: {_read_cause(exc)}",
-                                  fix="use an official SAM .pth (or a timm samvit_* .pth/.safetensors); "
-                                      "re-download it if it is truncated") from None
+            raise CheckpointError(
+                f"cannot read SAM checkpoint {path}: {_read_cause(exc)}",
+                fix="use an official SAM .pth (or a timm samvit_* .pth/.safetensors); "
+                "re-download it if it is truncated",
+            ) from None
     return unwrap_state_dict(obj, path)
 
 
@@ -122,9 +142,15 @@ def unwrap_state_dict(obj: Any, path: Path | str = "<state dict>") -> dict[str, 
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors ({type(obj).__name__})",
-                              fix="point backbone.checkpoint at an official SAM .pth or a timm samvit_* file")
+    if (
+        not isinstance(obj, Mapping)
+        or not obj
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
+        raise CheckpointError(
+            f"{path} is not a state dict of tensors ({type(obj).__name__})",
+            fix="point backbone.checkpoint at an official SAM .pth or a timm samvit_* file",
+        )
     return dict(obj)
 
 
@@ -136,11 +162,15 @@ def to_timm_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     """Any accepted layout -> timm ``VisionTransformerSAM`` names, encoder tensors only."""
     if any(k.startswith("image_encoder.") for k in state_dict):
         # Official full SAM: keep the encoder, drop prompt encoder / mask decoder / pixel stats.
-        state_dict = {k[len("image_encoder."):]: v for k, v in state_dict.items() if k.startswith("image_encoder.")}
+        state_dict = {
+            k[len("image_encoder.") :]: v
+            for k, v in state_dict.items()
+            if k.startswith("image_encoder.")
+        }
     out = {}
     for k, v in state_dict.items():
         if k.startswith("module."):  # DataParallel wrappers
-            k = k[len("module."):]
+            k = k[len("module.") :]
         if k.startswith("head."):  # timm classifier head: not part of the SAM encoder
             continue
         out[k.replace("mlp.lin", "mlp.fc")] = v
@@ -150,12 +180,16 @@ def to_timm_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 def _require(sd: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
     if key not in sd:
         seen = ", ".join(list(sd)[:5])
-        raise CheckpointError(f"{where} does not hold a SAM image encoder: no {key!r} (keys start: {seen})",
-                              fix="use an official SAM checkpoint (sam_vit_b/l/h) or a timm samvit_* state dict")
+        raise CheckpointError(
+            f"{where} does not hold a SAM image encoder: no {key!r} (keys start: {seen})",
+            fix="use an official SAM checkpoint (sam_vit_b/l/h) or a timm samvit_* state dict",
+        )
     return sd[key]
 
 
-def infer_geometry(state_dict: Mapping[str, torch.Tensor], where: str = "the state dict") -> SamGeometry:
+def infer_geometry(
+    state_dict: Mapping[str, torch.Tensor], where: str = "the state dict"
+) -> SamGeometry:
     """Encoder geometry from tensor SHAPES only (works on meta tensors; no forward)."""
     sd = to_timm_keys(state_dict)
     patch_w = _require(sd, "patch_embed.proj.weight", where)  # [embed, 3, p, p]
@@ -166,7 +200,9 @@ def infer_geometry(state_dict: Mapping[str, torch.Tensor], where: str = "the sta
         _require(sd, "blocks.0.attn.qkv.weight", where)
     grid = (int(pos.shape[1]), int(pos.shape[2]))
     # rel_pos tables are [2*S-1, head_dim]: S is the grid for global blocks, the window otherwise.
-    lengths = [int(_require(sd, f"blocks.{i}.attn.rel_pos_h", where).shape[0]) for i in range(depth)]
+    lengths = [
+        int(_require(sd, f"blocks.{i}.attn.rel_pos_h", where).shape[0]) for i in range(depth)
+    ]
     head_dim = int(sd["blocks.0.attn.rel_pos_h"].shape[1])
     global_len = 2 * grid[0] - 1
     known = KNOWN_VARIANTS.get((embed_dim, depth))
@@ -183,21 +219,38 @@ def infer_geometry(state_dict: Mapping[str, torch.Tensor], where: str = "the sta
     out_chans = int(_require(sd, "neck.0.weight", where).shape[0])
     mlp_ratio = int(_require(sd, "blocks.0.mlp.fc1.weight", where).shape[0]) / embed_dim
     # A known name only when everything matches the official model, else "custom".
-    official = known is not None and (global_idx, embed_dim // head_dim, patch_size, window, out_chans,
-                                      mlp_ratio) == (known[1], known[2], 16, 14, 256, 4.0)
+    official = known is not None and (
+        global_idx,
+        embed_dim // head_dim,
+        patch_size,
+        window,
+        out_chans,
+        mlp_ratio,
+    ) == (known[1], known[2], 16, 14, 256, 4.0)
     variant = known[0] if official else "custom"
-    return SamGeometry(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // head_dim,
-                       global_attn_indexes=global_idx, window_size=window, patch_size=patch_size,
-                       pos_embed_grid=grid, out_chans=out_chans, mlp_ratio=mlp_ratio, variant=variant)
+    return SamGeometry(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=embed_dim // head_dim,
+        global_attn_indexes=global_idx,
+        window_size=window,
+        patch_size=patch_size,
+        pos_embed_grid=grid,
+        out_chans=out_chans,
+        mlp_ratio=mlp_ratio,
+        variant=variant,
+    )
 
 
 def check_variant(requested: str, geometry: SamGeometry, where: str) -> None:
     """A config that names a variant must get that variant: say both when it does not."""
     if requested in ("auto", None) or requested == geometry.variant:
         return
-    raise ConfigError(f"backbone.variant is {requested} but {where} holds a {geometry.describe()}",
-                      fix=f"set backbone.variant: {geometry.variant} (or auto), or point backbone.checkpoint "
-                          f"at {requested} weights")
+    raise ConfigError(
+        f"backbone.variant is {requested} but {where} holds a {geometry.describe()}",
+        fix=f"set backbone.variant: {geometry.variant} (or auto), or point backbone.checkpoint "
+        f"at {requested} weights",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +265,9 @@ def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
     return out[0].t().to(rel_pos.dtype).contiguous()
 
 
-def adapt_to_grid(sd: dict[str, torch.Tensor], geometry: SamGeometry, grid: int) -> dict[str, torch.Tensor]:
+def adapt_to_grid(
+    sd: dict[str, torch.Tensor], geometry: SamGeometry, grid: int
+) -> dict[str, torch.Tensor]:
     """Resize pos_embed (timm's bicubic resample) and the global blocks' rel_pos tables for a new grid.
 
     Doing it once here gives the same numbers timm computes on every forward at another size.

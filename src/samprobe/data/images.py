@@ -5,6 +5,7 @@ SAM path, which reads with cv2, does); 16-bit reduced to its high byte; palette 
 converted by PIL. Large JPEGs are decoded at reduced scale (``draft``) when the image will be
 shrunk by 2x or more anyway, which keeps the decode cheap without changing the output size.
 """
+
 from __future__ import annotations
 
 import io
@@ -58,8 +59,9 @@ def open_image(source: Path | bytes, max_pixels: int | None = None) -> Image.Ima
     return img
 
 
-def decode_rgb(source: Path | bytes, target_longest: int | None = None,
-               max_pixels: int | None = None) -> np.ndarray:
+def decode_rgb(
+    source: Path | bytes, target_longest: int | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode to HxWx3 uint8 RGB with EXIF orientation applied.
 
     ``target_longest``: the longest side the caller will resize to; lets JPEG decode at a
@@ -95,7 +97,9 @@ def letterbox(image: np.ndarray, size: int) -> tuple[torch.Tensor, tuple[int, in
     resized = resize_longest_side(image, size)  # [h', w', 3]
     h, w = resized.shape[:2]
     out = np.zeros((3, size, size), dtype=np.uint8)
-    out[:, :h, :w] = resized.transpose(2, 0, 1)  # numpy's strided copy: ~40x faster than torch's permute copy here
+    out[:, :h, :w] = resized.transpose(
+        2, 0, 1
+    )  # numpy's strided copy: ~40x faster than torch's permute copy here
     return torch.from_numpy(out), (h, w)
 
 
@@ -111,8 +115,10 @@ def _sam_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's pixel mean and std [1, 3, 1, 1] on ``device``, made once: building them from lists
     for every batch was a host-to-device copy (and a wait for the GPU) per batch."""
     if device not in _MEAN_STD:
-        _MEAN_STD[device] = (torch.tensor(SAM_PIXEL_MEAN, device=device).view(1, 3, 1, 1),
-                             torch.tensor(SAM_PIXEL_STD, device=device).view(1, 3, 1, 1))
+        _MEAN_STD[device] = (
+            torch.tensor(SAM_PIXEL_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(SAM_PIXEL_STD, device=device).view(1, 3, 1, 1),
+        )
     return _MEAN_STD[device]
 
 

@@ -6,14 +6,15 @@ cannot use ("Cannot re-initialize CUDA in forked subprocess"), so workers come f
 ``forkserver`` instead (``worker_context``). Under torchrun the cores are shared by the ranks
 of a node (``default_num_workers``).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,29 +28,42 @@ Preparer = Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]
 
 @dataclass(frozen=True)
 class LoadItem:
-    key: str            # expected sha256 of the bytes ("" = do not check)
+    key: str  # expected sha256 of the bytes ("" = do not check)
     file: str
-    tag: int            # caller's index, returned untouched
+    tag: int  # caller's index, returned untouched
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor        # uint8 [B, 3, S, S]
-    valid_hw: torch.Tensor      # int64 [B, 2]
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    valid_hw: torch.Tensor  # int64 [B, 2]
     tags: list[int]
-    keys: list[str]             # sha256 of the bytes actually decoded
-    failures: list[tuple[int, str]]  # (tag, "kind: detail") for items that could not be loaded (failure_kind)
+    keys: list[str]  # sha256 of the bytes actually decoded
+    failures: list[
+        tuple[int, str]
+    ]  # (tag, "kind: detail") for items that could not be loaded (failure_kind)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """The batch in page-locked memory: the DataLoader's pin thread calls this (``pin_memory=True``),
         so that ``.to(device, non_blocking=True)`` really overlaps. Without it the loader passes a
         dataclass through unpinned and every copy waits."""
-        return Batch(self.images.pin_memory(), self.valid_hw.pin_memory(), self.tags, self.keys, self.failures)
+        return Batch(
+            self.images.pin_memory(),
+            self.valid_hw.pin_memory(),
+            self.tags,
+            self.keys,
+            self.failures,
+        )
 
 
 class ImageDataset(Dataset):
-    def __init__(self, items: list[LoadItem], prepare: Preparer, target_longest: int | None,
-                 max_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        items: list[LoadItem],
+        prepare: Preparer,
+        target_longest: int | None,
+        max_pixels: int | None = None,
+    ) -> None:
         self.items = items
         self.prepare = prepare
         self.target_longest = target_longest
@@ -58,7 +72,9 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]:
+    def __getitem__(
+        self, i: int
+    ) -> tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]:
         """(tag, sha256, uint8 [3, S, S] or None, (h', w') or None, failure "kind: detail" or "")."""
         item = self.items[i]
         try:
@@ -75,30 +91,45 @@ class ImageDataset(Dataset):
         digest = sha256_bytes(data)
         if item.key and digest != item.key:
             # Still an image, but labels/splits/cache key were decided on other bytes.
-            return item.tag, digest, None, None, "changed: file changed since validate (sha256 differs); run validate again"
+            return (
+                item.tag,
+                digest,
+                None,
+                None,
+                "changed: file changed since validate (sha256 differs); run validate again",
+            )
         return item.tag, digest, tensor, hw, ""
 
 
 def failure_kind(reason: str) -> tuple[str, str]:
     """Split a loader failure into (kind, detail); kinds: missing | unreadable | changed."""
     kind, _, detail = reason.partition(": ")
-    return (kind, detail) if kind in ("missing", "unreadable", "changed") else ("unreadable", reason)
+    return (
+        (kind, detail) if kind in ("missing", "unreadable", "changed") else ("unreadable", reason)
+    )
 
 
-def collate(samples: list[tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]]) -> Batch:
+def collate(
+    samples: list[tuple[int, str, torch.Tensor | None, tuple[int, int] | None, str]],
+) -> Batch:
     ok = [s for s in samples if s[2] is not None]
     failures = [(s[0], s[4]) for s in samples if s[2] is None]
     if ok:
         images = torch.stack([s[2] for s in ok])  # type: ignore[misc]
         hw = torch.tensor([s[3] for s in ok], dtype=torch.int64)
     else:
-        images, hw = torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.int64)
+        images, hw = (
+            torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+            torch.empty(0, 2, dtype=torch.int64),
+        )
     return Batch(images, hw, [s[0] for s in ok], [s[1] for s in ok], failures)
 
 
 def available_cores() -> int:
     """CPU cores this process may use (respects taskset/cgroup affinity, unlike cpu_count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
 
 
 def default_num_workers() -> int:
@@ -137,9 +168,15 @@ def worker_context(num_workers: int) -> mp.context.BaseContext | None:
     return None
 
 
-def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_workers: int | None = None,
-                target_longest: int | None = None, max_pixels: int | None = None,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    items: list[LoadItem],
+    prepare: Preparer,
+    batch_size: int,
+    num_workers: int | None = None,
+    target_longest: int | None = None,
+    max_pixels: int | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
     """Batches of uint8 images in item order. ``num_workers=None``: one per available core."""
     if num_workers is None:
         num_workers = default_num_workers()
@@ -150,9 +187,11 @@ def make_loader(items: list[LoadItem], prepare: Preparer, batch_size: int, num_w
         try:
             pickle.dumps(prepare)
         except Exception as exc:  # otherwise it fails later, inside the first worker, cryptically
-            raise TypeError(f"{ctx.get_start_method()} workers need a picklable preparer "
-                            "(a module-level function or functools.partial), "
-                            f"got {prepare!r}: {exc}") from None
+            raise TypeError(
+                f"{ctx.get_start_method()} workers need a picklable preparer "
+                "(a module-level function or functools.partial), "
+                f"got {prepare!r}: {exc}"
+            ) from None
     return DataLoader(
         ImageDataset(items, prepare, target_longest, max_pixels),
         batch_size=batch_size,

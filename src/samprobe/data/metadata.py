@@ -4,6 +4,7 @@ Each input row ends as exactly one of: an ok ``Record``, or a ``Problem`` of one
 (``PROBLEM_KINDS``). Nothing is dropped silently: problems go to ``bad_rows.csv`` and are
 counted in ``data_report.json``.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -13,11 +14,11 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-
+from typing import Any
 
 from samprobe.config import DataConfig
 from samprobe.data.images import open_image
@@ -26,15 +27,15 @@ from samprobe.io import atomic_open, atomic_write_text, sha256_bytes
 from samprobe.logs import count_of
 
 PROBLEM_KINDS = (
-    "bad_path",        # empty / NaN path
-    "outside_root",    # resolved path (through .. or a symlink) leaves the image root
-    "missing",         # file does not exist
-    "unreadable",      # zero bytes, truncated, not an image, over the pixel limit
-    "unknown_label",   # empty label, or not in the taxonomy
-    "bad_split",       # split column value not train/val/test
-    "duplicate",       # same image bytes listed again with the same label
+    "bad_path",  # empty / NaN path
+    "outside_root",  # resolved path (through .. or a symlink) leaves the image root
+    "missing",  # file does not exist
+    "unreadable",  # zero bytes, truncated, not an image, over the pixel limit
+    "unknown_label",  # empty label, or not in the taxonomy
+    "bad_split",  # split column value not train/val/test
+    "duplicate",  # same image bytes listed again with the same label
     "label_conflict",  # same image bytes under two different labels
-    "malformed",       # the row itself could not be parsed
+    "malformed",  # the row itself could not be parsed
 )
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -42,10 +43,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass(frozen=True)
 class Record:
-    row: int          # 1-based data row in the metadata (folder layout: enumeration order)
-    path: str         # as written in the metadata
-    file: str         # resolved absolute path
-    label: str        # class name in the taxonomy
+    row: int  # 1-based data row in the metadata (folder layout: enumeration order)
+    path: str  # as written in the metadata
+    file: str  # resolved absolute path
+    label: str  # class name in the taxonomy
     split: str | None
     sha256: str
 
@@ -85,21 +86,31 @@ def detect_format(cfg: DataConfig) -> str:
         return "folder"
     suffix = Path(cfg.metadata).suffix.lower()
     # .json: a JSON array of rows or JSON lines, both read by the jsonl reader
-    return {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-            ".parquet": "parquet"}.get(suffix, "csv")
+    return {
+        ".csv": "csv",
+        ".tsv": "csv",
+        ".jsonl": "jsonl",
+        ".ndjson": "jsonl",
+        ".json": "jsonl",
+        ".parquet": "parquet",
+    }.get(suffix, "csv")
 
 
 def check_data_source(cfg: DataConfig) -> None:
     """ConfigError unless the config says where the data is: a metadata table, or an image folder."""
     fmt = detect_format(cfg)
     if cfg.metadata is None and cfg.image_root is None:
-        raise ConfigError("neither data.metadata nor data.image_root is set: samprobe does not know where the images are",
-                          fix="set data.metadata (a csv/jsonl/parquet table) and data.image_root (the folder its paths are "
-                              "relative to), or data.image_root alone for image_root/<class>/<image> folders")
+        raise ConfigError(
+            "neither data.metadata nor data.image_root is set: samprobe does not know where the images are",
+            fix="set data.metadata (a csv/jsonl/parquet table) and data.image_root (the folder its paths are "
+            "relative to), or data.image_root alone for image_root/<class>/<image> folders",
+        )
     if fmt != "folder" and cfg.metadata is None:
-        raise ConfigError(f"data.format is {fmt} but data.metadata is not set",
-                          fix=f"set data.metadata to the {fmt} file, or data.format: folder (or auto) to read "
-                              "data.image_root/<class>/<image>")
+        raise ConfigError(
+            f"data.format is {fmt} but data.metadata is not set",
+            fix=f"set data.metadata to the {fmt} file, or data.format: folder (or auto) to read "
+            "data.image_root/<class>/<image>",
+        )
 
 
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
@@ -127,9 +138,11 @@ def decode_text(raw: bytes, what: str) -> tuple[str, str]:
     elif b"\x00" in raw:
         guess = _utf16_without_bom(raw)
         if guess is None:
-            raise DataError(f"{what} holds binary data (NUL bytes), not a text table",
-                            fix="point it at the csv / jsonl text file (or set data.format: parquet for a parquet file); "
-                                "re-export the table as CSV (UTF-8) if it came from a spreadsheet")
+            raise DataError(
+                f"{what} holds binary data (NUL bytes), not a text table",
+                fix="point it at the csv / jsonl text file (or set data.format: parquet for a parquet file); "
+                "re-export the table as CSV (UTF-8) if it came from a spreadsheet",
+            )
         encodings.append(guess)
     encodings += ["utf-8-sig", "cp1252"]
     for enc in encodings:
@@ -147,7 +160,10 @@ DELIMITERS = (",", ";", "\t", "|")
 def sniff_delimiter(header: str, wanted: list[str], preferred: str = ",") -> str:
     """The delimiter that splits the header line into the wanted column names (European Excel writes
     ';', spreadsheets export tabs), else the one giving most columns, else ``preferred``."""
-    splits = {d: [f.strip() for f in next(csv.reader([header], delimiter=d), [])] for d in (preferred, *DELIMITERS)}
+    splits = {
+        d: [f.strip() for f in next(csv.reader([header], delimiter=d), [])]
+        for d in (preferred, *DELIMITERS)
+    }
     for d, fields in splits.items():
         if all(w in fields for w in wanted):
             return d
@@ -167,8 +183,10 @@ def _csv_rows(text: str, path: Path, cfg: DataConfig) -> list[dict[str, Any] | N
             rows.append(None if any(str(v).strip() for v in row.get(None) or ()) else row)
         return rows
     except csv.Error as exc:
-        raise DataError(f"data.metadata {path} is not a readable CSV table (line {reader.line_num}: {exc})",
-                        fix="re-export it as CSV, or set data.format to its real format (jsonl, parquet)") from None
+        raise DataError(
+            f"data.metadata {path} is not a readable CSV table (line {reader.line_num}: {exc})",
+            fix="re-export it as CSV, or set data.format to its real format (jsonl, parquet)",
+        ) from None
 
 
 def _json_row(obj: Any) -> dict[str, Any] | None:
@@ -210,21 +228,31 @@ def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any] | None], str]:
         return _folder_rows(cfg), "n/a"
     path = Path(cfg.metadata)  # type: ignore[arg-type]
     if not path.is_file():
-        raise DataError(f"data.metadata file {path} does not exist", fix="fix data.metadata in the config (relative paths are from the config's folder)")
+        raise DataError(
+            f"data.metadata file {path} does not exist",
+            fix="fix data.metadata in the config (relative paths are from the config's folder)",
+        )
     if fmt == "parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ConfigError("reading parquet metadata needs pyarrow", fix="pip install 'samprobe[parquet]'") from None
+            raise ConfigError(
+                "reading parquet metadata needs pyarrow", fix="pip install 'samprobe[parquet]'"
+            ) from None
         try:
             return pq.read_table(path).to_pylist(), "parquet"
         except Exception as exc:  # ArrowInvalid and friends: not a usable parquet file
-            raise DataError(f"data.metadata {path} is not a readable parquet file ({str(exc).splitlines()[0][:200]})",
-                            fix="re-export the file, or set data.format to its real format") from None
+            raise DataError(
+                f"data.metadata {path} is not a readable parquet file ({str(exc).splitlines()[0][:200]})",
+                fix="re-export the file, or set data.format to its real format",
+            ) from None
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"data.metadata {path} cannot be read ({exc.strerror or exc})", fix="fix the file's permissions") from None
+        raise DataError(
+            f"data.metadata {path} cannot be read ({exc.strerror or exc})",
+            fix="fix the file's permissions",
+        ) from None
     text, encoding = decode_text(raw, f"data.metadata {path}")
     return (_jsonl_rows(text) if fmt == "jsonl" else _csv_rows(text, path, cfg)), encoding
 
@@ -243,12 +271,17 @@ def folder_classes(root: Path) -> list[Path]:
 def _folder_rows(cfg: DataConfig) -> list[dict[str, Any] | None]:
     root = cfg.image_root
     if root is None or not Path(root).is_dir():
-        raise DataError(f"data.image_root {root} is not a folder", fix="set data.image_root to a folder of <class>/<image> files, or set data.metadata")
+        raise DataError(
+            f"data.image_root {root} is not a folder",
+            fix="set data.image_root to a folder of <class>/<image> files, or set data.metadata",
+        )
     rows: list[dict[str, Any] | None] = []
     for class_dir in folder_classes(Path(root)):
         for f in sorted(class_dir.rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, Path(root)):
-                rows.append({cfg.path_column: str(f.relative_to(root)), cfg.label_column: class_dir.name})
+                rows.append(
+                    {cfg.path_column: str(f.relative_to(root)), cfg.label_column: class_dir.name}
+                )
     return rows
 
 
@@ -261,7 +294,9 @@ def folder_ignored_files(root: Path) -> dict[str, list[str]]:
         if p.name.startswith("."):
             out["hidden"].append(rel + ("/" if p.is_dir() else ""))
         elif p.is_file():
-            out["top_level_images" if p.suffix.lower() in IMAGE_SUFFIXES else "not_images"].append(rel)
+            out["top_level_images" if p.suffix.lower() in IMAGE_SUFFIXES else "not_images"].append(
+                rel
+            )
     for class_dir in folder_classes(root):
         for f in sorted(class_dir.rglob("*")):
             if f.is_file():
@@ -279,21 +314,37 @@ def folder_ignored_files(root: Path) -> dict[str, list[str]]:
 def read_classes_file(path: Path) -> list[str]:
     """One class name per line; blank lines and lines starting with '#' (comments) are skipped."""
     if not path.is_file():
-        raise DataError(f"data.classes_file {path} does not exist", fix="fix data.classes_file, or set it to null to use the labels seen")
+        raise DataError(
+            f"data.classes_file {path} does not exist",
+            fix="fix data.classes_file, or set it to null to use the labels seen",
+        )
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"data.classes_file {path} cannot be read ({exc.strerror or exc})", fix="fix the file's permissions") from None
+        raise DataError(
+            f"data.classes_file {path} cannot be read ({exc.strerror or exc})",
+            fix="fix the file's permissions",
+        ) from None
     text = decode_text(raw, f"data.classes_file {path}")[0]
-    names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    names = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     dupes = [n for n, c in Counter(names).items() if c > 1]
     if dupes:
-        raise DataError(f"data.classes_file {path} lists {dupes[0]!r} twice", fix="keep each class name once")
+        raise DataError(
+            f"data.classes_file {path} lists {dupes[0]!r} twice", fix="keep each class name once"
+        )
     return names
 
 
 def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or str(value).strip() == ""
+    )
 
 
 def _label_text(value: Any) -> str:
@@ -302,7 +353,9 @@ def _label_text(value: Any) -> str:
     return str(value).strip()
 
 
-_INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+_INTEGER = re.compile(
+    r"-?[0-9]{1,18}"
+)  # ASCII digits only: str.isdigit() takes '²', which int() refuses
 
 
 def _as_int(text: str) -> int | None:
@@ -323,7 +376,7 @@ def _as_index(text: str, taxonomy: list[str]) -> str | None:
 
 
 def decide_label_type(labels: list[str], taxonomy: list[str], requested: str = "auto") -> str:
-    """"name" or "index": one rule for every row of the file (never decided row by row, where a
+    """ "name" or "index": one rule for every row of the file (never decided row by row, where a
     numeric class name and an index of the same text would mean two classes). Auto reads names
     unless only indices fit; DataError when both readings fit differently or each fits only some rows."""
     if requested != "auto":
@@ -332,7 +385,9 @@ def decide_label_type(labels: list[str], taxonomy: list[str], requested: str = "
     uniq = sorted(set(labels))
     as_name = {t for t in uniq if t in names}
     as_index = {t for t in uniq if _as_index(t, taxonomy) is not None}
-    differ = sorted(t for t in as_name & as_index if _as_index(t, taxonomy) != t)  # two classes for one text
+    differ = sorted(
+        t for t in as_name & as_index if _as_index(t, taxonomy) != t
+    )  # two classes for one text
     if len(as_name) == len(uniq) and (len(as_index) < len(uniq) or not differ):
         return "name"
     if len(as_index) == len(uniq) and len(as_name) < len(uniq) and not differ:
@@ -342,14 +397,18 @@ def decide_label_type(labels: list[str], taxonomy: list[str], requested: str = "
         return "index" if index_only else "name"  # the rows that fit neither are unknown_label
     example = (differ or index_only)[0]
     by_name = f"class {example!r}" if example in names else "no class"
-    raise DataError(f"data.label_column values read one way as class names ({len(as_name)} of {len(uniq)} values fit) "
-                    f"and another as 0-based indices into data.classes_file ({len(as_index)} fit): e.g. {example!r} is "
-                    f"{by_name} by name but class {_as_index(example, taxonomy)!r} by index",
-                    fix="set data.label_type: name (labels are class names) or index (0-based line numbers of "
-                        "data.classes_file); rows that do not fit the rule are reported as unknown_label")
+    raise DataError(
+        f"data.label_column values read one way as class names ({len(as_name)} of {len(uniq)} values fit) "
+        f"and another as 0-based indices into data.classes_file ({len(as_index)} fit): e.g. {example!r} is "
+        f"{by_name} by name but class {_as_index(example, taxonomy)!r} by index",
+        fix="set data.label_type: name (labels are class names) or index (0-based line numbers of "
+        "data.classes_file); rows that do not fit the rule are reported as unknown_label",
+    )
 
 
-def resolve_label(text: str, taxonomy: list[str], index: dict[str, int], label_type: str = "name") -> str | None:
+def resolve_label(
+    text: str, taxonomy: list[str], index: dict[str, int], label_type: str = "name"
+) -> str | None:
     if label_type == "index":
         return _as_index(text, taxonomy)  # 0-based line of the classes file
     return text if text in index else None
@@ -377,8 +436,10 @@ def image_path(root: Path, path_text: str) -> Path:
 
 def _windows_path_hint(path_text: str) -> str:
     if _WINDOWS_DRIVE.match(path_text):
-        return (" (a Windows absolute path: write paths relative to data.image_root, e.g. "
-                f"{path_text[3:].replace(chr(92), '/')!r})")
+        return (
+            " (a Windows absolute path: write paths relative to data.image_root, e.g. "
+            f"{path_text[3:].replace(chr(92), '/')!r})"
+        )
     return ""
 
 
@@ -394,7 +455,9 @@ def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
     try:
         img = open_image(data, max_pixels)
         if img.format == "JPEG":
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # cheap full-file check
+            img.draft(
+                "RGB", (max(1, img.width // 8), max(1, img.height // 8))
+            )  # cheap full-file check
         img.load()
     except ValueError as exc:
         return None, str(exc)
@@ -415,13 +478,22 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     rows, encoding = read_rows(cfg)
     root = Path(cfg.image_root) if cfg.image_root else Path(cfg.metadata).parent  # type: ignore[arg-type]
     real_root = root.resolve()
-    labels_text = [_label_text(r.get(cfg.label_column)) for r in rows if r is not None and not _is_blank(r.get(cfg.label_column))]
+    labels_text = [
+        _label_text(r.get(cfg.label_column))
+        for r in rows
+        if r is not None and not _is_blank(r.get(cfg.label_column))
+    ]
     first = next((r for r in rows if r is not None), None)
-    for key, column in (("label_column", cfg.label_column), ("path_column", cfg.path_column),
-                        ("split_column", cfg.split_column)):
+    for key, column in (
+        ("label_column", cfg.label_column),
+        ("path_column", cfg.path_column),
+        ("split_column", cfg.split_column),
+    ):
         if first is not None and column is not None and column not in first:
-            raise DataError(f"data.{key} {column!r} is not a column of {cfg.metadata}",
-                            fix=f"set data.{key} to one of: {', '.join(map(str, first))}")
+            raise DataError(
+                f"data.{key} {column!r} is not a column of {cfg.metadata}",
+                fix=f"set data.{key} to one of: {', '.join(map(str, first))}",
+            )
     if cfg.classes_file:
         taxonomy = read_classes_file(Path(cfg.classes_file))
     elif detect_format(cfg) == "folder":  # every class folder, the empty ones too
@@ -430,14 +502,19 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         taxonomy = build_taxonomy(labels_text)
     index = {name: i for i, name in enumerate(taxonomy)}
     if cfg.label_type == "index" and not cfg.classes_file:
-        raise ConfigError("data.label_type is index but data.classes_file is not set: indices need the class list",
-                          fix="set data.classes_file (one class name per line, line 0 = index 0), or data.label_type: name")
+        raise ConfigError(
+            "data.label_type is index but data.classes_file is not set: indices need the class list",
+            fix="set data.classes_file (one class name per line, line 0 = index 0), or data.label_type: name",
+        )
     # Without a classes file the taxonomy is the labels seen: they are names by construction.
-    label_type = decide_label_type(labels_text, taxonomy, cfg.label_type) if cfg.classes_file else "name"
+    label_type = (
+        decide_label_type(labels_text, taxonomy, cfg.label_type) if cfg.classes_file else "name"
+    )
 
     problems: list[Problem] = []
     # Cheap checks first (no file reads); rows that pass them get their file read in a pool.
-    pending: list[tuple[int, str, str, Path, str, str | None]] = []  # row, path, label_s, file, label, split
+    # row, path, label_s, file, label, split
+    pending: list[tuple[int, str, str, Path, str, str | None]] = []
     for i, row in enumerate(rows, start=1):
         if row is None:
             problems.append(Problem(i, "", "", "malformed", "row could not be parsed"))
@@ -446,8 +523,10 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         path_s = "" if _is_blank(raw_path) else str(raw_path).strip()
         label_s = "" if _is_blank(raw_label) else _label_text(raw_label)
 
-        def bad(kind: str, detail: str) -> None:
-            problems.append(Problem(i, path_s, label_s, kind, detail))
+        def bad(
+            kind: str, detail: str, row: int = i, path: str = path_s, label: str = label_s
+        ) -> None:
+            problems.append(Problem(row, path, label, kind, detail))
 
         if not path_s:
             bad("bad_path", "empty path")
@@ -457,7 +536,11 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
             resolved = candidate.resolve()
             outside = not resolved.is_relative_to(real_root)
             is_file = not outside and resolved.is_file()
-        except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, name too long, a NUL character
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+        ) as exc:  # symlink loop, name too long, a NUL character
             bad("bad_path", f"{type(exc).__name__}: {exc}")
             continue
         if outside:
@@ -468,9 +551,14 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
             continue
         label = resolve_label(label_s, taxonomy, index, label_type) if label_s else None
         if label is None:
-            bad("unknown_label", "empty label" if not label_s else
-                f"{label_s!r} is not in the taxonomy" if label_type == "name" else
-                f"{label_s!r} is not an index 0..{len(taxonomy) - 1} of data.classes_file (data.label_type index)")
+            bad(
+                "unknown_label",
+                "empty label"
+                if not label_s
+                else f"{label_s!r} is not in the taxonomy"
+                if label_type == "name"
+                else f"{label_s!r} is not an index 0..{len(taxonomy) - 1} of data.classes_file (data.label_type index)",
+            )
             continue
         split = None  # an empty split cell too: assign_splits gives the row a split
         if cfg.split_column and not _is_blank(row.get(cfg.split_column)):
@@ -489,7 +577,9 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         checks = pool.map(lambda p: _check_image(p[3], cfg.max_pixels), pending)
         # the bar's iterator first, so zip takes its last item (and the bar ends at N/N) before pending runs out
         for (sha, reason), (i, path_s, label_s, resolved, label, split) in zip(
-                tqdm(checks, total=len(pending), desc="validate", unit="img", disable=not progress), pending):
+            tqdm(checks, total=len(pending), desc="validate", unit="img", disable=not progress),
+            pending,
+        ):
             if sha is None:
                 problems.append(Problem(i, path_s, label_s, "unreadable", reason or "unreadable"))
             else:
@@ -502,10 +592,22 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     if detect_format(cfg) == "folder":
         ignored = folder_ignored_files(Path(cfg.image_root))  # type: ignore[arg-type]
         every = [f for files in ignored.values() for f in files]
-        extra.update(ignored_files=len(every), ignored_files_examples=every[:20],
-                     ignored_by_reason={k: {"count": len(v), "examples": v[:5]} for k, v in ignored.items() if v})
-    return Dataset(records, problems, taxonomy, total=len(rows), encoding=encoding,
-                   source=str(cfg.metadata or cfg.image_root), extra=extra)
+        extra.update(
+            ignored_files=len(every),
+            ignored_files_examples=every[:20],
+            ignored_by_reason={
+                k: {"count": len(v), "examples": v[:5]} for k, v in ignored.items() if v
+            },
+        )
+    return Dataset(
+        records,
+        problems,
+        taxonomy,
+        total=len(rows),
+        encoding=encoding,
+        source=str(cfg.metadata or cfg.image_root),
+        extra=extra,
+    )
 
 
 def _resolve_duplicates(records: list[Record]) -> tuple[list[Record], list[Problem]]:
@@ -519,10 +621,16 @@ def _resolve_duplicates(records: list[Record]) -> tuple[list[Record], list[Probl
         labels = {r.label for r in group}
         if len(labels) > 1:
             others = ", ".join(f"row {r.row}={r.label}" for r in group)
-            problems.extend(Problem(r.row, r.path, r.label, "label_conflict", f"same image bytes: {others}") for r in group)
+            problems.extend(
+                Problem(r.row, r.path, r.label, "label_conflict", f"same image bytes: {others}")
+                for r in group
+            )
             continue
         keep.append(group[0])
-        problems.extend(Problem(r.row, r.path, r.label, "duplicate", f"same image as row {group[0].row}") for r in group[1:])
+        problems.extend(
+            Problem(r.row, r.path, r.label, "duplicate", f"same image as row {group[0].row}")
+            for r in group[1:]
+        )
     keep.sort(key=lambda r: r.row)
     return keep, problems
 
@@ -574,7 +682,10 @@ def read_splits(path: Path) -> list[Record]:
     if not path.is_file():
         raise DataError(f"{path} does not exist", fix="run `samprobe validate -c CONFIG` first")
     with open(path, encoding="utf-8", newline="") as f:
-        return [Record(int(r["row"]), r["path"], r["file"], r["label"], r["split"], r["sha256"]) for r in csv.DictReader(f)]
+        return [
+            Record(int(r["row"]), r["path"], r["file"], r["label"], r["split"], r["sha256"])
+            for r in csv.DictReader(f)
+        ]
 
 
 def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> list[str]:
@@ -589,22 +700,45 @@ def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> l
             example = f" (first: row {ex.row} {ex.path!r}: {ex.detail})" if ex else ""
             lines.append(f"  {report[kind]} {kind}{example}")
     reasons = report.get("ignored_by_reason") or {}
-    for kind, text in (("top_level_images", "images directly in the image folder have no class folder and were not read; "
-                                            "move them into image_root/<class>/"),
-                       ("not_images", "files in the image folder are not images by suffix and were not read"),
-                       ("hidden", "hidden files or folders (names starting with '.') were skipped")):
+    for kind, text in (
+        (
+            "top_level_images",
+            "images directly in the image folder have no class folder and were not read; "
+            "move them into image_root/<class>/",
+        ),
+        ("not_images", "files in the image folder are not images by suffix and were not read"),
+        ("hidden", "hidden files or folders (names starting with '.') were skipped"),
+    ):
         if kind in reasons:
-            lines.append(f"  {reasons[kind]['count']} {text} (e.g. {reasons[kind]['examples'][0]}); see data_report.json")
+            lines.append(
+                f"  {reasons[kind]['count']} {text} (e.g. {reasons[kind]['examples'][0]}); see data_report.json"
+            )
     if report.get("label_type"):
-        lines.append("  labels read as " + ("class names" if report["label_type"] == "name" else
-                                           "0-based indices into data.classes_file") + " (data.label_type)")
+        lines.append(
+            "  labels read as "
+            + (
+                "class names"
+                if report["label_type"] == "name"
+                else "0-based indices into data.classes_file"
+            )
+            + " (data.label_type)"
+        )
     splits = report.get("splits")
     if splits:
         c = splits["counts"]
-        lines.append(f"  splits: {c['train']} train / {c['val']} val / {c['test']} test, {splits['source']}"
-                     + (f"; {splits['kept']} kept from earlier validations, {splits['new']} new" if splits["kept"] + splits["moved"] else ""))
+        lines.append(
+            f"  splits: {c['train']} train / {c['val']} val / {c['test']} test, {splits['source']}"
+            + (
+                f"; {splits['kept']} kept from earlier validations, {splits['new']} new"
+                if splits["kept"] + splits["moved"]
+                else ""
+            )
+        )
     if report["classes_without_train_images"]:
-        lines.append(f"  classes with no training images (not trained, never predicted): {', '.join(report['classes_without_train_images'])}")
+        lines.append(
+            "  classes with no training images (not trained, never predicted): "
+            f"{', '.join(report['classes_without_train_images'])}"
+        )
     return lines
 
 

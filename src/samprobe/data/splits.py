@@ -10,12 +10,14 @@ never moves an image, and a class keeps its proportions as it grows.
 Metadata whose split column has no val rows gets a stratified val split carved from its train
 rows the same way (``data.val_fraction``), so heads are never selected on training data.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 from collections import Counter, defaultdict
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +40,9 @@ def rank_key(sha256: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
 
 
-def _fill_quotas(new: list[Record], have: Counter, targets: dict[str, int], seed: int) -> dict[int, str]:
+def _fill_quotas(
+    new: list[Record], have: Counter, targets: dict[str, int], seed: int
+) -> dict[int, str]:
     """Row -> split for a class's ``new`` records, given the counts it already ``have``s per split.
 
     Each split gets what it lacks of its target; when removals left a split above its target the
@@ -49,7 +53,9 @@ def _fill_quotas(new: list[Record], have: Counter, targets: dict[str, int], seed
     if total > len(new):
         exact = {s: lack[s] * len(new) / total for s in SPLITS}
         share = {s: int(exact[s]) for s in SPLITS}
-        for s in sorted(SPLITS, key=lambda s: (share[s] - exact[s], SPLITS.index(s)))[:len(new) - sum(share.values())]:
+        for s in sorted(SPLITS, key=lambda s: (share[s] - exact[s], SPLITS.index(s)))[
+            : len(new) - sum(share.values())
+        ]:
             share[s] += 1
         lack = share
     ordered = sorted(new, key=lambda r: (rank_key(r.sha256, seed), r.row))
@@ -65,11 +71,20 @@ def _fill_quotas(new: list[Record], have: Counter, targets: dict[str, int], seed
 
 def carves_val(records: list[Record]) -> bool:
     """Whether the metadata gives every split itself but no val rows (val is then carved from train)."""
-    return bool(records) and all(r.split is not None for r in records) and not any(r.split == "val" for r in records)
+    return (
+        bool(records)
+        and all(r.split is not None for r in records)
+        and not any(r.split == "val" for r in records)
+    )
 
 
-def assign_splits(records: list[Record], val_fraction: float, test_fraction: float, seed: int,
-                  previous: Mapping[str, str] | None = None) -> list[Record]:
+def assign_splits(
+    records: list[Record],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    previous: Mapping[str, str] | None = None,
+) -> list[Record]:
     """Records with ``split`` set. Rows whose metadata gives a split keep it; rows whose image has
     a split in ``previous`` (sha256 -> split) keep that; the others fill their class's quotas.
     When the split column has no val rows, val is carved from the train rows (``val_fraction``)."""
@@ -85,7 +100,13 @@ def assign_splits(records: list[Record], val_fraction: float, test_fraction: flo
         new: list[Record] = []
         for r in group:
             if carve:
-                fixed = r.split if r.split != "train" else previous.get(r.sha256) if previous.get(r.sha256) in ("train", "val") else None
+                fixed = (
+                    r.split
+                    if r.split != "train"
+                    else previous.get(r.sha256)
+                    if previous.get(r.sha256) in ("train", "val")
+                    else None
+                )
             else:
                 fixed = r.split or previous.get(r.sha256)
             if fixed is None:
@@ -98,13 +119,18 @@ def assign_splits(records: list[Record], val_fraction: float, test_fraction: flo
         n = len(group)
         if carve:
             n_val = _split_sizes(n, val_fraction, 0.0)[0]
-            n_val = n_val if n - have["test"] - n_val >= 1 else 0  # at least one image left to train on
+            n_val = (
+                n_val if n - have["test"] - n_val >= 1 else 0
+            )  # at least one image left to train on
             targets = {"val": n_val, "test": have["test"], "train": n - have["test"] - n_val}
         else:
             n_val, n_test = _split_sizes(n, val_fraction, test_fraction)
             targets = {"val": n_val, "test": n_test, "train": n - n_val - n_test}
         assigned.update(_fill_quotas(new, have, targets, seed))
-    return [r if r.split == assigned[r.row] else dataclasses.replace(r, split=assigned[r.row]) for r in records]
+    return [
+        r if r.split == assigned[r.row] else dataclasses.replace(r, split=assigned[r.row])
+        for r in records
+    ]
 
 
 def content_keys(sha256s: Iterable[str]) -> np.ndarray:
@@ -117,4 +143,8 @@ def image_set(sha256s: Iterable[str]) -> dict[str, Any]:
     """What a checkpoint records of a split's images: count, digest of the sorted set, and the
     content keys (so evaluate can tell which evaluated images it was trained on)."""
     uniq = sorted(set(sha256s))
-    return {"n": len(uniq), "digest": hashlib.sha256("\n".join(uniq).encode()).hexdigest(), "keys": content_keys(uniq)}
+    return {
+        "n": len(uniq),
+        "digest": hashlib.sha256("\n".join(uniq).encode()).hexdigest(),
+        "keys": content_keys(uniq),
+    }

@@ -22,6 +22,7 @@ Why it cannot lose or corrupt work:
 Entries are keyed by (key, array): ``array`` is "pooled" today; a second named array per
 image (e.g. a spatial grid) gets its own shards without a schema change.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,10 @@ import sqlite3
 import time
 import uuid
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +73,8 @@ CREATE TRIGGER IF NOT EXISTS entries_ins AFTER INSERT ON entries
 CREATE TRIGGER IF NOT EXISTS entries_del AFTER DELETE ON entries
     BEGIN UPDATE shards SET live = live - 1 WHERE id = OLD.shard; END;
 CREATE TRIGGER IF NOT EXISTS entries_upd AFTER UPDATE OF shard ON entries WHEN OLD.shard != NEW.shard
-    BEGIN UPDATE shards SET live = live - 1 WHERE id = OLD.shard; UPDATE shards SET live = live + 1 WHERE id = NEW.shard; END;
+    BEGIN UPDATE shards SET live = live - 1 WHERE id = OLD.shard;
+          UPDATE shards SET live = live + 1 WHERE id = NEW.shard; END;
 """
 _ROW_BITS = 32  # location = shard id << 32 | row
 
@@ -85,8 +88,10 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise CacheError(f"{what} {path} cannot be created or written ({exc.strerror or exc})",
-                         fix=f"choose a writable location (set it in the config), or fix the permissions of {path}") from None
+        raise CacheError(
+            f"{what} {path} cannot be created or written ({exc.strerror or exc})",
+            fix=f"choose a writable location (set it in the config), or fix the permissions of {path}",
+        ) from None
     return path
 
 
@@ -96,7 +101,10 @@ def ensure_writable_file(path: Path, what: str, example: str) -> Path:
     ``what`` names the setting (``--out``), ``example`` a file name for the fix."""
     path = Path(path)
     if path.is_dir():
-        raise CacheError(f"{what} {path} is a folder, not a file", fix=f"name the file to write, e.g. {what} {path / example}")
+        raise CacheError(
+            f"{what} {path} is a folder, not a file",
+            fix=f"name the file to write, e.g. {what} {path / example}",
+        )
     ensure_writable_dir(path.parent, f"the folder of {what}")
     return path
 
@@ -110,8 +118,10 @@ def check_free_space(path: Path, need: int) -> int:
     """Free bytes at ``path``; CacheError when fewer than ``need`` (+5% headroom)."""
     free = shutil.disk_usage(path).free
     if free < need * 1.05:
-        raise CacheError(f"only {free / 1e9:.2f} GB free at {path}, about {need / 1e9:.2f} GB needed for the features",
-                         fix="free disk space or move features.cache_dir to a larger disk")
+        raise CacheError(
+            f"only {free / 1e9:.2f} GB free at {path}, about {need / 1e9:.2f} GB needed for the features",
+            fix="free disk space or move features.cache_dir to a larger disk",
+        )
     return free
 
 
@@ -145,14 +155,24 @@ CACHE_LAYOUT = "shards-v1"  # bump when the index schema or shard format changes
 
 
 class FeatureCache:
-    def __init__(self, cache_dir: Path, fingerprint: str, dim: int, dtype: str, meta: dict[str, Any] | None = None,
-                 readonly: bool = False) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        fingerprint: str,
+        dim: int,
+        dtype: str,
+        meta: dict[str, Any] | None = None,
+        readonly: bool = False,
+    ) -> None:
         """``readonly``: for readers (train, evaluate, export, cache info / verify): needs read access
         only, creates and changes nothing (a cache on a read-only share, or another user's); a
         fingerprint that was never extracted reads as empty."""
         self.readonly = readonly
-        self.root = Path(cache_dir) / fingerprint if readonly else ensure_writable_dir(Path(cache_dir) / fingerprint,
-                                                                                        "features.cache_dir")
+        self.root = (
+            Path(cache_dir) / fingerprint
+            if readonly
+            else ensure_writable_dir(Path(cache_dir) / fingerprint, "features.cache_dir")
+        )
         self.shard_dir = self.root / "shards"
         if not readonly:
             self.shard_dir.mkdir(exist_ok=True)
@@ -163,19 +183,38 @@ class FeatureCache:
         if readonly:
             self.db = self._connect_readonly()
         elif not meta_file.exists():
-            atomic_write_text(meta_file, json.dumps({"fingerprint": fingerprint, "dim": dim, "dtype": str(self.dtype),
-                                                     "layout": CACHE_LAYOUT, **(meta or {})}, indent=2))
+            atomic_write_text(
+                meta_file,
+                json.dumps(
+                    {
+                        "fingerprint": fingerprint,
+                        "dim": dim,
+                        "dtype": str(self.dtype),
+                        "layout": CACHE_LAYOUT,
+                        **(meta or {}),
+                    },
+                    indent=2,
+                ),
+            )
         if meta_file.exists():
             layout = json.loads(meta_file.read_text(encoding="utf-8")).get("layout")
             if layout != CACHE_LAYOUT:
-                raise CacheError(f"{self.root} was written in cache layout {layout!r}, this samprobe reads {CACHE_LAYOUT!r}",
-                                 fix=f"delete {self.root} (features are re-extracted) or use the samprobe version that wrote it")
+                raise CacheError(
+                    f"{self.root} was written in cache layout {layout!r}, this samprobe reads {CACHE_LAYOUT!r}",
+                    fix=f"delete {self.root} (features are re-extracted) or use the samprobe version that wrote it",
+                )
         if not readonly:
             # check_same_thread=False: the extractor hands put() to one writer thread; one thread at a time uses it.
-            self.db = sqlite3.connect(self.root / "index.sqlite", timeout=120, check_same_thread=False)
+            self.db = sqlite3.connect(
+                self.root / "index.sqlite", timeout=120, check_same_thread=False
+            )
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
-            self.db.execute("PRAGMA recursive_triggers=ON")  # INSERT OR REPLACE must fire the delete trigger
+            self.db.execute(
+                "PRAGMA synchronous=NORMAL"
+            )  # WAL + NORMAL: durable across process kills
+            self.db.execute(
+                "PRAGMA recursive_triggers=ON"
+            )  # INSERT OR REPLACE must fire the delete trigger
             with self.db:
                 self.db.executescript(_SCHEMA)
         self._opened: dict[int, np.ndarray] = {}  # shard id -> verified memory map (per process)
@@ -193,21 +232,31 @@ class FeatureCache:
         errors = []
         for flags in ("mode=ro", "mode=ro&immutable=1"):
             try:
-                db = sqlite3.connect(f"{index.absolute().as_uri()}?{flags}", uri=True, timeout=120, check_same_thread=False)
+                db = sqlite3.connect(
+                    f"{index.absolute().as_uri()}?{flags}",
+                    uri=True,
+                    timeout=120,
+                    check_same_thread=False,
+                )
                 db.execute("SELECT COUNT(*) FROM shards").fetchone()
                 return db
             except sqlite3.Error as exc:
                 errors.append(str(exc))
-        raise CacheError(f"feature cache index {index} cannot be read ({'; '.join(errors)})",
-                         fix=f"give this user read access to {self.root}, or run `samprobe extract -c CONFIG` to rebuild it")
+        raise CacheError(
+            f"feature cache index {index} cannot be read ({'; '.join(errors)})",
+            fix=f"give this user read access to {self.root}, or run `samprobe extract -c CONFIG` to rebuild it",
+        )
 
     @classmethod
-    def open_existing(cls, root: Path, readonly: bool = False) -> "FeatureCache":
+    def open_existing(cls, root: Path, readonly: bool = False) -> FeatureCache:
         """Open ``<cache_dir>/<fingerprint>`` from its meta.json (for info/verify/prune of any fingerprint)."""
         try:
             meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise CacheError(f"{root} is not a samprobe feature cache ({exc})", fix="remove the folder or point features.cache_dir elsewhere") from None
+            raise CacheError(
+                f"{root} is not a samprobe feature cache ({exc})",
+                fix="remove the folder or point features.cache_dir elsewhere",
+            ) from None
         return cls(root.parent, root.name, int(meta["dim"]), meta["dtype"], readonly=readonly)
 
     def meta(self) -> dict[str, Any]:
@@ -217,14 +266,16 @@ class FeatureCache:
         self._opened.clear()
         self.db.close()
 
-    def __enter__(self) -> "FeatureCache":
+    def __enter__(self) -> FeatureCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __len__(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM entries WHERE array=?", (POOLED,)).fetchone()[0])
+        return int(
+            self.db.execute("SELECT COUNT(*) FROM entries WHERE array=?", (POOLED,)).fetchone()[0]
+        )
 
     # -----------------------------------------------------------------------------------
     # index
@@ -234,13 +285,16 @@ class FeatureCache:
         loc = np.full(len(keys), -1, dtype=np.int64)
         if len(keys) >= 2000:  # bulk: resolve through the key lists of fully live shards
             pos: dict[str, int] = {}
-            q = "SELECT s.id, s.rows, k.keys FROM shards s JOIN shard_keys k ON k.id = s.id WHERE s.array=? AND s.live=s.rows"
+            q = (
+                "SELECT s.id, s.rows, k.keys FROM shards s JOIN shard_keys k ON k.id = s.id "
+                "WHERE s.array=? AND s.live=s.rows"
+            )
             for sid, n_rows, text in self.db.execute(q, (array,)):
                 start = sid << _ROW_BITS
                 try:  # the common bulk read: a whole shard, in storage order -> one string compare, no split
                     a = keys.index(text.split("\n", 1)[0])
-                    if "\n".join(keys[a:a + n_rows]) == text:
-                        loc[a:a + n_rows] = np.arange(start, start + n_rows)
+                    if "\n".join(keys[a : a + n_rows]) == text:
+                        loc[a : a + n_rows] = np.arange(start, start + n_rows)
                         continue
                 except ValueError:
                     pass
@@ -248,7 +302,11 @@ class FeatureCache:
                 pos.update(zip(names, range(start, start + len(names))))
             if pos:
                 todo = np.flatnonzero(loc < 0)
-                loc[todo] = np.fromiter(map(pos.get, (keys[i] for i in todo), itertools.repeat(-1)), dtype=np.int64, count=len(todo))
+                loc[todo] = np.fromiter(
+                    map(pos.get, (keys[i] for i in todo), itertools.repeat(-1)),
+                    dtype=np.int64,
+                    count=len(todo),
+                )
         rest = np.flatnonzero(loc < 0)
         if len(rest):
             found = self._locations([keys[i] for i in rest], array)
@@ -258,7 +316,9 @@ class FeatureCache:
         return loc >> _ROW_BITS, loc & ((1 << _ROW_BITS) - 1)
 
     def _shards(self, ids: Iterable[int] | None = None) -> dict[int, Shard]:
-        rows = self.db.execute("SELECT id, file, array, rows, dim, nbytes, crc32, stamp FROM shards").fetchall()  # no key lists
+        rows = self.db.execute(
+            "SELECT id, file, array, rows, dim, nbytes, crc32, stamp FROM shards"
+        ).fetchall()  # no key lists
         out = {r[0]: Shard(*r) for r in rows}
         return out if ids is None else {i: out[i] for i in set(ids) if i in out}
 
@@ -266,11 +326,16 @@ class FeatureCache:
         """key -> (shard id, row). Large requests scan the table once instead of many IN queries."""
         if len(keys) > 20 * _SQL_VARS:
             want = set(keys)
-            return {k: (s, r) for k, s, r in self.db.execute("SELECT key, shard, row FROM entries WHERE array=?", (array,))
-                    if k in want}
+            return {
+                k: (s, r)
+                for k, s, r in self.db.execute(
+                    "SELECT key, shard, row FROM entries WHERE array=?", (array,)
+                )
+                if k in want
+            }
         out: dict[str, tuple[int, int]] = {}
         for i in range(0, len(keys), _SQL_VARS):
-            chunk = keys[i:i + _SQL_VARS]
+            chunk = keys[i : i + _SQL_VARS]
             q = f"SELECT key, shard, row FROM entries WHERE array=? AND key IN ({','.join('?' * len(chunk))})"
             out.update({k: (s, r) for k, s, r in self.db.execute(q, [array, *chunk])})
         return out
@@ -313,7 +378,9 @@ class FeatureCache:
             return None  # untouched since it was written and checksummed
         if file_crc32(path) != shard.crc32:
             return "crc32 mismatch (bytes changed on disk)"
-        if not full and not self.readonly:  # content intact, only the stamp moved (copied/touched): remember the new one
+        if (
+            not full and not self.readonly
+        ):  # content intact, only the stamp moved (copied/touched): remember the new one
             with self.db:
                 self.db.execute("UPDATE shards SET stamp=? WHERE id=?", (_stamp(path), shard.id))
         return None
@@ -326,10 +393,23 @@ class FeatureCache:
         with atomic_open(path, "wb") as f:
             f.write(memoryview(data).cast("B"))
         crc = zlib.crc32(memoryview(data).cast("B"))
-        cur = self.db.execute("INSERT INTO shards (file, array, rows, dim, nbytes, crc32, stamp) VALUES (?,?,?,?,?,?,?)",
-                              (file, name, data.shape[0], data.shape[1], data.nbytes, crc, _stamp(path)))
-        self.db.execute("INSERT INTO shard_keys (id, keys) VALUES (?, ?)", (cur.lastrowid, "\n".join(keys)))
-        return Shard(int(cur.lastrowid), file, name, data.shape[0], data.shape[1], data.nbytes, crc, _stamp(path))
+        cur = self.db.execute(
+            "INSERT INTO shards (file, array, rows, dim, nbytes, crc32, stamp) VALUES (?,?,?,?,?,?,?)",
+            (file, name, data.shape[0], data.shape[1], data.nbytes, crc, _stamp(path)),
+        )
+        self.db.execute(
+            "INSERT INTO shard_keys (id, keys) VALUES (?, ?)", (cur.lastrowid, "\n".join(keys))
+        )
+        return Shard(
+            int(cur.lastrowid),
+            file,
+            name,
+            data.shape[0],
+            data.shape[1],
+            data.nbytes,
+            crc,
+            _stamp(path),
+        )
 
     # -----------------------------------------------------------------------------------
     # public API
@@ -343,8 +423,10 @@ class FeatureCache:
         features = features.reshape(len(keys), -1)
         with self.db:
             shard = self._write_shard(features, array, keys)
-            self.db.executemany("INSERT OR REPLACE INTO entries (key, array, shard, row) VALUES (?, ?, ?, ?)",
-                                [(k, array, shard.id, i) for i, k in enumerate(keys)])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO entries (key, array, shard, row) VALUES (?, ?, ?, ?)",
+                [(k, array, shard.id, i) for i, k in enumerate(keys)],
+            )
 
     def missing(self, keys: Iterable[str], array: str = POOLED) -> list[str]:
         """Keys with no usable entry. Entries in corrupt shards are dropped here, so they get re-extracted."""
@@ -361,7 +443,9 @@ class FeatureCache:
             try:
                 self._open(shard)
             except _Corrupt as exc:
-                log.warning(f"cache: shard {shard.file} is corrupt ({exc}); its {shard.rows} entries will be re-extracted")
+                log.warning(
+                    f"cache: shard {shard.file} is corrupt ({exc}); its {shard.rows} entries will be re-extracted"
+                )
                 bad.add(sid)
         if bad and not self.readonly:
             self._delete_shards(bad)
@@ -371,7 +455,7 @@ class FeatureCache:
         shards = self._shards(ids)
         with self.db:
             for i in range(0, len(ids), _SQL_VARS):
-                chunk = list(ids)[i:i + _SQL_VARS]
+                chunk = list(ids)[i : i + _SQL_VARS]
                 marks = ",".join("?" * len(chunk))
                 self.db.execute(f"DELETE FROM entries WHERE shard IN ({marks})", chunk)
                 self.db.execute(f"DELETE FROM shards WHERE id IN ({marks})", chunk)
@@ -396,18 +480,24 @@ class FeatureCache:
             try:
                 arr = self._open(shard)
             except _Corrupt as exc:
-                raise CacheError(f"feature cache shard {self.shard_dir / shard.file} is corrupt ({exc})",
-                                 fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and re-extracts them") from None
+                raise CacheError(
+                    f"feature cache shard {self.shard_dir / shard.file} is corrupt ({exc})",
+                    fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and re-extracts them",
+                ) from None
             rows = row_of[idx]
             if len(idx) > 1 and np.all(np.diff(idx) == 1) and np.all(np.diff(rows) == 1):
                 a, r0 = int(idx[0]), int(rows[0])
-                dest = out[a:a + len(idx)]
-                if dest.dtype == self.dtype:  # contiguous run: read() straight into the result (faster than mmap faults)
-                    with open(self.shard_dir / shard.file, "rb", buffering=0) as f:  # raw reads: no copy through a buffer
+                dest = out[a : a + len(idx)]
+                if (
+                    dest.dtype == self.dtype
+                ):  # contiguous run: read() straight into the result (faster than mmap faults)
+                    with open(
+                        self.shard_dir / shard.file, "rb", buffering=0
+                    ) as f:  # raw reads: no copy through a buffer
                         f.seek(r0 * shard.dim * self.dtype.itemsize)
                         f.readinto(memoryview(dest).cast("B"))
                 else:
-                    dest[:] = arr[r0:r0 + len(idx)]
+                    dest[:] = arr[r0 : r0 + len(idx)]
             else:
                 out[idx] = arr[rows]
         return out
@@ -416,18 +506,33 @@ class FeatureCache:
     # maintenance
 
     def stats(self) -> dict[str, Any]:
-        shard_bytes = int(self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM shards").fetchone()[0])
+        shard_bytes = int(
+            self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM shards").fetchone()[0]
+        )
         on_disk = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         live = int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
-        arrays = dict(self.db.execute("SELECT array, COUNT(*) FROM entries GROUP BY array ORDER BY array").fetchall())
-        return {"fingerprint": self.fingerprint, "entries": live, "arrays": arrays,
-                "shards": int(self.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]),
-                "shard_bytes": shard_bytes, "bytes_on_disk": on_disk, "dim": self.dim, "dtype": str(self.dtype)}
+        arrays = dict(
+            self.db.execute(
+                "SELECT array, COUNT(*) FROM entries GROUP BY array ORDER BY array"
+            ).fetchall()
+        )
+        return {
+            "fingerprint": self.fingerprint,
+            "entries": live,
+            "arrays": arrays,
+            "shards": int(self.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]),
+            "shard_bytes": shard_bytes,
+            "bytes_on_disk": on_disk,
+            "dim": self.dim,
+            "dtype": str(self.dtype),
+        }
 
     def verify(self, drop: bool = False) -> VerifyReport:
         """Recompute every shard's crc32 and size; count entries in bad shards; ``drop`` removes them."""
         rep = VerifyReport()
-        per_shard = dict(self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall())
+        per_shard = dict(
+            self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall()
+        )
         shards = self._shards()
         rep.shards, rep.entries = len(shards), sum(per_shard.values())
         bad: set[int] = set()
@@ -438,7 +543,9 @@ class FeatureCache:
                 rep.bad_shards.append((shard.file, reason))
         dangling = set(per_shard) - set(shards)
         for sid in dangling:
-            rep.bad_shards.append((f"<shard id {sid}>", "index entries point at an unregistered shard"))
+            rep.bad_shards.append(
+                (f"<shard id {sid}>", "index entries point at an unregistered shard")
+            )
         rep.bad_entries = sum(per_shard.get(s, 0) for s in bad | dangling)
         if drop and (bad or dangling):
             self._delete_shards(bad | dangling)
@@ -450,8 +557,10 @@ class FeatureCache:
         keys = list(keys)
         with self.db:
             for i in range(0, len(keys), _SQL_VARS):
-                chunk = keys[i:i + _SQL_VARS]
-                self.db.execute(f"DELETE FROM entries WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                chunk = keys[i : i + _SQL_VARS]
+                self.db.execute(
+                    f"DELETE FROM entries WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                )
         return len(keys)
 
     def compact(self, target_rows: int = SHARD_ROWS) -> dict[str, int]:
@@ -459,11 +568,16 @@ class FeatureCache:
 
         Crash-safe: new shards are written and registered, entries repointed only if they still
         point at the old place, all in one transaction; old files are deleted after the commit."""
-        live = dict(self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall())
+        live = dict(
+            self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall()
+        )
         shards = self._shards()
         dead = {s for s in shards if live.get(s, 0) == 0}
-        small = {s: sh for s, sh in shards.items()
-                 if s not in dead and (sh.rows < target_rows // 2 or live[s] < sh.rows)}
+        small = {
+            s: sh
+            for s, sh in shards.items()
+            if s not in dead and (sh.rows < target_rows // 2 or live[s] < sh.rows)
+        }
         by_array: dict[str, list[Shard]] = {}
         for sh in small.values():
             by_array.setdefault(sh.array, []).append(sh)
@@ -472,8 +586,13 @@ class FeatureCache:
             if len(group) < 2 and all(live[s.id] == s.rows for s in group):
                 continue  # a single full-enough shard: nothing to gain
             ids = {s.id for s in group}
-            rows = sorted((s, r, k) for k, s, r in self.db.execute("SELECT key, shard, row FROM entries WHERE array=?", (array,))
-                          if s in ids)
+            rows = sorted(
+                (s, r, k)
+                for k, s, r in self.db.execute(
+                    "SELECT key, shard, row FROM entries WHERE array=?", (array,)
+                )
+                if s in ids
+            )
             good = []
             for s, r, k in rows:
                 try:
@@ -482,21 +601,35 @@ class FeatureCache:
                 except _Corrupt:
                     pass  # left for verify/extract to drop
             for i in range(0, len(good), target_rows):
-                part = good[i:i + target_rows]
-                data = np.concatenate([self._gather(small[s], [r for _, r, _ in grp])
-                                       for s, grp in itertools.groupby(part, key=lambda p: p[0])])
+                part = good[i : i + target_rows]
+                data = np.concatenate(
+                    [
+                        self._gather(small[s], [r for _, r, _ in grp])
+                        for s, grp in itertools.groupby(part, key=lambda p: p[0])
+                    ]
+                )
                 with self.db:
-                    new = self._write_shard(data.reshape(len(part), -1), array, [k for _, _, k in part])
-                    self.db.executemany("UPDATE entries SET shard=?, row=? WHERE key=? AND array=? AND shard=?",
-                                        [(new.id, j, k, array, s) for j, (s, _, k) in enumerate(part)])
+                    new = self._write_shard(
+                        data.reshape(len(part), -1), array, [k for _, _, k in part]
+                    )
+                    self.db.executemany(
+                        "UPDATE entries SET shard=?, row=? WHERE key=? AND array=? AND shard=?",
+                        [(new.id, j, k, array, s) for j, (s, _, k) in enumerate(part)],
+                    )
                 written += 1
             dead |= {s.id for s in group if s.id not in self._bad}
-        still = dict(self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall())
+        still = dict(
+            self.db.execute("SELECT shard, COUNT(*) FROM entries GROUP BY shard").fetchall()
+        )
         dead = {s for s in dead if still.get(s, 0) == 0}
         if dead:
             self._delete_shards(dead)
-        free, pages = (self.db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count"))
-        if free * 5 > pages:  # >20% of the index is pages of deleted rows: give them back to the disk
+        free, pages = (
+            self.db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count")
+        )
+        if (
+            free * 5 > pages
+        ):  # >20% of the index is pages of deleted rows: give them back to the disk
             self.db.execute("VACUUM")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"written": written, "removed": len(dead)}
@@ -504,7 +637,7 @@ class FeatureCache:
     def _gather(self, shard: Shard, rows: list[int]) -> np.ndarray:
         arr = self._open(shard)
         if rows == list(range(rows[0], rows[0] + len(rows))):
-            return np.asarray(arr[rows[0]:rows[0] + len(rows)])
+            return np.asarray(arr[rows[0] : rows[0] + len(rows)])
         return arr[rows]
 
     def remove_orphans(self, min_age_s: float = ORPHAN_AGE_S) -> int:
@@ -530,7 +663,11 @@ def fingerprint_dirs(cache_dir: Path) -> list[Path]:
     """Every ``<cache_dir>/<fingerprint>`` folder holding a cache index."""
     if not Path(cache_dir).is_dir():
         return []
-    return sorted(p for p in Path(cache_dir).iterdir() if (p / "index.sqlite").is_file() and (p / "meta.json").is_file())
+    return sorted(
+        p
+        for p in Path(cache_dir).iterdir()
+        if (p / "index.sqlite").is_file() and (p / "meta.json").is_file()
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -565,8 +702,10 @@ def registered_runs(cache_dir: Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except (ValueError, KeyError, TypeError) as exc:
-        raise CacheError(f"{path} is not a samprobe run registry ({exc})",
-                         fix=f"delete {path}; then run `samprobe extract -c CONFIG` once per project using the cache") from None
+        raise CacheError(
+            f"{path} is not a samprobe run registry ({exc})",
+            fix=f"delete {path}; then run `samprobe extract -c CONFIG` once per project using the cache",
+        ) from None
 
 
 def register_run(cache_dir: Path, run_dir: Path) -> None:
@@ -575,8 +714,10 @@ def register_run(cache_dir: Path, run_dir: Path) -> None:
     run = str(Path(run_dir).resolve())
     if not os.access(cache_dir, os.W_OK):
         if run not in registered_runs(cache_dir):
-            log.warning(f"cache {cache_dir} is read-only: run {run} is not registered in {RUNS_FILE}, "
-                        "so `samprobe cache prune` run by its owner does not know this run needs its entries")
+            log.warning(
+                f"cache {cache_dir} is read-only: run {run} is not registered in {RUNS_FILE}, "
+                "so `samprobe cache prune` run by its owner does not know this run needs its entries"
+            )
         return
     with _runs_lock(cache_dir):
         runs = registered_runs(cache_dir)

@@ -16,21 +16,28 @@ On CUDA nothing in the batch loop waits for the GPU: batches arrive pinned, size
 host, and results are copied back asynchronously into pinned buffers and read one batch later
 (``PendingFeatures``), while the GPU already runs the next batch.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from samprobe.backbones.precision import autocast_context, describe_device, is_oom, resolve_device, resolve_precision
+from samprobe.backbones.precision import (
+    autocast_context,
+    is_oom,
+    resolve_device,
+    resolve_precision,
+)
 from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, grid_array
 from samprobe.config import Config
 from samprobe.data.images import decode_rgb
@@ -73,7 +80,10 @@ class PendingFeatures:
         if feats.device.type != "cuda":
             self._parts.append((feats.cpu(), None if grid is None else grid.cpu(), None))
             return
-        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (feats, grid)]
+        host = [
+            None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            for t in (feats, grid)
+        ]
         for dst, src in zip(host, (feats, grid)):
             if dst is not None:
                 dst.copy_(src, non_blocking=True)
@@ -81,7 +91,7 @@ class PendingFeatures:
         done.record()
         self._parts.append((host[0], host[1], done))  # type: ignore[arg-type]
 
-    def extend(self, other: "PendingFeatures") -> None:
+    def extend(self, other: PendingFeatures) -> None:
         self._parts.extend(other._parts)
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -115,7 +125,7 @@ class Extractor:
     @property
     def grid_dim(self) -> int:
         """Values per image in the grid array: spatial*spatial tokens x C channels (0 when off)."""
-        return 0 if self.spatial is None else self.spatial ** 2 * self.backbone.grid_shape()[0]
+        return 0 if self.spatial is None else self.spatial**2 * self.backbone.grid_shape()[0]
 
     def arrays(self) -> list[str]:
         """Cache arrays every image must have: "pooled", plus the grid when enabled."""
@@ -125,11 +135,15 @@ class Extractor:
         """Bytes the missing entries of every array will take (pooled and grid counted apart)."""
         need = estimate_bytes(len(cache.missing(keys)), self.dim, self.dtype)
         if self.spatial:
-            need += estimate_bytes(len(cache.missing(keys, grid_array(self.spatial))), self.grid_dim, self.dtype)
+            need += estimate_bytes(
+                len(cache.missing(keys, grid_array(self.spatial))), self.grid_dim, self.dtype
+            )
         return need
 
     @classmethod
-    def from_config(cls, cfg: Config, *, on_device: bool = True, precision: str | None = None) -> "Extractor":
+    def from_config(
+        cls, cfg: Config, *, on_device: bool = True, precision: str | None = None
+    ) -> Extractor:
         """``on_device=False``: for the fingerprint and cache only (train, evaluate, export, cache
         commands): the weights stay memory-mapped on the host, nothing is moved to or allocated
         on the GPU; such an extractor does not encode. ``precision``: an already resolved
@@ -142,20 +156,35 @@ class Extractor:
         backbone = build_backbone(cfg.backbone)
         if on_device:
             backbone = backbone.to(device)
-        pooling = list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
+        pooling = (
+            list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
+        )
         backbone.check_pooling(pooling)
         spatial = cfg.features.spatial
         if spatial is not None:
             backbone.check_spatial(spatial)
         # The grid is a second array under the same fingerprint: turning it on or off never
         # invalidates the pooled features.
-        return cls(backbone, pooling, cfg.features.dtype, device, precision,
-                   fingerprint(backbone, pooling, cfg.features.dtype, precision), spatial)
+        return cls(
+            backbone,
+            pooling,
+            cfg.features.dtype,
+            device,
+            precision,
+            fingerprint(backbone, pooling, cfg.features.dtype, precision),
+            spatial,
+        )
 
     def open_cache(self, cfg: Config, readonly: bool = False) -> FeatureCache:
         """This extractor's cache; ``readonly`` for stages that only read it (needs read access only)."""
-        meta = {"backbone": self.backbone.identity(), "pooling": self.pooling, "input_size": self.backbone.input_size}
-        return FeatureCache(cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta, readonly=readonly)
+        meta = {
+            "backbone": self.backbone.identity(),
+            "pooling": self.pooling,
+            "input_size": self.backbone.input_size,
+        }
+        return FeatureCache(
+            cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta, readonly=readonly
+        )
 
     @torch.inference_mode()
     def _encode(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool) -> PendingFeatures:
@@ -163,7 +192,9 @@ class Extractor:
         with autocast_context(self.device, self.precision):
             # valid_hw stays on the host: the backbone reads sizes there and copies them itself.
             if grid and self.spatial:
-                feats, tokens = self.backbone.encode_grid(images, valid_hw, self.pooling, self.spatial)  # [B, D], [B, T, C]
+                feats, tokens = self.backbone.encode_grid(
+                    images, valid_hw, self.pooling, self.spatial
+                )  # [B, D], [B, T, C]
             else:
                 feats, tokens = self.backbone.encode(images, valid_hw, self.pooling), None  # [B, D]
         pending = PendingFeatures()
@@ -175,20 +206,26 @@ class Extractor:
         """uint8 [B, 3, S, S] -> float32 [B, D] pooled features (see ``encode_arrays``)."""
         return self.encode_arrays(images, valid_hw, grid=False)[0]
 
-    def encode_arrays(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode_arrays(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 [B, 3, S, S] -> (float32 [B, D], grid [B, T, C] in the cache dtype or None when off / not asked).
 
         On out-of-memory split the batch and retry, down to 1."""
         return self.encode_pending(images, valid_hw, grid).result()
 
-    def encode_pending(self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool = True) -> PendingFeatures:
+    def encode_pending(
+        self, images: torch.Tensor, valid_hw: torch.Tensor, grid: bool = True
+    ) -> PendingFeatures:
         """``encode_arrays`` without waiting for the results (``PendingFeatures.result`` does)."""
         n = images.shape[0]
         step = min(n, self.max_batch or n)
         if step < n:
             pending = PendingFeatures()
             for i in range(0, n, step):
-                pending.extend(self.encode_pending(images[i:i + step], valid_hw[i:i + step], grid))
+                pending.extend(
+                    self.encode_pending(images[i : i + step], valid_hw[i : i + step], grid)
+                )
             return pending
         try:
             return self._encode(images, valid_hw, grid)
@@ -199,26 +236,41 @@ class Extractor:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if n == 1:
-            raise DeviceError(f"out of memory on {self.device} encoding a single image at {self.backbone.input_size}px "
-                              f"({self.backbone.name}, {self.precision})",
-                              fix="use precision bf16/fp16, a smaller backbone.img_size, a larger GPU, or device: cpu")
+            raise DeviceError(
+                f"out of memory on {self.device} encoding a single image at {self.backbone.input_size}px "
+                f"({self.backbone.name}, {self.precision})",
+                fix="use precision bf16/fp16, a smaller backbone.img_size, a larger GPU, or device: cpu",
+            )
         self.max_batch = max(1, n // 2)
         log.warning(f"extract: out of memory at batch {n}; retrying in batches of {self.max_batch}")
         return self.encode_pending(images, valid_hw, grid)
 
-    def plan(self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1) -> tuple[list[Record], int]:
+    def plan(
+        self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1
+    ) -> tuple[list[Record], int]:
         """(records this rank must extract, one per distinct image; number already cached)."""
         # An image missing any array (e.g. its grid, after features.spatial was turned on) is re-extracted.
         missing = {k for a in self.arrays() for k in cache.missing((r.sha256 for r in records), a)}
         # Partition *all* keys, not the missing ones: ranks look at the index at different moments
         # (another rank may already have committed), but every rank sees the same records.
         mine = set(shard_for_rank(list({r.sha256 for r in records}), rank, world)) & missing
-        todo = list({r.sha256: r for r in records if r.sha256 in mine}.values())  # same bytes twice: extract once
+        todo = list(
+            {r.sha256: r for r in records if r.sha256 in mine}.values()
+        )  # same bytes twice: extract once
         return todo, sum(1 for r in records if r.sha256 not in missing)
 
-    def run(self, records: Sequence[Record], cache: FeatureCache, batch_size: int, num_workers: int,
-            max_pixels: int | None = None, progress: bool = True, rank: int = 0, world: int = 1,
-            plan: tuple[list[Record], int] | None = None) -> ExtractResult:
+    def run(
+        self,
+        records: Sequence[Record],
+        cache: FeatureCache,
+        batch_size: int,
+        num_workers: int,
+        max_pixels: int | None = None,
+        progress: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        plan: tuple[list[Record], int] | None = None,
+    ) -> ExtractResult:
         """Extract every record whose key is not in the cache yet (this rank's share of them).
 
         ``plan``: a precomputed ``self.plan(...)``, so ranks can all plan before any of them writes."""
@@ -228,11 +280,24 @@ class Extractor:
             return result
         items = [LoadItem(r.sha256, r.file, i) for i, r in enumerate(todo)]
         target = self.backbone.input_size if self.backbone.decode_longest_side else None
-        loader = make_loader(items, self.backbone.preparer(), batch_size, num_workers, target, max_pixels,
-                             pin_memory=self.device.type == "cuda")
+        loader = make_loader(
+            items,
+            self.backbone.preparer(),
+            batch_size,
+            num_workers,
+            target,
+            max_pixels,
+            pin_memory=self.device.type == "cuda",
+        )
         start = time.perf_counter()
-        bar = tqdm(total=len(todo), desc="extract" if world == 1 else f"extract rank {rank}", unit="img",
-                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=len(todo),
+            desc="extract" if world == 1 else f"extract rank {rank}",
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         # One writer thread: the next batch is encoded while the previous one is fsynced and committed.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samprobe-cache")
         pending: list[Future] = []
@@ -241,7 +306,9 @@ class Extractor:
         def commit(keys: list[str], encoded: PendingFeatures) -> None:
             nonlocal pending
             feats, grid = encoded.result()  # [B, D] float32, [B, T, C] or None
-            pending = [f for f in pending if not f.done() or f.result()]  # result() re-raises a failed write
+            pending = [
+                f for f in pending if not f.done() or f.result()
+            ]  # result() re-raises a failed write
             if len(pending) >= 2:  # bounded: never more than two batches waiting for the disk
                 pending.pop(0).result()
             pending.append(writer.submit(self._put, cache, keys, feats, grid))
@@ -252,7 +319,9 @@ class Extractor:
                     result.failures.append((todo[tag], reason))
                 if batch.tags:
                     encoded = self.encode_pending(batch.images, batch.valid_hw)
-                    if in_flight is not None:  # the previous batch's copy is done while this one runs
+                    if (
+                        in_flight is not None
+                    ):  # the previous batch's copy is done while this one runs
                         commit(*in_flight)
                         bar.update(len(in_flight[0]))
                     in_flight = (list(batch.keys), encoded)
@@ -269,7 +338,9 @@ class Extractor:
         result.seconds = time.perf_counter() - start
         return result
 
-    def _put(self, cache: FeatureCache, keys: list[str], feats: np.ndarray, grid: np.ndarray | None) -> None:
+    def _put(
+        self, cache: FeatureCache, keys: list[str], feats: np.ndarray, grid: np.ndarray | None
+    ) -> None:
         """Commit one batch: pooled, then the grid. A kill in between leaves images without a grid,
         which ``plan`` sees as missing and re-extracts."""
         cache.put(keys, feats)
@@ -279,7 +350,9 @@ class Extractor:
 
 def load_features(cache: FeatureCache, records: Sequence[Record]) -> np.ndarray:
     """[N, D] float32 features in record order (every record must be in the cache)."""
-    return cache.get([r.sha256 for r in records]) if records else np.zeros((0, cache.dim), np.float32)
+    return (
+        cache.get([r.sha256 for r in records]) if records else np.zeros((0, cache.dim), np.float32)
+    )
 
 
 def load_grid(cache: FeatureCache, records: Sequence[Record], spatial: int) -> np.ndarray:
@@ -287,39 +360,64 @@ def load_grid(cache: FeatureCache, records: Sequence[Record], spatial: int) -> n
     array = grid_array(spatial)
     flat = cache.get([r.sha256 for r in records], array=array) if records else None
     if flat is None or flat.shape[0] == 0:
-        return np.zeros((0, spatial * spatial, (cache.array_dim(array) or 0) // spatial ** 2), np.float32)
+        return np.zeros(
+            (0, spatial * spatial, (cache.array_dim(array) or 0) // spatial**2), np.float32
+        )
     return flat.reshape(len(records), spatial * spatial, -1)
 
 
-def load_head_inputs(cache: FeatureCache, records: Sequence[Record], spatial: int | None) -> np.ndarray:
+def load_head_inputs(
+    cache: FeatureCache, records: Sequence[Record], spatial: int | None
+) -> np.ndarray:
     """What a head reads: pooled features [N, D], or with ``spatial`` (attentive heads) the grid [N, S*S, C]."""
     return load_grid(cache, records, spatial) if spatial else load_features(cache, records)
 
 
-def _prepared_batches(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _prepared_batches(
+    extractor: Extractor, images: Sequence[np.ndarray], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 [B, 3, S, S], valid_hw [B, 2]) batches of in-memory RGB uint8 images."""
     for i in range(0, len(images), batch_size):
-        prepared = [extractor.backbone.prepare(im) for im in images[i:i + batch_size]]
-        yield torch.stack([p[0] for p in prepared]), torch.tensor([p[1] for p in prepared], dtype=torch.int64)
+        prepared = [extractor.backbone.prepare(im) for im in images[i : i + batch_size]]
+        yield (
+            torch.stack([p[0] for p in prepared]),
+            torch.tensor([p[1] for p in prepared], dtype=torch.int64),
+        )
 
 
-def image_features(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
+def image_features(
+    extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8
+) -> np.ndarray:
     """Pooled features of in-memory RGB uint8 images (notebook API; no cache)."""
-    out = [extractor.encode_batch(batch, hw) for batch, hw in _prepared_batches(extractor, images, batch_size)]
+    out = [
+        extractor.encode_batch(batch, hw)
+        for batch, hw in _prepared_batches(extractor, images, batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
 
 
-def image_grids(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
+def image_grids(
+    extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 8
+) -> np.ndarray:
     """Token grids [N, S*S, C] float32 of in-memory RGB uint8 images (``extractor.spatial`` = S; no
     cache), rounded through the cache dtype as ``load_grid`` returns them."""
     if not extractor.spatial:
         raise ValueError("image_grids needs an Extractor with spatial set (features.spatial)")
-    out = [extractor.encode_arrays(batch, hw, grid=True)[1] for batch, hw in _prepared_batches(extractor, images, batch_size)]
+    out = [
+        extractor.encode_arrays(batch, hw, grid=True)[1]
+        for batch, hw in _prepared_batches(extractor, images, batch_size)
+    ]
     C = extractor.backbone.grid_shape()[0]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, extractor.spatial ** 2, C), np.float32)
+    return (
+        np.concatenate(out).astype(np.float32)
+        if out
+        else np.zeros((0, extractor.spatial**2, C), np.float32)
+    )
 
 
-def path_features(extractor: Extractor, paths: Sequence[str | Path], batch_size: int = 8) -> np.ndarray:
+def path_features(
+    extractor: Extractor, paths: Sequence[str | Path], batch_size: int = 8
+) -> np.ndarray:
     """Pooled features [N, D] float32 of image files (notebook API; no cache), decoded exactly as
     extraction decodes them:
 
@@ -329,6 +427,6 @@ def path_features(extractor: Extractor, paths: Sequence[str | Path], batch_size:
     target = extractor.backbone.input_size if extractor.backbone.decode_longest_side else None
     out = []
     for i in range(0, len(paths), batch_size):
-        images = [decode_rgb(Path(p), target) for p in paths[i:i + batch_size]]
+        images = [decode_rgb(Path(p), target) for p in paths[i : i + batch_size]]
         out.append(image_features(extractor, images, batch_size))
     return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)

@@ -4,10 +4,12 @@ The head has one output per *active* class (>= 1 training sample). A sample whos
 not active is never remapped to another class: its head target is ``IGNORE`` (left out of the
 loss) and, in metrics, it counts as an error of a class listed as "not trained".
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,25 +25,38 @@ class ClassMapping:
     active: tuple[int, ...]  # taxonomy indices, in head order
 
     @classmethod
-    def from_train_labels(cls, taxonomy: Sequence[str], train_labels: Sequence[str], *,
-                          min_classes: int = 2) -> "ClassMapping":
+    def from_train_labels(
+        cls, taxonomy: Sequence[str], train_labels: Sequence[str], *, min_classes: int = 2
+    ) -> ClassMapping:
         """Active classes = those with training labels. ``min_classes`` 2 for a classifier; inspect
         passes 1 (one class still has near-duplicates and outliers, just no label to confuse)."""
         index = {name: i for i, name in enumerate(taxonomy)}
         unknown = sorted({lab for lab in train_labels if lab not in index})
         if unknown:
-            raise TrainingError(f"training labels not in the taxonomy: {unknown[:5]}", fix="add them to data.classes_file")
+            raise TrainingError(
+                f"training labels not in the taxonomy: {unknown[:5]}",
+                fix="add them to data.classes_file",
+            )
         seen = {index[lab] for lab in train_labels}
         if not seen:
-            raise TrainingError("no training samples: every class is empty", fix="check data_report.json and the split settings")
+            raise TrainingError(
+                "no training samples: every class is empty",
+                fix="check data_report.json and the split settings",
+            )
         if len(seen) < min_classes:
             (only,) = seen
             others = [n for n in taxonomy if n != taxonomy[only]]
-            raise TrainingError(f"only one class has training images ({taxonomy[only]!r}, {len(train_labels)} images"
-                                + (f"; none for {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''}"
-                                   if others else "") + "): a classifier needs at least 2 classes with training images",
-                                fix="add training images of another class (see per_class in data_report.json), or "
-                                    "check data.label_column and the split column")
+            raise TrainingError(
+                f"only one class has training images ({taxonomy[only]!r}, {len(train_labels)} images"
+                + (
+                    f"; none for {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''}"
+                    if others
+                    else ""
+                )
+                + "): a classifier needs at least 2 classes with training images",
+                fix="add training images of another class (see per_class in data_report.json), or "
+                "check data.label_column and the split column",
+            )
         return cls(tuple(taxonomy), tuple(sorted(seen)))
 
     @property
@@ -73,7 +88,7 @@ class ClassMapping:
         return {"taxonomy": list(self.taxonomy), "active": list(self.active)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClassMapping":
+    def from_dict(cls, d: dict[str, Any]) -> ClassMapping:
         return cls(tuple(d["taxonomy"]), tuple(int(i) for i in d["active"]))
 
 

@@ -7,6 +7,7 @@ DINOv2's linear evaluation: weights stacked as [H, D, C], one einsum per layer f
 ``AttentiveProbe`` classifies a spatial token grid [N, T, C] (``features.spatial``) by attention
 pooling with one learned query; ``StackedAttentiveProbe`` is H of them in one forward.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,9 @@ class StandardisedHead(nn.Module):
         are over all tokens of an evenly strided sample of whole images (striding the flattened
         tokens would sample a few grid positions only)."""
         if features.dim() == 3:
-            step = -(-len(features) // max(1, STATS_SAMPLES // features.shape[1]))  # at most STATS_SAMPLES tokens
+            step = -(
+                -len(features) // max(1, STATS_SAMPLES // features.shape[1])
+            )  # at most STATS_SAMPLES tokens
             features = features[::step].reshape(-1, features.shape[-1])
         mean, std = feature_stats(features)
         self.mean.copy_(mean)
@@ -53,14 +56,31 @@ class StandardisedHead(nn.Module):
 
 
 class Head(StandardisedHead):
-    def __init__(self, in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        kind: str = "linear",
+        hidden: int = 512,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim)
-        self.spec = {"kind": kind, "in_dim": in_dim, "num_classes": num_classes, "hidden": hidden, "dropout": dropout}
+        self.spec = {
+            "kind": kind,
+            "in_dim": in_dim,
+            "num_classes": num_classes,
+            "hidden": hidden,
+            "dropout": dropout,
+        }
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_dim, num_classes)
         elif kind == "mlp":
-            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, num_classes),
+            )
         else:
             raise ValueError(f"unknown head kind {kind!r}")
         # Zero output layer: a feature that is constant in training gets no gradient, so a random
@@ -81,13 +101,15 @@ def feature_stats(features: torch.Tensor, chunk: int = 256) -> tuple[torch.Tenso
     """Per-dimension mean and std of [N, D] features (fp16 caches, large N): one pass of sums
     and sums of squares, shifted by the first row so a large mean costs no precision, in float32
     chunks that stay in cache, accumulated in float64 (var_mean over dim 0 was 8x slower)."""
-    if len(features) > STATS_SAMPLES:  # an evenly strided sample estimates them to ~1%: plenty for scaling
-        features = features[::-(-len(features) // STATS_SAMPLES)]
+    if (
+        len(features) > STATS_SAMPLES
+    ):  # an evenly strided sample estimates them to ~1%: plenty for scaling
+        features = features[:: -(-len(features) // STATS_SAMPLES)]
     n, d = features.shape
     shift = features[:1].to("cpu", torch.float32) if n else torch.zeros(1, d)  # [1, D]
     total, squares = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
     for i in range(0, n, chunk):
-        part = features[i:i + chunk].to("cpu", torch.float32) - shift  # [chunk, D]
+        part = features[i : i + chunk].to("cpu", torch.float32) - shift  # [chunk, D]
         total += part.sum(0)
         squares += (part * part).sum(0)
     mean_shifted = total / max(n, 1)
@@ -99,13 +121,22 @@ def feature_stats(features: torch.Tensor, chunk: int = 256) -> tuple[torch.Tenso
     return mean.float(), std.clamp_min(1e-3 + 1e-2 * float(std.mean()))
 
 
-def head_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Head | AttentiveProbe:
+def head_from_spec(
+    spec: dict[str, Any], state_dict: dict[str, torch.Tensor]
+) -> Head | AttentiveProbe:
     """The single head a checkpoint's ``head`` entry describes, in eval mode."""
     if spec["kind"] == "attentive":
-        head: Head | AttentiveProbe = AttentiveProbe(spec["in_dim"], spec["num_classes"], spec["spatial"],
-                                                     spec["attn_heads"], spec["dropout"])
+        head: Head | AttentiveProbe = AttentiveProbe(
+            spec["in_dim"],
+            spec["num_classes"],
+            spec["spatial"],
+            spec["attn_heads"],
+            spec["dropout"],
+        )
     else:
-        head = Head(spec["in_dim"], spec["num_classes"], spec["kind"], spec["hidden"], spec["dropout"])
+        head = Head(
+            spec["in_dim"], spec["num_classes"], spec["kind"], spec["hidden"], spec["dropout"]
+        )
     head.load_state_dict(state_dict)
     return head.eval()
 
@@ -117,7 +148,9 @@ def _heads_second(w: torch.Tensor) -> torch.Tensor:
     return w.permute(1, 0, 2).contiguous().permute(1, 0, 2)
 
 
-def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+def _all_heads_matmul(
+    z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: torch.Tensor | None = None
+) -> torch.Tensor:
     """z [B, D] shared by all heads, w [H, D, C], b [H, C] -> z @ w[h] + b[h] as [H, B, C]
     (``heads`` [H']: those only, [H', B, C]): one [B, D] x [D, H*C] addmm instead of H small
     matmuls (the weight gradient is one GEMM too, and the bias is added inside the GEMM rather
@@ -125,7 +158,10 @@ def _all_heads_matmul(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, heads: 
     _, D, C = w.shape
     w_dhc = w.permute(1, 0, 2)  # [D, H, C], contiguous (``_heads_second``)
     if heads is not None:
-        w_dhc, b = w_dhc.index_select(1, heads), b.index_select(0, heads)  # one copy, still [D, H', C]
+        w_dhc, b = (
+            w_dhc.index_select(1, heads),
+            b.index_select(0, heads),
+        )  # one copy, still [D, H', C]
     H = w_dhc.shape[1]
     out = torch.addmm(b.reshape(1, H * C), z, w_dhc.reshape(D, H * C))  # [B, H*C]
     return out.view(-1, H, C).transpose(0, 1)
@@ -135,7 +171,9 @@ def select_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
     """t[heads] along the head dim 0, keeping t's memory layout (a [H, D, C] weight stored as
     [D, H, C] stays so: ``_all_heads_matmul`` needs it as a view)."""
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # dims outermost first in memory
-    picked = t.permute(order).index_select(order.index(0), heads.to(t.device))  # contiguous, memory order
+    picked = t.permute(order).index_select(
+        order.index(0), heads.to(t.device)
+    )  # contiguous, memory order
     return picked.permute([order.index(d) for d in range(t.dim())])
 
 
@@ -143,13 +181,18 @@ def pack_heads(model: nn.Module, heads: torch.Tensor) -> nn.Module:
     """A copy of a stacked model (every parameter [H, ...]) holding only ``heads``: training the
     heads still alive costs nothing for the stopped ones (no per-step gather of their weights,
     no optimizer passes over them). Buffers (normalisation) are copied as they are."""
-    generator, model.dropout_generator = getattr(model, "dropout_generator", None), None  # not deep-copied
+    generator, model.dropout_generator = (
+        getattr(model, "dropout_generator", None),
+        None,
+    )  # not deep-copied
     packed = copy.deepcopy(model)
     model.dropout_generator = packed.dropout_generator = generator
     for module in packed.modules():
         for name, p in module._parameters.items():
             if p is not None:
-                module._parameters[name] = nn.Parameter(select_heads(p.detach(), heads), requires_grad=p.requires_grad)
+                module._parameters[name] = nn.Parameter(
+                    select_heads(p.detach(), heads), requires_grad=p.requires_grad
+                )
     packed.num_heads = len(heads)
     return packed
 
@@ -164,7 +207,12 @@ class StackedHeadsBase(StandardisedHead):
 
     def __init__(self, num_heads: int, in_dim: int, num_classes: int, dropout: float) -> None:
         super().__init__(in_dim)
-        self.num_heads, self.in_dim, self.num_classes, self.dropout = num_heads, in_dim, num_classes, dropout
+        self.num_heads, self.in_dim, self.num_classes, self.dropout = (
+            num_heads,
+            in_dim,
+            num_classes,
+            dropout,
+        )
         self.dropout_generator: torch.Generator | None = None
 
     def standardize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,27 +227,41 @@ class StackedHeadsBase(StandardisedHead):
         so a resumed run draws the same masks."""
         if not (self.training and self.dropout > 0):
             return h
-        keep = torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
+        keep = (
+            torch.rand(h.shape, generator=self.dropout_generator, device=h.device) >= self.dropout
+        )
         return h * keep / (1 - self.dropout)
 
     def spec(self) -> dict[str, Any]:
         """The single head's description (a checkpoint's ``head.spec``), for ``head_from_spec``."""
         raise NotImplementedError
 
-    def head_state(self, h: int, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def head_state(
+        self, h: int, params: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Head h as the single head's state dict (``params``: these tensors instead of the
         parameters)."""
         raise NotImplementedError
 
-    def to_head(self, h: int, params: dict[str, torch.Tensor] | None = None) -> Head | AttentiveProbe:
+    def to_head(
+        self, h: int, params: dict[str, torch.Tensor] | None = None
+    ) -> Head | AttentiveProbe:
         return head_from_spec(self.spec(), self.head_state(h, params))
 
 
 class StackedHeads(StackedHeadsBase):
     """H independent linear or MLP heads evaluated in one pass: [B, D] -> logits [H, B, C]."""
 
-    def __init__(self, num_heads: int, in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512,
-                 dropout: float = 0.0, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        in_dim: int,
+        num_classes: int,
+        kind: str = "linear",
+        hidden: int = 512,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if kind not in HEAD_KINDS:
             raise ValueError(f"unknown head kind {kind!r}; choose from {HEAD_KINDS}")
         super().__init__(num_heads, in_dim, num_classes, dropout)
@@ -208,17 +270,31 @@ class StackedHeads(StackedHeadsBase):
             # Zero init (as Head): a random weight on a feature that carries no signal in training
             # gets no gradient to remove it and stays as noise in the logits (measured: -1 to -4
             # points after 3 SGD epochs on 1280-d features with N(0, 0.01), bench/heads.py).
-            self.w = nn.Parameter(_heads_second(torch.zeros(num_heads, in_dim, num_classes)))  # [H, D, C]
+            self.w = nn.Parameter(
+                _heads_second(torch.zeros(num_heads, in_dim, num_classes))
+            )  # [H, D, C]
             self.b = nn.Parameter(torch.zeros(num_heads, num_classes))  # [H, C]
         else:
             # nn.Linear's default init (kaiming-uniform bound 1/sqrt(fan_in)).
             b1, b2 = 1 / math.sqrt(in_dim), 1 / math.sqrt(hidden)
-            self.w1 = nn.Parameter(_heads_second((torch.rand(num_heads, in_dim, hidden, generator=generator) * 2 - 1) * b1))  # [H, D, K]
-            self.b1 = nn.Parameter((torch.rand(num_heads, hidden, generator=generator) * 2 - 1) * b1)  # [H, K]
-            self.w2 = nn.Parameter((torch.rand(num_heads, hidden, num_classes, generator=generator) * 2 - 1) * b2)  # [H, K, C]
-            self.b2 = nn.Parameter((torch.rand(num_heads, num_classes, generator=generator) * 2 - 1) * b2)  # [H, C]
+            self.w1 = nn.Parameter(
+                _heads_second(
+                    (torch.rand(num_heads, in_dim, hidden, generator=generator) * 2 - 1) * b1
+                )
+            )  # [H, D, K]
+            self.b1 = nn.Parameter(
+                (torch.rand(num_heads, hidden, generator=generator) * 2 - 1) * b1
+            )  # [H, K]
+            self.w2 = nn.Parameter(
+                (torch.rand(num_heads, hidden, num_classes, generator=generator) * 2 - 1) * b2
+            )  # [H, K, C]
+            self.b2 = nn.Parameter(
+                (torch.rand(num_heads, num_classes, generator=generator) * 2 - 1) * b2
+            )  # [H, C]
 
-    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False
+    ) -> torch.Tensor:
         """x: [B, D] raw features (or ``standardize(x)`` with standardized=True) -> logits
         [H, B, C]; ``heads`` (indices [H']): only these heads, [H', B, C] (stopped heads cost
         nothing)."""
@@ -230,18 +306,33 @@ class StackedHeads(StackedHeadsBase):
         return torch.bmm(h, pick(self.w2)) + pick(self.b2)[:, None, :]
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_dim": self.in_dim, "num_classes": self.num_classes, "hidden": self.hidden,
-                "dropout": self.dropout}
+        return {
+            "kind": self.kind,
+            "in_dim": self.in_dim,
+            "num_classes": self.num_classes,
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+        }
 
-    def head_state(self, h: int, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def head_state(
+        self, h: int, params: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Head h as a ``Head`` state dict (nn.Linear stores weight as [out, in])."""
         p = params if params is not None else dict(self.named_parameters())
         state = {"mean": self.mean.clone(), "std": self.std.clone()}
         if self.kind == "linear":
-            state.update({"net.weight": p["w"][h].t().contiguous().clone(), "net.bias": p["b"][h].clone()})
+            state.update(
+                {"net.weight": p["w"][h].t().contiguous().clone(), "net.bias": p["b"][h].clone()}
+            )
         else:
-            state.update({"net.0.weight": p["w1"][h].t().contiguous().clone(), "net.0.bias": p["b1"][h].clone(),
-                          "net.3.weight": p["w2"][h].t().contiguous().clone(), "net.3.bias": p["b2"][h].clone()})
+            state.update(
+                {
+                    "net.0.weight": p["w1"][h].t().contiguous().clone(),
+                    "net.0.bias": p["b1"][h].clone(),
+                    "net.3.weight": p["w2"][h].t().contiguous().clone(),
+                    "net.3.bias": p["b2"][h].clone(),
+                }
+            )
         return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
@@ -258,7 +349,9 @@ def default_attn_heads(dim: int) -> int:
     return next(a for a in (8, 4, 2, 1) if dim % a == 0)
 
 
-def _query_keys(query: torch.Tensor, k_weight: torch.Tensor, norm_weight: torch.Tensor, attn_heads: int) -> torch.Tensor:
+def _query_keys(
+    query: torch.Tensor, k_weight: torch.Tensor, norm_weight: torch.Tensor, attn_heads: int
+) -> torch.Tensor:
     """query [..., C], k_weight [..., C, C] (nn.Linear layout), norm_weight [..., C] -> [..., A, C].
 
     Attention head a scores token t as q_a . (W_k (g * n_t + b))_a / sqrt(d) with n_t the token
@@ -286,16 +379,28 @@ class AttentiveProbe(StandardisedHead):
     instead of projecting every token.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, spatial: int, attn_heads: int = 8, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, num_classes: int, spatial: int, attn_heads: int = 8, dropout: float = 0.0
+    ) -> None:
         if in_dim % attn_heads:
             raise ValueError(f"in_dim {in_dim} must be divisible by attn_heads {attn_heads}")
         super().__init__(in_dim)
-        self.spec = {"kind": "attentive", "in_dim": in_dim, "num_classes": num_classes, "spatial": spatial,
-                     "attn_heads": attn_heads, "dropout": dropout}
+        self.spec = {
+            "kind": "attentive",
+            "in_dim": in_dim,
+            "num_classes": num_classes,
+            "spatial": spatial,
+            "attn_heads": attn_heads,
+            "dropout": dropout,
+        }
         self.attn_heads = attn_heads
         self.norm = nn.LayerNorm(in_dim, eps=LN_EPS)
-        self.query = nn.Parameter(torch.randn(in_dim) * in_dim ** -0.5)  # as timm's AttentionPoolLatent
-        self.k = nn.Linear(in_dim, in_dim, bias=False)  # a key bias shifts every token's score alike: no effect
+        self.query = nn.Parameter(
+            torch.randn(in_dim) * in_dim**-0.5
+        )  # as timm's AttentionPoolLatent
+        self.k = nn.Linear(
+            in_dim, in_dim, bias=False
+        )  # a key bias shifts every token's score alike: no effect
         self.v = nn.Linear(in_dim, in_dim)
         self.out_norm = nn.LayerNorm(in_dim, eps=LN_EPS)
         self.drop = nn.Dropout(dropout)
@@ -307,10 +412,14 @@ class AttentiveProbe(StandardisedHead):
         """tokens: [N, T, C] raw grid -> pooled [N, C] (after the output LayerNorm)."""
         N, _, C = tokens.shape
         A = self.attn_heads
-        n = F.layer_norm((tokens - self.mean) / self.std, (C,), eps=self.norm.eps)  # [N, T, C], affine below
+        n = F.layer_norm(
+            (tokens - self.mean) / self.std, (C,), eps=self.norm.eps
+        )  # [N, T, C], affine below
         qk = _query_keys(self.query, self.k.weight, self.norm.weight, A)  # [A, C]
         attn = torch.softmax(n @ qk.T, dim=1)  # [N, T, A], over the tokens
-        pooled = (attn.transpose(1, 2) @ n) * self.norm.weight + self.norm.bias  # [N, A, C]: weighted mean of LN(tokens)
+        pooled = (
+            attn.transpose(1, 2) @ n
+        ) * self.norm.weight + self.norm.bias  # [N, A, C]: weighted mean of LN(tokens)
         v = torch.einsum("nac,adc->nad", pooled, self.v.weight.unflatten(0, (A, -1)))  # [N, A, d]
         return self.out_norm(v.reshape(N, C) + self.v.bias)
 
@@ -334,8 +443,16 @@ class StackedAttentiveProbe(StackedHeadsBase):
 
     kind = "attentive"
 
-    def __init__(self, num_heads: int, in_dim: int, num_classes: int, spatial: int, dropout: float = 0.0,
-                 attn_heads: int | None = None, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        in_dim: int,
+        num_classes: int,
+        spatial: int,
+        dropout: float = 0.0,
+        attn_heads: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         H, C = num_heads, in_dim
         attn_heads = attn_heads or default_attn_heads(C)
         if C % attn_heads:
@@ -347,11 +464,17 @@ class StackedAttentiveProbe(StackedHeadsBase):
         def uniform(*shape: int) -> nn.Parameter:
             return nn.Parameter((torch.rand(*shape, generator=generator) * 2 - 1) * bound)
 
-        self.norm_w, self.norm_b = nn.Parameter(torch.ones(H, C)), nn.Parameter(torch.zeros(H, C))  # [H, C]
-        self.query = nn.Parameter(torch.randn(H, C, generator=generator) * C ** -0.5)  # [H, C]
+        self.norm_w, self.norm_b = (
+            nn.Parameter(torch.ones(H, C)),
+            nn.Parameter(torch.zeros(H, C)),
+        )  # [H, C]
+        self.query = nn.Parameter(torch.randn(H, C, generator=generator) * C**-0.5)  # [H, C]
         self.wk = uniform(H, C, C)  # [H, C_out, C_in], nn.Linear layout
         self.wv, self.bv = uniform(H, C, C), uniform(H, C)  # [H, C_out, C_in], [H, C]
-        self.out_w, self.out_b = nn.Parameter(torch.ones(H, C)), nn.Parameter(torch.zeros(H, C))  # [H, C]
+        self.out_w, self.out_b = (
+            nn.Parameter(torch.ones(H, C)),
+            nn.Parameter(torch.zeros(H, C)),
+        )  # [H, C]
         self.wf = nn.Parameter(torch.zeros(H, C, num_classes))  # [H, C, K]; zero as Head
         self.bf = nn.Parameter(torch.zeros(H, num_classes))  # [H, K]
 
@@ -361,30 +484,57 @@ class StackedAttentiveProbe(StackedHeadsBase):
         gains to 0."""
         return {"norm_w", "norm_b", "query", "bv", "out_w", "out_b", "bf"}
 
-    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False
+    ) -> torch.Tensor:
         """x: [B, T, C] raw grid (or ``standardize(x)`` with standardized=True) -> logits [H, B, K];
         ``heads`` (indices [H']): only these settings, [H', B, K]."""
         z = x if standardized else self.standardize(x)
-        p = {k: v if heads is None else v.index_select(0, heads) for k, v in self.named_parameters()}
+        p = {
+            k: v if heads is None else v.index_select(0, heads) for k, v in self.named_parameters()
+        }
         H, (B, _, C), A = len(p["query"]), z.shape, self.attn_heads
         n = F.layer_norm(z, (C,), eps=LN_EPS)  # [B, T, C], shared by every setting
         qk = _query_keys(p["query"], p["wk"], p["norm_w"], A)  # [H, A, C]
         attn = torch.softmax(n @ qk.reshape(H * A, C).T, dim=1)  # [B, T, H*A], over the tokens
         pooled = (attn.transpose(1, 2) @ n).view(B, H, A, C)  # [B, H, A, C]
         pooled = pooled * p["norm_w"][None, :, None] + p["norm_b"][None, :, None]
-        v = torch.einsum("bhac,hadc->hbad", pooled, p["wv"].unflatten(1, (A, -1))).reshape(H, B, C) + p["bv"][:, None]
-        h = self._dropout(F.layer_norm(v, (C,), eps=LN_EPS) * p["out_w"][:, None] + p["out_b"][:, None])  # [H, B, C]
+        v = (
+            torch.einsum("bhac,hadc->hbad", pooled, p["wv"].unflatten(1, (A, -1))).reshape(H, B, C)
+            + p["bv"][:, None]
+        )
+        h = self._dropout(
+            F.layer_norm(v, (C,), eps=LN_EPS) * p["out_w"][:, None] + p["out_b"][:, None]
+        )  # [H, B, C]
         return torch.bmm(h, p["wf"]) + p["bf"][:, None, :]
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "attentive", "in_dim": self.in_dim, "num_classes": self.num_classes, "spatial": self.spatial,
-                "attn_heads": self.attn_heads, "dropout": self.dropout}
+        return {
+            "kind": "attentive",
+            "in_dim": self.in_dim,
+            "num_classes": self.num_classes,
+            "spatial": self.spatial,
+            "attn_heads": self.attn_heads,
+            "dropout": self.dropout,
+        }
 
-    def head_state(self, h: int, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def head_state(
+        self, h: int, params: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Setting h as an ``AttentiveProbe`` state dict."""
         p = params if params is not None else dict(self.named_parameters())
-        state = {"mean": self.mean, "std": self.std, "norm.weight": p["norm_w"][h], "norm.bias": p["norm_b"][h],
-                 "query": p["query"][h], "k.weight": p["wk"][h], "v.weight": p["wv"][h], "v.bias": p["bv"][h],
-                 "out_norm.weight": p["out_w"][h], "out_norm.bias": p["out_b"][h],
-                 "fc.weight": p["wf"][h].t(), "fc.bias": p["bf"][h]}
+        state = {
+            "mean": self.mean,
+            "std": self.std,
+            "norm.weight": p["norm_w"][h],
+            "norm.bias": p["norm_b"][h],
+            "query": p["query"][h],
+            "k.weight": p["wk"][h],
+            "v.weight": p["wv"][h],
+            "v.bias": p["bv"][h],
+            "out_norm.weight": p["out_w"][h],
+            "out_norm.bias": p["out_b"][h],
+            "fc.weight": p["wf"][h].t(),
+            "fc.bias": p["bf"][h],
+        }
         return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}

@@ -8,25 +8,46 @@ or AdamW). Warm-up + cosine schedule, gradient accumulation, autocast,
 early stopping per head (a head that stops improving is frozen; the best weights of each head
 are kept), and the whole state is a dict of tensors/builtins so a run resumes bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samprobe.backbones.precision import autocast_context, is_oom, matmul_dtype, needs_grad_scaler, resolve_precision
+from samprobe.backbones.precision import (
+    autocast_context,
+    is_oom,
+    matmul_dtype,
+    needs_grad_scaler,
+    resolve_precision,
+)
 from samprobe.config import TrainConfig
 from samprobe.errors import CheckpointError, DeviceError, TrainingError
 from samprobe.train.classes import IGNORE
-from samprobe.train.heads import AttentiveProbe, Head, StackedAttentiveProbe, StackedHeads, pack_heads, rows_per_step
-from samprobe.train.optim import StackedAdamW, StackedSGD, pack_optimizer, unpack_optimizer, warmup_cosine
+from samprobe.train.heads import (
+    AttentiveProbe,
+    Head,
+    StackedAttentiveProbe,
+    StackedHeads,
+    pack_heads,
+    rows_per_step,
+)
+from samprobe.train.optim import (
+    StackedAdamW,
+    StackedSGD,
+    pack_optimizer,
+    unpack_optimizer,
+    warmup_cosine,
+)
 
 log = logging.getLogger("samprobe")
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
@@ -73,19 +94,31 @@ def micro_batches(batch_size: int, accumulate: int, row_numel: int) -> tuple[int
     return math.ceil(batch_size / parts), accumulate * parts
 
 
-def _stacked_model(cfg: TrainConfig, num_heads: int, shape: tuple[int, ...], num_classes: int,
-                   generator: torch.Generator) -> StackedHeads | StackedAttentiveProbe:
-    """The sweep's heads for training features of ``shape``: pooled [N, D] (linear, mlp) or grids [N, S*S, C] (attentive)."""
+def _stacked_model(
+    cfg: TrainConfig,
+    num_heads: int,
+    shape: tuple[int, ...],
+    num_classes: int,
+    generator: torch.Generator,
+) -> StackedHeads | StackedAttentiveProbe:
+    """The sweep's heads for training features of ``shape``: pooled [N, D] (linear, mlp) or
+    grids [N, S*S, C] (attentive)."""
     grid = cfg.head == "attentive"
     side = math.isqrt(shape[1]) if len(shape) == 3 else 0
     if len(shape) != (3 if grid else 2) or (grid and side * side != shape[1]):
-        raise TrainingError(f"train.head {cfg.head} trains on {'token grids [N, S*S, C]' if grid else 'pooled features [N, D]'}, "
-                            f"got features of shape {tuple(shape)}",
-                            fix="pass load_grid(cache, records, features.spatial) for attentive heads, "
-                                "load_features(cache, records) for linear / mlp")
+        raise TrainingError(
+            f"train.head {cfg.head} trains on {'token grids [N, S*S, C]' if grid else 'pooled features [N, D]'}, "
+            f"got features of shape {tuple(shape)}",
+            fix="pass load_grid(cache, records, features.spatial) for attentive heads, "
+            "load_features(cache, records) for linear / mlp",
+        )
     if grid:
-        return StackedAttentiveProbe(num_heads, shape[2], num_classes, side, cfg.dropout, generator=generator)
-    return StackedHeads(num_heads, shape[1], num_classes, cfg.head, cfg.hidden, cfg.dropout, generator=generator)
+        return StackedAttentiveProbe(
+            num_heads, shape[2], num_classes, side, cfg.dropout, generator=generator
+        )
+    return StackedHeads(
+        num_heads, shape[1], num_classes, cfg.head, cfg.hidden, cfg.dropout, generator=generator
+    )
 
 
 def _param_groups(model: torch.nn.Module, num_heads: int) -> list[dict[str, Any]]:
@@ -95,7 +128,9 @@ def _param_groups(model: torch.nn.Module, num_heads: int) -> list[dict[str, Any]
     named = list(model.named_parameters())
     groups: list[dict[str, Any]] = [{"params": [p for n, p in named if n not in skip]}]
     if skip:
-        groups.append({"params": [p for n, p in named if n in skip], "head_wd": torch.zeros(num_heads)})
+        groups.append(
+            {"params": [p for n, p in named if n in skip], "head_wd": torch.zeros(num_heads)}
+        )
     return groups
 
 
@@ -103,7 +138,9 @@ def _describe(spec: dict[str, Any]) -> str:
     """A head spec as the config keys that set it, for messages."""
     if spec["kind"] == "attentive":
         return f"train.head attentive (features.spatial {spec['spatial']})"
-    return f"train.head {spec['kind']}" + (f" (train.hidden {spec['hidden']})" if spec["kind"] == "mlp" else "")
+    return f"train.head {spec['kind']}" + (
+        f" (train.hidden {spec['hidden']})" if spec["kind"] == "mlp" else ""
+    )
 
 
 @dataclass
@@ -125,7 +162,9 @@ def _all_finite(x: np.ndarray) -> bool:
     huge values) is checked exactly."""
     if x.size == 0:
         return True
-    total = torch.from_numpy(np.ascontiguousarray(x)).sum(dtype=torch.float32).item()  # fp16 input: no fp16 overflow
+    total = (
+        torch.from_numpy(np.ascontiguousarray(x)).sum(dtype=torch.float32).item()
+    )  # fp16 input: no fp16 overflow
     return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
 
 
@@ -165,17 +204,21 @@ class _PinnedGather:
         self.staged = features.device != device and features.is_pinned()
         if self.staged:
             shape = (min(batch_size, len(features)), *features.shape[1:])
-            self.buffers = [torch.empty(shape, dtype=features.dtype, pin_memory=True) for _ in range(2)]
+            self.buffers = [
+                torch.empty(shape, dtype=features.dtype, pin_memory=True) for _ in range(2)
+            ]
             self.copied: list[Any] = [None, None]
             self.turn = 0
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         if not self.staged:
-            return self.features.index_select(0, idx).to(self.device, non_blocking=True)  # 2.5x faster than x[idx]
+            return self.features.index_select(0, idx).to(
+                self.device, non_blocking=True
+            )  # 2.5x faster than x[idx]
         k, self.turn = self.turn, 1 - self.turn
         if self.copied[k] is not None:
             self.copied[k].synchronize()  # its previous copy to the device has finished
-        buf = self.buffers[k][:len(idx)]
+        buf = self.buffers[k][: len(idx)]
         torch.index_select(self.features, 0, idx, out=buf)
         batch = buf.to(self.device, non_blocking=True)
         self.copied[k] = torch.cuda.Event()
@@ -189,7 +232,9 @@ class _WeightedCrossEntropy(torch.autograd.Function):
     autograd backward cost 4-8x this on the CPU for small C ([8, 512, 10]: 1.8 -> 0.2 ms)."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, sample_w: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, sample_w: torch.Tensor
+    ) -> torch.Tensor:
         """logits [H, B, C] fp32, target [B] in 0..C-1, sample_w [B] (summing to 1) -> losses [H].
         Per-head targets and weights (cross-fitting: each head its own rows): target, sample_w [H, B]."""
         m = logits.amax(-1, keepdim=True)  # [H, B, 1]
@@ -214,13 +259,23 @@ def _head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -
     known = y != IGNORE
     target = y.clamp_min(0)
     w = torch.where(known, weights[target], torch.zeros((), device=y.device))  # [B] / [H, B]
-    return _WeightedCrossEntropy.apply(logits.float(), target, w / w.sum(-1, keepdim=True).clamp_min(1e-12))
+    return _WeightedCrossEntropy.apply(
+        logits.float(), target, w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    )
 
 
 @torch.no_grad()
-def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, num_untrained: int,
-                   device: torch.device, precision: str, batch_size: int = 4096,
-                   heads: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def evaluate_heads(
+    model: StackedHeads | StackedAttentiveProbe,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    num_untrained: int,
+    device: torch.device,
+    precision: str,
+    batch_size: int = 4096,
+    heads: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Validation metrics of every head (or of ``heads``, indices [H']), each [H] ([H']). y [N]: head
     targets with IGNORE for samples of untrained classes: errors in accuracy, recall 0 for their
     ``num_untrained`` classes in balanced accuracy and F1 0 in macro-F1, left out of the loss.
@@ -234,12 +289,16 @@ def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor,
         y = y.index_select(0, heads)
     preds, loss_num = [], torch.zeros(H, device=device)
     for i in range(0, y.shape[-1], batch_size):
-        xb, yb = x[i:i + batch_size].to(device, non_blocking=True), y[..., i:i + batch_size]
+        xb, yb = x[i : i + batch_size].to(device, non_blocking=True), y[..., i : i + batch_size]
         with autocast_context(device, precision):
             logits = model(xb, heads)
-        preds.append(logits.max(-1).indices)  # the first maximum, as argmax; 1.4x faster for small C
+        preds.append(
+            logits.max(-1).indices
+        )  # the first maximum, as argmax; 1.4x faster for small C
         known = yb != IGNORE
-        loss_num += _head_losses(logits, yb, weights) * torch.where(known, weights[yb.clamp_min(0)], 0.0).sum(-1)
+        loss_num += _head_losses(logits, yb, weights) * torch.where(
+            known, weights[yb.clamp_min(0)], 0.0
+        ).sum(-1)
     pred = torch.cat(preds, 1)  # [H, N]
     known = y != IGNORE
     w_total = torch.where(known, weights[y.clamp_min(0)], 0.0).sum(-1)
@@ -254,13 +313,19 @@ def evaluate_heads(model: StackedHeads | StackedAttentiveProbe, x: torch.Tensor,
         onehot = F.one_hot(y.clamp_min(0), C).float() * known[:, None]  # [N, C]
         support = onehot.sum(0)  # [C]
         tp = correct @ onehot  # [H, C]
-        pp = torch.zeros(H, C, device=device).scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float))
+        pp = torch.zeros(H, C, device=device).scatter_add_(
+            1, pred, torch.ones_like(pred, dtype=torch.float)
+        )
         counted = torch.full((H,), float(len(y)), device=device)
     present = support > 0
     n_present = present.sum(-1) + num_untrained
     recall = torch.where(present, tp / support.clamp_min(1), 0.0)
     precision_ = torch.where(pp > 0, tp / pp.clamp_min(1), 0.0)
-    f1 = torch.where(precision_ + recall > 0, 2 * precision_ * recall / (precision_ + recall).clamp_min(1e-12), 0.0)
+    f1 = torch.where(
+        precision_ + recall > 0,
+        2 * precision_ * recall / (precision_ + recall).clamp_min(1e-12),
+        0.0,
+    )
     denom = n_present.clamp_min(1).float()
     return {
         "val_loss": torch.where(w_total > 0, loss_num / w_total.clamp_min(1e-12), float("nan")),
@@ -278,12 +343,16 @@ def _progress_at_start(num_heads: int) -> dict[str, Any]:
         "epoch": 0,
         "best_score": torch.full((num_heads,), -math.inf),
         "best_epoch": torch.zeros(num_heads, dtype=torch.long),
-        "best_metrics": torch.full((num_heads, len(VAL_METRICS) + 1), math.nan),  # train_loss + VAL_METRICS
+        "best_metrics": torch.full(
+            (num_heads, len(VAL_METRICS) + 1), math.nan
+        ),  # train_loss + VAL_METRICS
         "stale": torch.zeros(num_heads, dtype=torch.long),  # epochs since the head last improved
         "sweep_stale": 0,  # epochs since the best head of the sweep last improved
         "alive": torch.ones(num_heads, dtype=torch.bool),
         "diverged": torch.zeros(num_heads, dtype=torch.bool),
-        "min_train_loss": torch.full((num_heads,), math.inf),  # lowest epoch train loss: divergence test
+        "min_train_loss": torch.full(
+            (num_heads,), math.inf
+        ),  # lowest epoch train loss: divergence test
         "status": ["training"] * num_heads,
     }
 
@@ -304,30 +373,54 @@ class SweepTrainer:
     may repeat), per-head targets y_train / y_val [H, N] with IGNORE where a row is not that head's,
     and ``independent``: every head is kept (no pruning, no stop when the leading head stalls)."""
 
-    def __init__(self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                 class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
-                 device: torch.device | str = "cpu", precision: str = "fp32", *,
-                 grid: list[tuple[float, float]] | None = None, independent: bool = False) -> None:
+    def __init__(
+        self,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_val: np.ndarray,
+        y_val: np.ndarray,
+        class_weights: np.ndarray,
+        cfg: TrainConfig,
+        seed: int,
+        val_untrained_classes: int = 0,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        *,
+        grid: list[tuple[float, float]] | None = None,
+        independent: bool = False,
+    ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
-        self.precision = resolve_precision(self.device, precision) if precision == "auto" else precision
+        self.precision = (
+            resolve_precision(self.device, precision) if precision == "auto" else precision
+        )
         self.seed = seed
         self.grid = sweep_grid(cfg) if grid is None else [(float(lr), float(wd)) for lr, wd in grid]
         self.independent = independent
         H, C = len(self.grid), len(class_weights)
         yt = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
         if yt.dim() == 2 and yt.shape[0] != H:
-            raise TrainingError(f"per-head targets [{yt.shape[0]}, N] for {H} heads", fix="pass one row of targets per head")
+            raise TrainingError(
+                f"per-head targets [{yt.shape[0]}, N] for {H} heads",
+                fix="pass one row of targets per head",
+            )
         trained = yt[yt != IGNORE] if yt.dim() == 2 else yt
         if len(trained) == 0:
-            raise TrainingError("no training samples", fix="check data_report.json and the split settings")
+            raise TrainingError(
+                "no training samples", fix="check data_report.json and the split settings"
+            )
         if (trained < 0).any() or (trained >= C).any():
             # Cannot happen through ClassMapping.to_head; guards direct API use, where an out-of-range
             # target would fail deep in the loss with a bare index error.
-            raise TrainingError(f"training targets must be head indices 0..{C - 1} of active classes "
-                                f"(got {int(trained.min())}..{int(trained.max())})",
-                                fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets")
+            raise TrainingError(
+                f"training targets must be head indices 0..{C - 1} of active classes "
+                f"(got {int(trained.min())}..{int(trained.max())})",
+                fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets",
+            )
         if not _all_finite(x_train) or not _all_finite(x_val):
-            raise TrainingError("features contain NaN/inf", fix="delete the cache entries of these images and rerun `samprobe extract`")
+            raise TrainingError(
+                "features contain NaN/inf",
+                fix="delete the cache entries of these images and rerun `samprobe extract`",
+            )
         self.num_untrained = int(val_untrained_classes)
         self.xt, self.yt = _place_features(x_train, self.device), yt.to(self.device)
         self.xv = _place_features(x_val, self.device)
@@ -348,8 +441,12 @@ class SweepTrainer:
         self.zt = self.xt if self.standardize_batches else self._standardized(self.xt)
         del self.xt
         opt_cls = StackedSGD if cfg.optimizer == "sgd" else StackedAdamW
-        self.opt = opt_cls(_param_groups(self.model, H), torch.tensor([g[0] for g in self.grid]),
-                           torch.tensor([g[1] for g in self.grid]), decoupled=cfg.weight_decay_mode == "decoupled")
+        self.opt = opt_cls(
+            _param_groups(self.model, H),
+            torch.tensor([g[0] for g in self.grid]),
+            torch.tensor([g[1] for g in self.grid]),
+            decoupled=cfg.weight_decay_mode == "decoupled",
+        )
         row = math.prod(x_train.shape[1:])  # values per sample: D, or T*C for a grid
         self.batch_size, self.accumulate = micro_batches(cfg.batch_size, cfg.accumulate, row)
         self.eval_batch = rows_per_step(row, 4096)
@@ -358,8 +455,12 @@ class SweepTrainer:
         self.opt_steps = math.ceil(self.micro_steps / self.accumulate)
         total = self.opt_steps * cfg.epochs
         warmup = max(1, min(total // 20, cfg.warmup_epochs * self.opt_steps))
-        self.warmup_end_epoch = math.ceil(warmup / self.opt_steps)  # no pruning before: every lr still ramps up
-        self.noise_floor = NOISE_SIGMAS * score_noise(np.asarray(y_val), C, self.num_untrained, cfg.monitor)
+        self.warmup_end_epoch = math.ceil(
+            warmup / self.opt_steps
+        )  # no pruning before: every lr still ramps up
+        self.noise_floor = NOISE_SIGMAS * score_noise(
+            np.asarray(y_val), C, self.num_untrained, cfg.monitor
+        )
         self.diverge_loss = DIVERGED_LOSS * math.log(max(C, 2))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(total, warmup))
         # GradScaler only for fp16 (bf16/fp32 need none); the torch.amp form, not torch.cuda.amp.
@@ -367,7 +468,9 @@ class SweepTrainer:
 
         self.best = {k: v.detach().clone() for k, v in self.model.named_parameters()}
         vars(self).update(_progress_at_start(H))
-        self.history: list[dict[str, Any]] = []  # one row per epoch; saved in metrics.jsonl, not last.pt
+        self.history: list[
+            dict[str, Any]
+        ] = []  # one row per epoch; saved in metrics.jsonl, not last.pt
 
     # --- one epoch -----------------------------------------------------------------------
 
@@ -390,7 +493,9 @@ class SweepTrainer:
         unpack_optimizer(opt, self.opt, full, packed, heads)
         return train_loss
 
-    def _train_steps(self, model: torch.nn.Module, opt: torch.optim.Optimizer, heads: torch.Tensor) -> torch.Tensor:
+    def _train_steps(
+        self, model: torch.nn.Module, opt: torch.optim.Optimizer, heads: torch.Tensor
+    ) -> torch.Tensor:
         """The epoch's optimizer steps for ``model`` / ``opt`` holding ``heads`` (indices [H'] into the grid).
 
         Between optimizer steps nothing here waits for the device: the batch order
@@ -400,13 +505,24 @@ class SweepTrainer:
         device = self.device
         model.train()
         perm = torch.randperm(len(self.zt), generator=self.gen)
-        perm_z, perm_y = perm.to(self.zt.device), perm.to(self.yt.device)  # once per epoch, not per step
-        heads_y = heads.to(self.yt.device)  # per-head targets (cross-fitting): the rows of these heads
+        perm_z, perm_y = (
+            perm.to(self.zt.device),
+            perm.to(self.yt.device),
+        )  # once per epoch, not per step
+        heads_y = heads.to(
+            self.yt.device
+        )  # per-head targets (cross-fitting): the rows of these heads
         gather = _PinnedGather(self.zt, self.batch_size, device)
-        loss_sum = torch.zeros(len(heads), dtype=torch.float64, device=device)  # [H'], sample-weighted
-        broke = torch.zeros(len(heads), dtype=torch.bool, device=device)  # [H'] non-finite since the last step
+        loss_sum = torch.zeros(
+            len(heads), dtype=torch.float64, device=device
+        )  # [H'], sample-weighted
+        broke = torch.zeros(
+            len(heads), dtype=torch.bool, device=device
+        )  # [H'] non-finite since the last step
         opt.zero_grad(set_to_none=True)
-        sub: torch.Tensor | None = None  # heads of ``model`` in the forward; None = all (until one diverges)
+        sub: torch.Tensor | None = (
+            None  # heads of ``model`` in the forward; None = all (until one diverges)
+        )
         for step in range(self.micro_steps):
             rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
             zb = gather(perm_z[rows])  # the gather's own copy, on the device
@@ -420,7 +536,9 @@ class SweepTrainer:
                 logits = model(zb, sub, standardized=True)  # [H'', B, C]
             losses = _head_losses(logits, yb, self.weights)  # [H''], fp32
             finite = torch.isfinite(losses.detach())
-            losses = torch.where(finite, losses, 0.0)  # a diverged head's NaN stays in its own gradients
+            losses = torch.where(
+                finite, losses, 0.0
+            )  # a diverged head's NaN stays in its own gradients
             if sub is None:
                 broke |= ~finite
             else:
@@ -451,12 +569,16 @@ class SweepTrainer:
                 opt.zero_grad(set_to_none=True)
                 self.sched.step()
                 for packed_group, group in zip(opt.param_groups, self.opt.param_groups):
-                    packed_group["lr"] = group["lr"]  # the schedule's factor (a no-op unless packed)
+                    packed_group["lr"] = group[
+                        "lr"
+                    ]  # the schedule's factor (a no-op unless packed)
         out = torch.zeros(len(self.grid), dtype=torch.float64)
         out[heads] = loss_sum.cpu()
         return (out / len(self.zt)).float()
 
-    def _drop_diverged(self, broke: torch.Tensor, heads: torch.Tensor, opt: torch.optim.Optimizer, step: int) -> None:
+    def _drop_diverged(
+        self, broke: torch.Tensor, heads: torch.Tensor, opt: torch.optim.Optimizer, step: int
+    ) -> None:
         """Stop the heads of ``model`` flagged in ``broke`` ([H'], loss NaN/inf since the last optimizer step)."""
         stopped = torch.zeros(len(self.grid), dtype=torch.bool)
         stopped[heads[broke.cpu()]] = True
@@ -469,10 +591,15 @@ class SweepTrainer:
         """[N, D] / [N, T, C] float32 (device or pinned host) -> standardised, in the matmul dtype, same placement."""
         chunk = rows_per_step(math.prod(x.shape[1:]), 8192)
         dtype = self._matmul_dtype()
-        out = torch.empty(x.shape, dtype=dtype, pin_memory=x.is_pinned()) if x.device != self.device else \
-            torch.empty(x.shape, dtype=dtype, device=x.device)
+        out = (
+            torch.empty(x.shape, dtype=dtype, pin_memory=x.is_pinned())
+            if x.device != self.device
+            else torch.empty(x.shape, dtype=dtype, device=x.device)
+        )
         for i in range(0, len(x), chunk):
-            out[i:i + chunk] = self.model.standardize(x[i:i + chunk].to(self.device)).to(dtype).to(out.device)
+            out[i : i + chunk] = (
+                self.model.standardize(x[i : i + chunk].to(self.device)).to(dtype).to(out.device)
+            )
         return out
 
     def _matmul_dtype(self) -> torch.dtype:
@@ -489,9 +616,11 @@ class SweepTrainer:
         # stopped earlier, e.g. pruned) holds best weights with a finite score to fall back on.
         if not self.alive.any() and not torch.isfinite(self._selectable_scores()).any():
             lrs = sorted({g[0] for g in self.grid})
-            raise TrainingError(f"loss became NaN/inf at {where} for every head (lr {', '.join(f'{lr:g}' for lr in lrs)})",
-                                fix="the learning rate is too high for these features: lower train.lr / train.sweep.lrs "
-                                    "(e.g. divide by 10), or use precision: fp32")
+            raise TrainingError(
+                f"loss became NaN/inf at {where} for every head (lr {', '.join(f'{lr:g}' for lr in lrs)})",
+                fix="the learning rate is too high for these features: lower train.lr / train.sweep.lrs "
+                "(e.g. divide by 10), or use precision: fp32",
+            )
 
     def _selectable_scores(self) -> torch.Tensor:
         """Best scores, -inf for diverged heads (never selected, whatever their early score)."""
@@ -502,29 +631,51 @@ class SweepTrainer:
         has_val = len(self.xv) > 0
         # A finite but exploding loss (lr too high) is divergence too: its early best score is luck.
         trained = self.alive.clone()
-        exploding = self.alive & (train_loss > self.diverge_loss) & (train_loss > DIVERGED_RISE * self.min_train_loss)
+        exploding = (
+            self.alive
+            & (train_loss > self.diverge_loss)
+            & (train_loss > DIVERGED_RISE * self.min_train_loss)
+        )
         for h in exploding.nonzero().flatten().tolist():
-            self.status[h] = (f"diverged at epoch {self.epoch}: train loss {float(train_loss[h]):.4g}, over "
-                              f"{DIVERGED_RISE:g}x its lowest ({float(self.min_train_loss[h]):.4g}) and over {DIVERGED_LOSS:g} x "
-                              f"ln classes ({self.diverge_loss:.3g}; a uniform guess scores ln classes)")
-        self.min_train_loss = torch.where(trained, torch.minimum(self.min_train_loss, train_loss), self.min_train_loss)
+            self.status[h] = (
+                f"diverged at epoch {self.epoch}: train loss {float(train_loss[h]):.4g}, over "
+                f"{DIVERGED_RISE:g}x its lowest ({float(self.min_train_loss[h]):.4g}) and over {DIVERGED_LOSS:g} x "
+                f"ln classes ({self.diverge_loss:.3g}; a uniform guess scores ln classes)"
+            )
+        self.min_train_loss = torch.where(
+            trained, torch.minimum(self.min_train_loss, train_loss), self.min_train_loss
+        )
         if exploding.any():
             self.alive &= ~exploding
             self.diverged |= exploding
             self.opt.freeze(exploding)
             if not self.alive.any() and not torch.isfinite(self._selectable_scores()).any():
-                raise TrainingError(f"every head diverged by epoch {self.epoch} (train loss above {self.diverge_loss:.3g})",
-                                    fix="the learning rate is too high for these features: lower train.lr / "
-                                        "train.sweep.lrs (e.g. divide by 10)")
+                raise TrainingError(
+                    f"every head diverged by epoch {self.epoch} (train loss above {self.diverge_loss:.3g})",
+                    fix="the learning rate is too high for these features: lower train.lr / "
+                    "train.sweep.lrs (e.g. divide by 10)",
+                )
         if has_val and not self.alive.any():  # the last live heads just diverged
             val = {k: torch.full_like(train_loss, math.nan) for k in VAL_METRICS}
             score = torch.full_like(train_loss, -math.inf)
         elif has_val:
             # Only heads that trained this epoch: a stopped head's metrics cannot change.
             training = self.alive.nonzero().flatten()
-            part = evaluate_heads(self.model, self.xv, self.yv, self.weights, self.num_untrained,
-                                  self.device, self.precision, self.eval_batch, training)
-            val = {k: torch.full_like(train_loss, math.nan).index_copy_(0, training, v.float().cpu()) for k, v in part.items()}
+            part = evaluate_heads(
+                self.model,
+                self.xv,
+                self.yv,
+                self.weights,
+                self.num_untrained,
+                self.device,
+                self.precision,
+                self.eval_batch,
+                training,
+            )
+            val = {
+                k: torch.full_like(train_loss, math.nan).index_copy_(0, training, v.float().cpu())
+                for k, v in part.items()
+            }
             score = -val["val_loss"] if cfg.monitor == "val_loss" else val[f"val_{cfg.monitor}"]
         else:
             val = {k: torch.full_like(train_loss, math.nan) for k in VAL_METRICS}
@@ -548,25 +699,56 @@ class SweepTrainer:
         self.opt.freeze(stopped)
         # Early stopping on the best as well: once the leading score has not improved for
         # `patience` epochs, heads still improving below it cannot change the pick; stop them all.
-        self.sweep_stale = 0 if float(self._selectable_scores().max()) > leader_before + cfg.min_delta else self.sweep_stale + 1
+        self.sweep_stale = (
+            0
+            if float(self._selectable_scores().max()) > leader_before + cfg.min_delta
+            else self.sweep_stale + 1
+        )
         if self.sweep_stale >= cfg.patience and self.alive.any() and not self.independent:
             for h in self.alive.nonzero().flatten().tolist():
-                self.status[h] = f"stopped at epoch {self.epoch}: the best head did not improve for {cfg.patience} epochs"
+                self.status[h] = (
+                    f"stopped at epoch {self.epoch}: the best head did not improve for {cfg.patience} epochs"
+                )
             self.opt.freeze(self.alive.clone())
             self.alive[:] = False
         pruned = self._prune()
 
-        lead = int(torch.argmax(torch.where(was_alive, score, -math.inf))) if was_alive.any() else self.best_index
-        row: dict[str, Any] = {"epoch": self.epoch, "train_loss": float(train_loss[lead]),
-                               "lr": float(self.grid[lead][0] * self.sched.get_last_lr()[0])}
+        lead = (
+            int(torch.argmax(torch.where(was_alive, score, -math.inf)))
+            if was_alive.any()
+            else self.best_index
+        )
+        row: dict[str, Any] = {
+            "epoch": self.epoch,
+            "train_loss": float(train_loss[lead]),
+            "lr": float(self.grid[lead][0] * self.sched.get_last_lr()[0]),
+        }
         if has_val:
             row.update({k: float(val[k][lead]) for k in VAL_METRICS})
-        row.update({"head": lead, "best_head": self.best_index, "heads_training": int(self.alive.sum()),
-                    "stopped": {"pruned": pruned, "diverged": exploding.nonzero().flatten().tolist()},
-                    "heads": [{"lr": g[0], "weight_decay": g[1], "training": bool(trained[h]),
-                               **({"train_loss": float(train_loss[h]),
-                                   **({k: float(val[k][h]) for k in VAL_METRICS} if has_val else {})} if trained[h] else {})}
-                              for h, g in enumerate(self.grid)]})
+        row.update(
+            {
+                "head": lead,
+                "best_head": self.best_index,
+                "heads_training": int(self.alive.sum()),
+                "stopped": {"pruned": pruned, "diverged": exploding.nonzero().flatten().tolist()},
+                "heads": [
+                    {
+                        "lr": g[0],
+                        "weight_decay": g[1],
+                        "training": bool(trained[h]),
+                        **(
+                            {
+                                "train_loss": float(train_loss[h]),
+                                **({k: float(val[k][h]) for k in VAL_METRICS} if has_val else {}),
+                            }
+                            if trained[h]
+                            else {}
+                        ),
+                    }
+                    for h, g in enumerate(self.grid)
+                ],
+            }
+        )
         self.history.append(row)
         return row
 
@@ -583,18 +765,32 @@ class SweepTrainer:
         skips it. Best scores, not this epoch's: a head in a dip is not cut. Never during warm-up
         (every lr is still ramping up, so the ranking says little). Returns the heads pruned."""
         margin = self.prune_margin
-        if margin is None or self.independent or not self.alive.any() or len(self.xv) == 0 or self.epoch < self.warmup_end_epoch:
+        if (
+            margin is None
+            or self.independent
+            or not self.alive.any()
+            or len(self.xv) == 0
+            or self.epoch < self.warmup_end_epoch
+        ):
             return []  # without a validation set the score is the training loss, where more decay always looks worse
         lead = float(self._selectable_scores().max())
         pruned = self.alive & (self.best_score < lead - margin)
         loss = self.cfg.monitor == "val_loss"
         name = "val_loss" if loss else f"val_{self.cfg.monitor}"
         for h in pruned.nonzero().flatten().tolist():
-            best, leading = (-float(self.best_score[h]), -lead) if loss else (float(self.best_score[h]), lead)
-            self.status[h] = (f"pruned at epoch {self.epoch}: best {name} {best:.4f}, more than "
-                              f"{margin:.4g} (sweep.prune_margin {self.cfg.sweep.prune_margin:g}"
-                              + (f", noise floor {self.noise_floor:.4g}" if self.noise_floor > self.cfg.sweep.prune_margin else "")
-                              + f") from the leading head's {leading:.4f}")
+            best, leading = (
+                (-float(self.best_score[h]), -lead) if loss else (float(self.best_score[h]), lead)
+            )
+            self.status[h] = (
+                f"pruned at epoch {self.epoch}: best {name} {best:.4f}, more than "
+                f"{margin:.4g} (sweep.prune_margin {self.cfg.sweep.prune_margin:g}"
+                + (
+                    f", noise floor {self.noise_floor:.4g}"
+                    if self.noise_floor > self.cfg.sweep.prune_margin
+                    else ""
+                )
+                + f") from the leading head's {leading:.4f}"
+            )
         self.alive &= ~pruned
         self.opt.freeze(pruned)
         return pruned.nonzero().flatten().tolist()
@@ -606,8 +802,12 @@ class SweepTrainer:
 
     # --- driving -------------------------------------------------------------------------
 
-    def run(self, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-            on_state: Callable[["SweepTrainer"], None] | None = None, until_epoch: int | None = None) -> SweepResult:
+    def run(
+        self,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        on_state: Callable[[SweepTrainer], None] | None = None,
+        until_epoch: int | None = None,
+    ) -> SweepResult:
         """Train until every head stopped or ``cfg.epochs`` (or ``until_epoch``: a planned stop,
         as a kill would leave it); ``on_state`` after every epoch (the caller writes last.pt there)."""
         end = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
@@ -639,7 +839,8 @@ class SweepTrainer:
                 f"out of memory on {self.device} in epoch {epoch} training {int(self.alive.sum())} "
                 f"{self.cfg.head} heads on {self.batch_size} samples per step",
                 fix="halve train.batch_size and double train.accumulate (the same effective batch), or train fewer "
-                    "sweep settings at once; `samprobe train --resume` continues from the last finished epoch") from None
+                "sweep settings at once; `samprobe train --resume` continues from the last finished epoch",
+            ) from None
 
     @property
     def done(self) -> bool:
@@ -648,53 +849,96 @@ class SweepTrainer:
     def result(self) -> SweepResult:
         b = self.best_index
         if not math.isfinite(float(self._selectable_scores()[b])):
-            raise TrainingError("no head reached a finite validation score without diverging", fix="lower train.lr / train.sweep.lrs")
+            raise TrainingError(
+                "no head reached a finite validation score without diverging",
+                fix="lower train.lr / train.sweep.lrs",
+            )
         last_head = self.model.to_head(b)
-        best_model = copy.deepcopy(self.model)  # the live model stays as is: training may go on (resume)
-        best_model.load_state_dict({**self.model.state_dict(), **self.best})  # early stopping restores the best weights
+        best_model = copy.deepcopy(
+            self.model
+        )  # the live model stays as is: training may go on (resume)
+        best_model.load_state_dict(
+            {**self.model.state_dict(), **self.best}
+        )  # early stopping restores the best weights
         cols = ("train_loss",) + VAL_METRICS
         table = []
         for h, (lr, wd) in enumerate(self.grid):
-            row = {"head": h, "lr": lr, "weight_decay": wd, "best_epoch": int(self.best_epoch[h]),
-                   f"best_{self.cfg.monitor}" if self.cfg.monitor != "val_loss" else "best_val_loss":
-                       float(-self.best_score[h]) if self.cfg.monitor == "val_loss" else float(self.best_score[h]),
-                   **{c: float(self.best_metrics[h, i]) for i, c in enumerate(cols)},
-                   "status": self.status[h], "selected": h == b}
+            row = {
+                "head": h,
+                "lr": lr,
+                "weight_decay": wd,
+                "best_epoch": int(self.best_epoch[h]),
+                f"best_{self.cfg.monitor}"
+                if self.cfg.monitor != "val_loss"
+                else "best_val_loss": float(-self.best_score[h])
+                if self.cfg.monitor == "val_loss"
+                else float(self.best_score[h]),
+                **{c: float(self.best_metrics[h, i]) for i, c in enumerate(cols)},
+                "status": self.status[h],
+                "selected": h == b,
+            }
             table.append(row)
-        return SweepResult(best_model, self.grid, b, int(self.best_epoch[b]), float(self.best_score[b]),
-                           best_model.to_head(b), last_head, table, list(self.history))
+        return SweepResult(
+            best_model,
+            self.grid,
+            b,
+            int(self.best_epoch[b]),
+            float(self.best_score[b]),
+            best_model.to_head(b),
+            last_head,
+            table,
+            list(self.history),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue bit for bit: tensors and builtins only (weights_only loads it)."""
         return {
-            "grid": [list(g) for g in self.grid], "optimizer_name": self.cfg.optimizer, "head_spec": self.model.spec(),
+            "grid": [list(g) for g in self.grid],
+            "optimizer_name": self.cfg.optimizer,
+            "head_spec": self.model.spec(),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "best": {k: v.detach().cpu().clone() for k, v in self.best.items()},
             **{name: _copied(getattr(self, name)) for name in _PROGRESS},
-            "optimizer": copy.deepcopy(self.opt.state_dict()), "scheduler": self.sched.state_dict(),
+            "optimizer": copy.deepcopy(self.opt.state_dict()),
+            "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
-            "rng": {"batches": self.gen.get_state(), "dropout": self.dropout_gen.get_state(),
-                    "dropout_device": self.dropout_gen.device.type},
+            "rng": {
+                "batches": self.gen.get_state(),
+                "dropout": self.dropout_gen.get_state(),
+                "dropout_device": self.dropout_gen.device.type,
+            },
         }
 
-    def load_state_dict(self, state: dict[str, Any], history: list[dict[str, Any]] | None = None) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], history: list[dict[str, Any]] | None = None
+    ) -> None:
         """``history``: the epoch rows so far (metrics.jsonl); the state holds none, so that writing
         it every epoch costs the same at epoch 3000 as at epoch 1."""
         grid = [tuple(float(v) for v in g) for g in state["grid"]]
         if grid != self.grid or state["model"]["mean"].shape != self.model.mean.shape:
-            raise CheckpointError(f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
-                                  f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
-                                  fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
+            raise CheckpointError(
+                f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
+                f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
+                fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume",
+            )
         saved_spec, spec = state["head_spec"], self.model.spec()
-        same_kind = [saved_spec["kind"], saved_spec.get("spatial")] == [spec["kind"], spec.get("spatial")]
+        same_kind = [saved_spec["kind"], saved_spec.get("spatial")] == [
+            spec["kind"],
+            spec.get("spatial"),
+        ]
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         if not same_kind or {k: v.shape for k, v in state["model"].items()} != shapes:
-            raise CheckpointError(f"last.pt was written for {_describe(saved_spec)} heads, this config trains {_describe(spec)} heads",
-                                  fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume")
+            raise CheckpointError(
+                f"last.pt was written for {_describe(saved_spec)} heads, this config trains {_describe(spec)} heads",
+                fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume",
+            )
         saved_opt = state["optimizer_name"]
         if saved_opt != self.cfg.optimizer:
-            raise CheckpointError(f"last.pt was written with train.optimizer {saved_opt}; this config has {self.cfg.optimizer}",
-                                  fix=f"resume with the config of the interrupted run (train.optimizer: {saved_opt}), or train without --resume")
+            raise CheckpointError(
+                f"last.pt was written with train.optimizer {saved_opt}; this config has {self.cfg.optimizer}",
+                fix=f"resume with the config of the interrupted run (train.optimizer: {saved_opt}), "
+                "or train without --resume",
+            )
         self.model.load_state_dict(state["model"])
         self.best = {k: v.to(self.device) for k, v in state["best"].items()}
         vars(self).update({name: _copied(state[name]) for name in _PROGRESS})
@@ -718,14 +962,37 @@ class SweepTrainer:
             except RuntimeError:  # written before dropout_device was stored, on another device type
                 pass
         self.dropout_gen.manual_seed(self.seed + 1 + 1_000_003 * self.epoch)
-        log.warning(f"train: last.pt was written on {saved_on or 'another device type'}, resuming on "
-                    f"{self.device.type}: dropout continues from a new random stream, the batch order is unchanged")
+        log.warning(
+            f"train: last.pt was written on {saved_on or 'another device type'}, resuming on "
+            f"{self.device.type}: dropout continues from a new random stream, the batch order is unchanged"
+        )
 
 
-def train_sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                class_weights: np.ndarray, cfg: TrainConfig, seed: int, val_untrained_classes: int = 0,
-                on_epoch: Callable[[dict[str, Any]], None] | None = None, device: torch.device | str = "cpu",
-                precision: str = "fp32") -> SweepResult:
-    """x_*: float [N, D] (train.head attentive: grids [N, S*S, C]); y_*: head targets [N] (IGNORE allowed in val only)."""
-    trainer = SweepTrainer(x_train, y_train, x_val, y_val, class_weights, cfg, seed, val_untrained_classes, device, precision)
+def train_sweep(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    class_weights: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    val_untrained_classes: int = 0,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> SweepResult:
+    """x_*: float [N, D] (train.head attentive: grids [N, S*S, C]); y_*: head targets [N]
+    (IGNORE allowed in val only)."""
+    trainer = SweepTrainer(
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        class_weights,
+        cfg,
+        seed,
+        val_untrained_classes,
+        device,
+        precision,
+    )
     return trainer.run(on_epoch)

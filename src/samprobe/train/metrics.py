@@ -1,14 +1,26 @@
 """Classification metrics over the full taxonomy (untrained classes included)."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, taxonomy: list[str], active: list[int],
-                           topk_pred: np.ndarray | None = None) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    taxonomy: list[str],
+    active: list[int],
+    topk_pred: np.ndarray | None = None,
+) -> dict[str, Any]:
     """y_true, y_pred: taxonomy indices [N]; topk_pred: taxonomy indices [N, k] (best first)."""
     if len(y_true) == 0:
         return {"n": 0}
@@ -18,7 +30,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, taxonomy: lis
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        ),
         "n_not_trained": int(sum(t not in trained for t in y_true.tolist())),
     }
     if topk_pred is not None:
@@ -27,12 +41,24 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, taxonomy: lis
     return out
 
 
-def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, taxonomy: list[str], active: list[int]) -> list[dict[str, Any]]:
+def per_class_table(
+    y_true: np.ndarray, y_pred: np.ndarray, taxonomy: list[str], active: list[int]
+) -> list[dict[str, Any]]:
     labels = list(range(len(taxonomy)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     trained = set(active)
-    return [{"class": taxonomy[i], "trained": i in trained, "status": "trained" if i in trained else "not trained",
-             "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])} for i in labels]
+    return [
+        {
+            "class": taxonomy[i],
+            "trained": i in trained,
+            "status": "trained" if i in trained else "not trained",
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
+        for i in labels
+    ]
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:

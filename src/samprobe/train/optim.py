@@ -7,6 +7,7 @@ LambdaLR, GradScaler and state_dict/load_state_dict work unchanged; the group's 
 is the schedule factor that multiplies every head's base lr. ``frozen`` heads (early-stopped or
 diverged) are not updated at all.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,9 @@ import torch
 from samprobe.train.heads import select_heads
 
 
-def _on_device(opt: torch.optim.Optimizer, group: dict, key: str, device: torch.device) -> torch.Tensor:
+def _on_device(
+    opt: torch.optim.Optimizer, group: dict, key: str, device: torch.device
+) -> torch.Tensor:
     """``group[key]``, a small per-head host tensor ([H] lr, decay, frozen), on ``device``: copied
     once per change (freeze replaces it), not once per parameter and step. Each pageable
     host-to-device copy waits for the GPU to finish its queue."""
@@ -38,12 +41,27 @@ class StackedOptimizer(torch.optim.Optimizer):
     ``decoupled`` (weight decay applied to the weights, else an L2 term added to the gradient),
     ``frozen`` bool [H]."""
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], head_lr: torch.Tensor,
-                 head_wd: torch.Tensor, decoupled: bool, **defaults: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        head_lr: torch.Tensor,
+        head_wd: torch.Tensor,
+        decoupled: bool,
+        **defaults: Any,
+    ) -> None:
         head_lr = torch.as_tensor(head_lr, dtype=torch.float32)
         head_wd = torch.as_tensor(head_wd, dtype=torch.float32)
-        super().__init__(params, {"lr": 1.0, **defaults, "head_lr": head_lr, "head_wd": head_wd, "decoupled": decoupled,
-                                  "frozen": torch.zeros(len(head_lr), dtype=torch.bool)})
+        super().__init__(
+            params,
+            {
+                "lr": 1.0,
+                **defaults,
+                "head_lr": head_lr,
+                "head_wd": head_wd,
+                "decoupled": decoupled,
+                "frozen": torch.zeros(len(head_lr), dtype=torch.bool),
+            },
+        )
 
     def freeze(self, heads: torch.Tensor) -> None:
         """heads: bool [H]; these heads are never updated again."""
@@ -54,9 +72,15 @@ class StackedOptimizer(torch.optim.Optimizer):
 class StackedAdamW(StackedOptimizer):
     """AdamW (decoupled weight decay, bias correction, as torch.optim.AdamW) per head."""
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], head_lr: torch.Tensor,
-                 head_wd: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 decoupled: bool = True) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        head_lr: torch.Tensor,
+        head_wd: torch.Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        decoupled: bool = True,
+    ) -> None:
         """decoupled=False: the decay is an L2 term added to the gradient (Adam + L2), whose
         fixed point is the L2-regularised optimum that scikit-learn's LogisticRegression finds."""
         super().__init__(params, head_lr, head_wd, decoupled, betas=betas, eps=eps)
@@ -80,7 +104,13 @@ class StackedAdamW(StackedOptimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # A frozen head's gradient may be NaN (diverged): keep it out of the moments.
                 all_live = not bool(group["frozen"].any())
-                grad = p.grad if all_live else torch.where(live, p.grad, torch.zeros((), dtype=p.grad.dtype, device=p.device))
+                grad = (
+                    p.grad
+                    if all_live
+                    else torch.where(
+                        live, p.grad, torch.zeros((), dtype=p.grad.dtype, device=p.device)
+                    )
+                )
                 if not group["decoupled"]:
                     grad = grad + (wd if all_live else wd * live) * p
                 state["step"] += 1
@@ -88,7 +118,7 @@ class StackedAdamW(StackedOptimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+                bc1, bc2 = 1 - beta1**t, 1 - beta2**t
                 if group["decoupled"]:
                     p.mul_(1 - lr * wd)  # decoupled weight decay, per head
                 denom = (v / bc2).sqrt_().add_(group["eps"])
@@ -103,8 +133,14 @@ class StackedSGD(StackedOptimizer):
     15+ (its per-coordinate steps of size ~lr keep the many weak/noise dimensions jittering;
     measured in bench/heads.py)."""
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], head_lr: torch.Tensor,
-                 head_wd: torch.Tensor, momentum: float = 0.9, decoupled: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        head_lr: torch.Tensor,
+        head_wd: torch.Tensor,
+        momentum: float = 0.9,
+        decoupled: bool = False,
+    ) -> None:
         super().__init__(params, head_lr, head_wd, decoupled, momentum=momentum)
 
     @torch.no_grad()
@@ -117,8 +153,12 @@ class StackedSGD(StackedOptimizer):
                 if p.grad is None:
                     continue
                 shape = (-1,) + (1,) * (p.dim() - 1)  # broadcast [H] over the head's parameter
-                frozen = _on_device(self, group, "frozen", p.device).view(shape)  # heads never updated again
-                lr = (_on_device(self, group, "head_lr", p.device) * group["lr"]).view(shape)  # schedule x head lr
+                frozen = _on_device(self, group, "frozen", p.device).view(
+                    shape
+                )  # heads never updated again
+                lr = (_on_device(self, group, "head_lr", p.device) * group["lr"]).view(
+                    shape
+                )  # schedule x head lr
                 if any_frozen:
                     lr = lr.masked_fill(frozen, 0.0)
                 wd = _on_device(self, group, "head_wd", p.device).view(shape)
@@ -126,7 +166,9 @@ class StackedSGD(StackedOptimizer):
                 # In place on p.grad (zero_grad follows every step), writing the frozen heads only.
                 grad = p.grad.masked_fill_(frozen, 0.0) if any_frozen else p.grad
                 if not group["decoupled"]:
-                    grad.addcmul_(wd, p)  # L2 in the gradient: the fixed point is the L2-regularised optimum
+                    grad.addcmul_(
+                        wd, p
+                    )  # L2 in the gradient: the fixed point is the L2-regularised optimum
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = grad.clone()  # torch.optim.SGD's first step
@@ -147,26 +189,42 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+        return 0.5 * (
+            1
+            + math.cos(
+                math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            )
+        )
+
     return factor
 
 
 def _per_head(value: object, heads: torch.Tensor, num_heads: int) -> object:
     """A group setting or state entry restricted to ``heads`` when it is per head ([H, ...])."""
     if torch.is_tensor(value):
-        return select_heads(value, heads) if value.dim() and value.shape[0] == num_heads else value.clone()
+        return (
+            select_heads(value, heads)
+            if value.dim() and value.shape[0] == num_heads
+            else value.clone()
+        )
     return value
 
 
-def pack_optimizer(opt: StackedOptimizer, full: list[torch.Tensor], packed: list[torch.Tensor],
-                   heads: torch.Tensor) -> StackedOptimizer:
+def pack_optimizer(
+    opt: StackedOptimizer, full: list[torch.Tensor], packed: list[torch.Tensor], heads: torch.Tensor
+) -> StackedOptimizer:
     """A stacked optimizer for ``packed`` (the parameters of ``pack_heads(model, heads)``, in the
     order of ``full``): every group's per-head settings and every state entry restricted to
     ``heads``."""
     num_heads = len(opt.param_groups[0]["head_lr"])
     to_packed = {id(f): p for f, p in zip(full, packed)}
-    groups = [{**{k: _per_head(v, heads, num_heads) for k, v in g.items() if k != "params"},
-               "params": [to_packed[id(p)] for p in g["params"]]} for g in opt.param_groups]
+    groups = [
+        {
+            **{k: _per_head(v, heads, num_heads) for k, v in g.items() if k != "params"},
+            "params": [to_packed[id(p)] for p in g["params"]],
+        }
+        for g in opt.param_groups
+    ]
     new = type(opt)(groups, groups[0]["head_lr"], groups[0]["head_wd"])
     for f, p in zip(full, packed):
         if opt.state.get(f):
@@ -174,8 +232,13 @@ def pack_optimizer(opt: StackedOptimizer, full: list[torch.Tensor], packed: list
     return new
 
 
-def unpack_optimizer(packed_opt: torch.optim.Optimizer, opt: torch.optim.Optimizer, full: list[torch.Tensor],
-                     packed: list[torch.Tensor], heads: torch.Tensor) -> None:
+def unpack_optimizer(
+    packed_opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer,
+    full: list[torch.Tensor],
+    packed: list[torch.Tensor],
+    heads: torch.Tensor,
+) -> None:
     """Write ``packed_opt``'s state for ``heads`` back into ``opt`` (the inverse of
     ``pack_optimizer``)."""
     for f, p in zip(full, packed):
