@@ -4,7 +4,7 @@ Run from the repo root:  PYTHONPATH=src python bench/encoder.py [--quick]
 
 All three run the same random vit_b weights (saved once in the official format) on the same
 real photos (skimage.data). timm and samprobe run in the precision ``precision: auto`` resolves
-to on this CPU (the GEMM probe of samprobe.backbones.precision: bf16 where it measures faster,
+to on this CPU (the GEMM probe of samprobe.device: bf16 where it measures faster,
 else fp32), reported as "precision" with the probe's GFLOP/s. The machine's matmul peak in that
 precision is measured in the same run, and samprobe's share of it is reported from FLOPs counted
 by torch's FlopCounterMode on its own forward. Ends with one JSON line.
@@ -90,7 +90,7 @@ def make_timm(state_dict: dict, size: int, precision: str) -> Callable[[list[np.
     import timm
     from timm.models.vision_transformer_sam import checkpoint_filter_fn
 
-    from samprobe.backbones.precision import autocast_context
+    from samprobe.device import autocast_context
 
     model = timm.create_model(
         "samvit_base_patch16", pretrained=False, img_size=size, num_classes=0
@@ -108,8 +108,8 @@ def make_timm(state_dict: dict, size: int, precision: str) -> Callable[[list[np.
 
 
 def make_samprobe(ckpt: Path, size: int, precision: str) -> Callable[[list[np.ndarray]], None]:
-    from samprobe.backbones.precision import autocast_context
     from samprobe.backbones.sam import SamBackbone
+    from samprobe.device import autocast_context
 
     bb = SamBackbone.from_checkpoint(ckpt, img_size=size, variant="vit_b")
 
@@ -153,7 +153,7 @@ def main() -> None:
     n = args.images or (2 if args.quick else 4)
     images = real_images(n)
     torch.manual_seed(0)
-    from samprobe.backbones.precision import cpu_probe, resolve_precision
+    from samprobe.device import cpu_probe, resolve_precision
 
     precision = resolve_precision(torch.device("cpu"), "auto")
     probe = cpu_probe()

@@ -123,8 +123,8 @@ def run_samprobe(
     import torch._dynamo  # noqa: F401
     from sklearn.metrics import balanced_accuracy_score
 
-    from samprobe.backbones.precision import resolve_precision
     from samprobe.config import SweepConfig, TrainConfig
+    from samprobe.device import resolve_precision
     from samprobe.train.classes import class_weights
     from samprobe.train.loop import SweepTrainer
 
@@ -294,7 +294,7 @@ def main() -> int:
     # time other jobs held the cores; the target is on wall time, CPU time shows the noise.
     c_sp = sum(r["samprobe"]["cpu_seconds"] for r in results.values())
     c_sk = sum(r["sklearn"]["cpu_seconds"] for r in results.values())
-    from samprobe.backbones.precision import cpu_probe
+    from samprobe.device import cpu_probe
 
     probe = cpu_probe()
     out = {

@@ -33,8 +33,8 @@ def main() -> None:
     from skimage import data
 
     from helpers.sam_factory import write_official_checkpoint
-    from samprobe.backbones.precision import autocast_context, resolve_precision
     from samprobe.backbones.sam import SamBackbone
+    from samprobe.device import autocast_context, resolve_precision
 
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()][
         : 2 if args.quick else 4

@@ -77,8 +77,8 @@ def run_samprobe(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict]
     import torch._dynamo  # noqa: F401 - a library import (1.5-2.5 s), left out of the timing as sklearn's are
     from sklearn.model_selection import train_test_split
 
-    from samprobe.backbones.precision import resolve_precision
     from samprobe.config import TrainConfig
+    from samprobe.device import resolve_precision
     from samprobe.inspection import cross_fit, find_label_issues, setting_from_sweep
     from samprobe.train.classes import class_weights
     from samprobe.train.loop import SweepTrainer
@@ -191,8 +191,8 @@ def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float]
     """Seconds for kNN k=10 + pairs on n x dim features with n/50 planted near-copies; recall of those."""
     import torch
 
-    from samprobe.backbones.precision import resolve_precision
     from samprobe.config import InspectConfig
+    from samprobe.device import resolve_precision
     from samprobe.inspection import duplicate_pairs, nearest_neighbours
 
     rng = np.random.default_rng(seed)

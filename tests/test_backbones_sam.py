@@ -20,7 +20,7 @@ from skimage import data
 from helpers.sam_factory import build_official_sam, write_official_checkpoint
 from samprobe.backbones import registry
 from samprobe.backbones.sam import SamBackbone, build_sam, infer_geometry, valid_token_mask
-from samprobe.backbones.sam_weights import read_checkpoint, to_timm_keys
+from samprobe.backbones.sam_state_dict import read_checkpoint, to_timm_keys
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 from samprobe.io import weights_sha256

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from samprobe.backbones.weights import CATALOGUE, OFFICIAL_WEIGHTS, download_weights
+from samprobe.backbones.download import CATALOGUE, OFFICIAL_WEIGHTS, download_weights
 from samprobe.errors import ConfigError, DownloadError
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MB, not a multiple of the read chunk

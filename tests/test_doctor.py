@@ -137,7 +137,7 @@ def test_unsupported_precision_is_blocking(project, capsys):
 
 @pytest.mark.parametrize("fp32, bf16, chosen", [(96.0, 403.0, "bf16"), (153.0, 84.0, "fp32")])
 def test_auto_precision_line_shows_the_cpu_probe(project, capsys, monkeypatch, fp32, bf16, chosen):
-    from samprobe.backbones import precision
+    from samprobe import device as precision
 
     monkeypatch.setattr(precision, "_PROBES", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(project / f"xdg-{chosen}"))

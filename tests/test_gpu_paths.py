@@ -14,15 +14,15 @@ import torch
 from skimage import data
 
 from helpers.sam_factory import write_official_checkpoint
-from samprobe.backbones import precision
-from samprobe.backbones.precision import (
+from samprobe import device as precision
+from samprobe.backbones.sam import SamBackbone
+from samprobe.backbones.sam_attention import SamAttention, choose_attention
+from samprobe.device import (
     autocast_context,
     resolve_device,
     resolve_precision,
     runnable_precision,
 )
-from samprobe.backbones.sam import SamBackbone
-from samprobe.backbones.sam_attention import SamAttention, choose_attention
 from samprobe.errors import ConfigError, DeviceError
 
 CUDA = torch.device("cuda", 0)

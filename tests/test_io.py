@@ -9,7 +9,7 @@ import zlib
 from PIL import Image
 from skimage import data
 
-from samprobe.backbones.weights import file_md5
+from samprobe.backbones.download import file_md5
 from samprobe.io import file_crc32, hash_file, sha256_file
 
 

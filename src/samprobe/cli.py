@@ -167,7 +167,7 @@ def cmd_features_export(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
-    from samprobe.backbones.weights import checksum_note, download_weights
+    from samprobe.backbones.download import checksum_note, download_weights
 
     path = download_weights(args.name, Path(args.dir), url=args.url)
     log.info(
@@ -177,7 +177,7 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_list(args: argparse.Namespace) -> int:
-    from samprobe.backbones.weights import CATALOGUE
+    from samprobe.backbones.download import CATALOGUE
 
     for name, entry in CATALOGUE.items():
         checksum = (

@@ -67,7 +67,7 @@ def gpu_report(device: str) -> str:
     GPU of this torchrun rank); Warn when an NVIDIA GPU is present but torch cannot use it."""
     import torch
 
-    from samprobe.backbones.precision import describe_device, local_rank
+    from samprobe.device import describe_device, local_rank
 
     driver = nvidia_driver()
     if torch.cuda.is_available():
@@ -196,17 +196,17 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return f"{len(sample)} of {len(sample)} sampled images decode"
 
     def _run_dir() -> str:
-        from samprobe.features.cache import ensure_writable_dir
+        from samprobe.io import ensure_writable_dir
 
         return f"{ensure_writable_dir(cfg.run_dir, 'run_dir')} writable"
 
     def _cache_dir() -> str:
-        from samprobe.features.cache import ensure_writable_dir
+        from samprobe.io import ensure_writable_dir
 
         return f"{ensure_writable_dir(cfg.features.cache_dir, 'features.cache_dir')} writable"
 
     def _device() -> str:
-        from samprobe.backbones.precision import (
+        from samprobe.device import (
             cpu_probe,
             describe_device,
             resolve_device,

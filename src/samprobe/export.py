@@ -9,9 +9,8 @@ import numpy as np
 
 from samprobe.config import Config
 from samprobe.errors import ConfigError, DataError
-from samprobe.features.cache import ensure_writable_file
 from samprobe.features.extract import Extractor, load_features, load_grid
-from samprobe.io import atomic_open
+from samprobe.io import atomic_open, ensure_writable_file
 from samprobe.pipeline import FAILURES_FILE, load_dataset, read_failed_keys
 
 log = logging.getLogger("samprobe")

@@ -315,7 +315,7 @@ def _setting_candidates(cfg: Config, fingerprint: str) -> tuple[list[tuple[float
 
 def run_inspect(cfg: Config) -> dict[str, Any]:
     """Write inspect/label_issues.csv, near_duplicates.csv, outliers.csv, summary.json; returns the summary."""
-    from samprobe.backbones.precision import resolve_device, resolve_precision
+    from samprobe.device import resolve_device, resolve_precision
     from samprobe.features.extract import Extractor
     from samprobe.pipeline import _features_by_split, load_dataset, prepare_run_dir
 

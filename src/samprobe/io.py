@@ -1,4 +1,5 @@
-"""File helpers every writer uses: hashing and atomic writes (temp file + fsync + rename).
+"""File helpers every writer uses: hashing, writability checks and atomic writes (temp file +
+fsync + rename).
 
 A crash or kill at any point leaves either the old file or the new one, never half of one.
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
 import torch
+
+from samprobe.errors import CacheError
 
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
@@ -197,3 +200,33 @@ def atomic_torch_save(obj: Any, path: Path | str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def ensure_writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` with parents and prove it is writable, or raise CacheError before any work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CacheError(
+            f"{what} {path} cannot be created or written ({exc.strerror or exc})",
+            fix=f"choose a writable location (set it in the config), or fix the permissions of {path}",
+        ) from None
+    return path
+
+
+def ensure_writable_file(path: Path, what: str, example: str) -> Path:
+    """Check, before any work, that an output file can be written: ``path`` is not a folder and its
+    folder can be created and written (the file itself is written atomically when the work is done).
+    ``what`` names the setting (``--out``), ``example`` a file name for the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise CacheError(
+            f"{what} {path} is a folder, not a file",
+            fix=f"name the file to write, e.g. {what} {path / example}",
+        )
+    ensure_writable_dir(path.parent, f"the folder of {what}")
+    return path

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from samprobe.backbones.precision import describe_device
 from samprobe.backbones.registry import grid_array
 from samprobe.config import Config, check_head_input, dump_config
 from samprobe.data.loader import failure_kind
@@ -30,10 +29,11 @@ from samprobe.data.metadata import (
     write_splits,
 )
 from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
+from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
-from samprobe.features.cache import check_free_space, ensure_writable_dir, register_run
+from samprobe.features.cache import check_free_space, register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
-from samprobe.io import atomic_open, atomic_write_text, remove_stale_temps
+from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir, remove_stale_temps
 from samprobe.logs import attach_run_log, count_of
 from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
 from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
@@ -512,7 +512,7 @@ def check_no_training_images(
 
 def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Train the sweep of heads; ``resume`` continues from checkpoints/last.pt bit for bit."""
-    from samprobe.backbones.precision import resolve_device, resolve_precision
+    from samprobe.device import resolve_device, resolve_precision
 
     check_head_input(cfg)
     records, taxonomy = load_dataset(cfg)

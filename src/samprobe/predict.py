@@ -21,9 +21,8 @@ from samprobe.config import BackboneConfig, Config
 from samprobe.data.images import decode_rgb, to_rgb
 from samprobe.data.metadata import IMAGE_SUFFIXES, Record
 from samprobe.errors import CheckpointError, DataError
-from samprobe.features.cache import ensure_writable_file
 from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
-from samprobe.io import atomic_open, sha256_file, weights_sha256
+from samprobe.io import atomic_open, ensure_writable_file, sha256_file, weights_sha256
 from samprobe.pipeline import check_fingerprint, head_spatial, predict_features, stored_precision
 from samprobe.train.checkpoint import load_checkpoint
 from samprobe.train.classes import ClassMapping
@@ -58,7 +57,7 @@ class Classifier:
         device (``runnable_precision``: a head trained on fp16 GPU features predicts on the CPU at fp32).
         ``weights``: the backbone weights file, when it is no longer where training read it (by default
         it is looked for there, then by name and content next to the checkpoint and in weights/ folders)."""
-        from samprobe.backbones.precision import resolve_device, runnable_precision
+        from samprobe.device import resolve_device, runnable_precision
 
         ckpt = load_checkpoint(checkpoint)
         trained_at = stored_precision(ckpt)

@@ -31,7 +31,7 @@ from samprobe.backbones.registry import (
     pool_maps,
     valid_token_mask,
 )
-from samprobe.backbones.sam_weights import check_variant, read_checkpoint
+from samprobe.backbones.sam_state_dict import check_variant, read_checkpoint
 from samprobe.config import BackboneConfig
 from samprobe.data.images import letterbox, sam_normalize_pad
 from samprobe.errors import CheckpointError, ConfigError

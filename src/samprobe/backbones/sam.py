@@ -1,7 +1,7 @@
 """SAM image encoder as a samprobe backbone: official preprocessing, valid-region pooling.
 
 The trunk is timm's ``VisionTransformerSAM`` built with the geometry found in the weights
-(``sam_weights.infer_geometry``) and SAM's own LayerNorm eps (1e-6; timm's samvit default is
+(``sam_state_dict.infer_geometry``) and SAM's own LayerNorm eps (1e-6; timm's samvit default is
 1e-5), with a faster inference attention (``sam_attention``). Preprocessing is the official
 ``ResizeLongestSide`` + ``Sam.preprocess``: the resize happens in ``prepare`` (CPU workers),
 normalisation and zeroing of the padding on the device in ``encode``.
@@ -28,7 +28,7 @@ from samprobe.backbones.registry import (
     valid_token_mask,
 )
 from samprobe.backbones.sam_attention import SamAttention, SamBlock
-from samprobe.backbones.sam_weights import (
+from samprobe.backbones.sam_state_dict import (
     DOWNLOAD_FIX,
     SamGeometry,
     adapt_to_grid,

@@ -34,7 +34,7 @@ from samprobe.backbones.registry import (
     pool_grid,
     pool_maps,
 )
-from samprobe.backbones.sam_weights import check_variant, read_checkpoint
+from samprobe.backbones.sam_state_dict import check_variant, read_checkpoint
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 from samprobe.io import weights_sha256

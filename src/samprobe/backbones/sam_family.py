@@ -9,7 +9,7 @@ geometry, in each family's own module):
 - MobileSAM: flat ``image_encoder.*`` of a TinyViT (``image_encoder.patch_embed.seq.*``,
   ``image_encoder.layers.*``); SAM-HQ's light ``vit_tiny`` has the same encoder.
 - SAM 1: flat ``image_encoder.*`` (or a timm ``samvit_*`` encoder state dict).
-Only ``torch.load(weights_only=True)`` ever reads a file (``sam_weights.read_checkpoint``).
+Only ``torch.load(weights_only=True)`` ever reads a file (``sam_state_dict.read_checkpoint``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from samprobe.backbones.registry import Backbone
-from samprobe.backbones.sam_weights import DOWNLOAD_FIX, read_checkpoint
+from samprobe.backbones.sam_state_dict import DOWNLOAD_FIX, read_checkpoint
 from samprobe.config import BackboneConfig
 from samprobe.errors import ConfigError
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from samprobe.errors import CacheError
-from samprobe.io import atomic_open, atomic_write_text, file_crc32
+from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir, file_crc32
 
 log = logging.getLogger("samprobe")
 
@@ -77,36 +77,6 @@ CREATE TRIGGER IF NOT EXISTS entries_upd AFTER UPDATE OF shard ON entries WHEN O
           UPDATE shards SET live = live + 1 WHERE id = NEW.shard; END;
 """
 _ROW_BITS = 32  # location = shard id << 32 | row
-
-
-def ensure_writable_dir(path: Path, what: str) -> Path:
-    """Create ``path`` with parents and prove it is writable, or raise CacheError before any work."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise CacheError(
-            f"{what} {path} cannot be created or written ({exc.strerror or exc})",
-            fix=f"choose a writable location (set it in the config), or fix the permissions of {path}",
-        ) from None
-    return path
-
-
-def ensure_writable_file(path: Path, what: str, example: str) -> Path:
-    """Check, before any work, that an output file can be written: ``path`` is not a folder and its
-    folder can be created and written (the file itself is written atomically when the work is done).
-    ``what`` names the setting (``--out``), ``example`` a file name for the fix."""
-    path = Path(path)
-    if path.is_dir():
-        raise CacheError(
-            f"{what} {path} is a folder, not a file",
-            fix=f"name the file to write, e.g. {what} {path / example}",
-        )
-    ensure_writable_dir(path.parent, f"the folder of {what}")
-    return path
 
 
 def estimate_bytes(n: int, dim: int, dtype: str | np.dtype) -> int:

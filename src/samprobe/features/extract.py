@@ -32,17 +32,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samprobe.backbones.precision import (
-    autocast_context,
-    is_oom,
-    resolve_device,
-    resolve_precision,
-)
 from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, grid_array
 from samprobe.config import Config
 from samprobe.data.images import decode_rgb
 from samprobe.data.loader import LoadItem, make_loader
 from samprobe.data.metadata import Record
+from samprobe.device import (
+    autocast_context,
+    is_oom,
+    resolve_device,
+    resolve_precision,
+)
 from samprobe.errors import DeviceError
 from samprobe.features.cache import FeatureCache, estimate_bytes
 

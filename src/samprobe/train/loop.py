@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samprobe.backbones.precision import (
+from samprobe.config import TrainConfig
+from samprobe.device import (
     autocast_context,
     is_oom,
     matmul_dtype,
     needs_grad_scaler,
     resolve_precision,
 )
-from samprobe.config import TrainConfig
 from samprobe.errors import CheckpointError, DeviceError, TrainingError
 from samprobe.train.classes import IGNORE
 from samprobe.train.heads import (

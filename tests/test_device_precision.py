@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from samprobe.backbones import precision
-from samprobe.backbones.precision import autocast_context, resolve_precision
+from samprobe import device as precision
+from samprobe.device import autocast_context, resolve_precision
 from samprobe.errors import ConfigError
 
 CPU = torch.device("cpu")
