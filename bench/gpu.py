@@ -92,7 +92,7 @@ def photo_files(root: Path, n: int) -> list[Path]:
 
 
 def records(files: list[Path]) -> list[Any]:
-    from samprobe.data.metadata import Record
+    from samprobe.data.records import Record
     from samprobe.io import sha256_file
 
     return [

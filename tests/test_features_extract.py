@@ -18,7 +18,7 @@ from samprobe.backbones.registry import Backbone, PooledFeature
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.data.images import resize_square
-from samprobe.data.metadata import Record, read_splits
+from samprobe.data.records import Record, read_splits
 from samprobe.errors import DeviceError
 from samprobe.features.cache import FeatureCache
 from samprobe.features.extract import Extractor

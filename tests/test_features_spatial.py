@@ -21,7 +21,7 @@ from samprobe.backbones.registry import grid_array, pool_grid
 from samprobe.backbones.sam import SamBackbone
 from samprobe.cli import main
 from samprobe.config import load_config
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import read_splits
 from samprobe.errors import ConfigError
 from samprobe.features.cache import estimate_bytes
 from samprobe.features.extract import Extractor, load_features, load_grid

@@ -18,7 +18,7 @@ from helpers.resume_check import assert_resumes_bitwise
 from helpers.sam_factory import write_official_checkpoint
 from samprobe.cli import main
 from samprobe.config import SweepConfig, TrainConfig, load_config
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import read_splits
 from samprobe.errors import CheckpointError, ConfigError, TrainingError
 from samprobe.features.extract import Extractor, load_grid
 from samprobe.pipeline import predict_features

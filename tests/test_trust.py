@@ -17,7 +17,7 @@ import torch
 from conftest import write_config, write_digits
 from helpers.cache_corpus import LogLines
 from samprobe.cli import main
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import read_splits
 from samprobe.tracking import read_csv_rows
 
 

@@ -372,7 +372,7 @@ def test_metadata_dialects_are_read(trained: Path, tmp_path: Path) -> None:
     """defect 6: semicolon CSV (European Excel), UTF-16 tab-separated ("Unicode text"), JSON lines and
     a JSON array named .json, Windows separators in paths: all read as the plain CSV is."""
     from samprobe.config import DataConfig
-    from samprobe.data.metadata import validate
+    from samprobe.data.validate import validate
 
     images = trained / "data" / "images"
     rows = [ln.split(",") for ln in (trained / "data/metadata.csv").read_text().splitlines()[1:]]

@@ -146,7 +146,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     cfg = state["cfg"]
 
     def _image_root_check() -> str:
-        from samprobe.data.metadata import check_data_source
+        from samprobe.data.tables import check_data_source
 
         check_data_source(cfg.data)
         root = _image_root(cfg)
@@ -158,7 +158,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return str(root)
 
     def _metadata() -> str:
-        from samprobe.data.metadata import read_rows
+        from samprobe.data.tables import read_rows
 
         rows = [r for r in read_rows(cfg.data)[0] if r is not None]
         if not rows:
@@ -171,7 +171,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
 
     def _images() -> str:
         from samprobe.data.images import decode_rgb
-        from samprobe.data.metadata import image_path
+        from samprobe.data.validate import image_path
 
         rows, root = state["rows"], _image_root(cfg)
         sample = random.Random(cfg.seed).sample(rows, min(SAMPLE_IMAGES, len(rows)))

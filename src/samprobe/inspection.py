@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from samprobe.config import Config, TrainConfig
-from samprobe.data.metadata import Record
+from samprobe.data.records import Record
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
 from samprobe.train.heads import rows_per_step

@@ -19,16 +19,11 @@ import torch
 
 from samprobe.backbones.registry import grid_array
 from samprobe.config import Config, check_head_input, dump_config
+from samprobe.data.data_report import summary_lines, write_report
 from samprobe.data.loader import failure_kind
-from samprobe.data.metadata import (
-    Record,
-    read_splits,
-    summary_lines,
-    validate,
-    write_report,
-    write_splits,
-)
+from samprobe.data.records import Record, read_splits, write_splits
 from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
+from samprobe.data.validate import validate
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
 from samprobe.features.cache import check_free_space, register_run
@@ -260,7 +255,7 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
         return _extract(cfg, progress, rank, world)
     import torch.distributed as dist
 
-    from samprobe.data.metadata import read_rows
+    from samprobe.data.tables import read_rows
 
     started = not dist.is_initialized()
     if started:

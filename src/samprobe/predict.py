@@ -19,7 +19,7 @@ from PIL import Image
 
 from samprobe.config import BackboneConfig, Config
 from samprobe.data.images import decode_rgb, to_rgb
-from samprobe.data.metadata import IMAGE_SUFFIXES, Record
+from samprobe.data.records import IMAGE_SUFFIXES, Record
 from samprobe.errors import CheckpointError, DataError
 from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
 from samprobe.io import atomic_open, ensure_writable_file, sha256_file, weights_sha256
@@ -198,7 +198,7 @@ def collect_inputs(
             )
         elif p.suffix.lower() in (".csv", ".jsonl", ".parquet"):
             from samprobe.config import DataConfig
-            from samprobe.data.metadata import read_rows
+            from samprobe.data.tables import read_rows
 
             rows, _ = read_rows(DataConfig(metadata=p))
             root = image_root if image_root is not None else p.parent

@@ -360,7 +360,7 @@ def _summary(
     rows: list[dict[str, Any]],
     inspect: dict[str, Any],
 ) -> str:
-    from samprobe.data.metadata import PROBLEM_KINDS
+    from samprobe.data.records import PROBLEM_KINDS
 
     stats = []
     if metrics:
@@ -803,7 +803,7 @@ def write_report(run_dir: Path) -> Report:
             + "</section>"
         )
     if data_report:
-        from samprobe.data.metadata import PROBLEM_KINDS
+        from samprobe.data.records import PROBLEM_KINDS
 
         keys = ["source", "total", "ok"] + [k for k in PROBLEM_KINDS if k in data_report]
         sections.append(

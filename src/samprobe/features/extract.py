@@ -36,7 +36,7 @@ from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, g
 from samprobe.config import Config
 from samprobe.data.images import decode_rgb
 from samprobe.data.loader import LoadItem, make_loader
-from samprobe.data.metadata import Record
+from samprobe.data.records import Record
 from samprobe.device import (
     autocast_context,
     is_oom,

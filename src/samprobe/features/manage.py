@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from samprobe.config import Config
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import read_splits
 from samprobe.errors import CacheError
 from samprobe.features.cache import (
     FeatureCache,
