@@ -70,7 +70,8 @@ def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> l
     ):
         if kind in reasons:
             lines.append(
-                f"  {reasons[kind]['count']} {text} (e.g. {reasons[kind]['examples'][0]}); see data_report.json"
+                f"  {reasons[kind]['count']} {text} (e.g. {reasons[kind]['examples'][0]}); see "
+                f"data_report.json"
             )
     if report.get("label_type"):
         lines.append(

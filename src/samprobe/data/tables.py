@@ -41,8 +41,10 @@ def check_data_source(cfg: DataConfig) -> None:
     fmt = detect_format(cfg)
     if cfg.metadata is None and cfg.image_root is None:
         raise ConfigError(
-            "neither data.metadata nor data.image_root is set: samprobe does not know where the images are",
-            fix="set data.metadata (a csv/jsonl/parquet table) and data.image_root (the folder its paths are "
+            "neither data.metadata nor data.image_root is set: samprobe does not know where the "
+            "images are",
+            fix="set data.metadata (a csv/jsonl/parquet table) and data.image_root (the folder "
+            "its paths are "
             "relative to), or data.image_root alone for image_root/<class>/<image> folders",
         )
     if fmt != "folder" and cfg.metadata is None:
@@ -80,8 +82,8 @@ def decode_text(raw: bytes, what: str) -> tuple[str, str]:
         if guess is None:
             raise DataError(
                 f"{what} holds binary data (NUL bytes), not a text table",
-                fix="point it at the csv / jsonl text file (or set data.format: parquet for a parquet file); "
-                "re-export the table as CSV (UTF-8) if it came from a spreadsheet",
+                fix="point it at the csv / jsonl text file (or set data.format: parquet for a "
+                "parquet file); re-export the table as CSV (UTF-8) if it came from a spreadsheet",
             )
         encodings.append(guess)
     encodings += ["utf-8-sig", "cp1252"]
@@ -183,7 +185,8 @@ def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any] | None], str]:
             return pq.read_table(path).to_pylist(), "parquet"
         except Exception as exc:  # ArrowInvalid and friends: not a usable parquet file
             raise DataError(
-                f"data.metadata {path} is not a readable parquet file ({str(exc).splitlines()[0][:200]})",
+                f"data.metadata {path} is not a readable parquet file "
+                f"({str(exc).splitlines()[0][:200]})",
                 fix="re-export the file, or set data.format to its real format",
             ) from None
     try:

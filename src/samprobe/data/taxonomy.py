@@ -105,9 +105,10 @@ def decide_label_type(labels: list[str], taxonomy: list[str], requested: str = "
     example = (differ or index_only)[0]
     by_name = f"class {example!r}" if example in names else "no class"
     raise DataError(
-        f"data.label_column values read one way as class names ({len(as_name)} of {len(uniq)} values fit) "
-        f"and another as 0-based indices into data.classes_file ({len(as_index)} fit): e.g. {example!r} is "
-        f"{by_name} by name but class {_as_index(example, taxonomy)!r} by index",
+        f"data.label_column values read one way as class names ({len(as_name)} of {len(uniq)} "
+        f"values fit) "
+        f"and another as 0-based indices into data.classes_file ({len(as_index)} fit): e.g. "
+        f"{example!r} is {by_name} by name but class {_as_index(example, taxonomy)!r} by index",
         fix="set data.label_type: name (labels are class names) or index (0-based line numbers of "
         "data.classes_file); rows that do not fit the rule are reported as unknown_label",
     )

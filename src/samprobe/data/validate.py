@@ -117,8 +117,10 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     index = {name: i for i, name in enumerate(taxonomy)}
     if cfg.label_type == "index" and not cfg.classes_file:
         raise ConfigError(
-            "data.label_type is index but data.classes_file is not set: indices need the class list",
-            fix="set data.classes_file (one class name per line, line 0 = index 0), or data.label_type: name",
+            "data.label_type is index but data.classes_file is not set: indices need the class "
+            "list",
+            fix="set data.classes_file (one class name per line, line 0 = index 0), or "
+            "data.label_type: name",
         )
     # Without a classes file the taxonomy is the labels seen: they are names by construction.
     label_type = (
@@ -171,7 +173,8 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
                 if not label_s
                 else f"{label_s!r} is not in the taxonomy"
                 if label_type == "name"
-                else f"{label_s!r} is not an index 0..{len(taxonomy) - 1} of data.classes_file (data.label_type index)",
+                else f"{label_s!r} is not an index 0..{len(taxonomy) - 1} of data.classes_file "
+                f"(data.label_type index)",
             )
             continue
         split = None  # an empty split cell too: assign_splits gives the row a split
@@ -189,7 +192,8 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     n_workers = workers if workers is not None else check_workers()
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
         checks = pool.map(lambda p: _check_image(p[3], cfg.max_pixels), pending)
-        # the bar's iterator first, so zip takes its last item (and the bar ends at N/N) before pending runs out
+        # the bar's iterator first, so zip takes its last item (and the bar ends at N/N) before
+        # pending runs out
         for (sha, reason), (i, path_s, label_s, resolved, label, split) in zip(
             tqdm(checks, total=len(pending), desc="validate", unit="img", disable=not progress),
             pending,
