@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers.digits_run import CLASSES, EMPTY_CLASS, write_digits_project
@@ -165,6 +167,33 @@ def test_concurrent_requests_are_batched_and_answered_alike(
     assert (
         images == MAX_QUEUE and batches < MAX_QUEUE
     )  # at least one forward pass took several requests
+
+
+def test_a_full_batch_is_one_encoder_forward_pass(
+    classifier: Classifier, uploads: list[bytes]
+) -> None:
+    """``Classifier.predict`` encodes 8 images per pass; the service must not: a batch of 16 ran
+    as two forward passes, the second paying the per-pass cost batching exists to share."""
+    counting = Classifier(classifier.ckpt, copy.copy(classifier.extractor), "test")
+    passes: list[int] = []
+    encode_batch = counting.extractor.encode_batch
+
+    def counted(images: torch.Tensor, valid_hw: torch.Tensor) -> np.ndarray:
+        passes.append(len(images))
+        return encode_batch(images, valid_hw)
+
+    counting.extractor.encode_batch = counted
+    sent = (uploads * 2)[:16]
+    with InProcessServer(create_app(counting, ServeSettings(max_batch=16))) as srv:
+        passes.clear()  # the warm-up's
+        r = httpx.post(
+            f"{srv.url}/predict",
+            files=[("image", (f"p{i}", u)) for i, u in enumerate(sent)],
+            timeout=120,
+        )
+    assert r.status_code == 200, r.text
+    assert passes == [16]
+    expect_answers(r.json(), sent, classifier, top_k=5)
 
 
 def test_info_and_health_endpoints(server: InProcessServer, checkpoint: Path) -> None:
@@ -390,10 +419,16 @@ def test_sigterm_during_load_answers_the_requests_in_flight_and_exits_0(
 class FaultyClassifier(Classifier):
     """Fails every forward pass that contains a 23x17 image: an internal error to recover from."""
 
-    def predict(self, images, top_k: int = 5):  # noqa: ANN001, ANN201
-        if any(np.asarray(im).shape[:2] == (17, 23) for im in images):
+    FAULT = (0, 0)  # the valid size prepare gives a 23x17 image; no real image has it
+
+    def prepare(self, image: np.ndarray):  # noqa: ANN201
+        tensor, valid_hw = super().prepare(image)
+        return tensor, self.FAULT if image.shape[:2] == (17, 23) else valid_hw
+
+    def predict_prepared(self, prepared, top_k: int = 5):  # noqa: ANN001, ANN201
+        if any(valid_hw == self.FAULT for _, valid_hw in prepared):
             raise RuntimeError("injected fault")
-        return super().predict(images, top_k=top_k)
+        return super().predict_prepared(prepared, top_k=top_k)
 
 
 class _Records(logging.Handler):

@@ -21,7 +21,7 @@ from samprobe.config import BackboneConfig, Config
 from samprobe.data.images import decode_rgb, to_rgb
 from samprobe.data.records import IMAGE_SUFFIXES, Record
 from samprobe.errors import CheckpointError, DataError
-from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
+from samprobe.features.extract import Extractor, load_head_inputs
 from samprobe.io import atomic_open, ensure_writable_file, sha256_file, weights_sha256
 from samprobe.train.checkpoint import HeadCheckpoint, check_fingerprint, load_checkpoint
 from samprobe.train.heads import head_from_spec, rows_per_step
@@ -109,35 +109,59 @@ class Classifier:
         ]
 
     def predict(
-        self, images: Sequence[Image.Image | np.ndarray | str | Path], top_k: int = 5
+        self,
+        images: Sequence[Image.Image | np.ndarray | str | Path],
+        top_k: int = 5,
+        *,
+        batch_size: int = 8,
     ) -> list[Prediction]:
-        arrays = []
-        for im in images:
-            if isinstance(im, (str, Path)):
-                arrays.append(decode_rgb(Path(im)))
-            elif isinstance(im, Image.Image):
-                arrays.append(np.asarray(to_rgb(im)))
-            else:
-                arr = np.asarray(im)
-                if arr.dtype != np.uint8:
-                    raise DataError(
-                        f"Classifier.predict got a {arr.dtype} array; images must be uint8 (0-255)",
-                        fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL "
-                        "image",
-                    )
-                arrays.append(
-                    np.asarray(to_rgb(Image.fromarray(arr)))
-                )  # grey, RGBA -> RGB as for files
+        """``batch_size``: images per encoder forward pass (bounds the activations' memory)."""
+        prepared = [self.prepare(as_rgb_array(im)) for im in images]
+        preds: list[Prediction] = []
+        for i in range(0, len(prepared), batch_size):
+            preds.extend(self.predict_prepared(prepared[i : i + batch_size], top_k=top_k))
+        return preds
+
+    def prepare(self, image: np.ndarray) -> PreparedImage:
+        """HxWx3 uint8 RGB -> what the encoder reads (resized, on the host). No model involved:
+        safe to run on other threads while ``predict_prepared`` encodes (``samprobe serve``)."""
+        return self.extractor.backbone.prepare(image)
+
+    def predict_prepared(
+        self, prepared: Sequence[PreparedImage], top_k: int = 5
+    ) -> list[Prediction]:
+        """``prepare``'s outputs, all in one encoder forward pass -> one prediction each."""
+        if not prepared:
+            return []
+        batch = torch.stack([p[0] for p in prepared])
+        valid_hw = torch.tensor([p[1] for p in prepared], dtype=torch.int64)
         # Features go through the cache dtype so results match cached evaluation exactly.
         if self.spatial:
-            feats = image_grids(self.extractor, arrays)  # [N, S*S, C]
+            grid = self.extractor.encode_arrays(batch, valid_hw, grid=True)[1]  # [N, S*S, C]
+            feats = grid.astype(np.float32)
         else:
-            feats = (
-                image_features(self.extractor, arrays)
-                .astype(self.extractor.dtype)
-                .astype(np.float32)
-            )
+            feats = self.extractor.encode_batch(batch, valid_hw)
+            feats = feats.astype(self.extractor.dtype).astype(np.float32)
         return self._predictions(feats, top_k)
+
+
+PreparedImage = tuple[torch.Tensor, tuple[int, int]]
+"""uint8 [3, S, S] and the valid (h, w) inside it: ``Backbone.prepare``'s output."""
+
+
+def as_rgb_array(image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
+    """A path, PIL image or array -> HxWx3 uint8 RGB, as ``Classifier.predict`` reads each input."""
+    if isinstance(image, (str, Path)):
+        return decode_rgb(Path(image))
+    if isinstance(image, Image.Image):
+        return np.asarray(to_rgb(image))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise DataError(
+            f"Classifier.predict got a {arr.dtype} array; images must be uint8 (0-255)",
+            fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL image",
+        )
+    return np.asarray(to_rgb(Image.fromarray(arr)))  # grey, RGBA -> RGB as for files
 
 
 def _weights_places(checkpoint: Path) -> list[Path]:
