@@ -279,7 +279,8 @@ def bench_head(
     servers = {}
     try:
         for side, cmd in commands.items():
-            servers[side] = start_server(cmd, tmp / f"{name}-{side}.log")
+            # 600 s: on the shared 2-core machine a server took over 180 s to load at load 12
+            servers[side] = start_server(cmd, tmp / f"{name}-{side}.log", timeout=600)
         for (
             server
         ) in servers.values():  # warm-up: the batch sizes the run will see, the thread pools
