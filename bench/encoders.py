@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # see bench/encoder.py: spinning OpenMP threads double CPU time
+# see bench/encoder.py: spinning OpenMP threads double CPU time
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("SAM2_BUILD_CUDA", "0")
 
 import argparse
@@ -33,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "tests")
-)  # official-format weight factories
+# official-format weight factories
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 TARGETS = {
     "mobile_sam_vs_vit_b": 15.0,
@@ -182,9 +180,8 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         runners = build(Path(tmp), autocast)
-        flops = {
-            fam: count_flops(r["samprobe"], images[0]) for fam, r in runners.items()
-        }  # also warms up
+        # also warms up
+        flops = {fam: count_flops(r["samprobe"], images[0]) for fam, r in runners.items()}
         for r in runners.values():
             r["reference"](images[:1])  # warm-up: first-call kernel selection is not throughput
         totals = {(fam, side): 0.0 for fam, r in runners.items() for side in r}

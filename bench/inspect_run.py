@@ -201,9 +201,8 @@ def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float]
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)
     copies = n // 50
-    x[n - copies :] = x[:copies] + 0.05 * rng.normal(size=(copies, dim)).astype(
-        np.float32
-    )  # cosine ~0.9988
+    # cosine ~0.9988
+    x[n - copies :] = x[:copies] + 0.05 * rng.normal(size=(copies, dim)).astype(np.float32)
     dtype = (
         torch.bfloat16
         if resolve_precision(torch.device("cpu"), "auto") == "bf16"

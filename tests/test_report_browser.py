@@ -78,9 +78,8 @@ def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers
     metrics = json.loads((eval_dir(full_run) / "metrics.json").read_text())
     for key in ("balanced_accuracy", "accuracy", "macro_f1"):
         shown = dom["metrics"][key]
-        assert (
-            float(shown["value"]) == metrics[key]
-        )  # the number behind the display is metrics.json's
+        # the number behind the display is metrics.json's
+        assert float(shown["value"]) == metrics[key]
         assert float(shown["shown"]) == round(metrics[key], 3)  # and it is shown rounded for people
     assert int(dom["metrics"]["n"]["shown"]) == metrics["n"]
     summary = json.loads((full_run / "inspect" / "summary.json").read_text())

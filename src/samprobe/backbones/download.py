@@ -162,9 +162,8 @@ def download_weights(
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / Path(urlparse(entry.url).path).name
-    record = final.with_name(
-        final.name + ".sha256"
-    )  # the first download's sha256 (no published checksum)
+    # the first download's sha256 (no published checksum)
+    record = final.with_name(final.name + ".sha256")
     if final.is_file() and (file_md5(final) == md5 if md5 else _matches_record(final, record)):
         return final
     part = final.with_name(final.name + ".part")

@@ -347,9 +347,8 @@ class MobileSamBackbone(PooledMapsBackbone):
             encoder = TinyViTEncoder(geometry)
         enc_sd = encoder_state(sd)
         missing, unexpected = encoder.load_state_dict(enc_sd, strict=False, assign=True)
-        unexpected = [
-            k for k in unexpected if not k.startswith(("norm_head.", "head."))
-        ]  # unused classifier
+        # unused classifier
+        unexpected = [k for k in unexpected if not k.startswith(("norm_head.", "head."))]
         if missing or unexpected:
             raise CheckpointError(
                 f"MobileSAM encoder weights do not match their own geometry: missing "

@@ -44,9 +44,8 @@ def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str:
     keys = list(state_dict)
     if any(k.startswith("image_encoder.trunk.") for k in keys):
         return "sam2"
-    if (
-        "image_encoder.patch_embed.seq.0.c.weight" in state_dict
-    ):  # TinyViT (also SAM-HQ's light vit_tiny)
+    # TinyViT (also SAM-HQ's light vit_tiny)
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
         return "mobile_sam"
     if any(k.startswith(_HQ_DECODER) for k in keys):
         return "sam_hq"
