@@ -27,8 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    from samprobe.inspection import run_inspect
-    from samprobe.pipeline import run_evaluate, run_extract, run_train, run_validate
+    from samprobe.pipeline import run_evaluate, run_extract, run_inspect, run_train, run_validate
     from samprobe.report import write_run_report
 
     root = tmp_path_factory.mktemp("browser")
