@@ -27,6 +27,7 @@ from torch import nn
 from samprobe.backbones.registry import (
     PooledFeature,
     PooledMapsBackbone,
+    neck_features,
     pool_grid,
     pool_maps,
     valid_token_mask,
@@ -366,12 +367,7 @@ class MobileSamBackbone(PooledMapsBackbone):
     def features(self) -> dict[str, PooledFeature]:
         g = self.geometry
         return {
-            "neck_avg": PooledFeature(
-                "neck", "avg", g.out_chans, doc="the 256-d distilled SAM embedding, averaged"
-            ),
-            "neck_max": PooledFeature(
-                "neck", "max", g.out_chans, doc="the embedding, max over tokens"
-            ),
+            **neck_features(g.out_chans, "the 256-d distilled SAM embedding"),
             "trunk_avg": PooledFeature(
                 "trunk", "avg", g.embed_dims[-1], doc="TinyViT's last stage, averaged"
             ),
