@@ -278,6 +278,30 @@ class ConvLayer(nn.Module):
             x = self.norm(x)
         return self.act(x) if self.act is not None else x
 
+    @torch.no_grad()
+    def fold_norm(self) -> None:
+        """Inference only: fold the (eval-mode) BatchNorm into the conv's weight and bias, which
+        saves the norm's pass over the map (BatchNorm was ~9 % of L0's CPU time at 512 px)."""
+        if self.norm is None:
+            return
+        bn, conv = self.norm, self.conv
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [cout]
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        fused = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            groups=conv.groups,
+            bias=True,
+        )
+        fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        fused.bias.copy_(bias)
+        self.conv, self.norm = fused.requires_grad_(False), None
+
 
 class ResBlock(nn.Module):
     """3x3 conv + act, 3x3 conv (stride on the first)."""
@@ -485,8 +509,12 @@ class EfficientVitSamEncoder(nn.Module):
         self.norm = LayerNorm2d(g.out_chans, eps=EPS)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised [B, 3, S, S] -> (last stage [B, C, S/stride, S/stride], embedding [B, 256, 64, 64])."""
-        stages = self.backbone(x)
+        """Normalised [B, 3, S, S] -> (last stage [B, C, S/stride, S/stride], embedding [B, 256, 64, 64]).
+
+        Runs channels-last (the weights are converted at load): oneDNN's convolutions then skip
+        their layout reorders; L0 at 512 px ran 1.4x faster than contiguous NCHW (a paired
+        measurement, /proc/loadavg 15 on 2 cores)."""
+        stages = self.backbone(x.contiguous(memory_format=torch.channels_last))
         return stages[-1], self.norm(self.neck(stages))
 
 
@@ -545,9 +573,11 @@ class EfficientVitSamBackbone(PooledMapsBackbone):
                 f"missing {missing[:4]}, unexpected {unexpected[:4]}",
                 fix=_FIX,
             )
-        return cls(
-            encoder.eval().requires_grad_(False), geometry, img_size or geometry.native_size, path
-        )
+        for layer in list(encoder.modules()):  # a list: fold_norm replaces submodules
+            if isinstance(layer, ConvLayer):
+                layer.fold_norm()
+        encoder = encoder.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+        return cls(encoder, geometry, img_size or geometry.native_size, path)
 
     @property
     def patch(self) -> int:
