@@ -60,11 +60,28 @@ import numpy as np  # noqa: E402
 FLIP_SHARE = 0.05
 FLIP_SEEDS = (0, 1, 2)
 DUPLICATES = 20
+# fmt: skip
 PHOTOS = (  # skimage.data photos that ship with scikit-image (no download)
-    "astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "page", "horse",
-    "hubble_deep_field", "immunohistochemistry", "text", "clock", "brick", "grass", "gravel",
-    "retina", "colorwheel", "cell",
-)  # fmt: skip
+    "astronaut",
+    "camera",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "coins",
+    "moon",
+    "page",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "text",
+    "clock",
+    "brick",
+    "grass",
+    "gravel",
+    "retina",
+    "colorwheel",
+    "cell",
+)
 
 
 def _bench_heads():  # noqa: ANN202 - the sibling bench module, loaded by path (bench/ is off sys.path)

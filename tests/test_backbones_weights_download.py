@@ -149,7 +149,13 @@ def test_cli_download_checksum_mismatch_exits_2(
 
 
 def test_catalogue_covers_every_family_with_official_urls():
-    assert {e.family for e in CATALOGUE.values()} >= {"sam1", "sam2", "sam_hq", "mobile_sam"}
+    assert {e.family for e in CATALOGUE.values()} >= {
+        "sam1",
+        "sam2",
+        "sam_hq",
+        "mobile_sam",
+        "efficientvit_sam",
+    }
     for name, entry in CATALOGUE.items():
         assert entry.url.startswith("https://") and entry.source
         # only SAM 1 publishes checksums

@@ -219,7 +219,7 @@ def test_wrong_head_checkpoint_file_exits_2(
     assert "bogus.pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["sam_hq", "sam2", "mobile_sam"])
+@pytest.mark.parametrize("family", ["sam_hq", "sam2", "mobile_sam", "efficientvit_sam"])
 def test_slice_each_sam_family_tiny_checkpoint(tmp_path: Path, family: str) -> None:
     """validate -> extract -> train -> evaluate -> predict through the CLI, `backbone.name:
     sam` detecting the family."""
@@ -240,5 +240,6 @@ def test_slice_each_sam_family_tiny_checkpoint(tmp_path: Path, family: str) -> N
         "sam_hq": "SAM-HQ checkpoint",
         "sam2": "SAM 2.1 checkpoint",
         "mobile_sam": "MobileSAM checkpoint",
+        "efficientvit_sam": "EfficientViT-SAM checkpoint",
     }
     assert said[family] in (run / "run.log").read_text()
