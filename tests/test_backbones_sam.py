@@ -433,6 +433,7 @@ def _official_block_outputs(sam, ref_in: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
+@pytest.mark.slow
 def test_block_features_match_the_official_blocks(vitb_ckpt, vitb_official):
     """block_avg@i,j pools the official blocks' outputs; interm_avg the global blocks' (SAM-HQ's interm_embeddings)."""
     bb = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256)

@@ -17,6 +17,9 @@ from samprobe.cli import main
 from samprobe.predict import Classifier
 from samprobe.tracking import read_csv_rows
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 def run_slice(project: Path) -> Path:
     cfg = str(project / "samprobe.yaml")

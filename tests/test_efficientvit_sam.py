@@ -26,6 +26,9 @@ from samprobe.config import BackboneConfig
 from samprobe.data.images import sam_normalize_pad
 from samprobe.errors import CheckpointError, ConfigError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 def _photos() -> list[np.ndarray]:
     return [data.chelsea(), np.ascontiguousarray(data.astronaut()[:, 140:330]), data.coffee()]

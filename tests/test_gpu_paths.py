@@ -25,6 +25,9 @@ from samprobe.device import (
 )
 from samprobe.errors import ConfigError, DeviceError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 CUDA = torch.device("cuda", 0)
 
 

@@ -26,6 +26,9 @@ from samprobe.inspection import (
 )
 from samprobe.train.classes import class_weights
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 NAMES = ["zero", "one", "two", "three"]
 
 

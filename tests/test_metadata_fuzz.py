@@ -158,6 +158,7 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@pytest.mark.slow
 @given(table=tables(), use_classes_file=st.integers(0, 3).map(lambda k: k == 0))
 def test_validate_never_exits_1(
     image_root: Path, capsys: pytest.CaptureFixture[str], table, use_classes_file

@@ -175,6 +175,7 @@ def test_many_classes_get_an_unnamed_matrix_and_a_top_pairs_chart(tmp_path):
         assert im.size == size
 
 
+@pytest.mark.slow
 def test_the_sweep_is_an_lr_by_weight_decay_grid_with_the_selected_head_outlined(trained_run):
     cfg, _, _ = trained_run
     html = (cfg.run_dir / "report.html").read_text(encoding="utf-8")

@@ -16,6 +16,9 @@ from samprobe.backbones.sam_family import detect_family
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 _STAGE_FEATURES = ["trunk_avg@1,2,3,4"]
 
 

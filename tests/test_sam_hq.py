@@ -18,6 +18,9 @@ from samprobe.backbones.sam import SamBackbone
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 def _photos() -> list[np.ndarray]:
     # landscape, portrait

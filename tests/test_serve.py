@@ -37,6 +37,9 @@ from samprobe.io import sha256_file
 from samprobe.predict import Classifier
 from samprobe.serve import ServeSettings, create_app, exposure_warning, read_api_key
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 MAX_QUEUE = 8
 
 

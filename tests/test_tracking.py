@@ -170,6 +170,7 @@ def test_training_with_wandb_online_unreachable_falls_back_to_offline(
     )
 
 
+@pytest.mark.slow
 def test_wandb_server_that_never_answers_falls_back_within_init_timeout(
     tmp_path, wandb_env, captured
 ):

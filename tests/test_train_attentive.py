@@ -120,6 +120,7 @@ def test_stacked_settings_equal_single_probes_equal_textbook_attention():
 # training through SweepTrainer
 
 
+@pytest.mark.slow
 def test_attentive_sweep_learns_what_mean_pooling_cannot():
     x, y = _marked_token_grids(480)
     res = SweepTrainer(

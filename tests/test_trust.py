@@ -20,6 +20,9 @@ from samprobe.cli import main
 from samprobe.data.records import read_splits
 from samprobe.tracking import read_csv_rows
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -20,6 +20,9 @@ import pytest
 from helpers.digits_run import write_digits_project
 from samprobe.cli import main
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
