@@ -6,6 +6,7 @@ alone; each is also a plain function for notebooks.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -31,8 +32,10 @@ from samprobe.data.metadata import (
 from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
-from samprobe.features.cache import check_free_space, register_run
+from samprobe.features.cache import register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
+from samprobe.features.manifest import ManifestWriter
+from samprobe.features.ranks import plan_ranks
 from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir, remove_stale_temps
 from samprobe.logs import attach_run_log, count_of
 from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
@@ -291,21 +294,15 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         register_run(
             cfg.features.cache_dir, run_dir
         )  # cache prune keeps what this run's splits.csv lists
-    with extractor.open_cache(cfg) as cache:
-        plan = extractor.plan(records, cache, rank, world)
-        keys = [r.sha256 for r in records]
-        n_missing = len(
-            {k for a in extractor.arrays() for k in cache.missing(keys, a)}
-        )  # all ranks together
+    # Only rank 0 opens the index; under torchrun every rank writes through its own manifest.
+    with extractor.open_cache(cfg) if rank == 0 else contextlib.nullcontext() as cache:
+        plan = plan_ranks(extractor, records, cache, rank, world)
         devices = [describe_device(extractor.device)]
         if world > 1:
             devices = [None] * world
             dist.all_gather_object(
                 devices, describe_device(extractor.device)
             )  # the summary names every rank's GPU
-            dist.barrier()  # every rank has read the index before any rank writes to it
-        need = extractor.disk_need(cache, keys)  # pooled + grid
-        free = check_free_space(cache.root, need)
         grid = (
             f" + {extractor.spatial}x{extractor.spatial} grid of {extractor.backbone.grid_shape()[0]}-d tokens"
             if extractor.spatial
@@ -316,32 +313,40 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
             if world == 1
             else f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
         )
+        root = Path(cfg.features.cache_dir) / extractor.fingerprint
         log.info(
-            f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on "
-            f"disk, {free / 1e9:.1f} GB free), "
+            f"extract: {len(records)} images ({plan.missing} to extract, ~{plan.need / 1e6:.1f} MB on "
+            f"disk, {plan.free / 1e9:.1f} GB free), "
             f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
             f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "
-            f"cache {cache.root}"
+            f"cache {root}"
         )
-        result = extractor.run(
-            records,
-            cache,
-            cfg.features.batch_size,
-            cfg.resolved_num_workers(),
-            cfg.data.max_pixels,
-            progress=progress,
-            rank=rank,
-            world=world,
-            plan=plan,
-        )
+        sink = cache if world == 1 else ManifestWriter(root, extractor.dtype, rank)
+        try:
+            result = extractor.run(
+                records,
+                sink,
+                cfg.features.batch_size,
+                cfg.resolved_num_workers(),
+                cfg.data.max_pixels,
+                progress=progress,
+                rank=rank,
+                world=world,
+                plan=(plan.todo, plan.cached),
+            )
+        finally:
+            if isinstance(sink, ManifestWriter):
+                sink.close()
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, (result.extracted, result.seconds, result.failures))
             result.extracted = sum(g[0] for g in gathered)
             result.seconds = max(g[1] for g in gathered)
             result.failures = [f for g in gathered for f in g[2]]
-            dist.barrier()  # every rank's shards are committed before rank 0 compacts
-        if rank == 0:
+            dist.barrier()  # every rank's manifest is closed before rank 0 merges
+        if cache is not None:
+            if world > 1:
+                cache.merge_manifests()
             cache.compact()
             cache.remove_orphans()
     if world > 1:
