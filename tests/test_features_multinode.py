@@ -69,7 +69,9 @@ def test_merge_adds_each_manifest_line_once_and_deletes_closed_manifests(tmp_pat
         cache.remove(keys[20:25])  # a user's removal is not undone by merging the line again
         cache.compact()  # the merged shard files are packed away and deleted
     live.close()
-    with _open(tmp_path) as cache:
+    with LogLines() as logs, _open(tmp_path) as cache:
+        # lines merged before are not read again (their shard files are compacted away by now)
+        assert "re-extracted" not in logs.take()
         assert len(cache) == 35 and sorted(cache.missing(keys[:40])) == sorted(keys[20:25])
         np.testing.assert_array_equal(cache.get(keys[25:40]), _as_stored(x[25:40]))
         assert cache.verify().bad_entries == 0
