@@ -8,6 +8,7 @@ random-initialised SAM in the official checkpoint format.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers.cache_corpus import PY, REPO, LogLines, index_count, make_corpus
+from helpers.cache_corpus import PY, REPO, LogLines, index_count, make_corpus, write_config
 from helpers.sam_factory import build_official_sam, write_official_checkpoint
 from samprobe.cli import main
 from samprobe.config import load_config
@@ -289,3 +290,27 @@ def test_killed_node_rerun_resumes_with_nothing_lost(sam_corpus, tmp_path):
     os.utime(rank1[0], (old, old))
     with Extractor.from_config(load_config(cfg)).open_cache(load_config(cfg)) as cache:
         assert manifest_files(root) == [] and len(cache) == N_IMAGES
+
+
+@pytest.mark.slow
+def test_user_error_on_rank_0_reaches_every_rank(tmp_path):
+    """Only rank 0 opens the index: when that fails (here a cache of another layout), every rank
+    stops with rank 0's message and the user-error exit, none waits for a peer that gave up."""
+    images = make_corpus(tmp_path, n_digits=4, crops=1)
+    cfg = write_config(tmp_path, images)
+    fp_dir = tmp_path / "cache" / Extractor.from_config(load_config(cfg)).fingerprint
+    fp_dir.mkdir(parents=True)
+    (fp_dir / "meta.json").write_text(json.dumps({"layout": "shards-v0"}))
+    p = subprocess.run(
+        [str(Path(PY).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+        + ["-m", "samprobe", "extract", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+        timeout=300,
+    )
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert out.count("was written in cache layout 'shards-v0'") == 2, out[-3000:]
+    assert "exitcode  : 2" in out and "exitcode  : 1" not in out, out[-3000:]

@@ -295,8 +295,10 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
             cfg.features.cache_dir, run_dir
         )  # cache prune keeps what this run's splits.csv lists
     # Only rank 0 opens the index; under torchrun every rank writes through its own manifest.
-    with extractor.open_cache(cfg) if rank == 0 else contextlib.nullcontext() as cache:
-        plan = plan_ranks(extractor, records, cache, rank, world)
+    cache, plan = plan_ranks(
+        extractor, records, lambda: extractor.open_cache(cfg), rank=rank, world=world
+    )
+    with cache if cache is not None else contextlib.nullcontext():
         devices = [describe_device(extractor.device)]
         if world > 1:
             devices = [None] * world

@@ -110,15 +110,10 @@ def check_free_space(path: Path, need: int) -> int:
 
 
 @dataclass(frozen=True)
-class Shard:
+class Shard(ShardFile):
+    """A shard file registered in the index under ``id``."""
+
     id: int
-    file: str
-    array: str
-    rows: int
-    dim: int
-    nbytes: int
-    crc32: int
-    stamp: str
 
 
 @dataclass
@@ -307,9 +302,9 @@ class FeatureCache:
 
     def _shards(self, ids: Iterable[int] | None = None) -> dict[int, Shard]:
         rows = self.db.execute(
-            "SELECT id, file, array, rows, dim, nbytes, crc32, stamp FROM shards"
+            "SELECT file, array, rows, dim, nbytes, crc32, stamp, id FROM shards"
         ).fetchall()  # no key lists
-        out = {r[0]: Shard(*r) for r in rows}
+        out = {r[-1]: Shard(*r) for r in rows}
         return out if ids is None else {i: out[i] for i in set(ids) if i in out}
 
     def _locations(self, keys: list[str], array: str) -> dict[str, tuple[int, int]]:
@@ -399,7 +394,7 @@ class FeatureCache:
         self.db.execute(
             "INSERT INTO shard_keys (id, keys) VALUES (?, ?)", (cur.lastrowid, "\n".join(keys))
         )
-        return Shard(int(cur.lastrowid), **vars(shard))
+        return Shard(**vars(shard), id=int(cur.lastrowid))
 
     # -----------------------------------------------------------------------------------
     # public API

@@ -10,13 +10,14 @@ relied on across machines, which is what a cache on NFS needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from samprobe import errors
 from samprobe.data.metadata import Record
-from samprobe.errors import CacheError, SamprobeError
+from samprobe.errors import SamprobeError
 from samprobe.features.cache import FeatureCache, check_free_space
 from samprobe.features.extract import Extractor, shard_for_rank
 
@@ -38,18 +39,20 @@ class RankPlan:
 def plan_ranks(
     extractor: Extractor,
     records: Sequence[Record],
-    cache: FeatureCache | None,
+    open_cache: Callable[[], FeatureCache],
+    *,
     rank: int,
     world: int,
-) -> RankPlan:
-    """The plan of this rank. ``cache``: the open cache on rank 0, None on the other ranks (they
-    never open the index). Raises on every rank the CacheError rank 0 met (e.g. a full disk),
-    so no rank waits for a peer that gave up."""
+) -> tuple[FeatureCache | None, RankPlan]:
+    """(the open cache on rank 0 and None on the other ranks, which never open the index; this
+    rank's plan). Every rank raises the user error rank 0 met opening or reading the cache (a
+    full disk, a cache of another layout), with its message: none is left waiting for a peer."""
     distinct = sorted({r.sha256 for r in records})
     payload: list[object] = [None]
+    cache = None
     if rank == 0:
-        assert cache is not None
         try:
+            cache = open_cache()
             # An image missing any array (e.g. its grid, after features.spatial was turned on) is redone.
             missing = {k for a in extractor.arrays() for k in cache.missing(distinct, a)}
             need = extractor.disk_need(cache, distinct)
@@ -57,18 +60,23 @@ def plan_ranks(
             mask = np.fromiter((k in missing for k in distinct), dtype=bool, count=len(distinct))
             payload = [(np.packbits(mask).tobytes(), need, free, None)]
         except SamprobeError as exc:
-            payload = [(b"", 0, 0, (exc.message, exc.fix))]
+            if cache is not None:
+                cache.close()
+            if world == 1:
+                raise
+            payload = [(b"", 0, 0, (type(exc).__name__, exc.message, exc.fix))]
     if world > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(payload, src=0)
     packed, need, free, error = payload[0]  # type: ignore[misc]
     if error is not None:
-        raise CacheError(error[0], fix=error[1])
+        kind, message, fix = error
+        raise getattr(errors, kind, SamprobeError)(message, fix=fix)
     mask = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=len(distinct)).astype(bool)
     missing_keys = {k for k, m in zip(distinct, mask) if m}
     # Every key belongs to exactly one rank (a stable split of all keys, missing or not).
     mine = set(shard_for_rank(distinct, rank, world)) & missing_keys
     todo = list({r.sha256: r for r in records if r.sha256 in mine}.values())
     cached = sum(1 for r in records if r.sha256 not in missing_keys)
-    return RankPlan(todo, cached, len(missing_keys), need, free)
+    return cache, RankPlan(todo, cached, len(missing_keys), need, free)
