@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="time 10k of the puts (the rest written in large untimed batches); reads still cover all entries",
+        help="time 10k of the puts (the rest written in large untimed batches); reads still cover "
+        "all entries",
     )
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32, help="entries per put() (an extraction batch)")

@@ -158,8 +158,8 @@ def main() -> None:
     precision = resolve_precision(torch.device("cpu"), "auto")
     probe = cpu_probe()
     print(
-        f"vit_b at {size} px, {n} images, batch {args.batch}, {torch.get_num_threads()} threads, {precision} "
-        f"({probe.summary()})",
+        f"vit_b at {size} px, {n} images, batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"{precision} ({probe.summary()})",
         flush=True,
     )
     # The 2-core machine is shared: the load average says how far from quiet these numbers are.
@@ -202,7 +202,8 @@ def main() -> None:
     print(f"official SamPredictor fp32:           {official:.2f} s/image")
     print(f"timm samvit {precision} batch {args.batch}:            {timm_s:.2f} s/image")
     print(
-        f"samprobe {precision} batch {args.batch}:               {ours:.2f} s/image, {flops / 1e12:.3f} TFLOP/image"
+        f"samprobe {precision} batch {args.batch}:               {ours:.2f} s/image, "
+        f"{flops / 1e12:.3f} TFLOP/image"
     )
     share = flops / ours / (peak * 1e9)
     print(f"samprobe reaches {share:.0%} of the {precision} matmul peak", flush=True)

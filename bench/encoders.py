@@ -209,8 +209,10 @@ def main() -> None:
     share = {fam: flops[fam] / ours[fam] / (peak * 1e9) for fam in runners}
     for fam, s in s_per.items():
         print(
-            f"{fam:11s} samprobe {s['samprobe']:7.2f} s/img  reference {s['reference']:7.2f} s/img  "
-            f"{flops[fam] / 1e9:7.1f} GFLOP/img  {share[fam]:.0%} of the {args.precision} matmul peak"
+            f"{fam:11s} samprobe {s['samprobe']:7.2f} s/img  reference {s['reference']:7.2f} "
+            f"s/img  "
+            f"{flops[fam] / 1e9:7.1f} GFLOP/img  {share[fam]:.0%} of the {args.precision} matmul "
+            f"peak"
         )
     passed = all(ratios[k] is not None and ratios[k] >= v for k, v in TARGETS.items())
     print(

@@ -92,7 +92,7 @@ def photo_files(root: Path, n: int) -> list[Path]:
 
 
 def records(files: list[Path]) -> list[Any]:
-    from samprobe.data.metadata import Record
+    from samprobe.data.records import Record
     from samprobe.io import sha256_file
 
     return [
@@ -111,7 +111,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# --- contenders -------------------------------------------------------------------------------------
+# --- contenders
+# -------------------------------------------------------------------------------------
 
 
 def official_rate(sam: Any, images: list[np.ndarray], device: torch.device) -> float:
@@ -200,14 +201,23 @@ def samprobe_rate(
     from samprobe.features.cache import FeatureCache
 
     with FeatureCache(cache_root / f"warm{batch}", "fp", extractor.dim, "float16") as cache:
-        extractor.run(records(files[:batch]), cache, batch, plan.workers, progress=False)
+        extractor.run(
+            records(files[:batch]),
+            cache,
+            batch_size=batch,
+            num_workers=plan.workers,
+            progress=False,
+        )
     with FeatureCache(cache_root / f"b{batch}", "fp", extractor.dim, "float16") as cache:
-        result = extractor.run(records(files), cache, batch, plan.workers, progress=False)
+        result = extractor.run(
+            records(files), cache, batch_size=batch, num_workers=plan.workers, progress=False
+        )
     assert result.extracted == len(files) and not result.failures, result.failures[:2]
     return result.extracted / result.seconds
 
 
-# --- sections ---------------------------------------------------------------------------------------
+# --- sections
+# ---------------------------------------------------------------------------------------
 
 
 def section_extract(plan: Plan, work: Path) -> dict[str, Any]:
@@ -323,7 +333,7 @@ def section_oom(plan: Plan, work: Path) -> dict[str, Any]:
     recs = records(files)
     reference = samprobe_extractor(ckpt, plan)
     with FeatureCache(work / "oom_ref", "fp", reference.dim, "float32") as cache:
-        reference.run(recs, cache, batch, 0, progress=False)
+        reference.run(recs, cache, batch_size=batch, num_workers=0, progress=False)
         ref = cache.get([r.sha256 for r in recs])
     del reference
     limited = samprobe_extractor(ckpt, plan)
@@ -332,7 +342,8 @@ def section_oom(plan: Plan, work: Path) -> dict[str, Any]:
         limited.backbone.encode = _InjectedOom(limited.backbone, 2)
         info["forced_by"] = "injected OutOfMemoryError above batch 2 (CPU)"
     else:
-        # Room for the weights plus about a quarter of what one full batch needs: the batch must split.
+        # Room for the weights plus about a quarter of what one full batch needs: the batch must
+        # split.
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the reference run's cached blocks would count against the limit
         torch.cuda.reset_peak_memory_stats()
@@ -344,7 +355,7 @@ def section_oom(plan: Plan, work: Path) -> dict[str, Any]:
         info["forced_by"] = f"set_per_process_memory_fraction({fraction:.4f})"
     try:
         with FeatureCache(work / "oom_split", "fp", limited.dim, "float32") as cache:
-            result = limited.run(recs, cache, batch, 0, progress=False)
+            result = limited.run(recs, cache, batch_size=batch, num_workers=0, progress=False)
             got = cache.get([r.sha256 for r in recs])
     finally:
         if not plan.dry_run:
@@ -452,8 +463,8 @@ def section_heads(plan: Plan, work: Path) -> dict[str, Any]:
         y[:split],
         x[split:],
         y[split:],
-        np.ones(classes),
-        cfg,
+        class_weights=np.ones(classes),
+        cfg=cfg,
         seed=0,
         device=plan.device,
         precision=precision,

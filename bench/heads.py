@@ -82,7 +82,8 @@ def digits_features(workdir: Path) -> tuple[np.ndarray, np.ndarray]:
     t = time.perf_counter()
     x = image_features(extractor, rgb, batch_size=64)
     print(
-        f"digits: extracted {len(x)} efficientnet_lite0 features in {time.perf_counter() - t:.0f} s",
+        f"digits: extracted {len(x)} efficientnet_lite0 features in {time.perf_counter() - t:.0f} "
+        f"s",
         file=sys.stderr,
     )
     workdir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,15 @@ def run_samprobe(
     weights = class_weights(np.bincount(y[tr], minlength=k), "balanced")
     precision = resolve_precision(torch.device("cpu"), "auto")
     res = SweepTrainer(
-        x[tr], y[tr], x[va], y[va], weights, cfg, seed=0, device="cpu", precision=precision
+        x[tr],
+        y[tr],
+        x[va],
+        y[va],
+        class_weights=weights,
+        cfg=cfg,
+        seed=0,
+        device="cpu",
+        precision=precision,
     ).run()
     with torch.no_grad():
         pred = res.head(torch.from_numpy(x[te])).argmax(1).numpy()

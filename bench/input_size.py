@@ -70,7 +70,8 @@ def main() -> None:
     speedup = {s: s_per_img[max(sizes)] / s_per_img[s] for s in sizes}
     for s in sizes:
         print(
-            f"{s:5d}px: {speedup[s]:.2f}x faster than {max(sizes)}, cosine to {max(sizes)}px features {cosine[s]:.4f}"
+            f"{s:5d}px: {speedup[s]:.2f}x faster than {max(sizes)}, cosine to {max(sizes)}px "
+            f"features {cosine[s]:.4f}"
         )
     print(
         json.dumps(

@@ -30,7 +30,8 @@ Ends with one JSON line; "pass": samprobe's precision and recall >= sklearn's (a
 import os
 import sys
 
-# bench/ holds inspect.py, which shadows the standard library's inspect: keep bench/ off the import path.
+# bench/ holds inspect.py, which shadows the standard library's inspect: keep bench/ off the import
+# path.
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 sys.path.insert(0, os.path.join(os.path.dirname(_here), "src"))
@@ -87,7 +88,9 @@ def run_samprobe(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict]
     precision = resolve_precision(torch.device("cpu"), "auto")
     weights = class_weights(np.bincount(y), cfg.class_weights)
     tr, va = train_test_split(np.arange(len(y)), test_size=0.15, stratify=y, random_state=0)
-    sweep = SweepTrainer(x[tr], y[tr], x[va], y[va], weights, cfg, 0, precision=precision).run()
+    sweep = SweepTrainer(
+        x[tr], y[tr], x[va], y[va], class_weights=weights, cfg=cfg, seed=0, precision=precision
+    ).run()
     setting = setting_from_sweep(sweep.table)
     t = time.perf_counter()
     fit = cross_fit(x, y, weights, cfg, folds=5, seed=0, settings=[setting], precision=precision)

@@ -88,7 +88,11 @@ def run_official(files: list[Path]) -> float:
 def run_samprobe(items: list[LoadItem], workers: int, batch_size: int) -> float:
     start = time.perf_counter()
     loader = make_loader(
-        items, functools.partial(letterbox, size=S), batch_size, workers, target_longest=S
+        items,
+        functools.partial(letterbox, size=S),
+        batch_size=batch_size,
+        num_workers=workers,
+        target_longest=S,
     )
     n = 0
     for batch in loader:
@@ -133,9 +137,10 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(
         f"{n} x 12MP JPEG -> [3, {S}, {S}]: official {official:.2f}s ({n / official:.2f} img/s), "
-        f"samprobe {samprobe:.2f}s ({n / samprobe:.2f} img/s, {workers} workers); CPU s/img official "
-        f"{off_cpu / n:.3f}, samprobe {sp_cpu / n:.3f}; all runs (wall, cpu): official "
-        f"{[(round(a, 2), round(b, 2)) for a, b in t_off]}, samprobe {[(round(a, 2), round(b, 2)) for a, b in t_sp]}; "
+        f"samprobe {samprobe:.2f}s ({n / samprobe:.2f} img/s, {workers} workers); CPU s/img "
+        f"official {off_cpu / n:.3f}, samprobe {sp_cpu / n:.3f}; all runs (wall, cpu): official "
+        f"{[(round(a, 2), round(b, 2)) for a, b in t_off]}, samprobe "
+        f"{[(round(a, 2), round(b, 2)) for a, b in t_sp]}; "
         f"load average {load:.1f} on {os.cpu_count()} cores"
     )
     print(

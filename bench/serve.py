@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import (
-    Form,
-    UploadFile,
-)  # module level: FastAPI resolves the endpoint's annotations here
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # sam_factory, serve_util
+# module level: FastAPI resolves the endpoint's annotations here
+from fastapi import Form, UploadFile
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # helpers.sam_factory, helpers.serve_util
 
 TARGETS = {"vs_baseline": 3.0}
 
@@ -115,7 +116,7 @@ def bench_photos() -> list[bytes]:
     """Real photos as JPEG uploads (quality 90), at their own sizes (300x451 to 512x512)."""
     from skimage import data
 
-    from serve_util import encode
+    from helpers.serve_util import encode
 
     arrays = [
         data.astronaut(),
@@ -192,8 +193,8 @@ def summarize(latencies: list[float], wall: float) -> dict[str, float]:
 def bench_head(
     name: str, checkpoint: Path, uploads: list[bytes], args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
+    from helpers.serve_util import decoded, mismatch, serve_command, start_server
     from samprobe.predict import Classifier
-    from serve_util import decoded, mismatch, serve_command, start_server
 
     common = [
         "--max-wait-ms",
@@ -272,7 +273,8 @@ def bench_head(
             out["samprobe"]["throughput_rps"] / out["unbatched"]["throughput_rps"], 2
         ),
         "p99_vs_baseline": round(out["samprobe"]["p99_ms"] / out["baseline"]["p99_ms"], 2),
-        # requests per server CPU-second, samprobe / baseline: the capacity ratio on a machine of its own
+        # requests per server CPU-second, samprobe / baseline: the capacity ratio on a machine of
+        # its own
         "cpu_vs_baseline": round(
             out["baseline"]["server_cpu_ms_per_request"]
             / out["samprobe"]["server_cpu_ms_per_request"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage import data
 
-from family_factory import TINY
+from helpers.family_factory import TINY
 from samprobe.backbones import registry
 from samprobe.backbones.registry import PooledFeature, fingerprint, resolve_feature
 from samprobe.config import BackboneConfig

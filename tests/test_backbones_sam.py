@@ -389,7 +389,8 @@ def test_weights_hash_is_remembered_per_file_version(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr("builtins.open", lambda *a, **k: pytest.fail("the weights file was read again"))
         assert weights_sha256(w) == first
-    # Rewritten with the same size and mtime (as cp -p / rsync -a leave it): ctime tells, hashed again.
+    # Rewritten with the same size and mtime (as cp -p / rsync -a leave it): ctime tells, hashed
+    # again.
     st = w.stat()
     w.write_bytes(b"b" * 1000)
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -226,7 +226,7 @@ def test_wrong_head_checkpoint_file_exits_2(
 def test_slice_each_sam_family_tiny_checkpoint(tmp_path: Path, family: str) -> None:
     """validate -> extract -> train -> evaluate -> predict through the CLI, `backbone.name:
     sam` detecting the family."""
-    from family_factory import TINY
+    from helpers.family_factory import TINY
 
     backbone = TINY[family](tmp_path / "weights")
     backbone.update(name="sam", img_size=128 if family == "sam2" else 256)  # detected from the file

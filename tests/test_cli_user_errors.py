@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from helpers.digits import write_config, write_digits
+from helpers.tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.errors import ConfigError, DataError
 from samprobe.pipeline import load_dataset, run_validate
-from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 
 
 def test_fractions_leaving_nothing_to_train_are_rejected(digits_project: Path) -> None:
@@ -147,7 +147,7 @@ def test_path_features_equal_extracted_features(digits_project: Path) -> None:
     records, _ = run_validate(cfg, progress=False)
     assert main(["extract", "-c", str(digits_project / "samprobe.yaml")]) == 0
     ex = Extractor.from_config(cfg)
-    with ex.open_cache(cfg) as cache:
+    with ex.open_cache(cfg.features.cache_dir) as cache:
         cached = load_features(cache, records[:5])
     direct = path_features(ex, [r.file for r in records[:5]])
     np.testing.assert_allclose(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from samprobe.data.metadata import Record, read_splits, write_splits
+from samprobe.data.records import Record, read_splits, write_splits
 from samprobe.data.splits import assign_splits
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from helpers.images import photos, png16
 from samprobe.config import Config, DataConfig
-from samprobe.data.metadata import PROBLEM_KINDS, read_splits, validate
+from samprobe.data.records import PROBLEM_KINDS, read_splits
+from samprobe.data.validate import validate
 from samprobe.errors import DataError
 
 MAX_PIXELS = 200 * 200
@@ -383,7 +384,7 @@ def test_no_usable_rows_and_missing_splits_via_cli(
 
 
 def test_folder_layout_hidden_empty_and_top_level(tmp_path: Path) -> None:
-    from samprobe.data.metadata import summary_lines, write_report
+    from samprobe.data.data_report import summary_lines, write_report
 
     root = tmp_path / "images"
     _write_images(

@@ -92,7 +92,8 @@ def test_every_raised_error_type_is_a_samprobe_error_or_a_builtin():
     ours = {cls.__name__ for cls in errors.all_error_types()}
     for site in raise_sites():
         assert site.error in ours or isinstance(getattr(builtins, site.error, None), type), (
-            f"{site.file}:{site.line} raises {site.error}, which is neither in samprobe.errors nor a builtin"
+            f"{site.file}:{site.line} raises {site.error}, which is neither in samprobe.errors "
+            f"nor a builtin"
         )
 
 

@@ -249,7 +249,8 @@ def test_usable_gpus_are_listed_with_capability_memory_and_rank(
         "NVIDIA_PROC",
         _fake_driver(
             tmp_path,
-            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023",
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC "
+            "2023",
             2,
         ),
     )
@@ -281,7 +282,8 @@ def test_too_little_shared_memory_for_the_workers_is_blocking(project, capsys, m
     line = _blocked_by(
         capsys, project, "shared memory", "features.num_workers=2", "features.batch_size=4"
     )
-    # 12 images, batches of 4: 2 workers x 4 prefetched batches x 4 images x 3 x 64 x 64 bytes = 0.4 MB
+    # 12 images, batches of 4: 2 workers x 4 prefetched batches x 4 images x 3 x 64 x 64 bytes = 0.4
+    # MB
     assert (
         "[SP600]" in line
         and "/dev/shm has 0.1 MB free" in line

@@ -143,8 +143,8 @@ def test_cli_extract_unwritable_cache_dir_exits_2_before_any_work(tmp_path, caps
     capsys.readouterr()
     assert main(["doctor", "-c", str(cfg)]) == 2
     assert (
-        "FAIL  feature cache directory: [SP400] features.cache_dir /proc/samprobe-cache cannot be created"
-        in capsys.readouterr().out
+        "FAIL  feature cache directory: [SP400] features.cache_dir /proc/samprobe-cache cannot be "
+        "created" in capsys.readouterr().out
     )
 
 

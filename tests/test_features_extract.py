@@ -14,17 +14,17 @@ import torch
 from PIL import Image
 
 from helpers.cache_corpus import PY, REPO, LogLines, index_count, make_corpus, write_config
+from helpers.tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 from samprobe.backbones.registry import Backbone, PooledFeature
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.data.images import resize_square
-from samprobe.data.metadata import Record, read_splits
+from samprobe.data.records import Record, read_splits
 from samprobe.errors import DeviceError
 from samprobe.features.cache import FeatureCache
 from samprobe.features.extract import Extractor
 from samprobe.io import sha256_file
 from samprobe.pipeline import run_extract, run_validate
-from tolerance import close_after_storage, efficientnet_lite0_terms, magnitude
 
 N = 27  # images in the shared corpus: 5 photos x 3 crops + 12 digits
 
@@ -32,7 +32,7 @@ N = 27  # images in the shared corpus: 5 photos x 3 crops + 12 digits
 def _features(cfg_path: Path, keys: list[str]) -> np.ndarray:
     cfg = load_config(cfg_path)
     ex = Extractor.from_config(cfg)
-    with ex.open_cache(cfg) as cache:
+    with ex.open_cache(cfg.features.cache_dir) as cache:
         assert cache.verify().bad_entries == 0
         return cache.get(keys)
 
@@ -112,13 +112,15 @@ def test_torchrun_two_ranks_extract_each_image_once_and_match_single_process(bas
         timeout=300,
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    # rank 0 reports the sum over ranks: N extractions for N distinct images, all N indexed -> none twice
+    # rank 0 reports the sum over ranks: N extractions for N distinct images, all N indexed -> none
+    # twice
     assert f"extract: {N} extracted, 0 already cached, 0 failed" in p.stdout, p.stdout
     assert "2 ranks: 0 on cpu, 1 on cpu" in p.stdout  # each rank and its device
     fp_dir = tmp_path / "cache" / baseline["fingerprint"]
     assert index_count(fp_dir) == N
     x = _features(cfg, baseline["keys"])
-    # other processes, batches and thread counts: one fp16 ulp where float32 sums cross a rounding boundary
+    # other processes, batches and thread counts: one fp16 ulp where float32 sums cross a rounding
+    # boundary
     np.testing.assert_allclose(
         x,
         baseline["x"],
@@ -148,7 +150,7 @@ def test_rename_keeps_edit_reextracts_corruption_reextracts_and_fingerprint_chan
     assert run_extract(cfg, progress=False).extracted == 1
     # a damaged shard is detected by extract and its entries redone, never used
     ex = Extractor.from_config(cfg)
-    with ex.open_cache(cfg) as cache:
+    with ex.open_cache(cfg.features.cache_dir) as cache:
         shard = next(iter(cache._shards().values()))
         n = cache.verify().entries
     with open(cache.shard_dir / shard.file, "r+b") as f:
@@ -203,7 +205,7 @@ def test_cache_info_and_prune_drop_unreferenced_entries(tmp_path):
         assert main(["cache", "prune", "-c", str(cfg_path), "--yes"]) == 0
         assert "removed 2 of 9 entries, freed" in out.take()
     keys = [r.sha256 for r in read_splits(cfg.run_dir / "splits.csv")]
-    with Extractor.from_config(cfg).open_cache(cfg) as cache:
+    with Extractor.from_config(cfg).open_cache(cfg.features.cache_dir) as cache:
         assert len(cache) == 7 and cache.missing(keys) == [] and cache.verify().bad_entries == 0
         assert cache.stats()["shard_bytes"] == 7 * 1280 * 2
 
@@ -309,7 +311,8 @@ def test_oom_splits_batches_down_and_matches_unsplit_features(tmp_path, exc):
             assert r.extracted == 11
             runs[limit] = (cache.get([x.sha256 for x in recs]), bb.calls)
     x_split, calls = runs[2]
-    # 8 and 4 fail, 2 fits; the rest of the first batch and the next batch (3 images) go straight to 2
+    # 8 and 4 fail, 2 fits; the rest of the first batch and the next batch (3 images) go straight to
+    # 2
     assert calls == [8, 4, 2, 2, 2, 2, 2, 1]
     np.testing.assert_array_equal(x_split, runs[100][0])
 

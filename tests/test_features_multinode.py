@@ -22,15 +22,15 @@ import yaml
 
 from helpers.cache_corpus import PY, REPO, LogLines, index_count, make_corpus, write_config
 from helpers.sam_factory import build_official_sam, write_official_checkpoint
+from helpers.tolerance import close_after_storage, magnitude, reduction_terms
 from samprobe.cli import main
 from samprobe.config import load_config
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import read_splits
 from samprobe.features.cache import ORPHAN_AGE_S, FeatureCache
 from samprobe.features.extract import Extractor
 from samprobe.features.manifest import ManifestWriter, manifest_files, read_manifest
 from samprobe.io import sha256_bytes
 from samprobe.pipeline import run_extract
-from tolerance import close_after_storage, magnitude, reduction_terms
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def sam_corpus(tmp_path_factory):
     cfg = _sam_config(root, images, ckpt)
     assert run_extract(load_config(cfg), progress=False).extracted == N_IMAGES
     keys = sorted({r.sha256 for r in read_splits(root / "run" / "splits.csv")})
-    with Extractor.from_config(load_config(cfg)).open_cache(load_config(cfg)) as cache:
+    with Extractor.from_config(load_config(cfg)).open_cache(root / "cache") as cache:
         x = cache.get(keys)
     terms = reduction_terms(
         build_official_sam("tiny", img_size=SIZE).image_encoder, tokens=(SIZE // 16) ** 2
@@ -229,7 +229,7 @@ def _check_matches_single_process(cfg: Path, sam_corpus, dead: tuple[Path, ...] 
     assert index_count(root) == N_IMAGES
     assert manifest_files(root) == list(dead)  # this run's merged and deleted
     assert main(["cache", "verify", "-c", str(cfg)]) == 0
-    with ex.open_cache(config, readonly=True) as cache:
+    with ex.open_cache(config.features.cache_dir, readonly=True) as cache:
         x = cache.get(sam_corpus["keys"])
     # other processes and thread counts: one fp16 ulp where float32 sums cross a rounding boundary
     np.testing.assert_allclose(
@@ -288,7 +288,7 @@ def test_killed_node_rerun_resumes_with_nothing_lost(sam_corpus, tmp_path):
     _check_matches_single_process(cfg, sam_corpus, dead=(rank1[0],))
     old = time.time() - ORPHAN_AGE_S - 1
     os.utime(rank1[0], (old, old))
-    with Extractor.from_config(load_config(cfg)).open_cache(load_config(cfg)) as cache:
+    with Extractor.from_config(load_config(cfg)).open_cache(tmp_path / "cache") as cache:
         assert manifest_files(root) == [] and len(cache) == N_IMAGES
 
 

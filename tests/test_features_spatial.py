@@ -17,16 +17,7 @@ from skimage import data
 from helpers.cache_corpus import make_corpus, write_config
 from helpers.digits_run import write_digits_project
 from helpers.sam_factory import build_official_sam, write_official_checkpoint
-from samprobe.backbones.registry import grid_array, pool_grid
-from samprobe.backbones.sam import SamBackbone
-from samprobe.cli import main
-from samprobe.config import load_config
-from samprobe.data.metadata import read_splits
-from samprobe.errors import ConfigError
-from samprobe.features.cache import estimate_bytes
-from samprobe.features.extract import Extractor, load_features, load_grid
-from samprobe.pipeline import run_extract
-from tolerance import (
+from helpers.tolerance import (
     close_after_rounding,
     close_after_storage,
     efficientnet_lite0_terms,
@@ -34,6 +25,15 @@ from tolerance import (
     magnitude,
     reduction_terms,
 )
+from samprobe.backbones.registry import grid_array, pool_grid
+from samprobe.backbones.sam import SamBackbone
+from samprobe.cli import main
+from samprobe.config import load_config
+from samprobe.data.records import read_splits
+from samprobe.errors import ConfigError
+from samprobe.features.cache import estimate_bytes
+from samprobe.features.extract import Extractor, load_features, load_grid
+from samprobe.pipeline import run_extract
 
 N = 9  # corpus: 5 photo crops (96x80) + 4 digits (32x32)
 
@@ -45,7 +45,7 @@ def _records(root: Path):
 def _open(cfg_path: Path):
     cfg = load_config(cfg_path)
     ex = Extractor.from_config(cfg)
-    return ex, ex.open_cache(cfg)
+    return ex, ex.open_cache(cfg.features.cache_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,7 +117,8 @@ def test_sam_grid_is_official_neck_valid_region_pooled(tiny_ckpt):
     # padding really is excluded: for the wide and the tall image, pooling the whole map differs
     for i in (1, 2):
         assert (whole[i] - ref[i]).abs().max().item() > 1e-2
-    # same forward as encode(); the grid's mean is not the pooled mean (adaptive bins overlap), so compare encode
+    # same forward as encode(); the grid's mean is not the pooled mean (adaptive bins overlap), so
+    # compare encode
     torch.testing.assert_close(
         pooled,
         bb.encode(x, hw, ["neck_avg"]),
@@ -162,7 +163,8 @@ def test_sam_extract_stores_fp16_grid_matching_official(tiny_ckpt, tmp_path):
 def lite(tmp_path_factory):
     root = tmp_path_factory.mktemp("lite")
     images = make_corpus(root, n_digits=4, crops=1)
-    # pooled only, own folder (write_config writes <folder>/samprobe.yaml), the cache shared with _with_spatial's
+    # pooled only, own folder (write_config writes <folder>/samprobe.yaml), the cache shared with
+    # _with_spatial's
     (root / "plain").mkdir()
     plain = write_config(root / "plain", images, cache_dir=root / "cache")
     assert run_extract(load_config(plain), progress=False).extracted == N
@@ -190,7 +192,7 @@ def test_lite_grid_shape_dtype_and_unchanged_pooled_fingerprint(lite):
     result = run_extract(load_config(cfg), progress=False)
     assert result.extracted == N  # every image lacked its grid
     recs = _records(lite["root"])
-    with ex.open_cache(load_config(cfg)) as cache:
+    with ex.open_cache(load_config(cfg).features.cache_dir) as cache:
         grid = load_grid(cache, recs, 2)
         assert cache.get([r.sha256 for r in recs], array="grid2", dtype=None).dtype == np.float16
         np.testing.assert_array_equal(
@@ -200,7 +202,8 @@ def test_lite_grid_shape_dtype_and_unchanged_pooled_fingerprint(lite):
         grid.shape == (N, 4, 1280) and grid.dtype == np.float32
     )  # 64 px -> 2x2 map of 1280 channels
     # at 64 px the map is 2x2: the 2x2 grid is the map itself, whose mean is the global average pool
-    # both rounded to fp16 from one forward: half an fp16 ulp of the largest token plus half of the mean's
+    # both rounded to fp16 from one forward: half an fp16 ulp of the largest token plus half of the
+    # mean's
     np.testing.assert_allclose(
         grid.mean(1), lite["pooled"], rtol=0, atol=eps(np.float16) * magnitude(grid)
     )
@@ -232,7 +235,9 @@ def test_resume_re_extracts_only_images_missing_their_grid(lite):
     db.close()
     result = run_extract(load_config(cfg), progress=False)
     assert result.extracted == 3 and result.cached == N - 3
-    with Extractor.from_config(load_config(cfg)).open_cache(load_config(cfg)) as cache:
+    with Extractor.from_config(load_config(cfg)).open_cache(
+        load_config(cfg).features.cache_dir
+    ) as cache:
         np.testing.assert_allclose(
             load_grid(cache, recs, 2),
             before,  # re-extracted in another batch: one fp16 ulp
@@ -321,8 +326,8 @@ def test_spatial_larger_than_feature_map_is_a_config_error(lite, capsys):
     assert main(["extract", "-c", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert (
-        "features.spatial 3 is larger than the 2x2 feature map of backbone 'efficientnet_lite0' at 64px"
-        in err
+        "features.spatial 3 is larger than the 2x2 feature map of backbone 'efficientnet_lite0' "
+        "at 64px" in err
     )
     assert "at most 2" in err
     assert main(["doctor", "-c", str(cfg)]) == 2

@@ -116,7 +116,15 @@ def test_trainer_makes_a_grad_scaler_only_for_fp16():
     y = np.arange(16) % 2
     for p, scaled in (("fp32", False), ("bf16", False)):
         tr = SweepTrainer(
-            x, y, x, y, np.ones(2), TrainConfig(epochs=1), 0, device="cpu", precision=p
+            x,
+            y,
+            x,
+            y,
+            class_weights=np.ones(2),
+            cfg=TrainConfig(epochs=1),
+            seed=0,
+            device="cpu",
+            precision=p,
         )
         assert (tr.scaler is not None) == scaled
 
@@ -204,7 +212,8 @@ def test_sdpa_mask_rows_are_aligned_and_calls_are_few(tiny512, monkeypatch):
     assert all(dim == 4 and stride % 8 == 0 for dim, stride, _ in calls), calls
 
 
-# --- defects 5 and 6: fingerprints without device weights; checkpoints from another device ---------
+# --- defects 5 and 6: fingerprints without device weights; checkpoints from another device
+# ---------
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +235,13 @@ def _as_if_trained_on_gpu(ckpt_path: Path, out: Path, resolved: str) -> Path:
     from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
-    bb = build_backbone(BackboneConfig(**ckpt["backbone"]["config"]))
-    ckpt["backbone"]["precision"] = resolved
-    ckpt["backbone"]["fingerprint"] = fingerprint(
-        bb, ckpt["backbone"]["pooling"], ckpt["backbone"]["dtype"], resolved
+    bb = build_backbone(BackboneConfig(**ckpt.backbone.config))
+    ckpt.backbone.precision = resolved
+    ckpt.backbone.fingerprint = fingerprint(
+        bb, ckpt.backbone.pooling, ckpt.backbone.dtype, resolved
     )
-    ckpt["config"].update(device="cuda", precision="auto")
-    save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, out)
+    ckpt.config.update(device="cuda", precision="auto")
+    save_checkpoint(ckpt, out)
     return out
 
 
@@ -241,7 +250,7 @@ def test_checkpoints_store_the_resolved_precision(trained):
 
     for name in ("best.pt", "last.pt"):
         assert (
-            load_checkpoint(trained.parent / "run" / "checkpoints" / name)["backbone"]["precision"]
+            load_checkpoint(trained.parent / "run" / "checkpoints" / name).backbone.precision
             == "fp32"
         )
 
@@ -312,7 +321,8 @@ def test_evaluate_and_cache_commands_on_a_gpu_machine_touch_no_gpu(
     assert ex.fingerprint == registry.fingerprint(ex.backbone, ex.pooling, ex.dtype, "bf16")
 
 
-# --- defects 8 and 9: the training loop's host/device traffic, RNG across device types, timeouts -----
+# --- defects 8 and 9: the training loop's host/device traffic, RNG across device types, timeouts
+# -----
 
 
 def test_per_head_settings_are_copied_to_the_device_once_per_change():
@@ -342,14 +352,14 @@ def test_resume_on_another_device_type_keeps_the_batch_order(caplog):
     y = np.arange(48) % 3
     x = (rng.normal(size=(48, 8)) + y[:, None]).astype(np.float32)
     cfg = TrainConfig(epochs=4, head="mlp", hidden=8, dropout=0.5, patience=10)
-    a = SweepTrainer(x, y, x, y, np.ones(3), cfg, seed=0)
+    a = SweepTrainer(x, y, x, y, class_weights=np.ones(3), cfg=cfg, seed=0)
     a.run(until_epoch=2)
     state = a.state_dict()
     assert state["rng"]["dropout_device"] == "cpu"
     # What a CUDA trainer writes: its generator state is (seed, offset), 16 bytes.
     state["rng"]["dropout"] = torch.tensor([1, 4096], dtype=torch.int64).view(torch.uint8)
     state["rng"]["dropout_device"] = "cuda"
-    b = SweepTrainer(x, y, x, y, np.ones(3), cfg, seed=0)
+    b = SweepTrainer(x, y, x, y, class_weights=np.ones(3), cfg=cfg, seed=0)
     caplog.set_level("WARNING", logger="samprobe")
     b.load_state_dict(state)
     assert "last.pt was written on cuda, resuming on cpu" in caplog.text

@@ -38,7 +38,8 @@ odd = st.one_of(
     st.sampled_from(["", "NaN", "null", '"', "1" * 5000, "²", "a\x00b", "-1", "0"]),
     st.text(max_size=40),
 )
-# cells by column, so that many rows get as far as the image checks: real files, Windows and outside paths
+# cells by column, so that many rows get as far as the image checks: real files, Windows and outside
+# paths
 column_cells = {
     "path": st.one_of(
         st.sampled_from(

@@ -12,7 +12,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from browser import DOM_CHECKS, Browser, find_chromium
+from helpers.browser import DOM_CHECKS, Browser, find_chromium
 from helpers.digits_run import write_digits_project
 from samprobe.config import load_config
 from samprobe.report import eval_dir
@@ -20,14 +20,16 @@ from samprobe.report import eval_dir
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
-    reason="chromium not installed: run `make browser` (apt-get install chromium) to run the report's browser test",
+    reason="chromium not installed: run `make browser` (apt-get install chromium) to run the "
+    "report's browser test",
 )
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     from samprobe.inspection import run_inspect
-    from samprobe.pipeline import _write_report, run_evaluate, run_extract, run_train, run_validate
+    from samprobe.pipeline import run_evaluate, run_extract, run_train, run_validate
+    from samprobe.report import write_run_report
 
     root = tmp_path_factory.mktemp("browser")
     cfg_path = write_digits_project(root, per_class=14, epochs=30)
@@ -42,7 +44,7 @@ def full_run(tmp_path_factory):
     run_train(cfg)
     run_evaluate(cfg, cfg.run_dir / "checkpoints" / "best.pt", "test")
     run_inspect(cfg)
-    _write_report(cfg.run_dir)
+    write_run_report(cfg.run_dir)
     return cfg.run_dir
 
 

@@ -13,7 +13,7 @@ import pytest
 from samprobe.cli import main
 from samprobe.config import load_config
 from samprobe.logs import count_of
-from samprobe.pipeline import prepare_run_dir
+from samprobe.run_dir import prepare_run_dir
 
 KILLED_MID_WRITE = """
 import os, signal, sys

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
+from helpers.sam2_factory import PHOTOS, official_encoder_shapes, official_sam2
 from helpers.sam_factory import write_official_checkpoint
-from sam2_factory import PHOTOS, official_encoder_shapes, official_sam2
 from samprobe.backbones.registry import build_backbone, fingerprint
 from samprobe.backbones.sam2 import Sam2Backbone, infer_hiera_geometry
 from samprobe.backbones.sam_family import detect_family

@@ -22,11 +22,7 @@ import pytest
 from PIL import Image
 
 from helpers.digits_run import CLASSES, EMPTY_CLASS, write_digits_project
-from samprobe.cli import main
-from samprobe.io import sha256_file
-from samprobe.predict import Classifier
-from samprobe.serve import ServeSettings, create_app, exposure_warning, read_api_key
-from serve_util import (
+from helpers.serve_util import (
     InProcessServer,
     decoded,
     encode,
@@ -36,6 +32,10 @@ from serve_util import (
     small_photos,
     wait_ready,
 )
+from samprobe.cli import main
+from samprobe.io import sha256_file
+from samprobe.predict import Classifier
+from samprobe.serve import ServeSettings, create_app, exposure_warning, read_api_key
 
 MAX_QUEUE = 8
 

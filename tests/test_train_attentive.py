@@ -16,17 +16,17 @@ import yaml
 from helpers.digits_run import CLASSES, EMPTY_CLASS, write_digits_project
 from helpers.resume_check import assert_resumes_bitwise
 from helpers.sam_factory import write_official_checkpoint
+from helpers.tolerance import close_after_rounding, magnitude, rounding_atol
 from samprobe.cli import main
 from samprobe.config import SweepConfig, TrainConfig, load_config
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import read_splits
 from samprobe.errors import CheckpointError, ConfigError, TrainingError
 from samprobe.features.extract import Extractor, load_grid
-from samprobe.pipeline import predict_features
-from samprobe.predict import Classifier
+from samprobe.predict import Classifier, predict_features
 from samprobe.train import heads
+from samprobe.train.checkpoint import load_checkpoint
 from samprobe.train.heads import AttentiveProbe, StackedAttentiveProbe
 from samprobe.train.loop import SweepTrainer
-from tolerance import close_after_rounding, magnitude, rounding_atol
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise-comparable CPU matmuls
 
@@ -125,7 +125,7 @@ def test_stacked_settings_equal_single_probes_equal_textbook_attention():
 def test_attentive_sweep_learns_what_mean_pooling_cannot():
     x, y = _marked_token_grids(480)
     res = SweepTrainer(
-        x[:360], y[:360], x[360:], y[360:], np.ones(3), _cfg(epochs=20), seed=0
+        x[:360], y[:360], x[360:], y[360:], class_weights=np.ones(3), cfg=_cfg(epochs=20), seed=0
     ).run()
     with torch.no_grad():
         acc = (res.head(torch.from_numpy(x[360:])).argmax(1).numpy() == y[360:]).mean()
@@ -137,8 +137,8 @@ def test_attentive_sweep_learns_what_mean_pooling_cannot():
         y[:360],
         pooled[360:],
         y[360:],
-        np.ones(3),
-        _cfg(head="linear", epochs=20),
+        class_weights=np.ones(3),
+        cfg=_cfg(head="linear", epochs=20),
         seed=0,
     ).run()
     assert max(r["best_balanced_accuracy"] for r in lin.table) < 0.7
@@ -148,12 +148,22 @@ def test_attentive_sweep_resumes_bitwise_and_checks_what_it_resumes():
     x, y = _marked_token_grids(120)
     cfg = _cfg(epochs=4, dropout=0.1)
     _, state = assert_resumes_bitwise(
-        lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=2
+        lambda: SweepTrainer(
+            x[:90], y[:90], x[90:], y[90:], class_weights=np.ones(3), cfg=cfg, seed=5
+        ),
+        stop_after=2,
     )
-    # linear heads on C-d pooled features have a mean of the same shape: the head spec tells them apart
+    # linear heads on C-d pooled features have a mean of the same shape: the head spec tells them
+    # apart
     pooled = x.mean(1)
     linear = SweepTrainer(
-        pooled[:90], y[:90], pooled[90:], y[90:], np.ones(3), _cfg(head="linear", epochs=4), seed=5
+        pooled[:90],
+        y[:90],
+        pooled[90:],
+        y[90:],
+        class_weights=np.ones(3),
+        cfg=_cfg(head="linear", epochs=4),
+        seed=5,
     )
     with pytest.raises(
         CheckpointError,
@@ -163,19 +173,26 @@ def test_attentive_sweep_resumes_bitwise_and_checks_what_it_resumes():
         linear.load_state_dict(state)
     with pytest.raises(
         TrainingError,
-        match=r"train.head attentive trains on token grids \[N, S\*S, C\], got features of shape \(90, 16\)",
+        match=r"train.head attentive trains on token grids \[N, S\*S, C\], got features of shape "
+        r"\(90, 16\)",
     ):
-        SweepTrainer(pooled[:90], y[:90], pooled[90:], y[90:], np.ones(3), cfg, seed=5)
+        SweepTrainer(
+            pooled[:90], y[:90], pooled[90:], y[90:], class_weights=np.ones(3), cfg=cfg, seed=5
+        )
 
 
 def test_large_grid_batches_run_as_accumulated_parts(monkeypatch):
     x, y = _marked_token_grids(100)
-    ref = SweepTrainer(x, y, x[:0], y[:0], np.ones(3), _cfg(batch_size=8, accumulate=4), seed=1)
+    ref = SweepTrainer(
+        x, y, x[:0], y[:0], class_weights=np.ones(3), cfg=_cfg(batch_size=8, accumulate=4), seed=1
+    )
     ref.run()
     monkeypatch.setattr(
         heads, "STEP_ELEMENTS", 8 * 16 * 16
     )  # room for 8 grids of 16 x 16 per forward
-    cut = SweepTrainer(x, y, x[:0], y[:0], np.ones(3), _cfg(batch_size=32), seed=1)
+    cut = SweepTrainer(
+        x, y, x[:0], y[:0], class_weights=np.ones(3), cfg=_cfg(batch_size=32), seed=1
+    )
     assert (cut.batch_size, cut.accumulate, cut.eval_batch) == (8, 4, 8)
     cut.run()
     for k, v in ref.model.state_dict().items():
@@ -250,7 +267,8 @@ def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
         last["train_state"]["model"]["wk"].shape == (8, 256, 256)
         and last["train_state"]["head_spec"] == spec
     )
-    # --resume reads last.pt back (weights_only; two optimizer groups: no decay on norms, biases, the query)
+    # --resume reads last.pt back (weights_only; two optimizer groups: no decay on norms, biases,
+    # the query)
     assert main(["train", *c, *attentive, "--resume"]) == 0
     again = torch.load(best_path, weights_only=True)
     assert all(
@@ -307,13 +325,17 @@ def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
     test = [r for r in read_splits(tmp_path / "run" / "splits.csv") if r.split == "test"]
     preds = clf.predict([r.file for r in test], top_k=3)
     loaded = load_config(cfg, attentive[1::2])
-    with Extractor.from_config(loaded).open_cache(loaded) as cache:
-        idx, scores = predict_features(best, load_grid(cache, test, 4), top_k=3)
+    with Extractor.from_config(loaded).open_cache(loaded.features.cache_dir) as cache:
+        idx, scores = predict_features(
+            load_checkpoint(best_path), load_grid(cache, test, 4), top_k=3
+        )
     for r, p, i, s in zip(test, preds, idx, scores):
         row = rows[Path(r.file).name]
         assert p.label == row["label"] == clf.mapping.taxonomy[i[0]], r.file
-        # the CSV holds 6 decimals (half a unit of the last: 5e-7); a probability from the same cached fp16
-        # grid, through float32 sums over C = 256 channels and the 16 tokens, of products bounded by the logits
+        # the CSV holds 6 decimals (half a unit of the last: 5e-7); a probability from the same
+        # cached fp16
+        # grid, through float32 sums over C = 256 channels and the 16 tokens, of products bounded by
+        # the logits
         head_rounding = rounding_atol(torch.float32, terms=4 * 256 + 16, scale=1.0)
         assert p.score == pytest.approx(float(row["score"]), abs=5e-7 + head_rounding)
         assert p.score == pytest.approx(float(s[0]), abs=head_rounding)

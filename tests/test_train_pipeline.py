@@ -24,7 +24,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 NAMES = ["zero", "one", "two", "three", "four"]
 
 
-# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from more.
+# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from
+# more.
 # Slow: every test trains on the module's corpus, whose features take a real backbone to extract.
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 

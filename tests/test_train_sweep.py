@@ -1,8 +1,10 @@
-"""Training on synthetic feature tensors: class mapping properties, the seed's failure modes,
-the stacked sweep, per-head AdamW, early stopping, accumulation, resume (attentive probe: test_train_attentive.py)."""
+"""Training on synthetic feature tensors: class mapping properties, guards against bad targets and
+features, the stacked sweep, per-head optimisers, early stopping, accumulation, resume (attentive
+probe: test_train_attentive.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.resume_check import assert_resumes_bitwise
+from helpers.tolerance import close_after_rounding, eps, magnitude, rounding_atol
 from samprobe.config import SweepConfig, TrainConfig
 from samprobe.errors import CheckpointError, TrainingError
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
@@ -19,9 +22,9 @@ from samprobe.train.heads import StackedHeads, feature_stats
 from samprobe.train.loop import SweepTrainer, _head_losses, evaluate_heads
 from samprobe.train.metrics import classification_metrics, per_class_table
 from samprobe.train.optim import StackedAdamW, StackedSGD
-from tolerance import close_after_rounding, eps, magnitude, rounding_atol
 
-# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from more
+# one thread, as the subprocesses: bitwise-comparable CPU matmuls; tiny tensors gain nothing from
+# more
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -88,8 +91,8 @@ def test_any_label_distribution_trains_and_predicts_original_classes(counts, gap
         y_train,
         x_held,
         y_held,
-        w,
-        _cfg(epochs=2),
+        class_weights=w,
+        cfg=_cfg(epochs=2),
         seed=0,
         val_untrained_classes=len(set(untrained_held)),
     )
@@ -122,7 +125,7 @@ def test_any_label_distribution_trains_and_predicts_original_classes(counts, gap
         )
 
 
-# --- the seed's failure modes --------------------------------------------------------------
+# --- empty classes and out-of-range targets --------------------------------------------------------------
 
 
 def test_seed_failure_modes_cannot_happen():
@@ -134,12 +137,15 @@ def test_seed_failure_modes_cannot_happen():
     assert mapping.num_active == 2 and set(y.tolist()) == {0, 1}  # never an index >= active classes
     w = class_weights(np.bincount(y), "balanced")
     assert np.isfinite(w).all() and (w > 0).all()  # no zero/NaN weight for the empty classes
-    # A held-out sample of an empty class is IGNORE, not silently class 0 (the seed's `.get(t, 0)`).
+    # A held-out sample of an empty class is IGNORE, not silently class 0 (as a `dict.get(label, 0)`
+    # lookup of the head index would make it).
     assert mapping.to_head(["c0", "c7"]).tolist() == [IGNORE, 0]
 
     # batch_size 1: every batch holds a single class; the weighted loss stays finite.
     x = _blobs(mapping.taxonomy_index(train))
-    res = SweepTrainer(x, y, x[:0], y[:0], w, _cfg(batch_size=1, epochs=2), seed=0).run()
+    res = SweepTrainer(
+        x, y, x[:0], y[:0], class_weights=w, cfg=_cfg(batch_size=1, epochs=2), seed=0
+    ).run()
     assert all(
         math.isfinite(h["train_loss"]) for r in res.history for h in r["heads"] if h["training"]
     )
@@ -149,9 +155,12 @@ def test_seed_failure_modes_cannot_happen():
     )
     assert torch.isfinite(one_class).all()
 
-    # Labels above the number of active classes never reach the loss as an IndexError.
+    # Labels above the number of active classes fail here, naming the range, not deep in the loss
+    # (cross_entropy's bare "IndexError: index out of range in self").
     with pytest.raises(TrainingError, match="head indices 0..1"):
-        SweepTrainer(x, np.array([0, 1, 7, 9, 0, 1, 0, 1]), x[:0], y[:0], w, _cfg(), seed=0)
+        SweepTrainer(
+            x, np.array([0, 1, 7, 9, 0, 1, 0, 1]), x[:0], y[:0], class_weights=w, cfg=_cfg(), seed=0
+        )
     with pytest.raises(ValueError):
         class_weights(np.array([3, 0, 2]), "balanced")  # weights over empty classes are refused
 
@@ -256,10 +265,13 @@ def test_sweep_picks_best_head_and_restores_its_best_weights():
         batch_size=32,
         sweep=SweepConfig(lrs=[1e-5, 1e-3, 3e-2], weight_decays=[0.0, 1e-2]),
     )
-    res = SweepTrainer(x[:300], y[:300], x[300:], y[300:], np.ones(4), cfg, seed=0).run()
+    res = SweepTrainer(
+        x[:300], y[:300], x[300:], y[300:], class_weights=np.ones(4), cfg=cfg, seed=0
+    ).run()
     assert len(res.table) == 6 and sum(r["selected"] for r in res.table) == 1
     scores = [r["best_balanced_accuracy"] for r in res.table]
-    # Lowest index on ties (zero-initialised linear heads separate these blobs after one step even at lr 1e-5).
+    # Lowest index on ties (zero-initialised linear heads separate these blobs after one step even
+    # at lr 1e-5).
     assert res.best_index == int(np.argmax(scores)) and scores[res.best_index] == max(scores)
     # The selected head holds the weights of its best epoch: re-evaluating gives the recorded score.
     with torch.no_grad():
@@ -276,7 +288,7 @@ def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
     y = np.arange(64) % 3
     x = _blobs(y) * 1e3
     cfg = _cfg(epochs=3, sweep=SweepConfig(lrs=[1e-3, 1e38], weight_decays=[0.0]), warmup_epochs=0)
-    res = SweepTrainer(x, y, x, y, np.ones(3), cfg, seed=0).run()
+    res = SweepTrainer(x, y, x, y, class_weights=np.ones(3), cfg=cfg, seed=0).run()
     assert res.table[1]["status"].startswith("diverged at epoch") and res.best_index == 0
     assert all(torch.isfinite(p).all() for p in res.head.parameters())
     # The diverged head leaves the others untouched: head 0 trains (weights, per-epoch training
@@ -286,11 +298,12 @@ def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
         y,
         x,
         y,
-        np.ones(3),
-        _cfg(epochs=3, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0]), warmup_epochs=0),
+        class_weights=np.ones(3),
+        cfg=_cfg(epochs=3, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0]), warmup_epochs=0),
         seed=0,
     ).run()
-    # 3 epochs x 4 steps, each summing over the D = 8 features (logits) and the B = 16 samples (gradient)
+    # 3 epochs x 4 steps, each summing over the D = 8 features (logits) and the B = 16 samples
+    # (gradient)
     terms = 12 * (8 + 16)
     torch.testing.assert_close(
         res.head.state_dict()["net.weight"],
@@ -309,26 +322,27 @@ def test_diverging_head_is_frozen_and_all_diverging_stops_with_training_error():
             y,
             x,
             y,
-            np.ones(3),
-            _cfg(sweep=SweepConfig(lrs=[1e38], weight_decays=[0.0]), warmup_epochs=0),
+            class_weights=np.ones(3),
+            cfg=_cfg(sweep=SweepConfig(lrs=[1e38], weight_decays=[0.0]), warmup_epochs=0),
             seed=0,
         ).run()
     bad = x.copy()
     bad[3, 2] = np.nan
     with pytest.raises(TrainingError, match="NaN/inf"):
-        SweepTrainer(bad, y, x, y, np.ones(3), cfg, seed=0)
+        SweepTrainer(bad, y, x, y, class_weights=np.ones(3), cfg=cfg, seed=0)
 
 
 def test_gradient_accumulation_equals_the_larger_batch():
     y = np.arange(64) % 4
     x = _blobs(y)
     a = SweepTrainer(
-        x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=32, accumulate=1), seed=3
+        x, y, x[:0], y[:0], class_weights=np.ones(4), cfg=_cfg(batch_size=32, accumulate=1), seed=3
     ).run()
     b = SweepTrainer(
-        x, y, x[:0], y[:0], np.ones(4), _cfg(batch_size=16, accumulate=2), seed=3
+        x, y, x[:0], y[:0], class_weights=np.ones(4), cfg=_cfg(batch_size=16, accumulate=2), seed=3
     ).run()
-    # the same gradient summed as 32 or as 16 + 16: per step sums over B = 32, D = 8 and C = 4; 3 epochs x 2 steps
+    # the same gradient summed as 32 or as 16 + 16: per step sums over B = 32, D = 8 and C = 4; 3
+    # epochs x 2 steps
     torch.testing.assert_close(
         a.model.w,
         b.model.w,
@@ -344,7 +358,10 @@ def test_resume_from_saved_state_is_bitwise_identical():
     x = _blobs(y)
     cfg = _cfg(epochs=6, head="mlp", hidden=16, dropout=0.2)
     _, state = assert_resumes_bitwise(
-        lambda: SweepTrainer(x[:90], y[:90], x[90:], y[90:], np.ones(3), cfg, seed=5), stop_after=3
+        lambda: SweepTrainer(
+            x[:90], y[:90], x[90:], y[90:], class_weights=np.ones(3), cfg=cfg, seed=5
+        ),
+        stop_after=3,
     )
 
     other = SweepTrainer(
@@ -352,8 +369,8 @@ def test_resume_from_saved_state_is_bitwise_identical():
         y[:90],
         x[90:],
         y[90:],
-        np.ones(3),
-        _cfg(epochs=6, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0])),
+        class_weights=np.ones(3),
+        cfg=_cfg(epochs=6, sweep=SweepConfig(lrs=[1e-3], weight_decays=[0.0])),
         seed=5,
     )
     with pytest.raises(CheckpointError, match="sweep over 2 settings"):
@@ -363,8 +380,8 @@ def test_resume_from_saved_state_is_bitwise_identical():
         y[:90],
         x[90:],
         y[90:],
-        np.ones(3),
-        _cfg(epochs=6, head="mlp", hidden=16, dropout=0.2, optimizer="adamw"),
+        class_weights=np.ones(3),
+        cfg=_cfg(epochs=6, head="mlp", hidden=16, dropout=0.2, optimizer="adamw"),
         seed=5,
     )
     with pytest.raises(CheckpointError, match="train.optimizer sgd; this config has adamw"):
@@ -400,7 +417,8 @@ def test_each_stacked_head_exports_to_an_identical_single_head(kind):
     with torch.no_grad():
         stacked = model(x)  # [3, 20, 5]
         for h in range(3):
-            # normalisation, then sums over D = 12 and the hidden 7, of values up to the logits' size
+            # normalisation, then sums over D = 12 and the hidden 7, of values up to the logits'
+            # size
             torch.testing.assert_close(
                 model.to_head(h)(x),
                 stacked[h],
@@ -411,27 +429,68 @@ def test_each_stacked_head_exports_to_an_identical_single_head(kind):
 
 
 def test_resume_checks_name_the_mismatch():
-    from samprobe.pipeline import _check_resumable
+    import dataclasses
+
+    from samprobe.data.records import Record
+    from samprobe.train.checkpoint import FeatureSource, HeadCheckpoint, ImageSet, check_resumable
+
+    def recs(*names: str) -> list[Record]:
+        return [
+            Record(i, n, n, "a", "train", hashlib.sha256(n.encode()).hexdigest())
+            for i, n in enumerate(names)
+        ]
 
     mapping = ClassMapping(("a", "b", "c"), (0, 2))
-    ok = {"train_state": {}, "backbone": {"fingerprint": "f1"}, "classes": mapping.to_dict()}
-    _check_resumable(ok, "last.pt", "f1", mapping)
-    with pytest.raises(CheckpointError, match="no training state"):
-        _check_resumable(
-            {k: v for k, v in ok.items() if k != "train_state"}, "best.pt", "f1", mapping
+    train, val = ImageSet.of(recs("x", "y")), ImageSet.of(recs("z"))
+    source = FeatureSource({"name": "sam"}, "f1", None, "fp32", ["mean"], "float16", 1024)
+    ok = HeadCheckpoint(
+        mapping.to_dict(),
+        [1.0, 1.0],
+        source,
+        "cache",
+        {},
+        train,
+        val,
+        {},
+        {},
+        1,
+        {},
+        train_state={},
+    )
+
+    def check(ckpt=ok, fingerprint="f1", mapping=mapping, train_images=train, val_images=val):
+        check_resumable(
+            ckpt,
+            "last.pt",
+            fingerprint=fingerprint,
+            mapping=mapping,
+            train_images=train_images,
+            val_images=val_images,
         )
+
+    check()
+    with pytest.raises(CheckpointError, match="no training state"):
+        check(dataclasses.replace(ok, train_state=None))
     with pytest.raises(CheckpointError, match="features f1, this config gives f2"):
-        _check_resumable(ok, "last.pt", "f2", mapping)
+        check(fingerprint="f2")
     with pytest.raises(CheckpointError, match="other classes or splits"):
-        _check_resumable(ok, "last.pt", "f1", ClassMapping(("a", "b", "c"), (0, 1)))
+        check(mapping=ClassMapping(("a", "b", "c"), (0, 1)))
+    with pytest.raises(
+        CheckpointError, match=r"trained on 2 train images, .* has 3 \(2 of them the same\)"
+    ):
+        check(train_images=ImageSet.of(recs("x", "y", "w")))
+    with pytest.raises(
+        CheckpointError, match=r"trained on 1 val images, .* has 1 \(0 of them the same\)"
+    ):
+        check(val_images=ImageSet.of(recs("v")))
     with pytest.raises(TrainingError, match="no training samples"):
         SweepTrainer(
             np.zeros((0, 4), np.float32),
             np.zeros(0, np.int64),
             np.zeros((0, 4), np.float32),
             np.zeros(0, np.int64),
-            np.ones(2),
-            _cfg(),
+            class_weights=np.ones(2),
+            cfg=_cfg(),
             seed=0,
         )
 
@@ -440,7 +499,9 @@ def test_sweep_stops_when_the_best_head_stops_improving():
     y = np.arange(200) % 2
     x = _blobs(y, dim=4) * 3  # separable: validation balanced accuracy reaches 1.0 and stays
     cfg = _cfg(epochs=50, patience=2, sweep=SweepConfig(lrs=[1e-2, 1e-4], weight_decays=[0.0]))
-    res = SweepTrainer(x[:150], y[:150], x[150:], y[150:], np.ones(2), cfg, seed=0).run()
+    res = SweepTrainer(
+        x[:150], y[:150], x[150:], y[150:], class_weights=np.ones(2), cfg=cfg, seed=0
+    ).run()
     assert len(res.history) < 50 and res.table[res.best_index]["best_balanced_accuracy"] == 1.0
     assert any(
         "the best head did not improve" in r["status"] or "early-stopped" in r["status"]
@@ -486,7 +547,8 @@ def test_feature_stats_match_float64_reference():
     ).astype(np.float16)
     mean, std = feature_stats(torch.from_numpy(x))
     ref = x.astype(np.float64)
-    # float32 sums of 256-row chunks of values shifted by the first row, then one rounding to float32
+    # float32 sums of 256-row chunks of values shifted by the first row, then one rounding to
+    # float32
     shifted = magnitude(ref - ref[:1])
     np.testing.assert_allclose(
         mean.numpy(),
@@ -524,7 +586,7 @@ def test_heads_left_after_pruning_train_exactly_as_alone(optimizer):
         monitor="val_loss",
         sweep=SweepConfig(lrs=lrs, weight_decays=[1e-3], prune_margin=0.0),
     )
-    res = SweepTrainer(x, y, xv, yv, w, sweep, seed=0).run()
+    res = SweepTrainer(x, y, xv, yv, class_weights=w, cfg=sweep, seed=0).run()
     assert [row["heads_training"] for row in res.history][:2] == [1, 1]  # packed from epoch 2 on
     assert [h["status"].startswith("pruned at epoch 1") for h in res.table] == [False, True, True]
     alone_cfg = _cfg(
@@ -533,7 +595,7 @@ def test_heads_left_after_pruning_train_exactly_as_alone(optimizer):
         monitor="val_loss",
         sweep=SweepConfig(lrs=[lrs[0]], weight_decays=[1e-3]),
     )
-    alone = SweepTrainer(x, y, xv, yv, w, alone_cfg, seed=0).run()
+    alone = SweepTrainer(x, y, xv, yv, class_weights=w, cfg=alone_cfg, seed=0).run()
     assert res.best_index == 0 and res.best_epoch == alone.best_epoch
     # 4 epochs x 8 steps over B = 16 samples, D = 8 features and C = 3 classes (stacked vs packed vs
     # alone: other GEMM shapes), in values up to the weights' and normalised features' size
@@ -570,13 +632,13 @@ def test_last_live_heads_diverging_fall_back_to_a_head_that_stopped_earlier():
     # then diverges. Training ends with head 0's best weights instead of failing the run.
     y = np.arange(60) % 3
     x = _blobs(y)
-    trainer = SweepTrainer(x, y, x, y, np.ones(3), _cfg(epochs=4), seed=0)
+    trainer = SweepTrainer(x, y, x, y, class_weights=np.ones(3), cfg=_cfg(epochs=4), seed=0)
     trainer.run(until_epoch=1)
     trainer.alive[:] = torch.tensor([False, True])
     trainer._diverged(torch.tensor([False, True]), step=0)
     res = trainer.run()
     assert res.best_index == 0 and res.table[1]["status"].startswith("diverged at epoch 2")
     # With no head holding a finite score to fall back on, it is the TrainingError.
-    fresh = SweepTrainer(x, y, x, y, np.ones(3), _cfg(epochs=4), seed=0)
+    fresh = SweepTrainer(x, y, x, y, class_weights=np.ones(3), cfg=_cfg(epochs=4), seed=0)
     with pytest.raises(TrainingError, match="for every head"):
         fresh._diverged(torch.tensor([True, True]), step=3)

@@ -17,7 +17,7 @@ import torch
 from conftest import write_config, write_digits
 from helpers.cache_corpus import LogLines
 from samprobe.cli import main
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import read_splits
 from samprobe.tracking import read_csv_rows
 
 
@@ -104,7 +104,8 @@ def test_adding_images_moves_no_image_and_leakage_is_refused(
         in capsys.readouterr().err
     )
 
-    # New split settings re-assign every image, loudly; the old checkpoint's train images in test are refused.
+    # New split settings re-assign every image, loudly; the old checkpoint's train images in test
+    # are refused.
     with LogLines() as log:
         assert main(["evaluate", "-c", cfg, "--checkpoint", best, "--set", "seed=3"]) == 2
     assert any(
@@ -113,7 +114,8 @@ def test_adding_images_moves_no_image_and_leakage_is_refused(
     )
     err = capsys.readouterr().err
     assert "[SP300]" in err and f"test images were train images of {best}" in err
-    # Back to seed 0: every image has its seed-0 split again (the ledger keeps each settings' assignment).
+    # Back to seed 0: every image has its seed-0 split again (the ledger keeps each settings'
+    # assignment).
     assert main(["evaluate", "-c", cfg, "--checkpoint", best]) == 0
     assert splits_by_path(run) == after
 
@@ -130,7 +132,7 @@ def test_numeric_class_names_and_indices_are_never_mixed(
     tmp_path: Path, shared_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # classes.txt lists 3, 7, 12; some rows name the class, others give an index (0 = "3", 1 = "7"):
-    # the seed read each row by its own rule.
+    # a per-row rule would read "1" as class 7 in one row and as a class named "1" in another.
     cfg = project(
         tmp_path,
         shared_cache,
@@ -158,7 +160,8 @@ def test_numeric_class_names_and_indices_are_never_mixed(
         r.label == read_label(tmp_path, r.path) for r in recs
     )
 
-    # Indices only, into numeric names listed in another order: both readings fit, so the user decides.
+    # Indices only, into numeric names listed in another order: both readings fit, so the user
+    # decides.
     cfg = project(
         tmp_path / "b",
         shared_cache,
@@ -192,23 +195,23 @@ def test_pruning_waits_for_warmup_and_the_val_noise_floor(
     with LogLines() as log:
         run_ok(cfg, "train")
     assert any(
-        "raised from sweep.prune_margin 0.1 to the noise floor of balanced_accuracy on 18 validation images"
-        in m
+        "raised from sweep.prune_margin 0.1 to the noise floor of balanced_accuracy on 18 "
+        "validation images" in m
         for m in log.lines
     )
     rows = sweep_rows(tmp_path / "run")
     pruned_at = [
         int(r["status"].split()[3].rstrip(":")) for r in rows if r["status"].startswith("pruned")
     ]
-    assert all(e >= 5 for e in pruned_at), (
-        pruned_at
-    )  # 5 warm-up epochs (5% of 100); the seed pruned 7 of 8 at epoch 1
+    # 5 warm-up epochs (5% of 100); pruning from epoch 1 on (before any lr had warmed up) cut 7 of 8
+    assert all(e >= 5 for e in pruned_at), pruned_at
     selected = [r for r in rows if r["selected"] == "True"]
     assert len(selected) == 1 and not selected[0]["status"].startswith("diverged")
 
 
 def test_a_diverging_head_is_never_selected(tmp_path: Path, shared_cache: Path) -> None:
-    # lr 20 scores best at epoch 1 (warm-up keeps it small), then its loss explodes (1.1, 495, 1e8, ...).
+    # lr 20 scores best at epoch 1 (warm-up keeps it small), then its loss explodes (1.1, 495, 1e8,
+    # ...).
     cfg = project(
         tmp_path,
         shared_cache,

@@ -92,6 +92,19 @@ def _make_locked(root: Path) -> None:
     read_only(_locked(root))
 
 
+def _edited_best(root: Path, name: str, **changes: object) -> None:
+    """The run's best.pt with top-level fields changed (None: removed), saved as ``name``."""
+    import torch
+
+    ckpt = torch.load(_best(root), weights_only=True)
+    for key, value in changes.items():
+        if value is None:
+            del ckpt[key]
+        else:
+            ckpt[key] = value
+    torch.save(ckpt, root / name)
+
+
 def _write(name: str, data: bytes) -> Callable[[Path], None]:
     return lambda root: (root / name).write_bytes(data)
 
@@ -254,7 +267,8 @@ MISTAKES = [
         ],
         ["split 'test' has no samples", "--split"],
     ),
-    # defect 9: a message quoting torch.load carries no terminal escape codes (its bold "only if you trust" part)
+    # defect 9: a message quoting torch.load carries no terminal escape codes (its bold "only if you
+    # trust" part)
     Mistake(
         "checkpoint that needs code to load",
         lambda r: ["evaluate", "-c", _cfg(r), "--checkpoint", str(r / "pickled.pt")],
@@ -262,6 +276,31 @@ MISTAKES = [
         setup=lambda r: __import__("torch").save(
             {"args": __import__("argparse").Namespace(lr=1)}, r / "pickled.pt"
         ),
+    ),
+    # a head written under another checkpoint schema, and one with a field missing: refused by name
+    Mistake(
+        "checkpoint of another format version",
+        lambda r: ["evaluate", "-c", _cfg(r), "--checkpoint", str(r / "other_version.pt")],
+        [
+            "other_version.pt",
+            "format 'samprobe.head/0'",
+            "reads samprobe.head/1",
+            "train the head again",
+        ],
+        setup=lambda r: _edited_best(r, "other_version.pt", format="samprobe.head/0"),
+    ),
+    Mistake(
+        "checkpoint with a missing field",
+        lambda r: [
+            "predict",
+            "--checkpoint",
+            str(r / "no_classes.pt"),
+            str(r / "data"),
+            "--out",
+            str(r / "p.csv"),
+        ],
+        ["no_classes.pt", "missing or unexpected field", "'classes'", "samprobe train"],
+        setup=lambda r: _edited_best(r, "no_classes.pt", classes=None),
     ),
     # defect 6: a Windows drive path cannot be read, and says what to write instead
     # (bad_rows.csv; exit 2 via on_bad_rows)
@@ -372,7 +411,7 @@ def test_metadata_dialects_are_read(trained: Path, tmp_path: Path) -> None:
     """defect 6: semicolon CSV (European Excel), UTF-16 tab-separated ("Unicode text"), JSON lines and
     a JSON array named .json, Windows separators in paths: all read as the plain CSV is."""
     from samprobe.config import DataConfig
-    from samprobe.data.metadata import validate
+    from samprobe.data.validate import validate
 
     images = trained / "data" / "images"
     rows = [ln.split(",") for ln in (trained / "data/metadata.csv").read_text().splitlines()[1:]]

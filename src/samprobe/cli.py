@@ -150,19 +150,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from samprobe.inspection import run_inspect
-    from samprobe.pipeline import _write_report
+    from samprobe.pipeline import run_inspect
 
-    cfg = _config(args)
-    run_inspect(cfg)
-    _write_report(cfg.run_dir)
+    run_inspect(_config(args))
     return 0
 
 
 def cmd_features_export(args: argparse.Namespace) -> int:
-    from samprobe.export import export_features
+    from samprobe.pipeline import run_export
 
-    export_features(_config(args), args.split, Path(args.out))
+    run_export(_config(args), args.split, Path(args.out))
     return 0
 
 
@@ -171,7 +168,8 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
 
     path = download_weights(args.name, Path(args.dir), url=args.url)
     log.info(
-        f"{args.name}: {path} ({checksum_note(args.name, Path(args.dir))}); set backbone.checkpoint: {path}"
+        f"{args.name}: {path} ({checksum_note(args.name, Path(args.dir))}); set "
+        f"backbone.checkpoint: {path}"
     )
     return 0
 
@@ -207,8 +205,11 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
     from samprobe.features.manage import cache_prune
+    from samprobe.pipeline import load_dataset
 
-    cache_prune(_config(args), all_fingerprints=args.all_fingerprints, dry_run=not args.yes)
+    cfg = _config(args)
+    records, _ = load_dataset(cfg)  # this run's data, validated again if it changed
+    cache_prune(cfg, records=records, all_fingerprints=args.all_fingerprints, dry_run=not args.yes)
     return 0
 
 
@@ -338,14 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-root",
         default=None,
         type=user_path,
-        help="folder a metadata file's relative paths are under (default: the training data.image_root)",
+        help="folder a metadata file's relative paths are under (default: the training "
+        "data.image_root)",
     )
     p.add_argument(
         "--weights",
         default=None,
         type=user_path,
         help="backbone weights file, when it moved since training "
-        "(default: the training path, else found by name or content next to the checkpoint or in weights/)",
+        "(default: the training path, else found by name or content next to the checkpoint or in "
+        "weights/)",
     )
     p.add_argument(
         "--cache-dir",
@@ -525,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(
-            "samprobe: interrupted (completed work is saved: rerun extract to resume it, or train with --resume)",
+            "samprobe: interrupted (completed work is saved: rerun extract to resume it, or train "
+            "with --resume)",
             file=sys.stderr,
         )
         return 130

@@ -225,9 +225,10 @@ def check_head_input(cfg: Config) -> None:
     configs edited in Python). A ConfigError, not a ValueError: pydantic passes it through as is."""
     if cfg.train.head == "attentive" and cfg.features.spatial is None:
         raise ConfigError(
-            "train.head is attentive but features.spatial is not set: the attentive probe reads the "
-            "cached token grid",
-            fix="set features.spatial (e.g. 8) and rerun `samprobe extract -c CONFIG` (it resumes: the pooled "
+            "train.head is attentive but features.spatial is not set: the attentive probe reads "
+            "the cached token grid",
+            fix="set features.spatial (e.g. 8) and rerun `samprobe extract -c CONFIG` (it "
+            "resumes: the pooled "
             "features stay, only the grids are added), or use train.head linear / mlp",
         )
 
@@ -345,7 +346,8 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
     if path.is_dir():
         raise ConfigError(
             f"config file {path} is a folder, not a file",
-            fix=f"pass the YAML file, e.g. -c {path / 'samprobe.yaml'} (`samprobe init {path}` writes one)",
+            fix=f"pass the YAML file, e.g. -c {path / 'samprobe.yaml'} (`samprobe init {path}` "
+            f"writes one)",
         )
     if not path.is_file():
         raise ConfigError(
@@ -401,7 +403,8 @@ data:
 backbone:
   name: sam                   # sam (SAM 1, SAM-HQ or SAM 2/2.1: read from the file) | efficientnet_lite0 | timm
   checkpoint: weights/sam_vit_b_01ec64.pth  # `samprobe weights list`, `samprobe weights download sam_vit_b`
-  # variant: vit_b | vit_l | vit_h (SAM 1, SAM-HQ) | hiera_t | hiera_s | hiera_b+ | hiera_l (SAM 2/2.1)
+  # variant: vit_b | vit_l | vit_h (SAM 1, SAM-HQ) | hiera_t | hiera_s | hiera_b+ | hiera_l (SAM
+  # 2/2.1)
   variant: auto               # auto: read from the weights
   img_size: null              # null = native (SAM 1024); 512/768 trade fidelity for speed
 

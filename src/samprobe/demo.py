@@ -82,8 +82,7 @@ train:
 
 
 def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
-    from samprobe.inspection import run_inspect
-    from samprobe.pipeline import _write_report, run_evaluate, run_extract, run_train, run_validate
+    from samprobe.pipeline import run_evaluate, run_extract, run_inspect, run_train, run_validate
     from samprobe.predict import run_predict
 
     start = time.perf_counter()
@@ -107,7 +106,6 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
     run_predict(best, test_files, cfg.run_dir / "predictions.csv", device="cpu")
     log.info("[6/6] inspect")
     inspected = run_inspect(cfg)
-    _write_report(cfg.run_dir)
 
     report = json.loads((cfg.run_dir / "data_report.json").read_text())
     mapping = trained["classes"]
@@ -128,7 +126,8 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
     log.info("")
     log.info("samprobe demo summary")
     log.info(
-        f"  rows: {report['total']} in metadata, {report['ok']} kept, {report['total'] - report['ok']} reported "
+        f"  rows: {report['total']} in metadata, {report['ok']} kept, "
+        f"{report['total'] - report['ok']} reported "
         f"({report['missing']} missing files) -> {cfg.run_dir / 'bad_rows.csv'}"
     )
     log.info(
@@ -140,11 +139,12 @@ def run_demo(out: Path, num_workers: int | None = None) -> dict[str, object]:
         f"{metrics['balanced_accuracy']:.4f} (n={metrics['n']})"
     )
     log.info(
-        f"  inspect: {summary['label_issues']} suspected label errors, {summary['leakage_pairs']} train/val <-> test "
-        f"near-duplicates -> {cfg.run_dir / 'inspect'}"
+        f"  inspect: {summary['label_issues']} suspected label errors, {summary['leakage_pairs']} "
+        f"train/val <-> test near-duplicates -> {cfg.run_dir / 'inspect'}"
     )
     log.info(
-        f"  outputs: {cfg.run_dir} (checkpoints/, eval/, inspect/, metrics.jsonl, predictions.csv, run.log)"
+        f"  outputs: {cfg.run_dir} (checkpoints/, eval/, inspect/, metrics.jsonl, "
+        f"predictions.csv, run.log)"
     )
     log.info(f"  report: {summary['report']} (open it in a browser: data, classes, metrics, plots)")
     log.info(f"  pipeline time: {summary['seconds']} s")

@@ -109,7 +109,8 @@ class CpuProbe:
 
     def summary(self) -> str:
         return (
-            f"CPU probe: bf16 {self.bf16_gflops:.0f} GFLOP/s vs fp32 {self.fp32_gflops:.0f} GFLOP/s "
+            f"CPU probe: bf16 {self.bf16_gflops:.0f} GFLOP/s vs fp32 {self.fp32_gflops:.0f} "
+            f"GFLOP/s "
             f"(one thread) -> {self.precision}" + (" (cached)" if self.cached else "")
         )
 

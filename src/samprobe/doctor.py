@@ -88,8 +88,8 @@ def gpu_report(device: str) -> str:
         why = (
             f"CUDA_VISIBLE_DEVICES={hidden!r} hides them"
             if hidden is not None and not hidden.strip(", ")
-            else f"torch is built for CUDA {torch.version.cuda}: driver {version} may be too old for it, "
-            "or the device files are not accessible (containers: --gpus all)"
+            else f"torch is built for CUDA {torch.version.cuda}: driver {version} may be too old "
+            f"for it, or the device files are not accessible (containers: --gpus all)"
         )
     fallback = "device: auto runs on the CPU" if device == "auto" else f"device: {device}"
     raise Warn(
@@ -146,7 +146,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     cfg = state["cfg"]
 
     def _image_root_check() -> str:
-        from samprobe.data.metadata import check_data_source
+        from samprobe.data.tables import check_data_source
 
         check_data_source(cfg.data)
         root = _image_root(cfg)
@@ -158,7 +158,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         return str(root)
 
     def _metadata() -> str:
-        from samprobe.data.metadata import read_rows
+        from samprobe.data.tables import read_rows
 
         rows = [r for r in read_rows(cfg.data)[0] if r is not None]
         if not rows:
@@ -171,7 +171,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
 
     def _images() -> str:
         from samprobe.data.images import decode_rgb
-        from samprobe.data.metadata import image_path
+        from samprobe.data.validate import image_path
 
         rows, root = state["rows"], _image_root(cfg)
         sample = random.Random(cfg.seed).sample(rows, min(SAMPLE_IMAGES, len(rows)))
@@ -186,12 +186,13 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         if len(bad) == len(sample):
             raise DataError(
                 f"none of {len(sample)} sampled images could be read, e.g. {bad[0]}",
-                fix=f"check data.image_root ({root}) and data.path_column ({cfg.data.path_column!r})",
+                fix=f"check data.image_root ({root}) and data.path_column "
+                f"({cfg.data.path_column!r})",
             )
         if bad:
             raise Warn(
-                f"{len(sample) - len(bad)} of {len(sample)} sampled images readable; unreadable: {', '.join(bad[:3])} "
-                "(validate will report and skip such rows)"
+                f"{len(sample) - len(bad)} of {len(sample)} sampled images readable; unreadable: "
+                f"{', '.join(bad[:3])} (validate will report and skip such rows)"
             )
         return f"{len(sample)} of {len(sample)} sampled images decode"
 
@@ -252,10 +253,7 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         backbone = build_backbone(
             cfg.backbone
         )  # reads the checkpoint, checks its geometry against the variant
-        pooling = (
-            list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
-        )
-        backbone.check_pooling(pooling)
+        pooling = backbone.resolve_pooling(cfg.features.pooling)
         state["input_size"] = backbone.input_size
         state["dim"] = backbone.pooled_dim(pooling)
         grid = ""
@@ -284,7 +282,8 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         spatial = cfg.features.spatial
         # unknown backbone: SAM's 256-channel neck
         grid_dim = state.get("grid_dim", (spatial or 0) ** 2 * 256)
-        # the figure extract prints (same formula), for every row; free space is checked with headroom
+        # the figure extract prints (same formula), for every row; free space is checked with
+        # headroom
         need = estimate_bytes(n, dim, cfg.features.dtype) + (
             estimate_bytes(n, grid_dim, cfg.features.dtype) if spatial else 0
         )
@@ -320,8 +319,8 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         reason = tcp_reachable(url)
         if reason is not None:
             raise Warn(
-                f"W&B server {url} unreachable ({reason}): training will fall back to offline and print "
-                "the `wandb sync` command"
+                f"W&B server {url} unreachable ({reason}): training will fall back to offline and "
+                f"print the `wandb sync` command"
             )
         return f"W&B server {url} reachable"
 

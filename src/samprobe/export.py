@@ -8,42 +8,30 @@ from pathlib import Path
 import numpy as np
 
 from samprobe.config import Config
+from samprobe.data.records import Record
 from samprobe.errors import ConfigError, DataError
 from samprobe.features.extract import Extractor, load_features, load_grid
 from samprobe.io import atomic_open, ensure_writable_file
-from samprobe.pipeline import FAILURES_FILE, load_dataset, read_failed_keys
 
 log = logging.getLogger("samprobe")
 
 
-def export_features(cfg: Config, split: str, out: Path) -> Path:
-    ensure_writable_file(
-        out, "--out", f"{split}_features{out.suffix or '.npz'}"
-    )  # before reading the cache
+def check_export_path(out: Path, split: str) -> None:
+    """ConfigError / CacheError for an --out that cannot be written, before any work."""
+    ensure_writable_file(out, "--out", f"{split}_features{out.suffix or '.npz'}")
     if out.suffix not in (".npz", ".parquet"):
         raise ConfigError(
             f"--out {out} must end in .npz or .parquet", fix="e.g. --out train_features.npz"
         )
-    records, _ = load_dataset(cfg)
-    recs = records if split == "all" else [r for r in records if r.split == split]
-    if not recs:
-        raise DataError(
-            f"split {split!r} has no samples",
-            fix="choose --split train|val|test|all with samples (see splits.csv)",
-        )
-    failed = read_failed_keys(cfg.run_dir)
-    if failed:
-        kept = [r for r in recs if r.sha256 not in failed]
-        log.info(
-            f"export: {len(recs) - len(kept)} images that failed at extract are left out (see "
-            f"{cfg.run_dir / FAILURES_FILE})"
-        )
-        recs = kept
+
+
+def export_features(cfg: Config, *, records: list[Record], split: str, out: Path) -> Path:
+    """The cached features of ``records`` (validated, without extract failures) with their path,
+    label, split and sha256 to ``out`` (.npz, or .parquet with pyarrow)."""
+    recs = records
     extractor = Extractor.from_config(cfg, on_device=False)  # reads the cache only
-    with extractor.open_cache(cfg, readonly=True) as cache:
-        missing = {
-            k for a in extractor.arrays() for k in cache.missing((r.sha256 for r in recs), a)
-        }
+    with extractor.open_cache(cfg.features.cache_dir, readonly=True) as cache:
+        missing = extractor.missing(cache, (r.sha256 for r in recs))
         if missing:
             raise DataError(
                 f"{len(missing)} images of split {split} are not in the cache"

@@ -24,7 +24,7 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from samprobe.config import Config, TrainConfig
-from samprobe.data.metadata import Record
+from samprobe.data.records import SPLITS, Record
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
 from samprobe.train.heads import rows_per_step
@@ -41,6 +41,8 @@ from samprobe.train.heads import rows_per_step
 log = logging.getLogger("samprobe")
 
 INSPECT_DIR = "inspect"
+# (grid side or None, splits) -> {split: (records, head inputs)}
+FeaturesBySplit = Callable[[int | None, Sequence[str]], dict[str, tuple[list[Record], np.ndarray]]]
 SHOWN = 5  # first entries of each list printed on the console
 
 
@@ -98,7 +100,8 @@ def cross_fit(
     grid = [s for s in settings for _ in range(folds)]  # head h: setting h // folds, fold h % folds
     head_fold = np.tile(np.arange(folds), len(settings))
     y_train = np.where(head_fold[:, None] == fold[None, :], IGNORE, y[None, :])  # [H, N]
-    # Patience on a training-loss plateau, not a validation score: 5 epochs found the same issues as 15
+    # Patience on a training-loss plateau, not a validation score: 5 epochs found the same issues as
+    # 15
     # on the digits (bench/inspect.py, 3 seeds) in 1.5-3x less time.
     cfg = cfg.model_copy(update={"patience": min(cfg.patience, 5)})
     no_val = np.zeros((0,) + x.shape[1:], dtype=np.float32)
@@ -107,12 +110,12 @@ def cross_fit(
         y_train,
         no_val,
         np.zeros((len(grid), 0), np.int64),
-        weights,
-        cfg,
-        seed,
-        0,
-        device,
-        precision,
+        class_weights=weights,
+        cfg=cfg,
+        seed=seed,
+        val_untrained_classes=0,
+        device=device,
+        precision=precision,
         grid=grid,
         independent=True,
     )
@@ -302,41 +305,38 @@ def _setting_candidates(cfg: Config, fingerprint: str) -> tuple[list[tuple[float
     best = cfg.run_dir / "checkpoints" / "best.pt"
     if best.is_file():
         ckpt = load_checkpoint(best)
-        setting = setting_from_sweep(ckpt.get("sweep", []))
+        setting = setting_from_sweep(ckpt.sweep or [])
         if (
             setting
-            and ckpt["backbone"]["fingerprint"] == fingerprint
-            and ckpt["head"]["spec"]["kind"] == cfg.train.head
+            and ckpt.backbone.fingerprint == fingerprint
+            and ckpt.head_spec["kind"] == cfg.train.head
         ):
             return [setting], f"the sweep's lowest validation log loss ({best})"
     grid = sweep_grid(cfg.train)
     return grid, f"cross-validated over the {len(grid)}-setting sweep grid (no matching {best})"
 
 
-def run_inspect(cfg: Config) -> dict[str, Any]:
-    """Write inspect/label_issues.csv, near_duplicates.csv, outliers.csv, summary.json; returns the summary."""
+def inspect_features(
+    cfg: Config, *, taxonomy: list[str], run_dir: Path, fingerprint: str, features: FeaturesBySplit
+) -> dict[str, Any]:
+    """Write inspect/label_issues.csv, near_duplicates.csv, outliers.csv, summary.json; returns the
+    summary. ``features(spatial, splits)`` gives (records, head inputs) per split from the cache
+    (``pipeline.features_by_split``); ``fingerprint`` names those features."""
     from samprobe.device import resolve_device, resolve_precision
-    from samprobe.features.extract import Extractor
-    from samprobe.pipeline import _features_by_split, load_dataset, prepare_run_dir
 
     t0 = time.perf_counter()
     icfg = cfg.inspect
-    records, taxonomy = load_dataset(cfg)
-    run_dir = prepare_run_dir(cfg)
     out = run_dir / INSPECT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    extractor = Extractor.from_config(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
-    data = _features_by_split(cfg, extractor, records)
+    data = features(None, SPLITS)
     recs = [r for s in ("train", "val", "test") for r in data[s][0]]
     pooled = np.concatenate([data[s][1] for s in ("train", "val", "test")])
 
     # --- label issues on train + val (test labels stay unseen) ---
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
-    fit_data = (
-        _features_by_split(cfg, extractor, records, spatial, ("train", "val")) if spatial else data
-    )
+    fit_data = features(spatial, ("train", "val")) if spatial else data
     fit_recs = fit_data["train"][0] + fit_data["val"][0]
     mapping = ClassMapping.from_train_labels(
         taxonomy, [r.label for r in data["train"][0]], min_classes=1
@@ -364,7 +364,7 @@ def run_inspect(cfg: Config) -> dict[str, Any]:
         weights = class_weights(
             np.bincount(y, minlength=mapping.num_active), cfg.train.class_weights
         )
-        settings, why = _setting_candidates(cfg, extractor.fingerprint)
+        settings, why = _setting_candidates(cfg, fingerprint)
         fit = cross_fit(
             x_fit,
             y,
@@ -544,7 +544,7 @@ def summary_lines(
             )
         )
     lines.append(
-        f"  wrote {INSPECT_DIR}/label_issues.csv, near_duplicates.csv, outliers.csv, map2d.csv, summary.json "
-        f"({summary['seconds']:.1f} s)"
+        f"  wrote {INSPECT_DIR}/label_issues.csv, near_duplicates.csv, outliers.csv, map2d.csv, "
+        f"summary.json ({summary['seconds']:.1f} s)"
     )
     return lines

@@ -213,7 +213,8 @@ def ensure_writable_dir(path: Path, what: str) -> Path:
     except OSError as exc:
         raise CacheError(
             f"{what} {path} cannot be created or written ({exc.strerror or exc})",
-            fix=f"choose a writable location (set it in the config), or fix the permissions of {path}",
+            fix=f"choose a writable location (set it in the config), or fix the permissions of "
+            f"{path}",
         ) from None
     return path
 

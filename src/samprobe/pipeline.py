@@ -1,7 +1,9 @@
-"""The pipeline stages behind the CLI: validate -> extract -> train -> evaluate.
+"""The pipeline stages behind the CLI: validate -> extract -> train -> evaluate, and the stages
+that read their outputs (inspect, features export).
 
-Each stage reads what the previous one wrote in the run directory, so each can be rerun
-alone; each is also a plain function for notebooks.
+Each stage reads what the previous one wrote in the run directory, so each can be rerun alone;
+each is also a plain function for notebooks. Stages are the only callers of each other: the
+modules they use (data/, features/, train/, predict, inspection, export) never import this one.
 """
 
 from __future__ import annotations
@@ -11,50 +13,53 @@ import csv
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from samprobe.backbones.registry import grid_array
-from samprobe.config import Config, check_head_input, dump_config
-from samprobe.data.loader import failure_kind
-from samprobe.data.metadata import (
-    Record,
-    read_splits,
-    summary_lines,
-    validate,
-    write_report,
-    write_splits,
-)
-from samprobe.data.splits import assign_splits, carves_val, content_keys, image_set
+from samprobe.config import Config, check_head_input
+from samprobe.data.data_report import summary_lines, write_report
+from samprobe.data.records import Record, read_splits, write_splits
+from samprobe.data.splits import assign_splits, carves_val
+from samprobe.data.validate import validate
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
 from samprobe.features.cache import register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
 from samprobe.features.manifest import ManifestWriter
 from samprobe.features.ranks import plan_ranks
-from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir, remove_stale_temps
-from samprobe.logs import attach_run_log, count_of
-from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
-from samprobe.train.checkpoint import load_checkpoint, save_checkpoint
+from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir
+from samprobe.logs import count_of
+from samprobe.predict import predict_features
+from samprobe.report import write_run_report
+from samprobe.run_dir import (
+    FAILURES_FILE,
+    evaluation_dir,
+    prepare_run_dir,
+    read_failed_keys,
+    write_failures,
+)
+from samprobe.tracking import Tracker, read_jsonl
+from samprobe.train.checkpoint import (
+    FeatureSource,
+    HeadCheckpoint,
+    ImageSet,
+    check_fingerprint,
+    check_no_training_images,
+    check_resumable,
+    load_checkpoint,
+    rotate_epoch_checkpoints,
+    save_checkpoint,
+)
 from samprobe.train.classes import ClassMapping, class_weights
-from samprobe.train.heads import head_from_spec, rows_per_step
 from samprobe.train.loop import SweepTrainer
 from samprobe.train.metrics import classification_metrics, confusion, per_class_table
 
 log = logging.getLogger("samprobe")
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    run_dir = ensure_writable_dir(cfg.run_dir, "run_dir")
-    for folder in (run_dir, run_dir / "checkpoints", run_dir / "eval"):
-        remove_stale_temps(folder)  # half-written files of a killed run
-    attach_run_log(run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    return run_dir
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,8 +86,9 @@ def _settings_key(settings: dict[str, Any]) -> str:
 
 def read_split_ledger(run_dir: Path) -> tuple[dict[str, dict[str, str]], str | None]:
     """(split settings -> {sha256 -> split} of every image validations of this run assigned under
-    them, the settings of the last validation). Runs older than the ledger: their splits.csv,
-    under unknown settings (None)."""
+    them, the settings of the last validation). A run dir with a splits.csv but no ledger (deleted,
+    or splits.csv copied in by hand): that splits.csv, under unknown settings (None), so its images
+    keep their splits."""
     ledger = run_dir / SPLIT_LEDGER
     if ledger.is_file():
         data = json.loads(ledger.read_text(encoding="utf-8"))
@@ -102,8 +108,8 @@ def _split_source(cfg: Config, records: list[Record]) -> str:
         )
     if carves_val(records):
         return (
-            f"split column {cfg.data.split_column!r}; it has no val rows, so val is carved from its train rows "
-            f"(stratified, data.val_fraction {cfg.data.val_fraction:g})"
+            f"split column {cfg.data.split_column!r}; it has no val rows, so val is carved from "
+            f"its train rows (stratified, data.val_fraction {cfg.data.val_fraction:g})"
         )
     return f"split column {cfg.data.split_column!r}"
 
@@ -120,13 +126,14 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     ledger, last = read_split_ledger(run_dir)
     if (
         last is None and "" in ledger
-    ):  # a run validated before the ledger: its splits.csv, under these settings
+    ):  # a splits.csv without a ledger: taken as under these settings
         ledger[key] = {**ledger.pop(""), **ledger.get(key, {})}
         last = key
     previous = ledger.get(last, {}) if last is not None else {}  # what the run used until now
     settings_changed = last is not None and last != key
     source = _split_source(cfg, ds.records)
-    # Under settings used before (e.g. a seed tried and then set back), images keep what they had then.
+    # Under settings used before (e.g. a seed tried and then set back), images keep what they had
+    # then.
     ds.records = assign_splits(
         ds.records,
         cfg.data.val_fraction,
@@ -164,14 +171,16 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
             else f"the split column {cfg.data.split_column!r} now says so"
         )
         log.warning(
-            f"validate: {moved} of {len(known)} previously assigned images changed split: {why}. Checkpoints "
-            "trained before saw the old splits: evaluate and train --resume refuse them where a training image "
-            "is now in the evaluated split"
+            f"validate: {moved} of {len(known)} previously assigned images changed split: {why}. "
+            f"Checkpoints "
+            "trained before saw the old splits: evaluate and train --resume refuse them where a "
+            "training image is now in the evaluated split"
         )
     if ds.problems and cfg.data.on_bad_rows == "error":
         p = ds.problems[0]
         raise DataError(
-            f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} ({p.detail})",
+            f"{len(ds.problems)} bad rows in {ds.source}; first: row {p.row} {p.path!r}: {p.kind} "
+            f"({p.detail})",
             fix=f"fix the rows listed in {run_dir / 'bad_rows.csv'}, or set data.on_bad_rows: skip",
         )
     if not ds.records:
@@ -222,26 +231,6 @@ def load_dataset(cfg: Config) -> tuple[list[Record], list[str]]:
 # ---------------------------------------------------------------------------------------
 # extract
 
-FAILURES_FILE = "extract_failures.csv"
-
-
-def _write_failures(run_dir: Path, failures: list[tuple[Record, str]]) -> None:
-    with atomic_open(run_dir / FAILURES_FILE, "w", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "path", "label", "kind", "detail", "sha256"])
-        for r, reason in failures:
-            kind, detail = failure_kind(reason)
-            w.writerow([r.row, r.path, r.label, kind, f"at extract: {detail}", r.sha256])
-
-
-def read_failed_keys(run_dir: Path) -> set[str]:
-    """sha256 of the images the last extract could not use (content, not row numbers: rows move)."""
-    path = run_dir / FAILURES_FILE
-    if not path.is_file():
-        return set()
-    with open(path, encoding="utf-8", newline="") as f:
-        return {r["sha256"] for r in csv.DictReader(f)}
-
 
 # Rank 0 validates (hashes every image) and compacts the cache while the other ranks wait in a
 # barrier: the process group's timeout must cover that, not torch's 30 min default. 20 ms per
@@ -263,7 +252,7 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
         return _extract(cfg, progress, rank, world)
     import torch.distributed as dist
 
-    from samprobe.data.metadata import read_rows
+    from samprobe.data.tables import read_rows
 
     started = not dist.is_initialized()
     if started:
@@ -296,7 +285,11 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         )  # cache prune keeps what this run's splits.csv lists
     # Only rank 0 opens the index; under torchrun every rank writes through its own manifest.
     cache, plan = plan_ranks(
-        extractor, records, lambda: extractor.open_cache(cfg), rank=rank, world=world
+        extractor,
+        records,
+        lambda: extractor.open_cache(cfg.features.cache_dir),
+        rank=rank,
+        world=world,
     )
     with cache if cache is not None else contextlib.nullcontext():
         devices = [describe_device(extractor.device)]
@@ -306,7 +299,8 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
                 devices, describe_device(extractor.device)
             )  # the summary names every rank's GPU
         grid = (
-            f" + {extractor.spatial}x{extractor.spatial} grid of {extractor.backbone.grid_shape()[0]}-d tokens"
+            f" + {extractor.spatial}x{extractor.spatial} grid of "
+            f"{extractor.backbone.grid_shape()[0]}-d tokens"
             if extractor.spatial
             else ""
         )
@@ -317,20 +311,20 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         )
         root = Path(cfg.features.cache_dir) / extractor.fingerprint
         log.info(
-            f"extract: {len(records)} images ({plan.missing} to extract, ~{plan.need / 1e6:.1f} MB on "
-            f"disk, {plan.free / 1e9:.1f} GB free), "
+            f"extract: {len(records)} images ({plan.missing} to extract, "
+            f"~{plan.need / 1e6:.1f} MB on disk, {plan.free / 1e9:.1f} GB free), "
             f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
-            f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = {extractor.dim}-d{grid}, "
-            f"cache {root}"
+            f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = "
+            f"{extractor.dim}-d{grid}, cache {root}"
         )
         sink = cache if world == 1 else ManifestWriter(root, extractor.dtype, rank)
         try:
             result = extractor.run(
                 records,
                 sink,
-                cfg.features.batch_size,
-                cfg.resolved_num_workers(),
-                cfg.data.max_pixels,
+                batch_size=cfg.features.batch_size,
+                num_workers=cfg.resolved_num_workers(),
+                max_pixels=cfg.data.max_pixels,
                 progress=progress,
                 rank=rank,
                 world=world,
@@ -355,7 +349,7 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         dist.barrier()
     if rank != 0:
         return result
-    _write_failures(run_dir, result.failures)
+    write_failures(run_dir, result.failures)
     rate = f", {result.extracted / result.seconds:.1f} img/s" if result.seconds else ""
     log.info(
         f"extract: {result.extracted} extracted, {result.cached} already cached, "
@@ -370,12 +364,7 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
     return result
 
 
-def head_spatial(spec: dict[str, Any]) -> int | None:
-    """Grid side a checkpoint's head reads (attentive), None for pooled features."""
-    return spec["spatial"] if spec["kind"] == "attentive" else None
-
-
-def _features_by_split(
+def features_by_split(
     cfg: Config,
     extractor: Extractor,
     records: list[Record],
@@ -385,20 +374,21 @@ def _features_by_split(
     """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C]."""
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
-    with extractor.open_cache(cfg, readonly=True) as cache:
+    with extractor.open_cache(cfg.features.cache_dir, readonly=True) as cache:
         register_run(cfg.features.cache_dir, cfg.run_dir)
         keys = (r.sha256 for r in usable)
         missing = cache.missing(keys, grid_array(spatial)) if spatial else cache.missing(keys)
         if missing and spatial:
             raise DataError(
-                f"{len(missing)} of {len(usable)} images have no cached {spatial}x{spatial} token grid "
-                f"for this backbone/pooling (the attentive head reads it)",
+                f"{len(missing)} of {len(usable)} images have no cached {spatial}x{spatial} token "
+                f"grid for this backbone/pooling (the attentive head reads it)",
                 fix=f"set features.spatial: {spatial} and run `samprobe extract -c CONFIG` "
                 "(it resumes: the pooled features stay, only the missing grids are added)",
             )
         if missing:
             raise DataError(
-                f"{len(missing)} of {len(usable)} images have no cached features for this backbone/pooling",
+                f"{len(missing)} of {len(usable)} images have no cached features for this "
+                f"backbone/pooling",
                 fix="run `samprobe extract -c CONFIG` first (it resumes where it stopped)",
             )
         out = {}
@@ -412,109 +402,11 @@ def _features_by_split(
 # train
 
 
-def _write_report(run_dir: Path, tracker: Tracker | None = None) -> None:
-    """report.html + plots; a plotting failure is reported, never fatal to the stage that called it."""
-    from samprobe.report import write_report
-
-    try:
-        report = write_report(run_dir)
-    except Exception as exc:  # matplotlib/font trouble must not lose a finished training run
-        log.warning(
-            f"report: could not write {run_dir / 'report.html'} ({type(exc).__name__}: {exc})"
-        )
-        return
-    log.info(f"report: {report.html}")
-    if tracker is not None:
-        sweep = read_csv_rows(run_dir / "sweep.csv")
-        if sweep:
-            tracker.log_table("sweep", sweep)
-        tracker.log_images({f"plots/{k}": p for k, p in report.plots.items()})
-
-
 def _write_sweep_csv(path: Path, table: list[dict[str, Any]]) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
-
-
-def _rotate_epoch_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def _image_sets(train_recs: list[Record], val_recs: list[Record]) -> dict[str, Any]:
-    """The checkpoint's record of the images it was trained and selected on (tensors and builtins only)."""
-    out = {}
-    for name, recs in (("train_images", train_recs), ("val_images", val_recs)):
-        info = image_set(r.sha256 for r in recs)
-        out[name] = {**info, "keys": torch.from_numpy(info["keys"])}
-    return out
-
-
-def _check_resumable(
-    ckpt: dict[str, Any],
-    path: Path,
-    fingerprint: str,
-    mapping: ClassMapping,
-    images: dict[str, Any] | None = None,
-) -> None:
-    """CheckpointError unless ``ckpt`` continues this run: its state, features, classes and (given
-    ``images``, the ``_image_sets`` of this run) the very train and val images."""
-    if "train_state" not in ckpt:
-        raise CheckpointError(
-            f"{path} holds no training state to resume from",
-            fix="resume from the run's checkpoints/last.pt, or train without --resume",
-        )
-    if ckpt["backbone"]["fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"{path} was trained on features {ckpt['backbone']['fingerprint']}, this config gives {fingerprint}",
-            fix="resume with the run's own config (run_dir/config.yaml), or train without --resume",
-        )
-    if ckpt["classes"] != mapping.to_dict():
-        raise CheckpointError(
-            f"{path} was trained with other classes or splits than this config gives",
-            fix="resume with the run's own config and splits.csv, or train without --resume",
-        )
-    for name in ("train_images", "val_images") if images else ():
-        saved, now = ckpt.get(name), images[name]
-        if saved is not None and saved["digest"] != now["digest"]:
-            split = name.split("_")[0]
-            common = int(np.isin(now["keys"].numpy(), saved["keys"].numpy()).sum())
-            raise CheckpointError(
-                f"{path} was trained on {saved['n']} {split} images, this run's splits.csv has {now['n']} "
-                f"({common} of them the same): the data or the splits changed since, so the run would "
-                "not continue as it started",
-                fix="resume with the data the run started with, or train without --resume (a fresh run)",
-            )
-
-
-def check_no_training_images(
-    ckpt: dict[str, Any], checkpoint: Path, split: str, recs: list[Record]
-) -> None:
-    """CheckpointError when images of the evaluated split were in the checkpoint's train (or, for
-    test, val) split: its metrics on them would be inflated."""
-    for name in (
-        ("train_images", "val_images")
-        if split == "test"
-        else ("train_images",)
-        if split == "val"
-        else ()
-    ):
-        saved = ckpt.get(name)
-        if saved is None:  # a checkpoint written before samprobe recorded its images
-            log.warning(
-                f"evaluate: {checkpoint} does not record its {name.split('_')[0]} images; leakage not checked"
-            )
-            continue
-        seen = np.isin(content_keys(r.sha256 for r in recs), saved["keys"].numpy())
-        if seen.any():
-            raise CheckpointError(
-                f"{int(seen.sum())} of the {len(recs)} {split} images were {name.split('_')[0]} images "
-                f"of {checkpoint} (the splits changed since it was trained): its {split} metrics would be inflated",
-                fix="evaluate with the splits the checkpoint was trained on (its run's splits.csv), "
-                "or train again on the current splits",
-            )
 
 
 def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -528,15 +420,15 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         cfg, on_device=False
     )  # fingerprint only: no encoder weights on the GPU
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
-    data = _features_by_split(cfg, extractor, records, spatial)
+    data = features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
     mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
     if not val_recs:
         raise TrainingError(
-            f"no validation images in {run_dir / 'splits.csv'} ({len(train_recs)} train): the heads "
-            "would be selected on their training loss",
-            fix="set data.val_fraction (e.g. 0.15; with a split column, val is carved from its train rows) "
-            "and run validate again; a class needs 3 or more images to give one to val",
+            f"no validation images in {run_dir / 'splits.csv'} ({len(train_recs)} train): the "
+            f"heads would be selected on their training loss",
+            fix="set data.val_fraction (e.g. 0.15; with a split column, val is carved from its "
+            "train rows) and run validate again; a class needs 3 or more images to give one to val",
         )
     y_train = mapping.to_head([r.label for r in train_recs])
     y_val = mapping.to_head([r.label for r in val_recs])
@@ -550,16 +442,16 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         y_train,
         x_val,
         y_val,
-        weights,
-        cfg.train,
-        cfg.seed,
-        val_untrained,
-        device,
-        precision,
+        class_weights=weights,
+        cfg=cfg.train,
+        seed=cfg.seed,
+        val_untrained_classes=val_untrained,
+        device=device,
+        precision=precision,
     )
     log.info(
-        f"train: {len(train_recs)} train / {len(val_recs)} val samples, {count_of(mapping.num_active, 'active class')} "
-        f"of {len(taxonomy)}"
+        f"train: {len(train_recs)} train / {len(val_recs)} val samples, "
+        f"{count_of(mapping.num_active, 'active class')} of {len(taxonomy)}"
         + (f" (not trained: {', '.join(mapping.inactive_names)})" if mapping.inactive_names else "")
     )
     log.info(
@@ -570,41 +462,46 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     margin = trainer.prune_margin
     if margin is not None and len(trainer.grid) > 1:
         floor = (
-            f", raised from sweep.prune_margin {cfg.train.sweep.prune_margin:g} to the noise floor of "
-            f"{cfg.train.monitor} on {len(val_recs)} validation images"
+            f", raised from sweep.prune_margin {cfg.train.sweep.prune_margin:g} to the noise "
+            f"floor of {cfg.train.monitor} on {len(val_recs)} validation images"
             if margin > cfg.train.sweep.prune_margin
             else ""
         )
         log.info(
-            f"train: heads more than {margin:.4g} below the leading head are pruned after the warm-up "
-            f"(epoch {trainer.warmup_end_epoch}){floor}"
+            f"train: heads more than {margin:.4g} below the leading head are pruned after the "
+            f"warm-up (epoch {trainer.warmup_end_epoch}){floor}"
         )
     if trainer.batch_size < cfg.train.batch_size:
         log.info(
-            f"train: batches of {cfg.train.batch_size} grids run as {trainer.accumulate // cfg.train.accumulate} "
+            f"train: batches of {cfg.train.batch_size} grids run as "
+            f"{trainer.accumulate // cfg.train.accumulate} "
             f"accumulated parts of {trainer.batch_size} (memory)"
         )
 
     ckpt_dir = run_dir / "checkpoints"
-    payload: dict[str, Any] = {
-        "classes": mapping.to_dict(),
-        "class_weights": weights.tolist(),
-        # precision: the resolved one (bf16, not auto): another device computes features as these were
-        "backbone": {
-            "config": cfg.backbone.model_dump(mode="json"),
-            "fingerprint": extractor.fingerprint,
-            "weights_sha256": extractor.backbone.identity().get(
-                "weights_sha256"
-            ),  # predict finds moved weights by it
-            "precision": extractor.precision,
-            "pooling": extractor.pooling,
-            "dtype": extractor.dtype,
-            "input_size": extractor.backbone.input_size,
-        },
-        "cache_dir": str(cfg.features.cache_dir),
-        "config": cfg.model_dump(mode="json"),
-        **_image_sets(train_recs, val_recs),
-    }
+    train_images, val_images = ImageSet.of(train_recs), ImageSet.of(val_recs)
+    # What every checkpoint of this run shares; each adds its head, epoch and metrics.
+    run_ckpt = HeadCheckpoint(
+        classes=mapping.to_dict(),
+        class_weights=weights.tolist(),
+        backbone=FeatureSource(
+            config=cfg.backbone.model_dump(mode="json"),
+            fingerprint=extractor.fingerprint,
+            weights_sha256=extractor.backbone.identity().get("weights_sha256"),
+            precision=extractor.precision,
+            pooling=extractor.pooling,
+            dtype=extractor.dtype,
+            input_size=extractor.backbone.input_size,
+        ),
+        cache_dir=str(cfg.features.cache_dir),
+        config=cfg.model_dump(mode="json"),
+        train_images=train_images,
+        val_images=val_images,
+        head_spec={},
+        head_state={},
+        epoch=0,
+        metrics={},
+    )
     if resume:
         last = ckpt_dir / "last.pt"
         if not last.is_file():
@@ -612,15 +509,23 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 f"--resume: {last} does not exist", fix="train without --resume to start this run"
             )
         ckpt = load_checkpoint(last)
-        _check_resumable(ckpt, last, extractor.fingerprint, mapping, payload)
+        check_resumable(
+            ckpt,
+            last,
+            fingerprint=extractor.fingerprint,
+            mapping=mapping,
+            train_images=train_images,
+            val_images=val_images,
+        )
+        assert ckpt.train_state is not None  # check_resumable refuses a checkpoint without it
         # The history lives in metrics.jsonl, not in last.pt (rewritten every epoch, it would grow
-        # with it). The file may hold an epoch newer than last.pt (killed in between): last.pt is the truth.
+        # with it). The file may hold an epoch newer than last.pt (killed in between): last.pt is
+        # the truth.
+        done = ckpt.train_state["epoch"]
         history = [
-            r
-            for r in read_jsonl(run_dir / Tracker.METRICS_FILE)
-            if r.get("epoch", 0) <= ckpt["train_state"]["epoch"]
+            r for r in read_jsonl(run_dir / Tracker.METRICS_FILE) if r.get("epoch", 0) <= done
         ]
-        trainer.load_state_dict(ckpt["train_state"], history)
+        trainer.load_state_dict(ckpt.train_state, history)
         atomic_write_text(
             run_dir / Tracker.METRICS_FILE, "".join(json.dumps(r) + "\n" for r in trainer.history)
         )
@@ -637,7 +542,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 log.info(
                     f"  epoch {row['epoch']:4d}  {why} {len(heads)} head(s): "
                     + "; ".join(
-                        f"lr {trainer.grid[h][0]:g} weight_decay {trainer.grid[h][1]:g} ({trainer.status[h]})"
+                        f"lr {trainer.grid[h][0]:g} weight_decay {trainer.grid[h][1]:g} "
+                        f"({trainer.status[h]})"
                         for h in heads
                     )
                 )
@@ -649,23 +555,20 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 + f"  ({count_of(row['heads_training'], 'head')} training)"
             )
 
-    def state_payload(tr: SweepTrainer) -> dict[str, Any]:
-        return {
-            **payload,
-            "head": {"spec": tr.model.spec(), "state_dict": tr.model.head_state(tr.best_index)},
-            "epoch": tr.epoch,
-            "metrics": tr.history[-1] if tr.history else {},
-            "train_state": tr.state_dict(),
-        }
-
     def on_state(tr: SweepTrainer) -> None:
-        state = state_payload(tr)
+        state = run_ckpt.with_head(
+            tr.model.spec(),
+            tr.model.head_state(tr.best_index),
+            epoch=tr.epoch,
+            metrics=tr.history[-1] if tr.history else {},
+            train_state=tr.state_dict(),
+        )
         save_checkpoint(
             state, ckpt_dir / "last.pt"
         )  # every epoch, atomic: a kill loses at most one epoch
         if cfg.train.save_every and tr.epoch % cfg.train.save_every == 0:
             save_checkpoint(state, ckpt_dir / f"epoch_{tr.epoch:04d}.pt")
-            _rotate_epoch_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
+            rotate_epoch_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
 
     if resume and trainer.done:
         log.info("train: last.pt is already at the end of training; writing best.pt again")
@@ -675,16 +578,14 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         tracker.finish()  # metrics.jsonl already holds every finished epoch
         raise
     best_row = dict(result.table[result.best_index])
-    save_checkpoint(
-        {
-            **payload,
-            "head": {"spec": result.head.spec, "state_dict": result.head.state_dict()},
-            "epoch": result.best_epoch,
-            "metrics": best_row,
-            "sweep": result.table,
-        },
-        ckpt_dir / "best.pt",
+    best = run_ckpt.with_head(
+        result.head.spec,
+        result.head.state_dict(),
+        epoch=result.best_epoch,
+        metrics=best_row,
+        sweep=result.table,
     )
+    save_checkpoint(best, ckpt_dir / "best.pt")
     _write_sweep_csv(run_dir / "sweep.csv", result.table)
     lr, wd = result.grid[result.best_index]
     mon = "val_loss" if cfg.train.monitor == "val_loss" else f"val_{cfg.train.monitor}"
@@ -696,7 +597,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     tracker.log_summary(
         {**{f"best/{k}": v for k, v in best_row.items()}, "best_epoch": result.best_epoch}
     )
-    _write_report(run_dir, tracker)
+    write_run_report(run_dir, tracker)
     tracker.finish()
     return {
         "best_epoch": result.best_epoch,
@@ -711,88 +612,29 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 # evaluate
 
 
-def predict_features(
-    ckpt: dict[str, Any], x: np.ndarray, top_k: int = 5
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cached features [N, D] (attentive heads: grids [N, S*S, C]) -> (top-k taxonomy indices [N, k],
-    their probabilities [N, k])."""
-    head = head_from_spec(ckpt["head"]["spec"], ckpt["head"]["state_dict"])
-    mapping = ClassMapping.from_dict(ckpt["classes"])
-    rows = rows_per_step(int(np.prod(x.shape[1:])), max(len(x), 1))  # grids: bounded activations
-    with torch.no_grad():
-        logits = [
-            head(torch.from_numpy(x[i : i + rows]).float()) for i in range(0, max(len(x), 1), rows)
-        ]
-        probs = torch.softmax(torch.cat(logits), dim=1)
-    k = min(top_k, mapping.num_active)
-    scores, idx = probs.topk(k, dim=1)
-    active = np.array(mapping.active)
-    return active[idx.numpy()], scores.numpy()
-
-
-def stored_precision(ckpt: dict[str, Any]) -> str | None:
-    """The resolved precision the head's features were computed at (None: a checkpoint from
-    before it was stored, whose config may say ``auto``)."""
-    return ckpt["backbone"].get("precision")
-
-
-def check_fingerprint(ckpt: dict[str, Any], extractor: Extractor, source: str) -> None:
-    """The extractor gives the checkpoint's features: same backbone, weights, pooling, dtype and
-    the checkpoint's precision (an extractor running at another precision, because the
-    checkpoint's does not run on this device, is checked as if it ran at the checkpoint's)."""
-    from samprobe.backbones.registry import fingerprint
-
-    trained_at = stored_precision(ckpt)
-    ours = (
-        extractor.fingerprint
-        if trained_at in (None, extractor.precision)
-        else fingerprint(extractor.backbone, extractor.pooling, extractor.dtype, trained_at)
-    )
-    if ckpt["backbone"]["fingerprint"] != ours:
-        raise CheckpointError(
-            f"the checkpoint was trained on features {ckpt['backbone']['fingerprint']} "
-            f"({ckpt['backbone']['config']['name']}, pooling {ckpt['backbone']['pooling']}) but {source} gives {ours}",
-            fix="use the config (backbone, checkpoint, img_size, pooling, dtype) the head was trained with",
-        )
-
-
-def eval_dir(run_dir: Path, checkpoint: Path, split: str) -> tuple[Path, bool]:
-    """(folder for an evaluation's outputs, whether it is the run's own best.pt, the one report.html
-    shows): ``eval/<split>`` for the run's best.pt; ``eval/<split>-<checkpoint>`` for its other
-    checkpoints and ``eval/<split>-<other run>-<checkpoint>`` for another run's, so no evaluation
-    overwrites another."""
-    ckpt = Path(checkpoint).resolve()
-    own = ckpt.is_relative_to(Path(run_dir).resolve())
-    if own and ckpt == (Path(run_dir) / "checkpoints" / "best.pt").resolve():
-        return Path(run_dir) / "eval" / split, True
-    origin = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return Path(run_dir) / "eval" / f"{split}-{'' if own else origin.name + '-'}{ckpt.stem}", False
-
-
 def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str, Any]:
     from samprobe.report import plot_confusion, write_confusion_csv
 
     ckpt = load_checkpoint(checkpoint)
     records, _ = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    # Cached features only: the checkpoint's resolved precision names them, whatever auto means on this device.
-    at = stored_precision(ckpt) if cfg.precision == "auto" else None
+    # Cached features only: the checkpoint's resolved precision names them, whatever auto means on
+    # this device.
+    at = ckpt.backbone.precision if cfg.precision == "auto" else None
     extractor = Extractor.from_config(cfg, on_device=False, precision=at)
     log.info(
         f"evaluate: features at precision {extractor.precision}"
         + (" (the checkpoint's)" if at else "")
     )
     check_fingerprint(ckpt, extractor, "this config")
-    recs, x = _features_by_split(
-        cfg, extractor, records, head_spatial(ckpt["head"]["spec"]), (split,)
-    )[split]
+    recs, x = features_by_split(cfg, extractor, records, ckpt.spatial, (split,))[split]
     if not recs:
         raise DataError(
             f"split {split!r} has no samples",
             fix="choose --split train|val|test with samples (see splits.csv)",
         )
     check_no_training_images(ckpt, checkpoint, split, recs)
-    mapping = ClassMapping.from_dict(ckpt["classes"])
+    mapping = ckpt.mapping
     unknown = sorted({r.label for r in recs} - set(mapping.taxonomy))
     if unknown:
         raise DataError(
@@ -809,7 +651,7 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
         **classification_metrics(y_true, y_pred, taxonomy, active, topk),
         "not_trained_classes": mapping.inactive_names,
     }
-    out, own_best = eval_dir(run_dir, checkpoint, split)
+    out, own_best = evaluation_dir(run_dir, checkpoint, split)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     rows = per_class_table(y_true, y_pred, taxonomy, active)
@@ -831,8 +673,60 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
     write_confusion_csv(cm, taxonomy, out / "confusion_matrix.csv")
     log.info(
         f"evaluate ({split}, n={metrics['n']}): accuracy {metrics['accuracy']:.4f}, "
-        f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}; wrote {out}"
+        f"balanced accuracy {metrics['balanced_accuracy']:.4f}, macro-F1 "
+        f"{metrics['macro_f1']:.4f}; wrote {out}"
     )
     if own_best:  # report.html shows this run's own head only
-        _write_report(run_dir)
+        write_run_report(run_dir)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# stages that read the outputs above
+
+
+def run_inspect(cfg: Config) -> dict[str, Any]:
+    """Label issues, near-duplicates and outliers of the run's cached features (``inspection``)
+    into ``inspect/``, then report.html; returns the summary."""
+    from samprobe.inspection import inspect_features
+
+    records, taxonomy = load_dataset(cfg)
+    run_dir = prepare_run_dir(cfg)
+    extractor = Extractor.from_config(cfg)
+
+    def features(
+        spatial: int | None, splits: Sequence[str]
+    ) -> dict[str, tuple[list[Record], np.ndarray]]:
+        return features_by_split(cfg, extractor, records, spatial, tuple(splits))
+
+    summary = inspect_features(
+        cfg,
+        taxonomy=taxonomy,
+        run_dir=run_dir,
+        fingerprint=extractor.fingerprint,
+        features=features,
+    )
+    write_run_report(run_dir)
+    return summary
+
+
+def run_export(cfg: Config, split: str, out: Path) -> Path:
+    """``samprobe features export``: a split's cached features (``all``: every split) to ``out``."""
+    from samprobe.export import check_export_path, export_features
+
+    check_export_path(out, split)  # before validating or reading the cache
+    records, _ = load_dataset(cfg)
+    recs = records if split == "all" else [r for r in records if r.split == split]
+    if not recs:
+        raise DataError(
+            f"split {split!r} has no samples",
+            fix="choose --split train|val|test|all with samples (see splits.csv)",
+        )
+    failed = read_failed_keys(cfg.run_dir)
+    kept = [r for r in recs if r.sha256 not in failed]
+    if len(kept) < len(recs):
+        log.info(
+            f"export: {len(recs) - len(kept)} images that failed at extract are left out (see "
+            f"{cfg.run_dir / FAILURES_FILE})"
+        )
+    return export_features(cfg, records=kept, split=split, out=out)

@@ -12,22 +12,40 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from samprobe.config import BackboneConfig, Config
 from samprobe.data.images import decode_rgb, to_rgb
-from samprobe.data.metadata import IMAGE_SUFFIXES, Record
+from samprobe.data.records import IMAGE_SUFFIXES, Record
 from samprobe.errors import CheckpointError, DataError
 from samprobe.features.extract import Extractor, image_features, image_grids, load_head_inputs
 from samprobe.io import atomic_open, ensure_writable_file, sha256_file, weights_sha256
-from samprobe.pipeline import check_fingerprint, head_spatial, predict_features, stored_precision
-from samprobe.train.checkpoint import load_checkpoint
-from samprobe.train.classes import ClassMapping
+from samprobe.train.checkpoint import HeadCheckpoint, check_fingerprint, load_checkpoint
+from samprobe.train.heads import head_from_spec, rows_per_step
 
 log = logging.getLogger("samprobe")
+
+
+def predict_features(
+    ckpt: HeadCheckpoint, x: np.ndarray, *, top_k: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cached features [N, D] (attentive heads: grids [N, S*S, C]) -> (top-k taxonomy indices [N, k],
+    their probabilities [N, k])."""
+    head = head_from_spec(ckpt.head_spec, ckpt.head_state)
+    mapping = ckpt.mapping
+    rows = rows_per_step(int(np.prod(x.shape[1:])), max(len(x), 1))  # grids: bounded activations
+    with torch.no_grad():
+        logits = [
+            head(torch.from_numpy(x[i : i + rows]).float()) for i in range(0, max(len(x), 1), rows)
+        ]
+        probs = torch.softmax(torch.cat(logits), dim=1)
+    k = min(top_k, mapping.num_active)
+    scores, idx = probs.topk(k, dim=1)
+    active = np.array(mapping.active)
+    return active[idx.numpy()], scores.numpy()
 
 
 @dataclass
@@ -38,11 +56,11 @@ class Prediction:
 
 
 class Classifier:
-    def __init__(self, ckpt: dict[str, Any], extractor: Extractor, source: str) -> None:
+    def __init__(self, ckpt: HeadCheckpoint, extractor: Extractor, source: str) -> None:
         self.ckpt = ckpt
         self.extractor = extractor
-        self.mapping = ClassMapping.from_dict(ckpt["classes"])
-        self.spatial = head_spatial(ckpt["head"]["spec"])  # attentive heads read the token grid
+        self.mapping = ckpt.mapping
+        self.spatial = ckpt.spatial  # attentive heads read the token grid
         check_fingerprint(ckpt, extractor, f"the backbone of {source}")
 
     @classmethod
@@ -60,24 +78,22 @@ class Classifier:
         from samprobe.device import resolve_device, runnable_precision
 
         ckpt = load_checkpoint(checkpoint)
-        trained_at = stored_precision(ckpt)
+        trained_at = ckpt.backbone.precision
         run_at = (
-            runnable_precision(resolve_device(device), trained_at)
-            if precision is None and trained_at
-            else None
+            runnable_precision(resolve_device(device), trained_at) if precision is None else None
         )
-        precision = precision or ckpt["config"].get("precision", "auto")
-        backbone = dict(ckpt["backbone"]["config"])
+        precision = precision or ckpt.config.get("precision", "auto")
+        backbone = dict(ckpt.backbone.config)
         if weights is not None or backbone.get("checkpoint"):
             backbone["checkpoint"] = str(find_weights(ckpt, Path(checkpoint), weights))
         cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**backbone))
-        cfg.features.pooling = list(ckpt["backbone"]["pooling"])
-        cfg.features.dtype = ckpt["backbone"]["dtype"]
-        cfg.features.spatial = head_spatial(
-            ckpt["head"]["spec"]
+        cfg.features.pooling = list(ckpt.backbone.pooling)
+        cfg.features.dtype = ckpt.backbone.dtype
+        cfg.features.spatial = (
+            ckpt.spatial
         )  # the extractor then also computes (and caches) the grid
         extractor = Extractor.from_config(cfg, precision=run_at)
-        other = trained_at not in (None, extractor.precision)
+        other = trained_at != extractor.precision
         log.info(
             f"predict: features at precision {extractor.precision} on {extractor.device}"
             + (f" (the head was trained on {trained_at} features)" if other else "")
@@ -85,7 +101,7 @@ class Classifier:
         return cls(ckpt, extractor, str(checkpoint))
 
     def _predictions(self, feats: np.ndarray, top_k: int) -> list[Prediction]:
-        idx, scores = predict_features(self.ckpt, feats, top_k)
+        idx, scores = predict_features(self.ckpt, feats, top_k=top_k)
         tax = self.mapping.taxonomy
         return [
             Prediction(tax[row[0]], float(sc[0]), [(tax[i], float(s)) for i, s in zip(row, sc)])
@@ -106,7 +122,8 @@ class Classifier:
                 if arr.dtype != np.uint8:
                     raise DataError(
                         f"Classifier.predict got a {arr.dtype} array; images must be uint8 (0-255)",
-                        fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL image",
+                        fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL "
+                        "image",
                     )
                 arrays.append(
                     np.asarray(to_rgb(Image.fromarray(arr)))
@@ -133,7 +150,7 @@ def _weights_places(checkpoint: Path) -> list[Path]:
     return [p for i, p in enumerate(out) if p.is_dir() and p not in out[:i]]
 
 
-def find_weights(ckpt: dict[str, Any], checkpoint: Path, weights: Path | str | None = None) -> Path:
+def find_weights(ckpt: HeadCheckpoint, checkpoint: Path, weights: Path | str | None = None) -> Path:
     """The backbone weights file for a head checkpoint: ``weights`` if given; else where training
     read it; else a file of the same name, or of the same sha256 (recorded in the checkpoint), in
     ``_weights_places``. CheckpointError when none is found (the fingerprint check then proves the
@@ -145,7 +162,7 @@ def find_weights(ckpt: dict[str, Any], checkpoint: Path, weights: Path | str | N
                 fix="pass the backbone weights file the head was trained with",
             )
         return Path(weights)
-    trained = Path(ckpt["backbone"]["config"]["checkpoint"])
+    trained = Path(ckpt.backbone.config["checkpoint"])
     if trained.is_file():
         return trained
     places = _weights_places(checkpoint)
@@ -153,7 +170,7 @@ def find_weights(ckpt: dict[str, Any], checkpoint: Path, weights: Path | str | N
     if by_name:
         log.info(f"predict: backbone weights {trained} moved; using {by_name[0]}")
         return by_name[0]
-    want = ckpt["backbone"].get("weights_sha256")
+    want = ckpt.backbone.weights_sha256
     if want:
         for p in places:
             for f in sorted(p.iterdir()):
@@ -163,20 +180,22 @@ def find_weights(ckpt: dict[str, Any], checkpoint: Path, weights: Path | str | N
                     and weights_sha256(f) == want
                 ):
                     log.info(
-                        f"predict: backbone weights {trained} moved; found the same file (sha256) at {f}"
+                        f"predict: backbone weights {trained} moved; found the same file (sha256) "
+                        f"at {f}"
                     )
                     return f
     raise CheckpointError(
-        f"the backbone weights {trained} the head was trained with do not exist (moved or deleted), and no "
+        f"the backbone weights {trained} the head was trained with do not exist (moved or "
+        f"deleted), and no "
         f"file of that name or content is next to {checkpoint} or in a weights/ folder",
-        fix="pass --weights PATH to predict (Classifier.load(..., weights=PATH) in Python), or put the "
-        "file next to the checkpoint",
+        fix="pass --weights PATH to predict (Classifier.load(..., weights=PATH) in Python), or "
+        "put the file next to the checkpoint",
     )
 
 
-def training_image_root(ckpt: dict[str, Any]) -> Path | None:
+def training_image_root(ckpt: HeadCheckpoint) -> Path | None:
     """Where the training metadata's paths were relative to (data.image_root, else the metadata's folder)."""
-    data = ckpt.get("config", {}).get("data", {})
+    data = ckpt.config.get("data", {})
     if data.get("image_root"):
         return Path(data["image_root"])
     return Path(data["metadata"]).parent if data.get("metadata") else None
@@ -198,7 +217,7 @@ def collect_inputs(
             )
         elif p.suffix.lower() in (".csv", ".jsonl", ".parquet"):
             from samprobe.config import DataConfig
-            from samprobe.data.metadata import read_rows
+            from samprobe.data.tables import read_rows
 
             rows, _ = read_rows(DataConfig(metadata=p))
             root = image_root if image_root is not None else p.parent
@@ -206,7 +225,8 @@ def collect_inputs(
                 if not r or not str(r.get(path_column) or "").strip():
                     raise DataError(
                         f"predict input {p}, data row {i}, has no {path_column!r} value",
-                        fix=f"give every row a path (relative to --image-root, {root}) in a column named {path_column}",
+                        fix=f"give every row a path (relative to --image-root, {root}) in a "
+                        f"column named {path_column}",
                     )
                 out.append(root / str(r[path_column]).strip())
         elif p.exists():
@@ -223,11 +243,11 @@ def run_predict(
     checkpoint: Path,
     inputs: Sequence[str],
     out_csv: Path,
+    *,
     top_k: int = 5,
     device: str = "auto",
     num_workers: int = 0,
     batch_size: int = 8,
-    *,
     image_root: Path | None = None,
     weights: Path | None = None,
     cache_dir: Path | None = None,
@@ -238,7 +258,7 @@ def run_predict(
     predict never writes into the training cache unless asked. DataError when nothing was classified."""
     ensure_writable_file(out_csv, "--out", "predictions.csv")  # before any image is read or encoded
     clf = Classifier.load(checkpoint, device=device, weights=weights)
-    data = clf.ckpt.get("config", {}).get("data", {})
+    data = clf.ckpt.config.get("data", {})
     root = image_root if image_root is not None else training_image_root(clf.ckpt)
     files = collect_inputs(inputs, root, data.get("path_column") or "path")
     if not files:
@@ -253,9 +273,11 @@ def run_predict(
         except OSError as exc:
             errors[i] = f"{type(exc).__name__}: {exc}"
     with tempfile.TemporaryDirectory(prefix="samprobe-predict-") as private:
-        cache = clf.extractor.open_cache(Config(features={"cache_dir": Path(cache_dir or private)}))  # type: ignore[arg-type]
+        cache = clf.extractor.open_cache(Path(cache_dir or private))
         with cache:
-            result = clf.extractor.run(records, cache, batch_size, num_workers, progress=True)
+            result = clf.extractor.run(
+                records, cache, batch_size=batch_size, num_workers=num_workers, progress=True
+            )
             errors.update({r.row: reason for r, reason in result.failures})
             good = [r for r in records if r.row not in errors]
             preds = (
@@ -280,14 +302,15 @@ def run_predict(
                     ]
                 )
     log.info(
-        f"predict: {len(by_row)} images classified, {len(files) - len(by_row)} failed; wrote {out_csv}"
+        f"predict: {len(by_row)} images classified, {len(files) - len(by_row)} failed; wrote "
+        f"{out_csv}"
     )
     if not by_row:
         first = next(iter(errors.items()), (0, "not predicted"))
         raise DataError(
-            f"none of the {len(files)} images could be classified (first: {files[first[0]]}: {first[1]}); "
-            f"the reasons are in {out_csv}",
-            fix=f"check the paths: a metadata file's paths are relative to --image-root (default the "
-            f"training data.image_root, here {root})",
+            f"none of the {len(files)} images could be classified (first: {files[first[0]]}: "
+            f"{first[1]}); the reasons are in {out_csv}",
+            fix=f"check the paths: a metadata file's paths are relative to --image-root (default "
+            f"the training data.image_root, here {root})",
         )
     return len(files) - len(by_row)

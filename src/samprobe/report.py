@@ -13,6 +13,7 @@ import csv
 import html
 import io
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,10 @@ import numpy as np  # noqa: E402
 
 from samprobe.inspection import counted  # noqa: E402
 from samprobe.io import atomic_open, atomic_write_text  # noqa: E402
-from samprobe.tracking import read_csv_rows, read_jsonl  # noqa: E402
+from samprobe.tracking import Tracker, read_csv_rows, read_jsonl  # noqa: E402
+from samprobe.train.checkpoint import HeadCheckpoint, load_checkpoint  # noqa: E402
+
+log = logging.getLogger("samprobe")
 
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)
@@ -242,12 +246,10 @@ def _table(
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
-def _load_best(run_dir: Path) -> dict[str, Any] | None:
+def _load_best(run_dir: Path) -> HeadCheckpoint | None:
     best = run_dir / "checkpoints" / "best.pt"
     if not best.is_file():
         return None
-    from samprobe.train.checkpoint import load_checkpoint
-
     return load_checkpoint(best)
 
 
@@ -360,7 +362,7 @@ def _summary(
     rows: list[dict[str, Any]],
     inspect: dict[str, Any],
 ) -> str:
-    from samprobe.data.metadata import PROBLEM_KINDS
+    from samprobe.data.records import PROBLEM_KINDS
 
     stats = []
     if metrics:
@@ -456,8 +458,8 @@ def _sweep(sweep: list[dict[str, str]]) -> str:
             )
         body.append(f"<tr><th>lr {_num(lr)}</th>{''.join(tds)}</tr>")
     return (
-        f'<section id="sweep"><h2>Sweep</h2><p>{html.escape(score_key.replace("_", " "))} of each head '
-        f"(learning rate × weight decay); the selected head is outlined.</p>"
+        f'<section id="sweep"><h2>Sweep</h2><p>{html.escape(score_key.replace("_", " "))} of each '
+        f"head (learning rate × weight decay); the selected head is outlined.</p>"
         f'<table class="heat"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></section>'
     )
 
@@ -481,13 +483,16 @@ def _classes(rows: list[dict[str, Any]]) -> str:
         cls = ' class="inactive"' if r["status"] == "not trained" else ""
         out.append(
             f"<tr{cls}><td>{html.escape(r['class'])}</td><td>{r['status']}</td><td>{_num(r['train'])}</td>"
-            f'<td>{_num(r["val"])}</td><td>{_num(r["test"])}</td><td class="barcell">{bar}</td><td>{scores}</td></tr>'
+            f"<td>{_num(r['val'])}</td><td>{_num(r['test'])}</td><td "
+            f'class="barcell">{bar}</td><td>{scores}</td></tr>'
         )
     return (
-        f'<section id="classes"><h2>Classes</h2><p>{n_active} active of {len(rows)} taxonomy classes; classes '
-        'without training images are not trained and never predicted (greyed).</p><div class="scroll"><table>'
-        "<thead><tr><th>class</th><th>status</th><th>train</th><th>val</th><th>test</th><th>test F1</th>"
-        f"<th>scores</th></tr></thead><tbody>{''.join(out)}</tbody></table></div></section>"
+        f'<section id="classes"><h2>Classes</h2><p>{n_active} active of {len(rows)} taxonomy '
+        f"classes; classes "
+        "without training images are not trained and never predicted (greyed).</p><div "
+        'class="scroll"><table>'
+        "<thead><tr><th>class</th><th>status</th><th>train</th><th>val</th><th>test</th><th>test "
+        f"F1</th><th>scores</th></tr></thead><tbody>{''.join(out)}</tbody></table></div></section>"
     )
 
 
@@ -495,7 +500,8 @@ def _plot_img(report: Report, name: str) -> str:
     w, h = report.sizes[name]
     data = base64.b64encode(report.plots[name].read_bytes()).decode("ascii")
     return (
-        f'<img class="plot" alt="{html.escape(name)}" data-plot="{html.escape(name)}" width="{w}" height="{h}" '
+        f'<img class="plot" alt="{html.escape(name)}" data-plot="{html.escape(name)}" width="{w}" '
+        f'height="{h}" '
         f'src="data:image/png;base64,{data}">'
     )
 
@@ -575,8 +581,8 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
     not_yet = "Not evaluated yet: samprobe evaluate -c CONFIG --checkpoint …"
     empty = "No test image misclassified." if preds else not_yet
     out.append(
-        '<section id="misclassified"><h2>Misclassified test images</h2><p>true → predicted, with the '
-        "predicted class's probability; most confident mistakes first.</p>"
+        '<section id="misclassified"><h2>Misclassified test images</h2><p>true → predicted, with '
+        "the predicted class's probability; most confident mistakes first.</p>"
         + _gallery(cards, len(wrong), empty)
         + "</section>"
     )
@@ -589,7 +595,8 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
     cards = [
         _card(
             files.get(r["path"]),
-            f"given {esc(r['given_label'])}<br>looks like <b>{esc(r['suggested_label'])}</b> {_num(float(r['score']))}",
+            f"given {esc(r['given_label'])}<br>looks like <b>{esc(r['suggested_label'])}</b> "
+            f"{_num(float(r['score']))}",
             r["path"],
         )
         for r in issues[:GALLERY_MAX]
@@ -601,10 +608,12 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
     note = (
         ""
         if "skipped" in li
-        else f"<p>{li['folds']}-fold cross-fitted probabilities (each image scored by heads that never saw it; "
-        f"lr {_num(li['setting']['lr'])}, weight decay {_num(li['setting']['weight_decay'])}), ranked by "
-        f"self-confidence (the given label's probability, shown) by cleanlab. Out-of-sample accuracy "
-        f"{_num(li['out_of_sample_accuracy'])}.</p>"
+        else f"<p>{li['folds']}-fold cross-fitted probabilities (each image scored by heads that "
+        f"never saw it; "
+        f"lr {_num(li['setting']['lr'])}, weight decay {_num(li['setting']['weight_decay'])}), "
+        f"ranked by "
+        f"self-confidence (the given label's probability, shown) by cleanlab. Out-of-sample "
+        f"accuracy {_num(li['out_of_sample_accuracy'])}.</p>"
     )
     out.append(
         '<section id="label-issues"><h2>Suspected label errors</h2>'
@@ -614,7 +623,8 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
     )
     if inspect.get("most_confused"):
         out.append(
-            '<section id="confused"><h2>Most confused class pairs</h2><p>given → predicted out of sample '
+            '<section id="confused"><h2>Most confused class pairs</h2><p>given → predicted out of '
+            "sample "
             "(train+val).</p>" + _table(inspect["most_confused"]) + "</section>"
         )
 
@@ -628,31 +638,35 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
             files.get(d["path_a"]), f"{esc(d['split_a'])} · {esc(d['label_a'])}", d["path_a"]
         ) + _card(files.get(d["path_b"]), f"{esc(d['split_b'])} · {esc(d['label_b'])}", d["path_b"])
         cards.append(
-            f'<div class="pair">{pair}<div class="pcap">{leak}cosine {float(d["cosine"]):.3f}</div></div>'
+            f'<div class="pair">{pair}<div class="pcap">{leak}cosine '
+            f"{float(d['cosine']):.3f}</div></div>"
         )
     empty = f"No near-duplicates (pooled-feature cosine ≥ {_num(nd['cosine_threshold'])})."
     out.append(
-        f'<section id="near-duplicates"><h2>Near-duplicates and split leakage</h2><p>{counted(nd["pairs"], "pair")} in '
+        f'<section id="near-duplicates"><h2>Near-duplicates and split '
+        f"leakage</h2><p>{counted(nd['pairs'], 'pair')} in "
         f"{counted(nd['groups'], 'group')} at cosine ≥ {_num(nd['cosine_threshold'])}: "
         f"{nd['within_split']:,} within a split, "
-        f"{nd['across_splits']:,} across splits, <b>{nd['leakage_pairs']:,} train/val ↔ test</b> (leakage: the "
-        f"test score counts images the head has seen), {nd['different_labels']:,} with different labels.</p>"
-        + _gallery(cards, len(dups), empty)
-        + "</section>"
+        f"{nd['across_splits']:,} across splits, <b>{nd['leakage_pairs']:,} train/val ↔ test</b> "
+        f"(leakage: the "
+        f"test score counts images the head has seen), {nd['different_labels']:,} with different "
+        f"labels.</p>" + _gallery(cards, len(dups), empty) + "</section>"
     )
 
     outl = read_csv_rows(idir / "outliers.csv")
     cards = [
         _card(
             files.get(r["path"]),
-            f"{esc(r['label'])} ({esc(r['split'])})<br>kNN distance {_num(float(r['knn_distance']))}",
+            f"{esc(r['label'])} ({esc(r['split'])})<br>kNN distance "
+            f"{_num(float(r['knn_distance']))}",
             r["path"],
         )
         for r in outl[:GALLERY_MAX]
     ]
     o = inspect["outliers"]
     out.append(
-        f'<section id="outliers"><h2>Outliers</h2><p>Mean cosine distance to the {o["neighbours"]} nearest images '
+        f'<section id="outliers"><h2>Outliers</h2><p>Mean cosine distance to the '
+        f"{o['neighbours']} nearest images "
         f"above {_num(o['threshold'])} (Q3 + 3 IQR): junk, wrong domain, or rare views.</p>"
         + _gallery(cards, len(outl), "No outliers found.")
         + "</section>"
@@ -669,7 +683,8 @@ def _bad_rows(run_dir: Path) -> str:
         cards.append(
             _card(
                 file,
-                f"row {html.escape(r['row'])} · <b>{html.escape(r['kind'])}</b><br>{html.escape(r['path'])}",
+                f"row {html.escape(r['row'])} · "
+                f"<b>{html.escape(r['kind'])}</b><br>{html.escape(r['path'])}",
                 r.get("detail", ""),
             )
         )
@@ -726,7 +741,7 @@ def write_report(run_dir: Path) -> Report:
     ckpt = _load_best(run_dir)
     active = None
     if ckpt is not None:
-        taxonomy, idx = ckpt["classes"]["taxonomy"], ckpt["classes"]["active"]
+        taxonomy, idx = ckpt.classes["taxonomy"], ckpt.classes["active"]
         active = {taxonomy[i] for i in idx}
     edir = eval_dir(run_dir)
     eval_rows = read_csv_rows(edir / "per_class.csv")
@@ -782,8 +797,8 @@ def write_report(run_dir: Path) -> Report:
     final: list[dict[str, Any]] = []
     if ckpt is not None:
         final += [
-            {"metric": f"best epoch {ckpt['epoch']}: {k}", "value": v}
-            for k, v in ckpt["metrics"].items()
+            {"metric": f"best epoch {ckpt.epoch}: {k}", "value": v}
+            for k, v in ckpt.metrics.items()
             if k != "epoch" and not isinstance(v, (list, dict))
         ]
     if eval_metrics:
@@ -803,7 +818,7 @@ def write_report(run_dir: Path) -> Report:
             + "</section>"
         )
     if data_report:
-        from samprobe.data.metadata import PROBLEM_KINDS
+        from samprobe.data.records import PROBLEM_KINDS
 
         keys = ["source", "total", "ok"] + [k for k in PROBLEM_KINDS if k in data_report]
         sections.append(
@@ -816,8 +831,28 @@ def write_report(run_dir: Path) -> Report:
     doc = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
         f'content="width=device-width"><title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>'
-        f'<h1>{html.escape(title)}</h1><p class="meta">{html.escape(str(run_dir))} &middot; generated '
+        f'<h1>{html.escape(title)}</h1><p class="meta">{html.escape(str(run_dir))} &middot; '
+        f"generated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + "".join(sections) + "</main></body></html>"
     )
     atomic_write_text(report.html, doc)
     return report
+
+
+def write_run_report(run_dir: Path, tracker: Tracker | None = None) -> None:
+    """``write_report`` for a stage that just finished: a plotting failure is logged, never fatal
+    to the stage (matplotlib or font trouble must not lose a finished training run); ``tracker``
+    gets the sweep table and the plots."""
+    try:
+        report = write_report(run_dir)
+    except Exception as exc:
+        log.warning(
+            f"report: could not write {run_dir / 'report.html'} ({type(exc).__name__}: {exc})"
+        )
+        return
+    log.info(f"report: {report.html}")
+    if tracker is not None:
+        sweep = read_csv_rows(run_dir / "sweep.csv")
+        if sweep:
+            tracker.log_table("sweep", sweep)
+        tracker.log_images({f"plots/{k}": p for k, p in report.plots.items()})

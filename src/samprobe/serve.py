@@ -98,7 +98,8 @@ class ServeSettings:
             if getattr(self, name) < minimum:
                 raise ConfigError(
                     f"serve: {name} must be {minimum} or more, got {getattr(self, name)}",
-                    fix=f"pass --{name.replace('_', '-').replace('-bytes', '-mb')} with a positive value",
+                    fix=f"pass --{name.replace('_', '-').replace('-bytes', '-mb')} with a "
+                    f"positive value",
                 )
         for name in ("max_wait_ms", "timeout_s"):
             value = getattr(self, name)
@@ -110,8 +111,8 @@ class ServeSettings:
                 )
         if self.max_queue < self.max_batch:
             raise ConfigError(
-                f"serve: max_queue ({self.max_queue}) is smaller than max_batch ({self.max_batch}): "
-                "no batch could ever fill",
+                f"serve: max_queue ({self.max_queue}) is smaller than max_batch "
+                f"({self.max_batch}): no batch could ever fill",
                 fix="pass --max-queue at least --max-batch (e.g. 4x it)",
             )
         return self
@@ -124,7 +125,8 @@ def read_api_key(path: Path | str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"--api-key-file {path} cannot be read ({type(exc).__name__}: {exc})",
-            fix="pass a readable text file holding the token, e.g. `openssl rand -hex 32 > key.txt`",
+            fix="pass a readable text file holding the token, e.g. `openssl rand -hex 32 > "
+            "key.txt`",
         ) from None
     if not token or any(c.isspace() for c in token):
         raise ConfigError(
@@ -314,7 +316,8 @@ class Batcher:
         except Exception as exc:
             self.warmup_error = f"{type(exc).__name__}: {exc}"
             log.exception(
-                f"serve: the model failed its first forward pass ({self.warmup_error}); /ready stays 503"
+                f"serve: the model failed its first forward pass ({self.warmup_error}); /ready "
+                f"stays 503"
             )
         carry: Any = None
         while True:
@@ -389,7 +392,8 @@ class Batcher:
     def _fail(self, job: _Job) -> None:
         error_id = uuid.uuid4().hex[:12]
         log.exception(
-            f"serve: internal error {error_id} in the model forward pass ({len(job.images)} image(s))"
+            f"serve: internal error {error_id} in the model forward pass ({len(job.images)} "
+            f"image(s))"
         )
         self._deliver(job, None, InternalFailure(error_id))
 
@@ -534,8 +538,8 @@ def describe(
     """What /info says: model, classes, precision, fingerprints, limits."""
     ckpt, mapping, ex = classifier.ckpt, classifier.mapping, classifier.extractor
     return {
-        "backbone": {**ckpt["backbone"]["config"], "pooling": list(ckpt["backbone"]["pooling"])},
-        "head": ckpt["head"]["spec"]["kind"],
+        "backbone": {**ckpt.backbone.config, "pooling": list(ckpt.backbone.pooling)},
+        "head": ckpt.head_spec["kind"],
         "classes": {
             "taxonomy": list(mapping.taxonomy),
             "active": mapping.active_names,
@@ -543,7 +547,7 @@ def describe(
         },
         "precision": ex.precision,
         "device": str(ex.device),
-        "features_fingerprint": ckpt["backbone"]["fingerprint"],
+        "features_fingerprint": ckpt.backbone.fingerprint,
         "checkpoint": {
             "path": str(checkpoint) if checkpoint else None,
             "sha256": sha256_file(checkpoint) if checkpoint else None,
@@ -844,8 +848,8 @@ def exposure_warning(host: str, port: int, settings: ServeSettings) -> str | Non
     if host in LOOPBACK or settings.api_key is not None:
         return None
     return (
-        f"serve: WARNING: listening on {host}:{port} with no authentication: anyone who can reach this machine "
-        "can use the model; pass --api-key-file, or keep the default --host 127.0.0.1"
+        f"serve: WARNING: listening on {host}:{port} with no authentication: anyone who can reach "
+        f"this machine can use the model; pass --api-key-file, or keep the default --host 127.0.0.1"
     )
 
 
@@ -906,7 +910,8 @@ def serve(
                 log.warning(warning)
             ex = classifier.extractor
             log.info(
-                f"serve: http://{host}:{bound} {ex.backbone.name} head, {classifier.mapping.num_active} classes, "
+                f"serve: http://{host}:{bound} {ex.backbone.name} head, "
+                f"{classifier.mapping.num_active} classes, "
                 f"{ex.device} {ex.precision}; batches of up to {settings.max_batch} images within "
                 f"{settings.max_wait_ms:g} ms, queue {settings.max_queue} images"
             )

@@ -121,7 +121,8 @@ class Tracker:
             import wandb
         except ImportError:
             log.warning(
-                "tracking: wandb is not installed; metrics go to metrics.jsonl only (pip install 'samprobe[wandb]')"
+                "tracking: wandb is not installed; metrics go to metrics.jsonl only (pip install "
+                "'samprobe[wandb]')"
             )
             return self
         self._wandb = wandb
@@ -141,7 +142,8 @@ class Tracker:
         if self._run is not None and self.mode == "offline":
             self.sync_command = f"wandb sync {self._run.settings.sync_dir}"
             log.info(
-                f"tracking: wandb offline run in {self._run.settings.sync_dir}; upload later with: {self.sync_command}"
+                f"tracking: wandb offline run in {self._run.settings.sync_dir}; upload later "
+                f"with: {self.sync_command}"
             )
         return self
 
@@ -175,7 +177,8 @@ class Tracker:
             self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             if mode == "offline":
                 log.warning(
-                    f"tracking: wandb offline init failed ({self.fallback_reason}); metrics.jsonl only"
+                    f"tracking: wandb offline init failed ({self.fallback_reason}); metrics.jsonl "
+                    f"only"
                 )
             return None
         self.mode = mode
@@ -205,8 +208,8 @@ class Tracker:
             fn(self._run)
         except Exception as exc:
             log.warning(
-                f"tracking: wandb call failed ({type(exc).__name__}: {exc}); W&B mirroring stopped, "
-                f"{self.metrics_file} still has every epoch"
+                f"tracking: wandb call failed ({type(exc).__name__}: {exc}); W&B mirroring "
+                f"stopped, {self.metrics_file} still has every epoch"
             )
             run, self._run = self._run, None
             with contextlib.suppress(Exception):  # already broken; nothing more to do

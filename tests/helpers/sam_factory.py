@@ -144,7 +144,8 @@ def write_official_hq_checkpoint(
 
 
 # TinyViT geometries for mobile_sam.modeling.TinyViT: the release's, and a narrow one for fast tests
-# (the last width must be one of 320/448/576: MobileSAM's rule that keeps the last stage at stride 16).
+# (the last width must be one of 320/448/576: MobileSAM's rule that keeps the last stage at stride
+# 16).
 TINYVIT = {
     "tiny_vit_5m": dict(
         embed_dims=[64, 128, 160, 320],

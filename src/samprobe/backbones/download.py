@@ -209,6 +209,6 @@ def checksum_note(name: str, dest_dir: Path) -> str:
         return "MD5 verified"
     record = Path(dest_dir) / (Path(urlparse(entry.url).path).name + ".sha256")
     return (
-        f"no checksum is published for it: sha256 {record.read_text().split()[0]} recorded in {record}, "
-        f"checked on every later download"
+        f"no checksum is published for it: sha256 {record.read_text().split()[0]} recorded in "
+        f"{record}, checked on every later download"
     )

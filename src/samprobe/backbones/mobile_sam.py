@@ -352,8 +352,8 @@ class MobileSamBackbone(PooledMapsBackbone):
         ]  # unused classifier
         if missing or unexpected:
             raise CheckpointError(
-                f"MobileSAM encoder weights do not match their own geometry: missing {missing[:4]}, "
-                f"unexpected {unexpected[:4]}",
+                f"MobileSAM encoder weights do not match their own geometry: missing "
+                f"{missing[:4]}, unexpected {unexpected[:4]}",
                 fix=_FIX,
             )
         for (

@@ -144,8 +144,8 @@ class Backbone(nn.Module):
         _, gh, gw = self.grid_shape()
         if spatial > min(gh, gw):
             raise ConfigError(
-                f"features.spatial {spatial} is larger than the {gh}x{gw} feature map of backbone {self.name!r} "
-                f"at {self.input_size}px",
+                f"features.spatial {spatial} is larger than the {gh}x{gw} feature map of backbone "
+                f"{self.name!r} at {self.input_size}px",
                 fix=f"set features.spatial to at most {min(gh, gw)}, or raise backbone.img_size",
             )
 
@@ -186,6 +186,12 @@ class Backbone(nn.Module):
 
     def check_pooling(self, pooling: list[str]) -> None:
         self.resolve(pooling)
+
+    def resolve_pooling(self, requested: list[str] | None) -> list[str]:
+        """``features.pooling`` as set, or this backbone's default when empty; checked."""
+        pooling = list(requested) if requested else list(self.default_pooling)
+        self.check_pooling(pooling)
+        return pooling
 
 
 class PooledMapsBackbone(Backbone):
@@ -319,8 +325,8 @@ BACKBONES: dict[str, BackboneEntry] = {
             "samprobe.backbones.sam_family:build_any_sam",
             "samprobe.backbones.registry:Backbone",
             "the detected family's own",
-            "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM) and geometry are "
-            "read from the file, and said",
+            "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM) and "
+            "geometry are read from the file, and said",
         ),
         BackboneEntry(
             "sam_hq",

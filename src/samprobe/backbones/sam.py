@@ -77,7 +77,8 @@ def load_timm_pretrained_state(model_name: str, path: Path) -> dict[str, torch.T
     if not model_name.startswith("samvit_"):
         raise ConfigError(
             f"backbone.timm_model {model_name!r} is not a timm SAM encoder",
-            fix="use samvit_base_patch16.sa1b, samvit_large_patch16.sa1b or samvit_huge_patch16.sa1b",
+            fix="use samvit_base_patch16.sa1b, samvit_large_patch16.sa1b or "
+            "samvit_huge_patch16.sa1b",
         )
     # timm builds at its default 1024 px; the file decides the real size, so peek at it first.
     geometry = infer_geometry(to_timm_keys(read_checkpoint(path)), where=str(path))
@@ -108,7 +109,8 @@ def build_encoder(
 
     if img_size % geometry.patch_size:
         raise ConfigError(
-            f"backbone.img_size {img_size} is not a multiple of the patch size {geometry.patch_size}",
+            f"backbone.img_size {img_size} is not a multiple of the patch size "
+            f"{geometry.patch_size}",
             fix=f"use e.g. {round(img_size / geometry.patch_size) * geometry.patch_size}",
         )
     grid = img_size // geometry.patch_size

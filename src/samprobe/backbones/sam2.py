@@ -39,8 +39,10 @@ from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 from samprobe.io import weights_sha256
 
-# (embed_dim, blocks per stage) -> (variant, heads of stage 1, global-attention blocks, window per stage):
-# the four official configs, configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml (identical trunks in SAM 2).
+# (embed_dim, blocks per stage) -> (variant, heads of stage 1, global-attention blocks, window per
+# stage):
+# the four official configs, configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml (identical trunks in SAM
+# 2).
 # Heads, global blocks and windows leave no trace in tensor shapes, so they come from this table.
 KNOWN_HIERA: dict[
     tuple[int, tuple[int, ...]], tuple[str, int, tuple[int, ...], tuple[int, ...]]

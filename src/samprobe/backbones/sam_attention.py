@@ -176,7 +176,8 @@ def rel_pos_attention(
     H, W = hw
     Rh, Rw = tables  # [H, Hk, hd], [W, Wk, hd]
     qr = q.view(G, H, W, hd)
-    # Bias terms use the unscaled q, as in SAM: bias[g, (h, w), (kh, kw)] = rel_h[g, h, w, kh] + rel_w[g, h, w, kw]
+    # Bias terms use the unscaled q, as in SAM: bias[g, (h, w), (kh, kw)] = rel_h[g, h, w, kh] +
+    # rel_w[g, h, w, kw]
     rel_h = torch.einsum("ghwc,hkc->ghwk", qr, Rh)  # [G, H, W, Hk]
     rel_w = torch.einsum("ghwc,wkc->ghwk", qr, Rw)  # [G, H, W, Wk]
     impl = impl or choose_attention(q.device)
@@ -263,12 +264,14 @@ class SamAttention(Attention):
                 padded[:, H:] = pad_value
                 padded[:, :H, W:] = pad_value
                 qkv = padded
-            # [B, nh, ws, nw, ws, 3, h, hd] -> [3, B, nh, nw, h, ws, ws, hd]: one copy, head-major windows
+            # [B, nh, ws, nw, ws, 3, h, hd] -> [3, B, nh, nw, h, ws, ws, hd]: one copy, head-major
+            # windows
             qkv = qkv.view(B, nh, ws, nw, ws, 3, h, -1).permute(5, 0, 1, 3, 6, 2, 4, 7).contiguous()
             o = self._attend(
                 qkv.view(3, B * nh * nw * h, ws * ws, -1), (ws, ws)
             )  # [B*nW*h, ws*ws, hd]
-            # [B, nh, nw, h, ws, ws, hd] -> [B, nh, ws, nw, ws, h, hd] -> [B, Hp, Wp, C], crop the padding
+            # [B, nh, nw, h, ws, ws, hd] -> [B, nh, ws, nw, ws, h, hd] -> [B, Hp, Wp, C], crop the
+            # padding
             o = o.view(B, nh, nw, h, ws, ws, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)
             # Contiguous 2-D rows for proj: a strided 4-D input turns F.linear into a bmm that
             # copies the weight once per row of the map.

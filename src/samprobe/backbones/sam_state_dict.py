@@ -118,8 +118,10 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
         try:
-            # A zip checkpoint is memory-mapped: building the encoder (meta device, assign=True) reads
-            # no weight until it is used, so train / evaluate, which only need the fingerprint, stay quick.
+            # A zip checkpoint is memory-mapped: building the encoder (meta device, assign=True)
+            # reads
+            # no weight until it is used, so train / evaluate, which only need the fingerprint, stay
+            # quick.
             try:
                 obj = load(mmap=head.startswith(b"PK\x03\x04"))
             except RuntimeError:
@@ -135,8 +137,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, path)
 
 
-def unwrap_state_dict(obj: Any, path: Path | str = "<state dict>") -> dict[str, torch.Tensor]:
-    """Accept ``state_dict`` or ``{"model"|"state_dict": state_dict}``; check it is tensors."""
+def unwrap_state_dict(
+    obj: Any,
+    path: Path | str = "<state dict>",
+    fix: str = "point backbone.checkpoint at an official SAM .pth or a timm samvit_* file",
+) -> dict[str, torch.Tensor]:
+    """Accept ``state_dict`` or ``{"model"|"state_dict": state_dict}`` (every backbone's weights
+    file is read through here); check it is tensors."""
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -149,7 +156,7 @@ def unwrap_state_dict(obj: Any, path: Path | str = "<state dict>") -> dict[str, 
     ):
         raise CheckpointError(
             f"{path} is not a state dict of tensors ({type(obj).__name__})",
-            fix="point backbone.checkpoint at an official SAM .pth or a timm samvit_* file",
+            fix=fix,
         )
     return dict(obj)
 

@@ -17,6 +17,7 @@ import timm
 import torch
 
 from samprobe.backbones.registry import Backbone, PooledFeature, pool_grid
+from samprobe.backbones.sam_state_dict import unwrap_state_dict
 from samprobe.config import BackboneConfig
 from samprobe.data.images import resize_square
 from samprobe.errors import CheckpointError, ConfigError
@@ -116,17 +117,12 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure here means the file is not a usable checkpoint
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-            fix="re-download the file or point backbone.checkpoint at a .pth/.safetensors state dict",
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]})",
+            fix="re-download the file or point backbone.checkpoint at a .pth/.safetensors state "
+            "dict",
         ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise CheckpointError(
-            f"{path} holds a {type(sd).__name__}, not a state dict", fix="save model.state_dict()"
-        )
-    return sd
+    return unwrap_state_dict(sd, path, fix="save model.state_dict() to a .pth or .safetensors file")
 
 
 def efficientnet_lite0_weights() -> Path:
@@ -147,7 +143,8 @@ def build_efficientnet_lite0(cfg: BackboneConfig) -> TimmBackbone:
     dst = model.state_dict()
     if len(src) != len(dst) or any(v.shape != dst[k].shape for (_, v), k in zip(src, dst)):
         raise CheckpointError(
-            f"{path} does not hold EfficientNet-Lite0 weights ({len(src)} tensors, expected {len(dst)})",
+            f"{path} does not hold EfficientNet-Lite0 weights ({len(src)} tensors, expected "
+            f"{len(dst)})",
             fix="leave backbone.checkpoint empty to use the bundled weights",
         )
     model.load_state_dict({k: v for (_, v), k in zip(src, dst)})
@@ -180,7 +177,8 @@ def build_timm(cfg: BackboneConfig) -> TimmBackbone:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing:
         raise CheckpointError(
-            f"{cfg.checkpoint} lacks {len(missing)} weights of {cfg.timm_model} (first: {missing[0]})",
+            f"{cfg.checkpoint} lacks {len(missing)} weights of {cfg.timm_model} (first: "
+            f"{missing[0]})",
             fix="point backbone.checkpoint at weights of that exact timm model",
         )
     data_cfg = timm.data.resolve_data_config({}, model=model)

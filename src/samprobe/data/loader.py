@@ -171,6 +171,7 @@ def worker_context(num_workers: int) -> mp.context.BaseContext | None:
 def make_loader(
     items: list[LoadItem],
     prepare: Preparer,
+    *,
     batch_size: int,
     num_workers: int | None = None,
     target_longest: int | None = None,
@@ -189,8 +190,7 @@ def make_loader(
         except Exception as exc:  # otherwise it fails later, inside the first worker, cryptically
             raise TypeError(
                 f"{ctx.get_start_method()} workers need a picklable preparer "
-                "(a module-level function or functools.partial), "
-                f"got {prepare!r}: {exc}"
+                f"(a module-level function or functools.partial), got {prepare!r}: {exc}"
             ) from None
     return DataLoader(
         ImageDataset(items, prepare, target_longest, max_pixels),

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from samprobe.data.metadata import SPLITS, Record
+from samprobe.data.records import SPLITS, Record
 
 
 def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:

@@ -66,7 +66,8 @@ ORPHAN_AGE_S = 600.0
 """Unreferenced shard files younger than this may belong to a writer about to commit: kept."""
 _SQL_VARS = 900  # below SQLite's bound-parameter limit
 
-# ``shard_keys.keys`` lists the shard's keys in row order ("\n"-joined) and ``shards.live`` counts the
+# ``shard_keys.keys`` lists the shard's keys in row order ("\n"-joined) and ``shards.live`` counts
+# the
 # entries pointing into it (kept by triggers). A shard with live == rows is exactly described by its
 # key list, so a bulk read resolves 100k keys with one dict built in C instead of 100k index rows.
 _SCHEMA = """
@@ -103,7 +104,8 @@ def check_free_space(path: Path, need: int) -> int:
     free = shutil.disk_usage(path).free
     if free < need * 1.05:
         raise CacheError(
-            f"only {free / 1e9:.2f} GB free at {path}, about {need / 1e9:.2f} GB needed for the features",
+            f"only {free / 1e9:.2f} GB free at {path}, about {need / 1e9:.2f} GB needed for the "
+            f"features",
             fix="free disk space or move features.cache_dir to a larger disk",
         )
     return free
@@ -174,11 +176,14 @@ class FeatureCache:
             layout = json.loads(meta_file.read_text(encoding="utf-8")).get("layout")
             if layout != CACHE_LAYOUT:
                 raise CacheError(
-                    f"{self.root} was written in cache layout {layout!r}, this samprobe reads {CACHE_LAYOUT!r}",
-                    fix=f"delete {self.root} (features are re-extracted) or use the samprobe version that wrote it",
+                    f"{self.root} was written in cache layout {layout!r}, this samprobe reads "
+                    f"{CACHE_LAYOUT!r}",
+                    fix=f"delete {self.root} (features are re-extracted) or use the samprobe "
+                    f"version that wrote it",
                 )
         if not readonly:
-            # check_same_thread=False: the extractor hands put() to one writer thread; one thread at a time uses it.
+            # check_same_thread=False: the extractor hands put() to one writer thread; one thread at
+            # a time uses it.
             self.db = sqlite3.connect(
                 self.root / "index.sqlite", timeout=120, check_same_thread=False
             )
@@ -229,7 +234,8 @@ class FeatureCache:
                 errors.append(str(exc))
         raise CacheError(
             f"feature cache index {index} cannot be read ({'; '.join(errors)})",
-            fix=f"give this user read access to {self.root}, or run `samprobe extract -c CONFIG` to rebuild it",
+            fix=f"give this user read access to {self.root}, or run `samprobe extract -c CONFIG` "
+            f"to rebuild it",
         )
 
     @classmethod
@@ -380,7 +386,8 @@ class FeatureCache:
     def _register(self, shard: ShardFile, keys: list[str]) -> Shard:
         """Index rows of a written shard file (the caller commits)."""
         cur = self.db.execute(
-            "INSERT INTO shards (file, array, rows, dim, nbytes, crc32, stamp) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO shards (file, array, rows, dim, nbytes, crc32, stamp) VALUES "
+            "(?,?,?,?,?,?,?)",
             (
                 shard.file,
                 shard.array,
@@ -497,7 +504,8 @@ class FeatureCache:
                 self._open(shard)
             except _Corrupt as exc:
                 log.warning(
-                    f"cache: shard {shard.file} is corrupt ({exc}); its {shard.rows} entries will be re-extracted"
+                    f"cache: shard {shard.file} is corrupt ({exc}); its {shard.rows} entries will "
+                    f"be re-extracted"
                 )
                 bad.add(sid)
         if bad and not self.readonly:
@@ -535,7 +543,8 @@ class FeatureCache:
             except _Corrupt as exc:
                 raise CacheError(
                     f"feature cache shard {self.shard_dir / shard.file} is corrupt ({exc})",
-                    fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and re-extracts them",
+                    fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and "
+                    "re-extracts them",
                 ) from None
             rows = row_of[idx]
             if len(idx) > 1 and np.all(np.diff(idx) == 1) and np.all(np.diff(rows) == 1):
@@ -757,7 +766,8 @@ def registered_runs(cache_dir: Path) -> dict[str, dict[str, Any]]:
     except (ValueError, KeyError, TypeError) as exc:
         raise CacheError(
             f"{path} is not a samprobe run registry ({exc})",
-            fix=f"delete {path}; then run `samprobe extract -c CONFIG` once per project using the cache",
+            fix=f"delete {path}; then run `samprobe extract -c CONFIG` once per project using the "
+            f"cache",
         ) from None
 
 
@@ -769,7 +779,8 @@ def register_run(cache_dir: Path, run_dir: Path) -> None:
         if run not in registered_runs(cache_dir):
             log.warning(
                 f"cache {cache_dir} is read-only: run {run} is not registered in {RUNS_FILE}, "
-                "so `samprobe cache prune` run by its owner does not know this run needs its entries"
+                "so `samprobe cache prune` run by its owner does not know this run needs its "
+                "entries"
             )
         return
     with _runs_lock(cache_dir):

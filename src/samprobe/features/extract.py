@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, g
 from samprobe.config import Config
 from samprobe.data.images import decode_rgb
 from samprobe.data.loader import LoadItem, make_loader
-from samprobe.data.metadata import Record
+from samprobe.data.records import Record
 from samprobe.device import (
     autocast_context,
     is_oom,
@@ -133,6 +133,11 @@ class Extractor:
         """Cache arrays every image must have: "pooled", plus the grid when enabled."""
         return ["pooled"] + ([grid_array(self.spatial)] if self.spatial else [])
 
+    def missing(self, cache: FeatureCache, keys: Iterable[str]) -> set[str]:
+        """Keys missing any of ``arrays()`` (e.g. the grid, after features.spatial was turned on)."""
+        keys = list(keys)
+        return {k for a in self.arrays() for k in cache.missing(keys, a)}
+
     def disk_need(self, cache: FeatureCache, keys: Sequence[str]) -> int:
         """Bytes the missing entries of every array will take (pooled and grid counted apart)."""
         need = estimate_bytes(len(cache.missing(keys)), self.dim, self.dtype)
@@ -158,10 +163,7 @@ class Extractor:
         backbone = build_backbone(cfg.backbone)
         if on_device:
             backbone = backbone.to(device)
-        pooling = (
-            list(cfg.features.pooling) if cfg.features.pooling else list(backbone.default_pooling)
-        )
-        backbone.check_pooling(pooling)
+        pooling = backbone.resolve_pooling(cfg.features.pooling)
         spatial = cfg.features.spatial
         if spatial is not None:
             backbone.check_spatial(spatial)
@@ -177,15 +179,16 @@ class Extractor:
             spatial,
         )
 
-    def open_cache(self, cfg: Config, readonly: bool = False) -> FeatureCache:
-        """This extractor's cache; ``readonly`` for stages that only read it (needs read access only)."""
+    def open_cache(self, cache_dir: Path, *, readonly: bool = False) -> FeatureCache:
+        """This extractor's cache under ``cache_dir`` (``features.cache_dir``); ``readonly`` for
+        stages that only read it (needs read access only)."""
         meta = {
             "backbone": self.backbone.identity(),
             "pooling": self.pooling,
             "input_size": self.backbone.input_size,
         }
         return FeatureCache(
-            cfg.features.cache_dir, self.fingerprint, self.dim, self.dtype, meta, readonly=readonly
+            cache_dir, self.fingerprint, self.dim, self.dtype, meta, readonly=readonly
         )
 
     @torch.inference_mode()
@@ -239,9 +242,10 @@ class Extractor:
             torch.cuda.empty_cache()
         if n == 1:
             raise DeviceError(
-                f"out of memory on {self.device} encoding a single image at {self.backbone.input_size}px "
-                f"({self.backbone.name}, {self.precision})",
-                fix="use precision bf16/fp16, a smaller backbone.img_size, a larger GPU, or device: cpu",
+                f"out of memory on {self.device} encoding a single image at "
+                f"{self.backbone.input_size}px ({self.backbone.name}, {self.precision})",
+                fix="use precision bf16/fp16, a smaller backbone.img_size, a larger GPU, or "
+                "device: cpu",
             )
         self.max_batch = max(1, n // 2)
         log.warning(f"extract: out of memory at batch {n}; retrying in batches of {self.max_batch}")
@@ -251,8 +255,9 @@ class Extractor:
         self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1
     ) -> tuple[list[Record], int]:
         """(records this rank must extract, one per distinct image; number already cached)."""
-        # An image missing any array (e.g. its grid, after features.spatial was turned on) is re-extracted.
-        missing = {k for a in self.arrays() for k in cache.missing((r.sha256 for r in records), a)}
+        missing = self.missing(
+            cache, (r.sha256 for r in records)
+        )  # an image missing any array is re-extracted
         # Partition *all* keys, not the missing ones: ranks look at the index at different moments
         # (another rank may already have committed), but every rank sees the same records.
         mine = set(shard_for_rank(list({r.sha256 for r in records}), rank, world)) & missing
@@ -265,6 +270,7 @@ class Extractor:
         self,
         records: Sequence[Record],
         cache: FeatureCache | ManifestWriter,
+        *,
         batch_size: int,
         num_workers: int,
         max_pixels: int | None = None,
@@ -291,10 +297,10 @@ class Extractor:
         loader = make_loader(
             items,
             self.backbone.preparer(),
-            batch_size,
-            num_workers,
-            target,
-            max_pixels,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            target_longest=target,
+            max_pixels=max_pixels,
             pin_memory=self.device.type == "cuda",
         )
         start = time.perf_counter()
@@ -306,7 +312,8 @@ class Extractor:
             dynamic_ncols=True,
             smoothing=0.1,
         )
-        # One writer thread: the next batch is encoded while the previous one is fsynced and committed.
+        # One writer thread: the next batch is encoded while the previous one is fsynced and
+        # committed.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samprobe-cache")
         pending: list[Future] = []
         in_flight: tuple[list[str], PendingFeatures] | None = None  # encoded, not yet on the host

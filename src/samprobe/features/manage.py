@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from samprobe.config import Config
-from samprobe.data.metadata import read_splits
+from samprobe.data.records import Record, read_splits
 from samprobe.errors import CacheError
 from samprobe.features.cache import (
     FeatureCache,
@@ -35,7 +35,8 @@ def _current_fingerprint(cfg: Config) -> str | None:
 def _no_cache(cfg: Config) -> CacheError:
     return CacheError(
         f"features.cache_dir {cfg.features.cache_dir} holds no feature cache",
-        fix="run `samprobe extract -c CONFIG` first, or point features.cache_dir at an existing cache",
+        fix="run `samprobe extract -c CONFIG` first, or point features.cache_dir at an existing "
+        "cache",
     )
 
 
@@ -96,7 +97,8 @@ def cache_verify(cfg: Config, repair: bool = False) -> dict[str, Any]:
         for file, reason in rep.bad_shards:
             log.info(f"  BAD  {d.name}/shards/{file}: {reason}")
         log.info(
-            f"{d.name}: {rep.shards} shards, {rep.entries} entries, {len(rep.bad_shards)} bad shards, "
+            f"{d.name}: {rep.shards} shards, {rep.entries} entries, {len(rep.bad_shards)} bad "
+            f"shards, "
             f"{rep.bad_entries} bad entries" + (" (dropped from the index)" if rep.dropped else "")
         )
     log.info(f"verify: {total['bad_entries']} bad entries of {total['entries']}")
@@ -110,11 +112,9 @@ def cache_verify(cfg: Config, repair: bool = False) -> dict[str, Any]:
     return total
 
 
-def _referenced_keys(cfg: Config) -> tuple[set[str], list[str], list[str]]:
-    """(image sha256s some run using the cache needs, those runs, registered runs whose splits.csv is gone)."""
-    from samprobe.pipeline import load_dataset
-
-    records, _ = load_dataset(cfg)  # this run's data, validated again if it changed
+def _referenced_keys(cfg: Config, records: list[Record]) -> tuple[set[str], list[str], list[str]]:
+    """(image sha256s some run using the cache needs — this run's ``records`` and every registered
+    run's splits.csv —, those runs, registered runs whose splits.csv is gone)."""
     referenced = {r.sha256 for r in records}
     this = str(cfg.run_dir.resolve())
     users, gone = [this], []
@@ -131,12 +131,12 @@ def _referenced_keys(cfg: Config) -> tuple[set[str], list[str], list[str]]:
 
 
 def cache_prune(
-    cfg: Config, all_fingerprints: bool = False, dry_run: bool = True
+    cfg: Config, *, records: list[Record], all_fingerprints: bool = False, dry_run: bool = True
 ) -> dict[str, int]:
     """Remove entries no run using the cache needs: runs register themselves in
     ``<cache_dir>/runs.json`` when they extract or read features, and an entry is kept while any of
     their splits.csv lists its image. ``dry_run`` (the default) only reports counts and bytes."""
-    referenced, users, gone = _referenced_keys(cfg)
+    referenced, users, gone = _referenced_keys(cfg, records)
     dirs = fingerprint_dirs(cfg.features.cache_dir)
     if not dirs:
         raise _no_cache(cfg)
@@ -144,10 +144,11 @@ def cache_prune(
         current = _current_fingerprint(cfg)
         dirs = [d for d in dirs if d.name == current]
     log.info(
-        f"cache {cfg.features.cache_dir}: {len(users)} run(s) use it ({', '.join(users)}); keeping the "
-        f"{len(referenced)} images their splits.csv list"
+        f"cache {cfg.features.cache_dir}: {len(users)} run(s) use it ({', '.join(users)}); "
+        f"keeping the {len(referenced)} images their splits.csv list"
         + (
-            f"; {len(gone)} registered run(s) no longer exist ({', '.join(gone)}): their images are not kept"
+            f"; {len(gone)} registered run(s) no longer exist ({', '.join(gone)}): their images "
+            f"are not kept"
             if gone
             else ""
         )
@@ -175,8 +176,8 @@ def cache_prune(
         out["kept"] += len(keys) - len(stale)
         out["freed_bytes"] += max(freed, 0)
         log.info(
-            f"{d.name}: {'would remove' if dry_run else 'removed'} {len(stale)} of {len(keys)} entries, "
-            f"{'would free about' if dry_run else 'freed'} {max(freed, 0) / 1e6:.2f} MB"
+            f"{d.name}: {'would remove' if dry_run else 'removed'} {len(stale)} of {len(keys)} "
+            f"entries, {'would free about' if dry_run else 'freed'} {max(freed, 0) / 1e6:.2f} MB"
         )
     if dry_run:
         log.info("cache prune: dry run, nothing removed; rerun with --yes to remove these entries")

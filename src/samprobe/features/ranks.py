@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from samprobe import errors
-from samprobe.data.metadata import Record
+from samprobe.data.records import Record
 from samprobe.errors import SamprobeError
 from samprobe.features.cache import FeatureCache, check_free_space
 from samprobe.features.extract import Extractor, shard_for_rank
@@ -53,8 +53,7 @@ def plan_ranks(
     if rank == 0:
         try:
             cache = open_cache()
-            # An image missing any array (e.g. its grid, after features.spatial was turned on) is redone.
-            missing = {k for a in extractor.arrays() for k in cache.missing(distinct, a)}
+            missing = extractor.missing(cache, distinct)
             need = extractor.disk_need(cache, distinct)
             free = check_free_space(cache.root, need)
             mask = np.fromiter((k in missing for k in distinct), dtype=bool, count=len(distinct))

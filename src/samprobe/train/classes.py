@@ -47,7 +47,8 @@ class ClassMapping:
             (only,) = seen
             others = [n for n in taxonomy if n != taxonomy[only]]
             raise TrainingError(
-                f"only one class has training images ({taxonomy[only]!r}, {len(train_labels)} images"
+                f"only one class has training images ({taxonomy[only]!r}, {len(train_labels)} "
+                f"images"
                 + (
                     f"; none for {', '.join(map(repr, others[:5]))}{' ...' if len(others) > 5 else ''}"
                     if others

@@ -107,7 +107,8 @@ def _stacked_model(
     side = math.isqrt(shape[1]) if len(shape) == 3 else 0
     if len(shape) != (3 if grid else 2) or (grid and side * side != shape[1]):
         raise TrainingError(
-            f"train.head {cfg.head} trains on {'token grids [N, S*S, C]' if grid else 'pooled features [N, D]'}, "
+            f"train.head {cfg.head} trains on "
+            f"{'token grids [N, S*S, C]' if grid else 'pooled features [N, D]'}, "
             f"got features of shape {tuple(shape)}",
             fix="pass load_grid(cache, records, features.spatial) for attentive heads, "
             "load_features(cache, records) for linear / mlp",
@@ -270,6 +271,7 @@ def evaluate_heads(
     x: torch.Tensor,
     y: torch.Tensor,
     weights: torch.Tensor,
+    *,
     num_untrained: int,
     device: torch.device,
     precision: str,
@@ -379,13 +381,13 @@ class SweepTrainer:
         y_train: np.ndarray,
         x_val: np.ndarray,
         y_val: np.ndarray,
+        *,
         class_weights: np.ndarray,
         cfg: TrainConfig,
         seed: int,
         val_untrained_classes: int = 0,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
-        *,
         grid: list[tuple[float, float]] | None = None,
         independent: bool = False,
     ) -> None:
@@ -409,12 +411,14 @@ class SweepTrainer:
                 "no training samples", fix="check data_report.json and the split settings"
             )
         if (trained < 0).any() or (trained >= C).any():
-            # Cannot happen through ClassMapping.to_head; guards direct API use, where an out-of-range
+            # Cannot happen through ClassMapping.to_head; guards direct API use, where an
+            # out-of-range
             # target would fail deep in the loss with a bare index error.
             raise TrainingError(
                 f"training targets must be head indices 0..{C - 1} of active classes "
                 f"(got {int(trained.min())}..{int(trained.max())})",
-                fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be training targets",
+                fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be "
+                "training targets",
             )
         if not _all_finite(x_train) or not _all_finite(x_val):
             raise TrainingError(
@@ -427,7 +431,8 @@ class SweepTrainer:
         self.yv = torch.as_tensor(np.asarray(y_val), dtype=torch.long)
         self.weights = torch.as_tensor(class_weights, dtype=torch.float32, device=self.device)
 
-        # All randomness comes from generators this trainer owns and checkpoints (none from the global RNG).
+        # All randomness comes from generators this trainer owns and checkpoints (none from the
+        # global RNG).
         self.gen = torch.Generator().manual_seed(seed)  # init and batch order
         self.dropout_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.model = _stacked_model(cfg, H, x_train.shape, C, self.gen)
@@ -617,9 +622,10 @@ class SweepTrainer:
         if not self.alive.any() and not torch.isfinite(self._selectable_scores()).any():
             lrs = sorted({g[0] for g in self.grid})
             raise TrainingError(
-                f"loss became NaN/inf at {where} for every head (lr {', '.join(f'{lr:g}' for lr in lrs)})",
-                fix="the learning rate is too high for these features: lower train.lr / train.sweep.lrs "
-                "(e.g. divide by 10), or use precision: fp32",
+                f"loss became NaN/inf at {where} for every head (lr "
+                f"{', '.join(f'{lr:g}' for lr in lrs)})",
+                fix="the learning rate is too high for these features: lower train.lr / "
+                "train.sweep.lrs (e.g. divide by 10), or use precision: fp32",
             )
 
     def _selectable_scores(self) -> torch.Tensor:
@@ -639,7 +645,8 @@ class SweepTrainer:
         for h in exploding.nonzero().flatten().tolist():
             self.status[h] = (
                 f"diverged at epoch {self.epoch}: train loss {float(train_loss[h]):.4g}, over "
-                f"{DIVERGED_RISE:g}x its lowest ({float(self.min_train_loss[h]):.4g}) and over {DIVERGED_LOSS:g} x "
+                f"{DIVERGED_RISE:g}x its lowest ({float(self.min_train_loss[h]):.4g}) and over "
+                f"{DIVERGED_LOSS:g} x "
                 f"ln classes ({self.diverge_loss:.3g}; a uniform guess scores ln classes)"
             )
         self.min_train_loss = torch.where(
@@ -651,7 +658,8 @@ class SweepTrainer:
             self.opt.freeze(exploding)
             if not self.alive.any() and not torch.isfinite(self._selectable_scores()).any():
                 raise TrainingError(
-                    f"every head diverged by epoch {self.epoch} (train loss above {self.diverge_loss:.3g})",
+                    f"every head diverged by epoch {self.epoch} (train loss above "
+                    f"{self.diverge_loss:.3g})",
                     fix="the learning rate is too high for these features: lower train.lr / "
                     "train.sweep.lrs (e.g. divide by 10)",
                 )
@@ -666,11 +674,11 @@ class SweepTrainer:
                 self.xv,
                 self.yv,
                 self.weights,
-                self.num_untrained,
-                self.device,
-                self.precision,
-                self.eval_batch,
-                training,
+                num_untrained=self.num_untrained,
+                device=self.device,
+                precision=self.precision,
+                batch_size=self.eval_batch,
+                heads=training,
             )
             val = {
                 k: torch.full_like(train_loss, math.nan).index_copy_(0, training, v.float().cpu())
@@ -707,7 +715,8 @@ class SweepTrainer:
         if self.sweep_stale >= cfg.patience and self.alive.any() and not self.independent:
             for h in self.alive.nonzero().flatten().tolist():
                 self.status[h] = (
-                    f"stopped at epoch {self.epoch}: the best head did not improve for {cfg.patience} epochs"
+                    f"stopped at epoch {self.epoch}: the best head did not improve for "
+                    f"{cfg.patience} epochs"
                 )
             self.opt.freeze(self.alive.clone())
             self.alive[:] = False
@@ -838,8 +847,10 @@ class SweepTrainer:
             raise DeviceError(
                 f"out of memory on {self.device} in epoch {epoch} training {int(self.alive.sum())} "
                 f"{self.cfg.head} heads on {self.batch_size} samples per step",
-                fix="halve train.batch_size and double train.accumulate (the same effective batch), or train fewer "
-                "sweep settings at once; `samprobe train --resume` continues from the last finished epoch",
+                fix="halve train.batch_size and double train.accumulate (the same effective "
+                "batch), or train fewer "
+                "sweep settings at once; `samprobe train --resume` continues from the last "
+                "finished epoch",
             ) from None
 
     @property
@@ -917,9 +928,11 @@ class SweepTrainer:
         grid = [tuple(float(v) for v in g) for g in state["grid"]]
         if grid != self.grid or state["model"]["mean"].shape != self.model.mean.shape:
             raise CheckpointError(
-                f"last.pt was written by a sweep over {len(grid)} settings on {state['model']['mean'].shape[0]}-d "
+                f"last.pt was written by a sweep over {len(grid)} settings on "
+                f"{state['model']['mean'].shape[0]}-d "
                 f"features; this config gives {len(self.grid)} settings on {self.model.in_dim}-d",
-                fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume",
+                fix="resume with the config of the interrupted run (run_dir/config.yaml), or "
+                "train without --resume",
             )
         saved_spec, spec = state["head_spec"], self.model.spec()
         same_kind = [saved_spec["kind"], saved_spec.get("spatial")] == [
@@ -929,15 +942,18 @@ class SweepTrainer:
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         if not same_kind or {k: v.shape for k, v in state["model"].items()} != shapes:
             raise CheckpointError(
-                f"last.pt was written for {_describe(saved_spec)} heads, this config trains {_describe(spec)} heads",
-                fix="resume with the config of the interrupted run (run_dir/config.yaml), or train without --resume",
+                f"last.pt was written for {_describe(saved_spec)} heads, this config trains "
+                f"{_describe(spec)} heads",
+                fix="resume with the config of the interrupted run (run_dir/config.yaml), or "
+                "train without --resume",
             )
         saved_opt = state["optimizer_name"]
         if saved_opt != self.cfg.optimizer:
             raise CheckpointError(
-                f"last.pt was written with train.optimizer {saved_opt}; this config has {self.cfg.optimizer}",
-                fix=f"resume with the config of the interrupted run (train.optimizer: {saved_opt}), "
-                "or train without --resume",
+                f"last.pt was written with train.optimizer {saved_opt}; this config has "
+                f"{self.cfg.optimizer}",
+                fix=f"resume with the config of the interrupted run (train.optimizer: "
+                f"{saved_opt}), or train without --resume",
             )
         self.model.load_state_dict(state["model"])
         self.best = {k: v.to(self.device) for k, v in state["best"].items()}
@@ -954,45 +970,13 @@ class SweepTrainer:
         """The dropout generator lives on the training device, and a CUDA generator's state (seed,
         offset) means nothing to a CPU one (or back): resumed on another device type, dropout
         draws from a fresh stream seeded by the seed and epoch (batch order stays exact)."""
-        saved_on = rng.get("dropout_device")
-        if saved_on in (None, self.dropout_gen.device.type):
-            try:
-                self.dropout_gen.set_state(rng["dropout"])
-                return
-            except RuntimeError:  # written before dropout_device was stored, on another device type
-                pass
+        saved_on = rng["dropout_device"]
+        if saved_on == self.dropout_gen.device.type:
+            self.dropout_gen.set_state(rng["dropout"])
+            return
         self.dropout_gen.manual_seed(self.seed + 1 + 1_000_003 * self.epoch)
         log.warning(
-            f"train: last.pt was written on {saved_on or 'another device type'}, resuming on "
-            f"{self.device.type}: dropout continues from a new random stream, the batch order is unchanged"
+            f"train: last.pt was written on {saved_on}, resuming on "
+            f"{self.device.type}: dropout continues from a new random stream, the batch order is "
+            f"unchanged"
         )
-
-
-def train_sweep(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    class_weights: np.ndarray,
-    cfg: TrainConfig,
-    seed: int,
-    val_untrained_classes: int = 0,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-) -> SweepResult:
-    """x_*: float [N, D] (train.head attentive: grids [N, S*S, C]); y_*: head targets [N]
-    (IGNORE allowed in val only)."""
-    trainer = SweepTrainer(
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        class_weights,
-        cfg,
-        seed,
-        val_untrained_classes,
-        device,
-        precision,
-    )
-    return trainer.run(on_epoch)

@@ -38,8 +38,10 @@ class Browser:
         self._resp_r, resp_w = os.pipe()
         self._profile = tempfile.mkdtemp(prefix="samprobe-chromium-")
 
-        # A Python shim puts the two pipe ends on fds 3 and 4 and becomes chromium (exec). Not sh: dash
-        # redirects only single-digit fds. resp_w > cmd_r >= 3, so setting fd 3 first never overwrites
+        # A Python shim puts the two pipe ends on fds 3 and 4 and becomes chromium (exec). Not sh:
+        # dash
+        # redirects only single-digit fds. resp_w > cmd_r >= 3, so setting fd 3 first never
+        # overwrites
         # the source of fd 4.
         shim = (
             "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "

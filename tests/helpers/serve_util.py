@@ -21,7 +21,7 @@ from PIL import Image
 
 from helpers.images import photos
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"serve: http://[^\s:]+:(\d+) ")
 # Features are rounded to float16 (the cache dtype) after a forward pass whose fp32 rounding can
 # depend on the other images of the batch: a feature may land one fp16 step (2^-10 relative) away.

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from helpers.sam2_factory import official_sam2
 from helpers.sam_factory import (
     write_official_checkpoint,
     write_official_hq_checkpoint,
     write_official_mobile_sam_checkpoint,
 )
-from sam2_factory import official_sam2
 
 
 def _sam(root: Path) -> dict:
