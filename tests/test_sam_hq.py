@@ -20,10 +20,11 @@ from samprobe.errors import CheckpointError, ConfigError
 
 
 def _photos() -> list[np.ndarray]:
+    # landscape, portrait
     return [
         data.chelsea(),
         np.ascontiguousarray(data.astronaut()[:, 140:330]),
-    ]  # landscape, portrait
+    ]
 
 
 def _hq(geometry: str, root):

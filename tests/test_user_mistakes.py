@@ -367,9 +367,8 @@ def test_read_only_cache_can_be_read(trained: Path, tmp_path: Path) -> None:
             ["evaluate", *cfg, "--checkpoint", str(tmp_path / "run/checkpoints/best.pt")], trained
         )
         assert rc == 0, err
-        rc, err = run_cli(
-            ["cache", "verify", *cfg, "--repair"], trained
-        )  # repairing writes: refused, exit 2
+        # repairing writes: refused, exit 2
+        rc, err = run_cli(["cache", "verify", *cfg, "--repair"], trained)
         assert rc == 2 and "features.cache_dir" in err and "cannot be created or written" in err, (
             err
         )

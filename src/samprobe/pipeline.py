@@ -124,9 +124,8 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     settings = split_settings(cfg)
     key = _settings_key(settings)
     ledger, last = read_split_ledger(run_dir)
-    if (
-        last is None and "" in ledger
-    ):  # a splits.csv without a ledger: taken as under these settings
+    # a splits.csv without a ledger: taken as under these settings
+    if last is None and "" in ledger:
         ledger[key] = {**ledger.pop(""), **ledger.get(key, {})}
         last = key
     previous = ledger.get(last, {}) if last is not None else {}  # what the run used until now
@@ -152,9 +151,8 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
         "new": len(ds.records) - len(known),
         "counts": {s: sum(r.split == s for r in ds.records) for s in ("train", "val", "test")},
     }
-    (run_dir / "splits.csv").unlink(
-        missing_ok=True
-    )  # a run that stops below must not leave usable splits
+    # a run that stops below must not leave usable splits
+    (run_dir / "splits.csv").unlink(missing_ok=True)
     (run_dir / FAILURES_FILE).unlink(missing_ok=True)  # about the previous validation's images
     report = write_report(ds, run_dir)
     for line in summary_lines(report, ds.problems):
@@ -280,9 +278,8 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
     if rank == 0:
-        register_run(
-            cfg.features.cache_dir, run_dir
-        )  # cache prune keeps what this run's splits.csv lists
+        # cache prune keeps what this run's splits.csv lists
+        register_run(cfg.features.cache_dir, run_dir)
     # Only rank 0 opens the index; under torchrun every rank writes through its own manifest.
     cache, plan = plan_ranks(
         extractor,
@@ -295,9 +292,8 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         devices = [describe_device(extractor.device)]
         if world > 1:
             devices = [None] * world
-            dist.all_gather_object(
-                devices, describe_device(extractor.device)
-            )  # the summary names every rank's GPU
+            # the summary names every rank's GPU
+            dist.all_gather_object(devices, describe_device(extractor.device))
         grid = (
             f" + {extractor.spatial}x{extractor.spatial} grid of "
             f"{extractor.backbone.grid_shape()[0]}-d tokens"
@@ -416,9 +412,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     check_head_input(cfg)
     records, taxonomy = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    extractor = Extractor.from_config(
-        cfg, on_device=False
-    )  # fingerprint only: no encoder weights on the GPU
+    # fingerprint only: no encoder weights on the GPU
+    extractor = Extractor.from_config(cfg, on_device=False)
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
     data = features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
@@ -563,9 +558,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             metrics=tr.history[-1] if tr.history else {},
             train_state=tr.state_dict(),
         )
-        save_checkpoint(
-            state, ckpt_dir / "last.pt"
-        )  # every epoch, atomic: a kill loses at most one epoch
+        # every epoch, atomic: a kill loses at most one epoch
+        save_checkpoint(state, ckpt_dir / "last.pt")
         if cfg.train.save_every and tr.epoch % cfg.train.save_every == 0:
             save_checkpoint(state, ckpt_dir / f"epoch_{tr.epoch:04d}.pt")
             rotate_epoch_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)

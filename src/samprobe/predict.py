@@ -89,9 +89,8 @@ class Classifier:
         cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**backbone))
         cfg.features.pooling = list(ckpt.backbone.pooling)
         cfg.features.dtype = ckpt.backbone.dtype
-        cfg.features.spatial = (
-            ckpt.spatial
-        )  # the extractor then also computes (and caches) the grid
+        # the extractor then also computes (and caches) the grid
+        cfg.features.spatial = ckpt.spatial
         extractor = Extractor.from_config(cfg, precision=run_at)
         other = trained_at != extractor.precision
         log.info(
@@ -125,9 +124,8 @@ class Classifier:
                         fix="pass (array * 255).round().astype(np.uint8) for 0-1 floats, or a PIL "
                         "image",
                     )
-                arrays.append(
-                    np.asarray(to_rgb(Image.fromarray(arr)))
-                )  # grey, RGBA -> RGB as for files
+                # grey, RGBA -> RGB as for files
+                arrays.append(np.asarray(to_rgb(Image.fromarray(arr))))
         # Features go through the cache dtype so results match cached evaluation exactly.
         if self.spatial:
             feats = image_grids(self.extractor, arrays)  # [N, S*S, C]

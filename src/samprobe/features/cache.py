@@ -188,12 +188,10 @@ class FeatureCache:
                 self.root / "index.sqlite", timeout=120, check_same_thread=False
             )
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(
-                "PRAGMA synchronous=NORMAL"
-            )  # WAL + NORMAL: durable across process kills
-            self.db.execute(
-                "PRAGMA recursive_triggers=ON"
-            )  # INSERT OR REPLACE must fire the delete trigger
+            # WAL + NORMAL: durable across process kills
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            # INSERT OR REPLACE must fire the delete trigger
+            self.db.execute("PRAGMA recursive_triggers=ON")
             with self.db:
                 self.db.executescript(_SCHEMA)
         self._opened: dict[int, np.ndarray] = {}  # shard id -> verified memory map (per process)
@@ -369,9 +367,8 @@ class FeatureCache:
             return None  # untouched since it was written and checksummed
         if file_crc32(path) != shard.crc32:
             return "crc32 mismatch (bytes changed on disk)"
-        if (
-            not full and not self.readonly
-        ):  # content intact, only the stamp moved (copied/touched): remember the new one
+        # content intact, only the stamp moved (copied/touched): remember the new one
+        if not full and not self.readonly:
             with self.db:
                 self.db.execute(
                     "UPDATE shards SET stamp=? WHERE id=?", (file_stamp(path), shard.id)
@@ -550,9 +547,8 @@ class FeatureCache:
             if len(idx) > 1 and np.all(np.diff(idx) == 1) and np.all(np.diff(rows) == 1):
                 a, r0 = int(idx[0]), int(rows[0])
                 dest = out[a : a + len(idx)]
-                if (
-                    dest.dtype == self.dtype
-                ):  # contiguous run: read() straight into the result (faster than mmap faults)
+                # contiguous run: read() straight into the result (faster than mmap faults)
+                if dest.dtype == self.dtype:
                     with open(
                         self.shard_dir / shard.file, "rb", buffering=0
                     ) as f:  # raw reads: no copy through a buffer
@@ -689,9 +685,8 @@ class FeatureCache:
         free, pages = (
             self.db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count")
         )
-        if (
-            free * 5 > pages
-        ):  # >20% of the index is pages of deleted rows: give them back to the disk
+        # >20% of the index is pages of deleted rows: give them back to the disk
+        if free * 5 > pages:
             self.db.execute("VACUUM")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"written": written, "removed": len(dead)}

@@ -197,9 +197,10 @@ class Extractor:
         with autocast_context(self.device, self.precision):
             # valid_hw stays on the host: the backbone reads sizes there and copies them itself.
             if grid and self.spatial:
+                # [B, D], [B, T, C]
                 feats, tokens = self.backbone.encode_grid(
                     images, valid_hw, self.pooling, self.spatial
-                )  # [B, D], [B, T, C]
+                )
             else:
                 feats, tokens = self.backbone.encode(images, valid_hw, self.pooling), None  # [B, D]
         pending = PendingFeatures()
@@ -255,15 +256,13 @@ class Extractor:
         self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1
     ) -> tuple[list[Record], int]:
         """(records this rank must extract, one per distinct image; number already cached)."""
-        missing = self.missing(
-            cache, (r.sha256 for r in records)
-        )  # an image missing any array is re-extracted
+        # an image missing any array is re-extracted
+        missing = self.missing(cache, (r.sha256 for r in records))
         # Partition *all* keys, not the missing ones: ranks look at the index at different moments
         # (another rank may already have committed), but every rank sees the same records.
         mine = set(shard_for_rank(list({r.sha256 for r in records}), rank, world)) & missing
-        todo = list(
-            {r.sha256: r for r in records if r.sha256 in mine}.values()
-        )  # same bytes twice: extract once
+        # same bytes twice: extract once
+        todo = list({r.sha256: r for r in records if r.sha256 in mine}.values())
         return todo, sum(1 for r in records if r.sha256 not in missing)
 
     def run(
@@ -321,9 +320,8 @@ class Extractor:
         def commit(keys: list[str], encoded: PendingFeatures) -> None:
             nonlocal pending
             feats, grid = encoded.result()  # [B, D] float32, [B, T, C] or None
-            pending = [
-                f for f in pending if not f.done() or f.result()
-            ]  # result() re-raises a failed write
+            # result() re-raises a failed write
+            pending = [f for f in pending if not f.done() or f.result()]
             if len(pending) >= 2:  # bounded: never more than two batches waiting for the disk
                 pending.pop(0).result()
             pending.append(writer.submit(self._put, cache, keys, feats, grid))
@@ -334,9 +332,8 @@ class Extractor:
                     result.failures.append((todo[tag], reason))
                 if batch.tags:
                     encoded = self.encode_pending(batch.images, batch.valid_hw)
-                    if (
-                        in_flight is not None
-                    ):  # the previous batch's copy is done while this one runs
+                    # the previous batch's copy is done while this one runs
+                    if in_flight is not None:
                         commit(*in_flight)
                         bar.update(len(in_flight[0]))
                     in_flight = (list(batch.keys), encoded)
