@@ -8,6 +8,7 @@ modules they use (data/, features/, train/, predict, inspection, export) never i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,8 +28,10 @@ from samprobe.data.splits import assign_splits, carves_val
 from samprobe.data.validate import validate
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
-from samprobe.features.cache import check_free_space, register_run
+from samprobe.features.cache import register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
+from samprobe.features.manifest import ManifestWriter
+from samprobe.features.ranks import plan_ranks
 from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir
 from samprobe.logs import count_of
 from samprobe.predict import predict_features
@@ -277,18 +280,20 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
     if rank == 0:
         # cache prune keeps what this run's splits.csv lists
         register_run(cfg.features.cache_dir, run_dir)
-    with extractor.open_cache(cfg.features.cache_dir) as cache:
-        plan = extractor.plan(records, cache, rank, world)
-        keys = [r.sha256 for r in records]
-        n_missing = len(extractor.missing(cache, keys))  # all ranks together
+    # Only rank 0 opens the index; under torchrun every rank writes through its own manifest.
+    cache, plan = plan_ranks(
+        extractor,
+        records,
+        lambda: extractor.open_cache(cfg.features.cache_dir),
+        rank=rank,
+        world=world,
+    )
+    with cache if cache is not None else contextlib.nullcontext():
         devices = [describe_device(extractor.device)]
         if world > 1:
             devices = [None] * world
             # the summary names every rank's GPU
             dist.all_gather_object(devices, describe_device(extractor.device))
-            dist.barrier()  # every rank has read the index before any rank writes to it
-        need = extractor.disk_need(cache, keys)  # pooled + grid
-        free = check_free_space(cache.root, need)
         grid = (
             f" + {extractor.spatial}x{extractor.spatial} grid of "
             f"{extractor.backbone.grid_shape()[0]}-d tokens"
@@ -300,32 +305,40 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
             if world == 1
             else f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
         )
+        root = Path(cfg.features.cache_dir) / extractor.fingerprint
         log.info(
-            f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on "
-            f"disk, {free / 1e9:.1f} GB free), "
+            f"extract: {len(records)} images ({plan.missing} to extract, "
+            f"~{plan.need / 1e6:.1f} MB on disk, {plan.free / 1e9:.1f} GB free), "
             f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
             f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = "
-            f"{extractor.dim}-d{grid}, cache {cache.root}"
+            f"{extractor.dim}-d{grid}, cache {root}"
         )
-        result = extractor.run(
-            records,
-            cache,
-            batch_size=cfg.features.batch_size,
-            num_workers=cfg.resolved_num_workers(),
-            max_pixels=cfg.data.max_pixels,
-            progress=progress,
-            rank=rank,
-            world=world,
-            plan=plan,
-        )
+        sink = cache if world == 1 else ManifestWriter(root, extractor.dtype, rank)
+        try:
+            result = extractor.run(
+                records,
+                sink,
+                batch_size=cfg.features.batch_size,
+                num_workers=cfg.resolved_num_workers(),
+                max_pixels=cfg.data.max_pixels,
+                progress=progress,
+                rank=rank,
+                world=world,
+                plan=(plan.todo, plan.cached),
+            )
+        finally:
+            if isinstance(sink, ManifestWriter):
+                sink.close()
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, (result.extracted, result.seconds, result.failures))
             result.extracted = sum(g[0] for g in gathered)
             result.seconds = max(g[1] for g in gathered)
             result.failures = [f for g in gathered for f in g[2]]
-            dist.barrier()  # every rank's shards are committed before rank 0 compacts
-        if rank == 0:
+            dist.barrier()  # every rank's manifest is closed before rank 0 merges
+        if cache is not None:
+            if world > 1:
+                cache.merge_manifests()
             cache.compact()
             cache.remove_orphans()
     if world > 1:

@@ -8,9 +8,10 @@ committed as it finishes, so a killed run loses at most the batches in flight an
 run resumes from there. On CUDA out-of-memory a batch is split in halves and retried, down to
 one image; later batches are cut to the size that worked.
 
-Distributed: under ``torchrun`` (env RANK / WORLD_SIZE) each rank extracts a disjoint slice
-of the missing keys on the GPU of its LOCAL_RANK and writes its own shards; the SQLite index
-(WAL, busy timeout) takes the concurrent commits, and rank 0 compacts after a barrier.
+Distributed: under ``torchrun`` (env RANK / WORLD_SIZE, one host or several) each rank extracts
+a disjoint slice of the missing keys on the GPU of its LOCAL_RANK and writes its own shards and
+its own manifest (``features.manifest``); only rank 0 opens the SQLite index, to plan and, after
+a barrier, to merge the manifests and compact (``features.ranks``).
 
 On CUDA nothing in the batch loop waits for the GPU: batches arrive pinned, sizes stay on the
 host, and results are copied back asynchronously into pinned buffers and read one batch later
@@ -45,6 +46,7 @@ from samprobe.device import (
 )
 from samprobe.errors import DeviceError
 from samprobe.features.cache import FeatureCache, estimate_bytes
+from samprobe.features.manifest import ManifestWriter
 
 log = logging.getLogger("samprobe")
 _TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32}
@@ -266,7 +268,7 @@ class Extractor:
     def run(
         self,
         records: Sequence[Record],
-        cache: FeatureCache,
+        cache: FeatureCache | ManifestWriter,
         *,
         batch_size: int,
         num_workers: int,
@@ -278,9 +280,15 @@ class Extractor:
     ) -> ExtractResult:
         """Extract every record whose key is not in the cache yet (this rank's share of them).
 
-        ``plan``: a precomputed ``self.plan(...)``, so ranks can all plan before any of them writes."""
+        ``cache``: where batches go (``put``): the cache itself, or under torchrun this rank's
+        ``ManifestWriter``, which needs ``plan``. ``plan``: a precomputed ``self.plan(...)`` /
+        ``plan_ranks(...)``, so ranks can all plan before any of them writes."""
         result = ExtractResult()
-        todo, result.cached = plan if plan is not None else self.plan(records, cache, rank, world)
+        if plan is None:
+            if not isinstance(cache, FeatureCache):
+                raise ValueError("a ManifestWriter has no index to plan from: pass plan")
+            plan = self.plan(records, cache, rank, world)
+        todo, result.cached = plan
         if not todo:
             return result
         items = [LoadItem(r.sha256, r.file, i) for i, r in enumerate(todo)]
@@ -343,7 +351,11 @@ class Extractor:
         return result
 
     def _put(
-        self, cache: FeatureCache, keys: list[str], feats: np.ndarray, grid: np.ndarray | None
+        self,
+        cache: FeatureCache | ManifestWriter,
+        keys: list[str],
+        feats: np.ndarray,
+        grid: np.ndarray | None,
     ) -> None:
         """Commit one batch: pooled, then the grid. A kill in between leaves images without a grid,
         which ``plan`` sees as missing and re-extracts."""
