@@ -203,9 +203,8 @@ class FeatureCache:
                 "extraction are not merged into the index yet, so their features are not visible "
                 "here; `samprobe extract -c CONFIG` merges them"
             )
-        elif (
-            unmerged
-        ):  # a multi-node run died before its merge (or one runs: its whole lines count)
+        # a multi-node run died before its merge (or one runs: its whole lines count)
+        elif unmerged:
             self.merge_manifests()
 
     def _connect_readonly(self) -> sqlite3.Connection:
