@@ -75,9 +75,8 @@ def main() -> None:
             for i in range(0, timed_puts, args.batch):
                 cache.put(keys[i : i + args.batch], x[i : i + args.batch])
             t_put = time.perf_counter() - t0
-            for i in range(
-                timed_puts, n, 4096
-            ):  # --quick: the rest, untimed, so the read sees n entries
+            # --quick: the rest, untimed, so the read sees n entries
+            for i in range(timed_puts, n, 4096):
                 cache.put(keys[i : i + 4096], x[i : i + 4096])
             t1 = time.perf_counter()
             cache.compact()

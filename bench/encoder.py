@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "tests")
-)  # helpers.sam_factory: official-format weights
+# helpers.sam_factory: official-format weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 TARGETS = {"vs_official": 5.0, "vs_timm": 1.5}
 

@@ -162,9 +162,8 @@ def timm_rate(
 ) -> float:
     from samprobe.data.images import letterbox, sam_normalize_pad
 
-    prepared = [
-        letterbox(img, size) for img in images
-    ]  # host-side resize is not timed: the model is
+    # host-side resize is not timed: the model is
+    prepared = [letterbox(img, size) for img in images]
     groups = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
 
     def run(group: list) -> None:

@@ -75,9 +75,8 @@ def digits_features(workdir: Path) -> tuple[np.ndarray, np.ndarray]:
         features=FeaturesConfig(dtype="float32"),
     )
     extractor = Extractor.from_config(cfg)
-    grey = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(
-        np.uint8
-    )  # as `samprobe demo` writes them
+    # as `samprobe demo` writes them
+    grey = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     rgb = [np.repeat(g[:, :, None], 3, axis=2) for g in grey]
     t = time.perf_counter()
     x = image_features(extractor, rgb, batch_size=64)
@@ -98,9 +97,8 @@ def synthetic(
     freq = 1.0 / np.arange(1, classes + 1) ** 0.7  # imbalanced: the largest class ~25x the smallest
     y = rng.choice(classes, size=n, p=freq / freq.sum())
     basis = rng.normal(size=(64, dim)) / np.sqrt(64)
-    centres = (
-        rng.normal(size=(classes, 64)) * 0.12
-    )  # nearest-true-mean accuracy ~90%: not separable
+    # nearest-true-mean accuracy ~90%: not separable
+    centres = rng.normal(size=(classes, 64)) * 0.12
     x = centres[y] @ basis + rng.normal(size=(n, dim)) + rng.normal(size=dim)
     return x.astype(np.float32), y
 

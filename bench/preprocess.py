@@ -122,9 +122,8 @@ def main() -> None:
     workers = args.workers if args.workers is not None else default_num_workers()
     with tempfile.TemporaryDirectory(prefix="samprobe-bench-") as tmp:
         files = make_jpegs(Path(tmp), n)
-        items = [
-            LoadItem(sha256_file(f), str(f), i) for i, f in enumerate(files)
-        ]  # warms the page cache
+        # warms the page cache
+        items = [LoadItem(sha256_file(f), str(f), i) for i, f in enumerate(files)]
         import segment_anything.utils.transforms  # noqa: F401  (torchvision import: not part of the timing)
 
         run_official(files[:1])  # warm-up: PIL plugins, torch kernels

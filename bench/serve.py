@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # as the CLI sets it, for the in-process reference model
+# as the CLI sets it, for the in-process reference model
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import asyncio
@@ -42,9 +41,8 @@ import numpy as np
 # module level: FastAPI resolves the endpoint's annotations here
 from fastapi import Form, UploadFile
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "tests")
-)  # helpers.sam_factory, helpers.serve_util
+# helpers.sam_factory, helpers.serve_util
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 TARGETS = {"vs_baseline": 3.0}
 
@@ -348,9 +346,8 @@ def bench_head(
     out["predictions_equal"] = not problems
     out["problems"] = problems[:5]
     out["exit_codes"] = exits
-    print(
-        json.dumps({"head": name, **out}), file=sys.stderr, flush=True
-    )  # partial results, as each head ends
+    # partial results, as each head ends
+    print(json.dumps({"head": name, **out}), file=sys.stderr, flush=True)
     return out
 
 

@@ -33,6 +33,7 @@ def _photo_batch(bb):
     return torch.stack([p[0] for p in prepared]), torch.tensor([p[1] for p in prepared])
 
 
+@pytest.mark.slow
 def test_contract_encodes_a_real_photo_with_the_declared_widths(built):
     cfg, bb = built
     assert isinstance(bb, registry.BACKBONES[cfg.name].load_class())

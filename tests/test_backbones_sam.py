@@ -142,9 +142,8 @@ def test_padding_does_not_change_pooled_features(tiny):
     )
     a = tiny.encode(x, valid, ALL_POOLING)
     b = tiny.encode(noisy, valid, ALL_POOLING)
-    torch.testing.assert_close(
-        a, b, rtol=0, atol=0
-    )  # the encoder's input is the same: not one bit may move
+    # the encoder's input is the same: not one bit may move
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_valid_token_mask_uses_ceil():
@@ -157,9 +156,8 @@ def test_encode_order_dims_and_pooling_check(tiny):
     x, valid = _batch(tiny, _images()[:2])
     both = tiny.encode(x, valid, ["block_avg", "neck_avg"])
     assert both.shape == (2, 64 + 256)
-    torch.testing.assert_close(
-        both[:, 64:], tiny.encode(x, valid, ["neck_avg"]), rtol=0, atol=0
-    )  # one forward, sliced
+    # one forward, sliced
+    torch.testing.assert_close(both[:, 64:], tiny.encode(x, valid, ["neck_avg"]), rtol=0, atol=0)
     assert tiny.feature_dims() == {
         "neck_avg": 256,
         "neck_max": 256,
@@ -435,6 +433,7 @@ def _official_block_outputs(sam, ref_in: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
+@pytest.mark.slow
 def test_block_features_match_the_official_blocks(vitb_ckpt, vitb_official):
     """block_avg@i,j pools the official blocks' outputs; interm_avg the global blocks' (SAM-HQ's interm_embeddings)."""
     bb = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256)

@@ -149,12 +149,17 @@ def test_cli_download_checksum_mismatch_exits_2(
 
 
 def test_catalogue_covers_every_family_with_official_urls():
-    assert {e.family for e in CATALOGUE.values()} >= {"sam1", "sam2", "sam_hq", "mobile_sam"}
+    assert {e.family for e in CATALOGUE.values()} >= {
+        "sam1",
+        "sam2",
+        "sam_hq",
+        "mobile_sam",
+        "efficientvit_sam",
+    }
     for name, entry in CATALOGUE.items():
         assert entry.url.startswith("https://") and entry.source
-        assert (entry.md5 is not None) == (entry.family == "sam1"), (
-            name
-        )  # only SAM 1 publishes checksums
+        # only SAM 1 publishes checksums
+        assert (entry.md5 is not None) == (entry.family == "sam1"), name
 
 
 def test_unpublished_checksum_is_recorded_on_first_download_then_enforced(server, tmp_path):
@@ -164,17 +169,14 @@ def test_unpublished_checksum_is_recorded_on_first_download_then_enforced(server
     record = tmp_path / "mobile_sam.pt.sha256"
     assert record.read_text().split()[0] == hashlib.sha256(PAYLOAD).hexdigest()
     n = len(srv.requests)
-    assert (
-        download_weights("mobile_sam", tmp_path, url=url, progress=False) == path
-    )  # verified, not fetched
+    # verified, not fetched
+    assert download_weights("mobile_sam", tmp_path, url=url, progress=False) == path
     assert len(srv.requests) == n
-    path.write_bytes(
-        b"corrupted" + PAYLOAD[9:]
-    )  # the file changed: fetched again, matches the record
+    # the file changed: fetched again, matches the record
+    path.write_bytes(b"corrupted" + PAYLOAD[9:])
     assert download_weights("mobile_sam", tmp_path, url=url, progress=False).read_bytes() == PAYLOAD
-    record.write_text(
-        "0" * 64 + "  mobile_sam.pt\n"
-    )  # the record disagrees with what the server sends
+    # the record disagrees with what the server sends
+    record.write_text("0" * 64 + "  mobile_sam.pt\n")
     path.unlink()
     with pytest.raises(DownloadError, match="recorded 0000"):
         download_weights("mobile_sam", tmp_path, url=url, progress=False)

@@ -17,6 +17,9 @@ from samprobe.cli import main
 from samprobe.predict import Classifier
 from samprobe.tracking import read_csv_rows
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 def run_slice(project: Path) -> Path:
     cfg = str(project / "samprobe.yaml")
@@ -91,9 +94,8 @@ def check_outputs(project: Path, run: Path, n_images: int, dim: int) -> dict:
 def test_slice_efficientnet_lite0_real_weights(digits_project: Path) -> None:
     run = run_slice(digits_project)
     metrics = check_outputs(digits_project, run, n_images=80, dim=1280)
-    assert (
-        metrics["balanced_accuracy"] >= 0.75
-    )  # 4 digit classes, real ImageNet features, 48 train images
+    # 4 digit classes, real ImageNet features, 48 train images
+    assert metrics["balanced_accuracy"] >= 0.75
 
 
 @pytest.mark.slow
@@ -115,9 +117,8 @@ def test_slice_tiny_sam_official_format_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -> None:
     write_digits(tmp_path / "data", per_class=15, classes=(1, 2, 3))
-    (tmp_path / "data" / "classes.txt").write_text(
-        "blank\nd0\nd1\nd2\nd3\n"
-    )  # blank and d0: no images
+    # blank and d0: no images
+    (tmp_path / "data" / "classes.txt").write_text("blank\nd0\nd1\nd2\nd3\n")
     write_config(tmp_path / "samprobe.yaml", data={"classes_file": "data/classes.txt"})
     cfg = str(tmp_path / "samprobe.yaml")
     for cmd in ("validate", "extract", "train"):
@@ -130,9 +131,8 @@ def test_predict_uses_original_names_when_first_class_is_empty(tmp_path: Path) -
         truth = {
             str(tmp_path / "data" / "images" / r["path"]): r["label"] for r in csv.DictReader(f)
         }
-    listing = (
-        tmp_path / "data" / "to_classify.csv"
-    )  # a metadata file: paths under the training data.image_root
+    # a metadata file: paths under the training data.image_root
+    listing = tmp_path / "data" / "to_classify.csv"
     listing.write_text("path\n" + "".join(f"{Path(p).name}\n" for p in truth))
     out = tmp_path / "pred.csv"
     assert (
@@ -222,7 +222,7 @@ def test_wrong_head_checkpoint_file_exits_2(
     assert "bogus.pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["sam_hq", "sam2", "mobile_sam"])
+@pytest.mark.parametrize("family", ["sam_hq", "sam2", "mobile_sam", "efficientvit_sam"])
 def test_slice_each_sam_family_tiny_checkpoint(tmp_path: Path, family: str) -> None:
     """validate -> extract -> train -> evaluate -> predict through the CLI, `backbone.name:
     sam` detecting the family."""
@@ -243,5 +243,6 @@ def test_slice_each_sam_family_tiny_checkpoint(tmp_path: Path, family: str) -> N
         "sam_hq": "SAM-HQ checkpoint",
         "sam2": "SAM 2.1 checkpoint",
         "mobile_sam": "MobileSAM checkpoint",
+        "efficientvit_sam": "EfficientViT-SAM checkpoint",
     }
     assert said[family] in (run / "run.log").read_text()

@@ -57,9 +57,8 @@ def test_forkserver_context_when_cuda_is_initialised(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert worker_context(0) is None  # no workers, nothing to fork
-    prepare = functools.partial(
-        letterbox, size=S
-    )  # picklable: the fork server ships it to the workers
+    # picklable: the fork server ships it to the workers
+    prepare = functools.partial(letterbox, size=S)
     loader = make_loader(items, prepare, batch_size=2, num_workers=2, target_longest=S)
     assert loader.num_workers == 2
     # Workers fork from a clean server process (torch preloaded there), never from this one.
@@ -78,9 +77,8 @@ def test_failures_are_reported_with_their_kind_and_the_rest_load(tmp_path: Path)
     items = _items(tmp_path)
     Path(items[0].file).unlink()
     Path(items[1].file).write_bytes(b"not an image")
-    Image.fromarray(photos()["square"][::-1].copy()).save(
-        items[2].file, quality=90
-    )  # edited after validate
+    # edited after validate
+    Image.fromarray(photos()["square"][::-1].copy()).save(items[2].file, quality=90)
     loader = make_loader(
         items, functools.partial(letterbox, size=S), batch_size=4, num_workers=1, target_longest=S
     )

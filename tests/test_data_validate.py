@@ -232,9 +232,8 @@ def test_parquet_integer_labels_classes_file_and_null_path(tmp_path: Path) -> No
     root = tmp_path / "images"
     names = {f"img{k}.jpg": "" for k in range(6)}
     _write_images(root, names)
-    (tmp_path / "classes.txt").write_text(
-        "cat\ndog\nbird\n", encoding="utf-8"
-    )  # bird has no images
+    # bird has no images
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n", encoding="utf-8")
     table = pa.table(
         {
             "file": [*names, None, "img0.jpg"],
@@ -393,11 +392,12 @@ def test_folder_layout_hidden_empty_and_top_level(tmp_path: Path) -> None:
     )
     (root / "empty_class").mkdir()
     ds = validate(DataConfig(image_root=root))
+    # the empty folder is a class; .thumbs is not
     assert ds.taxonomy == [
         "cat",
         "dog",
         "empty_class",
-    ]  # the empty folder is a class; .thumbs is not
+    ]
     assert [(r.path, r.label) for r in ds.records] == [("cat/1.jpg", "cat"), ("dog/4.jpg", "dog")]
     reasons = ds.extra["ignored_by_reason"]
     assert reasons["top_level_images"]["examples"] == ["stray.jpg"]
@@ -405,9 +405,8 @@ def test_folder_layout_hidden_empty_and_top_level(tmp_path: Path) -> None:
     lines = summary_lines(write_report(ds, tmp_path / "run"), ds.problems)
     assert any("no class folder" in ln and "stray.jpg" in ln for ln in lines), lines
     assert not any("not images by suffix" in ln for ln in lines), lines
-    assert any(
-        "empty_class" in ln for ln in lines
-    )  # listed among the classes without training images
+    # listed among the classes without training images
+    assert any("empty_class" in ln for ln in lines)
 
 
 def test_classes_file_comments_and_empty_split_cells(tmp_path: Path) -> None:
@@ -428,6 +427,7 @@ def test_classes_file_comments_and_empty_split_cells(tmp_path: Path) -> None:
         )
     )
     assert ds.taxonomy == ["a", "b", "c"] and not ds.problems
+    # blank: assigned later
     assert [r.split for r in ds.records] == [
         "train",
         None,
@@ -435,7 +435,7 @@ def test_classes_file_comments_and_empty_split_cells(tmp_path: Path) -> None:
         "train",
         None,
         "val",
-    ]  # blank: assigned later
+    ]
 
 
 def test_validate_progress_bar_ends_at_n_of_n(

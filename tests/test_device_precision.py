@@ -60,18 +60,16 @@ def test_probe_is_measured_once_per_cpu_model_and_torch_version(fresh_probe, mon
 
     monkeypatch.setattr(precision, "measure_gemm_gflops", measure)
     assert precision.cpu_probe().precision == "bf16" and len(calls) == 1
-    monkeypatch.setattr(
-        precision, "_PROBES", {}
-    )  # a new process: reads the user cache, measures nothing
+    # a new process: reads the user cache, measures nothing
+    monkeypatch.setattr(precision, "_PROBES", {})
     again = precision.cpu_probe()
     assert (
         again.cached and (again.fp32_gflops, again.bf16_gflops) == (96.0, 403.0) and len(calls) == 1
     )
     assert "403 GFLOP/s" in again.summary() and "96 GFLOP/s" in again.summary()
     monkeypatch.setattr(precision, "_PROBES", {})
-    monkeypatch.setattr(
-        torch, "__version__", "9.9.9"
-    )  # another torch: its kernels may differ, measure again
+    # another torch: its kernels may differ, measure again
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert not precision.cpu_probe().cached and len(calls) == 2
     monkeypatch.setattr(precision, "cpu_model", lambda: "Another CPU")
     assert not precision.cpu_probe().cached and len(calls) == 3

@@ -30,9 +30,8 @@ class RaiseSite:
     file: str
     line: int
     error: str
-    literal: (
-        str | None
-    )  # the longest literal part of the message, None when the message is a variable
+    # the longest literal part of the message, None when the message is a variable
+    literal: str | None
 
 
 def _literal(node: ast.expr) -> str | None:

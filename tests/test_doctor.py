@@ -160,6 +160,7 @@ def test_unreachable_wandb_warns_but_does_not_block(project, capsys, monkeypatch
     assert any(f"127.0.0.1:{port}" in ln and "fall back to offline" in ln for ln in lines)
 
 
+@pytest.mark.slow
 def test_disk_line_gives_extracts_estimate_and_says_when_the_width_is_assumed(tmp_path, capsys):
     import logging
 

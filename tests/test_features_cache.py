@@ -47,9 +47,8 @@ def test_orphan_shard_from_a_killed_write_is_invisible_and_collected(tmp_path):
         orphan.write_bytes(b"\0" * 100)
         (c.shard_dir / ".x.bin.123.tmp").write_bytes(b"\1" * 7)
         assert len(c) == 3 and c.verify().bad_entries == 0
-        assert (
-            c.remove_orphans(min_age_s=3600) == 0
-        )  # young: may belong to a writer about to commit
+        # young: may belong to a writer about to commit
+        assert c.remove_orphans(min_age_s=3600) == 0
         assert c.remove_orphans(min_age_s=0) == 2
         assert sorted(p.name for p in c.shard_dir.iterdir()) == [
             next(iter(c._shards().values())).file
@@ -74,9 +73,8 @@ def test_corrupt_shard_is_detected_on_read_by_verify_and_dropped_by_missing(tmp_
     with FeatureCache(tmp_path, "fp", 16, "float16") as c:
         with pytest.raises(CacheError, match=f"{victim.file}.*corrupt"):
             c.get(_keys(8))
-        np.testing.assert_array_equal(
-            c.get(_keys(4)), x[:4].astype(np.float16).astype(np.float32)
-        )  # intact shard still reads
+        # intact shard still reads
+        np.testing.assert_array_equal(c.get(_keys(4)), x[:4].astype(np.float16).astype(np.float32))
         rep = c.verify()
         assert rep.bad_entries == 4 and rep.bad_shards[0][0] == victim.file
         assert c.missing(_keys(8)) == _keys(8)[4:]  # dropped: extraction will redo exactly these

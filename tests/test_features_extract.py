@@ -160,9 +160,8 @@ def test_rename_keeps_edit_reextracts_corruption_reextracts_and_fingerprint_chan
         f.write(bytes([b[0] ^ 0xFF]))
     assert main(["cache", "verify", "-c", str(cfg_path)]) == 2
     r = run_extract(cfg, progress=False)
-    assert (
-        shard.rows == n == 10 and r.extracted == 9
-    )  # the one shard held all 9 current keys + the stale pre-edit one
+    # the one shard held all 9 current keys + the stale pre-edit one
+    assert shard.rows == n == 10 and r.extracted == 9
     assert main(["cache", "verify", "-c", str(cfg_path)]) == 0
     # fingerprint: input size and checkpoint bytes matter, the checkpoint's path does not
     fps = {

@@ -98,11 +98,12 @@ def _official_grids(
 def test_sam_grid_is_official_neck_valid_region_pooled(tiny_ckpt):
     sam = build_official_sam("tiny", img_size=256)  # same seed -> the weights in tiny_ckpt
     bb = SamBackbone.from_checkpoint(tiny_ckpt, img_size=256)
+    # square, wide, tall
     images = [
         data.astronaut(),
         data.chelsea(),
         np.ascontiguousarray(data.astronaut()[:, 140:330]),
-    ]  # square, wide, tall
+    ]
     prepared = [bb.prepare(im) for im in images]
     x, hw = torch.stack([p[0] for p in prepared]), torch.tensor([p[1] for p in prepared])
     pooled, grid = bb.encode_grid(x, hw, ["neck_avg"], 4)
@@ -195,12 +196,10 @@ def test_lite_grid_shape_dtype_and_unchanged_pooled_fingerprint(lite):
     with ex.open_cache(load_config(cfg).features.cache_dir) as cache:
         grid = load_grid(cache, recs, 2)
         assert cache.get([r.sha256 for r in recs], array="grid2", dtype=None).dtype == np.float16
-        np.testing.assert_array_equal(
-            load_features(cache, recs), lite["pooled"]
-        )  # the same entries, not re-extracted
-    assert (
-        grid.shape == (N, 4, 1280) and grid.dtype == np.float32
-    )  # 64 px -> 2x2 map of 1280 channels
+        # the same entries, not re-extracted
+        np.testing.assert_array_equal(load_features(cache, recs), lite["pooled"])
+    # 64 px -> 2x2 map of 1280 channels
+    assert grid.shape == (N, 4, 1280) and grid.dtype == np.float32
     # at 64 px the map is 2x2: the 2x2 grid is the map itself, whose mean is the global average pool
     # both rounded to fp16 from one forward: half an fp16 ulp of the largest token plus half of the
     # mean's

@@ -25,6 +25,9 @@ from samprobe.device import (
 )
 from samprobe.errors import ConfigError, DeviceError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 CUDA = torch.device("cuda", 0)
 
 
@@ -296,6 +299,7 @@ def test_evaluate_and_cache_commands_on_a_gpu_machine_touch_no_gpu(
     assert main(["evaluate", "-c", str(trained), "--checkpoint", str(ckpt), *sets]) == 0
     assert "evaluate: features at precision fp32 (the checkpoint's)" in capsys.readouterr().out
     assert main(["cache", "info", "-c", str(trained), *sets]) == 0
+    # tf32 features: none cached
     assert (
         main(
             [
@@ -313,7 +317,7 @@ def test_evaluate_and_cache_commands_on_a_gpu_machine_touch_no_gpu(
             ]
         )
         == 2
-    )  # tf32 features: none cached
+    )
     ex = Extractor.from_config(
         load_config(trained, ["device=cuda", "precision=auto"]), on_device=False
     )
@@ -330,18 +334,18 @@ def test_per_head_settings_are_copied_to_the_device_once_per_change():
 
     w = torch.nn.Parameter(torch.zeros(3, 4))
     opt = StackedSGD([w], torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3))
+    # a device whose copies cost nothing here
     group, meta = (
         opt.param_groups[0],
         torch.device("meta"),
-    )  # a device whose copies cost nothing here
+    )
     first = _on_device(opt, group, "head_lr", meta)
     assert first.device == meta and _on_device(opt, group, "head_lr", meta) is first
     frozen = _on_device(opt, group, "frozen", meta)
     opt.freeze(torch.tensor([False, True, False]))  # replaces the host tensor: copied again
     assert _on_device(opt, group, "frozen", meta) is not frozen
-    assert (
-        _on_device(opt, group, "head_wd", torch.device("cpu")) is group["head_wd"]
-    )  # same device: no copy
+    # same device: no copy
+    assert _on_device(opt, group, "head_wd", torch.device("cpu")) is group["head_wd"]
 
 
 def test_resume_on_another_device_type_keeps_the_batch_order(caplog):

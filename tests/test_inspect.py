@@ -26,6 +26,9 @@ from samprobe.inspection import (
 )
 from samprobe.train.classes import class_weights
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 NAMES = ["zero", "one", "two", "three"]
 
 
@@ -97,9 +100,8 @@ def test_exhaustive_neighbours_equal_brute_force_in_fp32_and_after_bf16_screenin
         sims, idx = nearest_neighbours(x, 4, dtype=dtype, block=64)  # several blocks
         np.testing.assert_array_equal(idx[:, 0], want_idx[:, 0])
         tol = 8 * np.finfo(np.float32).eps * 32  # fp32 dot of 32 unit-scale terms
-        np.testing.assert_allclose(
-            sims, want_sim, atol=tol
-        )  # re-scored in fp32: exact, not bf16-rounded
+        # re-scored in fp32: exact, not bf16-rounded
+        np.testing.assert_allclose(sims, want_sim, atol=tol)
     pairs = duplicate_pairs(sims, idx, 0.99)
     assert {(a, b) for a, b, _ in pairs} == {(i, 250 + i) for i in range(50)}
     groups = duplicate_groups(len(x), pairs)
@@ -203,9 +205,8 @@ def test_inspect_finds_the_flipped_labels_and_names_the_leak(inspected) -> None:
 def test_inspect_never_changes_the_users_data(inspected) -> None:
     run_dir, _, _, _ = inspected
     meta = run_dir.parent / "data" / "metadata.csv"
-    assert (
-        "im_002.png,one,train" in meta.read_text()
-    )  # the flipped label stays as the user wrote it
+    # the flipped label stays as the user wrote it
+    assert "im_002.png,one,train" in meta.read_text()
 
 
 def test_the_report_shows_the_inspect_sections_with_images(inspected) -> None:
@@ -262,14 +263,12 @@ def test_a_class_with_one_image_does_not_break_the_folds(tmp_path) -> None:
 
 def test_identical_images_are_all_near_duplicates_and_none_an_outlier(tmp_path) -> None:
     grey = digit_scans(range(1), 1)[0][0]
-    rows = [
-        (grey, NAMES[n % 2], None) for n in range(12)
-    ]  # one picture, two labels, distinct files
+    # one picture, two labels, distinct files
+    rows = [(grey, NAMES[n % 2], None) for n in range(12)]
     _, summary = run(write_project(tmp_path, rows))
     nd = summary["near_duplicates"]
-    assert (
-        nd["groups"] == 1 and nd["pairs"] >= 11
-    )  # each image paired with its 10 nearest: one connected group
+    # each image paired with its 10 nearest: one connected group
+    assert nd["groups"] == 1 and nd["pairs"] >= 11
     assert nd["different_labels"] > 0 and summary["outliers"]["count"] == 0
     assert summary["label_issues"]["scored"] > 0
 
@@ -277,9 +276,8 @@ def test_identical_images_are_all_near_duplicates_and_none_an_outlier(tmp_path) 
 def test_no_issues_found_and_the_report_says_so(tmp_path) -> None:
     from samprobe.report import write_report
 
-    rows = [
-        (g, NAMES[c], None) for g, c in digit_scans((0, 1), 12)
-    ]  # zeros and ones: clean and easy
+    # zeros and ones: clean and easy
+    rows = [(g, NAMES[c], None) for g, c in digit_scans((0, 1), 12)]
     run_dir, summary = run(write_project(tmp_path, rows, inspect={"duplicate_cosine": 1.0}))
     assert summary["label_issues"]["issues"] == 0, _csv(run_dir / "inspect" / "label_issues.csv")
     html = write_report(run_dir).html.read_text(encoding="utf-8")

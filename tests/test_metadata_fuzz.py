@@ -69,9 +69,8 @@ column_cells = {
 def tables(draw: st.DrawFn) -> tuple[bytes, str, dict]:
     """(file bytes, suffix, data settings): a table in a random dialect, or random bytes."""
     suffix = draw(st.sampled_from(SUFFIXES))
-    if draw(
-        st.integers(0, 3)
-    ):  # mostly a plausible table and config, so rows get as far as the image checks
+    # mostly a plausible table and config, so rows get as far as the image checks
+    if draw(st.integers(0, 3)):
         header = draw(st.sampled_from([["path", "label"], ["split", "label", "path"]]))
         settings_ = {
             "path_column": "path",
@@ -124,13 +123,14 @@ def tables(draw: st.DrawFn) -> tuple[bytes, str, dict]:
                 }
             )
         if kind == "json lines":
+            # lone surrogates
             tail = [
                 "",
                 "\n",
                 "\n{broken",
                 "\n[1, 2]",
                 '\n{"path": "\\ud800.png", "label": "\\udfff"}',
-            ]  # lone surrogates
+            ]
             text = "\n".join(json.dumps(o) for o in objs) + draw(st.sampled_from(tail))
         else:
             text = json.dumps(objs, indent=draw(st.sampled_from([None, 1])))
@@ -145,9 +145,8 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits().images
-    for k, name in enumerate(
-        ("img.png", "other.png", "sub/img.png")
-    ):  # three real scans, distinct bytes
+    # three real scans, distinct bytes
+    for k, name in enumerate(("img.png", "other.png", "sub/img.png")):
         Image.fromarray(
             np.clip(np.rint(digits[k] * 255 / 16), 0, 255).astype(np.uint8), mode="L"
         ).save(root / name)
@@ -159,6 +158,7 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@pytest.mark.slow
 @given(table=tables(), use_classes_file=st.integers(0, 3).map(lambda k: k == 0))
 def test_validate_never_exits_1(
     image_root: Path, capsys: pytest.CaptureFixture[str], table, use_classes_file
@@ -172,9 +172,8 @@ def test_validate_never_exits_1(
             "device": "cpu",
             "data": {"metadata": str(meta), "image_root": str(image_root), **columns},
         }
-        if (
-            use_classes_file
-        ):  # the same bytes as a classes file: any text is a taxonomy, binary is refused
+        # the same bytes as a classes file: any text is a taxonomy, binary is refused
+        if use_classes_file:
             cfg["data"]["classes_file"] = str(meta)
         (Path(tmp) / "c.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
         rc = main(["validate", "-c", str(Path(tmp) / "c.yaml")])

@@ -18,6 +18,9 @@ from samprobe.backbones.registry import build_backbone
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 def _photos() -> list[np.ndarray]:
     return [data.chelsea(), np.ascontiguousarray(data.astronaut()[:, 140:330]), data.coffee()]
@@ -101,9 +104,8 @@ def test_parity_tiny_vit_5m_at_1024(tmp_path):
 
 
 def test_release_geometry_is_detected_from_shapes():
-    sam = build_official_mobile_sam(
-        "tiny_vit_5m", img_size=1024
-    )  # 10M parameters: builds in a second
+    # 10M parameters: builds in a second
+    sam = build_official_mobile_sam("tiny_vit_5m", img_size=1024)
     g = infer_tinyvit_geometry(sam.state_dict(), "mobile_sam.pt")
     assert (g.variant, g.embed_dims, g.depths, g.num_heads[1:], g.window_sizes[1:]) == (
         "tiny_vit_5m",

@@ -110,9 +110,8 @@ def test_train_writes_a_report_with_curves_and_the_class_table(trained_run):
 def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_run):
     cfg, _, metrics = trained_run
     report = parse(cfg.run_dir / "report.html")
-    plots = {
-        i["data-plot"]: i for i in report.images if "data-plot" in i
-    }  # the rest: gallery thumbnails
+    # the rest: gallery thumbnails
+    plots = {i["data-plot"]: i for i in report.images if "data-plot" in i}
     assert set(plots) == {"curves", "confusion_matrix", "per_class_f1"}
     n = 4  # three digit classes + the class without images
     expected = {
@@ -131,14 +130,12 @@ def test_evaluate_updates_the_report_with_every_plot_at_its_figure_size(trained_
             img["src"].split(",", 1)[1]
         )
     cells = " ".join(report.cells)
-    assert (
-        "test: accuracy" in cells and _num(metrics["accuracy"]) in cells
-    )  # rounded for people: 3 decimals
+    # rounded for people: 3 decimals
+    assert "test: accuracy" in cells and _num(metrics["accuracy"]) in cells
     assert len(_num(metrics["accuracy"]).split(".")[-1]) <= 3
     row = report.rows_by_class["one"]
-    assert (
-        row[1] == "trained" and len(row) == 6
-    )  # class, status, train/val/test counts, scores (the F1 bar has no text)
+    # class, status, train/val/test counts, scores (the F1 bar has no text)
+    assert row[1] == "trained" and len(row) == 6
     assert row[5].startswith("P ") and "F1" in row[5]
 
 
@@ -178,6 +175,7 @@ def test_many_classes_get_an_unnamed_matrix_and_a_top_pairs_chart(tmp_path):
         assert im.size == size
 
 
+@pytest.mark.slow
 def test_the_sweep_is_an_lr_by_weight_decay_grid_with_the_selected_head_outlined(trained_run):
     cfg, _, _ = trained_run
     html = (cfg.run_dir / "report.html").read_text(encoding="utf-8")
@@ -276,7 +274,6 @@ def test_a_10k_image_run_gives_a_report_under_10_mb(tmp_path):
     html = write_report(run).html
     assert html.stat().st_size < 10e6
     text = html.read_text(encoding="utf-8")
-    assert (
-        "showing 40 of 5,000" in text and "showing 40 of 5,000" in text
-    )  # misclassified and label issues
+    # misclassified and label issues
+    assert "showing 40 of 5,000" in text and "showing 40 of 5,000" in text
     assert text.count("data:image/jpeg;base64,") >= 120

@@ -27,8 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    from samprobe.inspection import run_inspect
-    from samprobe.pipeline import run_evaluate, run_extract, run_train, run_validate
+    from samprobe.pipeline import run_evaluate, run_extract, run_inspect, run_train, run_validate
     from samprobe.report import write_run_report
 
     root = tmp_path_factory.mktemp("browser")
@@ -78,9 +77,8 @@ def test_the_report_renders_in_chromium_within_1280_px_with_metrics_json_numbers
     metrics = json.loads((eval_dir(full_run) / "metrics.json").read_text())
     for key in ("balanced_accuracy", "accuracy", "macro_f1"):
         shown = dom["metrics"][key]
-        assert (
-            float(shown["value"]) == metrics[key]
-        )  # the number behind the display is metrics.json's
+        # the number behind the display is metrics.json's
+        assert float(shown["value"]) == metrics[key]
         assert float(shown["shown"]) == round(metrics[key], 3)  # and it is shown rounded for people
     assert int(dom["metrics"]["n"]["shown"]) == metrics["n"]
     summary = json.loads((full_run / "inspect" / "summary.json").read_text())

@@ -15,6 +15,9 @@ from samprobe.config import load_config
 from samprobe.logs import count_of
 from samprobe.run_dir import prepare_run_dir
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 KILLED_MID_WRITE = """
 import os, signal, sys
 from samprobe.io import atomic_open

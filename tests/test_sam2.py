@@ -16,6 +16,9 @@ from samprobe.backbones.sam_family import detect_family
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 _STAGE_FEATURES = ["trunk_avg@1,2,3,4"]
 
 
@@ -66,9 +69,8 @@ def test_preprocessing_is_the_official_square_resize_and_imagenet_stats(t256):
     level = (1 / 255) / min(0.229, 0.224, 0.225)  # one grey level after normalisation
     diff = (bb.preprocess(x) - ref["input"]).abs()
     assert diff.max().item() <= level + 1e-5
-    assert (
-        diff.mean().item() <= 0.5 * level
-    )  # rounding to the nearest level, not an offset or another filter
+    # rounding to the nearest level, not an offset or another filter
+    assert diff.mean().item() <= 0.5 * level
 
 
 @pytest.mark.native  # hiera_b+ (80M params) written by sam2 in a subprocess, then both forwards at 512 px

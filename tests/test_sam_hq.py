@@ -18,12 +18,16 @@ from samprobe.backbones.sam import SamBackbone
 from samprobe.config import BackboneConfig
 from samprobe.errors import CheckpointError, ConfigError
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 def _photos() -> list[np.ndarray]:
+    # landscape, portrait
     return [
         data.chelsea(),
         np.ascontiguousarray(data.astronaut()[:, 140:330]),
-    ]  # landscape, portrait
+    ]
 
 
 def _hq(geometry: str, root):

@@ -39,6 +39,9 @@ from samprobe.io import sha256_file
 from samprobe.predict import Classifier
 from samprobe.serve import ServeSettings, create_app, exposure_warning, read_api_key
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 MAX_QUEUE = 8
 
 
@@ -97,9 +100,8 @@ def expect_answers(
     for got, data in zip(body["predictions"], sent):
         [ref] = classifier.predict([decoded(data)], top_k=top_k)
         assert mismatch(got, ref) is None, mismatch(got, ref)
-        assert (
-            got["label"] in CLASSES
-        )  # original class names; the class without images is never predicted
+        # original class names; the class without images is never predicted
+        assert got["label"] in CLASSES
 
 
 def metric(text: str, name: str) -> float:
@@ -130,9 +132,8 @@ def test_multipart_and_json_answers_equal_classifier_predict(
     r = httpx.post(f"{server.url}/predict", json={"images": images, "top_k": 10}, timeout=60)
     assert r.status_code == 200, r.text
     expect_answers(r.json(), uploads[3:6], classifier, top_k=10)
-    assert all(
-        len(p["top_k"]) == len(CLASSES) for p in r.json()["predictions"]
-    )  # top_k past the classes: all of them
+    # top_k past the classes: all of them
+    assert all(len(p["top_k"]) == len(CLASSES) for p in r.json()["predictions"])
 
     r = httpx.post(
         f"{server.url}/predict", json={"image": base64.b64encode(uploads[6]).decode()}, timeout=60
@@ -164,9 +165,8 @@ def test_concurrent_requests_are_batched_and_answered_alike(
         before, "samprobe_batch_size_count"
     )
     images = metric(after, "samprobe_batch_size_sum") - metric(before, "samprobe_batch_size_sum")
-    assert (
-        images == MAX_QUEUE and batches < MAX_QUEUE
-    )  # at least one forward pass took several requests
+    # at least one forward pass took several requests
+    assert images == MAX_QUEUE and batches < MAX_QUEUE
 
 
 def test_a_full_batch_is_one_encoder_forward_pass(
@@ -295,9 +295,8 @@ def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(
     with httpx.Client(timeout=60) as client:
         for kind, (kwargs, status, code) in bad.items():
             check_bad(client.post(f"{server.url}/predict", **kwargs), kind, status, code)
-            r = client.post(
-                f"{server.url}/predict", files={"image": ("p", uploads[1])}
-            )  # served normally next
+            # served normally next
+            r = client.post(f"{server.url}/predict", files={"image": ("p", uploads[1])})
             assert r.status_code == 200, f"after {kind}: {r.text}"
     assert "pixel_limit" in httpx.get(f"{server.url}/metrics").text  # errors counted by kind
     rss_before = server.rss_mb()
@@ -324,9 +323,8 @@ def test_every_bad_input_gets_its_4xx_and_good_requests_their_answer(
                 )
 
     asyncio.run(interleaved())
-    assert (
-        server.rss_mb() - rss_before <= 100
-    )  # this process's memory: the server's and the client's
+    # this process's memory: the server's and the client's
+    assert server.rss_mb() - rss_before <= 100
     assert httpx.get(f"{server.url}/ready").status_code == 200
     assert server.running
 
@@ -370,18 +368,18 @@ def test_a_burst_past_the_queue_gets_503s_then_latency_recovers(
     assert metric(metrics, "samprobe_queue_depth") == 0
     assert metric(metrics, 'samprobe_errors_total{kind="overloaded"}') >= statuses.count(503)
     after = median_latency(server.url, uploads[0])
+    # nothing left queued: back to an unloaded request's time
     assert after <= 3 * normal + 0.1, (
         normal,
         after,
-    )  # nothing left queued: back to an unloaded request's time
+    )
 
 
 def test_sigterm_during_load_answers_the_requests_in_flight_and_exits_0(
     draining: Any, classifier: Classifier, uploads: list[bytes]
 ) -> None:
-    srv = wait_ready(
-        *draining
-    )  # its long batching wait holds the requests inside it when SIGTERM comes
+    # its long batching wait holds the requests inside it when SIGTERM comes
+    srv = wait_ready(*draining)
     sent = uploads[:6]
 
     async def load() -> list[httpx.Response]:
@@ -401,9 +399,8 @@ def test_sigterm_during_load_answers_the_requests_in_flight_and_exits_0(
             return await asyncio.gather(*tasks)
 
     responses = asyncio.run(load())
-    assert (
-        srv.proc.wait(120) == 0
-    )  # one signal only: a second one while it exits would be a kill (the fixture's)
+    # one signal only: a second one while it exits would be a kill (the fixture's)
+    assert srv.proc.wait(120) == 0
     for r, u in zip(responses, sent):
         assert r.status_code == 200, r.text
         expect_answers(r.json(), [u], classifier, top_k=5)
@@ -461,9 +458,8 @@ def test_an_internal_error_is_a_500_with_a_logged_id_and_fails_no_other_request(
                         )
                     )
 
-            responses = asyncio.run(
-                mixed()
-            )  # one batch: it fails, then each request is retried alone
+            # one batch: it fails, then each request is retried alone
+            responses = asyncio.run(mixed())
             assert [r.status_code for r in responses] == [200, 500, 200, 200]
             err = responses[1].json()["error"]
             assert err["code"] == "internal" and err["id"] in err["message"]
@@ -512,9 +508,8 @@ def test_bearer_token_is_required_where_set(
 
 
 def test_a_request_past_its_deadline_is_a_504(classifier: Classifier, uploads: list[bytes]) -> None:
-    settings = ServeSettings(
-        max_batch=8, max_wait_ms=2000, timeout_s=0.3
-    )  # the batch waits longer than the deadline
+    # the batch waits longer than the deadline
+    settings = ServeSettings(max_batch=8, max_wait_ms=2000, timeout_s=0.3)
     with InProcessServer(create_app(classifier, settings)) as srv:
         r = httpx.post(f"{srv.url}/predict", files={"image": ("p", uploads[0])}, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"

@@ -36,9 +36,8 @@ def read_wandb_records(path: Path) -> list:
             break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
-        buf = (
-            chunk if kind in (1, 2) else buf + chunk
-        )  # FULL/FIRST start a record; MIDDLE/LAST extend it
+        # FULL/FIRST start a record; MIDDLE/LAST extend it
+        buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
             rec = pb.Record()
             rec.ParseFromString(buf)
@@ -47,9 +46,8 @@ def read_wandb_records(path: Path) -> list:
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
-    files = list(
-        run_dir.glob("offline-run-*/*.wandb")
-    )  # a failed online attempt may leave its own run-* folder
+    # a failed online attempt may leave its own run-* folder
+    files = list(run_dir.glob("offline-run-*/*.wandb"))
     assert len(files) == 1, files
     # wandb-core writes the file from its own process and may still be flushing when finish()
     # returns: wait (bounded) for the final "exit" record before reading.
@@ -113,9 +111,8 @@ def closed_port() -> int:
 
 @pytest.fixture
 def wandb_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(
-        "WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567"
-    )  # dummy, 40 chars
+    # dummy, 40 chars
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
@@ -173,6 +170,7 @@ def test_training_with_wandb_online_unreachable_falls_back_to_offline(
     )
 
 
+@pytest.mark.slow
 def test_wandb_server_that_never_answers_falls_back_within_init_timeout(
     tmp_path, wandb_env, captured
 ):
@@ -192,9 +190,8 @@ def test_wandb_server_that_never_answers_falls_back_within_init_timeout(
         elapsed = time.perf_counter() - started
         print(f"\nsilent server: Tracker.start (failed online init + offline init) {elapsed:.2f} s")
         assert tracker.mode == "offline" and tracker.requested_mode == "online"
-        assert (
-            "cannot connect" not in tracker.fallback_reason
-        )  # the preflight passed: wandb.init itself failed
+        # the preflight passed: wandb.init itself failed
+        assert "cannot connect" not in tracker.fallback_reason
         assert "Error" in tracker.fallback_reason, tracker.fallback_reason
         assert elapsed <= 30.0
         tracker.log_epoch({"epoch": 1, "train_loss": 0.5})
@@ -229,9 +226,8 @@ def test_a_failing_wandb_call_stops_mirroring_but_not_metrics(tmp_path, wandb_en
     tracker = Tracker(cfg).start()
     assert tracker.mode == "offline"
     tracker.log_epoch({"epoch": 1, "train_loss": 1.0})
-    tracker._run.log = lambda *a, **k: (_ for _ in ()).throw(
-        OSError("disk full")
-    )  # the wandb process dies
+    # the wandb process dies
+    tracker._run.log = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
     tracker.log_epoch({"epoch": 2, "train_loss": 0.5})  # must not raise
     tracker.log_epoch({"epoch": 3, "train_loss": 0.25})
     tracker.finish()

@@ -78,9 +78,8 @@ def _textbook(probe: AttentiveProbe, tokens: torch.Tensor) -> torch.Tensor:
 def test_stacked_settings_equal_single_probes_equal_textbook_attention():
     gen = torch.Generator().manual_seed(0)
     model = StackedAttentiveProbe(3, 16, 5, spatial=2, attn_heads=4, generator=gen)
-    with (
-        torch.no_grad()
-    ):  # away from the init (unit norms, zero classifier), so every parameter matters
+    # away from the init (unit norms, zero classifier), so every parameter matters
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.5)
     x = torch.randn(7, 4, 16, generator=gen) * 3 + 1  # [B, T, C] raw grids
@@ -107,9 +106,8 @@ def test_stacked_settings_equal_single_probes_equal_textbook_attention():
                 stacked[h],
                 **close_after_rounding(torch.float32, terms=terms, scale=scale),
             )
-            exact = (
-                single.double()
-            )  # the factorised keys / values are the textbook computation, not an approximation
+            # the factorised keys / values are the textbook computation, not an approximation
+            exact = single.double()
             torch.testing.assert_close(
                 exact(x.double()),
                 _textbook(exact, x.double()),
@@ -122,6 +120,7 @@ def test_stacked_settings_equal_single_probes_equal_textbook_attention():
 # training through SweepTrainer
 
 
+@pytest.mark.slow
 def test_attentive_sweep_learns_what_mean_pooling_cannot():
     x, y = _marked_token_grids(480)
     res = SweepTrainer(
@@ -187,9 +186,8 @@ def test_large_grid_batches_run_as_accumulated_parts(monkeypatch):
         x, y, x[:0], y[:0], class_weights=np.ones(3), cfg=_cfg(batch_size=8, accumulate=4), seed=1
     )
     ref.run()
-    monkeypatch.setattr(
-        heads, "STEP_ELEMENTS", 8 * 16 * 16
-    )  # room for 8 grids of 16 x 16 per forward
+    # room for 8 grids of 16 x 16 per forward
+    monkeypatch.setattr(heads, "STEP_ELEMENTS", 8 * 16 * 16)
     cut = SweepTrainer(
         x, y, x[:0], y[:0], class_weights=np.ones(3), cfg=_cfg(batch_size=32), seed=1
     )
@@ -276,9 +274,8 @@ def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
         for k, v in best["head"]["state_dict"].items()
     )
     capsys.readouterr()
-    assert (
-        main(["train", *c, "--resume"]) == 2
-    )  # linear heads on the 256-d pooled features: same sweep, same dims
+    # linear heads on the 256-d pooled features: same sweep, same dims
+    assert main(["train", *c, "--resume"]) == 2
     assert (
         "last.pt was written for train.head attentive (features.spatial 4) heads, this config "
         "trains train.head linear heads" in capsys.readouterr().err
@@ -287,16 +284,14 @@ def test_attentive_head_end_to_end_through_the_cli(tmp_path, capsys):
     # evaluate reads the test grids from the cache; the checkpoint, not the config, says which grid
     assert main(["evaluate", *c, *attentive, "--checkpoint", str(best_path)]) == 0
     metrics = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
-    assert (
-        main(["evaluate", *c, "--checkpoint", str(best_path)]) == 0
-    )  # features.spatial unset here
+    # features.spatial unset here
+    assert main(["evaluate", *c, "--checkpoint", str(best_path)]) == 0
     assert (
         json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())["accuracy"]
         == metrics["accuracy"]
     )
-    assert (
-        metrics["n"] == 12 and metrics["balanced_accuracy"] > 0.5
-    )  # 3 classes: chance is 1/3 (12 images: 9 gave 0.44 or 1.0 by the split drawn)
+    # 3 classes: chance is 1/3 (12 images: 9 gave 0.44 or 1.0 by the split drawn)
+    assert metrics["n"] == 12 and metrics["balanced_accuracy"] > 0.5
     assert metrics["not_trained_classes"] == [EMPTY_CLASS]
 
     # predict: through the cache (CLI) and from pixels (Classifier.predict computes the grid) agree,

@@ -241,9 +241,8 @@ def test_out_of_memory_in_training_is_a_device_error_and_the_run_resumes(
     args = ["train", "-c", str(path), *sum([["--set", s] for s in [*sets, "train.epochs=3"]], [])]
     assert main(args) == 2
     err = capsys.readouterr().err
-    [line] = [
-        ln for ln in err.splitlines() if ln.startswith("samprobe: error")
-    ]  # the rest: validate's progress bar
+    # the rest: validate's progress bar
+    [line] = [ln for ln in err.splitlines() if ln.startswith("samprobe: error")]
     assert (
         "[SP600]" in line and "out of memory on cpu in epoch 2" in line and "Traceback" not in err
     )

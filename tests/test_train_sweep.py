@@ -110,9 +110,8 @@ def test_any_label_distribution_trains_and_predicts_original_classes(counts, gap
     y_pred = mapping.taxonomy_index(pred_names)
     m = classification_metrics(y_true, y_pred, list(mapping.taxonomy), list(mapping.active))
     assert m["n_not_trained"] == len(untrained_held)
-    assert (
-        m["accuracy"] <= 1 - len(untrained_held) / len(held) + 1e-9
-    )  # untrained samples are errors
+    # untrained samples are errors
+    assert m["accuracy"] <= 1 - len(untrained_held) / len(held) + 1e-9
     table = {
         r["class"]: r
         for r in per_class_table(y_true, y_pred, list(mapping.taxonomy), list(mapping.active))
@@ -181,13 +180,14 @@ def test_stacked_adamw_matches_torch_adamw_per_head():
 
 def test_stacked_adam_l2_mode_matches_torch_adam_weight_decay():
     torch.manual_seed(1)
+    # L2 in the gradient
     _assert_stacked_matches_per_head(
         torch.tensor([1e-3, 1e-2]),
         torch.tensor([1e-4, 0.3]),
         (2, 6, 3),
         lambda w, lrs, wds: StackedAdamW([w], lrs, wds, decoupled=False),
         torch.optim.Adam,
-    )  # L2 in the gradient
+    )
 
 
 def _assert_stacked_matches_per_head(lrs, wds, shape, make_stacked, ref_cls):
@@ -232,25 +232,22 @@ def test_stacked_sgd_matches_torch_sgd_nesterov_per_head(decoupled):
     for step in range(5):
         g = torch.randn(3, 6, 4)
         if step == 3:
-            opt.freeze(
-                torch.tensor([False, True, False])
-            )  # head 1 stops: never moves again, even on a NaN grad
+            # head 1 stops: never moves again, even on a NaN grad
+            opt.freeze(torch.tensor([False, True, False]))
             g[1] = float("nan")
         frozen_before = w.detach()[1].clone()
         w.grad = g.clone()
         opt.step()
         for h in (0, 2) if step >= 3 else range(3):
             if decoupled:
-                refs[h].data.mul_(
-                    1 - float(lrs[h]) * float(wds[h])
-                )  # decoupled decay on the weights
+                # decoupled decay on the weights
+                refs[h].data.mul_(1 - float(lrs[h]) * float(wds[h]))
             refs[h].grad = g[h].clone()
             ref_opts[h].step()
         if step >= 3:
             assert torch.equal(w.detach()[1], frozen_before)
-    tol = close_after_rounding(
-        torch.float32, terms=6 * 8, scale=magnitude(w, *refs, 4.0)
-    )  # as above, 6 steps
+    # as above, 6 steps
+    tol = close_after_rounding(torch.float32, terms=6 * 8, scale=magnitude(w, *refs, 4.0))
     for h in (0, 2):
         torch.testing.assert_close(w.detach()[h], refs[h].detach(), **tol)
 
@@ -398,9 +395,8 @@ def test_validation_metrics_count_untrained_samples_as_errors():
         model, x, y, torch.ones(2), num_untrained=1, device=torch.device("cpu"), precision="fp32"
     )
     assert m["val_accuracy"].item() == pytest.approx(0.5)
-    assert m["val_balanced_accuracy"].item() == pytest.approx(
-        2 / 3
-    )  # recalls 1, 1, 0 (not trained)
+    # recalls 1, 1, 0 (not trained)
+    assert m["val_balanced_accuracy"].item() == pytest.approx(2 / 3)
     assert math.isfinite(m["val_loss"].item())
 
 

@@ -20,6 +20,9 @@ from samprobe.cli import main
 from samprobe.data.records import read_splits
 from samprobe.tracking import read_csv_rows
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -152,9 +155,8 @@ def test_numeric_class_names_and_indices_are_never_mixed(
 
     assert main(["validate", "-c", cfg, "--set", "data.label_type=name"]) == 0
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
-    assert (
-        report["label_type"] == "name" and report["unknown_label"] == 16
-    )  # the "0" and "1" rows: no such class
+    # the "0" and "1" rows: no such class
+    assert report["label_type"] == "name" and report["unknown_label"] == 16
     recs = read_splits(tmp_path / "run" / "splits.csv")
     assert {r.label for r in recs} == {"3", "7", "12"} and all(
         r.label == read_label(tmp_path, r.path) for r in recs
@@ -305,16 +307,16 @@ def test_split_column_without_val_gets_a_carved_val_split(
         run_ok(cfg, "validate", "extract", "train")
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert "no val rows, so val is carved from its train rows" in report["splits"]["source"]
+    # 3 per class: round(0.15 x 20)
     assert report["splits"]["counts"] == {
         "train": 39,
         "val": 9,
         "test": 12,
-    }  # 3 per class: round(0.15 x 20)
+    }
     assert any("val is carved from its train rows" in m for m in log.lines)
     recs = read_splits(tmp_path / "run" / "splits.csv")
-    assert all(
-        (r.split == "test") == (rows[r.row - 1]["split"] == "test") for r in recs
-    )  # test rows untouched
+    # test rows untouched
+    assert all((r.split == "test") == (rows[r.row - 1]["split"] == "test") for r in recs)
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
     assert math.isfinite(best["metrics"]["val_balanced_accuracy"])
 
@@ -476,6 +478,5 @@ def test_last_checkpoint_does_not_grow_with_the_epochs(tmp_path: Path, shared_ca
         state = torch.load(last, weights_only=True)["train_state"]
         assert state["epoch"] == epochs and "history" not in state
         assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == epochs
-    assert abs(sizes[40] - sizes[3]) < 1024, (
-        sizes
-    )  # 37 more epochs of 8 heads' rows were ~40 KB more
+    # 37 more epochs of 8 heads' rows were ~40 KB more
+    assert abs(sizes[40] - sizes[3]) < 1024, sizes

@@ -20,6 +20,9 @@ import pytest
 from helpers.digits_run import write_digits_project
 from samprobe.cli import main
 
+# each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -367,9 +370,8 @@ def test_read_only_cache_can_be_read(trained: Path, tmp_path: Path) -> None:
             ["evaluate", *cfg, "--checkpoint", str(tmp_path / "run/checkpoints/best.pt")], trained
         )
         assert rc == 0, err
-        rc, err = run_cli(
-            ["cache", "verify", *cfg, "--repair"], trained
-        )  # repairing writes: refused, exit 2
+        # repairing writes: refused, exit 2
+        rc, err = run_cli(["cache", "verify", *cfg, "--repair"], trained)
         assert rc == 2 and "features.cache_dir" in err and "cannot be created or written" in err, (
             err
         )

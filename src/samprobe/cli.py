@@ -184,7 +184,7 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
             else "no checksum published: sha256 recorded on first download"
         )
         print(
-            f"{name:22} {entry.family:10} {entry.url}\n{'':33} {checksum}; source: {entry.source}"
+            f"{name:22} {entry.family:16} {entry.url}\n{'':39} {checksum}; source: {entry.source}"
         )
     return 0
 

@@ -73,7 +73,7 @@ class DataConfig(_Strict):
 class BackboneConfig(_Strict):
     name: str = "sam"
     """Registry name: sam (any SAM-family checkpoint, detected) | sam_hq | sam2 | mobile_sam |
-    efficientnet_lite0 | timm."""
+    efficientvit_sam | efficientnet_lite0 | timm."""
     checkpoint: Path | None = None
     variant: Literal[
         "auto",
@@ -85,6 +85,11 @@ class BackboneConfig(_Strict):
         "hiera_b+",
         "hiera_l",
         "tiny_vit_5m",
+        "efficientvit_l0",
+        "efficientvit_l1",
+        "efficientvit_l2",
+        "efficientvit_xl0",
+        "efficientvit_xl1",
         "custom",
     ] = "auto"
     """Encoder geometry; auto = read from the weights (a named one is checked against them)."""
@@ -403,8 +408,8 @@ data:
 backbone:
   name: sam                   # sam (SAM 1, SAM-HQ or SAM 2/2.1: read from the file) | efficientnet_lite0 | timm
   checkpoint: weights/sam_vit_b_01ec64.pth  # `samprobe weights list`, `samprobe weights download sam_vit_b`
-  # variant: vit_b | vit_l | vit_h (SAM 1, SAM-HQ) | hiera_t | hiera_s | hiera_b+ | hiera_l (SAM
-  # 2/2.1)
+  # variant: vit_b | vit_l | vit_h (SAM 1, SAM-HQ) | hiera_t | hiera_s | hiera_b+ | hiera_l
+  #   (SAM 2/2.1) | tiny_vit_5m (MobileSAM) | efficientvit_l0 ... efficientvit_xl1 (EfficientViT-SAM)
   variant: auto               # auto: read from the weights
   img_size: null              # null = native (SAM 1024); 512/768 trade fidelity for speed
 

@@ -36,15 +36,13 @@ def write_digits_dataset(root: Path) -> tuple[Path, Path]:
     rows = []
     for i, (img, target) in enumerate(zip(digits.images, digits.target)):
         name = f"digit_{i:04d}.png"
-        grey = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(
-            np.uint8
-        )  # 0..16 ink levels -> 0..255
+        # 0..16 ink levels -> 0..255
+        grey = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
         Image.fromarray(grey, mode="L").save(images_dir / name)
         rows.append((name, DIGIT_NAMES[int(target)]))
     for j in range(MISSING_ROWS):
-        rows.append(
-            (f"lost_scan_{j}.png", DIGIT_NAMES[j])
-        )  # listed but never written: reported as missing
+        # listed but never written: reported as missing
+        rows.append((f"lost_scan_{j}.png", DIGIT_NAMES[j]))
     metadata = root / "metadata.csv"
     with open(metadata, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -59,9 +59,8 @@ def resolve_device(device: str) -> torch.device:
         )
     rank = local_rank()
     if rank is None:
-        return torch.device(
-            "cuda"
-        )  # the current device; no CUDA call here (the fingerprint paths need none)
+        # the current device; no CUDA call here (the fingerprint paths need none)
+        return torch.device("cuda")
     count = torch.cuda.device_count()
     if rank >= count:
         raise DeviceError(
@@ -205,9 +204,8 @@ def cpu_probe() -> CpuProbe:
         if store:
             record = {k: v for k, v in asdict(probe).items() if k != "cached"}
             known[name] = {**record, "precision": probe.precision}
-            with contextlib.suppress(
-                OSError
-            ):  # a read-only home only costs the next process a probe
+            # a read-only home only costs the next process a probe
+            with contextlib.suppress(OSError):
                 atomic_write_text(store, json.dumps(known, indent=1))
     _PROBES[key] = probe
     return probe
@@ -281,9 +279,8 @@ def runnable_precision(device: torch.device, stored: str) -> str:
     on ``device``: the same when it runs there, else the closest that does (tf32 -> fp32 off
     CUDA; fp16 -> fp32 on the CPU, more exact than fp16 and faster than its emulation there)."""
     device = torch.device(device)
-    if (
-        device.type == "cuda"
-    ):  # each runs here (bf16 emulated before 8.0: slower, the same features)
+    # each runs here (bf16 emulated before 8.0: slower, the same features)
+    if device.type == "cuda":
         return "fp32" if stored == "tf32" and not tf32_allowed() else stored
     return "fp32" if stored in ("tf32", "fp16") else stored
 

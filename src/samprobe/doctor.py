@@ -217,9 +217,8 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
         device = resolve_device(cfg.device)
         precision = resolve_precision(device, cfg.precision)
         state["device"] = device
-        probe = (
-            f"; {cpu_probe().summary()}" if device.type == "cpu" else ""
-        )  # why auto chose, and what bf16 would give
+        # why auto chose, and what bf16 would give
+        probe = f"; {cpu_probe().summary()}" if device.type == "cpu" else ""
         return f"device {describe_device(device)}, precision {precision} (precision: {cfg.precision}){probe}"
 
     def _gpu() -> str:
@@ -250,9 +249,8 @@ def doctor_checks(config: str | Path, overrides: list[str]) -> list[Check]:
     def _backbone() -> str:
         from samprobe.backbones.registry import build_backbone
 
-        backbone = build_backbone(
-            cfg.backbone
-        )  # reads the checkpoint, checks its geometry against the variant
+        # reads the checkpoint, checks its geometry against the variant
+        backbone = build_backbone(cfg.backbone)
         pooling = backbone.resolve_pooling(cfg.features.pooling)
         state["input_size"] = backbone.input_size
         state["dim"] = backbone.pooled_dim(pooling)

@@ -70,9 +70,8 @@ def export_features(cfg: Config, *, records: list[Record], split: str, out: Path
                 fix="pip install 'samprobe[parquet]' or export to .npz",
             ) from None
         columns = {"path": paths, "label": labels, "split": splits, "features": list(x)}
-        if (
-            grid is not None
-        ):  # parquet has no 3-d cells: each row's grid flattened, token-major [T*C]
+        # parquet has no 3-d cells: each row's grid flattened, token-major [T*C]
+        if grid is not None:
             columns["spatial"] = list(grid.reshape(len(recs), -1))
         table = pa.table(columns)
         with atomic_open(out, "wb") as f:

@@ -124,9 +124,8 @@ def cross_fit(
     step = rows_per_step(int(np.prod(x.shape[1:])), 4096)  # grids: bounded activations
     with torch.no_grad():
         for f in range(folds):
-            heads = torch.arange(
-                f, len(grid), folds, device=trainer.device
-            )  # fold f of every setting
+            # fold f of every setting
+            heads = torch.arange(f, len(grid), folds, device=trainer.device)
             rows = np.flatnonzero(fold == f)
             for i in range(0, len(rows), step):
                 part = rows[i : i + step]
@@ -342,9 +341,8 @@ def inspect_features(
         taxonomy, [r.label for r in data["train"][0]], min_classes=1
     )
     y_all = mapping.to_head([r.label for r in fit_recs])
-    usable = np.flatnonzero(
-        y_all != IGNORE
-    )  # val images of classes with no training image: no head class
+    # val images of classes with no training image: no head class
+    usable = np.flatnonzero(y_all != IGNORE)
     labelled = [fit_recs[i] for i in usable]
     y = y_all[usable]
     issues: list[list[Any]] = []
@@ -403,9 +401,8 @@ def inspect_features(
 
     # --- near-duplicates, leakage, outliers over every split ---
     t_nn = time.perf_counter()
-    matmul = (
-        torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32
-    )  # GPUs: fp32 is plenty fast
+    # GPUs: fp32 is plenty fast
+    matmul = torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32
     sims, idx = nearest_neighbours(pooled, max(icfg.neighbours, 10), dtype=matmul, device=device)
     pairs = duplicate_pairs(sims, idx, icfg.duplicate_cosine)
     groups = duplicate_groups(len(recs), pairs)

@@ -8,6 +8,7 @@ modules they use (data/, features/, train/, predict, inspection, export) never i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,8 +28,10 @@ from samprobe.data.splits import assign_splits, carves_val
 from samprobe.data.validate import validate
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
-from samprobe.features.cache import check_free_space, register_run
+from samprobe.features.cache import register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
+from samprobe.features.manifest import ManifestWriter
+from samprobe.features.ranks import plan_ranks
 from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir
 from samprobe.logs import count_of
 from samprobe.predict import predict_features
@@ -121,9 +124,8 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     settings = split_settings(cfg)
     key = _settings_key(settings)
     ledger, last = read_split_ledger(run_dir)
-    if (
-        last is None and "" in ledger
-    ):  # a splits.csv without a ledger: taken as under these settings
+    # a splits.csv without a ledger: taken as under these settings
+    if last is None and "" in ledger:
         ledger[key] = {**ledger.pop(""), **ledger.get(key, {})}
         last = key
     previous = ledger.get(last, {}) if last is not None else {}  # what the run used until now
@@ -149,9 +151,8 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
         "new": len(ds.records) - len(known),
         "counts": {s: sum(r.split == s for r in ds.records) for s in ("train", "val", "test")},
     }
-    (run_dir / "splits.csv").unlink(
-        missing_ok=True
-    )  # a run that stops below must not leave usable splits
+    # a run that stops below must not leave usable splits
+    (run_dir / "splits.csv").unlink(missing_ok=True)
     (run_dir / FAILURES_FILE).unlink(missing_ok=True)  # about the previous validation's images
     report = write_report(ds, run_dir)
     for line in summary_lines(report, ds.problems):
@@ -277,22 +278,22 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)
     if rank == 0:
-        register_run(
-            cfg.features.cache_dir, run_dir
-        )  # cache prune keeps what this run's splits.csv lists
-    with extractor.open_cache(cfg.features.cache_dir) as cache:
-        plan = extractor.plan(records, cache, rank, world)
-        keys = [r.sha256 for r in records]
-        n_missing = len(extractor.missing(cache, keys))  # all ranks together
+        # cache prune keeps what this run's splits.csv lists
+        register_run(cfg.features.cache_dir, run_dir)
+    # Only rank 0 opens the index; under torchrun every rank writes through its own manifest.
+    cache, plan = plan_ranks(
+        extractor,
+        records,
+        lambda: extractor.open_cache(cfg.features.cache_dir),
+        rank=rank,
+        world=world,
+    )
+    with cache if cache is not None else contextlib.nullcontext():
         devices = [describe_device(extractor.device)]
         if world > 1:
             devices = [None] * world
-            dist.all_gather_object(
-                devices, describe_device(extractor.device)
-            )  # the summary names every rank's GPU
-            dist.barrier()  # every rank has read the index before any rank writes to it
-        need = extractor.disk_need(cache, keys)  # pooled + grid
-        free = check_free_space(cache.root, need)
+            # the summary names every rank's GPU
+            dist.all_gather_object(devices, describe_device(extractor.device))
         grid = (
             f" + {extractor.spatial}x{extractor.spatial} grid of "
             f"{extractor.backbone.grid_shape()[0]}-d tokens"
@@ -304,32 +305,40 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
             if world == 1
             else f"{world} ranks: " + ", ".join(f"{r} on {d}" for r, d in enumerate(devices))
         )
+        root = Path(cfg.features.cache_dir) / extractor.fingerprint
         log.info(
-            f"extract: {len(records)} images ({n_missing} to extract, ~{need / 1e6:.1f} MB on "
-            f"disk, {free / 1e9:.1f} GB free), "
+            f"extract: {len(records)} images ({plan.missing} to extract, "
+            f"~{plan.need / 1e6:.1f} MB on disk, {plan.free / 1e9:.1f} GB free), "
             f"backbone {cfg.backbone.name} ({extractor.backbone.input_size}px, "
             f"{extractor.precision}, {where}), features {'+'.join(extractor.pooling)} = "
-            f"{extractor.dim}-d{grid}, cache {cache.root}"
+            f"{extractor.dim}-d{grid}, cache {root}"
         )
-        result = extractor.run(
-            records,
-            cache,
-            batch_size=cfg.features.batch_size,
-            num_workers=cfg.resolved_num_workers(),
-            max_pixels=cfg.data.max_pixels,
-            progress=progress,
-            rank=rank,
-            world=world,
-            plan=plan,
-        )
+        sink = cache if world == 1 else ManifestWriter(root, extractor.dtype, rank)
+        try:
+            result = extractor.run(
+                records,
+                sink,
+                batch_size=cfg.features.batch_size,
+                num_workers=cfg.resolved_num_workers(),
+                max_pixels=cfg.data.max_pixels,
+                progress=progress,
+                rank=rank,
+                world=world,
+                plan=(plan.todo, plan.cached),
+            )
+        finally:
+            if isinstance(sink, ManifestWriter):
+                sink.close()
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, (result.extracted, result.seconds, result.failures))
             result.extracted = sum(g[0] for g in gathered)
             result.seconds = max(g[1] for g in gathered)
             result.failures = [f for g in gathered for f in g[2]]
-            dist.barrier()  # every rank's shards are committed before rank 0 compacts
-        if rank == 0:
+            dist.barrier()  # every rank's manifest is closed before rank 0 merges
+        if cache is not None:
+            if world > 1:
+                cache.merge_manifests()
             cache.compact()
             cache.remove_orphans()
     if world > 1:
@@ -403,9 +412,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     check_head_input(cfg)
     records, taxonomy = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
-    extractor = Extractor.from_config(
-        cfg, on_device=False
-    )  # fingerprint only: no encoder weights on the GPU
+    # fingerprint only: no encoder weights on the GPU
+    extractor = Extractor.from_config(cfg, on_device=False)
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
     data = features_by_split(cfg, extractor, records, spatial)
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
@@ -550,9 +558,8 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             metrics=tr.history[-1] if tr.history else {},
             train_state=tr.state_dict(),
         )
-        save_checkpoint(
-            state, ckpt_dir / "last.pt"
-        )  # every epoch, atomic: a kill loses at most one epoch
+        # every epoch, atomic: a kill loses at most one epoch
+        save_checkpoint(state, ckpt_dir / "last.pt")
         if cfg.train.save_every and tr.epoch % cfg.train.save_every == 0:
             save_checkpoint(state, ckpt_dir / f"epoch_{tr.epoch:04d}.pt")
             rotate_epoch_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)

@@ -89,9 +89,8 @@ class Classifier:
         cfg = Config(device=device, precision=precision, backbone=BackboneConfig(**backbone))
         cfg.features.pooling = list(ckpt.backbone.pooling)
         cfg.features.dtype = ckpt.backbone.dtype
-        cfg.features.spatial = (
-            ckpt.spatial
-        )  # the extractor then also computes (and caches) the grid
+        # the extractor then also computes (and caches) the grid
+        cfg.features.spatial = ckpt.spatial
         extractor = Extractor.from_config(cfg, precision=run_at)
         other = trained_at != extractor.precision
         log.info(

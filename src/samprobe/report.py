@@ -216,9 +216,8 @@ def _num(v: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(
-        v, str
-    ):  # a CSV cell: integers (row numbers, counts) as written, decimals rounded
+    # a CSV cell: integers (row numbers, counts) as written, decimals rounded
+    if isinstance(v, str):
         try:
             return v if v.lstrip("-").isdigit() else _num(float(v))
         except ValueError:

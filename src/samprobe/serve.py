@@ -240,9 +240,8 @@ def parse_json(body: bytes, default_top_k: int) -> tuple[list[Upload], int]:
             raise Rejected(
                 422, "bad_field", f"{where} must be a base64 string, not {type(item).__name__}"
             )
-        text = (
-            item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
-        )  # data URLs too
+        # data URLs too
+        text = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
         try:
             uploads.append(Upload(where, base64.b64decode(text, validate=True)))
         except (binascii.Error, ValueError):
@@ -388,9 +387,8 @@ class Batcher:
         return out
 
     def _deliver(self, job: _Job, result: Any, error: BaseException | None = None) -> None:
-        with contextlib.suppress(
-            RuntimeError
-        ):  # the loop closed (the server is gone): nobody waits
+        # the loop closed (the server is gone): nobody waits
+        with contextlib.suppress(RuntimeError):
             job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
     def _fail(self, job: _Job) -> None:
@@ -900,9 +898,8 @@ def serve(
         for sig in ((signal.SIGTERM, signal.SIGINT) if main else ())
     }
     try:
-        sock = _listen(
-            host, port
-        )  # before loading the model: a taken port fails in a second, not after a load
+        # before loading the model: a taken port fails in a second, not after a load
+        sock = _listen(host, port)
         try:
             classifier = Classifier.load(checkpoint, device=device)
             app = create_app(classifier, settings, checkpoint=checkpoint)

@@ -11,6 +11,7 @@ import torch
 from helpers.sam2_factory import official_sam2
 from helpers.sam_factory import (
     write_official_checkpoint,
+    write_official_efficientvit_sam_checkpoint,
     write_official_hq_checkpoint,
     write_official_mobile_sam_checkpoint,
 )
@@ -38,6 +39,11 @@ def _mobile_sam(root: Path) -> dict:
     return {"name": "mobile_sam", "checkpoint": str(path), "img_size": 256}
 
 
+def _efficientvit_sam(root: Path) -> dict:
+    path = write_official_efficientvit_sam_checkpoint(root / "efficientvit_sam_tiny.pt", "tiny")
+    return {"name": "efficientvit_sam", "checkpoint": str(path), "img_size": 256}
+
+
 def _efficientnet_lite0(root: Path) -> dict:
     return {"name": "efficientnet_lite0", "img_size": 96}  # bundled real ImageNet weights
 
@@ -56,6 +62,7 @@ TINY: dict[str, Callable[[Path], dict]] = {
     "sam_hq": _sam_hq,
     "sam2": _sam2,
     "mobile_sam": _mobile_sam,
+    "efficientvit_sam": _efficientvit_sam,
     "efficientnet_lite0": _efficientnet_lite0,
     "timm": _timm,
 }

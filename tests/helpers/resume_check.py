@@ -26,9 +26,8 @@ def assert_resumes_bitwise(
     torch.manual_seed(999)  # a fresh process has another global RNG state
     state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     resumed = make()
-    assert (
-        "history" not in state
-    )  # it lives in metrics.jsonl: last.pt must not grow with the epochs
+    # it lives in metrics.jsonl: last.pt must not grow with the epochs
+    assert "history" not in state
     resumed.load_state_dict(state, part.history)
     res = resumed.run()
     for k, v in full.model.state_dict().items():

@@ -226,3 +226,79 @@ def write_official_mobile_sam_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sam.state_dict(), path)
     return path
+
+
+# EfficientViT-SAM geometries for efficientsam (PyPI; mit-han-lab/efficientvit at de7d773): the five
+# releases by their model-zoo names, and narrow L- and XL-type ones for fast tests.
+_TINY_EFFICIENTVIT = {
+    "tiny": dict(
+        backbone=dict(width_list=[8, 16, 32, 64, 128], depth_list=[1, 1, 1, 1, 1], qkv_dim=16),
+        neck=dict(fid_list=["stage4", "stage3", "stage2"], in_channel_list=[128, 64, 32]),
+        neck_expand=1,
+    ),
+    "tiny_xl": dict(
+        backbone=dict(
+            width_list=[8, 16, 32, 64, 128, 256],
+            depth_list=[0, 1, 1, 1, 1, 1],
+            block_list=["res", "fmb", "fmb", "fmb", "att@3", "att@3"],
+            expand_list=[1, 4, 4, 4, 4, 6],
+            fewer_norm_list=[False, False, False, False, True, True],
+            qkv_dim=16,
+        ),
+        neck=dict(fid_list=["stage5", "stage4", "stage3"], in_channel_list=[256, 128, 64]),
+        neck_expand=4,
+    ),
+}
+
+
+def build_official_efficientvit_sam(geometry: str = "tiny", seed: int = 0):
+    """EfficientViT-SAM as efficientsam's model zoo builds it (``create_efficientvit_sam_model``, norm
+    eps 1e-6), random weights; BatchNorm statistics and affine parameters randomised too (the
+    defaults, mean 0 / var 1 / identity, would hide a mix-up of two norms)."""
+    from efficientsam.models.efficientvit.backbone import EfficientViTLargeBackbone
+    from efficientsam.models.efficientvit.sam import (
+        EfficientViTSamImageEncoder,
+        SamNeck,
+        build_efficientvit_sam,
+    )
+    from efficientsam.models.nn.norm import set_norm_eps
+    from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+
+    torch.manual_seed(seed)
+    if geometry in _TINY_EFFICIENTVIT:
+        spec = _TINY_EFFICIENTVIT[geometry]
+        neck = SamNeck(
+            **spec["neck"],
+            head_width=32,
+            head_depth=1,
+            expand_ratio=spec["neck_expand"],
+            middle_op="fmb",
+        )
+        encoder = EfficientViTSamImageEncoder(EfficientViTLargeBackbone(**spec["backbone"]), neck)
+        model = build_efficientvit_sam(encoder, 512)
+        set_norm_eps(model, 1e-6)
+    else:  # l0 | l1 | l2 | xl0 | xl1
+        model = create_efficientvit_sam_model(f"efficientvit-sam-{geometry}", pretrained=False)
+    if next(model.parameters()).is_meta:
+        return model.eval()
+    with torch.no_grad():
+        for m in model.image_encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.1)
+                m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
+                m.weight.copy_(torch.randn_like(m.weight) * 0.1 + 1.0)
+                m.bias.copy_(torch.randn_like(m.bias) * 0.1)
+        norm = model.image_encoder.norm
+        norm.weight.copy_(torch.randn_like(norm.weight) * 0.1 + 1.0)
+        norm.bias.copy_(torch.randn_like(norm.bias) * 0.1)
+    return model.eval()
+
+
+def write_official_efficientvit_sam_checkpoint(
+    path: Path, geometry: str = "tiny", seed: int = 0
+) -> Path:
+    """As the releases (efficientvit_sam_l0.pt ...): ``torch.save(model.state_dict())``, flat."""
+    model = build_official_efficientvit_sam(geometry, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path

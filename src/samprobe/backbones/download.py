@@ -5,7 +5,7 @@ written to ``<name>.part`` first; an interrupted download resumes from there wit
 request; the checksum is checked before the file is fsynced and renamed into place, so a
 half-written or corrupt checkpoint is never visible under its final name.
 
-SAM 1 files have published MD5s. SAM 2.1, SAM-HQ and MobileSAM publish none (their READMEs and
+SAM 1 files have published MD5s. SAM 2.1, SAM-HQ, MobileSAM and EfficientViT-SAM publish none (their READMEs and
 download scripts give URLs only), so the first download records the file's sha256 beside it
 (``<file>.sha256``) and says so; every later download or check of that folder must match it.
 """
@@ -82,6 +82,16 @@ CATALOGUE: dict[str, WeightsEntry] = {
         None,
         "ChaoningZhang/MobileSAM README (weights/ in the repo)",
     ),
+    **{
+        f"efficientvit_sam_{size}": WeightsEntry(
+            f"https://huggingface.co/mit-han-lab/efficientvit-sam/resolve/main/efficientvit_sam_{size}.pt",
+            "efficientvit_sam",
+            None,
+            "mit-han-lab/efficientvit applications/efficientvit_sam/README.md (Hugging Face "
+            "mit-han-lab/efficientvit-sam)",
+        )
+        for size in ("l0", "l1", "l2", "xl0", "xl1")
+    },
 }
 """Every checkpoint ``samprobe weights download`` knows, by name."""
 
@@ -162,9 +172,8 @@ def download_weights(
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / Path(urlparse(entry.url).path).name
-    record = final.with_name(
-        final.name + ".sha256"
-    )  # the first download's sha256 (no published checksum)
+    # the first download's sha256 (no published checksum)
+    record = final.with_name(final.name + ".sha256")
     if final.is_file() and (file_md5(final) == md5 if md5 else _matches_record(final, record)):
         return final
     part = final.with_name(final.name + ".part")

@@ -27,6 +27,7 @@ from torch import nn
 from samprobe.backbones.registry import (
     PooledFeature,
     PooledMapsBackbone,
+    neck_features,
     pool_grid,
     pool_maps,
     valid_token_mask,
@@ -300,8 +301,12 @@ class TinyViTEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised [B, 3, S, S] -> (last stage [B, C, S/16, S/16], neck [B, 256, S/16, S/16])."""
-        x = self.patch_embed(x)
+        """Normalised [B, 3, S, S] -> (last stage [B, C, S/16, S/16], neck [B, 256, S/16, S/16]).
+
+        Runs channels-last (the weights are converted at load): the convolutions skip oneDNN's
+        layout reorders and the blocks' NCHW <-> token permutes become views. TinyViT-5M at
+        1024 px ran 1.57x faster than in NCHW (paired runs, /proc/loadavg 15 on 2 cores)."""
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
         return x, self.neck(x)
@@ -347,9 +352,8 @@ class MobileSamBackbone(PooledMapsBackbone):
             encoder = TinyViTEncoder(geometry)
         enc_sd = encoder_state(sd)
         missing, unexpected = encoder.load_state_dict(enc_sd, strict=False, assign=True)
-        unexpected = [
-            k for k in unexpected if not k.startswith(("norm_head.", "head."))
-        ]  # unused classifier
+        # unused classifier
+        unexpected = [k for k in unexpected if not k.startswith(("norm_head.", "head."))]
         if missing or unexpected:
             raise CheckpointError(
                 f"MobileSAM encoder weights do not match their own geometry: missing "
@@ -361,17 +365,13 @@ class MobileSamBackbone(PooledMapsBackbone):
         ) in encoder.modules():  # non-persistent buffers are not in the file: build them for real
             if isinstance(mod, Attention):
                 mod.attention_bias_idxs = bias_index(mod.window)
+        encoder = encoder.to(memory_format=torch.channels_last)
         return cls(encoder.eval().requires_grad_(False), geometry, img_size, path)
 
     def features(self) -> dict[str, PooledFeature]:
         g = self.geometry
         return {
-            "neck_avg": PooledFeature(
-                "neck", "avg", g.out_chans, doc="the 256-d distilled SAM embedding, averaged"
-            ),
-            "neck_max": PooledFeature(
-                "neck", "max", g.out_chans, doc="the embedding, max over tokens"
-            ),
+            **neck_features(g.out_chans, "the 256-d distilled SAM embedding"),
             "trunk_avg": PooledFeature(
                 "trunk", "avg", g.embed_dims[-1], doc="TinyViT's last stage, averaged"
             ),

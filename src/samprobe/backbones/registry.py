@@ -56,6 +56,15 @@ class PooledFeature:
         return len(self.layer_widths)
 
 
+def neck_features(width: int, what: str) -> dict[str, PooledFeature]:
+    """The two pooled views of a SAM-style embedding (``what``: how docs name it): the
+    family-wide default ``neck_avg`` and ``neck_max``."""
+    return {
+        "neck_avg": PooledFeature("neck", "avg", width, doc=f"{what}, averaged"),
+        "neck_max": PooledFeature("neck", "max", width, doc=f"{what}, max over tokens"),
+    }
+
+
 @dataclass(frozen=True)
 class FeatureRequest:
     """A pooling name resolved against a feature table: the maps to pool, in output order."""
@@ -325,8 +334,8 @@ BACKBONES: dict[str, BackboneEntry] = {
             "samprobe.backbones.sam_family:build_any_sam",
             "samprobe.backbones.registry:Backbone",
             "the detected family's own",
-            "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM) and "
-            "geometry are read from the file, and said",
+            "any SAM-family checkpoint: the family (SAM 1, SAM-HQ, SAM 2/2.1, MobileSAM, "
+            "EfficientViT-SAM) and geometry are read from the file, and said",
         ),
         BackboneEntry(
             "sam_hq",
@@ -348,6 +357,13 @@ BACKBONES: dict[str, BackboneEntry] = {
             "samprobe.backbones.mobile_sam:MobileSamBackbone",
             _SAM1_PREP,
             "MobileSAM: TinyViT-5M distilled from SAM ViT-H's embedding (256x64x64 at 1024 px)",
+        ),
+        BackboneEntry(
+            "efficientvit_sam",
+            "samprobe.backbones.sam_family:build_efficientvit_sam",
+            "samprobe.backbones.efficientvit_sam:EfficientVitSamBackbone",
+            _SAM1_PREP,
+            "EfficientViT-SAM L0/L1/L2 (512 px) and XL0/XL1 (1024 px): the 256x64x64 SAM embedding",
         ),
         BackboneEntry(
             "efficientnet_lite0",

@@ -280,9 +280,8 @@ class SamBackbone(PooledMapsBackbone):
         if spatial is None:
             return feats, None
         p = self.geometry.patch_size
-        tokens_hw = torch.div(
-            hw_cpu.long() + p - 1, p, rounding_mode="floor"
-        )  # [B, 2] = ceil(h'/p), ceil(w'/p)
+        # [B, 2] = ceil(h'/p), ceil(w'/p)
+        tokens_hw = torch.div(hw_cpu.long() + p - 1, p, rounding_mode="floor")
         return feats, pool_grid(neck, tokens_hw, spatial)
 
     def grid_shape(self) -> tuple[int, int, int]:

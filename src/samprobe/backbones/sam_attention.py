@@ -60,9 +60,8 @@ def _folded_attention(
     tok = torch.arange(N, device=q.device)
     onehot_h = F.one_hot(tok // W, H).to(q.dtype)  # [N, Hk]: key row of each key token
     onehot_w = F.one_hot(tok % W, W).to(q.dtype)  # [N, Wk]: key column
-    qa = torch.cat(
-        [q * scale, rel_h.reshape(G, N, H), rel_w.reshape(G, N, W)], dim=-1
-    )  # [G, N, hd+Hk+Wk]
+    # [G, N, hd+Hk+Wk]
+    qa = torch.cat([q * scale, rel_h.reshape(G, N, H), rel_w.reshape(G, N, W)], dim=-1)
     ka = torch.cat([k, onehot_h.expand(G, N, H), onehot_w.expand(G, N, W)], dim=-1)
     out = torch.empty_like(q)
     groups = max(1, _CHUNK_ELEMS // (N * N))
@@ -219,11 +218,12 @@ class SamAttention(Attention):
     def _attend(self, qkv: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """qkv [3, G, N, hd] head-major (G = batch * heads) -> [G, N, hd], outside autocast."""
         q, k, v = qkv.unbind(0)
+        # training the encoder: no cache
         tables = (
             self._tables(hw, q.dtype)
             if not torch.is_grad_enabled()
             else rel_pos_tables(self.rel_pos_h, self.rel_pos_w, hw, q.dtype)
-        )  # training the encoder: no cache
+        )
         return rel_pos_attention(q, k, v, tables, hw, self.scale, self.impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,9 +235,8 @@ class SamAttention(Attention):
         with torch.autocast(device_type=x.device.type, enabled=False):
             # One copy to head-major layout: strided q/k/v make every chunk's matmul slower.
             # (.contiguous(), not reshape: with B = 1 reshape can merge B and h as a strided view.)
-            qkv = (
-                qkv.view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous()
-            )  # [3, B, h, N, hd]
+            # [3, B, h, N, hd]
+            qkv = qkv.view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous()
             o = self._attend(qkv.view(3, B * self.num_heads, N, -1), (H, W))  # [B*h, N, hd]
             o = o.view(B, self.num_heads, N, -1).transpose(1, 2).reshape(B, N, -1)  # [B, N, C]
         return self.proj(o).view(B, H, W, -1)
@@ -267,9 +266,8 @@ class SamAttention(Attention):
             # [B, nh, ws, nw, ws, 3, h, hd] -> [3, B, nh, nw, h, ws, ws, hd]: one copy, head-major
             # windows
             qkv = qkv.view(B, nh, ws, nw, ws, 3, h, -1).permute(5, 0, 1, 3, 6, 2, 4, 7).contiguous()
-            o = self._attend(
-                qkv.view(3, B * nh * nw * h, ws * ws, -1), (ws, ws)
-            )  # [B*nW*h, ws*ws, hd]
+            # [B*nW*h, ws*ws, hd]
+            o = self._attend(qkv.view(3, B * nh * nw * h, ws * ws, -1), (ws, ws))
             # [B, nh, nw, h, ws, ws, hd] -> [B, nh, ws, nw, ws, h, hd] -> [B, Hp, Wp, C], crop the
             # padding
             o = o.view(B, nh, nw, h, ws, ws, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, C)

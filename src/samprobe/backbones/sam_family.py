@@ -8,6 +8,8 @@ geometry, in each family's own module):
   ``mask_decoder.compress_vit_feat.*``...); the image encoder is SAM's own.
 - MobileSAM: flat ``image_encoder.*`` of a TinyViT (``image_encoder.patch_embed.seq.*``,
   ``image_encoder.layers.*``); SAM-HQ's light ``vit_tiny`` has the same encoder.
+- EfficientViT-SAM: flat ``image_encoder.backbone.stages.*`` + ``image_encoder.neck.input_ops.*``
+  (mit-han-lab's ``EfficientViTSamImageEncoder``), maybe inside ``{"state_dict": ...}``.
 - SAM 1: flat ``image_encoder.*`` (or a timm ``samvit_*`` encoder state dict).
 Only ``torch.load(weights_only=True)`` ever reads a file (``sam_state_dict.read_checkpoint``).
 """
@@ -27,7 +29,13 @@ from samprobe.errors import ConfigError
 
 log = logging.getLogger("samprobe")
 
-FAMILY_NAMES = {"sam1": "SAM 1", "sam_hq": "SAM-HQ", "sam2": "SAM 2", "mobile_sam": "MobileSAM"}
+FAMILY_NAMES = {
+    "sam1": "SAM 1",
+    "sam_hq": "SAM-HQ",
+    "sam2": "SAM 2",
+    "mobile_sam": "MobileSAM",
+    "efficientvit_sam": "EfficientViT-SAM",
+}
 """family -> how messages name it."""
 
 _HQ_DECODER = (
@@ -40,13 +48,14 @@ _HQ_DECODER = (
 
 
 def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Flat state dict (wrappers removed) -> "sam2" | "sam_hq" | "sam1" (from key names only)."""
+    """Flat state dict (wrappers removed) -> a ``FAMILY_NAMES`` key (from key names only)."""
     keys = list(state_dict)
     if any(k.startswith("image_encoder.trunk.") for k in keys):
         return "sam2"
-    if (
-        "image_encoder.patch_embed.seq.0.c.weight" in state_dict
-    ):  # TinyViT (also SAM-HQ's light vit_tiny)
+    if any(k.startswith("image_encoder.backbone.stages.") for k in keys):
+        return "efficientvit_sam"
+    # TinyViT (also SAM-HQ's light vit_tiny)
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:
         return "mobile_sam"
     if any(k.startswith(_HQ_DECODER) for k in keys):
         return "sam_hq"
@@ -62,6 +71,7 @@ def family_label(family: str, state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def _builders() -> dict[str, Callable[[BackboneConfig, Path, str], Backbone]]:
+    from samprobe.backbones.efficientvit_sam import build_efficientvit_sam_family
     from samprobe.backbones.mobile_sam import build_mobile_sam_family
     from samprobe.backbones.sam import build_sam_family
     from samprobe.backbones.sam2 import build_sam2_family
@@ -71,6 +81,7 @@ def _builders() -> dict[str, Callable[[BackboneConfig, Path, str], Backbone]]:
         "sam_hq": build_sam_family,
         "sam2": build_sam2_family,
         "mobile_sam": build_mobile_sam_family,
+        "efficientvit_sam": build_efficientvit_sam_family,
     }
 
 
@@ -114,3 +125,7 @@ def build_sam2(cfg: BackboneConfig) -> Backbone:
 
 def build_mobile_sam(cfg: BackboneConfig) -> Backbone:
     return build_detected(cfg, "mobile_sam")
+
+
+def build_efficientvit_sam(cfg: BackboneConfig) -> Backbone:
+    return build_detected(cfg, "efficientvit_sam")

@@ -125,9 +125,8 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             try:
                 obj = load(mmap=head.startswith(b"PK\x03\x04"))
             except RuntimeError:
-                obj = load(
-                    mmap=False
-                )  # a filesystem that cannot map files; a bad file fails again below
+                # a filesystem that cannot map files; a bad file fails again below
+                obj = load(mmap=False)
         except Exception as exc:  # torch raises several types for bad files; all mean the same here
             raise CheckpointError(
                 f"cannot read SAM checkpoint {path}: {_read_cause(exc)}",

@@ -77,9 +77,8 @@ class TimmBackbone(Backbone):
         return pooled, pool_grid(fmap, tokens_hw, spatial)
 
     def grid_shape(self) -> tuple[int, int, int]:
-        if (
-            self._grid_shape is None
-        ):  # one tiny CPU forward: timm models do not all report their stride
+        # one tiny CPU forward: timm models do not all report their stride
+        if self._grid_shape is None:
             ref = next(self.model.parameters())
             with torch.inference_mode():
                 fmap = self.model.forward_features(

@@ -39,9 +39,8 @@ class Batch:
     valid_hw: torch.Tensor  # int64 [B, 2]
     tags: list[int]
     keys: list[str]  # sha256 of the bytes actually decoded
-    failures: list[
-        tuple[int, str]
-    ]  # (tag, "kind: detail") for items that could not be loaded (failure_kind)
+    # (tag, "kind: detail") for items that could not be loaded (failure_kind)
+    failures: list[tuple[int, str]]
 
     def pin_memory(self) -> Batch:
         """The batch in page-locked memory: the DataLoader's pin thread calls this (``pin_memory=True``),

@@ -119,9 +119,8 @@ def assign_splits(
         n = len(group)
         if carve:
             n_val = _split_sizes(n, val_fraction, 0.0)[0]
-            n_val = (
-                n_val if n - have["test"] - n_val >= 1 else 0
-            )  # at least one image left to train on
+            # at least one image left to train on
+            n_val = n_val if n - have["test"] - n_val >= 1 else 0
             targets = {"val": n_val, "test": have["test"], "train": n - have["test"] - n_val}
         else:
             n_val, n_test = _split_sizes(n, val_fraction, test_fraction)

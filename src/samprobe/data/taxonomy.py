@@ -60,9 +60,8 @@ def label_text(value: Any) -> str:
     return str(value).strip()
 
 
-_INTEGER = re.compile(
-    r"-?[0-9]{1,18}"
-)  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+# ASCII digits only: str.isdigit() takes '²', which int() refuses
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 def _as_int(text: str) -> int | None:
@@ -92,9 +91,8 @@ def decide_label_type(labels: list[str], taxonomy: list[str], requested: str = "
     uniq = sorted(set(labels))
     as_name = {t for t in uniq if t in names}
     as_index = {t for t in uniq if _as_index(t, taxonomy) is not None}
-    differ = sorted(
-        t for t in as_name & as_index if _as_index(t, taxonomy) != t
-    )  # two classes for one text
+    # two classes for one text
+    differ = sorted(t for t in as_name & as_index if _as_index(t, taxonomy) != t)
     if len(as_name) == len(uniq) and (len(as_index) < len(uniq) or not differ):
         return "name"
     if len(as_index) == len(uniq) and len(as_name) < len(uniq) and not differ:

@@ -69,9 +69,8 @@ def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
     try:
         img = open_image(data, max_pixels)
         if img.format == "JPEG":
-            img.draft(
-                "RGB", (max(1, img.width // 8), max(1, img.height // 8))
-            )  # cheap full-file check
+            # cheap full-file check
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
         img.load()
     except ValueError as exc:
         return None, str(exc)

@@ -7,10 +7,15 @@ Layout of ``<cache_dir>/<fingerprint>/``:
   size, crc32, stat stamp) and table ``entries`` (key, array) -> (shard, row).
 - ``shards/<uuid>.bin``: raw C-order ``[rows, dim]`` arrays of the cache dtype, no header
   (shape and dtype live in the index), so a reader memory-maps them directly.
+- ``manifests/rank<R>-<uuid>.jsonl``: only while a multi-node extraction runs (or after one
+  died): each rank's append-only list of the shards it wrote. Ranks never write the index; one
+  process merges the manifests into it (``merge_manifests``, see ``features.manifest``): rank 0
+  at the end of the run, or the next process opening the cache for writing.
 
 Why it cannot lose or corrupt work:
-- A shard is written atomically (temp + fsync + rename) *before* the transaction that registers
-  it and its entries commits. A kill leaves at worst an orphan file nothing points to.
+- A shard is written atomically (temp + fsync + rename) *before* the transaction (or manifest
+  line) that registers it and its entries commits. A kill leaves at worst an orphan file
+  nothing points to.
 - Each shard has a crc32 and a stat stamp (size, mtime_ns, inode) recorded at write time.
   The first time a process opens a shard it compares the stamp; if the file changed in any
   way since it was written, the crc32 is recomputed and a mismatch marks it corrupt. A corrupt
@@ -33,8 +38,6 @@ import os
 import shutil
 import sqlite3
 import time
-import uuid
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,16 @@ from typing import Any
 import numpy as np
 
 from samprobe.errors import CacheError
-from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir, file_crc32
+from samprobe.features.manifest import (
+    MANIFEST_DIR,
+    ManifestRecord,
+    ShardFile,
+    file_stamp,
+    manifest_files,
+    read_manifest,
+    write_shard_file,
+)
+from samprobe.io import atomic_write_text, ensure_writable_dir, file_crc32
 
 log = logging.getLogger("samprobe")
 
@@ -73,6 +85,8 @@ CREATE TRIGGER IF NOT EXISTS entries_ins AFTER INSERT ON entries
     BEGIN UPDATE shards SET live = live + 1 WHERE id = NEW.shard; END;
 CREATE TRIGGER IF NOT EXISTS entries_del AFTER DELETE ON entries
     BEGIN UPDATE shards SET live = live - 1 WHERE id = OLD.shard; END;
+-- bytes of each per-rank manifest already merged (updated in the transaction adding its entries)
+CREATE TABLE IF NOT EXISTS manifests (file TEXT PRIMARY KEY, merged INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS entries_upd AFTER UPDATE OF shard ON entries WHEN OLD.shard != NEW.shard
     BEGIN UPDATE shards SET live = live - 1 WHERE id = OLD.shard;
           UPDATE shards SET live = live + 1 WHERE id = NEW.shard; END;
@@ -97,21 +111,11 @@ def check_free_space(path: Path, need: int) -> int:
     return free
 
 
-def _stamp(path: Path) -> str:
-    st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-
-
 @dataclass(frozen=True)
-class Shard:
+class Shard(ShardFile):
+    """A shard file registered in the index under ``id``."""
+
     id: int
-    file: str
-    array: str
-    rows: int
-    dim: int
-    nbytes: int
-    crc32: int
-    stamp: str
 
 
 @dataclass
@@ -184,16 +188,24 @@ class FeatureCache:
                 self.root / "index.sqlite", timeout=120, check_same_thread=False
             )
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(
-                "PRAGMA synchronous=NORMAL"
-            )  # WAL + NORMAL: durable across process kills
-            self.db.execute(
-                "PRAGMA recursive_triggers=ON"
-            )  # INSERT OR REPLACE must fire the delete trigger
+            # WAL + NORMAL: durable across process kills
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            # INSERT OR REPLACE must fire the delete trigger
+            self.db.execute("PRAGMA recursive_triggers=ON")
             with self.db:
                 self.db.executescript(_SCHEMA)
         self._opened: dict[int, np.ndarray] = {}  # shard id -> verified memory map (per process)
         self._bad: dict[int, str] = {}
+        unmerged = manifest_files(self.root)
+        if unmerged and readonly:
+            log.warning(
+                f"cache {self.root}: {len(unmerged)} manifest(s) of a multi-node "
+                "extraction are not merged into the index yet, so their features are not visible "
+                "here; `samprobe extract -c CONFIG` merges them"
+            )
+        # a multi-node run died before its merge (or one runs: its whole lines count)
+        elif unmerged:
+            self.merge_manifests()
 
     def _connect_readonly(self) -> sqlite3.Connection:
         """The index opened read-only. A WAL index whose -wal/-shm files are gone (the last writer
@@ -293,9 +305,9 @@ class FeatureCache:
 
     def _shards(self, ids: Iterable[int] | None = None) -> dict[int, Shard]:
         rows = self.db.execute(
-            "SELECT id, file, array, rows, dim, nbytes, crc32, stamp FROM shards"
+            "SELECT file, array, rows, dim, nbytes, crc32, stamp, id FROM shards"
         ).fetchall()  # no key lists
-        out = {r[0]: Shard(*r) for r in rows}
+        out = {r[-1]: Shard(*r) for r in rows}
         return out if ids is None else {i: out[i] for i in set(ids) if i in out}
 
     def _locations(self, keys: list[str], array: str) -> dict[str, tuple[int, int]]:
@@ -350,43 +362,42 @@ class FeatureCache:
             return "file missing"
         if size != shard.nbytes:
             return f"size {size} bytes, expected {shard.nbytes} (cut short or overwritten)"
-        if not full and _stamp(path) == shard.stamp:
+        if not full and file_stamp(path) == shard.stamp:
             return None  # untouched since it was written and checksummed
         if file_crc32(path) != shard.crc32:
             return "crc32 mismatch (bytes changed on disk)"
-        if (
-            not full and not self.readonly
-        ):  # content intact, only the stamp moved (copied/touched): remember the new one
+        # content intact, only the stamp moved (copied/touched): remember the new one
+        if not full and not self.readonly:
             with self.db:
-                self.db.execute("UPDATE shards SET stamp=? WHERE id=?", (_stamp(path), shard.id))
+                self.db.execute(
+                    "UPDATE shards SET stamp=? WHERE id=?", (file_stamp(path), shard.id)
+                )
         return None
 
     def _write_shard(self, array: np.ndarray, name: str, keys: list[str]) -> Shard:
         """Write ``array`` [rows, dim] (row i = ``keys[i]``) atomically and register it (the caller commits)."""
         data = np.ascontiguousarray(array, dtype=self.dtype)
-        file = f"{uuid.uuid4().hex}.bin"
-        path = self.shard_dir / file
-        with atomic_open(path, "wb") as f:
-            f.write(memoryview(data).cast("B"))
-        crc = zlib.crc32(memoryview(data).cast("B"))
+        return self._register(write_shard_file(self.shard_dir, data, name), keys)
+
+    def _register(self, shard: ShardFile, keys: list[str]) -> Shard:
+        """Index rows of a written shard file (the caller commits)."""
         cur = self.db.execute(
             "INSERT INTO shards (file, array, rows, dim, nbytes, crc32, stamp) VALUES "
             "(?,?,?,?,?,?,?)",
-            (file, name, data.shape[0], data.shape[1], data.nbytes, crc, _stamp(path)),
+            (
+                shard.file,
+                shard.array,
+                shard.rows,
+                shard.dim,
+                shard.nbytes,
+                shard.crc32,
+                shard.stamp,
+            ),
         )
         self.db.execute(
             "INSERT INTO shard_keys (id, keys) VALUES (?, ?)", (cur.lastrowid, "\n".join(keys))
         )
-        return Shard(
-            int(cur.lastrowid),
-            file,
-            name,
-            data.shape[0],
-            data.shape[1],
-            data.nbytes,
-            crc,
-            _stamp(path),
-        )
+        return Shard(**vars(shard), id=int(cur.lastrowid))
 
     # -----------------------------------------------------------------------------------
     # public API
@@ -404,6 +415,74 @@ class FeatureCache:
                 "INSERT OR REPLACE INTO entries (key, array, shard, row) VALUES (?, ?, ?, ?)",
                 [(k, array, shard.id, i) for i, k in enumerate(keys)],
             )
+
+    def merge_manifests(self) -> int:
+        """Add what the per-rank manifests (``features.manifest``) describe to the index; returns
+        the entries added. Each line is merged once: the merged byte count of its manifest is
+        stored in the same transaction as its entries. A line naming a shard file that is missing
+        or of another size is skipped with a warning (its keys stay missing: extraction redoes
+        them). A manifest is deleted once merged if its writer closed it, or left it untouched
+        for ``ORPHAN_AGE_S`` (the writer died)."""
+        if self.readonly:
+            raise ValueError("a read-only cache cannot merge manifests")
+        added = 0
+        files = manifest_files(self.root)
+        for path in files:
+            row = self.db.execute(
+                "SELECT merged FROM manifests WHERE file=?", (path.name,)
+            ).fetchone()
+            merged = int(row[0]) if row else 0
+            try:
+                records, closed = read_manifest(path, merged)
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:  # deleted by a merge that ran meanwhile
+                continue
+            with self.db:
+                for end, record in records:
+                    added += self._merge_record(record, path.name)
+                    merged = end
+                self.db.execute(
+                    "INSERT OR REPLACE INTO manifests (file, merged) VALUES (?, ?)",
+                    (path.name, merged),
+                )
+            if closed or age >= ORPHAN_AGE_S:
+                # file first, then its row: a kill in between leaves a row for no file, never a
+                # file whose merged count is forgotten (it would be merged from byte 0 again)
+                path.unlink(missing_ok=True)
+                with self.db:
+                    self.db.execute("DELETE FROM manifests WHERE file=?", (path.name,))
+        listed = {p.name for p in files}
+        with self.db:  # rows of manifests deleted by a merge killed before it dropped their row
+            for (name,) in self.db.execute("SELECT file FROM manifests").fetchall():
+                if name not in listed and not (self.root / MANIFEST_DIR / name).exists():
+                    self.db.execute("DELETE FROM manifests WHERE file=?", (name,))
+        if added:
+            log.info(f"cache: merged {added} entries from {len(files)} rank manifest(s)")
+        return added
+
+    def _merge_record(self, record: ManifestRecord, manifest: str) -> int:
+        """Register one manifest line's shard and point its keys at it (the caller commits)."""
+        shard = record.shard
+        if self.db.execute("SELECT 1 FROM shards WHERE file=?", (shard.file,)).fetchone():
+            return 0  # already in the index
+        try:
+            size = os.stat(self.shard_dir / shard.file).st_size
+        except FileNotFoundError:
+            size = -1
+        expected_dim = self.dim if shard.array == POOLED else shard.dim
+        if size != shard.nbytes or shard.rows != len(record.keys) or shard.dim != expected_dim:
+            log.warning(
+                f"cache: manifest {manifest} names shard {shard.file}, which is missing or not as "
+                f"written (size {size}, expected {shard.nbytes}); its {shard.rows} entries will be "
+                "re-extracted"
+            )
+            return 0
+        registered = self._register(shard, record.keys)
+        self.db.executemany(
+            "INSERT OR REPLACE INTO entries (key, array, shard, row) VALUES (?, ?, ?, ?)",
+            [(k, shard.array, registered.id, i) for i, k in enumerate(record.keys)],
+        )
+        return len(record.keys)
 
     def missing(self, keys: Iterable[str], array: str = POOLED) -> list[str]:
         """Keys with no usable entry. Entries in corrupt shards are dropped here, so they get re-extracted."""
@@ -467,9 +546,8 @@ class FeatureCache:
             if len(idx) > 1 and np.all(np.diff(idx) == 1) and np.all(np.diff(rows) == 1):
                 a, r0 = int(idx[0]), int(rows[0])
                 dest = out[a : a + len(idx)]
-                if (
-                    dest.dtype == self.dtype
-                ):  # contiguous run: read() straight into the result (faster than mmap faults)
+                # contiguous run: read() straight into the result (faster than mmap faults)
+                if dest.dtype == self.dtype:
                     with open(
                         self.shard_dir / shard.file, "rb", buffering=0
                     ) as f:  # raw reads: no copy through a buffer
@@ -606,9 +684,8 @@ class FeatureCache:
         free, pages = (
             self.db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("freelist_count", "page_count")
         )
-        if (
-            free * 5 > pages
-        ):  # >20% of the index is pages of deleted rows: give them back to the disk
+        # >20% of the index is pages of deleted rows: give them back to the disk
+        if free * 5 > pages:
             self.db.execute("VACUUM")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"written": written, "removed": len(dead)}

@@ -8,9 +8,10 @@ committed as it finishes, so a killed run loses at most the batches in flight an
 run resumes from there. On CUDA out-of-memory a batch is split in halves and retried, down to
 one image; later batches are cut to the size that worked.
 
-Distributed: under ``torchrun`` (env RANK / WORLD_SIZE) each rank extracts a disjoint slice
-of the missing keys on the GPU of its LOCAL_RANK and writes its own shards; the SQLite index
-(WAL, busy timeout) takes the concurrent commits, and rank 0 compacts after a barrier.
+Distributed: under ``torchrun`` (env RANK / WORLD_SIZE, one host or several) each rank extracts
+a disjoint slice of the missing keys on the GPU of its LOCAL_RANK and writes its own shards and
+its own manifest (``features.manifest``); only rank 0 opens the SQLite index, to plan and, after
+a barrier, to merge the manifests and compact (``features.ranks``).
 
 On CUDA nothing in the batch loop waits for the GPU: batches arrive pinned, sizes stay on the
 host, and results are copied back asynchronously into pinned buffers and read one batch later
@@ -45,6 +46,7 @@ from samprobe.device import (
 )
 from samprobe.errors import DeviceError
 from samprobe.features.cache import FeatureCache, estimate_bytes
+from samprobe.features.manifest import ManifestWriter
 
 log = logging.getLogger("samprobe")
 _TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32}
@@ -195,9 +197,10 @@ class Extractor:
         with autocast_context(self.device, self.precision):
             # valid_hw stays on the host: the backbone reads sizes there and copies them itself.
             if grid and self.spatial:
+                # [B, D], [B, T, C]
                 feats, tokens = self.backbone.encode_grid(
                     images, valid_hw, self.pooling, self.spatial
-                )  # [B, D], [B, T, C]
+                )
             else:
                 feats, tokens = self.backbone.encode(images, valid_hw, self.pooling), None  # [B, D]
         pending = PendingFeatures()
@@ -253,21 +256,19 @@ class Extractor:
         self, records: Sequence[Record], cache: FeatureCache, rank: int = 0, world: int = 1
     ) -> tuple[list[Record], int]:
         """(records this rank must extract, one per distinct image; number already cached)."""
-        missing = self.missing(
-            cache, (r.sha256 for r in records)
-        )  # an image missing any array is re-extracted
+        # an image missing any array is re-extracted
+        missing = self.missing(cache, (r.sha256 for r in records))
         # Partition *all* keys, not the missing ones: ranks look at the index at different moments
         # (another rank may already have committed), but every rank sees the same records.
         mine = set(shard_for_rank(list({r.sha256 for r in records}), rank, world)) & missing
-        todo = list(
-            {r.sha256: r for r in records if r.sha256 in mine}.values()
-        )  # same bytes twice: extract once
+        # same bytes twice: extract once
+        todo = list({r.sha256: r for r in records if r.sha256 in mine}.values())
         return todo, sum(1 for r in records if r.sha256 not in missing)
 
     def run(
         self,
         records: Sequence[Record],
-        cache: FeatureCache,
+        cache: FeatureCache | ManifestWriter,
         *,
         batch_size: int,
         num_workers: int,
@@ -279,9 +280,15 @@ class Extractor:
     ) -> ExtractResult:
         """Extract every record whose key is not in the cache yet (this rank's share of them).
 
-        ``plan``: a precomputed ``self.plan(...)``, so ranks can all plan before any of them writes."""
+        ``cache``: where batches go (``put``): the cache itself, or under torchrun this rank's
+        ``ManifestWriter``, which needs ``plan``. ``plan``: a precomputed ``self.plan(...)`` /
+        ``plan_ranks(...)``, so ranks can all plan before any of them writes."""
         result = ExtractResult()
-        todo, result.cached = plan if plan is not None else self.plan(records, cache, rank, world)
+        if plan is None:
+            if not isinstance(cache, FeatureCache):
+                raise ValueError("a ManifestWriter has no index to plan from: pass plan")
+            plan = self.plan(records, cache, rank, world)
+        todo, result.cached = plan
         if not todo:
             return result
         items = [LoadItem(r.sha256, r.file, i) for i, r in enumerate(todo)]
@@ -313,9 +320,8 @@ class Extractor:
         def commit(keys: list[str], encoded: PendingFeatures) -> None:
             nonlocal pending
             feats, grid = encoded.result()  # [B, D] float32, [B, T, C] or None
-            pending = [
-                f for f in pending if not f.done() or f.result()
-            ]  # result() re-raises a failed write
+            # result() re-raises a failed write
+            pending = [f for f in pending if not f.done() or f.result()]
             if len(pending) >= 2:  # bounded: never more than two batches waiting for the disk
                 pending.pop(0).result()
             pending.append(writer.submit(self._put, cache, keys, feats, grid))
@@ -326,9 +332,8 @@ class Extractor:
                     result.failures.append((todo[tag], reason))
                 if batch.tags:
                     encoded = self.encode_pending(batch.images, batch.valid_hw)
-                    if (
-                        in_flight is not None
-                    ):  # the previous batch's copy is done while this one runs
+                    # the previous batch's copy is done while this one runs
+                    if in_flight is not None:
                         commit(*in_flight)
                         bar.update(len(in_flight[0]))
                     in_flight = (list(batch.keys), encoded)
@@ -346,7 +351,11 @@ class Extractor:
         return result
 
     def _put(
-        self, cache: FeatureCache, keys: list[str], feats: np.ndarray, grid: np.ndarray | None
+        self,
+        cache: FeatureCache | ManifestWriter,
+        keys: list[str],
+        feats: np.ndarray,
+        grid: np.ndarray | None,
     ) -> None:
         """Commit one batch: pooled, then the grid. A kill in between leaves images without a grid,
         which ``plan`` sees as missing and re-extracts."""

@@ -46,9 +46,8 @@ class StandardisedHead(nn.Module):
         are over all tokens of an evenly strided sample of whole images (striding the flattened
         tokens would sample a few grid positions only)."""
         if features.dim() == 3:
-            step = -(
-                -len(features) // max(1, STATS_SAMPLES // features.shape[1])
-            )  # at most STATS_SAMPLES tokens
+            # at most STATS_SAMPLES tokens
+            step = -(-len(features) // max(1, STATS_SAMPLES // features.shape[1]))
             features = features[::step].reshape(-1, features.shape[-1])
         mean, std = feature_stats(features)
         self.mean.copy_(mean)
@@ -101,9 +100,8 @@ def feature_stats(features: torch.Tensor, chunk: int = 256) -> tuple[torch.Tenso
     """Per-dimension mean and std of [N, D] features (fp16 caches, large N): one pass of sums
     and sums of squares, shifted by the first row so a large mean costs no precision, in float32
     chunks that stay in cache, accumulated in float64 (var_mean over dim 0 was 8x slower)."""
-    if (
-        len(features) > STATS_SAMPLES
-    ):  # an evenly strided sample estimates them to ~1%: plenty for scaling
+    # an evenly strided sample estimates them to ~1%: plenty for scaling
+    if len(features) > STATS_SAMPLES:
         features = features[:: -(-len(features) // STATS_SAMPLES)]
     n, d = features.shape
     shift = features[:1].to("cpu", torch.float32) if n else torch.zeros(1, d)  # [1, D]
@@ -158,10 +156,11 @@ def _all_heads_matmul(
     _, D, C = w.shape
     w_dhc = w.permute(1, 0, 2)  # [D, H, C], contiguous (``_heads_second``)
     if heads is not None:
+        # one copy, still [D, H', C]
         w_dhc, b = (
             w_dhc.index_select(1, heads),
             b.index_select(0, heads),
-        )  # one copy, still [D, H', C]
+        )
     H = w_dhc.shape[1]
     out = torch.addmm(b.reshape(1, H * C), z, w_dhc.reshape(D, H * C))  # [B, H*C]
     return out.view(-1, H, C).transpose(0, 1)
@@ -171,9 +170,8 @@ def select_heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
     """t[heads] along the head dim 0, keeping t's memory layout (a [H, D, C] weight stored as
     [D, H, C] stays so: ``_all_heads_matmul`` needs it as a view)."""
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # dims outermost first in memory
-    picked = t.permute(order).index_select(
-        order.index(0), heads.to(t.device)
-    )  # contiguous, memory order
+    # contiguous, memory order
+    picked = t.permute(order).index_select(order.index(0), heads.to(t.device))
     return picked.permute([order.index(d) for d in range(t.dim())])
 
 
@@ -181,10 +179,11 @@ def pack_heads(model: nn.Module, heads: torch.Tensor) -> nn.Module:
     """A copy of a stacked model (every parameter [H, ...]) holding only ``heads``: training the
     heads still alive costs nothing for the stopped ones (no per-step gather of their weights,
     no optimizer passes over them). Buffers (normalisation) are copied as they are."""
+    # not deep-copied
     generator, model.dropout_generator = (
         getattr(model, "dropout_generator", None),
         None,
-    )  # not deep-copied
+    )
     packed = copy.deepcopy(model)
     model.dropout_generator = packed.dropout_generator = generator
     for module in packed.modules():
@@ -270,27 +269,30 @@ class StackedHeads(StackedHeadsBase):
             # Zero init (as Head): a random weight on a feature that carries no signal in training
             # gets no gradient to remove it and stays as noise in the logits (measured: -1 to -4
             # points after 3 SGD epochs on 1280-d features with N(0, 0.01), bench/heads.py).
-            self.w = nn.Parameter(
-                _heads_second(torch.zeros(num_heads, in_dim, num_classes))
-            )  # [H, D, C]
+            # [H, D, C]
+            self.w = nn.Parameter(_heads_second(torch.zeros(num_heads, in_dim, num_classes)))
             self.b = nn.Parameter(torch.zeros(num_heads, num_classes))  # [H, C]
         else:
             # nn.Linear's default init (kaiming-uniform bound 1/sqrt(fan_in)).
             b1, b2 = 1 / math.sqrt(in_dim), 1 / math.sqrt(hidden)
+            # [H, D, K]
             self.w1 = nn.Parameter(
                 _heads_second(
                     (torch.rand(num_heads, in_dim, hidden, generator=generator) * 2 - 1) * b1
                 )
-            )  # [H, D, K]
+            )
+            # [H, K]
             self.b1 = nn.Parameter(
                 (torch.rand(num_heads, hidden, generator=generator) * 2 - 1) * b1
-            )  # [H, K]
+            )
+            # [H, K, C]
             self.w2 = nn.Parameter(
                 (torch.rand(num_heads, hidden, num_classes, generator=generator) * 2 - 1) * b2
-            )  # [H, K, C]
+            )
+            # [H, C]
             self.b2 = nn.Parameter(
                 (torch.rand(num_heads, num_classes, generator=generator) * 2 - 1) * b2
-            )  # [H, C]
+            )
 
     def forward(
         self, x: torch.Tensor, heads: torch.Tensor | None = None, standardized: bool = False
@@ -395,12 +397,10 @@ class AttentiveProbe(StandardisedHead):
         }
         self.attn_heads = attn_heads
         self.norm = nn.LayerNorm(in_dim, eps=LN_EPS)
-        self.query = nn.Parameter(
-            torch.randn(in_dim) * in_dim**-0.5
-        )  # as timm's AttentionPoolLatent
-        self.k = nn.Linear(
-            in_dim, in_dim, bias=False
-        )  # a key bias shifts every token's score alike: no effect
+        # as timm's AttentionPoolLatent
+        self.query = nn.Parameter(torch.randn(in_dim) * in_dim**-0.5)
+        # a key bias shifts every token's score alike: no effect
+        self.k = nn.Linear(in_dim, in_dim, bias=False)
         self.v = nn.Linear(in_dim, in_dim)
         self.out_norm = nn.LayerNorm(in_dim, eps=LN_EPS)
         self.drop = nn.Dropout(dropout)
@@ -412,9 +412,8 @@ class AttentiveProbe(StandardisedHead):
         """tokens: [N, T, C] raw grid -> pooled [N, C] (after the output LayerNorm)."""
         N, _, C = tokens.shape
         A = self.attn_heads
-        n = F.layer_norm(
-            (tokens - self.mean) / self.std, (C,), eps=self.norm.eps
-        )  # [N, T, C], affine below
+        # [N, T, C], affine below
+        n = F.layer_norm((tokens - self.mean) / self.std, (C,), eps=self.norm.eps)
         qk = _query_keys(self.query, self.k.weight, self.norm.weight, A)  # [A, C]
         attn = torch.softmax(n @ qk.T, dim=1)  # [N, T, A], over the tokens
         pooled = (
@@ -464,17 +463,19 @@ class StackedAttentiveProbe(StackedHeadsBase):
         def uniform(*shape: int) -> nn.Parameter:
             return nn.Parameter((torch.rand(*shape, generator=generator) * 2 - 1) * bound)
 
+        # [H, C]
         self.norm_w, self.norm_b = (
             nn.Parameter(torch.ones(H, C)),
             nn.Parameter(torch.zeros(H, C)),
-        )  # [H, C]
+        )
         self.query = nn.Parameter(torch.randn(H, C, generator=generator) * C**-0.5)  # [H, C]
         self.wk = uniform(H, C, C)  # [H, C_out, C_in], nn.Linear layout
         self.wv, self.bv = uniform(H, C, C), uniform(H, C)  # [H, C_out, C_in], [H, C]
+        # [H, C]
         self.out_w, self.out_b = (
             nn.Parameter(torch.ones(H, C)),
             nn.Parameter(torch.zeros(H, C)),
-        )  # [H, C]
+        )
         self.wf = nn.Parameter(torch.zeros(H, C, num_classes))  # [H, C, K]; zero as Head
         self.bf = nn.Parameter(torch.zeros(H, num_classes))  # [H, K]
 
@@ -503,9 +504,10 @@ class StackedAttentiveProbe(StackedHeadsBase):
             torch.einsum("bhac,hadc->hbad", pooled, p["wv"].unflatten(1, (A, -1))).reshape(H, B, C)
             + p["bv"][:, None]
         )
+        # [H, B, C]
         h = self._dropout(
             F.layer_norm(v, (C,), eps=LN_EPS) * p["out_w"][:, None] + p["out_b"][:, None]
-        )  # [H, B, C]
+        )
         return torch.bmm(h, p["wf"]) + p["bf"][:, None, :]
 
     def spec(self) -> dict[str, Any]:

@@ -163,9 +163,8 @@ def _all_finite(x: np.ndarray) -> bool:
     huge values) is checked exactly."""
     if x.size == 0:
         return True
-    total = (
-        torch.from_numpy(np.ascontiguousarray(x)).sum(dtype=torch.float32).item()
-    )  # fp16 input: no fp16 overflow
+    # fp16 input: no fp16 overflow
+    total = torch.from_numpy(np.ascontiguousarray(x)).sum(dtype=torch.float32).item()
     return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
 
 
@@ -213,9 +212,8 @@ class _PinnedGather:
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         if not self.staged:
-            return self.features.index_select(0, idx).to(
-                self.device, non_blocking=True
-            )  # 2.5x faster than x[idx]
+            # 2.5x faster than x[idx]
+            return self.features.index_select(0, idx).to(self.device, non_blocking=True)
         k, self.turn = self.turn, 1 - self.turn
         if self.copied[k] is not None:
             self.copied[k].synchronize()  # its previous copy to the device has finished
@@ -294,9 +292,8 @@ def evaluate_heads(
         xb, yb = x[i : i + batch_size].to(device, non_blocking=True), y[..., i : i + batch_size]
         with autocast_context(device, precision):
             logits = model(xb, heads)
-        preds.append(
-            logits.max(-1).indices
-        )  # the first maximum, as argmax; 1.4x faster for small C
+        # the first maximum, as argmax; 1.4x faster for small C
+        preds.append(logits.max(-1).indices)
         known = yb != IGNORE
         loss_num += _head_losses(logits, yb, weights) * torch.where(
             known, weights[yb.clamp_min(0)], 0.0
@@ -460,9 +457,8 @@ class SweepTrainer:
         self.opt_steps = math.ceil(self.micro_steps / self.accumulate)
         total = self.opt_steps * cfg.epochs
         warmup = max(1, min(total // 20, cfg.warmup_epochs * self.opt_steps))
-        self.warmup_end_epoch = math.ceil(
-            warmup / self.opt_steps
-        )  # no pruning before: every lr still ramps up
+        # no pruning before: every lr still ramps up
+        self.warmup_end_epoch = math.ceil(warmup / self.opt_steps)
         self.noise_floor = NOISE_SIGMAS * score_noise(
             np.asarray(y_val), C, self.num_untrained, cfg.monitor
         )
@@ -510,20 +506,18 @@ class SweepTrainer:
         device = self.device
         model.train()
         perm = torch.randperm(len(self.zt), generator=self.gen)
+        # once per epoch, not per step
         perm_z, perm_y = (
             perm.to(self.zt.device),
             perm.to(self.yt.device),
-        )  # once per epoch, not per step
-        heads_y = heads.to(
-            self.yt.device
-        )  # per-head targets (cross-fitting): the rows of these heads
+        )
+        # per-head targets (cross-fitting): the rows of these heads
+        heads_y = heads.to(self.yt.device)
         gather = _PinnedGather(self.zt, self.batch_size, device)
-        loss_sum = torch.zeros(
-            len(heads), dtype=torch.float64, device=device
-        )  # [H'], sample-weighted
-        broke = torch.zeros(
-            len(heads), dtype=torch.bool, device=device
-        )  # [H'] non-finite since the last step
+        # [H'], sample-weighted
+        loss_sum = torch.zeros(len(heads), dtype=torch.float64, device=device)
+        # [H'] non-finite since the last step
+        broke = torch.zeros(len(heads), dtype=torch.bool, device=device)
         opt.zero_grad(set_to_none=True)
         sub: torch.Tensor | None = (
             None  # heads of ``model`` in the forward; None = all (until one diverges)
@@ -541,9 +535,8 @@ class SweepTrainer:
                 logits = model(zb, sub, standardized=True)  # [H'', B, C]
             losses = _head_losses(logits, yb, self.weights)  # [H''], fp32
             finite = torch.isfinite(losses.detach())
-            losses = torch.where(
-                finite, losses, 0.0
-            )  # a diverged head's NaN stays in its own gradients
+            # a diverged head's NaN stays in its own gradients
+            losses = torch.where(finite, losses, 0.0)
             if sub is None:
                 broke |= ~finite
             else:
@@ -574,9 +567,8 @@ class SweepTrainer:
                 opt.zero_grad(set_to_none=True)
                 self.sched.step()
                 for packed_group, group in zip(opt.param_groups, self.opt.param_groups):
-                    packed_group["lr"] = group[
-                        "lr"
-                    ]  # the schedule's factor (a no-op unless packed)
+                    # the schedule's factor (a no-op unless packed)
+                    packed_group["lr"] = group["lr"]
         out = torch.zeros(len(self.grid), dtype=torch.float64)
         out[heads] = loss_sum.cpu()
         return (out / len(self.zt)).float()
@@ -865,12 +857,10 @@ class SweepTrainer:
                 fix="lower train.lr / train.sweep.lrs",
             )
         last_head = self.model.to_head(b)
-        best_model = copy.deepcopy(
-            self.model
-        )  # the live model stays as is: training may go on (resume)
-        best_model.load_state_dict(
-            {**self.model.state_dict(), **self.best}
-        )  # early stopping restores the best weights
+        # the live model stays as is: training may go on (resume)
+        best_model = copy.deepcopy(self.model)
+        # early stopping restores the best weights
+        best_model.load_state_dict({**self.model.state_dict(), **self.best})
         cols = ("train_loss",) + VAL_METRICS
         table = []
         for h, (lr, wd) in enumerate(self.grid):

@@ -153,12 +153,10 @@ class StackedSGD(StackedOptimizer):
                 if p.grad is None:
                     continue
                 shape = (-1,) + (1,) * (p.dim() - 1)  # broadcast [H] over the head's parameter
-                frozen = _on_device(self, group, "frozen", p.device).view(
-                    shape
-                )  # heads never updated again
-                lr = (_on_device(self, group, "head_lr", p.device) * group["lr"]).view(
-                    shape
-                )  # schedule x head lr
+                # heads never updated again
+                frozen = _on_device(self, group, "frozen", p.device).view(shape)
+                # schedule x head lr
+                lr = (_on_device(self, group, "head_lr", p.device) * group["lr"]).view(shape)
                 if any_frozen:
                     lr = lr.masked_fill(frozen, 0.0)
                 wd = _on_device(self, group, "head_wd", p.device).view(shape)
@@ -166,9 +164,8 @@ class StackedSGD(StackedOptimizer):
                 # In place on p.grad (zero_grad follows every step), writing the frozen heads only.
                 grad = p.grad.masked_fill_(frozen, 0.0) if any_frozen else p.grad
                 if not group["decoupled"]:
-                    grad.addcmul_(
-                        wd, p
-                    )  # L2 in the gradient: the fixed point is the L2-regularised optimum
+                    # L2 in the gradient: the fixed point is the L2-regularised optimum
+                    grad.addcmul_(wd, p)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = grad.clone()  # torch.optim.SGD's first step
