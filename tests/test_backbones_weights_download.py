@@ -50,7 +50,10 @@ def server():
     def start(ranges: bool = True, cut: int = 0):
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         srv.requests, srv.ranges, srv.cut = [], ranges, cut
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        # poll_interval: shutdown() waits up to one interval (the default 0.5 s, per test)
+        threading.Thread(
+            target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        ).start()
         started.append(srv)
         return srv, f"http://127.0.0.1:{srv.server_address[1]}/sam_vit_b_01ec64.pth"
 

@@ -47,7 +47,7 @@ def samprobe_input(path: Path) -> torch.Tensor:
 
 
 # 1: SAM enlarges the photo; 4: SAM shrinks it (antialias)
-@pytest.mark.parametrize("upscale", [1, 4])
+@pytest.mark.parametrize("upscale", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_letterbox_matches_official_sam_preprocess(
     tmp_path: Path, official_sam, upscale: int
 ) -> None:

@@ -18,11 +18,14 @@ from samprobe.config import load_config
 from samprobe.report import eval_dir
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="chromium not installed: run `make browser` (apt-get install chromium) to run the "
-    "report's browser test",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="chromium not installed: run `make browser` (apt-get install chromium) to run the "
+        "report's browser test",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -220,6 +220,7 @@ def test_disabled_mode_writes_only_metrics_jsonl_and_survives_a_torn_line(tmp_pa
     assert not (cfg.run_dir / "wandb").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_wandb_call_stops_mirroring_but_not_metrics(tmp_path, wandb_env):
     cfg = load_config(write_digits_project(tmp_path, per_class=1), ["tracking.wandb.mode=offline"])
     cfg.run_dir.mkdir(parents=True)
