@@ -84,9 +84,8 @@ PROBE_FILE = "cpu-precision.json"
 # ViT-B block's qkv projection on 256 tokens, and the heads sweep's all-heads product (a batch of
 # 512 x 1280-d features, 8 heads x 100 classes). About 2 GFLOP per dtype and round.
 PROBE_SHAPES = ((256, 768, 2304), (512, 1280, 800))
-PROBE_ROUNDS = (
-    3  # the first is a warm-up (oneDNN builds its kernels); the best of the others counts
-)
+# the first is a warm-up (oneDNN builds its kernels); the best of the others counts
+PROBE_ROUNDS = 3
 BF16_MARGIN = 1.25
 """bf16 is chosen only when it is at least this much faster: it costs fidelity, so a tie (or the
 noise of a shared machine) keeps fp32."""

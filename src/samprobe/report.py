@@ -170,9 +170,8 @@ def plot_per_class_f1(rows: list[dict[str, Any]], path: Path) -> tuple[int, int]
 
 THUMB = 72  # px: gallery thumbnails (tiny scans are enlarged to this, photos shrunk to fit it)
 THUMB_QUALITY = 80
-GALLERY_MAX = (
-    40  # images per gallery: the report stays small (well under 10 MB) whatever the data size
-)
+# images per gallery: the report stays small (well under 10 MB) whatever the data size
+GALLERY_MAX = 40
 MAP_SIZE = (8.0, 6.0)
 
 

@@ -26,9 +26,8 @@ from samprobe.train.classes import ClassMapping
 log = logging.getLogger("samprobe")
 
 FORMAT = "samprobe.head"
-FORMAT_VERSION = (
-    1  # bump when a field changes meaning or is removed; from_dict refuses other versions
-)
+# bump when a field changes meaning or is removed; from_dict refuses other versions
+FORMAT_VERSION = 1
 
 
 @dataclass

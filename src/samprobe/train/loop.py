@@ -519,9 +519,8 @@ class SweepTrainer:
         # [H'] non-finite since the last step
         broke = torch.zeros(len(heads), dtype=torch.bool, device=device)
         opt.zero_grad(set_to_none=True)
-        sub: torch.Tensor | None = (
-            None  # heads of ``model`` in the forward; None = all (until one diverges)
-        )
+        # heads of ``model`` in the forward; None = all (until one diverges)
+        sub: torch.Tensor | None = None
         for step in range(self.micro_steps):
             rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
             zb = gather(perm_z[rows])  # the gather's own copy, on the device
