@@ -60,7 +60,8 @@ def test_pool_grid_uses_valid_tokens_only():
     poisoned = x.clone()
     poisoned[0, :, 4:, :] = 1e6  # padding rows
     poisoned[0, :, :, 6:] = -1e6  # padding cols
-    torch.testing.assert_close(pool_grid(poisoned, valid, 2), clean, rtol=0, atol=0)
+    # padding never enters the sums (masked out before them): the result is the same bits
+    assert torch.equal(pool_grid(poisoned, valid, 2), clean)
     # 4x6 valid region to 2x2 -> 2x3 blocks; token order row-major
     blocks = x[0, :, :4, :6].reshape(8, 2, 2, 2, 3).mean((2, 4))  # [C, 2, 2]
     torch.testing.assert_close(clean[0], blocks.flatten(1).T)
