@@ -140,11 +140,18 @@ def make_samprobe(bb, precision: str) -> Callable[[list[np.ndarray]], None]:
     return run
 
 
+def _linear_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's fused linear (``SamMlp``'s fc1 + GELU): 2 * tokens * in * out, as for addmm."""
+    return 2 * int(np.prod(x_shape[:-1])) * w_shape[1] * w_shape[0]
+
+
 def count_flops(run: Callable[[list[np.ndarray]], None], image: np.ndarray) -> float:
-    """FLOPs of one image as torch's FlopCounterMode counts them (matmuls, convs, einsums)."""
+    """FLOPs of one image as torch's FlopCounterMode counts them (matmuls, convs, einsums, and
+    oneDNN's fused linear, which it does not know)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    fused = {torch.ops.mkldnn._linear_pointwise: _linear_pointwise_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=fused)
     with counter:
         run([image])
     return float(counter.get_total_flops())
@@ -152,9 +159,8 @@ def count_flops(run: Callable[[list[np.ndarray]], None], image: np.ndarray) -> f
 
 OP_KINDS = ("gemm", "attention", "bias/softmax", "copies", "neck", "other")
 _GEMM_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
-_GEMM_OPS |= {"aten::matmul", "aten::linear", "aten::_scaled_dot_product_flash_attention_for_cpu"}
+_GEMM_OPS |= {"aten::matmul", "aten::linear", "mkldnn::_linear_pointwise"}
 _COPY_OPS = {"aten::copy_", "aten::clone", "aten::cat", "aten::_to_copy", "aten::contiguous"}
-_BIAS_SOFTMAX_OPS = {"aten::_softmax", "aten::softmax", "aten::einsum", "aten::add"}
 
 
 def op_breakdown(bb, run: Callable[[list[np.ndarray]], None], group: list[np.ndarray]) -> dict:
@@ -188,7 +194,7 @@ def op_breakdown(bb, run: Callable[[list[np.ndarray]], None], group: list[np.nda
         del neck.forward
     seconds = dict.fromkeys(OP_KINDS, 0.0)
     for ev in prof.events():
-        if not ev.name.startswith("aten::"):
+        if not ev.name.startswith(("aten::", "mkldnn::")):
             continue
         scopes = set()
         parent = ev.cpu_parent

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from encoder import count_flops  # bench/encoder.py: FlopCounterMode plus oneDNN's fused linear
 
 # official-format weight factories
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -128,15 +129,6 @@ def efficientvit_reference(model, autocast) -> Run:
                 model.image_encoder(x)
 
     return run
-
-
-def count_flops(run: Run, image: np.ndarray) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run([image])
-    return float(counter.get_total_flops())
 
 
 def build(tmp: Path, autocast, precision: str) -> dict[str, dict[str, Run]]:
