@@ -82,6 +82,10 @@ class FileCheck:
     fresh: bool = False
     bytes_read: int = 0
 
+    def outcome(self) -> Outcome:
+        """What to remember for this version of the file."""
+        return Outcome(self.sha256, self.detail if self.kind else None)
+
 
 def _decode_check(data: bytes, max_pixels: int) -> str | None:
     """None if ``data`` decodes, else why not. JPEGs decode at 1/8 scale: every byte is still
@@ -225,28 +229,24 @@ def _check_files(
             checks, total=len(mine), desc="validate", unit="img", disable=not progress
         ):
             if check.fresh and record is not None:
-                outcome = Outcome(check.sha256, check.detail if check.kind else None)
-                record.add(check.file, check.version, outcome)  # type: ignore[arg-type]
+                record.add(check.file, check.version, check.outcome())  # type: ignore[arg-type]
             local.append(check)
-    shares = [local]
+    # (checks, journal) of every rank; each rank's journal is closed before it is gathered
+    gathered: list[Any] = [(local, record.journal if record else None)]
     if world > 1:
         import torch.distributed as dist
 
-        gathered: list[Any] = [None] * world
+        gathered = [None] * world
         dist.all_gather_object(gathered, (local, record.journal if record else None))
-        shares = [g[0] for g in gathered]
-        if record is not None and rank == 0:
-            for share in shares[1:]:
-                record.absorb(
-                    (c.file, c.version, Outcome(c.sha256, c.detail if c.kind else None))
-                    for c in share
-                    if c.fresh
-                )
+    shares = [g[0] for g in gathered]
+    if record is not None and rank == 0:
+        for share in shares[1:]:
+            record.absorb((c.file, c.version, c.outcome()) for c in share if c.fresh)  # type: ignore[misc]
     results: list[FileCheck] = [None] * len(rows)  # type: ignore[list-item]
     for r, share in enumerate(shares):
         results[r::world] = share
     if record is not None and rank == 0:
-        others = [g[1] for g in gathered[1:] if g[1] is not None] if world > 1 else []
+        others = [g[1] for g in gathered[1:] if g[1] is not None]
         record.compact((c.file for c in results if c.file and c.kind != "missing"), others)
     return FileChecks(
         results,
