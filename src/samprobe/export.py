@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from samprobe.backbones.registry import grid_array
 from samprobe.config import Config
 from samprobe.data.records import Record
 from samprobe.errors import ConfigError, DataError
+from samprobe.features.cache import FeatureCache
 from samprobe.features.extract import Extractor, load_features, load_grid
 from samprobe.io import atomic_open, ensure_writable_file
 
@@ -23,62 +27,111 @@ def check_export_path(out: Path, split: str) -> None:
         raise ConfigError(
             f"--out {out} must end in .npz or .parquet", fix="e.g. --out train_features.npz"
         )
+    if out.suffix == ".parquet":
+        _pyarrow()
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    """(pyarrow, pyarrow.parquet), or the ConfigError saying how to install them."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(
+            "parquet export needs pyarrow",
+            fix="pip install 'samprobe[parquet]' or export to .npz",
+        ) from None
+    return pa, pq
+
+
+# One parquet row group (and the most export holds in memory at once): 64 MB of features, e.g.
+# 13 k rows of 1280-d float32. Readers load a row group at a time too.
+ROW_GROUP_BYTES = 64 << 20
 
 
 def export_features(cfg: Config, *, records: list[Record], split: str, out: Path) -> Path:
     """The cached features of ``records`` (validated, without extract failures) with their path,
-    label, split and sha256 to ``out`` (.npz, or .parquet with pyarrow)."""
+    label, split and sha256 to ``out`` (.npz, or .parquet with pyarrow, streamed in row
+    groups)."""
     recs = records
+    spatial = cfg.features.spatial
     extractor = Extractor.from_config(cfg, on_device=False)  # reads the cache only
     with extractor.open_cache(cfg.features.cache_dir, readonly=True) as cache:
         missing = extractor.missing(cache, (r.sha256 for r in recs))
         if missing:
             raise DataError(
                 f"{len(missing)} images of split {split} are not in the cache"
-                + (
-                    f" with their {cfg.features.spatial}x{cfg.features.spatial} grid"
-                    if cfg.features.spatial
-                    else ""
-                ),
+                + (f" with their {spatial}x{spatial} grid" if spatial else ""),
                 fix="run `samprobe extract -c CONFIG` first",
             )
-        x = load_features(cache, recs)
-        # [N, T, C] float32, only when features.spatial is set
-        grid = load_grid(cache, recs, cfg.features.spatial) if cfg.features.spatial else None
-    paths = np.array([r.path for r in recs])
-    labels = np.array([r.label for r in recs])
-    splits = np.array([r.split or "" for r in recs])
-    if out.suffix == ".npz":
-        with atomic_open(out, "wb") as f:
-            extra = {} if grid is None else {"spatial": grid}
-            np.savez(
-                f,
-                features=x,
-                path=paths,
-                label=labels,
-                split=splits,
-                sha256=np.array([r.sha256 for r in recs]),
-                **extra,
-            )
-    else:
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ConfigError(
-                "parquet export needs pyarrow",
-                fix="pip install 'samprobe[parquet]' or export to .npz",
-            ) from None
-        columns = {"path": paths, "label": labels, "split": splits, "features": list(x)}
-        # parquet has no 3-d cells: each row's grid flattened, token-major [T*C]
-        if grid is not None:
-            columns["spatial"] = list(grid.reshape(len(recs), -1))
-        table = pa.table(columns)
-        with atomic_open(out, "wb") as f:
-            pq.write_table(table, f)
+        if out.suffix == ".npz":
+            dim, grid_shape = write_npz(cache, recs, out, spatial=spatial)
+        else:
+            dim, grid_shape = write_parquet(cache, recs, out, spatial=spatial)
     log.info(
-        f"exported {len(recs)} x {x.shape[1]} features"
-        + ("" if grid is None else f" + {grid.shape[1]}x{grid.shape[2]} grids")
+        f"exported {len(recs)} x {dim} features"
+        + ("" if grid_shape is None else f" + {grid_shape[0]}x{grid_shape[1]} grids")
         + f" ({split}) to {out}"
     )
     return out
+
+
+def _text_columns(recs: Sequence[Record]) -> dict[str, list[str]]:
+    return {
+        "path": [r.path for r in recs],
+        "label": [r.label for r in recs],
+        "split": [r.split or "" for r in recs],
+        "sha256": [r.sha256 for r in recs],
+    }
+
+
+def write_npz(
+    cache: FeatureCache, recs: Sequence[Record], out: Path, *, spatial: int | None
+) -> tuple[int, tuple[int, int] | None]:
+    """``recs``' features [N, D] (and grids [N, T, C] with ``spatial``) with their text columns
+    as one .npz, written atomically. Returns (D, (T, C) or None)."""
+    x = load_features(cache, recs)
+    grid = load_grid(cache, recs, spatial) if spatial else None  # [N, T, C] float32
+    extra = {} if grid is None else {"spatial": grid}
+    columns = {k: np.array(v) for k, v in _text_columns(recs).items()}
+    with atomic_open(out, "wb") as f:
+        np.savez(f, features=x, **columns, **extra)
+    return x.shape[1], None if grid is None else (grid.shape[1], grid.shape[2])
+
+
+def write_parquet(
+    cache: FeatureCache,
+    recs: Sequence[Record],
+    out: Path,
+    *,
+    spatial: int | None,
+    row_group_bytes: int = ROW_GROUP_BYTES,
+) -> tuple[int, tuple[int, int] | None]:
+    """``recs``' features as a parquet file, written atomically and streamed: one row group of
+    about ``row_group_bytes`` of features read from the cache, written, and freed at a time, so
+    memory does not grow with the split. ``features`` is a fixed-size list of float32 (D per
+    row); with ``spatial`` each row's grid is flattened token-major to ``spatial`` (T*C floats:
+    parquet has no 3-d cells). Returns (D, (T, C) or None)."""
+    pa, pq = _pyarrow()
+    dim = cache.dim
+    grid_dim = (cache.array_dim(grid_array(spatial)) or 0) if spatial else 0
+    tokens = spatial * spatial if spatial else 0
+    fields = [pa.field(k, pa.string()) for k in ("path", "label", "split", "sha256")]
+    fields.append(pa.field("features", pa.list_(pa.float32(), dim)))
+    if spatial:
+        fields.append(pa.field("spatial", pa.list_(pa.float32(), grid_dim)))
+    schema = pa.schema(fields)
+    rows = max(1, row_group_bytes // (4 * (dim + grid_dim)))
+
+    def floats(x: np.ndarray, width: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), width)
+
+    with atomic_open(out, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        for start in range(0, len(recs), rows):
+            chunk = recs[start : start + rows]
+            columns = [pa.array(v, pa.string()) for v in _text_columns(chunk).values()]
+            columns.append(floats(load_features(cache, chunk), dim))
+            if spatial:
+                columns.append(floats(load_grid(cache, chunk, spatial), grid_dim))
+            writer.write_batch(pa.record_batch(columns, schema=schema))
+    return dim, None if not spatial else (tokens, grid_dim // max(1, tokens))

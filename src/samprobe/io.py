@@ -83,9 +83,11 @@ def sha256_store() -> Path | None:
     return user_cache_file("weights-sha256.json")
 
 
-def _file_version(st: os.stat_result) -> dict[str, int]:
-    """What identifies one version of a file without reading it. ctime is set by the kernel on
-    every write or rename and no copy tool can preserve it (cp -p, rsync -a and tar keep mtime)."""
+def file_version(st: os.stat_result) -> dict[str, int]:
+    """What identifies one version of a file without reading it (size, mtime_ns, ctime_ns, inode):
+    a file rewritten, touched, or replaced by another one (a new inode) gets another version.
+    ctime is set by the kernel on every write or rename and no copy tool can preserve it (cp -p,
+    rsync -a and tar keep mtime)."""
     return {
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
@@ -111,7 +113,7 @@ def _cached_sha256(path: str, version: tuple[tuple[str, int], ...]) -> str:
         return entry["sha256"]
     with open(path, "rb") as f:
         digest = hash_file(f, hashlib.sha256()).hexdigest()
-        unchanged = _file_version(os.fstat(f.fileno())) == stamp  # not rewritten while we read it
+        unchanged = file_version(os.fstat(f.fileno())) == stamp  # not rewritten while we read it
     if store and unchanged:
         known[path] = {**stamp, "sha256": digest}
         with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
@@ -123,7 +125,55 @@ def weights_sha256(path: Path | str) -> str:
     """sha256 of a (large, rarely changing) weights file, remembered per file version (size,
     mtime, ctime, inode) in the process and in ``sha256_store()``: `train` / `evaluate` compute
     the feature fingerprint without re-reading a 2.5 GB vit_h file every run."""
-    return _cached_sha256(str(Path(path).resolve()), tuple(_file_version(os.stat(path)).items()))
+    return _cached_sha256(str(Path(path).resolve()), tuple(file_version(os.stat(path)).items()))
+
+
+def frame_line(obj: dict) -> bytes:
+    """``obj`` as one checksummed line, ``<crc32 hex> <json>\\n``, for append-only journals: a
+    line torn by a kill fails its checksum or lacks its newline, so a reader drops it."""
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def parse_framed_line(line: bytes) -> dict | None:
+    """The object of one ``frame_line`` line (without its newline), or None if it is torn."""
+    crc, _, body = line.partition(b" ")
+    try:
+        if len(crc) != 8 or int(crc, 16) != zlib.crc32(body):
+            return None
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def framed_lines(data: bytes, offset: int = 0) -> Iterator[tuple[dict, int]]:
+    """(object, end offset) of each whole, valid line of ``data`` (read from byte ``offset`` of a
+    journal), stopping at the first that is not (no newline yet, or a checksum mismatch: a
+    writer killed mid-line, or one still writing it)."""
+    start = 0
+    while (nl := data.find(b"\n", start)) >= 0:
+        obj = parse_framed_line(data[start:nl])
+        if obj is None:
+            return
+        yield obj, offset + nl + 1
+        start = nl + 1
+
+
+def create_journal(path: Path) -> int:
+    """A new append-only journal file at ``path`` (one writer's own: O_EXCL never opens another
+    writer's, O_APPEND puts each write at the end), its name fsynced into its folder so it
+    survives a crash before its first line. Returns the fd for ``append_journal``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666)
+    fsync_dir(Path(path).parent)
+    return fd
+
+
+def append_journal(fd: int, lines: bytes, path: Path) -> None:
+    """``lines`` (whole ``frame_line`` lines) at the end of a journal in one write, fsynced."""
+    if os.write(fd, lines) != len(lines):
+        raise OSError(f"short write to {path}")
+    os.fsync(fd)
 
 
 def fsync_dir(directory: Path) -> None:

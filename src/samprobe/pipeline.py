@@ -13,7 +13,7 @@ import csv
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 from samprobe.backbones.registry import grid_array
 from samprobe.config import Config, check_head_input
 from samprobe.data.data_report import summary_lines, write_report
-from samprobe.data.records import Record, read_splits, write_splits
+from samprobe.data.records import Dataset, Record, read_splits, write_splits
 from samprobe.data.splits import assign_splits, carves_val
 from samprobe.data.validate import validate
 from samprobe.device import describe_device
@@ -31,7 +31,7 @@ from samprobe.errors import CheckpointError, DataError, TrainingError
 from samprobe.features.cache import register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
 from samprobe.features.manifest import ManifestWriter
-from samprobe.features.ranks import plan_ranks
+from samprobe.features.ranks import on_rank0, plan_ranks
 from samprobe.io import atomic_open, atomic_write_text, ensure_writable_dir
 from samprobe.logs import count_of
 from samprobe.predict import predict_features
@@ -67,6 +67,7 @@ log = logging.getLogger("samprobe")
 
 
 SPLIT_LEDGER = "split_ledger.json"
+VALIDATION_RECORD = "validation"  # what validate remembers of each file (data/check_record.py)
 
 
 def split_settings(cfg: Config) -> dict[str, Any]:
@@ -118,9 +119,32 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
     """Validate the metadata, assign splits, write the data report. Returns (records, taxonomy).
 
     Images keep the split an earlier validation of this run gave them (``split_ledger.json``):
-    new images fill their class's quotas, so data added later never moves an image between splits."""
-    run_dir = prepare_run_dir(cfg)
-    ds = validate(cfg.data, progress=progress)
+    new images fill their class's quotas, so data added later never moves an image between splits.
+    Each file's check is remembered in the run's ``validation/`` record: a rerun reads only the
+    files that changed. Under torchrun every rank checks its share of the files; rank 0 assigns
+    splits and writes the outputs, the other ranks read them."""
+    rank, world = rank_world()
+    if world == 1:
+        return _validate(cfg, progress, rank, world)
+    with _process_group(cfg):
+        return _validate(cfg, progress and rank == 0, rank, world)
+
+
+def _validate(cfg: Config, progress: bool, rank: int, world: int) -> tuple[list[Record], list[str]]:
+    record_dir = Path(cfg.run_dir) / VALIDATION_RECORD
+    if rank == 0:
+        prepare_run_dir(cfg)
+    ds = validate(cfg.data, progress=progress, record_dir=record_dir, rank=rank, world=world)
+    taxonomy = on_rank0(lambda: _write_validation(cfg, ds)[1], rank=rank, world=world)
+    if rank == 0:
+        return ds.records, taxonomy
+    return read_splits(Path(cfg.run_dir) / "splits.csv"), taxonomy
+
+
+def _write_validation(cfg: Config, ds: Dataset) -> tuple[list[Record], list[str]]:
+    """Splits assigned to ``ds``'s records (kept from earlier validations), then the data report,
+    bad_rows.csv, splits.csv and the split ledger written."""
+    run_dir = Path(cfg.run_dir)
     settings = split_settings(cfg)
     key = _settings_key(settings)
     ledger, last = read_split_ledger(run_dir)
@@ -213,9 +237,9 @@ def _data_sources(cfg: Config) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
-def load_dataset(cfg: Config) -> tuple[list[Record], list[str]]:
-    """(records, taxonomy) from the run's splits.csv and data_report.json; validates first when
-    they are absent or older than the metadata / classes file."""
+def _validated_dataset(cfg: Config) -> tuple[list[Record], list[str]] | None:
+    """(records, taxonomy) from the run's splits.csv and data_report.json, or None when they are
+    absent or older than the metadata / classes file (validate again)."""
     splits, report_file = cfg.run_dir / "splits.csv", cfg.run_dir / "data_report.json"
     if splits.is_file() and report_file.is_file():
         report = json.loads(report_file.read_text(encoding="utf-8"))
@@ -223,7 +247,13 @@ def load_dataset(cfg: Config) -> tuple[list[Record], list[str]]:
         if report.get("data_settings") == data_settings_hash(cfg) and not newer:
             return read_splits(splits), report["taxonomy"]
         log.info("data or data settings changed since the last validate: validating again")
-    return run_validate(cfg)
+    return None
+
+
+def load_dataset(cfg: Config) -> tuple[list[Record], list[str]]:
+    """(records, taxonomy) from the run's splits.csv and data_report.json; validates first when
+    they are absent or older than the metadata / classes file."""
+    return _validated_dataset(cfg) or run_validate(cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,6 +271,26 @@ def process_group_timeout(n_images: int) -> timedelta:
     return timedelta(seconds=BARRIER_BASE_S + BARRIER_PER_IMAGE_S * n_images)
 
 
+@contextlib.contextmanager
+def _process_group(cfg: Config) -> Iterator[None]:
+    """Under torchrun, a gloo process group for the stage (unless one is up already: the caller's).
+
+    gloo: the ranks exchange a few Python objects and barriers, on the host; each rank's GPU work
+    never crosses ranks, so NCCL would add a CUDA stream per rank for nothing."""
+    import torch.distributed as dist
+
+    from samprobe.data.tables import read_rows
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", timeout=process_group_timeout(len(read_rows(cfg.data)[0])))
+    try:
+        yield
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     """Features of every validated image into the cache. Under torchrun each rank takes a disjoint share."""
     # Fail on an unusable cache location before validating or loading any model.
@@ -248,20 +298,8 @@ def run_extract(cfg: Config, progress: bool = True) -> ExtractResult:
     rank, world = rank_world()
     if world == 1:
         return _extract(cfg, progress, rank, world)
-    import torch.distributed as dist
-
-    from samprobe.data.tables import read_rows
-
-    started = not dist.is_initialized()
-    if started:
-        # gloo: the ranks exchange a few Python objects and barriers, on the host; each rank's
-        # GPU work never crosses ranks, so NCCL would add a CUDA stream per rank for nothing.
-        dist.init_process_group("gloo", timeout=process_group_timeout(len(read_rows(cfg.data)[0])))
-    try:
+    with _process_group(cfg):
         return _extract(cfg, progress, rank, world)
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResult:
@@ -271,9 +309,9 @@ def _extract(cfg: Config, progress: bool, rank: int, world: int) -> ExtractResul
         if rank != 0:
             log.setLevel(logging.WARNING)
             progress = False
-        if rank == 0:
-            load_dataset(cfg)  # validate once, before the other ranks read splits.csv
-        dist.barrier()
+        # validate (every rank its share of the files) unless rank 0 finds it done already
+        if on_rank0(lambda: _validated_dataset(cfg) is None, rank=rank, world=world):
+            run_validate(cfg, progress)
     records, _ = load_dataset(cfg)
     run_dir = prepare_run_dir(cfg)
     extractor = Extractor.from_config(cfg)

@@ -73,6 +73,16 @@ def summary_lines(report: dict[str, Any], problems: Iterable[Problem] = ()) -> l
                 f"  {reasons[kind]['count']} {text} (e.g. {reasons[kind]['examples'][0]}); see "
                 f"data_report.json"
             )
+    files = report.get("files")
+    if files and files["checked"]:
+        lines.append(
+            f"  files: {files['read']} read ({files['bytes_read'] / 1e6:.1f} MB)"
+            + (
+                f", {files['remembered']} unchanged since an earlier validation (not read again)"
+                if files["remembered"]
+                else ""
+            )
+        )
     if report.get("label_type"):
         lines.append(
             "  labels read as "

@@ -7,13 +7,19 @@ counted in ``data_report.json``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+import stat
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from samprobe.config import DataConfig
+from samprobe.data.check_record import CheckRecord, Outcome, Version, version_key
 from samprobe.data.images import open_image
 from samprobe.data.records import SPLITS, Dataset, Problem, Record
 from samprobe.data.tables import detect_format, folder_classes, folder_ignored_files, read_rows
@@ -26,12 +32,14 @@ from samprobe.data.taxonomy import (
     resolve_label,
 )
 from samprobe.errors import ConfigError, DataError
-from samprobe.io import sha256_bytes
+from samprobe.io import file_version, sha256_bytes
 
 # ---------------------------------------------------------------------------------------
 # validation
 
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
@@ -57,15 +65,33 @@ def _windows_path_hint(path_text: str) -> str:
     return ""
 
 
-def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
-    """(sha256, None) if the file decodes, else (None, reason). JPEGs decode at 1/8 scale:
-    every byte is still entropy-decoded, so truncation and corruption are still caught."""
-    try:
-        data = file.read_bytes()
-    except OSError as exc:  # permission denied, a folder, an I/O error
-        return None, f"{type(exc).__name__}: {exc}"
+@dataclass(frozen=True, slots=True)  # one per row: 1 M of them
+class FileCheck:
+    """What checking one row's file found: a problem (``kind``, ``detail``), or a file that
+    decodes (``kind`` None, ``sha256``). ``source`` says where its bytes' verdict came from:
+    "disk" (read now: ``bytes_read``), "record" (remembered for this ``version``), or "" (not
+    needed: a path problem, or a row rejected for its label or split). ``fresh``: read now, and
+    the outcome may be remembered for ``version``."""
+
+    kind: str | None
+    detail: str = ""
+    file: str = ""
+    sha256: str | None = None
+    version: Version | None = None
+    source: str = ""
+    fresh: bool = False
+    bytes_read: int = 0
+
+    def outcome(self) -> Outcome:
+        """What to remember for this version of the file."""
+        return Outcome(self.sha256, self.detail if self.kind else None)
+
+
+def _decode_check(data: bytes, max_pixels: int) -> str | None:
+    """None if ``data`` decodes, else why not. JPEGs decode at 1/8 scale: every byte is still
+    entropy-decoded, so truncation and corruption are still caught."""
     if not data:
-        return None, "zero bytes"
+        return "zero bytes"
     try:
         img = open_image(data, max_pixels)
         if img.format == "JPEG":
@@ -73,10 +99,161 @@ def _check_image(file: Path, max_pixels: int) -> tuple[str | None, str | None]:
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
         img.load()
     except ValueError as exc:
-        return None, str(exc)
+        return str(exc)
     except Exception as exc:  # PIL raises many types on corrupt files; each is "unreadable"
-        return None, f"{type(exc).__name__}: {exc}"
-    return sha256_bytes(data), None
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _read_and_check(file: str, version: Version, max_pixels: int) -> FileCheck:
+    try:
+        with open(file, "rb") as f:
+            before = version_key(file_version(os.fstat(f.fileno())))
+            data = f.read()
+            # remembered only when the file did not change between the stat and the read
+            stable = before == version == version_key(file_version(os.fstat(f.fileno())))
+    except OSError as exc:  # permission denied, an I/O error: not remembered, tried again
+        return FileCheck("unreadable", f"{type(exc).__name__}: {exc}", file, source="disk")
+    reason = _decode_check(data, max_pixels)
+    return FileCheck(
+        None if reason is None else "unreadable",
+        reason or "",
+        file,
+        None if reason is not None else sha256_bytes(data),
+        version,
+        source="disk",
+        fresh=stable,
+        bytes_read=len(data),
+    )
+
+
+def check_file(
+    root: Path,
+    real_root: Path,
+    path_s: str,
+    *,
+    max_pixels: int,
+    read: bool = True,
+    record: CheckRecord | None = None,
+) -> FileCheck:
+    """One row's file: its path (``bad_path``, ``outside_root``, ``missing``), then unless
+    ``read`` is False (the row has another problem already) its bytes: hashed and decoded, or
+    the outcome ``record`` remembers for this version of the file, without reading it."""
+    try:
+        candidate = image_path(root, path_s)
+        resolved = candidate.resolve()
+        outside = not resolved.is_relative_to(real_root)
+        try:
+            st = None if outside else os.stat(resolved)
+        except OSError:
+            st = None
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, name too long, a NUL
+        return FileCheck("bad_path", f"{type(exc).__name__}: {exc}")
+    if outside:
+        return FileCheck("outside_root", f"resolves to {resolved}, outside {real_root}")
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return FileCheck("missing", f"no file at {candidate}" + _windows_path_hint(path_s))
+    file = str(resolved)
+    if not read:
+        return FileCheck(None, file=file)
+    version = version_key(file_version(st))
+    known = record.lookup(file, version) if record is not None else None
+    if known is not None:
+        kind = None if known.sha256 is not None else "unreadable"
+        return FileCheck(kind, known.reason or "", file, known.sha256, version, source="record")
+    return _read_and_check(file, version, max_pixels)
+
+
+@dataclass
+class FileChecks:
+    """Every row's ``FileCheck`` (in row order, all ranks), and what it took to make them."""
+
+    results: list[FileCheck]
+    files_read: int
+    bytes_read: int
+    remembered: int
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "checked": len(self.results),
+            "read": self.files_read,
+            "bytes_read": self.bytes_read,
+            "remembered": self.remembered,
+        }
+
+
+def _bounded_map(
+    pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T], ahead: int
+) -> Iterator[_R]:
+    """``pool.map`` with at most ``ahead`` calls in flight: ``Executor.map`` submits every item at
+    once, a future per row (~1 KB each: 1 GB for a 1 M-row file)."""
+    window: deque[Future[_R]] = deque()
+    for item in items:
+        window.append(pool.submit(fn, item))
+        if len(window) >= ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def _check_files(
+    cfg: DataConfig,
+    root: Path,
+    real_root: Path,
+    rows: list[tuple[str, bool]],
+    *,
+    progress: bool,
+    workers: int | None,
+    record_dir: Path | None,
+    rank: int,
+    world: int,
+) -> FileChecks:
+    """``check_file`` of each (path, read) in ``rows``: this rank's share (every ``world``-th
+    row) in a thread pool, then gathered from every rank."""
+    from tqdm import tqdm
+
+    mine = range(rank, len(rows), world)
+    record = CheckRecord(record_dir, max_pixels=cfg.max_pixels, rank=rank) if record_dir else None
+    n_workers = max(1, workers if workers is not None else check_workers())
+
+    def one(i: int) -> FileCheck:
+        path_s, read = rows[i]
+        return check_file(
+            root, real_root, path_s, max_pixels=cfg.max_pixels, read=read, record=record
+        )
+
+    local: list[FileCheck] = []
+    with ThreadPoolExecutor(max_workers=n_workers) as pool, record or contextlib.nullcontext():
+        checks = _bounded_map(pool, one, mine, ahead=64 * n_workers)
+        for check in tqdm(
+            checks, total=len(mine), desc="validate", unit="img", disable=not progress
+        ):
+            if check.fresh and record is not None:
+                record.add(check.file, check.version, check.outcome())  # type: ignore[arg-type]
+            local.append(check)
+    # (checks, journal) of every rank; each rank's journal is closed before it is gathered
+    gathered: list[Any] = [(local, record.journal if record else None)]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (local, record.journal if record else None))
+    shares = [g[0] for g in gathered]
+    if record is not None and rank == 0:
+        for share in shares[1:]:
+            record.absorb((c.file, c.version, c.outcome()) for c in share if c.fresh)  # type: ignore[misc]
+    results: list[FileCheck] = [None] * len(rows)  # type: ignore[list-item]
+    for r, share in enumerate(shares):
+        results[r::world] = share
+    if record is not None and rank == 0:
+        others = [g[1] for g in gathered[1:] if g[1] is not None]
+        record.compact((c.file for c in results if c.file and c.kind != "missing"), others)
+    return FileChecks(
+        results,
+        files_read=sum(c.source == "disk" for c in results),
+        bytes_read=sum(c.bytes_read for c in results),
+        remembered=sum(c.source == "record" for c in results),
+    )
 
 
 def check_workers() -> int:
@@ -87,7 +264,21 @@ def check_workers() -> int:
     return min(16, 2 * available_cores())  # rank 0 validates alone: all the node's cores
 
 
-def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None) -> Dataset:
+def validate(
+    cfg: DataConfig,
+    progress: bool = False,
+    workers: int | None = None,
+    *,
+    record_dir: Path | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> Dataset:
+    """Every row of the metadata as a ``Record`` or a ``Problem``.
+
+    With ``record_dir`` the outcome of each file's check is remembered there
+    (``check_record``): a rerun reads only files that changed since. Under torchrun (``world``
+    > 1, the process group initialised) every rank checks its share of the files and every
+    rank returns the same Dataset."""
     rows, encoding = read_rows(cfg)
     root = Path(cfg.image_root) if cfg.image_root else Path(cfg.metadata).parent  # type: ignore[arg-type]
     real_root = root.resolve()
@@ -127,9 +318,10 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
     )
 
     problems: list[Problem] = []
-    # Cheap checks first (no file reads); rows that pass them get their file read in a pool.
-    # row, path, label_s, file, label, split
-    pending: list[tuple[int, str, str, Path, str, str | None]] = []
+    # Checks without the filesystem first; each row left gets its file checked in a pool (under
+    # torchrun: this rank's share). A path problem outranks a label or split problem, which
+    # spares the row's read: (row, path, label_s, label, split, label or split problem).
+    pending: list[tuple[int, str, str, str | None, str | None, tuple[str, str] | None]] = []
     for i, row in enumerate(rows, start=1):
         if row is None:
             problems.append(Problem(i, "", "", "malformed", "row could not be parsed"))
@@ -137,36 +329,14 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
         raw_path, raw_label = row.get(cfg.path_column), row.get(cfg.label_column)
         path_s = "" if is_blank(raw_path) else str(raw_path).strip()
         label_s = "" if is_blank(raw_label) else label_text(raw_label)
-
-        def bad(
-            kind: str, detail: str, row: int = i, path: str = path_s, label: str = label_s
-        ) -> None:
-            problems.append(Problem(row, path, label, kind, detail))
-
         if not path_s:
-            bad("bad_path", "empty path")
-            continue
-        try:
-            candidate = image_path(root, path_s)
-            resolved = candidate.resolve()
-            outside = not resolved.is_relative_to(real_root)
-            is_file = not outside and resolved.is_file()
-        except (
-            OSError,
-            RuntimeError,
-            ValueError,
-        ) as exc:  # symlink loop, name too long, a NUL character
-            bad("bad_path", f"{type(exc).__name__}: {exc}")
-            continue
-        if outside:
-            bad("outside_root", f"resolves to {resolved}, outside {real_root}")
-            continue
-        if not is_file:
-            bad("missing", f"no file at {candidate}" + _windows_path_hint(path_s))
+            problems.append(Problem(i, path_s, label_s, "bad_path", "empty path"))
             continue
         label = resolve_label(label_s, taxonomy, index, label_type) if label_s else None
+        split = None  # an empty split cell too: assign_splits gives the row a split
+        problem = None
         if label is None:
-            bad(
+            problem = (
                 "unknown_label",
                 "empty label"
                 if not label_s
@@ -175,37 +345,37 @@ def validate(cfg: DataConfig, progress: bool = False, workers: int | None = None
                 else f"{label_s!r} is not an index 0..{len(taxonomy) - 1} of data.classes_file "
                 f"(data.label_type index)",
             )
-            continue
-        split = None  # an empty split cell too: assign_splits gives the row a split
-        if cfg.split_column and not is_blank(row.get(cfg.split_column)):
+        elif cfg.split_column and not is_blank(row.get(cfg.split_column)):
             split = str(row.get(cfg.split_column)).strip().lower()
             split = {"validation": "val", "valid": "val", "dev": "val"}.get(split, split)
             if split not in SPLITS:
-                bad("bad_split", f"split {split!r} is not one of {', '.join(SPLITS)}")
-                continue
-        pending.append((i, path_s, label_s, resolved, label, split))
+                problem = ("bad_split", f"split {split!r} is not one of {', '.join(SPLITS)}")
+        pending.append((i, path_s, label_s, label, split, problem))
 
-    from tqdm import tqdm
-
+    checks = _check_files(
+        cfg,
+        root,
+        real_root,
+        [(p[1], p[5] is None) for p in pending],
+        progress=progress,
+        workers=workers,
+        record_dir=record_dir,
+        rank=rank,
+        world=world,
+    )
     records: list[Record] = []
-    n_workers = workers if workers is not None else check_workers()
-    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
-        checks = pool.map(lambda p: _check_image(p[3], cfg.max_pixels), pending)
-        # the bar's iterator first, so zip takes its last item (and the bar ends at N/N) before
-        # pending runs out
-        for (sha, reason), (i, path_s, label_s, resolved, label, split) in zip(
-            tqdm(checks, total=len(pending), desc="validate", unit="img", disable=not progress),
-            pending,
-        ):
-            if sha is None:
-                problems.append(Problem(i, path_s, label_s, "unreadable", reason or "unreadable"))
-            else:
-                records.append(Record(i, path_s, str(resolved), label, split, sha))
+    for (i, path_s, label_s, label, split, problem), check in zip(pending, checks.results):
+        if check.kind is None and problem is not None:
+            problems.append(Problem(i, path_s, label_s, *problem))
+        elif check.kind is not None:
+            problems.append(Problem(i, path_s, label_s, check.kind, check.detail))
+        else:
+            records.append(Record(i, path_s, check.file, label, split, check.sha256))  # type: ignore[arg-type]
 
     records, dup_problems = _resolve_duplicates(records)
     problems.extend(dup_problems)
     problems.sort(key=lambda p: p.row)
-    extra: dict[str, Any] = {"label_type": label_type}
+    extra: dict[str, Any] = {"label_type": label_type, "files": checks.summary()}
     if detect_format(cfg) == "folder":
         ignored = folder_ignored_files(Path(cfg.image_root))  # type: ignore[arg-type]
         every = [f for files in ignored.values() for f in files]

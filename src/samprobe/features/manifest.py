@@ -22,17 +22,22 @@ no appends to one file from two processes.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from samprobe.io import atomic_open, fsync_dir
+from samprobe.io import (
+    append_journal,
+    atomic_open,
+    create_journal,
+    file_version,
+    frame_line,
+    framed_lines,
+)
 
 MANIFEST_DIR = "manifests"
 
@@ -52,8 +57,8 @@ class ShardFile:
 
 def file_stamp(path: Path) -> str:
     """size:mtime_ns:inode: any change to the file since it was written changes it."""
-    st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    version = file_version(os.stat(path))
+    return f"{version['size']}:{version['mtime_ns']}:{version['inode']}"
 
 
 def write_shard_file(shard_dir: Path, data: np.ndarray, array: str) -> ShardFile:
@@ -76,11 +81,6 @@ class ManifestRecord:
     keys: list[str]
 
 
-def _frame(obj: dict) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    return b"%08x %s\n" % (zlib.crc32(body), body)
-
-
 class ManifestWriter:
     """Writes shards and one append-only manifest for one rank of one launch.
 
@@ -92,20 +92,13 @@ class ManifestWriter:
         manifest_dir = Path(cache_root) / MANIFEST_DIR
         manifest_dir.mkdir(parents=True, exist_ok=True)
         self.path = manifest_dir / f"rank{rank}-{uuid.uuid4().hex}.jsonl"
-        # O_EXCL: a fresh file, never another writer's; O_APPEND: each line lands at the end.
-        self._fd: int | None = os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666
-        )
-        fsync_dir(manifest_dir)  # the manifest's name survives a crash before its first line
+        self._fd: int | None = create_journal(self.path)
         self.rows = 0
 
     def _append(self, obj: dict) -> None:
         if self._fd is None:
             raise ValueError(f"manifest {self.path} is closed")
-        line = _frame(obj)
-        if os.write(self._fd, line) != len(line):
-            raise OSError(f"short write to {self.path}")
-        os.fsync(self._fd)
+        append_journal(self._fd, frame_line(obj), self.path)
 
     def put(self, keys: list[str], features: np.ndarray, array: str = "pooled") -> None:
         """features [N, ...] -> one shard file, then one manifest line naming it (in that order:
@@ -144,32 +137,12 @@ def read_manifest(path: Path, offset: int = 0) -> tuple[list[tuple[int, Manifest
         data = f.read()
     records: list[tuple[int, ManifestRecord]] = []
     closed = False
-    for line, end in _lines(data, offset):
-        obj = _parse(line)
-        if obj is None:
-            break
+    for obj, end in framed_lines(data, offset):
         if obj.get("closed"):
             closed = True
             break
         records.append((end, ManifestRecord(ShardFile(**obj["shard"]), list(obj["keys"]))))
     return records, closed
-
-
-def _lines(data: bytes, offset: int) -> Iterator[tuple[bytes, int]]:
-    start = 0
-    while (nl := data.find(b"\n", start)) >= 0:
-        yield data[start:nl], offset + nl + 1
-        start = nl + 1
-
-
-def _parse(line: bytes) -> dict | None:
-    crc, _, body = line.partition(b" ")
-    try:
-        if len(crc) != 8 or int(crc, 16) != zlib.crc32(body):
-            return None
-        return json.loads(body)
-    except ValueError:
-        return None
 
 
 def manifest_files(cache_root: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +21,38 @@ from samprobe.data.records import Record
 from samprobe.errors import SamprobeError
 from samprobe.features.cache import FeatureCache, check_free_space
 from samprobe.features.extract import Extractor, shard_for_rank
+
+_T = TypeVar("_T")
+
+
+def shared_error(exc: SamprobeError) -> tuple[str, str, str | None]:
+    """A user error as a picklable payload for the other ranks (``raise_shared_error``)."""
+    return type(exc).__name__, exc.message, exc.fix
+
+
+def raise_shared_error(error: tuple[str, str, str | None]) -> None:
+    kind, message, fix = error
+    raise getattr(errors, kind, SamprobeError)(message, fix=fix)
+
+
+def on_rank0(fn: Callable[[], _T], *, rank: int, world: int) -> _T:
+    """``fn()`` run on rank 0 alone, its (small, picklable) result broadcast to every rank; a
+    user error it raises is raised on every rank with its message: none is left waiting."""
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    payload: list[object] = [None]
+    if rank == 0:
+        try:
+            payload = [(fn(), None)]
+        except SamprobeError as exc:
+            payload = [(None, shared_error(exc))]
+    dist.broadcast_object_list(payload, src=0)
+    result, error = payload[0]  # type: ignore[misc]
+    if error is not None:
+        raise_shared_error(error)
+    return result
 
 
 @dataclass
@@ -63,15 +96,14 @@ def plan_ranks(
                 cache.close()
             if world == 1:
                 raise
-            payload = [(b"", 0, 0, (type(exc).__name__, exc.message, exc.fix))]
+            payload = [(b"", 0, 0, shared_error(exc))]
     if world > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(payload, src=0)
     packed, need, free, error = payload[0]  # type: ignore[misc]
     if error is not None:
-        kind, message, fix = error
-        raise getattr(errors, kind, SamprobeError)(message, fix=fix)
+        raise_shared_error(error)
     mask = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=len(distinct)).astype(bool)
     missing_keys = {k for k, m in zip(distinct, mask) if m}
     # Every key belongs to exactly one rank (a stable split of all keys, missing or not).

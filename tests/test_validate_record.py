@@ -1,0 +1,266 @@
+"""Validation at scale: what validate remembers of each file (``data/check_record.py``) so that a
+rerun reads only what changed, a killed validation resumes, and torchrun ranks share the files.
+
+Real images (skimage photo crops and sklearn digits, ``make_corpus``); the reads are counted
+independently of the code under test by a Python audit hook on ``open``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers.cache_corpus import PY, REPO, make_corpus
+from samprobe.config import DataConfig
+from samprobe.data.check_record import JOURNAL_GLOB, SNAPSHOT, CheckRecord
+from samprobe.data.validate import validate
+
+N_IMAGES = 40  # make_corpus: 5 photos x 4 crops + 20 digits
+
+_opened: list[str] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, Path)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed: it records only inside _reads
+
+
+def _reads(images: Path, fn, *args, **kwargs):
+    """(fn's result, the files under ``images`` that were opened while it ran)."""
+    global _opened
+    _opened = []
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        opened, _opened = _opened, None
+    inside = str(images.resolve())
+    return out, sorted(p for p in opened if p.startswith(inside))
+
+
+def _summary(ds) -> tuple:
+    return (
+        [(r.row, r.path, r.file, r.label, r.split, r.sha256) for r in ds.records],
+        [(p.row, p.path, p.kind) for p in ds.problems],
+        ds.taxonomy,
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    images = make_corpus(tmp_path, n_digits=20, crops=4)
+    return images, DataConfig(image_root=images), tmp_path / "run" / "validation"
+
+
+def test_rerun_reads_only_the_files_that_changed(corpus):
+    images, cfg, record = corpus
+    plain = validate(cfg)  # no record: the reference outcome
+    first, opened = _reads(images, validate, cfg, record_dir=record)
+    assert len(opened) == N_IMAGES and first.extra["files"]["read"] == N_IMAGES
+    assert _summary(first) == _summary(plain)
+    assert (record / SNAPSHOT).is_file() and not list(record.glob(JOURNAL_GLOB))
+
+    again, opened = _reads(images, validate, cfg, record_dir=record)
+    assert opened == [] and again.extra["files"] == {
+        "checked": N_IMAGES,
+        "read": 0,
+        "bytes_read": 0,
+        "remembered": N_IMAGES,
+    }
+    assert _summary(again) == _summary(plain)
+
+    touched = sorted((images / "digit").iterdir())[:3]
+    for f in touched:
+        f.touch()
+    third, opened = _reads(images, validate, cfg, record_dir=record)
+    assert opened == sorted(str(f.resolve()) for f in touched)
+    assert third.extra["files"]["read"] == 3
+    assert third.extra["files"]["bytes_read"] == sum(f.stat().st_size for f in touched)
+    assert _summary(third) == _summary(plain)
+
+
+def test_a_replaced_or_deleted_file_is_checked_again(corpus):
+    images, cfg, record = corpus
+    validate(cfg, record_dir=record)
+    photos = sorted((images / "photo").iterdir(), key=lambda f: f.stat().st_size)
+    # a smaller real image put in place of the largest one, padded after its end to the same
+    # size and given the same mtime (as `cp -p` of an edited copy would): only a new inode
+    target, other = photos[-1], photos[0]
+    st = target.stat()
+    data = other.read_bytes()
+    replacement = target.with_suffix(".new")
+    replacement.write_bytes(data + bytes(st.st_size - len(data)))  # PNG readers stop at IEND
+    os.replace(replacement, target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert target.stat().st_ino != st.st_ino
+    # another deleted, and a file of that name written again: a digit scan
+    reborn = photos[1]
+    reborn.unlink()
+    reborn.write_bytes(sorted((images / "digit").iterdir())[0].read_bytes())
+    deleted = photos[2]
+    deleted.unlink()
+    ds, opened = _reads(images, validate, cfg, record_dir=record)
+    assert opened == sorted(str(f.resolve()) for f in (target, reborn))
+    assert _summary(ds) == _summary(validate(cfg))  # the new bytes' verdict, not the old one
+    assert len(ds.records) + len(ds.problems) == N_IMAGES - 1
+    # its new bytes are a digit's, under the photo label: both rows are a label conflict
+    assert any(p.kind == "label_conflict" and p.path.endswith(reborn.name) for p in ds.problems)
+
+
+def test_changing_the_pixel_limit_checks_every_file_again(corpus):
+    images, cfg, record = corpus
+    validate(cfg, record_dir=record)
+    small = DataConfig(image_root=images, max_pixels=40 * 40)
+    ds, opened = _reads(images, validate, small, record_dir=record)
+    assert len(opened) == N_IMAGES
+    assert sum(p.kind == "unreadable" for p in ds.problems) == 20  # the 96x80 photo crops
+
+
+_KILLED_VALIDATION = """
+import os, signal, sys
+from pathlib import Path
+import samprobe.data.check_record as check_record
+import samprobe.data.validate as v
+from samprobe.config import DataConfig
+
+check_record.FLUSH_LINES = 5  # batches of 5 journal lines: some flushed before the kill
+check_record.FLUSH_S = 1e9
+added = []
+real = check_record.CheckRecord.add
+
+
+def add_then_die(self, *args):
+    real(self, *args)
+    added.append(1)
+    if len(added) == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would
+
+
+check_record.CheckRecord.add = add_then_die
+v.validate(DataConfig(image_root=Path(sys.argv[1])), record_dir=Path(sys.argv[2]), workers=1)
+"""
+
+
+def test_a_killed_validation_resumes_reading_only_unfinished_files(corpus):
+    images, cfg, record = corpus
+    killed = subprocess.run(
+        [PY, "-c", _KILLED_VALIDATION, str(images), str(record), "23"],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (journal,) = record.glob(JOURNAL_GLOB)
+    assert not (record / SNAPSHOT).exists()
+    # 23 outcomes found before the kill, flushed in batches of 5: 20 lines whole on disk
+    assert len(CheckRecord(record, max_pixels=cfg.max_pixels).entries) == 20
+    # a torn last line (killed mid-write) is dropped, not misread
+    data = journal.read_bytes()
+    journal.write_bytes(data[: len(data) - 30])
+    assert len(CheckRecord(record, max_pixels=cfg.max_pixels).entries) == 19
+
+    ds, opened = _reads(images, validate, cfg, record_dir=record)
+    assert len(opened) == N_IMAGES - 19 and ds.extra["files"]["remembered"] == 19
+    assert _summary(ds) == _summary(validate(cfg))
+    # resumed to the end: one snapshot, the dead run's journal folded into it
+    assert (record / SNAPSHOT).is_file() and not list(record.glob(JOURNAL_GLOB))
+    _, opened = _reads(images, validate, cfg, record_dir=record)
+    assert opened == []
+
+
+def _metadata_project(root: Path, images: Path) -> Path:
+    """A metadata CSV over the corpus with a missing file, a label conflict and a duplicate."""
+    files = sorted(images.rglob("*.png"))
+    meta = root / "meta.csv"
+    with open(meta, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for file in files:
+            w.writerow([str(file.relative_to(images)), file.parent.name])
+        w.writerow(["digit/none.png", "digit"])
+        w.writerow([str(files[0].relative_to(images)), "cat"])
+        w.writerow([str(files[1].relative_to(images)), files[1].parent.name])
+    cfg = {
+        "run_dir": str(root / "run"),
+        "device": "cpu",
+        "data": {"metadata": str(meta), "image_root": str(images), "val_fraction": 0.2},
+    }
+    path = root / "samprobe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _torchrun_validate(cfg: Path, nproc: int) -> subprocess.CompletedProcess:
+    torchrun = Path(PY).parent / "torchrun"
+    return subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",  # a rendezvous on a free loopback port
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "samprobe",
+            "validate",
+            "-c",
+            str(cfg),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _outputs(run: Path) -> tuple:
+    report = json.loads((run / "data_report.json").read_text())
+    report.pop("files")  # how many files were read: the rest is the same whoever reads them
+    report.pop("source"), report.pop("data_settings")  # the metadata file's own path, hashed
+    return report, (run / "splits.csv").read_text(), (run / "bad_rows.csv").read_text()
+
+
+@pytest.mark.slow
+def test_two_ranks_validate_their_shares_and_match_one_process(tmp_path):
+    images = make_corpus(tmp_path, n_digits=20, crops=4)
+    single = tmp_path / "single"
+    single.mkdir()
+    out = subprocess.run(
+        [PY, "-m", "samprobe", "validate", "-c", str(_metadata_project(single, images))],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    cfg = _metadata_project(ranks, images)
+    run = _torchrun_validate(cfg, 2)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert _outputs(ranks / "run") == _outputs(single / "run")
+    report = json.loads((ranks / "run" / "data_report.json").read_text())
+    # the label-conflict and the duplicate row read their file again: 42 reads of 40 files
+    assert report["files"]["read"] == N_IMAGES + 2
+    # rank 0 folded both ranks' journals into one snapshot naming every file
+    record = ranks / "run" / "validation"
+    assert not list(record.glob(JOURNAL_GLOB))
+    assert len(CheckRecord(record, max_pixels=DataConfig().max_pixels).entries) == N_IMAGES
+    # a rerun on two ranks reads nothing: each rank finds its share remembered
+    again = _torchrun_validate(cfg, 2)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert json.loads((ranks / "run" / "data_report.json").read_text())["files"]["read"] == 0
+    # the same rows and splits (the report now says the splits were kept from the first run)
+    assert _outputs(ranks / "run")[1:] == _outputs(single / "run")[1:]
+    shutil.rmtree(ranks / "run" / "validation")
