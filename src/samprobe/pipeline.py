@@ -28,7 +28,7 @@ from samprobe.data.splits import assign_splits, carves_val
 from samprobe.data.validate import validate
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
-from samprobe.features.cache import register_run
+from samprobe.features.cache import POOLED, FeatureCache, register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
 from samprobe.features.manifest import ManifestWriter
 from samprobe.features.ranks import plan_ranks
@@ -58,6 +58,13 @@ from samprobe.train.checkpoint import (
 from samprobe.train.classes import ClassMapping, class_weights
 from samprobe.train.loop import SweepTrainer
 from samprobe.train.metrics import classification_metrics, confusion, per_class_table
+from samprobe.train.stream import (
+    CachedRows,
+    buffer_rows,
+    cached_rows,
+    in_memory_bytes,
+    memory_budget,
+)
 
 log = logging.getLogger("samprobe")
 
@@ -366,8 +373,11 @@ def features_by_split(
     records: list[Record],
     spatial: int | None = None,
     splits: tuple[str, ...] = ("train", "val", "test"),
-) -> dict[str, tuple[list[Record], np.ndarray]]:
-    """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C]."""
+    memory_budget: int | None = None,
+) -> dict[str, tuple[list[Record], np.ndarray | CachedRows]]:
+    """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C].
+    ``memory_budget`` (bytes; training): splits whose float32 features would not fit are
+    ``CachedRows`` read from the cache's shard files while training, not arrays."""
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
     with extractor.open_cache(cfg.features.cache_dir, readonly=True) as cache:
@@ -387,11 +397,43 @@ def features_by_split(
                 f"backbone/pooling",
                 fix="run `samprobe extract -c CONFIG` first (it resumes where it stopped)",
             )
-        out = {}
-        for split in splits:
-            recs = [r for r in usable if r.split == split]
-            out[split] = (recs, load_head_inputs(cache, recs, spatial))
-    return out
+        by_split = {split: [r for r in usable if r.split == split] for split in splits}
+        streamed = memory_budget is not None and _streams(cache, by_split, spatial, memory_budget)
+        return {
+            split: (
+                recs,
+                cached_rows(
+                    cache,
+                    [r.sha256 for r in recs],
+                    array=grid_array(spatial) if spatial else POOLED,
+                    spatial=spatial,
+                    budget=memory_budget,
+                )
+                if streamed and memory_budget is not None
+                else load_head_inputs(cache, recs, spatial),
+            )
+            for split, recs in by_split.items()
+        }
+
+
+def _streams(
+    cache: FeatureCache, by_split: dict[str, list[Record]], spatial: int | None, budget: int
+) -> bool:
+    """Whether training streams these splits' features (float32 over ``budget`` bytes); logs
+    which path runs and why."""
+    row_values = (cache.array_dim(grid_array(spatial)) if spatial else None) or cache.dim
+    rows = sum(len(recs) for recs in by_split.values())
+    need = in_memory_bytes(rows, row_values)
+    what = f"train: {rows} {'+'.join(by_split)} features need {need / 1e9:.2f} GB as float32"
+    limit = f"train.memory_budget_gb {budget / 1e9:.2f}"
+    if need <= budget:
+        log.info(f"{what}, within {limit}: held in memory")
+        return False
+    log.info(
+        f"{what}, over {limit}: streamed from the cache's shard files in shuffled chunks "
+        f"(shuffle buffers of {buffer_rows(budget, row_values)} rows)"
+    )
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,7 +457,14 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     # fingerprint only: no encoder weights on the GPU
     extractor = Extractor.from_config(cfg, on_device=False)
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
-    data = features_by_split(cfg, extractor, records, spatial)
+    data = features_by_split(
+        cfg,
+        extractor,
+        records,
+        spatial,
+        ("train", "val"),
+        memory_budget=memory_budget(cfg.train.memory_budget_gb),
+    )
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
     mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
     if not val_recs:
