@@ -916,6 +916,8 @@ class SweepTrainer:
             "optimizer": copy.deepcopy(self.opt.state_dict()),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
+            # read from the cache's shards (stream.CachedRows): a resume reads them so again
+            "streamed": isinstance(self.zt, CachedRows),
             "rng": {
                 "batches": self.gen.get_state(),
                 "dropout": self.dropout_gen.get_state(),
