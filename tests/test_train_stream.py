@@ -85,6 +85,10 @@ def test_an_epoch_visits_every_row_once_in_shuffled_chunks(tmp_path):
     again = torch.cat([p for _, p in rows.epoch(torch.Generator().manual_seed(3), 32)])
     assert torch.equal(again, orders[0])
 
+    _, none = _rows(cache, split, "no such split")
+    assert len(none) == none.chunks == 0
+    assert not list(none.epoch(gen, 32)) and not list(none.in_storage_order(32))
+
 
 def test_buffers_are_sized_from_the_budget():
     # one buffer takes a quarter of the budget as float32; never less than one chunk

@@ -116,10 +116,10 @@ class CachedRows:
         self.storage_order = np.lexsort((row_of, shard_of))
         shard_sorted, self.rows = shard_of[self.storage_order], row_of[self.storage_order]
         place = shard_sorted * (1 << 32) + self.rows // chunk_rows
-        self.bounds = np.concatenate(
-            [[0], np.flatnonzero(np.diff(place)) + 1, [len(place)]]
-        ).astype(np.int64)
-        self.chunk_shard = shard_sorted[self.bounds[:-1]] if len(place) else shard_sorted[:0]
+        # chunk c: storage positions bounds[c]..bounds[c + 1] (no chunk at all for no rows)
+        ends = [len(place)] if len(place) else []
+        self.bounds = np.concatenate([[0], np.flatnonzero(np.diff(place)) + 1, ends]).astype(int)
+        self.chunk_shard = shard_sorted[self.bounds[:-1]]
         self._order_tensor = torch.from_numpy(self.storage_order)
 
     def __len__(self) -> int:
