@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -215,6 +216,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
+    # a kill (SIGTERM) unwinds like an error, so the cache is deleted then too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="samprobe-scale-", dir=args.dir))
     report: dict[str, Any] = {
         "bench": "scale",
