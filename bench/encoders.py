@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from encoder import count_flops  # bench/encoder.py: FlopCounterMode plus oneDNN's fused linear
 
 # official-format weight factories
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -72,11 +73,13 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def samprobe_runner(cfg: dict, autocast) -> Run:
+def samprobe_runner(cfg: dict, autocast, precision: str) -> Run:
+    """The backbone as the extractor sets it up (``use_precision``, then its autocast)."""
     from samprobe.backbones.registry import build_backbone
     from samprobe.config import BackboneConfig
 
     bb = build_backbone(BackboneConfig(**cfg))
+    bb.use_precision(torch.device("cpu"), precision)
 
     def run(group: list[np.ndarray]) -> None:
         prepared = [bb.prepare(img) for img in group]  # in samprobe this runs in DataLoader workers
@@ -128,16 +131,7 @@ def efficientvit_reference(model, autocast) -> Run:
     return run
 
 
-def count_flops(run: Run, image: np.ndarray) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run([image])
-    return float(counter.get_total_flops())
-
-
-def build(tmp: Path, autocast) -> dict[str, dict[str, Run]]:
+def build(tmp: Path, autocast, precision: str) -> dict[str, dict[str, Run]]:
     """family -> {"samprobe": run, "reference": run}, all on random official-format weights at their
     native size (1024 px; EfficientViT-SAM-L0 512)."""
     from helpers.sam_factory import (
@@ -151,13 +145,13 @@ def build(tmp: Path, autocast) -> dict[str, dict[str, Run]]:
     sam = build_official_sam("vit_b", img_size=1024)
     torch.save(sam.state_dict(), tmp / "sam_vit_b.pth")
     out["vit_b"] = {
-        "samprobe": samprobe_runner({"checkpoint": tmp / "sam_vit_b.pth"}, autocast),
+        "samprobe": samprobe_runner({"checkpoint": tmp / "sam_vit_b.pth"}, autocast, precision),
         "reference": sam1_reference(sam, autocast),
     }
     hq = build_official_sam_hq("vit_b", img_size=1024)
     torch.save(hq.state_dict(), tmp / "sam_hq_vit_b.pth")
     out["sam_hq"] = {
-        "samprobe": samprobe_runner({"checkpoint": tmp / "sam_hq_vit_b.pth"}, autocast),
+        "samprobe": samprobe_runner({"checkpoint": tmp / "sam_hq_vit_b.pth"}, autocast, precision),
         "reference": sam1_reference(hq, autocast),
     }
     import sam2  # noqa: F401  (initialises Hydra: fine in this process of its own)
@@ -166,19 +160,23 @@ def build(tmp: Path, autocast) -> dict[str, dict[str, Run]]:
     s2 = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu", mode="eval")
     torch.save({"model": s2.state_dict()}, tmp / "sam2.1_hiera_tiny.pt")
     out["sam2_1_t"] = {
-        "samprobe": samprobe_runner({"checkpoint": tmp / "sam2.1_hiera_tiny.pt"}, autocast),
+        "samprobe": samprobe_runner(
+            {"checkpoint": tmp / "sam2.1_hiera_tiny.pt"}, autocast, precision
+        ),
         "reference": sam2_reference(s2, autocast),
     }
     ms = build_official_mobile_sam("tiny_vit_5m", img_size=1024)
     torch.save(ms.state_dict(), tmp / "mobile_sam.pt")
     out["mobile_sam"] = {
-        "samprobe": samprobe_runner({"checkpoint": tmp / "mobile_sam.pt"}, autocast),
+        "samprobe": samprobe_runner({"checkpoint": tmp / "mobile_sam.pt"}, autocast, precision),
         "reference": sam1_reference(ms, autocast),
     }
     ev = build_official_efficientvit_sam("l0")
     torch.save(ev.state_dict(), tmp / "efficientvit_sam_l0.pt")
     out["efficientvit_l0"] = {
-        "samprobe": samprobe_runner({"checkpoint": tmp / "efficientvit_sam_l0.pt"}, autocast),
+        "samprobe": samprobe_runner(
+            {"checkpoint": tmp / "efficientvit_sam_l0.pt"}, autocast, precision
+        ),
         "reference": efficientvit_reference(ev, autocast),
     }
     return out
@@ -203,7 +201,7 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        runners = build(Path(tmp), autocast)
+        runners = build(Path(tmp), autocast, args.precision)
         # also warms up
         flops = {fam: count_flops(r["samprobe"], images[0]) for fam, r in runners.items()}
         for r in runners.values():

@@ -21,8 +21,9 @@ from helpers.sam_factory import build_official_sam, write_official_checkpoint
 from samprobe.backbones import registry
 from samprobe.backbones.sam import SamBackbone, build_sam, infer_geometry, valid_token_mask
 from samprobe.backbones.sam_state_dict import read_checkpoint, to_timm_keys
-from samprobe.config import BackboneConfig
+from samprobe.config import BackboneConfig, load_config
 from samprobe.errors import CheckpointError, ConfigError
+from samprobe.features.extract import Extractor
 from samprobe.io import weights_sha256
 
 ALL_POOLING = ["neck_avg", "neck_max", "block_avg"]
@@ -123,6 +124,100 @@ def test_bf16_autocast_close_to_fp32(tiny):
         bf16 = tiny.encode(x, valid, ALL_POOLING)
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape == (4, 256 + 256 + 64)
     assert F.cosine_similarity(bf16, fp32).min().item() >= 0.99
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_extractor_runs_cpu_bf16_in_bf16_weights_close_to_fp32(vitb_ckpt, tmp_path, precision):
+    """At bf16 on the CPU the extractor casts the encoder to bf16 once and runs it without
+    autocast (bf16 residual stream); the 12 blocks of vit_b geometry stay within pooled cosine
+    0.999 of fp32 on real photos. fp32 keeps the weights as loaded."""
+    cfg_path = tmp_path / "samprobe.yaml"
+    cfg_path.write_text(
+        f"device: cpu\nprecision: {precision}\ndata: {{image_root: {tmp_path}, format: folder}}\n"
+        f"backbone: {{name: sam, checkpoint: {vitb_ckpt}, img_size: 256}}\n"
+    )
+    extractor = Extractor.from_config(load_config(cfg_path))
+    bb = extractor.backbone
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert {p.dtype for p in bb.encoder.parameters()} == {want}
+    assert bb.compute_dtype == (torch.bfloat16 if precision == "bf16" else None)
+    x, valid = _batch(bb, _images())
+    reference = SamBackbone.from_checkpoint(vitb_ckpt, img_size=256, variant="vit_b")
+    fp32 = reference.encode(x, valid, ALL_POOLING + ["interm_avg"])
+    ours = extractor.encode_batch(x, valid)  # neck_avg, under the extractor's own autocast
+    assert ours.dtype == np.float32 and ours.shape == (4, 256)
+    cos = F.cosine_similarity(torch.from_numpy(ours), fp32[:, :256])
+    assert cos.min().item() >= (0.999 if precision == "bf16" else 0.9999)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        every = bb.encode(x, valid, ALL_POOLING + ["interm_avg"])
+    assert F.cosine_similarity(every, fp32).min().item() >= 0.999
+
+
+def test_residual_stream_is_contiguous_from_the_first_block(tiny):
+    """patch_embed's output is the conv's NCHW map permuted to [B, gh, gw, C]: kept as that
+    strided view, every block's LayerNorm and reshape copied it (20% of a 1024 px vit_b forward)."""
+    seen = []
+    hooks = [
+        blk.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+        for blk in tiny.encoder.blocks
+    ]
+    try:
+        x, valid = _batch(tiny, _images()[:2])
+        tiny.encode(x, valid, ["neck_avg"])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [True] * len(tiny.encoder.blocks)
+
+
+def _mlp_input(bb: SamBackbone) -> torch.Tensor:
+    """What the first block's MLP sees on real photos: [B, N, C] normed tokens."""
+    seen = []
+    hook = bb.encoder.blocks[0].mlp.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().clone())
+    )
+    try:
+        x, valid = _batch(bb, _images()[:2])
+        bb.encode(x, valid, ["neck_avg"])
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_fuses_fc1_and_gelu_on_cpu_with_the_same_result(tiny, dtype):
+    from timm.layers import Mlp
+    from torch.profiler import ProfilerActivity, profile
+
+    from samprobe.backbones.sam_attention import SamMlp
+
+    mlp = tiny.encoder.blocks[0].mlp
+    assert type(mlp) is SamMlp
+    x = _mlp_input(tiny)
+    w = {k: v.to(dtype) for k, v in mlp.state_dict().items()}
+    fused = SamMlp(mlp.fc1.in_features, mlp.fc1.out_features).eval()
+    plain = Mlp(mlp.fc1.in_features, mlp.fc1.out_features).eval()
+    for m in (fused, plain):
+        m.load_state_dict(w)
+        m.to(dtype)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = fused(x.to(dtype))
+    assert any("_linear_pointwise" in e.name for e in prof.events())
+    with torch.inference_mode():
+        want = plain(x.to(dtype))
+        exact = plain.double()(x.double())
+    eps = torch.finfo(dtype).eps
+    scale = exact.abs().max().item()
+    # Within a few eps of the float64 result relative to its size (fp32 accumulates 3072-term
+    # sums: ~5 eps seen; bf16 rounds its output: ~0.5 eps), and no worse than the unfused order.
+    assert (got.double() - exact).abs().max().item() <= 16 * eps * scale
+    assert (got.double() - exact).abs().max().item() <= 4 * (
+        want.double() - exact
+    ).abs().max().item() + eps * scale
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.inference_mode(), autocast, profile(activities=[ProfilerActivity.CPU]) as prof:
+        fused(x.to(dtype))
+    assert not any("_linear_pointwise" in e.name for e in prof.events())  # autocast: plain path
 
 
 def test_prepare_pads_top_left_with_zeros(tiny):

@@ -20,6 +20,7 @@ last feature map's *valid* token region adaptive-average-pooled to ``spatial x s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -121,6 +122,23 @@ class Backbone(nn.Module):
     preprocess_version: str = "1"
     decode_longest_side: bool = False
     """True when ``prepare`` resizes the longest side to ``input_size``: lets JPEGs decode at reduced scale."""
+    compute_dtype: torch.dtype | None = None
+    """Set by ``use_precision`` when the weights were cast to the precision's dtype and the forward
+    runs in it with autocast off; None: weights as loaded, autocast (the caller's) casts per op."""
+
+    def use_precision(self, device: torch.device, precision: str) -> None:
+        """Called once by the extractor, after ``.to(device)``, with the resolved precision it
+        encodes at. The default keeps the weights as loaded; a backbone may cast them once here
+        and set ``compute_dtype`` (it then encodes at that precision only)."""
+
+    def native_compute(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, contextlib.AbstractContextManager[object]]:
+        """(x in ``compute_dtype``, autocast switched off) after ``use_precision`` cast the
+        weights; (x, no-op context) otherwise."""
+        if self.compute_dtype is None:
+            return x, contextlib.nullcontext()
+        return x.to(self.compute_dtype), torch.autocast(x.device.type, enabled=False)
 
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """HxWx3 uint8 RGB -> (uint8 [3, S, S] with content top-left, (h', w') valid size)."""

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer_sam import Attention, Block, get_rel_pos
+from torch import nn
 
 # Score elements per chunk: 2^22 bf16 = 8 MB, L3-resident. Smaller chunks (2^20) were as fast
 # on an idle machine (0.33 s per global block) but each chunk is ~5 parallel regions, and on
@@ -68,7 +70,8 @@ def _folded_attention(
     for g0 in range(0, G, groups):
         g1 = min(G, g0 + groups)
         a = torch.matmul(qa[g0:g1], ka[g0:g1].transpose(-2, -1))  # [g, N, N]
-        out[g0:g1] = torch.matmul(a.softmax(-1), v[g0:g1])
+        # Written in place (a leading-dim slice of out is contiguous): one copy less per group.
+        torch.matmul(a.softmax(-1), v[g0:g1], out=out[g0:g1])
     return out
 
 
@@ -277,15 +280,50 @@ class SamAttention(Attention):
         return self.proj(o).view(B, H, W, C)
 
 
+def _onednn_linear_gelu_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class SamMlp(Mlp):
+    """timm's ``Mlp`` (same parameters); on the CPU in inference without autocast (the extractor's
+    ``use_precision`` casts the weights instead), fc1 and its exact (erf) GELU run
+    as one oneDNN linear with the GELU in the GEMM's epilogue instead of a second pass over the
+    [N, 4C] activations. vit_b MLP, same run, AMX Xeon, 2 threads: 8192 tokens bf16 61 -> 44 ms,
+    2048 tokens bf16 7.3 -> 6.7 ms, fp32 46 -> 38 ms; results within the dtype's rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fusable = (
+            x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            # the oneDNN op is not autocast-aware: under autocast fc1 would run in fp32
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and self.fc1.weight.requires_grad)
+            and isinstance(self.act, nn.GELU)
+            and self.act.approximate == "none"
+            and isinstance(self.drop1, nn.Identity | nn.Dropout)
+            and isinstance(self.norm, nn.Identity)
+            and not (self.training and self.drop1.p)
+            and _onednn_linear_gelu_available()
+        )
+        if not fusable:
+            return super().forward(x)
+        x = torch.ops.mkldnn._linear_pointwise(
+            x.contiguous(), self.fc1.weight, self.fc1.bias, "gelu", [], "none"
+        )
+        return self.drop2(self.fc2(x))
+
+
 class SamBlock(Block):
-    """timm's SAM ``Block`` whose attention runs ``SamAttention`` (forward only differs)."""
+    """timm's SAM ``Block`` whose attention runs ``SamAttention`` and MLP ``SamMlp`` (forwards only differ)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not self.attn.use_rel_pos:
             raise ValueError("SamBlock needs relative-position attention, as every SAM encoder has")
-        # Same module, same parameters: only the forward changes, so switching the class is exact.
+        # Same modules, same parameters: only the forwards change, so switching the class is exact.
         self.attn.__class__ = SamAttention
+        if type(self.mlp) is Mlp:
+            self.mlp.__class__ = SamMlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.window_size == 0:

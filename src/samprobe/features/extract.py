@@ -163,6 +163,7 @@ class Extractor:
         backbone = build_backbone(cfg.backbone)
         if on_device:
             backbone = backbone.to(device)
+            backbone.use_precision(device, precision)
         pooling = backbone.resolve_pooling(cfg.features.pooling)
         spatial = cfg.features.spatial
         if spatial is not None:
