@@ -267,6 +267,11 @@ def main() -> int:
     report["ratios"] = {
         "stream_vs_memory": round(ratio, 3),
         "stream_vs_memory_cpu_time": round(cpu_ratio, 3),
+        # against each in-memory run: how much the load moved while the bench ran
+        "stream_vs_each_memory_run": [
+            round(r["stream"]["samples_per_s"] / r[m]["samples_per_s"], 3)
+            for m in ("memory", "memory_again")
+        ],
     }
     report["test_balanced_accuracy_gap_points"] = round(gap, 2)
     report["checks"] = {
