@@ -1,4 +1,5 @@
-"""Training a grid of heads on in-memory features in one pass.
+"""Training a grid of heads in one pass, on features in memory or streamed from the cache
+(``train.stream.CachedRows``: only where the batches come from changes).
 
 Every (lr, weight_decay) setting of the sweep is one head of a ``StackedHeads`` (pooled
 features [N, D]) or a ``StackedAttentiveProbe`` (token grids [N, T, C]): one batched
