@@ -49,11 +49,12 @@ def main() -> None:
         feats, s_per_img = {}, {}
         for size in sizes:
             backbone = SamBackbone.from_checkpoint(ckpt, img_size=size)
+            backbone.use_precision(device, precision)  # as the extractor sets it up
             prepared = [backbone.prepare(p) for p in photos]
             images = torch.stack([p[0] for p in prepared])
             hw = torch.tensor([p[1] for p in prepared])
             with autocast_context(device, precision):
-                backbone.encode(images[:1], hw[:1], ["neck_avg"])  # warm-up
+                backbone.encode(images[:2], hw[:2], ["neck_avg"])  # warm-up at the timed shape
                 start = time.perf_counter()
                 out = torch.cat(
                     [

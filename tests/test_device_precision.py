@@ -107,3 +107,42 @@ def test_autocast_context():
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """No kernel choice remembered in this process, and an empty user cache of its own."""
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "samprobe" / precision.CHOICES_FILE
+
+
+def test_measured_choice_times_once_per_machine_and_keeps_the_answer(fresh_choices, monkeypatch):
+    a = torch.randn(384, 384)
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():  # 64 products of 384^2: ~100x the work of fast
+        calls["slow"] += 1
+        for _ in range(64):
+            a @ a
+
+    def fast():
+        calls["fast"] += 1
+        a[:48, :48] @ a[:48, :48]
+
+    candidates = {"slow": slow, "fast": fast}
+    assert precision.measured_choice("kernel", candidates) == "fast"
+    assert calls == {"slow": 3, "fast": 3}  # rounds alternate both
+    ((key, entry),) = json.loads(fresh_choices.read_text()).items()
+    assert key.startswith("kernel | ") and entry["choice"] == "fast"
+    assert entry["seconds"]["fast"] < entry["seconds"]["slow"]
+    # a new process: reads the user cache, times nothing
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    assert precision.measured_choice("kernel", candidates) == "fast" and calls["slow"] == 3
+    # another torch version: measured again; a stored choice that is no candidate: measured again
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert precision.measured_choice("kernel", candidates) == "fast" and calls["slow"] == 6
+    monkeypatch.setattr(precision, "_CHOICES", {})
+    assert precision.measured_choice("kernel", {"quick": fast, "other": slow}) == "quick"
+    assert calls["slow"] == 9 and len(json.loads(fresh_choices.read_text())) == 2

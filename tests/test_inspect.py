@@ -102,10 +102,47 @@ def test_exhaustive_neighbours_equal_brute_force_in_fp32_and_after_bf16_screenin
         tol = 8 * np.finfo(np.float32).eps * 32  # fp32 dot of 32 unit-scale terms
         # re-scored in fp32: exact, not bf16-rounded
         np.testing.assert_allclose(sims, want_sim, atol=tol)
-    pairs = duplicate_pairs(sims, idx, 0.99)
-    assert {(a, b) for a, b, _ in pairs} == {(i, 250 + i) for i in range(50)}
+    pairs = duplicate_pairs(sims, idx, cosine=0.99, margin=0.05, neighbours=4)
+    assert {(a, b) for a, b, *_ in pairs} == {(i, 250 + i) for i in range(50)}
     groups = duplicate_groups(len(x), pairs)
     assert groups[0] == groups[250] != groups[1] and groups[100] == -1
+
+
+def test_neighbours_of_rows_that_do_not_fill_the_column_groups_equal_brute_force() -> None:
+    """Row counts around multiples of the strided column groups (padding), k near the group width."""
+    rng = np.random.default_rng(1)
+    for n in (9, 17, 63, 65, 130):
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        z = x / np.linalg.norm(x, axis=1, keepdims=True)
+        s = z @ z.T
+        np.fill_diagonal(s, -np.inf)
+        k = min(6, n - 1)
+        want = -np.sort(-s, axis=1)[:, :k]
+        sims, idx = nearest_neighbours(x, k, block=32)
+        np.testing.assert_allclose(sims, want, atol=8 * np.finfo(np.float32).eps * 16)
+        assert (idx != np.arange(n)[:, None]).all() and (idx < n).all()
+
+
+def test_look_alikes_of_a_dense_class_are_not_near_duplicates_but_an_isolated_copy_is() -> None:
+    """30 vectors around one centre (pairwise cosine ~0.98, as one digit's scans by different
+    writers) and 40 scattered ones, one of which has a copy at cosine ~0.97: the copy stands out
+    from its neighbourhood, the look-alikes do not; with margin 0 the look-alikes are all pairs."""
+    rng = np.random.default_rng(0)
+    d = 64
+    centre = rng.normal(size=d)
+    dense = centre + 0.15 * np.linalg.norm(centre) / np.sqrt(d) * rng.normal(size=(30, d))
+    scattered = rng.normal(size=(40, d))
+    copy = scattered[0] + 0.33 * rng.normal(size=d)  # cosine ~0.97 to scattered[0]
+    x = np.concatenate([dense, scattered, copy[None]]).astype(np.float32)
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    look_alike = (z[:30] @ z[:30].T)[np.triu_indices(30, 1)]
+    assert look_alike.mean() > float(z[30] @ z[70]) > 0.94  # closer than the copy
+    sims, idx = nearest_neighbours(x, 10)
+    pairs = duplicate_pairs(sims, idx, cosine=0.94, margin=0.05, neighbours=5)
+    assert [(a, b) for a, b, *_ in pairs] == [(30, 70)]
+    assert pairs[0][3] >= 0.05
+    cosine_only = duplicate_pairs(sims, idx, cosine=0.94, margin=0.0, neighbours=5)
+    assert sum(b < 30 for _, b, *_ in cosine_only) > 30
 
 
 def test_a_lone_image_has_no_neighbours() -> None:

@@ -54,6 +54,13 @@ def _check_parity(bb: Sam2Backbone, ref: dict) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = bb.encode(x, valid, ["neck_avg", *_STAGE_FEATURES])
     assert F.cosine_similarity(bf16, ref_pooled).min().item() >= 0.99
+    # as the extractor runs it at bf16 on the CPU: weights cast once, autocast off inside
+    bb.use_precision(torch.device("cpu"), "bf16")
+    assert {p.dtype for p in bb.parameters()} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        native = bb.encode(x, valid, ["neck_avg", *_STAGE_FEATURES])
+    assert native.dtype == torch.float32
+    assert F.cosine_similarity(native, ref_pooled).min().item() >= 0.999
 
 
 def test_parity_hiera_t(t256):

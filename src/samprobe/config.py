@@ -186,8 +186,13 @@ class InspectConfig(_Strict):
 
     folds: int = Field(default=5, ge=2)
     """Cross-fitting folds: each train+val image is scored by a head that never saw it."""
-    duplicate_cosine: float = Field(default=0.97, gt=0, le=1)
-    """Two images whose pooled features have at least this cosine similarity are near-duplicates."""
+    duplicate_cosine: float = Field(default=0.94, gt=0, le=1)
+    """Two images whose pooled features have at least this cosine similarity are candidate
+    near-duplicates (1.0: exact feature copies only)."""
+    duplicate_margin: float = Field(default=0.05, ge=0, le=2)
+    """A candidate is a near-duplicate when its cosine exceeds the two images' mean cosine to their
+    `neighbours` nearest by this much (it stands out from its neighbourhood; look-alike classes do
+    not), or when its cosine is at least 0.99; 0 = the cosine alone decides."""
     neighbours: int = Field(default=5, ge=1)
     """k of the kNN outlier score (mean cosine distance to the k nearest other images)."""
     outlier_iqr: float = Field(default=3.0, gt=0)
@@ -445,7 +450,8 @@ train:
 
 inspect:                      # samprobe inspect: label issues, near-duplicates / leakage, outliers
   folds: 5                    # cross-fitting folds over train+val
-  duplicate_cosine: 0.97      # pooled-feature cosine at or above which two images are near-duplicates
+  duplicate_cosine: 0.94      # pooled-feature cosine of a candidate near-duplicate pair
+  duplicate_margin: 0.05      # kept if it beats both images' mean kNN cosine by this (or cosine >= 0.99)
   neighbours: 5               # k of the kNN-distance outlier score
   outlier_iqr: 3.0            # outlier: kNN distance above Q3 + 3 IQR
 

@@ -639,11 +639,17 @@ def _galleries(run_dir: Path, inspect: dict[str, Any]) -> list[str]:
             f'<div class="pair">{pair}<div class="pcap">{leak}cosine '
             f"{float(d['cosine']):.3f}</div></div>"
         )
-    empty = f"No near-duplicates (pooled-feature cosine ≥ {_num(nd['cosine_threshold'])})."
+    # summaries written before the margin existed have none
+    rule = f"cosine ≥ {_num(nd['cosine_threshold'])}" + (
+        f", standing out from their neighbours by ≥ {_num(nd['margin_threshold'])}"
+        if "margin_threshold" in nd
+        else ""
+    )
+    empty = f"No near-duplicates (pooled-feature {rule})."
     out.append(
         f'<section id="near-duplicates"><h2>Near-duplicates and split '
         f"leakage</h2><p>{counted(nd['pairs'], 'pair')} in "
-        f"{counted(nd['groups'], 'group')} at cosine ≥ {_num(nd['cosine_threshold'])}: "
+        f"{counted(nd['groups'], 'group')} at {rule}: "
         f"{nd['within_split']:,} within a split, "
         f"{nd['across_splits']:,} across splits, <b>{nd['leakage_pairs']:,} train/val ↔ test</b> "
         f"(leakage: the "

@@ -131,6 +131,17 @@ class Backbone(nn.Module):
         encodes at. The default keeps the weights as loaded; a backbone may cast them once here
         and set ``compute_dtype`` (it then encodes at that precision only)."""
 
+    def cast_for_cpu_bf16(
+        self, device: torch.device, precision: str, modules: tuple[nn.Module, ...]
+    ) -> None:
+        """``use_precision`` for backbones measured faster that way: at bf16 on the CPU, cast
+        ``modules`` (the encoder, not the normalisation constants) to bf16 once and set
+        ``compute_dtype``; anything else keeps the weights as loaded."""
+        if torch.device(device).type == "cpu" and precision == "bf16":
+            for module in modules:
+                module.to(torch.bfloat16)
+            self.compute_dtype = torch.bfloat16
+
     def native_compute(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, contextlib.AbstractContextManager[object]]:

@@ -199,9 +199,7 @@ class SamBackbone(PooledMapsBackbone):
         0.449 -> 0.392 s/img at 512 px and 2.37 -> 2.27 s/img at 1024 px, and the weights take
         half the memory. The residual stream is then bf16 (LayerNorm still accumulates in fp32
         inside the kernel): pooled cosine to fp32 >= 0.999, tested."""
-        if torch.device(device).type == "cpu" and precision == "bf16":
-            self.encoder.to(torch.bfloat16)
-            self.compute_dtype = torch.bfloat16
+        self.cast_for_cpu_bf16(device, precision, (self.encoder,))
 
     # -- worker side (CPU only) --------------------------------------------------------
 

@@ -270,6 +270,12 @@ class Sam2Backbone(PooledMapsBackbone):
         """uint8 [B, 3, S, S] -> float [B, 3, S, S]: x / 255, then ImageNet mean/std (= ``SAM2Transforms``)."""
         return (images.float() / 255.0 - self.mean) / self.std
 
+    def use_precision(self, device: torch.device, precision: str) -> None:
+        """bf16 on the CPU: trunk and neck cast to bf16 once, the forward in bf16 with autocast
+        off (as ``SamBackbone.use_precision``). hiera_t at 1024 px, 2 photos, same run, AMX Xeon:
+        0.95 -> 0.72 s/img, pooled cosine to fp32 0.99995 (autocast: 0.99998)."""
+        self.cast_for_cpu_bf16(device, precision, (self.trunk, self.neck))
+
     def forward_maps(self, x: torch.Tensor, sources: set[str]) -> dict[str, torch.Tensor]:
         """Normalised input -> {"stage@i": [B, C_i, h_i, w_i] (1-based), "stage": the last one,
         "neck": vision_features [B, d_model, S/16, S/16]}, as far as ``sources`` need."""
@@ -298,7 +304,9 @@ class Sam2Backbone(PooledMapsBackbone):
         sources = {s for r in requests for s in r.sources} | (
             {"neck"} if spatial is not None else set()
         )
-        maps = self.forward_maps(self.preprocess(images), sources)
+        x, compute = self.native_compute(self.preprocess(images))
+        with compute:
+            maps = self.forward_maps(x, sources)
         # Square resize: every token is image, none is padding.
         feats = pool_maps(
             requests,
