@@ -136,8 +136,12 @@ pl.run_train(load_config(sys.argv[1], sys.argv[2:]))
 """
 
 
-def test_killed_run_resumes_to_the_same_weights_and_metrics(corpus):
-    path, sets = _cfg(corpus, "killed")
+@pytest.mark.parametrize("features", ["memory", "streamed"])
+def test_killed_run_resumes_to_the_same_weights_and_metrics(corpus, features):
+    # streamed: train + val features over train.memory_budget_gb, read from the shard files
+    budget = ["train.memory_budget_gb=1e-6"] if features == "streamed" else []
+    path, sets = _cfg(corpus, f"killed-{features}")
+    sets += budget
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", KILL_AFTER_3_EPOCHS, str(path), *sets],
@@ -146,31 +150,35 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(corpus):
         text=True,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    killed = corpus / "killed"
+    killed = corpus / f"killed-{features}"
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 3
     assert not (killed / "checkpoints" / "best.pt").exists()
 
     cfg = load_config(path, sets)
     run_train(cfg, resume=True)
-    full_cfg = load_config(*_cfg(corpus, "uninterrupted"))
+    full_path, full_sets = _cfg(corpus, f"uninterrupted-{features}")
+    full_cfg = load_config(full_path, full_sets + budget)
     run_train(full_cfg)
 
     a = torch.load(killed / "checkpoints" / "best.pt", weights_only=True)
-    b = torch.load(corpus / "uninterrupted" / "checkpoints" / "best.pt", weights_only=True)
+    b = torch.load(
+        corpus / f"uninterrupted-{features}" / "checkpoints" / "best.pt", weights_only=True
+    )
     for k, v in b["head"]["state_dict"].items():
         assert torch.equal(a["head"]["state_dict"][k], v), k
     la = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["train_state"]
-    lb = torch.load(corpus / "uninterrupted" / "checkpoints" / "last.pt", weights_only=True)[
-        "train_state"
-    ]
+    lb = torch.load(
+        corpus / f"uninterrupted-{features}" / "checkpoints" / "last.pt", weights_only=True
+    )["train_state"]
     for k, v in lb["model"].items():
         assert torch.equal(la["model"][k], v), k
+    assert la["streamed"] is lb["streamed"] is (features == "streamed")
     assert a["metrics"] == b["metrics"] and a["sweep"] == b["sweep"]
     assert (killed / "metrics.jsonl").read_text() == (
-        corpus / "uninterrupted" / "metrics.jsonl"
+        corpus / f"uninterrupted-{features}" / "metrics.jsonl"
     ).read_text()
     assert (killed / "sweep.csv").read_text() == (
-        corpus / "uninterrupted" / "sweep.csv"
+        corpus / f"uninterrupted-{features}" / "sweep.csv"
     ).read_text()
 
 

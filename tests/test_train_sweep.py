@@ -611,7 +611,7 @@ def test_heads_left_after_pruning_train_exactly_as_alone(optimizer):
 
 
 def test_all_finite_is_exact():
-    from samprobe.train.loop import _all_finite
+    from samprobe.train.stream import all_finite as _all_finite
 
     x = np.ones((50, 4), np.float32)
     assert _all_finite(x) and _all_finite(x[:0])

@@ -28,7 +28,7 @@ from samprobe.data.splits import assign_splits, carves_val
 from samprobe.data.validate import validate
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
-from samprobe.features.cache import register_run
+from samprobe.features.cache import POOLED, FeatureCache, register_run
 from samprobe.features.extract import Extractor, ExtractResult, load_head_inputs, rank_world
 from samprobe.features.manifest import ManifestWriter
 from samprobe.features.ranks import on_rank0, plan_ranks
@@ -58,6 +58,13 @@ from samprobe.train.checkpoint import (
 from samprobe.train.classes import ClassMapping, class_weights
 from samprobe.train.loop import SweepTrainer
 from samprobe.train.metrics import classification_metrics, confusion, per_class_table
+from samprobe.train.stream import (
+    CachedRows,
+    buffer_rows,
+    cached_rows,
+    in_memory_bytes,
+    memory_budget,
+)
 
 log = logging.getLogger("samprobe")
 
@@ -404,8 +411,13 @@ def features_by_split(
     records: list[Record],
     spatial: int | None = None,
     splits: tuple[str, ...] = ("train", "val", "test"),
-) -> dict[str, tuple[list[Record], np.ndarray]]:
-    """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C]."""
+    memory_budget: int | None = None,
+    streamed_before: bool | None = None,
+) -> dict[str, tuple[list[Record], np.ndarray | CachedRows]]:
+    """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C].
+    ``memory_budget`` (bytes; training): splits whose float32 features would not fit are
+    ``CachedRows`` read from the cache's shard files while training, not arrays;
+    ``streamed_before``: the path of the run being resumed, kept where the budget allows."""
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
     with extractor.open_cache(cfg.features.cache_dir, readonly=True) as cache:
@@ -425,11 +437,58 @@ def features_by_split(
                 f"backbone/pooling",
                 fix="run `samprobe extract -c CONFIG` first (it resumes where it stopped)",
             )
-        out = {}
-        for split in splits:
-            recs = [r for r in usable if r.split == split]
-            out[split] = (recs, load_head_inputs(cache, recs, spatial))
-    return out
+        by_split = {split: [r for r in usable if r.split == split] for split in splits}
+        streamed = memory_budget is not None and _streams(
+            cache, by_split, spatial, memory_budget, streamed_before
+        )
+        return {
+            split: (
+                recs,
+                cached_rows(
+                    cache,
+                    [r.sha256 for r in recs],
+                    array=grid_array(spatial) if spatial else POOLED,
+                    spatial=spatial,
+                    budget=memory_budget,
+                )
+                if streamed and memory_budget is not None
+                else load_head_inputs(cache, recs, spatial),
+            )
+            for split, recs in by_split.items()
+        }
+
+
+def _streams(
+    cache: FeatureCache,
+    by_split: dict[str, list[Record]],
+    spatial: int | None,
+    budget: int,
+    streamed_before: bool | None,
+) -> bool:
+    """Whether training streams these splits' features (float32 over ``budget`` bytes, or the
+    resumed run streamed); logs which path runs and why."""
+    row_values = (cache.array_dim(grid_array(spatial)) if spatial else None) or cache.dim
+    rows = sum(len(recs) for recs in by_split.values())
+    need = in_memory_bytes(rows, row_values)
+    what = f"train: {rows} {'+'.join(by_split)} features need {need / 1e9:.2f} GB as float32"
+    limit = f"train.memory_budget_gb {budget / 1e9:.2f}"
+    how = (
+        f"streamed from the cache's shard files in shuffled chunks (shuffle buffers of "
+        f"{buffer_rows(budget, row_values)} rows)"
+    )
+    if need <= budget and not streamed_before:
+        log.info(f"{what}, within {limit}: held in memory")
+        return False
+    if need <= budget:
+        log.info(f"{what}, within {limit}, but last.pt was trained on them {how}: so is the rest")
+    elif streamed_before is False:
+        log.warning(
+            f"{what}, over {limit}: {how}; last.pt was trained on them in memory, so the batch "
+            "order from here on is not the one of an uninterrupted run"
+        )
+    else:
+        log.info(f"{what}, over {limit}: {how}")
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,7 +512,23 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     # fingerprint only: no encoder weights on the GPU
     extractor = Extractor.from_config(cfg, on_device=False)
     spatial = cfg.features.spatial if cfg.train.head == "attentive" else None
-    data = features_by_split(cfg, extractor, records, spatial)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.pt"
+    if resume and not last.is_file():
+        raise CheckpointError(
+            f"--resume: {last} does not exist", fix="train without --resume to start this run"
+        )
+    ckpt = load_checkpoint(last) if resume else None
+    data = features_by_split(
+        cfg,
+        extractor,
+        records,
+        spatial,
+        ("train", "val"),
+        memory_budget=memory_budget(cfg.train.memory_budget_gb),
+        # a resumed run reads its batches as it did before the kill (the order depends on it)
+        streamed_before=ckpt.train_state.get("streamed") if ckpt and ckpt.train_state else None,
+    )
     (train_recs, x_train), (val_recs, x_val) = data["train"], data["val"]
     mapping = ClassMapping.from_train_labels(taxonomy, [r.label for r in train_recs])
     if not val_recs:
@@ -511,7 +586,6 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             f"accumulated parts of {trainer.batch_size} (memory)"
         )
 
-    ckpt_dir = run_dir / "checkpoints"
     train_images, val_images = ImageSet.of(train_recs), ImageSet.of(val_recs)
     # What every checkpoint of this run shares; each adds its head, epoch and metrics.
     run_ckpt = HeadCheckpoint(
@@ -535,13 +609,7 @@ def run_train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         epoch=0,
         metrics={},
     )
-    if resume:
-        last = ckpt_dir / "last.pt"
-        if not last.is_file():
-            raise CheckpointError(
-                f"--resume: {last} does not exist", fix="train without --resume to start this run"
-            )
-        ckpt = load_checkpoint(last)
+    if ckpt is not None:
         check_resumable(
             ckpt,
             last,

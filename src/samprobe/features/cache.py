@@ -534,30 +534,42 @@ class FeatureCache:
         bounds = np.flatnonzero(np.diff(shard_of[order])) + 1
         for idx in np.split(order, bounds) if n else []:
             shard = shards[int(shard_of[idx[0]])]
-            try:
-                arr = self._open(shard)
-            except _Corrupt as exc:
-                raise CacheError(
-                    f"feature cache shard {self.shard_dir / shard.file} is corrupt ({exc})",
-                    fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and "
-                    "re-extracts them",
-                ) from None
+            arr = self._readable(shard)
             rows = row_of[idx]
             if len(idx) > 1 and np.all(np.diff(idx) == 1) and np.all(np.diff(rows) == 1):
                 a, r0 = int(idx[0]), int(rows[0])
                 dest = out[a : a + len(idx)]
                 # contiguous run: read() straight into the result (faster than mmap faults)
                 if dest.dtype == self.dtype:
-                    with open(
-                        self.shard_dir / shard.file, "rb", buffering=0
-                    ) as f:  # raw reads: no copy through a buffer
-                        f.seek(r0 * shard.dim * self.dtype.itemsize)
-                        f.readinto(memoryview(dest).cast("B"))
+                    read_rows(self.shard_dir / shard.file, r0, dest)
                 else:
                     dest[:] = arr[r0 : r0 + len(idx)]
             else:
                 out[idx] = arr[rows]
         return out
+
+    def shard_files(
+        self, keys: list[str], array: str = POOLED
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, Path]]:
+        """(shard id [N], row [N]) of ``keys`` and the checked file of each shard they are in, for
+        readers that read the shards piece by piece themselves (``read_rows``: training that
+        streams). KeyError naming a missing key, CacheError if a shard is corrupt."""
+        shard_of, row_of = self._locate(list(keys), array)
+        shards = self._shards(np.unique(shard_of).tolist())
+        for shard in shards.values():
+            self._readable(shard)
+        return shard_of, row_of, {sid: self.shard_dir / s.file for sid, s in shards.items()}
+
+    def _readable(self, shard: Shard) -> np.ndarray:
+        """The shard's checked memory map; CacheError if it is corrupt."""
+        try:
+            return self._open(shard)
+        except _Corrupt as exc:
+            raise CacheError(
+                f"feature cache shard {self.shard_dir / shard.file} is corrupt ({exc})",
+                fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and "
+                "re-extracts them",
+            ) from None
 
     # -----------------------------------------------------------------------------------
     # maintenance
@@ -709,6 +721,26 @@ class FeatureCache:
 
 class _Corrupt(Exception):
     pass
+
+
+def read_rows(path: Path, start: int, out: np.ndarray) -> None:
+    """Rows ``start``.. of a shard file straight into ``out`` [rows, dim] (the shard's dtype):
+    raw reads, no copy through a buffer, and no memory map (the pages of a map count in the
+    reader's RSS for as long as the kernel leaves them there)."""
+    view = memoryview(out.reshape(-1)).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start * out[0].nbytes if len(out) else 0)
+        done = 0
+        while done < len(view):  # a read may return less than asked (signals, 2 GiB cap)
+            got = f.readinto(view[done:])
+            if not got:
+                raise CacheError(
+                    f"feature cache shard {path} is corrupt (cut short: it ends before row "
+                    f"{start + done // out[0].nbytes})",
+                    fix="run `samprobe extract -c CONFIG`: it drops corrupt entries and "
+                    "re-extracts them",
+                )
+            done += got
 
 
 def _raise_key_error(key: str) -> tuple[int, int]:

@@ -47,8 +47,8 @@ class StandardisedHead(nn.Module):
         tokens would sample a few grid positions only)."""
         if features.dim() == 3:
             # at most STATS_SAMPLES tokens
-            step = -(-len(features) // max(1, STATS_SAMPLES // features.shape[1]))
-            features = features[::step].reshape(-1, features.shape[-1])
+            features = features[:: stats_stride(len(features), features.shape[1])]
+            features = features.reshape(-1, features.shape[-1])
         mean, std = feature_stats(features)
         self.mean.copy_(mean)
         self.std.copy_(std)
@@ -96,13 +96,20 @@ class Head(StandardisedHead):
 STATS_SAMPLES = 16384
 
 
+def stats_stride(n: int, tokens: int = 1) -> int:
+    """Stride of the evenly strided sample of ``n`` training rows (of ``tokens`` tokens each)
+    that the standardisation statistics are computed on: at most STATS_SAMPLES tokens. Training
+    that streams reads exactly these rows, so both paths standardise alike."""
+    return max(1, -(-n // max(1, STATS_SAMPLES // tokens)))
+
+
 def feature_stats(features: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of [N, D] features (fp16 caches, large N): one pass of sums
     and sums of squares, shifted by the first row so a large mean costs no precision, in float32
     chunks that stay in cache, accumulated in float64 (var_mean over dim 0 was 8x slower)."""
     # an evenly strided sample estimates them to ~1%: plenty for scaling
     if len(features) > STATS_SAMPLES:
-        features = features[:: -(-len(features) // STATS_SAMPLES)]
+        features = features[:: stats_stride(len(features))]
     n, d = features.shape
     shift = features[:1].to("cpu", torch.float32) if n else torch.zeros(1, d)  # [1, D]
     total, squares = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""Training a grid of heads on in-memory features in one pass.
+"""Training a grid of heads in one pass, on features in memory or streamed from the cache
+(``train.stream.CachedRows``: only where the batches come from changes).
 
 Every (lr, weight_decay) setting of the sweep is one head of a ``StackedHeads`` (pooled
 features [N, D]) or a ``StackedAttentiveProbe`` (token grids [N, T, C]): one batched
@@ -48,6 +49,7 @@ from samprobe.train.optim import (
     unpack_optimizer,
     warmup_cosine,
 )
+from samprobe.train.stream import CachedRows, all_finite, non_finite_error
 
 log = logging.getLogger("samprobe")
 VAL_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1")
@@ -157,17 +159,6 @@ class SweepResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _all_finite(x: np.ndarray) -> bool:
-    """Whether every value is finite. A NaN or inf makes the float32 sum non-finite, so a finite
-    sum settles it in one pass without a temporary; a non-finite sum (NaN/inf, or overflow of
-    huge values) is checked exactly."""
-    if x.size == 0:
-        return True
-    # fp16 input: no fp16 overflow
-    total = torch.from_numpy(np.ascontiguousarray(x)).sum(dtype=torch.float32).item()
-    return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
-
-
 @contextlib.contextmanager
 def flush_denormals() -> Iterator[None]:
     """Subnormal floats as zero while training: confident heads push softmax probabilities and
@@ -182,9 +173,11 @@ def flush_denormals() -> Iterator[None]:
         torch.set_flush_denormal(was_flushing)
 
 
-def _place_features(x: np.ndarray, device: torch.device) -> torch.Tensor:
+def _place_features(x: np.ndarray | CachedRows, device: torch.device) -> torch.Tensor | CachedRows:
     """[N, D] (or grids [N, T, C]) float32 on the device as one tensor when it fits in half the free memory;
-    otherwise pinned on the host and moved batch by batch."""
+    otherwise pinned on the host and moved batch by batch. Streamed features stay where they are."""
+    if isinstance(x, CachedRows):
+        return x
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if device.type != "cuda":
         return t
@@ -266,7 +259,7 @@ def _head_losses(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -
 @torch.no_grad()
 def evaluate_heads(
     model: StackedHeads | StackedAttentiveProbe,
-    x: torch.Tensor,
+    x: torch.Tensor | CachedRows,
     y: torch.Tensor,
     weights: torch.Tensor,
     *,
@@ -288,8 +281,15 @@ def evaluate_heads(
     if per_head and heads is not None:
         y = y.index_select(0, heads)
     preds, loss_num = [], torch.zeros(H, device=device)
-    for i in range(0, y.shape[-1], batch_size):
-        xb, yb = x[i : i + batch_size].to(device, non_blocking=True), y[..., i : i + batch_size]
+    if isinstance(x, CachedRows):  # read in storage order: the targets follow it
+        y = y.index_select(y.dim() - 1, x.storage_order_on(device))
+        batches: Iterator[torch.Tensor] = x.in_storage_order(batch_size)
+    else:
+        batches = (x[i : i + batch_size] for i in range(0, y.shape[-1], batch_size))
+    i = 0
+    for batch in batches:
+        xb, yb = batch.to(device, non_blocking=True), y[..., i : i + len(batch)]
+        i += len(batch)
         with autocast_context(device, precision):
             logits = model(xb, heads)
         # the first maximum, as argmax; 1.4x faster for small C
@@ -374,9 +374,9 @@ class SweepTrainer:
 
     def __init__(
         self,
-        x_train: np.ndarray,
+        x_train: np.ndarray | CachedRows,
         y_train: np.ndarray,
-        x_val: np.ndarray,
+        x_val: np.ndarray | CachedRows,
         y_val: np.ndarray,
         *,
         class_weights: np.ndarray,
@@ -417,11 +417,9 @@ class SweepTrainer:
                 fix="map labels with ClassMapping.to_head; samples of untrained classes cannot be "
                 "training targets",
             )
-        if not _all_finite(x_train) or not _all_finite(x_val):
-            raise TrainingError(
-                "features contain NaN/inf",
-                fix="delete the cache entries of these images and rerun `samprobe extract`",
-            )
+        # streamed features are checked as they are read
+        if any(not isinstance(x, CachedRows) and not all_finite(x) for x in (x_train, x_val)):
+            raise non_finite_error()
         self.num_untrained = int(val_untrained_classes)
         self.xt, self.yt = _place_features(x_train, self.device), yt.to(self.device)
         self.xv = _place_features(x_val, self.device)
@@ -434,12 +432,21 @@ class SweepTrainer:
         self.dropout_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.model = _stacked_model(cfg, H, x_train.shape, C, self.gen)
         self.model.dropout_generator = self.dropout_gen
-        self.model.set_normalisation(torch.from_numpy(np.asarray(x_train, dtype=np.float32)))
+        self.model.set_normalisation(
+            torch.from_numpy(
+                x_train.stats_sample()
+                if isinstance(x_train, CachedRows)
+                else np.asarray(x_train, dtype=np.float32)
+            )
+        )
         self.model.to(self.device)
         # bf16/fp16 matmuls: train features standardised once, in that dtype (they round the same
         # fp32 values as per batch, so training is unchanged): half the gather traffic, no cast
-        # per batch. fp32: standardised per gathered batch, in place: no second copy of the set.
-        self.standardize_batches = self._matmul_dtype() == torch.float32
+        # per batch. fp32 (and streamed features): standardised per batch, in place: no second
+        # copy of the set.
+        self.standardize_batches = (
+            isinstance(self.xt, CachedRows) or self._matmul_dtype() == torch.float32
+        )
         self.zt = self.xt if self.standardize_batches else self._standardized(self.xt)
         del self.xt
         opt_cls = StackedSGD if cfg.optimizer == "sgd" else StackedAdamW
@@ -505,15 +512,8 @@ class SweepTrainer:
         looked at once per optimizer step (one wait per accumulation, not per forward)."""
         device = self.device
         model.train()
-        perm = torch.randperm(len(self.zt), generator=self.gen)
-        # once per epoch, not per step
-        perm_z, perm_y = (
-            perm.to(self.zt.device),
-            perm.to(self.yt.device),
-        )
         # per-head targets (cross-fitting): the rows of these heads
         heads_y = heads.to(self.yt.device)
-        gather = _PinnedGather(self.zt, self.batch_size, device)
         # [H'], sample-weighted
         loss_sum = torch.zeros(len(heads), dtype=torch.float64, device=device)
         # [H'] non-finite since the last step
@@ -521,12 +521,10 @@ class SweepTrainer:
         opt.zero_grad(set_to_none=True)
         # heads of ``model`` in the forward; None = all (until one diverges)
         sub: torch.Tensor | None = None
-        for step in range(self.micro_steps):
-            rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
-            zb = gather(perm_z[rows])  # the gather's own copy, on the device
+        for step, (zb, rows) in enumerate(self._epoch_batches()):
             if self.standardize_batches:
                 zb = model.standardize(zb, out=zb)
-            yb = self.yt.index_select(self.yt.dim() - 1, perm_y[rows])
+            yb = self.yt.index_select(self.yt.dim() - 1, rows)
             if self.per_head_targets:  # [H, B] -> the rows of the heads in this forward
                 yb = yb.index_select(0, heads_y)
                 yb = yb if sub is None else yb.index_select(0, sub)
@@ -571,6 +569,23 @@ class SweepTrainer:
         out = torch.zeros(len(self.grid), dtype=torch.float64)
         out[heads] = loss_sum.cpu()
         return (out / len(self.zt)).float()
+
+    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's ``micro_steps`` batches in a new random order from ``self.gen``: (features
+        [B, ...] on the device, a copy of their own; their rows, on the targets' device). In
+        memory: a permutation of all rows, gathered batch by batch. Streamed: shuffled chunks of
+        the shard files (``stream.CachedRows.epoch``)."""
+        if isinstance(self.zt, CachedRows):
+            for zb, rows in self.zt.epoch(self.gen, self.batch_size):
+                yield zb.to(self.device, non_blocking=True), rows.to(self.yt.device)
+            return
+        perm = torch.randperm(len(self.zt), generator=self.gen)
+        # once per epoch, not per step
+        perm_z, perm_y = perm.to(self.zt.device), perm.to(self.yt.device)
+        gather = _PinnedGather(self.zt, self.batch_size, self.device)
+        for step in range(self.micro_steps):
+            rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            yield gather(perm_z[rows]), perm_y[rows]
 
     def _drop_diverged(
         self, broke: torch.Tensor, heads: torch.Tensor, opt: torch.optim.Optimizer, step: int
@@ -902,6 +917,8 @@ class SweepTrainer:
             "optimizer": copy.deepcopy(self.opt.state_dict()),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
+            # read from the cache's shards (stream.CachedRows): a resume reads them so again
+            "streamed": isinstance(self.zt, CachedRows),
             "rng": {
                 "batches": self.gen.get_state(),
                 "dropout": self.dropout_gen.get_state(),
