@@ -220,27 +220,6 @@ def test_mlp_fuses_fc1_and_gelu_on_cpu_with_the_same_result(tiny, dtype):
     assert not any("_linear_pointwise" in e.name for e in prof.events())  # autocast: plain path
 
 
-@pytest.mark.parametrize("impl", ["folded", "chunked"])
-def test_large_grid_attention_either_way_equals_dense_attention(impl, monkeypatch):
-    """A 48x48 grid (N^2 above one chunk, so the folded form runs in blocks of query rows):
-    both CPU forms, whichever the machine's measurement picks, equal softmax(qk^T s + B) v."""
-    from samprobe.backbones import sam_attention
-
-    monkeypatch.setattr(sam_attention, "large_grid_folds", lambda *a: impl == "folded")
-    H = W = 48
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, H * W, 16, generator=gen) for _ in range(3))
-    Rh, Rw = torch.randn(H, H, 16, generator=gen), torch.randn(W, W, 16, generator=gen)
-    assert H * H * W * W > sam_attention._CHUNK_ELEMS
-    got = sam_attention.rel_pos_attention(q, k, v, (Rh, Rw), (H, W), 0.25, "chunked")
-    qd, kd, vd, Rhd, Rwd = (t.double() for t in (q, k, v, Rh, Rw))
-    rel_h = torch.einsum("ghwc,hkc->ghwk", qd.view(2, H, W, 16), Rhd)
-    rel_w = torch.einsum("ghwc,wkc->ghwk", qd.view(2, H, W, 16), Rwd)
-    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(2, H * W, H * W)
-    want = torch.softmax(qd @ kd.transpose(-2, -1) * 0.25 + bias, -1) @ vd
-    assert (got.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
-
-
 def test_prepare_pads_top_left_with_zeros(tiny):
     img = data.chelsea()  # 300 x 451
     t, (h, w) = tiny.prepare(img)

@@ -24,10 +24,9 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -178,35 +177,21 @@ def _best_gflops(shapes: tuple[tuple[int, int, int], ...], rounds: int) -> dict[
 _PROBES: dict[tuple[str, str], CpuProbe] = {}
 
 
-def _remembered(file_name: str) -> tuple[Path | None, dict]:
-    """(the user-cache file, what it holds: a dict, empty when missing or unreadable)."""
-    from samprobe.io import user_cache_file
-
-    store = user_cache_file(file_name)
-    try:
-        known = json.loads(store.read_text(encoding="utf-8")) if store else {}
-    except (OSError, ValueError):
-        known = {}
-    return store, known if isinstance(known, dict) else {}
-
-
-def _remember(store: Path | None, known: dict) -> None:
-    from samprobe.io import atomic_write_text
-
-    if store:
-        # a read-only home only costs the next process a measurement
-        with contextlib.suppress(OSError):
-            atomic_write_text(store, json.dumps(known, indent=1))
-
-
 def cpu_probe() -> CpuProbe:
     """The fp32-vs-bf16 measurement for this machine: from this process, else from the user cache
     (``$XDG_CACHE_HOME/samprobe/cpu-precision.json``, keyed by CPU model and torch version), else
     measured now (~50 ms on a quiet machine) and stored there. Delete that file to measure again."""
+    from samprobe.io import atomic_write_text, user_cache_file
+
     key = _probe_key()
     if key in _PROBES:
         return _PROBES[key]
-    (store, known), name = _remembered(PROBE_FILE), " | ".join(map(str, key))
+    store, name = user_cache_file(PROBE_FILE), " | ".join(map(str, key))
+    try:
+        known = json.loads(store.read_text(encoding="utf-8")) if store else {}
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
     entry = known.get(name)
     try:
         probe = CpuProbe(
@@ -215,44 +200,14 @@ def cpu_probe() -> CpuProbe:
     except (TypeError, KeyError, ValueError):
         speeds = measure_gemm_gflops()
         probe = CpuProbe(*key, round(speeds["fp32"], 1), round(speeds["bf16"], 1))
-        record = {k: v for k, v in asdict(probe).items() if k != "cached"}
-        known[name] = {**record, "precision": probe.precision}
-        _remember(store, known)
+        if store:
+            record = {k: v for k, v in asdict(probe).items() if k != "cached"}
+            known[name] = {**record, "precision": probe.precision}
+            # a read-only home only costs the next process a probe
+            with contextlib.suppress(OSError):
+                atomic_write_text(store, json.dumps(known, indent=1))
     _PROBES[key] = probe
     return probe
-
-
-CHOICES_FILE = "cpu-choices.json"
-_CHOICES: dict[str, str] = {}
-
-
-def measured_choice(
-    name: str, candidates: dict[str, Callable[[], object]], *, rounds: int = 3
-) -> str:
-    """The fastest of ``candidates`` (callables doing the same work two ways) on this machine:
-    from this process, else from the user cache (``$XDG_CACHE_HOME/samprobe/cpu-choices.json``,
-    keyed by ``name``, CPU model and torch version), else timed now (rounds alternate the
-    candidates, so a load spike hits all alike; best round of each) and stored there. A kernel
-    choice is a speed question, decided by measuring once per machine and then kept, so the same
-    machine computes the same way in every run. Delete the file to measure again."""
-    key = " | ".join((name, *_probe_key()))
-    if key in _CHOICES:
-        return _CHOICES[key]
-    store, known = _remembered(CHOICES_FILE)
-    entry = known.get(key)
-    choice = entry.get("choice") if isinstance(entry, dict) else None
-    if choice not in candidates:
-        best = dict.fromkeys(candidates, float("inf"))
-        for _ in range(max(1, rounds)):
-            for label, run in candidates.items():
-                start = time.perf_counter()
-                run()
-                best[label] = min(best[label], time.perf_counter() - start)
-        choice = min(best, key=best.__getitem__)
-        known[key] = {"choice": choice, "seconds": {k: round(v, 6) for k, v in best.items()}}
-        _remember(store, known)
-    _CHOICES[key] = choice
-    return choice
 
 
 def cpu_bf16_is_fast() -> bool:

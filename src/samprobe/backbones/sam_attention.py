@@ -8,9 +8,7 @@ stay in cache (one head, 16 token rows of queries at 1024 px), the two bias term
 broadcasting ([rows, W, 1, Wk] and [rows, W, Hk, 1] views, never [N, N]), then softmax and
 ``@ v`` on the same chunk. Measured on the idle 2-core AVX-512-BF16 CPU, bf16, one 64x64
 global block, one image: timm 0.87 s, this 0.33 s (2 MB chunks). Small windows (14x14) fold
-the bias into the score matmul instead: 0.052 s -> 0.023 s for 300 window-heads. Whether large
-grids fold too is measured once per machine (``large_grid_folds``): on an AMX Xeon, where bf16
-GEMMs run at ~2 TFLOP/s, the extra GEMM work costs less than the broadcast-add pass it saves.
+the bias into the score matmul instead: 0.052 s -> 0.023 s for 300 window-heads.
 
 On CUDA those loops are the wrong trade: one vit_b trunk forward at batch 8 issues ~7,300
 small kernels (1,536 chunk iterations, counted from the loop bounds) where timm issues ~360,
@@ -54,12 +52,10 @@ def _folded_attention(
     hw: tuple[int, int],
     scale: float,
 ) -> torch.Tensor:
-    """Fold the bias into one matmul, [q*scale, rel_h, rel_w] . [k, onehot(kh), onehot(kw)].
+    """Small windows: fold the bias into one matmul, [q*scale, rel_h, rel_w] . [k, onehot(kh), onehot(kw)].
 
     Adding [.., Wk=14] slices by broadcasting is slow (tiny inner dim); a matmul with
-    K = hd + Hk + Wk does the same sum at near-peak speed. Scores are computed for as many
-    (batch*head) slices and query tokens as fit a chunk: whole slices for windows, a block of
-    query rows of one slice for a global grid. q, k, v: [G, N, hd] -> [G, N, hd].
+    K = hd + Hk + Wk does the same sum at near-peak speed. q, k, v: [G, N, hd] -> [G, N, hd].
     """
     G, N, _ = q.shape
     H, W = hw
@@ -69,18 +65,13 @@ def _folded_attention(
     # [G, N, hd+Hk+Wk]
     qa = torch.cat([q * scale, rel_h.reshape(G, N, H), rel_w.reshape(G, N, W)], dim=-1)
     ka = torch.cat([k, onehot_h.expand(G, N, H), onehot_w.expand(G, N, W)], dim=-1)
-    kat = ka.transpose(-2, -1).contiguous()  # [G, K, N]: transposed once, not per chunk
     out = torch.empty_like(q)
-    rows = max(1, min(N, _CHUNK_ELEMS // N))  # query tokens per chunk
-    groups = max(1, _CHUNK_ELEMS // (rows * N))  # (batch*head) slices per chunk
+    groups = max(1, _CHUNK_ELEMS // (N * N))
     for g0 in range(0, G, groups):
         g1 = min(G, g0 + groups)
-        for r0 in range(0, N, rows):
-            r1 = min(N, r0 + rows)
-            a = torch.matmul(qa[g0:g1, r0:r1], kat[g0:g1])  # [g, r, N]
-            # Written in place (the slice is contiguous: all of a slice's rows, or one slice):
-            # one copy less per chunk.
-            torch.matmul(a.softmax(-1), v[g0:g1], out=out[g0:g1, r0:r1])
+        a = torch.matmul(qa[g0:g1], ka[g0:g1].transpose(-2, -1))  # [g, N, N]
+        # Written in place (a leading-dim slice of out is contiguous): one copy less per group.
+        torch.matmul(a.softmax(-1), v[g0:g1], out=out[g0:g1])
     return out
 
 
@@ -196,37 +187,8 @@ def rel_pos_attention(
         return _sdpa_attention(q, k, v, rel_h, rel_w, hw, scale)
     if impl != "chunked":
         raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
-    folds = hd >= H + W or large_grid_folds(hw, hd, q.dtype)
-    attend = _folded_attention if folds else _chunked_attention
+    attend = _folded_attention if hd >= H + W else _chunked_attention
     return attend(q, k, v, rel_h, rel_w, hw, scale)
-
-
-def large_grid_folds(hw: tuple[int, int], hd: int, dtype: torch.dtype) -> bool:
-    """Whether a grid whose bias does not fold for free (hd < H + W, e.g. 64x64 global blocks)
-    runs faster folded (K = hd + H + W: more GEMM work, no broadcast-add pass over the scores)
-    than chunked. A trade of GEMM speed against memory traffic, so measured per machine
-    (``device.measured_choice``, one head on random inputs, once, remembered): one 64x64 head
-    of vit_b, bf16, AMX Xeon under load 6: folded 1.16x faster; on a CPU with slower bf16 GEMMs
-    tripling K may cost more than the pass it saves."""
-    from samprobe.device import measured_choice
-
-    H, W = hw
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, H * W, hd, generator=gen).to(dtype) for _ in range(3))
-    rel_h = torch.randn(1, H, W, H, generator=gen).to(dtype)
-    rel_w = torch.randn(1, H, W, W, generator=gen).to(dtype)
-    args = (q, k, v, rel_h, rel_w, hw, hd**-0.5)
-    name = f"sam_attention_{H}x{W}_hd{hd}_{str(dtype).removeprefix('torch.')}"
-    return (
-        measured_choice(
-            name,
-            {
-                "chunked": lambda: _chunked_attention(*args),
-                "folded": lambda: _folded_attention(*args),
-            },
-        )
-        == "folded"
-    )
 
 
 class SamAttention(Attention):
