@@ -30,6 +30,13 @@ Run from the repo root: PYTHONPATH=src python bench/scale.py [--quick]
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads libgomp, as samprobe's CLI sets it (cli.py): waiting OpenMP threads sleep
+# instead of spinning, so both training paths run as `samprobe train` runs them (the workers
+# inherit it). Without it libgomp spins between the in-memory sweep's many short parallel regions.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import shutil
