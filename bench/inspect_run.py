@@ -231,19 +231,13 @@ def duplicates_check(feats: np.ndarray, originals: np.ndarray, split: np.ndarray
     """Pairs found among ``feats`` (the data set, then one copy per entry of ``originals``, the
     copies in test) at inspect.duplicate_cosine, against the planted (original, copy) pairs."""
     from samprobe.config import InspectConfig
-    from samprobe.inspection import duplicate_pairs, is_leak, nearest_neighbours
+    from samprobe.inspection import configured_duplicate_pairs, is_leak, nearest_neighbours
 
     n = len(feats) - len(originals)
     split = np.concatenate([split, ["test"] * len(originals)])
     icfg = InspectConfig()
     sims, idx = nearest_neighbours(feats, 10)
-    pairs = duplicate_pairs(
-        sims,
-        idx,
-        cosine=icfg.duplicate_cosine,
-        margin=icfg.duplicate_margin,
-        neighbours=icfg.neighbours,
-    )
+    pairs = configured_duplicate_pairs(sims, idx, icfg)
     planted = {(int(s), n + k) for k, s in enumerate(originals)}
     found = {(a, b) for a, b, *_ in pairs}
     leaks_expected = {p for p in planted if is_leak(split[p[0]], split[p[1]])}
@@ -304,7 +298,7 @@ def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float,
 
     from samprobe.config import InspectConfig
     from samprobe.device import resolve_precision
-    from samprobe.inspection import duplicate_pairs, nearest_neighbours
+    from samprobe.inspection import configured_duplicate_pairs, nearest_neighbours
 
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)
@@ -319,13 +313,7 @@ def search_seconds(n: int, dim: int = 256, seed: int = 0) -> tuple[float, float,
     t, cpu = time.perf_counter(), time.process_time()
     icfg = InspectConfig()
     sims, idx = nearest_neighbours(x, 10, dtype=dtype)
-    pairs = duplicate_pairs(
-        sims,
-        idx,
-        cosine=icfg.duplicate_cosine,
-        margin=icfg.duplicate_margin,
-        neighbours=icfg.neighbours,
-    )
+    pairs = configured_duplicate_pairs(sims, idx, icfg)
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     found = {(a, b) for a, b, *_ in pairs}
     recall = sum((i, n - copies + i) in found for i in range(copies)) / copies

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from samprobe.config import Config, TrainConfig
+from samprobe.config import Config, InspectConfig, TrainConfig
 from samprobe.data.records import SPLITS, Record
 from samprobe.io import atomic_open, atomic_write_text
 from samprobe.train.classes import IGNORE, ClassMapping, class_weights
@@ -275,6 +275,19 @@ def duplicate_pairs(
     )
 
 
+def configured_duplicate_pairs(
+    sims: np.ndarray, idx: np.ndarray, icfg: InspectConfig
+) -> list[tuple[int, int, float, float]]:
+    """``duplicate_pairs`` with the thresholds of the ``inspect`` config."""
+    return duplicate_pairs(
+        sims,
+        idx,
+        cosine=icfg.duplicate_cosine,
+        margin=icfg.duplicate_margin,
+        neighbours=icfg.neighbours,
+    )
+
+
 def duplicate_groups(n: int, pairs: Sequence[tuple[int, int, float, float]]) -> np.ndarray:
     """Group id [N] (union of the pairs; -1 for an image in no pair), numbered by first member."""
     parent = list(range(n))
@@ -471,13 +484,7 @@ def inspect_features(
     # GPUs: fp32 is plenty fast
     matmul = torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32
     sims, idx = nearest_neighbours(pooled, max(icfg.neighbours, 10), dtype=matmul, device=device)
-    pairs = duplicate_pairs(
-        sims,
-        idx,
-        cosine=icfg.duplicate_cosine,
-        margin=icfg.duplicate_margin,
-        neighbours=icfg.neighbours,
-    )
+    pairs = configured_duplicate_pairs(sims, idx, icfg)
     groups = duplicate_groups(len(recs), pairs)
     dup_rows = [
         [
