@@ -18,7 +18,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data
 
 from helpers.sam_factory import build_official_sam, write_official_checkpoint
-from samprobe.backbones import registry
+from samprobe.backbones import registry, sam_attention
 from samprobe.backbones.sam import SamBackbone, build_sam, infer_geometry, valid_token_mask
 from samprobe.backbones.sam_state_dict import read_checkpoint, to_timm_keys
 from samprobe.config import BackboneConfig, load_config
@@ -202,10 +202,12 @@ def test_mlp_fuses_fc1_and_gelu_on_cpu_with_the_same_result(tiny, dtype):
         m.to(dtype)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         got = fused(x.to(dtype))
-    assert any("_linear_pointwise" in e.name for e in prof.events())
+    assert any("_linear_pointwise" in e.name for e in prof.events())  # tried
     with torch.inference_mode():
         want = plain(x.to(dtype))
         exact = plain.double()(x.double())
+    if dtype in sam_attention._UNFUSABLE_DTYPES:  # oneDNN refused it on this CPU: the plain path
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     eps = torch.finfo(dtype).eps
     scale = exact.abs().max().item()
     # Within a few eps of the float64 result relative to its size (fp32 accumulates 3072-term
@@ -218,6 +220,35 @@ def test_mlp_fuses_fc1_and_gelu_on_cpu_with_the_same_result(tiny, dtype):
     with torch.inference_mode(), autocast, profile(activities=[ProfilerActivity.CPU]) as prof:
         fused(x.to(dtype))
     assert not any("_linear_pointwise" in e.name for e in prof.events())  # autocast: plain path
+
+
+def test_mlp_falls_back_to_the_plain_path_where_onednn_has_no_fused_kernel(tiny, monkeypatch):
+    """An AMD EPYC (avx512_bf16, no AMX) has no oneDNN bf16 linear + GELU: it raised "could not
+    create a primitive descriptor" and failed every bf16 SAM extraction there."""
+    from timm.layers import Mlp
+
+    from samprobe.backbones.sam_attention import SamMlp
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("could not create a primitive descriptor for the inner product")
+
+    monkeypatch.setattr(sam_attention, "_UNFUSABLE_DTYPES", set())
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    mlp = tiny.encoder.blocks[0].mlp
+    fused = SamMlp(mlp.fc1.in_features, mlp.fc1.out_features).eval()
+    plain = Mlp(mlp.fc1.in_features, mlp.fc1.out_features).eval()
+    for m in (fused, plain):
+        m.load_state_dict(mlp.state_dict())
+    x = _mlp_input(tiny)
+    with torch.inference_mode():
+        first, second, want = fused(x), fused(x), plain(x)
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    assert len(calls) == 1  # refused once, not retried on every forward
+    assert {torch.float32} == sam_attention._UNFUSABLE_DTYPES
 
 
 def test_prepare_pads_top_left_with_zeros(tiny):

@@ -22,6 +22,8 @@ device in every forward.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -36,6 +38,9 @@ _CHUNK_ELEMS = 1 << 22
 # global block; a few calls per block, memory bounded whatever the batch.
 _SDPA_MASK_ELEMS = 1 << 28
 ATTENTION_IMPLS = ("chunked", "sdpa")
+
+
+log = logging.getLogger("samprobe")
 
 
 def choose_attention(device: torch.device) -> str:
@@ -284,6 +289,11 @@ def _onednn_linear_gelu_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+_UNFUSABLE_DTYPES: set[torch.dtype] = set()
+"""Dtypes oneDNN refused the fused linear for on this CPU: an AMD EPYC (avx512_bf16, no AMX)
+raised "could not create a primitive descriptor for the inner product" at bf16."""
+
+
 class SamMlp(Mlp):
     """timm's ``Mlp`` (same parameters); on the CPU in inference without autocast (the extractor's
     ``use_precision`` casts the weights instead), fc1 and its exact (erf) GELU run
@@ -303,13 +313,19 @@ class SamMlp(Mlp):
             and isinstance(self.drop1, nn.Identity | nn.Dropout)
             and isinstance(self.norm, nn.Identity)
             and not (self.training and self.drop1.p)
+            and x.dtype not in _UNFUSABLE_DTYPES
             and _onednn_linear_gelu_available()
         )
         if not fusable:
             return super().forward(x)
-        x = torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), self.fc1.weight, self.fc1.bias, "gelu", [], "none"
-        )
+        try:
+            x = torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self.fc1.weight, self.fc1.bias, "gelu", [], "none"
+            )
+        except RuntimeError as exc:  # oneDNN has no such kernel for this CPU and dtype
+            _UNFUSABLE_DTYPES.add(x.dtype)
+            log.debug(f"SamMlp: fc1 + GELU unfused at {x.dtype} ({str(exc)[:120]})")
+            return super().forward(x)
         return self.drop2(self.fc2(x))
 
 

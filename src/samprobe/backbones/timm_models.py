@@ -7,7 +7,9 @@ order and shapes match timm's ``tf_efficientnet_lite0`` one to one, so keys are 
 
 from __future__ import annotations
 
+import copy
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+from torch import nn
 
 from samprobe.backbones.registry import Backbone, PooledFeature, pool_grid
 from samprobe.backbones.sam_state_dict import unwrap_state_dict
@@ -22,6 +25,8 @@ from samprobe.config import BackboneConfig
 from samprobe.data.images import resize_square
 from samprobe.errors import CheckpointError, ConfigError
 from samprobe.io import weights_sha256
+
+log = logging.getLogger("samprobe")
 
 
 def prepare_square(size: int, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -49,12 +54,34 @@ class TimmBackbone(Backbone):
         self.weights_file = weights_file
         self.input_size = input_size
         self._grid_shape: tuple[int, int, int] | None = None
+        self.channels_last = False
+        """Set by ``use_precision`` when the model was made ready for CPU inference."""
         # 0-255 scale so normalisation of uint8 input is one fused op: (x - mean) / std.
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         return prepare_square(self.input_size, image)
+
+    def use_precision(self, device: torch.device, precision: str) -> None:
+        """fp32 on the CPU: batch norms folded into the convolutions before them and the model in
+        channels-last (oneDNN's native layout: no reorder around each convolution).
+        efficientnet_lite0 at 128 px, one thread, CPU ms per image: 18.9 -> 9.2 at batch 16,
+        18.6 -> 11.5 at batch 1 (AMD EPYC); the features move by float32 rounding only (4e-6 of
+        their magnitude). Measured on fp32 only: other precisions and devices keep the model as
+        loaded."""
+        if torch.device(device).type != "cpu" or precision != "fp32":
+            return
+        folded = fold_batch_norms(self.model, self.input_size, self.name)
+        if folded is not None:
+            self.model = folded.to(memory_format=torch.channels_last)
+            self.channels_last = True
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float [B, 3, S, S] -> the last feature map [B, C, h, w]."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model.forward_features(x)
 
     def preparer(self) -> Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]:
         return functools.partial(prepare_square, self.input_size)
@@ -63,7 +90,8 @@ class TimmBackbone(Backbone):
         self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str]
     ) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # [B, 3, S, S]
-        return self.model(x).float()  # [B, num_features] (num_classes=0 -> pooled features)
+        # [B, num_features]: num_classes=0, so the head is the model's own global pool
+        return self.model.forward_head(self.feature_map(x)).float()
 
     def encode_grid(
         self, images: torch.Tensor, valid_hw: torch.Tensor, pooling: list[str], spatial: int
@@ -71,8 +99,8 @@ class TimmBackbone(Backbone):
         """-> (fp32 [B, D], fp32 [B, spatial*spatial, C]): the last feature map pooled to a grid.
         Square resize, no padding: the whole map is valid."""
         x = (images.float() - self.mean) / self.std  # [B, 3, S, S]
-        fmap = self.model.forward_features(x)  # [B, C, h, w]
-        pooled = self.model.forward_head(fmap).float()  # [B, C], same as self.model(x)
+        fmap = self.feature_map(x)  # [B, C, h, w]
+        pooled = self.model.forward_head(fmap).float()  # [B, C], same as encode
         tokens_hw = torch.tensor(fmap.shape[2:], dtype=torch.long).expand(fmap.shape[0], 2)
         return pooled, pool_grid(fmap, tokens_hw, spatial)
 
@@ -101,6 +129,52 @@ class TimmBackbone(Backbone):
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.name, "weights_sha256": weights_sha256(self.weights_file)}
+
+
+class _ActAfterFold(nn.Module):
+    """What is left of timm's ``BatchNormAct2d`` once its batch norm is folded: drop, then act."""
+
+    def __init__(self, norm_act: nn.Module) -> None:
+        super().__init__()
+        self.drop, self.act = norm_act.drop, norm_act.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def fold_batch_norms(model: nn.Module, input_size: int, name: str) -> nn.Module | None:
+    """A copy of ``model`` (eval) with each batch norm that directly follows a convolution among
+    its parent's children folded into it (``torch.nn.utils.fusion.fuse_conv_bn_eval``), timm's
+    fused ``BatchNormAct2d`` keeping its activation. None when nothing folds, or when the copy's
+    feature map differs from the model's beyond float32 rounding (1e-4 of its magnitude) on
+    random input: children listed in an order other than the one ``forward`` runs them in."""
+    folded, count = copy.deepcopy(model), 0
+    for parent in folded.modules():
+        names = list(parent._modules)
+        for conv_name, norm_name in zip(names, names[1:]):
+            conv, norm = parent._modules[conv_name], parent._modules[norm_name]
+            if (
+                type(conv) in (nn.Conv2d, timm.layers.Conv2dSame)
+                and isinstance(norm, nn.BatchNorm2d)
+                and type(norm) in (nn.BatchNorm2d, timm.layers.BatchNormAct2d)
+                and norm.track_running_stats
+                and norm.num_features == conv.out_channels
+            ):
+                parent._modules[conv_name] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+                is_plain = type(norm) is nn.BatchNorm2d
+                parent._modules[norm_name] = nn.Identity() if is_plain else _ActAfterFold(norm)
+                count += 1
+    if not count:
+        return None
+    rng = torch.Generator().manual_seed(0)  # not the global generator: training seeds that
+    check = torch.randn(2, 3, input_size, input_size, generator=rng)
+    with torch.no_grad():
+        want, got = model.forward_features(check), folded.forward_features(check)
+    scale = max(float(want.abs().max()), 1e-12)
+    if got.shape != want.shape or float((got - want).abs().max()) > 1e-4 * scale:
+        log.debug(f"backbone {name}: batch norms left unfolded (the folded model disagrees)")
+        return None
+    return folded
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
