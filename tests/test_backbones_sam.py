@@ -202,7 +202,9 @@ def test_mlp_fuses_fc1_and_gelu_on_cpu_with_the_same_result(tiny, dtype):
         m.to(dtype)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         got = fused(x.to(dtype))
-    assert any("_linear_pointwise" in e.name for e in prof.events())  # tried
+    # tried, unless an earlier forward found that oneDNN refuses this dtype on this CPU
+    tried = any("_linear_pointwise" in e.name for e in prof.events())
+    assert tried or dtype in sam_attention._UNFUSABLE_DTYPES
     with torch.inference_mode():
         want = plain(x.to(dtype))
         exact = plain.double()(x.double())
