@@ -155,7 +155,6 @@ def fold_batch_norms(model: nn.Module, input_size: int, name: str) -> nn.Module 
             conv, norm = parent._modules[conv_name], parent._modules[norm_name]
             if (
                 type(conv) in (nn.Conv2d, timm.layers.Conv2dSame)
-                and isinstance(norm, nn.BatchNorm2d)
                 and type(norm) in (nn.BatchNorm2d, timm.layers.BatchNormAct2d)
                 and norm.track_running_stats
                 and norm.num_features == conv.out_channels
