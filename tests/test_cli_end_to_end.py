@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import data
 
 from helpers.digits import write_config, write_digits
 from helpers.sam_factory import write_official_checkpoint
 from samprobe.cli import main
+from samprobe.data.images import decode_rgb
+from samprobe.io import sha256_file
 from samprobe.predict import Classifier
+from samprobe.serve import Upload, decode_upload
 from samprobe.tracking import read_csv_rows
 
 # each test runs a pipeline, a server or a reference model: the full suite's, not the inner loop's
@@ -112,6 +116,25 @@ def test_slice_tiny_sam_official_format_checkpoint(tmp_path: Path) -> None:
     )
     run = run_slice(tmp_path)
     check_outputs(tmp_path, run, n_images=16, dim=256 + 64)
+    # A JPEG twice the input size or more decodes at reduced scale in extraction (other pixels than a
+    # full decode): Classifier.predict and the service must decode it so too, or they see features
+    # other than the ones `predict` (through the cache) and training saw.
+    photo = tmp_path / "large.jpg"
+    Image.fromarray(np.concatenate([data.astronaut(), data.astronaut()], axis=1)).save(
+        photo, quality=90
+    )  # 512 x 1024: >= 2 x 256
+    clf = Classifier.load(run / "checkpoints" / "best.pt", device="cpu")
+    assert not np.array_equal(clf.decode(photo), decode_rgb(photo))  # the two decodes differ here
+    best, cache_dir = str(run / "checkpoints" / "best.pt"), tmp_path / "predict-cache"
+    argv = ["predict", "--checkpoint", best, str(photo), "--out", str(tmp_path / "large.csv")]
+    assert main([*argv, "--cache-dir", str(cache_dir)]) == 0  # through the extraction loader
+    with clf.extractor.open_cache(cache_dir) as cache:
+        extracted = cache.get([sha256_file(photo)])  # [1, D] float32
+    [from_cache] = clf._predictions(extracted, top_k=2)
+    [by_python] = clf.predict([photo], top_k=2)
+    served = decode_upload(Upload("large.jpg", photo.read_bytes()), 10**8, clf.decode)
+    [by_service] = clf.predict_prepared([clf.prepare(served)], top_k=2)
+    assert by_python.top_k == from_cache.top_k and by_service.top_k == from_cache.top_k
 
 
 @pytest.mark.slow

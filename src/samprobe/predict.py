@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from samprobe.config import BackboneConfig, Config
-from samprobe.data.images import decode_rgb, to_rgb
+from samprobe.data.images import to_rgb
 from samprobe.data.records import IMAGE_SUFFIXES, Record
 from samprobe.errors import CheckpointError, DataError
 from samprobe.features.extract import Extractor, load_head_inputs
@@ -115,11 +115,16 @@ class Classifier:
         batch_size: int = 8,
     ) -> list[Prediction]:
         """``batch_size``: images per encoder forward pass (bounds the activations' memory)."""
-        prepared = [self.prepare(as_rgb_array(im)) for im in images]
+        prepared = [self.prepare(as_rgb_array(im, self.decode)) for im in images]
         preds: list[Prediction] = []
         for i in range(0, len(prepared), batch_size):
             preds.extend(self.predict_prepared(prepared[i : i + batch_size], top_k=top_k))
         return preds
+
+    def decode(self, source: Path | bytes, max_pixels: int | None = None) -> np.ndarray:
+        """An image file or its bytes -> HxWx3 uint8 RGB, decoded as extraction decoded the images
+        the head was trained on (``Backbone.decode``)."""
+        return self.extractor.backbone.decode(source, max_pixels)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """HxWx3 uint8 RGB -> what the encoder reads (resized, on the host). No model involved:
@@ -148,10 +153,13 @@ PreparedImage = tuple[torch.Tensor, tuple[int, int]]
 """uint8 [3, S, S] and the valid (h, w) inside it: ``Backbone.prepare``'s output."""
 
 
-def as_rgb_array(image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
-    """A path, PIL image or array -> HxWx3 uint8 RGB, as ``Classifier.predict`` reads each input."""
+def as_rgb_array(
+    image: Image.Image | np.ndarray | str | Path, decode: Callable[[Path], np.ndarray]
+) -> np.ndarray:
+    """A path (read with ``decode``), PIL image or array -> HxWx3 uint8 RGB, as
+    ``Classifier.predict`` reads each input."""
     if isinstance(image, (str, Path)):
-        return decode_rgb(Path(image))
+        return decode(Path(image))
     if isinstance(image, Image.Image):
         return np.asarray(to_rgb(image))
     arr = np.asarray(image)

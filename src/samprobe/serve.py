@@ -53,7 +53,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException
 
-from samprobe.data.images import decode_rgb, open_image
+from samprobe.data.images import open_image
 from samprobe.errors import ConfigError, SamprobeError
 from samprobe.io import sha256_file
 from samprobe.predict import Classifier, Prediction, PreparedImage
@@ -157,8 +157,11 @@ class Upload:
     data: bytes
 
 
-def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
-    """Bytes -> HxWx3 uint8 RGB exactly as ``Classifier.predict`` decodes a file (EXIF applied)."""
+def decode_upload(
+    upload: Upload, max_pixels: int, decode: Callable[[bytes, int], np.ndarray]
+) -> np.ndarray:
+    """Bytes -> HxWx3 uint8 RGB with ``decode`` (``Classifier.decode``: as extraction and
+    ``Classifier.predict`` decode a file), after header checks that name what is wrong."""
     if not upload.data:
         raise Rejected(422, "empty_image", f"{upload.where} is empty (0 bytes)")
     try:
@@ -184,7 +187,7 @@ def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
             f"{header.width * header.height} pixels, over the limit of {max_pixels} (--max-pixels)",
         )
     try:
-        return decode_rgb(upload.data, max_pixels=max_pixels)
+        return decode(upload.data, max_pixels)
     except Exception as exc:  # truncated or corrupt data: PIL raises OSError, SyntaxError, ValueError, zlib.error...
         raise Rejected(
             422,
@@ -705,7 +708,7 @@ def create_app(
     def decode_prepare(upload: Upload) -> PreparedImage:
         # The resize too runs here, on the worker threads, while the model thread encodes the
         # previous batch (in the model thread it was ~2 ms of CPU per image, serial, per batch).
-        return classifier.prepare(decode_upload(upload, settings.max_pixels))
+        return classifier.prepare(decode_upload(upload, settings.max_pixels, classifier.decode))
 
     async def read_uploads(request: Request) -> tuple[list[Upload], int]:
         content_type = request.headers.get("content-type", "")

@@ -27,6 +27,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samprobe.config import BackboneConfig
+from samprobe.data.images import decode_rgb
 from samprobe.errors import ConfigError
 
 
@@ -125,6 +127,19 @@ class Backbone(nn.Module):
     compute_dtype: torch.dtype | None = None
     """Set by ``use_precision`` when the weights were cast to the precision's dtype and the forward
     runs in it with autocast off; None: weights as loaded, autocast (the caller's) casts per op."""
+
+    def decode(self, source: Path | bytes, max_pixels: int | None = None) -> np.ndarray:
+        """An image file or its bytes -> HxWx3 uint8 RGB, as every path decodes it for this backbone
+        (extraction, ``Classifier.predict``, ``samprobe serve``): with ``decode_longest_side``, a JPEG
+        twice ``input_size`` or larger decodes at reduced scale, which changes its pixels slightly, so
+        a path decoding it in full would see other features than the cache holds."""
+        return decode_rgb(source, self.decode_target, max_pixels)
+
+    @property
+    def decode_target(self) -> int | None:
+        """``decode_rgb``'s ``target_longest`` for this backbone (what ``decode`` and the extraction
+        loader's workers pass): ``input_size`` with ``decode_longest_side``, else None (full decode)."""
+        return self.input_size if self.decode_longest_side else None
 
     def use_precision(self, device: torch.device, precision: str) -> None:
         """Called once by the extractor, after ``.to(device)``, with the resolved precision it

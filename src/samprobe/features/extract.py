@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from samprobe.backbones.registry import Backbone, build_backbone, fingerprint, grid_array
 from samprobe.config import Config
-from samprobe.data.images import decode_rgb
 from samprobe.data.loader import LoadItem, make_loader
 from samprobe.data.records import Record
 from samprobe.device import (
@@ -293,13 +292,12 @@ class Extractor:
         if not todo:
             return result
         items = [LoadItem(r.sha256, r.file, i) for i, r in enumerate(todo)]
-        target = self.backbone.input_size if self.backbone.decode_longest_side else None
         loader = make_loader(
             items,
             self.backbone.preparer(),
             batch_size=batch_size,
             num_workers=num_workers,
-            target_longest=target,
+            target_longest=self.backbone.decode_target,
             max_pixels=max_pixels,
             pin_memory=self.device.type == "cuda",
         )
@@ -441,9 +439,8 @@ def path_features(
         ex = Extractor.from_config(load_config("samprobe.yaml"))
         x = path_features(ex, ["a.jpg", "b.png"])
     """
-    target = extractor.backbone.input_size if extractor.backbone.decode_longest_side else None
     out = []
     for i in range(0, len(paths), batch_size):
-        images = [decode_rgb(Path(p), target) for p in paths[i : i + batch_size]]
+        images = [extractor.backbone.decode(Path(p)) for p in paths[i : i + batch_size]]
         out.append(image_features(extractor, images, batch_size))
     return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
