@@ -37,3 +37,17 @@ def test_the_check_sees_an_import_of_the_pipeline(tmp_path):
     assert "samprobe.pipeline" in imported_modules(module)
     module.write_text("from samprobe import pipeline\n")
     assert "samprobe.pipeline" in imported_modules(module)
+
+
+def test_the_cli_starts_without_the_heavy_libraries_only_some_commands_use():
+    """sklearn (1.3 s) and matplotlib (0.5 s) are imported where metrics are computed and plots
+    drawn: every torchrun rank and every `samprobe cache ...` would pay them at start otherwise."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, samprobe.cli, samprobe.pipeline; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib', 'cleanlab'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

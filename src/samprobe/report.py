@@ -18,20 +18,31 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from samprobe.inspection import counted
+from samprobe.io import atomic_open, atomic_write_text
+from samprobe.tracking import Tracker, read_csv_rows, read_jsonl
+from samprobe.train.checkpoint import HeadCheckpoint, load_checkpoint
 
-from samprobe.inspection import counted  # noqa: E402
-from samprobe.io import atomic_open, atomic_write_text  # noqa: E402
-from samprobe.tracking import Tracker, read_csv_rows, read_jsonl  # noqa: E402
-from samprobe.train.checkpoint import HeadCheckpoint, load_checkpoint  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("samprobe")
+
+
+def pyplot():  # noqa: ANN201 - the matplotlib.pyplot module
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use: at module level it
+    was 0.5 s of every command's start (`python -X importtime`), most of which draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)
@@ -39,13 +50,13 @@ MAX_NAMED = 50  # confusion matrices name their classes up to this many; beyond,
 TOP_PAIRS = 25
 
 
-def _save(fig: plt.Figure, path: Path) -> tuple[int, int]:
+def _save(fig: Figure, path: Path) -> tuple[int, int]:
     """Save at DPI; returns the PNG's (width, height) in pixels."""
     w, h = fig.get_size_inches()
     size = (int(round(w * DPI)), int(round(h * DPI)))
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=DPI)
-    plt.close(fig)
+    pyplot().close(fig)
     return size
 
 
@@ -61,7 +72,7 @@ def plot_confusion(
     n = len(names)
     with np.errstate(invalid="ignore", divide="ignore"):
         norm = np.nan_to_num(cm / cm.sum(1, keepdims=True))
-    fig, ax = plt.subplots(figsize=confusion_figsize(n), dpi=DPI)
+    fig, ax = pyplot().subplots(figsize=confusion_figsize(n), dpi=DPI)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if n <= max_named:
@@ -111,7 +122,7 @@ def plot_top_confusions(
     cm: np.ndarray, names: list[str], path: Path, k: int = TOP_PAIRS
 ) -> tuple[int, int]:
     pairs = top_confused_pairs(cm, names, k)
-    fig, ax = plt.subplots(figsize=(10.0, max(3.0, 0.3 * len(pairs) + 1.5)), dpi=DPI)
+    fig, ax = pyplot().subplots(figsize=(10.0, max(3.0, 0.3 * len(pairs) + 1.5)), dpi=DPI)
     labels = [f"{t} -> {p}" for t, p, _, _ in pairs][::-1]
     ax.barh(range(len(pairs)), [c for _, _, c, _ in pairs][::-1], color="tab:red")
     ax.set_yticks(range(len(pairs)), labels, fontsize=8)
@@ -123,7 +134,7 @@ def plot_top_confusions(
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> tuple[int, int]:
     """Loss (left) and validation metrics (right) per epoch, from metrics.jsonl rows."""
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
+    fig, (ax_loss, ax_metric) = pyplot().subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
     epochs = [r["epoch"] for r in rows]
     for key in ("train_loss", "val_loss"):
         ys = [r.get(key) for r in rows]
@@ -150,7 +161,7 @@ def per_class_figsize(n: int) -> tuple[float, float]:
 
 def plot_per_class_f1(rows: list[dict[str, Any]], path: Path) -> tuple[int, int]:
     """F1 per taxonomy class (eval/per_class.csv rows); untrained classes grey."""
-    fig, ax = plt.subplots(figsize=per_class_figsize(len(rows)), dpi=DPI)
+    fig, ax = pyplot().subplots(figsize=per_class_figsize(len(rows)), dpi=DPI)
     f1 = [float(r["f1"]) for r in rows]
     colors = [
         "tab:blue" if str(r["trained"]) in ("True", "true", "1") else "lightgrey" for r in rows
@@ -506,9 +517,9 @@ def _plot_img(report: Report, name: str) -> str:
 
 def plot_feature_map(points: list[dict[str, str]], path: Path) -> tuple[int, int]:
     """The inspect/map2d.csv scatter coloured by class (legend up to 20 classes); test images as crosses."""
-    fig, ax = plt.subplots(figsize=MAP_SIZE, dpi=DPI)
+    fig, ax = pyplot().subplots(figsize=MAP_SIZE, dpi=DPI)
     labels = sorted({p["label"] for p in points})
-    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    cmap = pyplot().get_cmap("tab20" if len(labels) > 10 else "tab10")
     for n, lab in enumerate(labels):
         for split, marker in (("train", "o"), ("val", "o"), ("test", "x")):
             pts = [
