@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def _pyarrow() -> tuple[Any, Any]:
 # One parquet row group (and the most export holds in memory at once): 64 MB of features, e.g.
 # 13 k rows of 1280-d float32. Readers load a row group at a time too.
 ROW_GROUP_BYTES = 64 << 20
+FLOAT32 = np.dtype(np.float32)  # what the cache hands out (load_features, load_grid)
 
 
 def export_features(cfg: Config, *, records: list[Record], split: str, out: Path) -> Path:
@@ -86,17 +88,57 @@ def _text_columns(recs: Sequence[Record]) -> dict[str, list[str]]:
 
 
 def write_npz(
-    cache: FeatureCache, recs: Sequence[Record], out: Path, *, spatial: int | None
+    cache: FeatureCache,
+    recs: Sequence[Record],
+    out: Path,
+    *,
+    spatial: int | None,
+    chunk_bytes: int = ROW_GROUP_BYTES,
 ) -> tuple[int, tuple[int, int] | None]:
     """``recs``' features [N, D] (and grids [N, T, C] with ``spatial``) with their text columns
-    as one .npz, written atomically. Returns (D, (T, C) or None)."""
-    x = load_features(cache, recs)
-    grid = load_grid(cache, recs, spatial) if spatial else None  # [N, T, C] float32
-    extra = {} if grid is None else {"spatial": grid}
-    columns = {k: np.array(v) for k, v in _text_columns(recs).items()}
-    with atomic_open(out, "wb") as f:
-        np.savez(f, features=x, **columns, **extra)
-    return x.shape[1], None if grid is None else (grid.shape[1], grid.shape[2])
+    as one .npz (what ``np.savez`` writes and ``np.load`` reads), written atomically and streamed:
+    each array is one .npy entry of the zip whose rows are read from the cache about
+    ``chunk_bytes`` at a time, so memory does not grow with the split. Returns (D, (T, C) or None)."""
+    dim = cache.dim
+    grid_shape = None
+    if spatial:
+        tokens = spatial * spatial
+        grid_shape = (tokens, (cache.array_dim(grid_array(spatial)) or 0) // tokens)
+    with (
+        atomic_open(out, "wb") as f,
+        zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
+        rows = max(1, chunk_bytes // (4 * dim))
+        chunks = (load_features(cache, recs[i : i + rows]) for i in range(0, len(recs), rows))
+        _write_npy_entry(zf, "features", (len(recs), dim), chunks, FLOAT32)
+        if spatial and grid_shape is not None:
+            rows = max(1, chunk_bytes // (4 * grid_shape[0] * grid_shape[1]))
+            chunks = (
+                load_grid(cache, recs[i : i + rows], spatial) for i in range(0, len(recs), rows)
+            )
+            _write_npy_entry(zf, "spatial", (len(recs), *grid_shape), chunks, FLOAT32)
+        for name, values in _text_columns(recs).items():  # fixed-width unicode, as np.savez
+            dtype = np.dtype(f"<U{max(map(len, values), default=1)}")
+            rows = max(1, chunk_bytes // dtype.itemsize)
+            chunks = (np.array(values[i : i + rows], dtype) for i in range(0, len(values), rows))
+            _write_npy_entry(zf, name, (len(values),), chunks, dtype)
+    return dim, grid_shape
+
+
+def _write_npy_entry(
+    zf: zipfile.ZipFile,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: Iterator[np.ndarray],
+    dtype: np.dtype,
+) -> None:
+    """One ``name.npy`` entry of ``shape`` and ``dtype``, its rows in C order from ``chunks``.
+    Header first: the shape is known before any row is read."""
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:  # zip64: entries past 2 GiB
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in chunks:
+            f.write(np.ascontiguousarray(chunk, dtype=dtype).data)
 
 
 def write_parquet(
