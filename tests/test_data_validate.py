@@ -225,15 +225,23 @@ def test_worker_processes_give_the_in_process_answer_in_row_order(tmp_path: Path
     _, rows = build_corpus(tmp_path)
     cfg = make_config(tmp_path).data
     threads = validate(cfg, processes=False)
-    # chunks of 3 rows over 2 processes: every chunk boundary, results in row order
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(v, "CHUNK_ROWS", 3)
-        processes = validate(cfg, processes=True, workers=2)
-    assert processes.records == threads.records and processes.problems == threads.problems
-    assert processes.extra["files"] == threads.extra["files"]
-    kinds = {p.kind for p in processes.problems}
+    kinds = {p.kind for p in threads.problems}
     assert {"unreadable", "missing", "outside_root", "label_conflict"} <= kinds
-    assert len(processes.records) + len(processes.problems) == len(rows)
+    # forked workers, and a fork server's (as after CUDA initialised: the checker is pickled)
+    for method in ("fork", "forkserver"):
+        record = tmp_path / f"record-{method}"
+        # chunks of 3 rows over 2 processes: every chunk boundary, results in row order
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(v, "CHUNK_ROWS", 3)
+            mp.setattr(v, "_worker_context", lambda m=method: v.mp.get_context(m))
+            processes = validate(cfg, processes=True, workers=2, record_dir=record)
+        assert processes.records == threads.records and processes.problems == threads.problems
+        assert processes.extra["files"] == threads.extra["files"]
+        assert len(processes.records) + len(processes.problems) == len(rows)
+        # what the workers found is remembered: a rerun reads no file that decoded
+        again = validate(cfg, processes=False, record_dir=record)
+        assert again.records == threads.records and again.problems == threads.problems
+        assert again.extra["files"]["remembered"] >= len(threads.records)
 
 
 _ORPHAN = """

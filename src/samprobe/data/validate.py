@@ -232,10 +232,12 @@ def _check_files(
         )
         pool: Executor
         if in_processes:  # each worker holds the record's entries (forked, or sent once)
+            ctx = _worker_context()
+            # a fork server's children have it as their parent, not this process
+            parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
             pool = ProcessPoolExecutor(
-                n_workers, mp_context=_worker_context(), initializer=_start_worker,
-                initargs=(os.getpid(), checker),
-            )  # fmt: skip
+                n_workers, mp_context=ctx, initializer=_start_worker, initargs=(parent, checker)
+            )
             chunks = (
                 [rows[i] for i in mine[a : a + CHUNK_ROWS]] for a in range(0, len(mine), CHUNK_ROWS)
             )
@@ -307,9 +309,10 @@ class _RowChecker:
 _checker: _RowChecker | None = None  # a worker process's, set by _start_worker
 
 
-def _start_worker(parent: int, checker: _RowChecker) -> None:
+def _start_worker(parent: int | None, checker: _RowChecker) -> None:
     """A validation worker process: dies with its parent (Linux: the kernel sends SIGTERM when
-    the parent exits, however it exits; elsewhere the pool's own shutdown)."""
+    the parent exits, however it exits; elsewhere the pool's own shutdown). ``parent``: the
+    validating process's pid, None when a fork server (which exits with it) is the parent."""
     global _checker
     _checker = checker
     if sys.platform.startswith("linux"):
@@ -318,7 +321,7 @@ def _start_worker(parent: int, checker: _RowChecker) -> None:
         pr_set_pdeathsig = 1
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
+        if parent is not None and os.getppid() != parent:  # it died before prctl took effect
             os._exit(1)
 
 
