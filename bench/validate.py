@@ -5,7 +5,10 @@ Writes N (200 k; --quick 20 k) 32x32 PNG crops of skimage photos at random place
 a metadata CSV naming them, then in the same run:
 - reads every file raw (open + read in a pool of validate's size: the disk's read speed for
   these files, warm page cache as validate's),
-- `run_validate` (hash + full decode of every file, splits, data report) from scratch,
+- `validate` (hash + full decode of every file, nothing remembered) in threads of this process
+  and in worker processes: the same rows, ``rows_per_s.threads`` / ``rows_per_s.processes``,
+- `run_validate` (the same checks in worker processes, splits, data report) from scratch:
+  ``rows_per_s.first`` and ``ratios.vs_raw_read`` (its rows/s over the raw read's),
 - touches 1 % of the files (new mtime), runs `run_validate` again and measures what it read.
 
 Bytes read are counted two ways: image bytes by validate's own code path (data_report.json
@@ -33,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from samprobe.config import load_config
-from samprobe.data.validate import check_workers
+from samprobe.data.validate import check_workers, validate
 from samprobe.pipeline import run_validate
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "immunohistochemistry")
@@ -149,6 +152,11 @@ def main() -> None:
         files = [root / "images" / rel for rel, _ in rows]
         workers = check_workers()
         raw_s, raw_bytes = raw_read_seconds(files, workers)
+        pooled = {}
+        for how in ("threads", "processes"):
+            t = time.perf_counter()
+            validate(load_config(cfg).data, processes=how == "processes")
+            pooled[how] = time.perf_counter() - t
         first = timed_validate(cfg)
         splits_before = splits_of(root / "run")
         rng = np.random.default_rng(1)
@@ -167,7 +175,7 @@ def main() -> None:
         "bench": "validate",
         "quick": args.quick,
         "rows": n,
-        "workers": workers,
+        "workers": {"threads": workers, "processes": check_workers(processes=True)},
         "load": os.getloadavg()[0],
         "generate_s": round(generate_s, 1),
         "image_bytes": raw_bytes,
@@ -175,6 +183,8 @@ def main() -> None:
             "first": round(n / first["seconds"]),
             "rerun": round(n / second["seconds"]),
             "raw_read": round(n / raw_s),
+            "threads": round(n / pooled["threads"]),
+            "processes": round(n / pooled["processes"]),
         },
         "bytes_read": {
             "first": {k: first[k] for k in first if "bytes" in k or k == "files_read"},
@@ -187,7 +197,8 @@ def main() -> None:
             "reread_share_process": round(
                 second["process_bytes_read"] / max(1, first["process_bytes_read"]), 5
             ),
-            "first_vs_raw_read": round(raw_s / first["seconds"], 3),
+            "vs_raw_read": round(raw_s / first["seconds"], 3),
+            "processes_vs_threads": round(pooled["threads"] / pooled["processes"], 2),
             "rerun_speedup": round(first["seconds"] / second["seconds"], 2),
         },
         "targets": {"reread_share": TARGET_REREAD_SHARE},

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,8 +215,82 @@ def test_on_bad_rows_error_stops_with_the_first_bad_row(tmp_path: Path) -> None:
 def test_validate_uses_a_pool_and_gives_the_same_answer(tmp_path: Path) -> None:
     build_corpus(tmp_path)
     cfg = make_config(tmp_path).data
-    serial, pooled = validate(cfg, workers=1), validate(cfg, workers=4)
+    serial, pooled = validate(cfg, workers=1), validate(cfg, workers=4, processes=False)
     assert serial.records == pooled.records and serial.problems == pooled.problems
+
+
+def test_worker_processes_give_the_in_process_answer_in_row_order(tmp_path: Path) -> None:
+    from samprobe.data import validate as v
+
+    _, rows = build_corpus(tmp_path)
+    cfg = make_config(tmp_path).data
+    threads = validate(cfg, processes=False)
+    kinds = {p.kind for p in threads.problems}
+    assert {"unreadable", "missing", "outside_root", "label_conflict"} <= kinds
+    # forked workers, and a fork server's (as after CUDA initialised: the checker is pickled)
+    for method in ("fork", "forkserver"):
+        record = tmp_path / f"record-{method}"
+        # chunks of 3 rows over 2 processes: every chunk boundary, results in row order
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(v, "CHUNK_ROWS", 3)
+            mp.setattr(v, "_worker_context", lambda m=method: v.mp.get_context(m))
+            processes = validate(cfg, processes=True, workers=2, record_dir=record)
+        assert processes.records == threads.records and processes.problems == threads.problems
+        assert processes.extra["files"] == threads.extra["files"]
+        assert len(processes.records) + len(processes.problems) == len(rows)
+        # what the workers found is remembered: a rerun reads no file that decoded
+        again = validate(cfg, processes=False, record_dir=record)
+        assert again.records == threads.records and again.problems == threads.problems
+        assert again.extra["files"]["remembered"] >= len(threads.records)
+
+
+_ORPHAN = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from samprobe.data import validate as v
+
+start = {"initializer": v._start_worker, "initargs": (os.getpid(), None)} if sys.argv[1] else {}
+with ProcessPoolExecutor(2, mp_context=v._worker_context(), **start) as pool:
+    pool.submit(os.getpid).result()
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    time.sleep(60)  # killed here
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_worker_processes_die_with_their_parent() -> None:
+    import signal
+    import subprocess
+    import time
+
+    from helpers.cache_corpus import PY, REPO
+
+    proc = subprocess.Popen(
+        [PY, "-c", _ORPHAN, "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        proc.send_signal(signal.SIGKILL)  # no cleanup runs in the parent
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in workers), workers
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by init, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _write_images(root: Path, names: dict[str, str]) -> None:

@@ -2,8 +2,7 @@
 of each .npy entry): the parquet reads back equal to the .npz of the same records, and neither
 export's peak memory grows with the split.
 
-Real data: sklearn's digit scans, 8 of them side by side per row (512 pixel values), stored in
-a feature cache through its own API.
+Real data: sklearn's digit scans in a feature cache (``helpers.digit_cache``).
 """
 
 from __future__ import annotations
@@ -17,39 +16,9 @@ import numpy as np
 import pytest
 
 from helpers.cache_corpus import PY, REPO
-from samprobe.backbones.registry import grid_array
-from samprobe.data.records import Record
+from helpers.digit_cache import DIM, SPATIAL, build_cache, digit_rows
 from samprobe.export import write_npz, write_parquet
 from samprobe.features.cache import FeatureCache
-from samprobe.io import sha256_bytes
-
-DIM = 512
-SPATIAL = 2  # a 2x2 grid of 128-d tokens beside the pooled rows: the digits' four quadrants
-
-
-def digit_rows(n: int) -> np.ndarray:
-    """[n, 512] float32: row i is digits i..i+7 (mod 1797) side by side, real pixel values."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits().data.astype(np.float32)
-    idx = (np.arange(n)[:, None] + np.arange(8)[None, :]) % len(d)
-    return d[idx].reshape(n, DIM) + (np.arange(n) // len(d))[:, None]  # distinct past 1797
-
-
-def build_cache(root: Path, n: int, *, grid: bool) -> list[Record]:
-    """A cache of ``n`` digit rows (fp16, in shards of 4096 rows as extract writes them) and
-    their records in cache order."""
-    x = digit_rows(n)
-    keys = [sha256_bytes(row.tobytes()) for row in x]
-    with FeatureCache(root, "fp", DIM, "float16") as cache:
-        for s in range(0, n, 4096):
-            cache.put(keys[s : s + 4096], x[s : s + 4096])
-            if grid:
-                cache.put(keys[s : s + 4096], x[s : s + 4096], array=grid_array(SPATIAL))
-    return [
-        Record(i + 1, f"digits/{i:06d}.png", f"/data/digits/{i:06d}.png", str(i % 10), "train", k)
-        for i, k in enumerate(keys)
-    ]
 
 
 def test_parquet_reads_back_equal_to_the_npz(tmp_path):
@@ -90,7 +59,6 @@ from samprobe.export import write_npz, write_parquet
 from samprobe.features.cache import FeatureCache
 
 root, n = Path(sys.argv[1]), int(sys.argv[2])
-write = {"npz": write_npz, "parquet": write_parquet}[sys.argv[3]]
 with FeatureCache(root / "cache", "fp", 512, "float16", readonly=True) as cache:
     recs = [Record(i, f"d/{i}.png", f"/d/{i}.png", str(i % 10), "train", k)
             for i, k in enumerate(json.loads((root / "keys.json").read_text()))]

@@ -39,6 +39,29 @@ def test_put_get_round_trip_in_any_order(tmp_path):
         assert c.missing(_keys(10)) == []
 
 
+def test_bulk_reads_resolve_any_order_repeats_and_shards_not_fully_live(tmp_path):
+    # >= 2000 keys: resolved through the shards' key lists (a whole shard in storage order at
+    # once, else the sorted hashes of the requested keys), the rest through the index
+    n = 3 * 1500
+    x = _feats(n)
+    keys = _keys(n)
+    with FeatureCache(tmp_path, "fp", 16, "float16") as c:
+        for a in range(0, n, 1500):
+            c.put(keys[a : a + 1500], x[a : a + 1500])
+        c.put(keys[10:20], x[10:20])  # the first shard is no longer fully live
+        stored = x.astype(np.float16).astype(np.float32)
+        rng = np.random.default_rng(0)
+        for order in (
+            np.arange(n),  # storage order
+            rng.permutation(n),
+            np.concatenate([np.arange(1500, 3000), rng.integers(0, n, 2500)]),  # repeats
+            np.concatenate([rng.permutation(n), [5, 5, 2999, 1600]]),
+        ):
+            np.testing.assert_array_equal(c.get([keys[i] for i in order]), stored[order])
+        with pytest.raises(KeyError, match="nope"):
+            c.get([*keys, "nope"])
+
+
 def test_orphan_shard_from_a_killed_write_is_invisible_and_collected(tmp_path):
     with FeatureCache(tmp_path, "fp", 16, "float16") as c:
         c.put(_keys(3), _feats(3))

@@ -159,7 +159,8 @@ class TrainConfig(_Strict):
     memory_budget_gb: Float | None = Field(default=None, gt=0)
     """Train + val features are held in memory (float32) up to this many GB; a larger set is
     streamed from the cache's shard files in shuffled chunks (the same sweep, resumable bit for
-    bit). Unset: half the memory available when training starts."""
+    bit); `evaluate` reads a split over it the same way, a buffer at a time. Unset: half the
+    memory available when the stage starts."""
     warmup_epochs: Int = Field(default=5, ge=0)
     """Linear warm-up length (at most 5% of all steps), then cosine decay to 0."""
     optimizer: Literal["sgd", "adamw"] = "sgd"

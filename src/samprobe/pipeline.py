@@ -413,10 +413,11 @@ def features_by_split(
     splits: tuple[str, ...] = ("train", "val", "test"),
     memory_budget: int | None = None,
     streamed_before: bool | None = None,
+    stage: str = "train",
 ) -> dict[str, tuple[list[Record], np.ndarray | CachedRows]]:
     """(records, head inputs) per split: pooled [N, D], or with ``spatial`` the grids [N, S*S, C].
-    ``memory_budget`` (bytes; training): splits whose float32 features would not fit are
-    ``CachedRows`` read from the cache's shard files while training, not arrays;
+    ``memory_budget`` (bytes; train and evaluate): splits whose float32 features would not fit
+    are ``CachedRows`` read from the cache's shard files as ``stage`` goes, not arrays;
     ``streamed_before``: the path of the run being resumed, kept where the budget allows."""
     failed = read_failed_keys(cfg.run_dir)
     usable = [r for r in records if r.sha256 not in failed and r.split in splits]
@@ -439,7 +440,7 @@ def features_by_split(
             )
         by_split = {split: [r for r in usable if r.split == split] for split in splits}
         streamed = memory_budget is not None and _streams(
-            cache, by_split, spatial, memory_budget, streamed_before
+            cache, by_split, spatial, memory_budget, streamed_before, stage
         )
         return {
             split: (
@@ -464,17 +465,18 @@ def _streams(
     spatial: int | None,
     budget: int,
     streamed_before: bool | None,
+    stage: str,
 ) -> bool:
-    """Whether training streams these splits' features (float32 over ``budget`` bytes, or the
+    """Whether ``stage`` streams these splits' features (float32 over ``budget`` bytes, or the
     resumed run streamed); logs which path runs and why."""
     row_values = (cache.array_dim(grid_array(spatial)) if spatial else None) or cache.dim
     rows = sum(len(recs) for recs in by_split.values())
     need = in_memory_bytes(rows, row_values)
-    what = f"train: {rows} {'+'.join(by_split)} features need {need / 1e9:.2f} GB as float32"
+    what = f"{stage}: {rows} {'+'.join(by_split)} features need {need / 1e9:.2f} GB as float32"
     limit = f"train.memory_budget_gb {budget / 1e9:.2f}"
+    reads = "in shuffled chunks (shuffle buffers" if stage == "train" else "in order (buffers"
     how = (
-        f"streamed from the cache's shard files in shuffled chunks (shuffle buffers of "
-        f"{buffer_rows(budget, row_values)} rows)"
+        f"streamed from the cache's shard files {reads} of {buffer_rows(budget, row_values)} rows)"
     )
     if need <= budget and not streamed_before:
         log.info(f"{what}, within {limit}: held in memory")
@@ -727,7 +729,16 @@ def run_evaluate(cfg: Config, checkpoint: Path, split: str = "test") -> dict[str
         + (" (the checkpoint's)" if at else "")
     )
     check_fingerprint(ckpt, extractor, "this config")
-    recs, x = features_by_split(cfg, extractor, records, ckpt.spatial, (split,))[split]
+    # a split over train.memory_budget_gb is read from the shard files a buffer at a time
+    recs, x = features_by_split(
+        cfg,
+        extractor,
+        records,
+        ckpt.spatial,
+        (split,),
+        memory_budget=memory_budget(cfg.train.memory_budget_gb),
+        stage="evaluate",
+    )[split]
     if not recs:
         raise DataError(
             f"split {split!r} has no samples",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,27 +25,38 @@ from samprobe.features.extract import Extractor, load_head_inputs
 from samprobe.io import atomic_open, ensure_writable_file, sha256_file, weights_sha256
 from samprobe.train.checkpoint import HeadCheckpoint, check_fingerprint, load_checkpoint
 from samprobe.train.heads import head_from_spec, rows_per_step
+from samprobe.train.stream import CachedRows
 
 log = logging.getLogger("samprobe")
 
 
 def predict_features(
-    ckpt: HeadCheckpoint, x: np.ndarray, *, top_k: int = 5
+    ckpt: HeadCheckpoint, x: np.ndarray | CachedRows, *, top_k: int = 5
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cached features [N, D] (attentive heads: grids [N, S*S, C]) -> (top-k taxonomy indices [N, k],
-    their probabilities [N, k])."""
+    their probabilities [N, k]). ``x`` a ``CachedRows`` (a split over ``train.memory_budget_gb``):
+    read from the shard files a buffer at a time. Only the top k of each batch is kept, never the
+    [N, classes] probabilities."""
     head = head_from_spec(ckpt.head_spec, ckpt.head_state)
     mapping = ckpt.mapping
-    rows = rows_per_step(int(np.prod(x.shape[1:])), max(len(x), 1))  # grids: bounded activations
-    with torch.no_grad():
-        logits = [
-            head(torch.from_numpy(x[i : i + rows]).float()) for i in range(0, max(len(x), 1), rows)
-        ]
-        probs = torch.softmax(torch.cat(logits), dim=1)
     k = min(top_k, mapping.num_active)
-    scores, idx = probs.topk(k, dim=1)
-    active = np.array(mapping.active)
-    return active[idx.numpy()], scores.numpy()
+    idx = np.empty((len(x), k), dtype=np.int64)
+    scores = np.empty((len(x), k), dtype=np.float32)
+    rows = rows_per_step(int(np.prod(x.shape[1:])), max(len(x), 1))  # grids: bounded activations
+    if isinstance(x, CachedRows):
+        batches: Iterator[torch.Tensor] = x.in_storage_order(rows)
+        order = x.storage_order  # the i-th row read is row order[i] of x
+    else:
+        batches = (torch.from_numpy(x[i : i + rows]).float() for i in range(0, len(x), rows))
+        order = np.arange(len(x))
+    at = 0
+    with torch.no_grad():
+        for batch in batches:
+            top = torch.softmax(head(batch), dim=1).topk(k, dim=1)
+            where = order[at : at + len(batch)]
+            scores[where], idx[where] = top.values.numpy(), top.indices.numpy()
+            at += len(batch)
+    return np.array(mapping.active, dtype=np.int64)[idx], scores
 
 
 @dataclass

@@ -8,12 +8,15 @@ counted in ``data_report.json``.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import os
 import re
+import signal
 import stat
+import sys
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -183,7 +186,7 @@ class FileChecks:
 
 
 def _bounded_map(
-    pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T], ahead: int
+    pool: Executor, fn: Callable[[_T], _R], items: Iterable[_T], ahead: int
 ) -> Iterator[_R]:
     """``pool.map`` with at most ``ahead`` calls in flight: ``Executor.map`` submits every item at
     once, a future per row (~1 KB each: 1 GB for a 1 M-row file)."""
@@ -207,30 +210,51 @@ def _check_files(
     record_dir: Path | None,
     rank: int,
     world: int,
+    processes: bool | None = None,
 ) -> FileChecks:
     """``check_file`` of each (path, read) in ``rows``: this rank's share (every ``world``-th
-    row) in a thread pool, then gathered from every rank."""
+    row) in worker processes (chunks of ``CHUNK_ROWS``; ``processes`` None: when there are two
+    chunks or more) or a thread pool, in row order, then gathered from every rank."""
     from tqdm import tqdm
 
     mine = range(rank, len(rows), world)
     record = CheckRecord(record_dir, max_pixels=cfg.max_pixels, rank=rank) if record_dir else None
-    n_workers = max(1, workers if workers is not None else check_workers())
-
-    def one(i: int) -> FileCheck:
-        path_s, read = rows[i]
-        return check_file(
-            root, real_root, path_s, max_pixels=cfg.max_pixels, read=read, record=record
-        )
+    in_processes = len(mine) >= 2 * CHUNK_ROWS if processes is None else processes
+    n_workers = max(1, workers if workers is not None else check_workers(in_processes))
+    checker = _RowChecker(root, real_root, cfg.max_pixels, record)
 
     local: list[FileCheck] = []
-    with ThreadPoolExecutor(max_workers=n_workers) as pool, record or contextlib.nullcontext():
-        checks = _bounded_map(pool, one, mine, ahead=64 * n_workers)
-        for check in tqdm(
-            checks, total=len(mine), desc="validate", unit="img", disable=not progress
-        ):
+    with contextlib.ExitStack() as stack:
+        if record is not None:
+            stack.enter_context(record)
+        bar = stack.enter_context(
+            tqdm(total=len(mine), desc="validate", unit="img", disable=not progress)
+        )
+        pool: Executor
+        if in_processes:  # each worker holds the record's entries (forked, or sent once)
+            ctx = _worker_context()
+            # a fork server's children have it as their parent, not this process
+            parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
+            pool = ProcessPoolExecutor(
+                n_workers, mp_context=ctx, initializer=_start_worker, initargs=(parent, checker)
+            )
+            chunks = (
+                [rows[i] for i in mine[a : a + CHUNK_ROWS]] for a in range(0, len(mine), CHUNK_ROWS)
+            )
+            checks = (
+                c
+                for chunk in _bounded_map(pool, _check_chunk, chunks, 4 * n_workers)
+                for c in chunk
+            )
+        else:
+            pool = ThreadPoolExecutor(max_workers=n_workers)
+            checks = _bounded_map(pool, checker.check, (rows[i] for i in mine), 64 * n_workers)
+        stack.enter_context(pool)
+        for check in checks:
             if check.fresh and record is not None:
                 record.add(check.file, check.version, check.outcome())  # type: ignore[arg-type]
             local.append(check)
+            bar.update()
     # (checks, journal) of every rank; each rank's journal is closed before it is gathered
     gathered: list[Any] = [(local, record.journal if record else None)]
     if world > 1:
@@ -256,11 +280,76 @@ def _check_files(
     )
 
 
-def check_workers() -> int:
-    """Threads for reading and decoding files during validate: PIL and hashlib release the GIL,
-    and files on network disks are latency-bound, so a few more threads than cores help."""
-    from samprobe.data.loader import available_cores
+CHUNK_ROWS = 256
+"""Rows a worker process checks per task: the results of one (~200 B each) are one message."""
 
+
+class _RowChecker:
+    """``check_file`` with one validation's settings, for a thread or a worker process."""
+
+    def __init__(
+        self, root: Path, real_root: Path, max_pixels: int, record: CheckRecord | None
+    ) -> None:
+        self.root, self.real_root, self.max_pixels, self.record = (
+            root, real_root, max_pixels, record,
+        )  # fmt: skip
+
+    def check(self, row: tuple[str, bool]) -> FileCheck:
+        path_s, read = row
+        return check_file(
+            self.root,
+            self.real_root,
+            path_s,
+            max_pixels=self.max_pixels,
+            read=read,
+            record=self.record,
+        )
+
+
+_checker: _RowChecker | None = None  # a worker process's, set by _start_worker
+
+
+def _start_worker(parent: int | None, checker: _RowChecker) -> None:
+    """A validation worker process: dies with its parent (Linux: the kernel sends SIGTERM when
+    the parent exits, however it exits; elsewhere the pool's own shutdown). ``parent``: the
+    validating process's pid, None when a fork server (which exits with it) is the parent."""
+    global _checker
+    _checker = checker
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if parent is not None and os.getppid() != parent:  # it died before prctl took effect
+            os._exit(1)
+
+
+def _check_chunk(rows: list[tuple[str, bool]]) -> list[FileCheck]:
+    assert _checker is not None
+    return [_checker.check(row) for row in rows]
+
+
+def _worker_context() -> mp.context.BaseContext:
+    """fork (the record's entries are inherited, not sent) unless forking is unsafe: after CUDA
+    initialised in this process (a forked child cannot use it) a fork server; spawn where fork
+    is not available."""
+    methods = mp.get_all_start_methods()
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    if "fork" in methods and not cuda:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def check_workers(processes: bool = False) -> int:
+    """Workers for reading and decoding files during validate. Processes: one per core of this
+    rank (decoding is CPU-bound). Threads: PIL and hashlib release the GIL, and files on
+    network disks are latency-bound, so a few more threads than cores help."""
+    from samprobe.data.loader import available_cores, default_num_workers
+
+    if processes:
+        return default_num_workers()
     return min(16, 2 * available_cores())  # rank 0 validates alone: all the node's cores
 
 
@@ -272,8 +361,12 @@ def validate(
     record_dir: Path | None = None,
     rank: int = 0,
     world: int = 1,
+    processes: bool | None = None,
 ) -> Dataset:
     """Every row of the metadata as a ``Record`` or a ``Problem``.
+
+    Files are checked in worker processes (``processes`` None: when there are a few hundred or
+    more; False: threads of this process), ``workers`` of them (default ``check_workers``).
 
     With ``record_dir`` the outcome of each file's check is remembered there
     (``check_record``): a rerun reads only files that changed since. Under torchrun (``world``
@@ -362,6 +455,7 @@ def validate(
         record_dir=record_dir,
         rank=rank,
         world=world,
+        processes=processes,
     )
     records: list[Record] = []
     for (i, path_s, label_s, label, split, problem), check in zip(pending, checks.results):
