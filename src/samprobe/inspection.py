@@ -14,9 +14,11 @@ From the cached features only (no image is decoded, no user file is changed):
 - **outliers**: mean cosine distance to the k nearest other images, above Q3 + c x IQR;
 - **most confused class pairs** among the out-of-sample predictions.
 
-Why no faiss: its exact index (IndexFlatIP) is the same blocked matrix product plus a heap;
-torch already runs that product at the machine's peak (bf16 where ``precision: auto`` finds
-it fast) and faiss would be one more compiled dependency for no gain in exactness.
+Why no faiss: its exact index (IndexFlatIP) is the fp32 matrix product plus a heap; here the
+product is screened in bf16 where ``precision: auto`` finds it fast, with a bound that keeps the
+result exact (``nearest_neighbours``). Measured (faiss-cpu 1.15.1, the first 10k rows of
+100k x 256, 1 thread, same run): IndexFlatIP 5.9 / 6.8 CPU s, ``nearest_neighbours`` 4.6 / 4.8 s,
+so faiss would be one more compiled dependency for no gain in speed or exactness.
 """
 
 from __future__ import annotations
