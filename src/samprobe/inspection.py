@@ -244,7 +244,7 @@ def nearest_neighbours(
                 p[:, max(0, n - j) :] = -3.0  # the padding: never a candidate
             own = mine[(mine >= j) & (mine < j + width)]
             p[own - i, own - j] = -2.0  # never its own neighbour
-            g[:, j // GROUPS : (j + width) // GROUPS] = p.view(len(mine), GROUPS, -1).amax(1)
+            _group_maxima(p, g[:, j // GROUPS : (j + width) // GROUPS])
             s[:, j : j + width] = p
         vals, cand, left_out = _row_candidates(s, g, keep + 1, width)
         s_k, top_left = vals[:, k - 1], torch.maximum(left_out, vals[:, keep])
@@ -304,6 +304,17 @@ def _row_candidates(
 
 GROUPS = 8
 """Strided column groups of ``_row_candidates`` (2, 4, 8, 16, 32 measured: 8 fastest)."""
+
+
+def _group_maxima(p: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` [B, W / GROUPS] = the elementwise maximum of the GROUPS column slices of ``p`` [B, W]
+    (the strided groups of ``_row_candidates``), as GROUPS - 1 in-place maxima: the same values
+    as amax over a [B, GROUPS, W / GROUPS] view, 8 % less time in the whole search (first 8k of
+    100k x 256 rows, bf16, 1 thread: 3.0 vs 3.25 CPU s)."""
+    w = p.shape[1] // GROUPS
+    torch.maximum(p[:, :w], p[:, w : 2 * w], out=out)
+    for r in range(2, GROUPS):
+        torch.maximum(out, p[:, r * w : (r + 1) * w], out=out)
 
 
 def _exact_rows(t: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
