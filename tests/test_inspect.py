@@ -123,6 +123,59 @@ def test_neighbours_of_rows_that_do_not_fill_the_column_groups_equal_brute_force
         assert (idx != np.arange(n)[:, None]).all() and (idx < n).all()
 
 
+def _assert_exact_neighbours(x: np.ndarray, sims: np.ndarray, idx: np.ndarray, rows=None) -> None:
+    """sims / idx are the k nearest of ``rows`` of x, as fp64 cosines rank them up to fp32
+    rounding (1e-6): each returned neighbour's cosine is the k-th best one's, and sims are those
+    cosines."""
+    z = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    s = z @ z.T
+    np.fill_diagonal(s, -np.inf)
+    s = s if rows is None else s[rows]
+    want = -np.sort(-s, axis=1)[:, : idx.shape[1]]
+    np.testing.assert_allclose(np.take_along_axis(s, idx, 1), want, atol=1e-6)
+    np.testing.assert_allclose(sims, want, atol=1e-6)
+    assert all(len(set(r)) == len(r) for r in idx.tolist())
+
+
+def test_bf16_screening_over_tiles_and_blocks_gives_the_exact_neighbours_of_a_tight_cluster() -> (
+    None
+):
+    """300 rows within cosine 1 - 2e-4 of one another (bf16 rounds all their products to the same
+    value: its spacing near 1 is 2^-8) among 700 scattered ones: a screen that kept its k + 4
+    best bf16 columns would re-score an arbitrary 14 of the 299 look-alikes. The certificate
+    sends those rows to fp32, so every row's neighbours are the exact ones, in several tiles
+    (tile 128) and blocks (block 96), and for a range of rows alone."""
+    rng = np.random.default_rng(3)
+    d, k = 32, 10
+    centre = rng.normal(size=d)
+    tight = centre + 1e-2 * rng.normal(size=(300, d)) * np.linalg.norm(centre) / np.sqrt(d)
+    x = np.concatenate([rng.normal(size=(700, d)), tight]).astype(np.float32)
+    sims, idx = nearest_neighbours(x, k, dtype=torch.bfloat16, block=96, tile=128, candidates=14)
+    _assert_exact_neighbours(x, sims, idx)
+    part_s, part_i = nearest_neighbours(
+        x, k, dtype=torch.bfloat16, block=96, tile=128, candidates=14, rows=range(650, 790)
+    )
+    _assert_exact_neighbours(x, part_s, part_i, rows=slice(650, 790))
+
+
+def test_rows_certified_by_the_screen_are_not_computed_again(monkeypatch) -> None:
+    """Scattered rows: the bf16 screen certifies nearly all, and only the others go to fp32."""
+    import samprobe.inspection as inspection
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2000, 64)).astype(np.float32)
+    again: list[int] = []
+    exact_rows = inspection._exact_rows
+    monkeypatch.setattr(
+        inspection,
+        "_exact_rows",
+        lambda t, rows, k: again.append(len(rows)) or exact_rows(t, rows, k),
+    )
+    sims, idx = nearest_neighbours(x, 10, dtype=torch.bfloat16, block=256, tile=512)
+    _assert_exact_neighbours(x, sims, idx)
+    assert sum(again) < 0.05 * len(x)
+
+
 def test_look_alikes_of_a_dense_class_are_not_near_duplicates_but_an_isolated_copy_is() -> None:
     """30 vectors around one centre (pairwise cosine ~0.98, as one digit's scans by different
     writers) and 40 scattered ones, one of which has a copy at cosine ~0.97: the copy stands out
