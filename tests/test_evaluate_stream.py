@@ -10,17 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers.cache_corpus import PY, REPO
 from helpers.digit_cache import DIM, build_cache, digit_labels, digit_rows
 from helpers.digits_run import write_digits_project
+from helpers.memory import can_measure_peaks, run_measured
 from helpers.tolerance import close_after_rounding, rounding_atol
 from samprobe.config import load_config
 
@@ -100,16 +98,9 @@ saved = torch.load(root / "head.pt", weights_only=True)
 ckpt = HeadCheckpoint(saved["classes"], [], None, "", {}, None, None, saved["spec"],
                       saved["state"], 0, {})
 
-def status(field):
-    for line in open("/proc/self/status", encoding="ascii"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
 with FeatureCache(root / "cache", "fp", %(dim)d, "float16", readonly=True) as cache:
     predict_features(ckpt, cache.get(keys[:64]))  # first-use allocations (kernels, arenas)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak (VmHWM) starts again from the resident memory now
-    before = status("VmRSS")
+    before = reset_peak()
     # as run_evaluate reads a split: over the budget a CachedRows, else the float32 array
     if how == "stream":
         x = cached_rows(cache, keys, array=POOLED, spatial=None, budget=budget)
@@ -142,27 +133,13 @@ def _nearest_mean_head(root: Path, n: int) -> float:
 
 
 def _growth(root: Path, how: str, budget: int, n: int) -> int:
-    out = subprocess.run(
-        [PY, "-c", _EVALUATE_RSS % {"dim": DIM}, str(root), how, str(budget), str(n)],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(REPO / "src"),
-            "OMP_NUM_THREADS": "1",
-            # glibc's dynamic mmap threshold keeps freed buffers in the heap by chance: the same
-            # streamed run grew by 22-39 MB at 80k rows; with a fixed threshold 21 MB every time
-            "MALLOC_MMAP_THRESHOLD_": "131072",
-        },
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return int(json.loads(out.stdout.strip().splitlines()[-1])["growth"])
+    script = _EVALUATE_RSS % {"dim": DIM}
+    return int(run_measured(script, str(root), how, str(budget), str(n))["growth"])
 
 
 @pytest.mark.slow
 def test_evaluate_memory_does_not_grow_with_a_streamed_split(tmp_path):
-    if not os.access("/proc/self/clear_refs", os.W_OK):
+    if not can_measure_peaks():
         pytest.skip("needs /proc/self/clear_refs (Linux) to measure a peak from a point on")
     small, large = 20_000, 80_000
     recs = build_cache(tmp_path / "cache", large, grid=False)

@@ -5,10 +5,7 @@ probe: test_train_attentive.py)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -405,16 +402,10 @@ def test_validation_metrics_count_untrained_samples_as_errors():
 
 _EVALUATE_PEAK = """
 import json, sys
-from pathlib import Path
 import torch
 from samprobe.train.classes import IGNORE
 from samprobe.train.heads import StackedHeads
 from samprobe.train.loop import evaluate_heads
-
-def status(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
 
 n, d, c = int(sys.argv[1]), 16, int(sys.argv[2])
 gen = torch.Generator().manual_seed(0)
@@ -425,9 +416,7 @@ y = torch.randint(0, c, (n,), generator=gen)
 y[::7] = IGNORE  # samples of an untrained class: errors in accuracy
 opts = dict(num_untrained=1, device=torch.device("cpu"), precision="fp32", batch_size=256)
 evaluate_heads(model, x[:64], y[:64], torch.ones(c), **opts)  # first-use allocations
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) starts again from the resident memory now
-before = status("VmRSS")
+before = reset_peak()
 m = evaluate_heads(model, x, y, torch.ones(c), **opts)
 growth = status("VmHWM") - before
 with torch.no_grad():
@@ -443,27 +432,12 @@ def test_validation_metrics_hold_nothing_of_samples_x_classes():
     metrics (scikit-learn's, on the heads' predictions) with a peak far below one such copy."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-    from helpers.cache_corpus import PY, REPO
+    from helpers.memory import can_measure_peaks, run_measured
 
-    if not os.access("/proc/self/clear_refs", os.W_OK):
+    if not can_measure_peaks():
         pytest.skip("needs /proc/self/clear_refs (Linux) to measure a peak from a point on")
     n, c = 20_000, 1000
-    out = subprocess.run(
-        [PY, "-c", _EVALUATE_PEAK, str(n), str(c)],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(REPO / "src"),
-            "OMP_NUM_THREADS": "1",
-            # a fixed mmap threshold: freed buffers do not stay in the heap by chance (the same
-            # run grew by 26 MB with glibc's dynamic one, by 4.3 MB with this)
-            "MALLOC_MMAP_THRESHOLD_": "131072",
-        },
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    m = json.loads(out.stdout.strip().splitlines()[-1])
+    m = run_measured(_EVALUATE_PEAK, str(n), str(c), timeout=300)  # 4.3 MB with a fixed threshold
     # a float32 [N, C] is 80 MB (the one-hot path peaked at 338 MB here); measured 4.3 MB
     assert m["growth"] < n * c * 4 / 4, m["growth"]
     pred, truth = np.array(m["pred"]), np.array(m["y"])
