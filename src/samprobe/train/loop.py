@@ -336,6 +336,10 @@ def evaluate_heads(
     }
 
 
+EVAL_LOGITS = 1 << 22
+"""Logits [H, B, C] per validation forward (16 MB at fp32): B is cut to it, at most 4096 rows."""
+
+
 def _progress_at_start(num_heads: int) -> dict[str, Any]:
     """A sweep's progress before its first epoch, by ``SweepTrainer`` attribute (tensors are per
     head, [H, ...]). ``state_dict`` saves and ``load_state_dict`` restores exactly these; the
@@ -460,7 +464,9 @@ class SweepTrainer:
         )
         row = math.prod(x_train.shape[1:])  # values per sample: D, or T*C for a grid
         self.batch_size, self.accumulate = micro_batches(cfg.batch_size, cfg.accumulate, row)
-        self.eval_batch = rows_per_step(row, 4096)
+        # rows per validation forward: also bounded by the logits [H, B, C], which the loss copies
+        # a few times (8 heads x 1000 classes at 4096 rows: a 330 MB peak; at 512: 42 MB)
+        self.eval_batch = min(rows_per_step(row, 4096), max(1, EVAL_LOGITS // (H * C)))
         self.micro_steps = math.ceil(len(self.zt) / self.batch_size)
         self.per_head_targets = yt.dim() == 2
         self.opt_steps = math.ceil(self.micro_steps / self.accumulate)
