@@ -452,6 +452,40 @@ def test_validation_metrics_hold_nothing_of_samples_x_classes():
         assert m["val_macro_f1"][h] == pytest.approx(f1 / (len(present) + 1))
 
 
+_VALIDATION_PEAK = """
+import json
+import numpy as np, torch
+from samprobe.config import TrainConfig
+from samprobe.train.loop import SweepTrainer, evaluate_heads
+
+c, d = 1000, 16
+rng = np.random.default_rng(0)
+xt, xv = rng.normal(size=(2000, d)).astype(np.float32), rng.normal(size=(20000, d)).astype(np.float32)
+yt, yv = np.arange(2000) % c, rng.integers(0, c, 20000)
+trainer = SweepTrainer(xt, yt, xv, yv, class_weights=np.ones(c), cfg=TrainConfig(), seed=0)
+opts = dict(num_untrained=0, device=trainer.device, precision=trainer.precision,
+            batch_size=trainer.eval_batch)
+evaluate_heads(trainer.model, trainer.xv[:64], trainer.yv[:64], trainer.weights, **opts)
+before = reset_peak()
+evaluate_heads(trainer.model, trainer.xv, trainer.yv, trainer.weights, **opts)  # as each epoch
+print(json.dumps({"growth": status("VmHWM") - before, "heads": trainer.model.num_heads,
+                  "batch": trainer.eval_batch}))
+"""
+
+
+def test_a_sweep_over_many_classes_validates_in_batches_of_bounded_logits():
+    """Validation forwards of 4096 rows through 8 heads x 1000 classes peaked at 330 MB (the
+    loss copies the logits [H, B, C] a few times): most of what kept bench/scale.py's streamed
+    3 M-row sweep above its 3 GB. Batches are cut to 4 M logits (524 rows here): 42 MB."""
+    from helpers.memory import can_measure_peaks, run_measured
+
+    if not can_measure_peaks():
+        pytest.skip("needs /proc/self/clear_refs (Linux) to measure a peak from a point on")
+    m = run_measured(_VALIDATION_PEAK, timeout=300)
+    assert m["heads"] == 8 and m["batch"] < 4096, m
+    assert m["growth"] < 100e6, m  # 4096-row batches: 330 MB
+
+
 # --- exporting heads -----------------------------------------------------------------------
 
 
