@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from samprobe.config import DataConfig
-from samprobe.data.check_record import CheckRecord, Outcome, Version, version_key
+from samprobe.data.check_record import CheckRecord, Outcome, Version, stat_version
 from samprobe.data.images import open_image
 from samprobe.data.records import SPLITS, Dataset, Problem, Record
 from samprobe.data.tables import detect_format, folder_classes, folder_ignored_files, read_rows
@@ -35,7 +35,7 @@ from samprobe.data.taxonomy import (
     resolve_label,
 )
 from samprobe.errors import ConfigError, DataError
-from samprobe.io import file_version, sha256_bytes
+from samprobe.io import sha256_bytes
 
 # ---------------------------------------------------------------------------------------
 # validation
@@ -68,8 +68,9 @@ def _windows_path_hint(path_text: str) -> str:
     return ""
 
 
-@dataclass(frozen=True, slots=True)  # one per row: 1 M of them
-class FileCheck:
+# One per row, pickled in a worker and unpickled here: as a tuple, 256 of them pickle in 1.1 us
+# a row and unpickle in 0.7 (a slots dataclass: 7.3 and 4.9; rows like bench/validate.py's).
+class FileCheck(NamedTuple):
     """What checking one row's file found: a problem (``kind``, ``detail``), or a file that
     decodes (``kind`` None, ``sha256``). ``source`` says where its bytes' verdict came from:
     "disk" (read now: ``bytes_read``), "record" (remembered for this ``version``), or "" (not
@@ -110,11 +111,14 @@ def _decode_check(data: bytes, max_pixels: int) -> str | None:
 
 def _read_and_check(file: str, version: Version, max_pixels: int) -> FileCheck:
     try:
-        with open(file, "rb") as f:
-            before = version_key(file_version(os.fstat(f.fileno())))
-            data = f.read()
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            before = stat_version(os.fstat(fd))
+            data = _read_all(fd, before[3])
             # remembered only when the file did not change between the stat and the read
-            stable = before == version == version_key(file_version(os.fstat(f.fileno())))
+            stable = before == version == stat_version(os.fstat(fd))
+        finally:
+            os.close(fd)
     except OSError as exc:  # permission denied, an I/O error: not remembered, tried again
         return FileCheck("unreadable", f"{type(exc).__name__}: {exc}", file, source="disk")
     reason = _decode_check(data, max_pixels)
@@ -130,6 +134,57 @@ def _read_and_check(file: str, version: Version, max_pixels: int) -> FileCheck:
     )
 
 
+def _read_all(fd: int, size: int) -> bytes:
+    """Every byte of the open file ``fd`` of ``size`` bytes (more if it grew): ``os.read`` calls
+    without ``open()``'s file objects, buffer and isatty check."""
+    parts = [os.read(fd, size + 1)]  # one call for a file that is what fstat said
+    while parts[-1]:
+        parts.append(os.read(fd, max(size, 1 << 16)))
+    return b"".join(parts)
+
+
+class _Locator:
+    """Where rows' files are, for many rows: each parent folder resolved once, so that a regular
+    file inside the root costs one ``lstat`` instead of ``Path.resolve`` (an ``lstat`` per
+    component of the path) and a ``stat``. Anything else (a symlinked or missing file, a path
+    outside the root, backslashes, a last part ``..``) returns None: ``check_file`` resolves it
+    in full, so every answer is the one ``Path.resolve`` gives."""
+
+    MAX_FOLDERS = 1 << 16  # forgotten all at once past this: memory stays bounded
+
+    def __init__(self, root: Path, real_root: Path) -> None:
+        self.root = str(root)
+        self.inside = os.path.join(str(real_root), "")  # ends with the separator
+        self.folders: dict[str, str | None] = {}
+
+    def find(self, path_s: str) -> tuple[str, os.stat_result] | None:
+        """(resolved file, its stat) of a regular file inside the root, else None."""
+        if "\\" in path_s or "\0" in path_s:
+            return None
+        folder, name = os.path.split(os.path.join(self.root, path_s))
+        if name in ("", ".", ".."):
+            return None
+        real = self.folders.get(folder, "")
+        if real == "":
+            try:
+                real = str(Path(folder).resolve())
+            except (OSError, RuntimeError, ValueError):  # a loop, a name too long
+                real = None
+            if len(self.folders) >= self.MAX_FOLDERS:
+                self.folders.clear()
+            self.folders[folder] = real
+        if real is None:
+            return None
+        file = os.path.join(real, name)
+        if not file.startswith(self.inside):
+            return None
+        try:
+            st = os.lstat(file)
+        except (OSError, ValueError):
+            return None
+        return (file, st) if stat.S_ISREG(st.st_mode) else None  # a symlink is resolved in full
+
+
 def check_file(
     root: Path,
     real_root: Path,
@@ -138,10 +193,15 @@ def check_file(
     max_pixels: int,
     read: bool = True,
     record: CheckRecord | None = None,
+    locator: _Locator | None = None,
 ) -> FileCheck:
     """One row's file: its path (``bad_path``, ``outside_root``, ``missing``), then unless
     ``read`` is False (the row has another problem already) its bytes: hashed and decoded, or
-    the outcome ``record`` remembers for this version of the file, without reading it."""
+    the outcome ``record`` remembers for this version of the file, without reading it.
+    ``locator``: one shared by the rows of a validation (the same answers, fewer system calls)."""
+    found = locator.find(path_s) if locator is not None else None
+    if found is not None:
+        return _check_found(*found, read=read, max_pixels=max_pixels, record=record)
     try:
         candidate = image_path(root, path_s)
         resolved = candidate.resolve()
@@ -156,10 +216,16 @@ def check_file(
         return FileCheck("outside_root", f"resolves to {resolved}, outside {real_root}")
     if st is None or not stat.S_ISREG(st.st_mode):
         return FileCheck("missing", f"no file at {candidate}" + _windows_path_hint(path_s))
-    file = str(resolved)
+    return _check_found(str(resolved), st, read=read, max_pixels=max_pixels, record=record)
+
+
+def _check_found(
+    file: str, st: os.stat_result, *, read: bool, max_pixels: int, record: CheckRecord | None
+) -> FileCheck:
+    """``check_file`` of a regular file inside the root, resolved (``file``) and stat'ed."""
     if not read:
         return FileCheck(None, file=file)
-    version = version_key(file_version(st))
+    version = stat_version(st)
     known = record.lookup(file, version) if record is not None else None
     if known is not None:
         kind = None if known.sha256 is not None else "unreadable"
@@ -293,6 +359,7 @@ class _RowChecker:
         self.root, self.real_root, self.max_pixels, self.record = (
             root, real_root, max_pixels, record,
         )  # fmt: skip
+        self.locator = _Locator(root, real_root)
 
     def check(self, row: tuple[str, bool]) -> FileCheck:
         path_s, read = row
@@ -303,6 +370,7 @@ class _RowChecker:
             max_pixels=self.max_pixels,
             read=read,
             record=self.record,
+            locator=self.locator,
         )
 
 
