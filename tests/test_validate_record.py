@@ -264,3 +264,29 @@ def test_two_ranks_validate_their_shares_and_match_one_process(tmp_path):
     # the same rows and splits (the report now says the splits were kept from the first run)
     assert _outputs(ranks / "run")[1:] == _outputs(single / "run")[1:]
     shutil.rmtree(ranks / "run" / "validation")
+
+
+def test_record_lines_are_frame_line_bytes_and_read_back(tmp_path: Path) -> None:
+    """The record's hand-written JSON lines are the bytes `frame_line` writes for the same
+    entry (quotes, backslashes, non-ASCII, control characters, None), and a new CheckRecord
+    reads each entry back."""
+    from samprobe.data.check_record import Outcome, stat_version, version_key
+    from samprobe.io import file_version, frame_line
+
+    f = tmp_path / "x.png"
+    f.write_bytes(b"123")
+    st = os.stat(f)
+    assert stat_version(st) == version_key(file_version(st))
+    entries = {
+        str(f): (stat_version(st), Outcome("ab" * 32, None)),
+        '/a/"q"\\b/café\t\x01\u2028.png': ((1, 2, 3, 4), Outcome(None, 'OSError: "bad" \\ ü\n')),
+        "/a/empty": ((0, 0, 0, 0), Outcome(None, "")),
+    }
+    with CheckRecord(tmp_path / "rec", max_pixels=1234) as record:
+        for file, (version, outcome) in entries.items():
+            line = record._line(file, version, outcome)
+            obj = {"p": file, "v": list(version), "c": record.check, "s": outcome.sha256}
+            assert line == frame_line({**obj, "e": outcome.reason})
+            record.add(file, version, outcome)
+    again = CheckRecord(tmp_path / "rec", max_pixels=1234)
+    assert again.entries == entries

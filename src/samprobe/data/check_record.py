@@ -31,13 +31,14 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str  # json.dumps's, in C
 from pathlib import Path
 
 from samprobe.io import (
     append_journal,
     atomic_open,
     create_journal,
-    frame_line,
+    frame_json,
     framed_lines,
     remove_stale_temps,
 )
@@ -87,6 +88,7 @@ class CheckRecord:
     def __init__(self, folder: Path, *, max_pixels: int, rank: int = 0) -> None:
         self.folder = Path(folder)
         self.check = f"{CHECK_VERSION}:{max_pixels}"
+        self._check_json = _json_str(self.check)
         self.rank = rank
         self.entries: dict[str, tuple[Version, Outcome]] = {}
         self.snapshot_bytes = 0
@@ -154,14 +156,13 @@ class CheckRecord:
         self._pending.clear()
 
     def _line(self, file: str, version: Version, outcome: Outcome) -> bytes:
-        return frame_line(
-            {
-                "p": file,
-                "v": list(version),
-                "c": self.check,
-                "s": outcome.sha256,
-                "e": outcome.reason,
-            }
+        """``frame_line({"p": file, "v": version, "c": check, "s": sha256, "e": reason})``, the
+        same bytes, JSON written by hand: 2.0 us a line instead of 4.5 (one or two a row)."""
+        s = "null" if outcome.sha256 is None else _json_str(outcome.sha256)
+        e = "null" if outcome.reason is None else _json_str(outcome.reason)
+        v = ",".join(map(str, version))
+        return frame_json(
+            f'{{"p":{_json_str(file)},"v":[{v}],"c":{self._check_json},"s":{s},"e":{e}}}'
         )
 
     def close(self) -> None:
