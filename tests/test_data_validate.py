@@ -574,3 +574,26 @@ def test_check_file_with_a_locator_answers_as_the_full_resolve(tmp_path: Path) -
         for p in ("a/one.png", "a/b/two.png", "top.png"):
             assert check_file(root, real, p, max_pixels=10**6, locator=locator).kind is None
     assert calls == []
+
+
+def test_read_all_reads_to_the_end_whatever_fstat_said(tmp_path: Path) -> None:
+    """Validation reads a file in one call when fstat's size is right, and every byte when it is
+    not (a file that grew, one that shrank, /proc files that say 0 bytes)."""
+    from samprobe.data.validate import _read_all
+
+    data = os.urandom(200_000)
+    (tmp_path / "f").write_bytes(data)
+    for size in (200_000, 0, 10, 199_999, 200_001, 10**6):
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            assert _read_all(fd, size) == data, size
+        finally:
+            os.close(fd)
+    (tmp_path / "empty").write_bytes(b"")
+    fd = os.open(tmp_path / "empty", os.O_RDONLY)
+    assert _read_all(fd, 0) == b""
+    os.close(fd)
+    if Path("/proc/self/status").exists():
+        fd = os.open("/proc/self/status", os.O_RDONLY)
+        assert os.fstat(fd).st_size == 0 and b"Pid:" in _read_all(fd, 0)
+        os.close(fd)

@@ -136,9 +136,14 @@ def _read_and_check(file: str, version: Version, max_pixels: int) -> FileCheck:
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    """Every byte of the open file ``fd`` of ``size`` bytes (more if it grew): ``os.read`` calls
-    without ``open()``'s file objects, buffer and isatty check."""
-    parts = [os.read(fd, size + 1)]  # one call for a file that is what fstat said
+    """Every byte of the open regular file ``fd`` that fstat says has ``size``: ``os.read``
+    without ``open()``'s file objects and isatty check, and one call for a file that is what
+    fstat said (a regular file's read returns less than asked only at its end; fewer than
+    ``size`` bytes, or more, and it reads on to the end)."""
+    first = os.read(fd, size + 1)
+    if len(first) == size:
+        return first
+    parts = [first]
     while parts[-1]:
         parts.append(os.read(fd, max(size, 1 << 16)))
     return b"".join(parts)
@@ -321,7 +326,9 @@ def _check_files(
             if check.fresh and record is not None:
                 record.add(check.file, check.version, check.outcome())  # type: ignore[arg-type]
             local.append(check)
-            bar.update()
+            if len(local) % 64 == 0:  # the bar moves as often as the eye sees; not once a row
+                bar.update(len(local) - bar.n)
+        bar.update(len(local) - bar.n)
     # (checks, journal) of every rank; each rank's journal is closed before it is gathered
     gathered: list[Any] = [(local, record.journal if record else None)]
     if world > 1:
