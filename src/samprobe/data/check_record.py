@@ -98,7 +98,10 @@ class CheckRecord:
         self._fd: int | None = None
         self._pending: list[bytes] = []
         self._last_flush = time.monotonic()
-        self.added: dict[str, tuple[Version, Outcome]] = {}
+        # this validation's entries (and other ranks'), as their lines: compaction writes them
+        # again without encoding each a second time, and a line (~230 B) is smaller than the
+        # (version, outcome) tuples
+        self.added: dict[str, bytes] = {}
 
     # ----------------------------------------------------------------------------- reading
 
@@ -138,8 +141,8 @@ class CheckRecord:
 
     def add(self, file: str, version: Version, outcome: Outcome) -> None:
         """Remember ``outcome`` for this version of ``file`` (journaled in batches)."""
-        self.added[file] = (version, outcome)
-        self._pending.append(self._line(file, version, outcome))
+        line = self.added[file] = self._line(file, version, outcome)
+        self._pending.append(line)
         if len(self._pending) >= FLUSH_LINES or time.monotonic() - self._last_flush >= FLUSH_S:
             self.flush()
 
@@ -180,7 +183,7 @@ class CheckRecord:
     def absorb(self, added: Iterable[tuple[str, Version, Outcome]]) -> None:
         """Entries other ranks added (gathered by rank 0 before it compacts)."""
         for file, version, outcome in added:
-            self.added[file] = (version, outcome)
+            self.added[file] = self._line(file, version, outcome)
 
     def compact(self, files: Iterable[str], journals: Iterable[Path] = ()) -> bool:
         """When the journals have grown past ``COMPACT_SHARE`` of the snapshot: one snapshot of
@@ -191,11 +194,13 @@ class CheckRecord:
         journals = [*self.loaded_journals, *([self.journal] if self.journal else []), *journals]
         if not journals or _total_size(journals) < COMPACT_SHARE * self.snapshot_bytes:
             return False
-        merged = {**self.entries, **self.added}
         with atomic_open(self.folder / SNAPSHOT, "wb") as f:
             for file in dict.fromkeys(files):
-                if file in merged:
-                    f.write(self._line(file, *merged[file]))
+                line = self.added.get(file)
+                if line is None and file in self.entries:
+                    line = self._line(file, *self.entries[file])
+                if line is not None:
+                    f.write(line)
         for journal in journals:
             with contextlib.suppress(OSError):
                 journal.unlink()
