@@ -290,3 +290,38 @@ def test_record_lines_are_frame_line_bytes_and_read_back(tmp_path: Path) -> None
             record.add(file, version, outcome)
     again = CheckRecord(tmp_path / "rec", max_pixels=1234)
     assert again.entries == entries
+
+
+def test_compaction_keeps_listed_entries_of_the_snapshot_this_rank_and_other_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 compacts: the snapshot's entries still listed, its own new ones and those absorbed
+    from other ranks, each once, in the order of the files listed; unlisted ones dropped."""
+    from samprobe.data import check_record
+    from samprobe.data.check_record import Outcome
+
+    monkeypatch.setattr(check_record, "COMPACT_SHARE", 0.0)  # compact whatever the journals hold
+    folder = tmp_path / "rec"
+    old = {f"/d/{i}.png": ((i, 1, 2, 3), Outcome(f"{i:064x}", None)) for i in range(4)}
+    with CheckRecord(folder, max_pixels=99) as first:
+        for file, (version, outcome) in old.items():
+            first.add(file, version, outcome)
+    assert first.compact(old)  # no snapshot yet: the journal becomes one
+    record = CheckRecord(folder, max_pixels=99)
+    assert record.entries == old
+    mine = ("/d/9.png", (9, 9, 9, 9), Outcome(None, "truncated"))
+    theirs = ("/d/8.png", (8, 8, 8, 8), Outcome("e" * 64, None))
+    record.add(*mine)
+    record.absorb([theirs])
+    listed = ["/d/9.png", "/d/0.png", "/d/8.png", "/d/2.png", "/d/0.png", "/d/missing.png"]
+    assert record.compact(listed)
+    lines = (folder / SNAPSHOT).read_bytes().splitlines()
+    assert [json.loads(line.split(b" ", 1)[1])["p"] for line in lines] == [
+        "/d/9.png", "/d/0.png", "/d/8.png", "/d/2.png",
+    ]  # fmt: skip
+    again = CheckRecord(folder, max_pixels=99)
+    assert again.entries == {
+        "/d/9.png": mine[1:], "/d/0.png": old["/d/0.png"], "/d/8.png": theirs[1:],
+        "/d/2.png": old["/d/2.png"],
+    }  # fmt: skip
+    assert not list(folder.glob(JOURNAL_GLOB))
