@@ -114,8 +114,9 @@ def _read_and_check(file: str, version: Version, max_pixels: int) -> FileCheck:
     try:
         fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
-            before = stat_version(os.fstat(fd))
-            data = _read_all(fd, before[3])
+            st = os.fstat(fd)
+            before = stat_version(st)
+            data = _read_all(fd, st.st_size)
             # remembered only when the file did not change between the stat and the read
             stable = before == version == stat_version(os.fstat(fd))
         finally:
@@ -392,7 +393,8 @@ def _start_worker(parent: int | None, checker: _RowChecker) -> None:
     global _checker
     _checker = checker
     # the parent's objects out of this process's collections (which would write to every
-    # inherited page: copy-on-write), and collections on (forked while the parent paused them)
+    # inherited page: copy-on-write; gc.freeze's documented use), and collections back on
+    # (forked while validate paused them)
     gc.freeze()
     gc.enable()
     if sys.platform.startswith("linux"):
