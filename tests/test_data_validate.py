@@ -520,3 +520,80 @@ def test_validate_progress_bar_ends_at_n_of_n(
     _write_images(root, {f"a/{k}.jpg": "" for k in range(3)})
     validate(DataConfig(image_root=root), progress=True)
     assert "3/3" in capsys.readouterr().err
+
+
+def test_check_file_with_a_locator_answers_as_the_full_resolve(tmp_path: Path) -> None:
+    """The locator (each folder resolved once, a file stat'ed once) gives every row the answer
+    `Path.resolve` gives: symlinked files and folders, `..`, paths leaving the root, missing
+    files, folders, backslashes, absolute paths, a NUL; and it does take the short way."""
+    from samprobe.data.validate import _Locator, check_file
+
+    root = tmp_path / "images"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    png = _png(Image.fromarray(photos()["square"][:40, :40]))
+    for rel in ("a/one.png", "a/b/two.png", "top.png", "a\\odd.png"):
+        (root / rel).write_bytes(png)
+    (tmp_path / "elsewhere" / "out.png").write_bytes(png)
+    (tmp_path / "images-side").mkdir()  # shares the root's name as a prefix
+    (tmp_path / "images-side" / "x.png").write_bytes(png)
+    os.symlink(root / "a" / "one.png", root / "link_in.png")
+    os.symlink(tmp_path / "elsewhere" / "out.png", root / "a" / "link_out.png")
+    os.symlink(tmp_path / "elsewhere", root / "dir_out")
+    os.symlink(root / "a" / "b", root / "dir_in")
+    os.symlink(root / "loop", root / "loop")
+    paths = [
+        "a/one.png", "a/b/two.png", "./a//b/two.png", "a/b/../one.png", "a/b/../../top.png",
+        "top.png", "link_in.png", "a/link_out.png", "dir_out/out.png", "dir_in/two.png",
+        "dir_in/../one.png", "a\\b\\two.png", "a\\odd.png", "../elsewhere/out.png",
+        "../images-side/x.png", "nowhere.png", "a/nowhere/x.png", "a", "a/b/", "a/..", "loop",
+        "loop/x.png", str(root / "a" / "one.png"), str(tmp_path / "elsewhere" / "out.png"),
+        "a/one.png\0", "x" * 300 + ".png",
+    ]  # fmt: skip
+    real = root.resolve()
+    locator = _Locator(root, real)
+    for read in (True, False):
+        for p in paths:
+            full = check_file(root, real, p, max_pixels=10**6, read=read)
+            short = check_file(
+                root, root.resolve(), p, max_pixels=10**6, read=read, locator=locator
+            )
+            assert short == full, p
+    kinds = {p: check_file(root, real, p, max_pixels=10**6).kind for p in paths}
+    assert kinds["a/one.png"] is None and kinds["dir_in/two.png"] is None
+    assert kinds["a/link_out.png"] == kinds["../images-side/x.png"] == "outside_root"
+    assert kinds["nowhere.png"] == kinds["a"] == "missing"
+    assert kinds["a/one.png\0"] == "bad_path"
+    # the short way: the folders of the plain rows resolved once each, not once per row
+    assert set(locator.folders) >= {str(root / "a"), str(root / "a" / "b")}
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            Path, "resolve", lambda self, *a, **k: calls.append(self) or os.path.realpath(self)
+        )
+        for p in ("a/one.png", "a/b/two.png", "top.png"):
+            assert check_file(root, real, p, max_pixels=10**6, locator=locator).kind is None
+    assert calls == []
+
+
+def test_read_all_reads_to_the_end_whatever_fstat_said(tmp_path: Path) -> None:
+    """Validation reads a file in one call when fstat's size is right, and every byte when it is
+    not (a file that grew, one that shrank, /proc files that say 0 bytes)."""
+    from samprobe.data.validate import _read_all
+
+    data = os.urandom(200_000)
+    (tmp_path / "f").write_bytes(data)
+    for size in (200_000, 0, 10, 199_999, 200_001, 10**6):
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            assert _read_all(fd, size) == data, size
+        finally:
+            os.close(fd)
+    (tmp_path / "empty").write_bytes(b"")
+    fd = os.open(tmp_path / "empty", os.O_RDONLY)
+    assert _read_all(fd, 0) == b""
+    os.close(fd)
+    if Path("/proc/self/status").exists():
+        fd = os.open("/proc/self/status", os.O_RDONLY)
+        assert os.fstat(fd).st_size == 0 and b"Pid:" in _read_all(fd, 0)
+        os.close(fd)

@@ -264,3 +264,64 @@ def test_two_ranks_validate_their_shares_and_match_one_process(tmp_path):
     # the same rows and splits (the report now says the splits were kept from the first run)
     assert _outputs(ranks / "run")[1:] == _outputs(single / "run")[1:]
     shutil.rmtree(ranks / "run" / "validation")
+
+
+def test_record_lines_are_frame_line_bytes_and_read_back(tmp_path: Path) -> None:
+    """The record's hand-written JSON lines are the bytes `frame_line` writes for the same
+    entry (quotes, backslashes, non-ASCII, control characters, None), and a new CheckRecord
+    reads each entry back."""
+    from samprobe.data.check_record import Outcome, stat_version, version_key
+    from samprobe.io import file_version, frame_line
+
+    f = tmp_path / "x.png"
+    f.write_bytes(b"123")
+    st = os.stat(f)
+    assert stat_version(st) == version_key(file_version(st))
+    entries = {
+        str(f): (stat_version(st), Outcome("ab" * 32, None)),
+        '/a/"q"\\b/café\t\x01\u2028.png': ((1, 2, 3, 4), Outcome(None, 'OSError: "bad" \\ ü\n')),
+        "/a/empty": ((0, 0, 0, 0), Outcome(None, "")),
+    }
+    with CheckRecord(tmp_path / "rec", max_pixels=1234) as record:
+        for file, (version, outcome) in entries.items():
+            line = record._line(file, version, outcome)
+            obj = {"p": file, "v": list(version), "c": record.check, "s": outcome.sha256}
+            assert line == frame_line({**obj, "e": outcome.reason})
+            record.add(file, version, outcome)
+    again = CheckRecord(tmp_path / "rec", max_pixels=1234)
+    assert again.entries == entries
+
+
+def test_compaction_keeps_listed_entries_of_the_snapshot_this_rank_and_other_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 compacts: the snapshot's entries still listed, its own new ones and those absorbed
+    from other ranks, each once, in the order of the files listed; unlisted ones dropped."""
+    from samprobe.data import check_record
+    from samprobe.data.check_record import Outcome
+
+    monkeypatch.setattr(check_record, "COMPACT_SHARE", 0.0)  # compact whatever the journals hold
+    folder = tmp_path / "rec"
+    old = {f"/d/{i}.png": ((i, 1, 2, 3), Outcome(f"{i:064x}", None)) for i in range(4)}
+    with CheckRecord(folder, max_pixels=99) as first:
+        for file, (version, outcome) in old.items():
+            first.add(file, version, outcome)
+    assert first.compact(old)  # no snapshot yet: the journal becomes one
+    record = CheckRecord(folder, max_pixels=99)
+    assert record.entries == old
+    mine = ("/d/9.png", (9, 9, 9, 9), Outcome(None, "truncated"))
+    theirs = ("/d/8.png", (8, 8, 8, 8), Outcome("e" * 64, None))
+    record.add(*mine)
+    record.absorb([theirs])
+    listed = ["/d/9.png", "/d/0.png", "/d/8.png", "/d/2.png", "/d/0.png", "/d/missing.png"]
+    assert record.compact(listed)
+    lines = (folder / SNAPSHOT).read_bytes().splitlines()
+    assert [json.loads(line.split(b" ", 1)[1])["p"] for line in lines] == [
+        "/d/9.png", "/d/0.png", "/d/8.png", "/d/2.png",
+    ]  # fmt: skip
+    again = CheckRecord(folder, max_pixels=99)
+    assert again.entries == {
+        "/d/9.png": mine[1:], "/d/0.png": old["/d/0.png"], "/d/8.png": theirs[1:],
+        "/d/2.png": old["/d/2.png"],
+    }  # fmt: skip
+    assert not list(folder.glob(JOURNAL_GLOB))

@@ -131,7 +131,13 @@ def weights_sha256(path: Path | str) -> str:
 def frame_line(obj: dict) -> bytes:
     """``obj`` as one checksummed line, ``<crc32 hex> <json>\\n``, for append-only journals: a
     line torn by a kill fails its checksum or lacks its newline, so a reader drops it."""
-    body = json.dumps(obj, separators=(",", ":")).encode()
+    return frame_json(json.dumps(obj, separators=(",", ":")))
+
+
+def frame_json(text: str) -> bytes:
+    """``frame_line`` of the object whose compact JSON is ``text`` (written by hand by a caller
+    that writes many lines of one shape)."""
+    body = text.encode()
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 

@@ -25,7 +25,7 @@ from samprobe.config import Config, check_head_input
 from samprobe.data.data_report import summary_lines, write_report
 from samprobe.data.records import Dataset, Record, read_splits, write_splits
 from samprobe.data.splits import assign_splits, carves_val
-from samprobe.data.validate import validate
+from samprobe.data.validate import paused_gc, validate
 from samprobe.device import describe_device
 from samprobe.errors import CheckpointError, DataError, TrainingError
 from samprobe.features.cache import POOLED, FeatureCache, register_run
@@ -137,6 +137,7 @@ def run_validate(cfg: Config, progress: bool = True) -> tuple[list[Record], list
         return _validate(cfg, progress and rank == 0, rank, world)
 
 
+@paused_gc()  # splits and the report: more objects per row
 def _validate(cfg: Config, progress: bool, rank: int, world: int) -> tuple[list[Record], list[str]]:
     record_dir = Path(cfg.run_dir) / VALIDATION_RECORD
     if rank == 0:

@@ -31,13 +31,14 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str  # json.dumps's, in C
 from pathlib import Path
 
 from samprobe.io import (
     append_journal,
     atomic_open,
     create_journal,
-    frame_line,
+    frame_json,
     framed_lines,
     remove_stale_temps,
 )
@@ -72,6 +73,12 @@ def version_key(version: dict[str, int]) -> Version:
     return tuple(version[k] for k in sorted(version))
 
 
+def stat_version(st: os.stat_result) -> Version:
+    """``version_key(io.file_version(st))`` without the dict and the sort (validate takes one per
+    row, twice for a file it reads)."""
+    return (st.st_ctime_ns, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class CheckRecord:
     """The remembered outcomes of one folder, and this process's journal of new ones.
 
@@ -81,6 +88,7 @@ class CheckRecord:
     def __init__(self, folder: Path, *, max_pixels: int, rank: int = 0) -> None:
         self.folder = Path(folder)
         self.check = f"{CHECK_VERSION}:{max_pixels}"
+        self._check_json = _json_str(self.check)
         self.rank = rank
         self.entries: dict[str, tuple[Version, Outcome]] = {}
         self.snapshot_bytes = 0
@@ -90,7 +98,10 @@ class CheckRecord:
         self._fd: int | None = None
         self._pending: list[bytes] = []
         self._last_flush = time.monotonic()
-        self.added: dict[str, tuple[Version, Outcome]] = {}
+        # this validation's entries (and other ranks'), as their lines: compaction writes them
+        # again without encoding each a second time, and a line (~230 B) is smaller than the
+        # (version, outcome) tuples
+        self.added: dict[str, bytes] = {}
 
     # ----------------------------------------------------------------------------- reading
 
@@ -130,8 +141,8 @@ class CheckRecord:
 
     def add(self, file: str, version: Version, outcome: Outcome) -> None:
         """Remember ``outcome`` for this version of ``file`` (journaled in batches)."""
-        self.added[file] = (version, outcome)
-        self._pending.append(self._line(file, version, outcome))
+        line = self.added[file] = self._line(file, version, outcome)
+        self._pending.append(line)
         if len(self._pending) >= FLUSH_LINES or time.monotonic() - self._last_flush >= FLUSH_S:
             self.flush()
 
@@ -148,14 +159,13 @@ class CheckRecord:
         self._pending.clear()
 
     def _line(self, file: str, version: Version, outcome: Outcome) -> bytes:
-        return frame_line(
-            {
-                "p": file,
-                "v": list(version),
-                "c": self.check,
-                "s": outcome.sha256,
-                "e": outcome.reason,
-            }
+        """``frame_line({"p": file, "v": version, "c": check, "s": sha256, "e": reason})``, the
+        same bytes, JSON written by hand: 2.0 us a line instead of 4.5 (one or two a row)."""
+        s = "null" if outcome.sha256 is None else _json_str(outcome.sha256)
+        e = "null" if outcome.reason is None else _json_str(outcome.reason)
+        v = ",".join(map(str, version))
+        return frame_json(
+            f'{{"p":{_json_str(file)},"v":[{v}],"c":{self._check_json},"s":{s},"e":{e}}}'
         )
 
     def close(self) -> None:
@@ -173,7 +183,7 @@ class CheckRecord:
     def absorb(self, added: Iterable[tuple[str, Version, Outcome]]) -> None:
         """Entries other ranks added (gathered by rank 0 before it compacts)."""
         for file, version, outcome in added:
-            self.added[file] = (version, outcome)
+            self.added[file] = self._line(file, version, outcome)
 
     def compact(self, files: Iterable[str], journals: Iterable[Path] = ()) -> bool:
         """When the journals have grown past ``COMPACT_SHARE`` of the snapshot: one snapshot of
@@ -184,11 +194,13 @@ class CheckRecord:
         journals = [*self.loaded_journals, *([self.journal] if self.journal else []), *journals]
         if not journals or _total_size(journals) < COMPACT_SHARE * self.snapshot_bytes:
             return False
-        merged = {**self.entries, **self.added}
         with atomic_open(self.folder / SNAPSHOT, "wb") as f:
             for file in dict.fromkeys(files):
-                if file in merged:
-                    f.write(self._line(file, *merged[file]))
+                line = self.added.get(file)
+                if line is None and file in self.entries:
+                    line = self._line(file, *self.entries[file])
+                if line is not None:
+                    f.write(line)
         for journal in journals:
             with contextlib.suppress(OSError):
                 journal.unlink()

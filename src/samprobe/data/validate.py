@@ -8,6 +8,7 @@ counted in ``data_report.json``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing as mp
 import os
 import re
@@ -19,10 +20,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from samprobe.config import DataConfig
-from samprobe.data.check_record import CheckRecord, Outcome, Version, version_key
+from samprobe.data.check_record import CheckRecord, Outcome, Version, stat_version
 from samprobe.data.images import open_image
 from samprobe.data.records import SPLITS, Dataset, Problem, Record
 from samprobe.data.tables import detect_format, folder_classes, folder_ignored_files, read_rows
@@ -35,7 +36,7 @@ from samprobe.data.taxonomy import (
     resolve_label,
 )
 from samprobe.errors import ConfigError, DataError
-from samprobe.io import file_version, sha256_bytes
+from samprobe.io import sha256_bytes
 
 # ---------------------------------------------------------------------------------------
 # validation
@@ -68,8 +69,9 @@ def _windows_path_hint(path_text: str) -> str:
     return ""
 
 
-@dataclass(frozen=True, slots=True)  # one per row: 1 M of them
-class FileCheck:
+# One per row, pickled in a worker and unpickled here: as a tuple, 256 of them pickle in 1.1 us
+# a row and unpickle in 0.7 (a slots dataclass: 7.3 and 4.9; rows like bench/validate.py's).
+class FileCheck(NamedTuple):
     """What checking one row's file found: a problem (``kind``, ``detail``), or a file that
     decodes (``kind`` None, ``sha256``). ``source`` says where its bytes' verdict came from:
     "disk" (read now: ``bytes_read``), "record" (remembered for this ``version``), or "" (not
@@ -110,11 +112,15 @@ def _decode_check(data: bytes, max_pixels: int) -> str | None:
 
 def _read_and_check(file: str, version: Version, max_pixels: int) -> FileCheck:
     try:
-        with open(file, "rb") as f:
-            before = version_key(file_version(os.fstat(f.fileno())))
-            data = f.read()
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            st = os.fstat(fd)
+            before = stat_version(st)
+            data = _read_all(fd, st.st_size)
             # remembered only when the file did not change between the stat and the read
-            stable = before == version == version_key(file_version(os.fstat(f.fileno())))
+            stable = before == version == stat_version(os.fstat(fd))
+        finally:
+            os.close(fd)
     except OSError as exc:  # permission denied, an I/O error: not remembered, tried again
         return FileCheck("unreadable", f"{type(exc).__name__}: {exc}", file, source="disk")
     reason = _decode_check(data, max_pixels)
@@ -130,6 +136,62 @@ def _read_and_check(file: str, version: Version, max_pixels: int) -> FileCheck:
     )
 
 
+def _read_all(fd: int, size: int) -> bytes:
+    """Every byte of the open regular file ``fd`` that fstat says has ``size``: ``os.read``
+    without ``open()``'s file objects and isatty check, and one call for a file that is what
+    fstat said (a regular file's read returns less than asked only at its end; fewer than
+    ``size`` bytes, or more, and it reads on to the end)."""
+    first = os.read(fd, size + 1)
+    if len(first) == size:
+        return first
+    parts = [first]
+    while parts[-1]:
+        parts.append(os.read(fd, max(size, 1 << 16)))
+    return b"".join(parts)
+
+
+class _Locator:
+    """Where rows' files are, for many rows: each parent folder resolved once, so that a regular
+    file inside the root costs one ``lstat`` instead of ``Path.resolve`` (an ``lstat`` per
+    component of the path) and a ``stat``. Anything else (a symlinked or missing file, a path
+    outside the root, backslashes, a last part ``..``) returns None: ``check_file`` resolves it
+    in full, so every answer is the one ``Path.resolve`` gives."""
+
+    MAX_FOLDERS = 1 << 16  # forgotten all at once past this: memory stays bounded
+
+    def __init__(self, root: Path, real_root: Path) -> None:
+        self.root = str(root)
+        self.inside = os.path.join(str(real_root), "")  # ends with the separator
+        self.folders: dict[str, str | None] = {}
+
+    def find(self, path_s: str) -> tuple[str, os.stat_result] | None:
+        """(resolved file, its stat) of a regular file inside the root, else None."""
+        if "\\" in path_s or "\0" in path_s:
+            return None
+        folder, name = os.path.split(os.path.join(self.root, path_s))
+        if name in ("", ".", ".."):
+            return None
+        real = self.folders.get(folder, "")
+        if real == "":
+            try:
+                real = str(Path(folder).resolve())
+            except (OSError, RuntimeError, ValueError):  # a loop, a name too long
+                real = None
+            if len(self.folders) >= self.MAX_FOLDERS:
+                self.folders.clear()
+            self.folders[folder] = real
+        if real is None:
+            return None
+        file = os.path.join(real, name)
+        if not file.startswith(self.inside):
+            return None
+        try:
+            st = os.lstat(file)
+        except (OSError, ValueError):
+            return None
+        return (file, st) if stat.S_ISREG(st.st_mode) else None  # a symlink is resolved in full
+
+
 def check_file(
     root: Path,
     real_root: Path,
@@ -138,10 +200,15 @@ def check_file(
     max_pixels: int,
     read: bool = True,
     record: CheckRecord | None = None,
+    locator: _Locator | None = None,
 ) -> FileCheck:
     """One row's file: its path (``bad_path``, ``outside_root``, ``missing``), then unless
     ``read`` is False (the row has another problem already) its bytes: hashed and decoded, or
-    the outcome ``record`` remembers for this version of the file, without reading it."""
+    the outcome ``record`` remembers for this version of the file, without reading it.
+    ``locator``: one shared by the rows of a validation (the same answers, fewer system calls)."""
+    found = locator.find(path_s) if locator is not None else None
+    if found is not None:
+        return _check_found(*found, read=read, max_pixels=max_pixels, record=record)
     try:
         candidate = image_path(root, path_s)
         resolved = candidate.resolve()
@@ -156,10 +223,16 @@ def check_file(
         return FileCheck("outside_root", f"resolves to {resolved}, outside {real_root}")
     if st is None or not stat.S_ISREG(st.st_mode):
         return FileCheck("missing", f"no file at {candidate}" + _windows_path_hint(path_s))
-    file = str(resolved)
+    return _check_found(str(resolved), st, read=read, max_pixels=max_pixels, record=record)
+
+
+def _check_found(
+    file: str, st: os.stat_result, *, read: bool, max_pixels: int, record: CheckRecord | None
+) -> FileCheck:
+    """``check_file`` of a regular file inside the root, resolved (``file``) and stat'ed."""
     if not read:
         return FileCheck(None, file=file)
-    version = version_key(file_version(st))
+    version = stat_version(st)
     known = record.lookup(file, version) if record is not None else None
     if known is not None:
         kind = None if known.sha256 is not None else "unreadable"
@@ -254,7 +327,9 @@ def _check_files(
             if check.fresh and record is not None:
                 record.add(check.file, check.version, check.outcome())  # type: ignore[arg-type]
             local.append(check)
-            bar.update()
+            if len(local) % 64 == 0:  # the bar moves as often as the eye sees; not once a row
+                bar.update(len(local) - bar.n)
+        bar.update(len(local) - bar.n)
     # (checks, journal) of every rank; each rank's journal is closed before it is gathered
     gathered: list[Any] = [(local, record.journal if record else None)]
     if world > 1:
@@ -293,6 +368,7 @@ class _RowChecker:
         self.root, self.real_root, self.max_pixels, self.record = (
             root, real_root, max_pixels, record,
         )  # fmt: skip
+        self.locator = _Locator(root, real_root)
 
     def check(self, row: tuple[str, bool]) -> FileCheck:
         path_s, read = row
@@ -303,6 +379,7 @@ class _RowChecker:
             max_pixels=self.max_pixels,
             read=read,
             record=self.record,
+            locator=self.locator,
         )
 
 
@@ -315,6 +392,11 @@ def _start_worker(parent: int | None, checker: _RowChecker) -> None:
     validating process's pid, None when a fork server (which exits with it) is the parent."""
     global _checker
     _checker = checker
+    # the parent's objects out of this process's collections (which would write to every
+    # inherited page: copy-on-write; gc.freeze's documented use), and collections back on
+    # (forked while validate paused them)
+    gc.freeze()
+    gc.enable()
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -353,6 +435,22 @@ def check_workers(processes: bool = False) -> int:
     return min(16, 2 * available_cores())  # rank 0 validates alone: all the node's cores
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while validation builds its per-row objects (rows,
+    checks, records: none of them in a reference cycle, so reference counting frees them all).
+    Each full collection walks every object of the process, torch's ~200 k and every row's: 20 k
+    rows of bench/validate.py spent 0.5-0.8 s of 4-7 s in collections. Also a decorator."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@paused_gc()
 def validate(
     cfg: DataConfig,
     progress: bool = False,
