@@ -18,7 +18,7 @@ import torch
 
 from helpers.digit_cache import DIM, build_cache, digit_labels, digit_rows
 from helpers.digits_run import write_digits_project
-from helpers.memory import can_measure_peaks, run_measured
+from helpers.memory import run_measured
 from helpers.tolerance import close_after_rounding, rounding_atol
 from samprobe.config import load_config
 
@@ -139,8 +139,6 @@ def _growth(root: Path, how: str, budget: int, n: int) -> int:
 
 @pytest.mark.slow
 def test_evaluate_memory_does_not_grow_with_a_streamed_split(tmp_path):
-    if not can_measure_peaks():
-        pytest.skip("needs /proc/self/clear_refs (Linux) to measure a peak from a point on")
     small, large = 20_000, 80_000
     recs = build_cache(tmp_path / "cache", large, grid=False)
     (tmp_path / "keys.json").write_text(json.dumps([r.sha256 for r in recs]))

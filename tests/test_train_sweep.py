@@ -432,10 +432,8 @@ def test_validation_metrics_hold_nothing_of_samples_x_classes():
     metrics (scikit-learn's, on the heads' predictions) with a peak far below one such copy."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-    from helpers.memory import can_measure_peaks, run_measured
+    from helpers.memory import run_measured
 
-    if not can_measure_peaks():
-        pytest.skip("needs /proc/self/clear_refs (Linux) to measure a peak from a point on")
     n, c = 20_000, 1000
     m = run_measured(_EVALUATE_PEAK, str(n), str(c), timeout=300)  # 4.3 MB with a fixed threshold
     # a float32 [N, C] is 80 MB (the one-hot path peaked at 338 MB here); measured 4.3 MB
@@ -477,10 +475,8 @@ def test_a_sweep_over_many_classes_validates_in_batches_of_bounded_logits():
     """Validation forwards of 4096 rows through 8 heads x 1000 classes peaked at 330 MB (the
     loss copies the logits [H, B, C] a few times): most of what kept bench/scale.py's streamed
     3 M-row sweep above its 3 GB. Batches are cut to 4 M logits (524 rows here): 42 MB."""
-    from helpers.memory import can_measure_peaks, run_measured
+    from helpers.memory import run_measured
 
-    if not can_measure_peaks():
-        pytest.skip("needs /proc/self/clear_refs (Linux) to measure a peak from a point on")
     m = run_measured(_VALIDATION_PEAK, timeout=300)
     assert m["heads"] == 8 and m["batch"] < 4096, m
     assert m["growth"] < 100e6, m  # 4096-row batches: 330 MB

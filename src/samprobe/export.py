@@ -111,7 +111,7 @@ def write_npz(
         rows = max(1, chunk_bytes // (4 * dim))
         chunks = (load_features(cache, recs[i : i + rows]) for i in range(0, len(recs), rows))
         _write_npy_entry(zf, "features", (len(recs), dim), chunks, FLOAT32)
-        if spatial and grid_shape is not None:
+        if spatial:
             rows = max(1, chunk_bytes // (4 * grid_shape[0] * grid_shape[1]))
             chunks = (
                 load_grid(cache, recs[i : i + rows], spatial) for i in range(0, len(recs), rows)
