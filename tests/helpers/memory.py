@@ -30,19 +30,19 @@ def reset_peak():
 '''
 
 
-def run_measured(script: str, *args: str, timeout: float = 600) -> dict[str, Any]:
+def run_measured(
+    script: str, *args: str, timeout: float = 600, default_allocator: bool = False
+) -> dict[str, Any]:
     """``script`` in a child Python (the repo's src on its path) on one thread, with glibc's mmap
     threshold fixed: with the dynamic one, freed buffers stay in the heap by chance (the same
     streamed evaluate grew by 22-39 MB at 80k rows; with a fixed threshold 21 MB every time).
-    Returns the JSON line it printed last."""
+    ``default_allocator``: glibc's as a user's process has it, dynamic threshold included (for a
+    test of what it does to a pattern of allocations). Returns the JSON line it printed last."""
+    fixed = {} if default_allocator else {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run(
         [PY, "-c", PEAK_PRELUDE + script, *args],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(REPO / "src"),
-            "OMP_NUM_THREADS": "1",
-            "MALLOC_MMAP_THRESHOLD_": "131072",
-        },
+        env={**env, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", **fixed},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -279,7 +279,13 @@ def evaluate_heads(
     per_head = y.dim() == 2
     if per_head and heads is not None:
         y = y.index_select(0, heads)
-    preds, loss_num = [], torch.zeros(H, device=device)
+    # filled in place, nothing allocated per batch outlives it: a predictions tensor kept per
+    # batch sat above that batch's freed logits in the heap, which glibc then kept resident (60k
+    # rows x 8 heads x 1000 classes: 1.26 GB more; test_train_stream's validation growth test)
+    pred, loss_num = (
+        torch.empty(H, y.shape[-1], dtype=torch.long, device=device),
+        torch.zeros(H, device=device),
+    )
     if isinstance(x, CachedRows):  # read in storage order: the targets follow it
         y = y.index_select(y.dim() - 1, x.storage_order_on(device))
         batches: Iterator[torch.Tensor] = x.in_storage_order(batch_size)
@@ -288,16 +294,15 @@ def evaluate_heads(
     i = 0
     for batch in batches:
         xb, yb = batch.to(device, non_blocking=True), y[..., i : i + len(batch)]
-        i += len(batch)
         with autocast_context(device, precision):
             logits = model(xb, heads)
         # the first maximum, as argmax; 1.4x faster for small C
-        preds.append(logits.max(-1).indices)
+        pred[:, i : i + len(batch)] = logits.max(-1).indices
+        i += len(batch)
         known = yb != IGNORE
         loss_num += _head_losses(logits, yb, weights) * torch.where(
             known, weights[yb.clamp_min(0)], 0.0
         ).sum(-1)
-    pred = torch.cat(preds, 1)  # [H, N]
     known = y != IGNORE
     w_total = torch.where(known, weights[y.clamp_min(0)], 0.0).sum(-1)
     correct = (pred == y).float()  # IGNORE never equals a prediction

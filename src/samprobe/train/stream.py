@@ -138,25 +138,29 @@ class CachedRows:
 
     # --- reading -------------------------------------------------------------------------
 
-    def _read_chunks(self, chunks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float32 [R, *row_shape], their positions in ``keys`` [R]) of these chunks, in turn."""
-        sizes = [int(self.bounds[c + 1] - self.bounds[c]) for c in chunks]
-        out = np.empty((sum(sizes), self.row_values), dtype=np.float32)
+    def _read_chunks(
+        self, chunks: Sequence[int], out: np.ndarray, span: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 [R, *row_shape], their positions in ``keys`` [R]) of these chunks, in turn,
+        read into the first R rows of ``out`` [>= R, row_values] through ``span`` (the cache's
+        dtype, [chunk_rows, row_values]); the tensor is a view of ``out``."""
         at = 0
-        for c, size in zip(chunks, sizes):
+        for c in chunks:
             rows = self.rows[self.bounds[c] : self.bounds[c + 1]]
-            start = int(rows[0])
-            span = np.empty((int(rows[-1]) - start + 1, self.row_values), dtype=self.dtype)
-            read_rows(self.files[int(self.chunk_shard[c])], start, span)
+            start, size = int(rows[0]), len(rows)
+            shard_rows = span[: int(rows[-1]) - start + 1]
+            read_rows(self.files[int(self.chunk_shard[c])], start, shard_rows)
             # a chunk holding every row of its span (one split per shard) is copied as it is
-            out[at : at + size] = span if len(span) == size else span[rows - start]
+            out[at : at + size] = (
+                shard_rows if len(shard_rows) == size else shard_rows[rows - start]
+            )
             at += size
-        if not all_finite(out):
+        if not all_finite(out[:at]):
             raise non_finite_error()
         positions = np.concatenate(
             [self.storage_order[self.bounds[c] : self.bounds[c + 1]] for c in chunks]
         )
-        return torch.from_numpy(out).view(-1, *self.shape[1:]), torch.from_numpy(positions)
+        return torch.from_numpy(out[:at]).view(-1, *self.shape[1:]), torch.from_numpy(positions)
 
     def _buffers(self, chunk_order: Sequence[int]) -> list[list[int]]:
         """``chunk_order`` cut into buffers of at most ``buffer_rows`` rows (one chunk at least)."""
@@ -172,15 +176,27 @@ class CachedRows:
         return out
 
     def _read_ahead(self, buffers: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The buffers' contents in turn, the next one read in a thread while this one is used."""
+        """The buffers' contents in turn, the next one read in a thread while this one is used.
+
+        Two float32 buffers, allocated once, take turns: a yielded tensor is a view of one and
+        stays valid until the next is asked for (then the thread reads into it again): two are
+        held, never more, and no buffer is mapped and zeroed anew per read. Callers keep copies,
+        never the views (``epoch`` gathers its batches with index_select)."""
+        if not buffers:
+            return
+        rows = max(sum(int(self.bounds[c + 1] - self.bounds[c]) for c in b) for b in buffers)
+        outs = [np.empty((rows, self.row_values), dtype=np.float32) for _ in buffers[:2]]
+        # a chunk's rows lie within chunk_rows consecutive shard rows
+        span = np.empty((self.chunk_rows, self.row_values), dtype=self.dtype)
         with ThreadPoolExecutor(1, thread_name_prefix="samprobe-stream") as pool:
-            pending = pool.submit(self._read_chunks, buffers[0]) if buffers else None
+            pending = pool.submit(self._read_chunks, buffers[0], outs[0], span)
             for i in range(len(buffers)):
-                assert pending is not None
                 got = pending.result()
-                pending = (
-                    pool.submit(self._read_chunks, buffers[i + 1]) if i + 1 < len(buffers) else None
-                )
+                if i + 1 < len(buffers):
+                    # outs[(i + 1) % 2] held buffer i - 1: the consumer asked past it
+                    pending = pool.submit(
+                        self._read_chunks, buffers[i + 1], outs[(i + 1) % 2], span
+                    )
                 yield got
                 del got
 
